@@ -1,0 +1,170 @@
+//! Event time and the clock (SPEC §3).
+//!
+//! All times are epoch milliseconds (`u64`). An event's tick is its time
+//! rounded *up* to a multiple of the tick; the clock `now` is
+//! `floor((T - lateness) / tick) * tick` for the largest accepted event time
+//! `T` read so far and never goes back. Ticks at or before `now` are final.
+//! The dataflow's timestamps are these ticks.
+
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// Parses an RFC 3339 time (offsets allowed) to epoch milliseconds,
+/// truncating anything finer. Times before 1970 are refused.
+pub fn parse_time(s: &str) -> Result<u64, String> {
+    let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|e| format!("{s:?} is not RFC 3339 ({e})"))?;
+    let nanos = t.unix_timestamp_nanos();
+    if nanos < 0 {
+        return Err(format!("{s:?} is before 1970-01-01T00:00:00Z"));
+    }
+    Ok((nanos / 1_000_000) as u64)
+}
+
+/// Parses `--until` and `--start`: RFC 3339 or integer epoch milliseconds.
+pub fn parse_time_arg(s: &str) -> Result<u64, String> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse().map_err(|_| format!("{s:?} is too large"));
+    }
+    parse_time(s)
+}
+
+/// Formats a tick as SPEC §5 wants: UTC with `Z`, milliseconds only when
+/// `show_ms` (the tick is under a second).
+pub fn format_time(ms: u64, show_ms: bool) -> String {
+    let t = OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).expect("time in range");
+    let (y, mo, d) = (t.year(), t.month() as u8, t.day());
+    let (h, mi, s) = (t.hour(), t.minute(), t.second());
+    if show_ms {
+        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{:03}Z", t.millisecond())
+    } else {
+        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
+    }
+}
+
+/// Parses a duration such as `48h`, `500ms`, `2w` to milliseconds. The number
+/// is a whole number greater than zero.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let digits = s.bytes().take_while(|b| b.is_ascii_digit()).count();
+    let (num, unit) = s.split_at(digits);
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        "w" => 604_800_000,
+        _ => return Err(format!("{s:?} is not a duration: expected digits then ms, s, m, h, d or w (e.g. 48h)")),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration: expected a whole number before the unit"))?;
+    if n == 0 {
+        return Err(format!("{s:?}: a duration must be greater than zero"));
+    }
+    n.checked_mul(unit_ms).ok_or_else(|| format!("{s:?} is too long"))
+}
+
+/// Like [`parse_duration`] but also accepts zero (for `--lateness 0s`).
+pub fn parse_duration_or_zero(s: &str) -> Result<u64, String> {
+    let digits = s.bytes().take_while(|b| b.is_ascii_digit()).count();
+    if digits > 0 && s[..digits].bytes().all(|b| b == b'0') && parse_duration(&format!("1{}", &s[digits..])).is_ok() {
+        return Ok(0);
+    }
+    parse_duration(s)
+}
+
+/// Rounds up to a multiple of `tick`.
+pub fn tick_of(time: u64, tick: u64) -> u64 {
+    time.div_ceil(tick) * tick
+}
+
+/// The clock of SPEC §3: follows the largest accepted event time.
+#[derive(Clone, Debug)]
+pub struct Clock {
+    pub tick: u64,
+    pub lateness: u64,
+    /// Largest accepted event time read so far.
+    pub max_time: Option<u64>,
+    /// `now`; `None` before the first event (nothing is final yet).
+    pub now: Option<u64>,
+}
+
+impl Clock {
+    pub fn new(tick: u64, lateness: u64) -> Clock {
+        Clock { tick, lateness, max_time: None, now: None }
+    }
+
+    /// The tick at which an event of time `e` takes effect, read at the
+    /// current clock: its own tick, or `now + tick` when that is final.
+    pub fn effect_tick(&self, e: u64) -> (u64, bool) {
+        let own = tick_of(e, self.tick);
+        match self.now {
+            Some(now) if own <= now => (now + self.tick, true),
+            _ => (own, false),
+        }
+    }
+
+    /// The first tick that is not final.
+    pub fn frontier(&self) -> u64 {
+        self.now.map(|n| n + self.tick).unwrap_or(0)
+    }
+
+    /// Accounts an accepted event's time; returns whether `now` moved.
+    pub fn observe(&mut self, e: u64) -> bool {
+        if self.max_time.is_some_and(|t| t >= e) {
+            return false;
+        }
+        self.max_time = Some(e);
+        let candidate = e.saturating_sub(self.lateness) / self.tick * self.tick;
+        // Before lateness has elapsed since the epoch there is nothing final.
+        if e < self.lateness {
+            return false;
+        }
+        self.advance_to(candidate)
+    }
+
+    /// Moves `now` forward to `t` (a multiple of the tick); never back.
+    pub fn advance_to(&mut self, t: u64) -> bool {
+        if self.now.is_none_or(|n| t > n) {
+            self.now = Some(t);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip() {
+        let t = parse_time("2024-03-13T10:23:32.123456+01:00").unwrap();
+        assert_eq!(format_time(t, true), "2024-03-13T09:23:32.123Z");
+        assert_eq!(format_time(t / 1000 * 1000, false), "2024-03-13T09:23:32Z");
+        assert!(parse_time("1969-12-31T23:59:59Z").is_err());
+        assert_eq!(parse_time_arg("1500").unwrap(), 1500);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("48h").unwrap(), 48 * 3_600_000);
+        assert_eq!(parse_duration("250ms").unwrap(), 250);
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("1.5h").is_err());
+        assert!(parse_duration("10").is_err());
+        assert_eq!(parse_duration_or_zero("0s").unwrap(), 0);
+    }
+
+    #[test]
+    fn clock_follows_largest_time_minus_lateness() {
+        let mut c = Clock::new(1000, 2000);
+        assert_eq!(c.effect_tick(10_500), (11_000, false));
+        c.observe(10_000);
+        assert_eq!(c.now, Some(8_000));
+        c.observe(20_000);
+        assert_eq!(c.now, Some(18_000));
+        assert_eq!(c.effect_tick(12_000), (19_000, true));
+        assert!(!c.observe(15_000));
+        assert_eq!(c.now, Some(18_000));
+    }
+}

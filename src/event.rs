@@ -1,0 +1,285 @@
+//! Decoding Segment-spec events (SPEC §1).
+//!
+//! [`decode`] turns one input line into an [`Event`] or a [`BadEvent`] that
+//! names the reason; it never panics, whatever the bytes. Only the top-level
+//! fields are type-checked; `properties`, `traits` and `context` are kept as
+//! JSON objects and read by dotted path when a term asks for them.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
+use std::fmt;
+
+use crate::clock;
+
+/// The kind of an identifier: every `user:` id sorts before every `anon:` id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum IdKind {
+    User,
+    Anon,
+}
+
+/// A typed identifier, `user:<userId>` or `anon:<anonymousId>`. Its `Ord` is
+/// the eligibility order of SPEC §2 (user before anon, then UTF-8 bytes).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Id {
+    pub kind: IdKind,
+    pub name: String,
+}
+
+impl Id {
+    pub fn user(name: impl Into<String>) -> Id {
+        Id { kind: IdKind::User, name: name.into() }
+    }
+    pub fn anon(name: impl Into<String>) -> Id {
+        Id { kind: IdKind::Anon, name: name.into() }
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            IdKind::User => write!(f, "user:{}", self.name),
+            IdKind::Anon => write!(f, "anon:{}", self.name),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventType {
+    Track,
+    Page,
+    Screen,
+    Identify,
+    Alias,
+    Group,
+}
+
+/// One accepted event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    pub kind: EventType,
+    /// `event` of a track, `name` of a page or screen.
+    pub name: Option<String>,
+    /// Event time in epoch milliseconds.
+    pub time: u64,
+    /// The dedupe key: a 128-bit hash of `messageId`, or of the line's bytes.
+    pub key: u128,
+    pub user_id: Option<String>,
+    pub anonymous_id: Option<String>,
+    pub previous_id: Option<String>,
+    pub properties: Map<String, Json>,
+    pub traits: Map<String, Json>,
+    pub context: Map<String, Json>,
+}
+
+impl Event {
+    /// The identifier the event's facts are keyed by: the user id when there
+    /// is one, else the anonymous id. All of an event's ids are linked, so
+    /// any of them resolves to the same profile.
+    pub fn anchor(&self) -> Id {
+        match (&self.user_id, &self.anonymous_id) {
+            (Some(u), _) => Id::user(u.clone()),
+            (None, Some(a)) => Id::anon(a.clone()),
+            (None, None) => unreachable!("decode requires an identifier"),
+        }
+    }
+
+    /// The identifiers that name this event's profile (eligible ids, SPEC §2).
+    pub fn named_ids(&self) -> Vec<Id> {
+        let mut ids = Vec::with_capacity(2);
+        if let Some(u) = &self.user_id {
+            ids.push(Id::user(u.clone()));
+        }
+        if let Some(a) = &self.anonymous_id {
+            ids.push(Id::anon(a.clone()));
+        }
+        ids
+    }
+
+    /// Every link the event makes, as pairs of ids.
+    pub fn links(&self) -> Vec<(Id, Id)> {
+        let mut links = Vec::new();
+        if let (Some(u), Some(a)) = (&self.user_id, &self.anonymous_id) {
+            links.push((Id::user(u.clone()), Id::anon(a.clone())));
+        }
+        if self.kind == EventType::Alias {
+            if let (Some(u), Some(p)) = (&self.user_id, &self.previous_id) {
+                links.push((Id::user(u.clone()), Id::user(p.clone())));
+                links.push((Id::user(u.clone()), Id::anon(p.clone())));
+            }
+        }
+        links
+    }
+
+    /// Reads a dotted path (`properties.x`, `context.device.type`, …).
+    /// Arrays, objects and `null` are returned as they are; callers decide.
+    pub fn get(&self, path: &[String]) -> Option<&Json> {
+        let (first, rest) = path.split_first()?;
+        let root = match first.as_str() {
+            "properties" => &self.properties,
+            "traits" => &self.traits,
+            "context" => &self.context,
+            _ => return None,
+        };
+        let (second, rest) = rest.split_first()?;
+        let mut v = root.get(second)?;
+        for k in rest {
+            v = v.as_object()?.get(k)?;
+        }
+        Some(v)
+    }
+}
+
+/// Why a line was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadEvent(pub String);
+
+fn bad<T>(msg: impl Into<String>) -> Result<T, BadEvent> {
+    Err(BadEvent(msg.into()))
+}
+
+/// Hash of a `messageId` (seeded apart from line hashes).
+pub fn message_key(id: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128_with_seed(id.as_bytes(), 1)
+}
+
+/// Hash of a line's bytes, for events without a `messageId`.
+pub fn line_key(line: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128_with_seed(line, 2)
+}
+
+fn opt_string(obj: &Map<String, Json>, field: &str) -> Result<Option<String>, BadEvent> {
+    match obj.get(field) {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::String(s)) => Ok(Some(s.clone())),
+        Some(_) => bad(format!("field `{field}` must be a string")),
+    }
+}
+
+fn opt_id(obj: &Map<String, Json>, field: &str) -> Result<Option<String>, BadEvent> {
+    match obj.get(field) {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::String(s)) if s.is_empty() => Ok(None),
+        Some(Json::String(s)) => Ok(Some(s.clone())),
+        Some(Json::Number(n)) => Ok(Some(n.to_string())),
+        Some(_) => bad(format!("field `{field}` must be a string or a number")),
+    }
+}
+
+fn opt_object(obj: &mut Map<String, Json>, field: &str) -> Result<Map<String, Json>, BadEvent> {
+    match obj.remove(field) {
+        None | Some(Json::Null) => Ok(Map::new()),
+        Some(Json::Object(m)) => Ok(m),
+        Some(_) => bad(format!("field `{field}` must be an object")),
+    }
+}
+
+fn timestamp(v: Option<&Json>) -> Result<u64, BadEvent> {
+    match v {
+        None | Some(Json::Null) => bad("missing `timestamp`"),
+        Some(Json::String(s)) => clock::parse_time(s).map_err(|e| BadEvent(format!("invalid `timestamp`: {e}"))),
+        Some(Json::Number(n)) => match n.as_u64() {
+            Some(ms) => Ok(ms),
+            None => bad(format!("invalid `timestamp`: {n} is not a non-negative integer of epoch milliseconds")),
+        },
+        Some(_) => bad("invalid `timestamp`: must be an RFC 3339 string or epoch milliseconds"),
+    }
+}
+
+/// Decodes one line (without its line ending). Blank lines are the caller's
+/// business: they are skipped before decoding.
+pub fn decode(line: &[u8]) -> Result<Event, BadEvent> {
+    let json: Json = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => return bad(format!("not JSON: {e}")),
+    };
+    let mut obj = match json {
+        Json::Object(m) => m,
+        _ => return bad("not a JSON object"),
+    };
+    let kind = match obj.get("type") {
+        Some(Json::String(t)) => match t.as_str() {
+            "track" => EventType::Track,
+            "page" => EventType::Page,
+            "screen" => EventType::Screen,
+            "identify" => EventType::Identify,
+            "alias" => EventType::Alias,
+            "group" => EventType::Group,
+            other => return bad(format!("unknown `type` {other:?}")),
+        },
+        None | Some(Json::Null) => return bad("missing `type`"),
+        Some(_) => return bad("field `type` must be a string"),
+    };
+    let time = timestamp(obj.get("timestamp"))?;
+    let event_name = opt_string(&obj, "event")?;
+    let page_name = opt_string(&obj, "name")?;
+    let message_id = opt_string(&obj, "messageId")?;
+    let user_id = opt_id(&obj, "userId")?;
+    let anonymous_id = opt_id(&obj, "anonymousId")?;
+    let previous_id = opt_id(&obj, "previousId")?;
+    let properties = opt_object(&mut obj, "properties")?;
+    let traits = opt_object(&mut obj, "traits")?;
+    let context = opt_object(&mut obj, "context")?;
+    let name = match kind {
+        EventType::Track => match event_name {
+            Some(e) => Some(e),
+            None => return bad("`track` without `event`"),
+        },
+        EventType::Page | EventType::Screen => page_name,
+        _ => None,
+    };
+    if kind == EventType::Alias {
+        if user_id.is_none() || previous_id.is_none() {
+            return bad("`alias` needs both `userId` and `previousId`");
+        }
+    } else if user_id.is_none() && anonymous_id.is_none() {
+        return bad("no identifier: `userId` or `anonymousId` is required");
+    }
+    let key = match &message_id {
+        Some(m) => message_key(m),
+        None => line_key(line),
+    };
+    Ok(Event { kind, name, time, key, user_id, anonymous_id, previous_id, properties, traits, context })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_a_track() {
+        let e = decode(br#"{"type":"track","event":"x","userId":7,"timestamp":"2024-01-01T00:00:01.5Z","properties":{"a":{"b":1}}}"#).unwrap();
+        assert_eq!(e.kind, EventType::Track);
+        assert_eq!(e.time, 1_704_067_201_500);
+        assert_eq!(e.anchor(), Id::user("7"));
+        assert_eq!(e.get(&["properties".into(), "a".into(), "b".into()]), Some(&serde_json::json!(1)));
+    }
+
+    #[test]
+    fn refuses_what_spec_calls_bad() {
+        for (line, why) in [
+            (&br#"{"type":"track","event":"x","timestamp":"#[..], "not JSON"),
+            (br#"[1]"#, "not a JSON object"),
+            (br#"{"type":"track","event":"x","userId":"u"}"#, "missing `timestamp`"),
+            (br#"{"type":"track","event":"x","timestamp":0}"#, "no identifier"),
+            (br#"{"type":"track","event":"x","userId":"u","timestamp":true}"#, "invalid `timestamp`"),
+            (br#"{"type":"x","userId":"u","timestamp":0}"#, "unknown `type`"),
+            (br#"{"type":"track","userId":"u","timestamp":0}"#, "without `event`"),
+            (br#"{"type":"page","userId":"u","timestamp":0,"context":3}"#, "`context` must be an object"),
+            (br#"{"type":"alias","userId":"u","timestamp":0}"#, "`alias` needs"),
+            (br#"{"type":"page","userId":"","anonymousId":null,"timestamp":0}"#, "no identifier"),
+            (br#"{"type":"page","userId":"u","timestamp":0,"messageId":5}"#, "`messageId` must be a string"),
+        ] {
+            let err = decode(line).unwrap_err();
+            assert!(err.0.contains(why), "{err} should mention {why}");
+        }
+    }
+
+    #[test]
+    fn alias_links_both_kinds_of_previous_id() {
+        let e = decode(br#"{"type":"alias","userId":"b","previousId":"a","timestamp":0}"#).unwrap();
+        assert_eq!(e.links(), vec![(Id::user("b"), Id::user("a")), (Id::user("b"), Id::anon("a"))]);
+        assert_eq!(e.named_ids(), vec![Id::user("b")]);
+    }
+}

@@ -1,0 +1,358 @@
+//! Scalar values and their arithmetic (SPEC §4 "Numbers" and "Missing").
+//!
+//! Exact numbers are [`Dec`]: a fixed-point decimal with six places held in an
+//! `i128`, so `0.1 + 0.2 == 0.3` and money never drifts. Results of `avg`,
+//! `var`, `/` and `sqrt` are [`Value::Float`]. `Missing` is a value like any
+//! other so that it flows through the dataflow; every operation on it yields
+//! `Missing`, and every comparison with it is false.
+
+use serde::{Deserialize, Serialize};
+use std::cmp::Ordering;
+
+/// Units per 1 in a [`Dec`].
+pub const SCALE: i128 = 1_000_000;
+
+/// An exact decimal number with six decimal places.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+pub struct Dec(pub i128);
+
+impl Dec {
+    pub const ZERO: Dec = Dec(0);
+
+    pub fn from_int(n: i64) -> Dec {
+        Dec(n as i128 * SCALE)
+    }
+
+    /// Parses a JSON number's text exactly, rounding beyond six decimal
+    /// places half-even. `None` when it does not fit.
+    pub fn parse(text: &str) -> Option<Dec> {
+        let (neg, rest) = match text.as_bytes().first()? {
+            b'-' => (true, &text[1..]),
+            b'+' => (false, &text[1..]),
+            _ => (false, text),
+        };
+        let (mantissa, exp) = match rest.find(['e', 'E']) {
+            Some(i) => (&rest[..i], rest[i + 1..].parse::<i32>().ok()?),
+            None => (rest, 0),
+        };
+        let (int, frac) = match mantissa.find('.') {
+            Some(i) => (&mantissa[..i], &mantissa[i + 1..]),
+            None => (mantissa, ""),
+        };
+        if int.is_empty() && frac.is_empty() {
+            return None;
+        }
+        if !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        // digits = int ++ frac, value = digits * 10^(exp - frac.len())
+        let digits: String = int.chars().chain(frac.chars()).collect();
+        let digits = digits.trim_start_matches('0');
+        let shift = exp as i64 - frac.len() as i64 + 6; // power of ten on the unit count
+        if digits.is_empty() {
+            return Some(Dec(0));
+        }
+        if digits.len() as i64 + shift > 36 {
+            return None;
+        }
+        let units = if shift >= 0 {
+            let mut v: i128 = digits.parse().ok()?;
+            for _ in 0..shift {
+                v = v.checked_mul(10)?;
+            }
+            v
+        } else {
+            let cut = (-shift) as usize;
+            if cut > digits.len() {
+                // Everything is below the sixth place: rounds to zero unless
+                // it is more than half a unit, which needs cut == len + 0.
+                let lead = digits.as_bytes()[0];
+                let rounds_up = cut == digits.len() && (lead > b'5' || (lead == b'5' && digits[1..].bytes().any(|b| b != b'0')));
+                if rounds_up { 1 } else { 0 }
+            } else {
+                let (keep, dropped) = digits.split_at(digits.len() - cut);
+                let mut v: i128 = if keep.is_empty() { 0 } else { keep.parse().ok()? };
+                let first = dropped.as_bytes()[0];
+                let rest_nonzero = dropped[1..].bytes().any(|b| b != b'0');
+                let up = first > b'5' || (first == b'5' && (rest_nonzero || v % 2 == 1));
+                if up {
+                    v += 1;
+                }
+                v
+            }
+        };
+        Some(Dec(if neg { -units } else { units }))
+    }
+
+    pub fn to_f64(self) -> f64 {
+        self.0 as f64 / SCALE as f64
+    }
+
+    pub fn checked_add(self, o: Dec) -> Option<Dec> {
+        self.0.checked_add(o.0).map(Dec)
+    }
+
+    pub fn checked_sub(self, o: Dec) -> Option<Dec> {
+        self.0.checked_sub(o.0).map(Dec)
+    }
+
+    /// Exact product rounded half-even to six places.
+    pub fn checked_mul(self, o: Dec) -> Option<Dec> {
+        let p = self.0.checked_mul(o.0)?;
+        let q = p / SCALE;
+        let r = p % SCALE;
+        let half = SCALE / 2;
+        let adj = match r.abs().cmp(&half) {
+            Ordering::Greater => 1,
+            Ordering::Less => 0,
+            Ordering::Equal => (q % 2 != 0) as i128,
+        };
+        Some(Dec(if p < 0 { q - adj } else { q + adj }))
+    }
+}
+
+impl std::fmt::Display for Dec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sign = if self.0 < 0 { "-" } else { "" };
+        let a = self.0.unsigned_abs();
+        let int = a / SCALE as u128;
+        let frac = a % SCALE as u128;
+        if frac == 0 {
+            write!(f, "{sign}{int}")
+        } else {
+            let s = format!("{frac:06}");
+            write!(f, "{sign}{int}.{}", s.trim_end_matches('0'))
+        }
+    }
+}
+
+/// A 64-bit float with a total order, so it can live in a collection.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Float(pub f64);
+
+impl PartialEq for Float {
+    fn eq(&self, o: &Self) -> bool {
+        self.0.total_cmp(&o.0) == Ordering::Equal
+    }
+}
+impl Eq for Float {}
+impl PartialOrd for Float {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Float {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.0.total_cmp(&o.0)
+    }
+}
+impl std::hash::Hash for Float {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.to_bits().hash(h)
+    }
+}
+
+/// A runtime value.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Value {
+    Missing,
+    Bool(bool),
+    Num(Dec),
+    Float(Float),
+    Str(String),
+    /// A duration in milliseconds (only from literals).
+    Dur(i64),
+}
+
+impl Value {
+    /// The value of a JSON scalar as read from an event: `null`, arrays and
+    /// objects read as missing; numbers keep their exact text.
+    pub fn from_json(v: &serde_json::Value) -> Value {
+        match v {
+            serde_json::Value::Bool(b) => Value::Bool(*b),
+            serde_json::Value::Number(n) => {
+                let text = n.to_string();
+                match Dec::parse(&text) {
+                    Some(d) => Value::Num(d),
+                    None => text.parse::<f64>().map(|f| Value::Float(Float(f))).unwrap_or(Value::Missing),
+                }
+            }
+            serde_json::Value::String(s) => Value::Str(s.clone()),
+            _ => Value::Missing,
+        }
+    }
+
+    pub fn is_missing(&self) -> bool {
+        matches!(self, Value::Missing)
+    }
+
+    /// The numeric value as a float, for numbers only.
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Num(d) => Some(d.to_f64()),
+            Value::Float(f) => Some(f.0),
+            _ => None,
+        }
+    }
+
+    pub fn is_number(&self) -> bool {
+        matches!(self, Value::Num(_) | Value::Float(_))
+    }
+
+    fn float(f: f64) -> Value {
+        if f.is_finite() {
+            Value::Float(Float(f))
+        } else {
+            Value::Missing
+        }
+    }
+
+    /// `self OP other` for `+ - * /` with SPEC §4's rules: exact over exact
+    /// numbers, float as soon as a float is involved, `/` always float,
+    /// missing on a missing operand, a wrong type, `x / 0` or overflow.
+    pub fn arith(&self, op: crate::spec::ast::ArithOp, other: &Value) -> Value {
+        use crate::spec::ast::ArithOp::*;
+        match (self, other) {
+            (Value::Num(a), Value::Num(b)) => match op {
+                Add => a.checked_add(*b).map(Value::Num).unwrap_or(Value::Missing),
+                Sub => a.checked_sub(*b).map(Value::Num).unwrap_or(Value::Missing),
+                Mul => a.checked_mul(*b).map(Value::Num).unwrap_or(Value::Missing),
+                Div => {
+                    if b.0 == 0 {
+                        Value::Missing
+                    } else {
+                        Value::float(a.0 as f64 / b.0 as f64)
+                    }
+                }
+            },
+            (Value::Dur(a), Value::Dur(b)) => match op {
+                Add => a.checked_add(*b).map(Value::Dur).unwrap_or(Value::Missing),
+                Sub => a.checked_sub(*b).map(Value::Dur).unwrap_or(Value::Missing),
+                Div if *b != 0 => Value::float(*a as f64 / *b as f64),
+                _ => Value::Missing,
+            },
+            (Value::Dur(d), n) | (n, Value::Dur(d)) if op == Mul && n.is_number() => {
+                let f = *d as f64 * n.as_f64().unwrap_or(f64::NAN);
+                if f.is_finite() {
+                    Value::Dur(f.round() as i64)
+                } else {
+                    Value::Missing
+                }
+            }
+            (a, b) if a.is_number() && b.is_number() => {
+                let (x, y) = (a.as_f64().unwrap_or(f64::NAN), b.as_f64().unwrap_or(f64::NAN));
+                match op {
+                    Add => Value::float(x + y),
+                    Sub => Value::float(x - y),
+                    Mul => Value::float(x * y),
+                    Div if y == 0.0 => Value::Missing,
+                    Div => Value::float(x / y),
+                }
+            }
+            _ => Value::Missing,
+        }
+    }
+
+    pub fn neg(&self) -> Value {
+        match self {
+            Value::Num(d) => Value::Num(Dec(-d.0)),
+            Value::Float(f) => Value::float(-f.0),
+            Value::Dur(d) => Value::Dur(-d),
+            _ => Value::Missing,
+        }
+    }
+
+    pub fn abs(&self) -> Value {
+        match self {
+            Value::Num(d) => Value::Num(Dec(d.0.abs())),
+            Value::Float(f) => Value::float(f.0.abs()),
+            Value::Dur(d) => Value::Dur(d.abs()),
+            _ => Value::Missing,
+        }
+    }
+
+    pub fn sqrt(&self) -> Value {
+        match self.as_f64() {
+            Some(x) if x >= 0.0 => Value::float(x.sqrt()),
+            _ => Value::Missing,
+        }
+    }
+
+    /// Compares two values of the same kind; `None` when either is missing
+    /// or their kinds cannot be compared (the comparison is then false).
+    pub fn compare(&self, other: &Value) -> Option<Ordering> {
+        match (self, other) {
+            (Value::Num(a), Value::Num(b)) => Some(a.cmp(b)),
+            (a, b) if a.is_number() && b.is_number() => a.as_f64()?.partial_cmp(&b.as_f64()?),
+            (Value::Str(a), Value::Str(b)) => Some(a.as_bytes().cmp(b.as_bytes())),
+            (Value::Bool(a), Value::Bool(b)) => Some(a.cmp(b)),
+            (Value::Dur(a), Value::Dur(b)) => Some(a.cmp(b)),
+            _ => None,
+        }
+    }
+
+    /// `self OP other`, false whenever either side is missing or the kinds
+    /// differ (`!=` too).
+    pub fn cmp_op(&self, op: crate::spec::ast::CmpOp, other: &Value) -> bool {
+        use crate::spec::ast::CmpOp::*;
+        match self.compare(other) {
+            None => false,
+            Some(o) => match op {
+                Ge => o != Ordering::Less,
+                Gt => o == Ordering::Greater,
+                Le => o != Ordering::Greater,
+                Lt => o == Ordering::Less,
+                Eq => o == Ordering::Equal,
+                Ne => o != Ordering::Equal,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::ast::{ArithOp, CmpOp};
+
+    fn d(s: &str) -> Dec {
+        Dec::parse(s).unwrap()
+    }
+
+    #[test]
+    fn parses_exactly_and_rounds_half_even() {
+        assert_eq!(d("0.1").0, 100_000);
+        assert_eq!(d("-2.5").0, -2_500_000);
+        assert_eq!(d("1e3").0, 1_000_000_000);
+        assert_eq!(d("1.5E-6").0, 2);
+        assert_eq!(d("2.5E-6").0, 2);
+        assert_eq!(d("0.0000005").0, 0);
+        assert_eq!(d("0.0000006").0, 1);
+        assert_eq!(d("0.00000051").0, 1);
+        assert_eq!(d("3.0000015").0, 3_000_002);
+        assert_eq!(Dec::parse("1e40"), None);
+        assert_eq!(Dec::parse("abc"), None);
+    }
+
+    #[test]
+    fn money_does_not_drift() {
+        let sum = Value::Num(d("0.1")).arith(ArithOp::Add, &Value::Num(d("0.2")));
+        assert!(sum.cmp_op(CmpOp::Eq, &Value::Num(d("0.3"))));
+        assert_eq!(d("1.5").checked_mul(d("0.000001")).unwrap().0, 2);
+    }
+
+    #[test]
+    fn missing_and_mismatched_compare_false() {
+        let m = Value::Missing;
+        assert!(!m.cmp_op(CmpOp::Ne, &Value::Num(Dec::ZERO)));
+        assert!(!Value::Str("9".into()).cmp_op(CmpOp::Eq, &Value::Num(d("9"))));
+        assert!(Value::Num(d("1")).arith(ArithOp::Div, &Value::Num(Dec::ZERO)).is_missing());
+        assert!(Value::Num(d("-1")).sqrt().is_missing());
+    }
+
+    #[test]
+    fn displays_trimmed() {
+        assert_eq!(d("12.340").to_string(), "12.34");
+        assert_eq!(d("-0.5").to_string(), "-0.5");
+        assert_eq!(d("7").to_string(), "7");
+    }
+}
