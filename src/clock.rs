@@ -53,9 +53,15 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
         "h" => 3_600_000,
         "d" => 86_400_000,
         "w" => 604_800_000,
-        _ => return Err(format!("{s:?} is not a duration: expected digits then ms, s, m, h, d or w (e.g. 48h)")),
+        _ => {
+            return Err(format!(
+                "{s:?} is not a duration: expected digits then ms, s, m, h, d or w (e.g. 48h)"
+            ))
+        }
     };
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration: expected a whole number before the unit"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: expected a whole number before the unit"))?;
     if n == 0 {
         return Err(format!("{s:?}: a duration must be greater than zero"));
     }
@@ -89,7 +95,12 @@ pub struct Clock {
 
 impl Clock {
     pub fn new(tick: u64, lateness: u64) -> Clock {
-        Clock { tick, lateness, max_time: None, now: None }
+        Clock {
+            tick,
+            lateness,
+            max_time: None,
+            now: None,
+        }
     }
 
     /// The tick at which an event of time `e` takes effect, read at the

@@ -1,6 +1,29 @@
 //! Wiring: builds the dataflow for a spec on timely workers and drives it.
+//!
+//! Worker 0 (of process 0) reads the input in order through [`Ingest`],
+//! writes dead letters, and feeds three differential inputs: facts for the
+//! windowed streams, identity nodes and identity links, each at the tick the
+//! event takes effect. It advances the inputs with the clock, a batch of
+//! lines at a time (never a round trip per tick), and keeps at most a couple
+//! of batches in flight so memory stays bounded. The other workers close
+//! their inputs at once and simply run their share of the dataflow.
 
+use std::cell::{Cell, RefCell};
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+use differential_dataflow::input::Input;
+use serde::Serialize;
+
+use crate::clock::format_time;
+use crate::ingest::{dead_letter, Counters, Identities, Ingest, Outcome};
+use crate::plan::Plan;
+use crate::sink::{self, SinkState};
 use crate::spec::Spec;
+use crate::terms::extract;
+use crate::{identity, rules, terms, window};
 
 /// How a run is clocked and bounded (all durations and times in ms).
 #[derive(Clone, Debug)]
@@ -15,8 +38,117 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { tick: 1_000, lateness: 5_000, dedupe_horizon: 3_600_000, until: None, workers: 1 }
+        RunOptions {
+            tick: 1_000,
+            lateness: 5_000,
+            dedupe_horizon: 3_600_000,
+            until: None,
+            workers: 1,
+        }
     }
+}
+
+/// Where events come from, read one after another in order.
+#[derive(Clone, Debug)]
+pub enum Source {
+    File(PathBuf),
+    Stdin,
+    Bytes { name: String, data: Arc<Vec<u8>> },
+}
+
+impl Source {
+    fn name(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            Source::Stdin => "-".to_string(),
+            Source::Bytes { name, .. } => name.clone(),
+        }
+    }
+
+    fn open(&self) -> Result<Box<dyn BufRead>, EngineError> {
+        Ok(match self {
+            Source::File(p) => Box::new(BufReader::with_capacity(
+                1 << 20,
+                std::fs::File::open(p).map_err(|e| EngineError::Io(format!("cannot read {}: {e}", p.display())))?,
+            )),
+            Source::Stdin => Box::new(BufReader::with_capacity(1 << 20, std::io::stdin())),
+            Source::Bytes { data, .. } => Box::new(std::io::Cursor::new(SharedBytes(data.clone()))),
+        })
+    }
+}
+
+struct SharedBytes(Arc<Vec<u8>>);
+impl AsRef<[u8]> for SharedBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Opens an output on worker 0 (called once, inside the worker).
+pub type OpenOutput = Arc<dyn Fn() -> std::io::Result<Box<dyn Write>> + Send + Sync>;
+
+/// An output that opens (creating or truncating) a file, or stdout for `-`.
+pub fn file_output(path: PathBuf) -> OpenOutput {
+    Arc::new(move || -> std::io::Result<Box<dyn Write>> {
+        if path.as_os_str() == "-" {
+            Ok(Box::new(std::io::BufWriter::new(std::io::stdout())))
+        } else {
+            let f =
+                std::fs::File::create(&path).map_err(|e| std::io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display())))?;
+            Ok(Box::new(std::io::BufWriter::with_capacity(1 << 16, f)))
+        }
+    })
+}
+
+/// An output collecting lines in memory.
+pub fn memory_output(buf: Arc<Mutex<Vec<u8>>>) -> OpenOutput {
+    struct Mem(Arc<Mutex<Vec<u8>>>);
+    impl Write for Mem {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("not poisoned").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    Arc::new(move || -> std::io::Result<Box<dyn Write>> { Ok(Box::new(Mem(buf.clone()))) })
+}
+
+/// Everything a run needs.
+#[derive(Clone)]
+pub struct Job {
+    pub spec: Spec,
+    pub opts: RunOptions,
+    pub sources: Vec<Source>,
+    pub output: Option<OpenOutput>,
+    pub dead_letters: Option<OpenOutput>,
+    pub timely: timely::Config,
+}
+
+/// The end-of-run summary (SPEC §5).
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Summary {
+    pub events_read: u64,
+    pub accepted: u64,
+    pub bad: u64,
+    pub duplicates: u64,
+    pub late: u64,
+    pub ignored: u64,
+    pub profiles: i64,
+    pub diffs_written: u64,
+    /// The final clock, RFC 3339; `None` when no event was accepted.
+    pub clock: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("timely: {0}")]
+    Timely(String),
 }
 
 /// What a run over in-memory input produced.
@@ -26,17 +158,211 @@ pub struct MemoryOutput {
     pub lines: Vec<String>,
     /// Dead-letter JSON lines.
     pub dead_letters: Vec<String>,
+    pub summary: Summary,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    #[error("{0}")]
-    Unsupported(String),
-    #[error("{0}")]
-    Timely(String),
+/// Runs `spec` over `input` (JSON lines) with `opts.workers` threads and
+/// returns everything it wrote.
+pub fn run_memory(spec: &Spec, input: &[u8], opts: &RunOptions) -> Result<MemoryOutput, EngineError> {
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let dead = Arc::new(Mutex::new(Vec::new()));
+    let job = Job {
+        spec: spec.clone(),
+        opts: opts.clone(),
+        sources: vec![Source::Bytes {
+            name: "input".into(),
+            data: Arc::new(input.to_vec()),
+        }],
+        output: Some(memory_output(out.clone())),
+        dead_letters: Some(memory_output(dead.clone())),
+        timely: if opts.workers <= 1 {
+            timely::Config::thread()
+        } else {
+            timely::Config::process(opts.workers)
+        },
+    };
+    let summary = run(job)?;
+    let lines = |b: &Arc<Mutex<Vec<u8>>>| {
+        String::from_utf8_lossy(&b.lock().expect("not poisoned"))
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    Ok(MemoryOutput {
+        lines: lines(&out),
+        dead_letters: lines(&dead),
+        summary,
+    })
 }
 
-/// Runs `spec` over `input` (JSON lines) and returns everything it wrote.
-pub fn run_memory(_spec: &Spec, _input: &[u8], _opts: &RunOptions) -> Result<MemoryOutput, EngineError> {
-    Err(EngineError::Unsupported("engine not built yet".into()))
+/// Lines read between flushes of the inputs.
+const BATCH: usize = 4096;
+
+/// Runs a job to the end of its input; the summary comes from worker 0.
+pub fn run(job: Job) -> Result<Summary, EngineError> {
+    let config = job.timely.clone();
+    let job = Arc::new(job);
+    let guards = timely::execute(config, move |worker| run_worker(worker, &job)).map_err(EngineError::Timely)?;
+    let mut summary = None;
+    for r in guards.join() {
+        if let Some(s) = r.map_err(EngineError::Timely)?? {
+            summary = Some(s);
+        }
+    }
+    Ok(summary.unwrap_or_default())
+}
+
+fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<Summary>, EngineError> {
+    let plan = Rc::new(Plan::new(&job.spec));
+    let opts = &job.opts;
+    let leader = worker.index() == 0;
+    let last = Rc::new(Cell::new(None));
+    let state = Rc::new(RefCell::new(SinkState::default()));
+    let out = match (&job.output, leader) {
+        (Some(open), true) => Some(open().map_err(|e| EngineError::Io(e.to_string()))?),
+        _ => None,
+    };
+    let names = Rc::new(plan.segments.iter().map(|s| s.name.clone()).collect::<Vec<_>>());
+    let lengths = Rc::new(plan.streams.iter().map(|s| s.window).collect::<Vec<_>>());
+    let (mut facts_in, mut nodes_in, mut links_in, probe) = worker.dataflow::<u64, _, _>(|scope| {
+        let (facts_in, facts) = scope.new_collection();
+        let (nodes_in, nodes) = scope.new_collection();
+        let (links_in, links) = scope.new_collection();
+        let labels = identity::profiles(nodes, links);
+        let universe = identity::universe(labels.clone());
+        let windowed = window::window(facts, lengths, opts.tick);
+        let terms = terms::terms(windowed, labels, plan.clone());
+        let atoms = rules::atoms(terms, universe.clone(), plan.clone());
+        let (probe, members) = rules::segments(atoms, universe.clone(), &plan).probe();
+        sink::memberships(members, names, opts.tick < 1000, last.clone(), out, state.clone());
+        sink::profiles(universe, last.clone(), state.clone());
+        (facts_in, nodes_in, links_in, probe)
+    });
+    if !leader {
+        return Ok(None);
+    }
+
+    let mut dead = match &job.dead_letters {
+        Some(open) => Some(open().map_err(|e| EngineError::Io(e.to_string()))?),
+        None => None,
+    };
+    let mut ingest = Ingest::new(opts.tick, opts.lateness, opts.dedupe_horizon);
+    let mut ids = Identities::default();
+    let (mut node_changes, mut link_changes) = (Vec::new(), Vec::new());
+    let mut in_batch = 0;
+    let mut in_flight = 0u64;
+    let mut line = Vec::new();
+    for source in &job.sources {
+        let name = source.name();
+        let mut reader = source.open()?;
+        let mut number = 0u64;
+        loop {
+            line.clear();
+            let n = reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| EngineError::Io(format!("cannot read {name}: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            number += 1;
+            if line.last() == Some(&b'\n') {
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+            }
+            match ingest.read(&line) {
+                Outcome::Bad(reason) => {
+                    if let Some(d) = dead.as_mut() {
+                        writeln!(d, "{}", dead_letter(&name, number, &reason, &line))
+                            .map_err(|e| EngineError::Io(format!("cannot write dead letters: {e}")))?;
+                    }
+                }
+                Outcome::Accepted(s) => {
+                    if opts.until.is_some_and(|u| s.effect > u) {
+                        continue;
+                    }
+                    ids.changes(&s, &mut node_changes, &mut link_changes);
+                    for (d, t, r) in node_changes.drain(..) {
+                        nodes_in.update_at(d, t, r);
+                    }
+                    for (d, t, r) in link_changes.drain(..) {
+                        links_in.update_at(d, t, r);
+                    }
+                    let anchor = s.event.anchor();
+                    for (i, stream) in plan.streams.iter().enumerate() {
+                        if let Some(pay) = extract(stream, &s.event) {
+                            facts_in.update_at((anchor.clone(), i as u32, s.event.time, pay), s.effect, 1);
+                        }
+                    }
+                }
+                Outcome::Blank | Outcome::Ignored | Outcome::Duplicate => {}
+            }
+            let frontier = ingest.clock.frontier();
+            if frontier > *facts_in.time() {
+                facts_in.advance_to(frontier);
+                nodes_in.advance_to(frontier);
+                links_in.advance_to(frontier);
+            }
+            in_batch += 1;
+            if in_batch == BATCH {
+                in_batch = 0;
+                facts_in.flush();
+                nodes_in.flush();
+                links_in.flush();
+                // Keep at most about two batches in flight.
+                while probe.less_than(&in_flight) {
+                    worker.step();
+                }
+                in_flight = *facts_in.time();
+                worker.step();
+            }
+        }
+    }
+    if let Some(d) = dead.as_mut() {
+        d.flush().map_err(|e| EngineError::Io(format!("cannot write dead letters: {e}")))?;
+    }
+
+    let final_tick = ingest.final_tick(opts.until);
+    last.set(Some(final_tick.unwrap_or(0)));
+    if let Some(t) = final_tick {
+        let end = t + opts.tick;
+        if end > *facts_in.time() {
+            facts_in.advance_to(end);
+            nodes_in.advance_to(end);
+            links_in.advance_to(end);
+        }
+        facts_in.flush();
+        nodes_in.flush();
+        links_in.flush();
+        while probe.less_than(&end) {
+            worker.step();
+        }
+    }
+    drop((facts_in, nodes_in, links_in));
+    while worker.step_or_park(None) {}
+
+    let st = state.borrow();
+    if let Some(e) = &st.error {
+        return Err(EngineError::Io(format!("cannot write output: {e}")));
+    }
+    let Counters {
+        read,
+        accepted,
+        bad,
+        duplicates,
+        late,
+        ignored,
+    } = ingest.counters.clone();
+    Ok(Some(Summary {
+        events_read: read,
+        accepted,
+        bad,
+        duplicates,
+        late,
+        ignored,
+        profiles: st.profiles,
+        diffs_written: st.diffs,
+        clock: final_tick.map(|t| format_time(t, opts.tick < 1000)),
+    }))
 }

@@ -28,10 +28,16 @@ pub struct Id {
 
 impl Id {
     pub fn user(name: impl Into<String>) -> Id {
-        Id { kind: IdKind::User, name: name.into() }
+        Id {
+            kind: IdKind::User,
+            name: name.into(),
+        }
     }
     pub fn anon(name: impl Into<String>) -> Id {
-        Id { kind: IdKind::Anon, name: name.into() }
+        Id {
+            kind: IdKind::Anon,
+            name: name.into(),
+        }
     }
 }
 
@@ -181,7 +187,9 @@ fn timestamp(v: Option<&Json>) -> Result<u64, BadEvent> {
         Some(Json::String(s)) => clock::parse_time(s).map_err(|e| BadEvent(format!("invalid `timestamp`: {e}"))),
         Some(Json::Number(n)) => match n.as_u64() {
             Some(ms) => Ok(ms),
-            None => bad(format!("invalid `timestamp`: {n} is not a non-negative integer of epoch milliseconds")),
+            None => bad(format!(
+                "invalid `timestamp`: {n} is not a non-negative integer of epoch milliseconds"
+            )),
         },
         Some(_) => bad("invalid `timestamp`: must be an RFC 3339 string or epoch milliseconds"),
     }
@@ -240,7 +248,18 @@ pub fn decode(line: &[u8]) -> Result<Event, BadEvent> {
         Some(m) => message_key(m),
         None => line_key(line),
     };
-    Ok(Event { kind, name, time, key, user_id, anonymous_id, previous_id, properties, traits, context })
+    Ok(Event {
+        kind,
+        name,
+        time,
+        key,
+        user_id,
+        anonymous_id,
+        previous_id,
+        properties,
+        traits,
+        context,
+    })
 }
 
 #[cfg(test)]
@@ -249,7 +268,8 @@ mod tests {
 
     #[test]
     fn decodes_a_track() {
-        let e = decode(br#"{"type":"track","event":"x","userId":7,"timestamp":"2024-01-01T00:00:01.5Z","properties":{"a":{"b":1}}}"#).unwrap();
+        let e =
+            decode(br#"{"type":"track","event":"x","userId":7,"timestamp":"2024-01-01T00:00:01.5Z","properties":{"a":{"b":1}}}"#).unwrap();
         assert_eq!(e.kind, EventType::Track);
         assert_eq!(e.time, 1_704_067_201_500);
         assert_eq!(e.anchor(), Id::user("7"));
@@ -263,13 +283,22 @@ mod tests {
             (br#"[1]"#, "not a JSON object"),
             (br#"{"type":"track","event":"x","userId":"u"}"#, "missing `timestamp`"),
             (br#"{"type":"track","event":"x","timestamp":0}"#, "no identifier"),
-            (br#"{"type":"track","event":"x","userId":"u","timestamp":true}"#, "invalid `timestamp`"),
+            (
+                br#"{"type":"track","event":"x","userId":"u","timestamp":true}"#,
+                "invalid `timestamp`",
+            ),
             (br#"{"type":"x","userId":"u","timestamp":0}"#, "unknown `type`"),
             (br#"{"type":"track","userId":"u","timestamp":0}"#, "without `event`"),
-            (br#"{"type":"page","userId":"u","timestamp":0,"context":3}"#, "`context` must be an object"),
+            (
+                br#"{"type":"page","userId":"u","timestamp":0,"context":3}"#,
+                "`context` must be an object",
+            ),
             (br#"{"type":"alias","userId":"u","timestamp":0}"#, "`alias` needs"),
             (br#"{"type":"page","userId":"","anonymousId":null,"timestamp":0}"#, "no identifier"),
-            (br#"{"type":"page","userId":"u","timestamp":0,"messageId":5}"#, "`messageId` must be a string"),
+            (
+                br#"{"type":"page","userId":"u","timestamp":0,"messageId":5}"#,
+                "`messageId` must be a string",
+            ),
         ] {
             let err = decode(line).unwrap_err();
             assert!(err.0.contains(why), "{err} should mention {why}");

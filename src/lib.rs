@@ -7,10 +7,18 @@
 //! aggregates, [`rules`] turns predicates into membership collections, and
 //! [`sink`] writes the enter/exit lines of SPEC §5. [`spec`] parses and
 //! checks dataflow specs; [`plan`] shares their terms; [`engine`] wires it all
-//! on timely workers.
+//! on timely workers; [`generate`] makes realistic traffic.
 
 pub mod clock;
-pub mod event;
-pub mod spec;
-pub mod value;
 pub mod engine;
+pub mod event;
+pub mod generate;
+pub mod identity;
+pub mod ingest;
+pub mod plan;
+pub mod rules;
+pub mod sink;
+pub mod spec;
+pub mod terms;
+pub mod value;
+pub mod window;

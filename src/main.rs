@@ -1,1 +1,295 @@
-fn main(){}
+//! The `shoal` command: `run`, `check`, `generate` (SPEC §6).
+//!
+//! Exit status: 0 done; 1 a runtime I/O failure (the message names the file);
+//! 2 unusable arguments or spec (the message points at the problem).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use shoal::clock::{parse_duration, parse_duration_or_zero, parse_time_arg};
+use shoal::engine::{file_output, EngineError, Job, RunOptions, Source};
+use shoal::generate::GenOptions;
+
+#[derive(Parser)]
+#[command(
+    name = "shoal",
+    version,
+    about = "Real-time behavioral segmentation: Segment-spec events in, segment enter/exit changes out.",
+    long_about = "Real-time behavioral segmentation on differential dataflow.\n\n\
+        Reads Segment-spec events (JSON lines), resolves identities into profiles, keeps every\n\
+        segment of a dataflow spec (TOML) exactly up to date tick by tick, and writes one JSON line\n\
+        per membership change.\n\n\
+        Try it:\n  shoal generate --events 100000 | shoal run dataflows/retail.toml --input - --output changes.jsonl"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a spec over events and write membership changes.
+    Run(RunArgs),
+    /// Validate a spec: errors name the TOML line and column.
+    Check {
+        /// The dataflow spec (TOML).
+        spec: PathBuf,
+        /// The tick every window must be a multiple of.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        tick: u64,
+    },
+    /// Write realistic, seeded Segment-spec traffic as JSON lines.
+    Generate(GenArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The dataflow spec (TOML), e.g. dataflows/retail.toml.
+    spec: PathBuf,
+    /// An input file of JSON lines, or `-` for stdin; repeat to read several in order.
+    /// Without --input, stdin is read when it is not a terminal.
+    #[arg(long = "input", value_name = "FILE|-")]
+    inputs: Vec<PathBuf>,
+    /// Where membership changes go (`-` is stdout).
+    #[arg(long, default_value = "-", value_name = "FILE|-")]
+    output: PathBuf,
+    /// Where refused lines go, as JSON lines with the reason and position
+    /// [default: stderr, so that nothing is silently lost].
+    #[arg(long, value_name = "FILE")]
+    dead_letter: Option<PathBuf>,
+    /// Write nothing after this time (RFC 3339 or epoch ms); at the end of input the clock moves on to it.
+    #[arg(long, value_parser = parse_time_arg, value_name = "TIME")]
+    until: Option<u64>,
+    /// The clock's resolution; every window must be a multiple of it.
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "D")]
+    tick: u64,
+    /// How far behind the largest event time the clock runs; older events are late.
+    #[arg(long, default_value = "5s", value_parser = parse_duration_or_zero, value_name = "D")]
+    lateness: u64,
+    /// Live input: after this long without events the clock follows wall time.
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "D")]
+    idle: u64,
+    /// How long a messageId is remembered for dedupe (memory ≈ events/s × horizon × 40 bytes).
+    #[arg(long, default_value = "1h", value_parser = parse_duration_or_zero, value_name = "D")]
+    dedupe_horizon: u64,
+    /// Worker threads per process.
+    #[arg(long, short = 'w', default_value_t = 1)]
+    workers: usize,
+    /// Number of processes in a cluster run (timely's cluster mode).
+    #[arg(long, default_value_t = 1)]
+    processes: usize,
+    /// This process's index in the cluster, 0-based; process 0 writes the output.
+    #[arg(long, default_value_t = 0)]
+    process: usize,
+    /// A file with one host:port per process, in process order [default: localhost:2101, 2102, …].
+    #[arg(long, value_name = "FILE")]
+    hostfile: Option<PathBuf>,
+    /// Kafka brokers (not supported yet in this version).
+    #[arg(long, value_name = "B")]
+    kafka_brokers: Option<String>,
+    /// Kafka topic (not supported yet in this version).
+    #[arg(long, value_name = "T")]
+    kafka_topic: Vec<String>,
+}
+
+#[derive(Args)]
+struct GenArgs {
+    /// Distinct people (identified users and anonymous visitors).
+    #[arg(long, default_value_t = 1000)]
+    users: u64,
+    /// Lines to write (including a few duplicates and malformed lines).
+    #[arg(long, default_value_t = 10_000)]
+    events: u64,
+    /// Seed: the same seed gives the same lines on every machine.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Time of the first event (RFC 3339 or epoch ms).
+    #[arg(long, default_value = "2024-01-01T00:00:00Z", value_parser = parse_time_arg)]
+    start: u64,
+    /// Pace output to this many lines per second (for live demos).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Write to this file instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+/// A failure with its exit status.
+struct Failure(u8, anyhow::Error);
+
+fn usage(e: impl Into<anyhow::Error>) -> Failure {
+    Failure(2, e.into())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Check { spec, tick } => check(&spec, tick),
+        Command::Generate(args) => generate(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, e)) => {
+            eprintln!("shoal: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn load_spec(path: &Path, tick: u64) -> Result<shoal::spec::Spec, Failure> {
+    shoal::spec::load(path, tick).map_err(|errors| {
+        let text: Vec<String> = errors.iter().map(|e| format!("{}:{e}", path.display())).collect();
+        usage(anyhow::anyhow!(
+            "{} has {} error(s):\n{}",
+            path.display(),
+            errors.len(),
+            text.join("\n")
+        ))
+    })
+}
+
+fn check(path: &Path, tick: u64) -> Result<(), Failure> {
+    let spec = load_spec(path, tick)?;
+    println!("{}: ok, {} segment(s)", path.display(), spec.segments.len());
+    Ok(())
+}
+
+fn timely_config(args: &RunArgs) -> Result<timely::Config, Failure> {
+    if args.workers == 0 {
+        return Err(usage(anyhow::anyhow!("--workers must be at least 1")));
+    }
+    if args.processes <= 1 {
+        return Ok(if args.workers == 1 {
+            timely::Config::thread()
+        } else {
+            timely::Config::process(args.workers)
+        });
+    }
+    if args.process >= args.processes {
+        return Err(usage(anyhow::anyhow!(
+            "--process {} is out of range for --processes {}",
+            args.process,
+            args.processes
+        )));
+    }
+    let addresses: Vec<String> = match &args.hostfile {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read hostfile {}", f.display()))
+                .map_err(usage)?;
+            text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()
+        }
+        None => (0..args.processes).map(|i| format!("localhost:{}", 2101 + i)).collect(),
+    };
+    if addresses.len() < args.processes {
+        return Err(usage(anyhow::anyhow!(
+            "the hostfile lists {} address(es) but --processes is {}",
+            addresses.len(),
+            args.processes
+        )));
+    }
+    Ok(timely::Config {
+        communication: timely::CommunicationConfig::Cluster {
+            threads: args.workers,
+            process: args.process,
+            addresses,
+            report: false,
+            zerocopy: false,
+        },
+        worker: timely::WorkerConfig::default(),
+    })
+}
+
+fn run(args: RunArgs) -> Result<(), Failure> {
+    if args.kafka_brokers.is_some() || !args.kafka_topic.is_empty() {
+        return Err(usage(anyhow::anyhow!(
+            "Kafka input is not supported yet in this version; use --input FILE or stdin"
+        )));
+    }
+    let spec = load_spec(&args.spec, args.tick)?;
+    let mut sources: Vec<Source> = args
+        .inputs
+        .iter()
+        .map(|p| {
+            if p.as_os_str() == "-" {
+                Source::Stdin
+            } else {
+                Source::File(p.clone())
+            }
+        })
+        .collect();
+    if sources.is_empty() {
+        if std::io::stdin().is_terminal() {
+            return Err(usage(anyhow::anyhow!(
+                "no input: give --input FILE (or -), or pipe events into stdin"
+            )));
+        }
+        sources.push(Source::Stdin);
+    }
+    for s in &sources {
+        if let Source::File(p) = s {
+            if !p.is_file() {
+                return Err(Failure(1, anyhow::anyhow!("cannot read input {}: no such file", p.display())));
+            }
+        }
+    }
+    let _ = args.idle;
+    let opts = RunOptions {
+        tick: args.tick,
+        lateness: args.lateness,
+        dedupe_horizon: args.dedupe_horizon,
+        until: args.until,
+        workers: args.workers,
+    };
+    let job = Job {
+        spec,
+        opts,
+        sources,
+        output: Some(file_output(args.output.clone())),
+        dead_letters: Some(file_output(
+            args.dead_letter.clone().unwrap_or_else(|| PathBuf::from("/dev/stderr")),
+        )),
+        timely: timely_config(&args)?,
+    };
+    let summary = shoal::engine::run(job).map_err(|e| match e {
+        EngineError::Unsupported(_) => usage(e),
+        _ => Failure(1, e.into()),
+    })?;
+    if args.process == 0 {
+        eprintln!("{}", serde_json::to_string(&summary).expect("summary serializes"));
+    }
+    Ok(())
+}
+
+fn generate(args: GenArgs) -> Result<(), Failure> {
+    let opts = GenOptions {
+        users: args.users,
+        events: args.events,
+        seed: args.seed,
+        start_ms: args.start,
+    };
+    let result = match &args.output {
+        Some(p) => {
+            let f = std::fs::File::create(p)
+                .with_context(|| format!("cannot write {}", p.display()))
+                .map_err(|e| Failure(1, e))?;
+            shoal::generate::write_all(&opts, &mut std::io::BufWriter::new(f), args.rate)
+        }
+        None => shoal::generate::write_all(&opts, &mut std::io::stdout().lock(), args.rate),
+    };
+    match result {
+        Ok(_) => Ok(()),
+        // A closed pipe (`shoal generate | head`) is a normal end.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Failure(1, anyhow::Error::new(e).context("cannot write generated events"))),
+    }
+}

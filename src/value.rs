@@ -68,7 +68,11 @@ impl Dec {
                 // it is more than half a unit, which needs cut == len + 0.
                 let lead = digits.as_bytes()[0];
                 let rounds_up = cut == digits.len() && (lead > b'5' || (lead == b'5' && digits[1..].bytes().any(|b| b != b'0')));
-                if rounds_up { 1 } else { 0 }
+                if rounds_up {
+                    1
+                } else {
+                    0
+                }
             } else {
                 let (keep, dropped) = digits.split_at(digits.len() - cut);
                 let mut v: i128 = if keep.is_empty() { 0 } else { keep.parse().ok()? };

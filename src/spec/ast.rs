@@ -45,7 +45,10 @@ pub enum ExprKind {
         window: Window,
     },
     /// `last(sel, path)`.
-    Last { sel: Selector, path: Path },
+    Last {
+        sel: Selector,
+        path: Path,
+    },
     /// `since(sel)`; the checker allows it only as `since(sel) OP DURATION`.
     Since(Selector),
     Sqrt(Box<Expr>),

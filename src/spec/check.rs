@@ -1,0 +1,828 @@
+//! Checks of parsed expressions and specs (SPEC §4): types, the place of
+//! `since`, windows and durations against the tick, `in_segment` names and
+//! cycles, and the parts that are parsed but not supported yet.
+//!
+//! Types: number, duration, string, `true`/`false` (a literal), condition (a
+//! formula: comparison, `and`/`or`/`not`, `in_segment`) and *any* (`trait.x`,
+//! `last(…)` and, inside a `where` filter, event paths: their type is only
+//! known at run time, so they compare with anything).
+//!
+//! **Any in a boolean position.** A value of type any where a condition is
+//! expected (a `when`, an operand of `and`/`or`/`not`, a `where` filter), as
+//! in `trait.vip and count('x', 1h) > 0`, means `trait.vip == true`. The
+//! checker *rewrites* the tree to that comparison (at the same position), so
+//! after a successful check every boolean position holds a condition or a
+//! `true`/`false` literal and later stages need no special case.
+//!
+//! All positions here are those of the expression's own source; the caller
+//! ([`crate::spec::parse_spec`]) maps them to the TOML file.
+
+use super::ast::{ArithOp, CmpOp, Expr, ExprKind, Path, Pos, Selector, Window};
+use super::parse::{format_duration, quote};
+use super::{Segment, Spec, SpecError};
+
+/// What an expression must produce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// A segment's `when`: a condition.
+    Condition,
+    /// A score's `expr` or a clustering feature: a number.
+    Number,
+}
+
+/// What the checker needs to know beyond the expression.
+pub struct Ctx<'a> {
+    /// The tick in milliseconds; windows and durations must be multiples of
+    /// it (0 disables that check).
+    pub tick_ms: u64,
+    /// Whether a segment of this name exists (for `in_segment`).
+    pub is_segment: &'a dyn Fn(&str) -> bool,
+    /// Report `score.`, `rfm.`, `cluster.` and `percentile` as not supported
+    /// yet. Off inside blocks that are themselves reported unsupported.
+    pub report_unsupported: bool,
+}
+
+/// Which part of a [`Spec`] an [`Issue`] is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// `spec.segments[i].when`.
+    Segment(usize),
+    /// `spec.scores[i].expr`.
+    Score(usize),
+}
+
+/// An error inside one expression of a spec, at a position of that
+/// expression's source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issue {
+    pub origin: Origin,
+    pub error: SpecError,
+}
+
+/// Checks every expression of `spec` (rewriting as described in the module
+/// documentation) and the `in_segment` graph. Duplicate names and the TOML
+/// structure are [`crate::spec::parse_spec`]'s business.
+pub fn check(spec: &mut Spec, tick_ms: u64) -> Vec<Issue> {
+    let names: Vec<String> = spec.segments.iter().map(|s| s.name.clone()).collect();
+    let is_segment = |n: &str| names.iter().any(|m| m == n);
+    let mut issues = Vec::new();
+    let ctx = Ctx {
+        tick_ms,
+        is_segment: &is_segment,
+        report_unsupported: true,
+    };
+    for (i, seg) in spec.segments.iter_mut().enumerate() {
+        for error in check_expr(&mut seg.when, Want::Condition, &ctx) {
+            issues.push(Issue {
+                origin: Origin::Segment(i),
+                error,
+            });
+        }
+    }
+    let ctx = Ctx {
+        report_unsupported: false,
+        ..ctx
+    };
+    for (i, score) in spec.scores.iter_mut().enumerate() {
+        for error in check_expr(&mut score.expr, Want::Number, &ctx) {
+            issues.push(Issue {
+                origin: Origin::Score(i),
+                error,
+            });
+        }
+    }
+    issues.extend(segment_cycles(&spec.segments));
+    issues
+}
+
+/// Types and checks one expression; returns every error found, at positions
+/// of the expression's source. May rewrite `any` in boolean positions.
+pub fn check_expr(e: &mut Expr, want: Want, ctx: &Ctx<'_>) -> Vec<SpecError> {
+    let mut c = Checker {
+        ctx,
+        errors: Vec::new(),
+        in_filter: false,
+    };
+    match want {
+        Want::Condition => c.condition(e, "a segment's `when`"),
+        Want::Number => {
+            let t = c.ty(e);
+            if !matches!(t, Ty::Num | Ty::Any | Ty::Err) {
+                c.error(e.pos, format!("this expression must be a number, not {}", t.name()));
+            }
+        }
+    }
+    c.errors.sort_by_key(|e| (e.line, e.column));
+    c.errors
+}
+
+/// Finds the cycles among segments through `in_segment` (a segment that
+/// refers to itself included). Each cycle is reported once, in the segment
+/// that comes first in the spec, at its `in_segment` that starts the cycle:
+/// `cycle: a -> b -> a`.
+pub fn segment_cycles(segments: &[Segment]) -> Vec<Issue> {
+    let index = |n: &str| segments.iter().position(|s| s.name == n);
+    // Edges in source order: (target, position of the in_segment).
+    let edges: Vec<Vec<(usize, Pos)>> = segments
+        .iter()
+        .map(|s| {
+            let mut refs = Vec::new();
+            in_segments(&s.when, &mut refs);
+            refs.into_iter().filter_map(|(name, pos)| index(&name).map(|j| (j, pos))).collect()
+        })
+        .collect();
+    let scc = components(&edges);
+    let mut issues = Vec::new();
+    let mut reported = vec![false; segments.len()];
+    for start in 0..segments.len() {
+        if reported[scc[start]] {
+            continue;
+        }
+        // Shortest way back to `start` inside its component (BFS).
+        let mut prev: Vec<Option<usize>> = vec![None; segments.len()];
+        let mut queue = std::collections::VecDeque::from([start]);
+        let mut seen = vec![false; segments.len()];
+        let mut closing = None;
+        'bfs: while let Some(u) = queue.pop_front() {
+            for &(v, _) in &edges[u] {
+                if scc[v] != scc[start] {
+                    continue;
+                }
+                if v == start {
+                    closing = Some(u);
+                    break 'bfs;
+                }
+                if !seen[v] {
+                    seen[v] = true;
+                    prev[v] = Some(u);
+                    queue.push_back(v);
+                }
+            }
+        }
+        let Some(last) = closing else { continue };
+        reported[scc[start]] = true;
+        let mut path = vec![last];
+        while let Some(p) = prev[*path.last().expect("non-empty")] {
+            path.push(p);
+        }
+        if *path.last().expect("non-empty") != start {
+            path.push(start);
+        }
+        path.reverse(); // start, …, last
+        let second = if path.len() > 1 { path[1] } else { start };
+        let pos = edges[start].iter().find(|(v, _)| *v == second).map(|(_, p)| *p).unwrap_or_default();
+        let mut names: Vec<&str> = path.iter().map(|&i| segments[i].name.as_str()).collect();
+        names.push(&segments[start].name);
+        issues.push(Issue {
+            origin: Origin::Segment(start),
+            error: SpecError {
+                line: pos.line,
+                column: pos.column,
+                message: format!("cycle: {}", names.join(" -> ")),
+            },
+        });
+    }
+    issues
+}
+
+/// Every `in_segment` name in `e`, with its position, in source order.
+fn in_segments(e: &Expr, out: &mut Vec<(String, Pos)>) {
+    visit(e, &mut |x| {
+        if let ExprKind::InSegment(n) = &x.kind {
+            out.push((n.clone(), x.pos));
+        }
+    });
+}
+
+/// Calls `f` on every node of `e`, selectors' filters included, parents
+/// before children.
+pub fn visit(e: &Expr, f: &mut dyn FnMut(&Expr)) {
+    f(e);
+    let sel = |s: &Selector, f: &mut dyn FnMut(&Expr)| {
+        if let Some(x) = &s.filter {
+            visit(x, f);
+        }
+    };
+    match &e.kind {
+        ExprKind::Num(_)
+        | ExprKind::Str(_)
+        | ExprKind::Dur(_)
+        | ExprKind::Bool(_)
+        | ExprKind::Path(_)
+        | ExprKind::InSegment(_)
+        | ExprKind::Trait(_)
+        | ExprKind::Score(_)
+        | ExprKind::Rfm(_)
+        | ExprKind::Cluster(_) => {}
+        ExprKind::Neg(a) | ExprKind::Not(a) | ExprKind::Sqrt(a) | ExprKind::Abs(a) | ExprKind::Percentile(a, _) => visit(a, f),
+        ExprKind::And(a, b) | ExprKind::Or(a, b) | ExprKind::Arith(_, a, b) | ExprKind::Cmp(_, a, b) => {
+            visit(a, f);
+            visit(b, f);
+        }
+        ExprKind::Agg { sel: s, .. } | ExprKind::Last { sel: s, .. } | ExprKind::Since(s) => sel(s, f),
+    }
+}
+
+/// Strongly connected components (Tarjan, iterative); returns each node's
+/// component number.
+fn components(edges: &[Vec<(usize, Pos)>]) -> Vec<usize> {
+    let n = edges.len();
+    let mut index = vec![usize::MAX; n];
+    let mut low = vec![0; n];
+    let mut on_stack = vec![false; n];
+    let mut stack = Vec::new();
+    let mut comp = vec![usize::MAX; n];
+    let (mut next_index, mut next_comp) = (0, 0);
+    for root in 0..n {
+        if index[root] != usize::MAX {
+            continue;
+        }
+        // (node, next edge to look at)
+        let mut work = vec![(root, 0usize)];
+        index[root] = next_index;
+        low[root] = next_index;
+        next_index += 1;
+        stack.push(root);
+        on_stack[root] = true;
+        while let Some(&mut (u, ref mut k)) = work.last_mut() {
+            if let Some(&(v, _)) = edges[u].get(*k) {
+                *k += 1;
+                if index[v] == usize::MAX {
+                    index[v] = next_index;
+                    low[v] = next_index;
+                    next_index += 1;
+                    stack.push(v);
+                    on_stack[v] = true;
+                    work.push((v, 0));
+                } else if on_stack[v] {
+                    low[u] = low[u].min(index[v]);
+                }
+            } else {
+                work.pop();
+                if let Some(&(parent, _)) = work.last() {
+                    low[parent] = low[parent].min(low[u]);
+                }
+                if low[u] == index[u] {
+                    while let Some(w) = stack.pop() {
+                        on_stack[w] = false;
+                        comp[w] = next_comp;
+                        if w == u {
+                            break;
+                        }
+                    }
+                    next_comp += 1;
+                }
+            }
+        }
+    }
+    comp
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ty {
+    Num,
+    Dur,
+    Str,
+    /// A `true`/`false` literal: a value that also works as a condition.
+    Bool,
+    /// A formula: comparison, `and`, `or`, `not`, `in_segment`.
+    Cond,
+    /// Known only at run time.
+    Any,
+    /// Already reported; accepted everywhere so one mistake is one error.
+    Err,
+}
+
+impl Ty {
+    fn name(self) -> &'static str {
+        match self {
+            Ty::Num => "a number",
+            Ty::Dur => "a duration",
+            Ty::Str => "a string",
+            Ty::Bool => "true/false",
+            Ty::Cond => "a condition",
+            Ty::Any => "a value",
+            Ty::Err => "an error",
+        }
+    }
+}
+
+fn op_text(op: ArithOp) -> &'static str {
+    match op {
+        ArithOp::Add => "+",
+        ArithOp::Sub => "-",
+        ArithOp::Mul => "*",
+        ArithOp::Div => "/",
+    }
+}
+
+struct Checker<'a> {
+    ctx: &'a Ctx<'a>,
+    errors: Vec<SpecError>,
+    in_filter: bool,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, pos: Pos, message: impl Into<String>) {
+        self.errors.push(SpecError {
+            line: pos.line,
+            column: pos.column,
+            message: message.into(),
+        });
+    }
+
+    fn unsupported(&mut self, pos: Pos, what: String) {
+        if self.ctx.report_unsupported {
+            self.error(pos, format!("{what} is not supported yet (scoring is planned)"));
+        }
+    }
+
+    /// Reports a profile-level term used inside a `where` filter.
+    fn not_in_filter(&mut self, pos: Pos, what: &str) -> bool {
+        if self.in_filter {
+            self.error(
+                pos,
+                format!("{what} cannot be used inside a `where` filter: a filter reads only the event's fields"),
+            );
+        }
+        self.in_filter
+    }
+
+    fn tick_multiple(&mut self, pos: Pos, what: &str, ms: u64) {
+        let tick = self.ctx.tick_ms;
+        if tick > 0 && ms % tick != 0 {
+            self.error(
+                pos,
+                format!(
+                    "{what} {} is not a multiple of the tick {}",
+                    format_duration(ms),
+                    format_duration(tick)
+                ),
+            );
+        }
+    }
+
+    /// Requires a condition in a boolean position; rewrites `any` to
+    /// `any == true`.
+    fn condition(&mut self, e: &mut Expr, place: &str) {
+        match self.ty(e) {
+            Ty::Cond | Ty::Bool | Ty::Err => {}
+            Ty::Any => {
+                let pos = e.pos;
+                let value = std::mem::replace(
+                    e,
+                    Expr {
+                        kind: ExprKind::Bool(true),
+                        pos,
+                    },
+                );
+                let truth = Expr {
+                    kind: ExprKind::Bool(true),
+                    pos,
+                };
+                *e = Expr {
+                    kind: ExprKind::Cmp(CmpOp::Eq, Box::new(value), Box::new(truth)),
+                    pos,
+                };
+            }
+            t => self.error(e.pos, format!("{place} must be a condition (true or false), not {}", t.name())),
+        }
+    }
+
+    fn selector(&mut self, sel: &mut Selector) {
+        if let Some(f) = &mut sel.filter {
+            let outer = std::mem::replace(&mut self.in_filter, true);
+            self.condition(f, "a `where` filter");
+            self.in_filter = outer;
+        }
+    }
+
+    fn ty(&mut self, e: &mut Expr) -> Ty {
+        let pos = e.pos;
+        match &mut e.kind {
+            ExprKind::Num(_) => Ty::Num,
+            ExprKind::Str(_) => Ty::Str,
+            ExprKind::Bool(_) => Ty::Bool,
+            ExprKind::Dur(ms) => {
+                let ms = *ms;
+                self.tick_multiple(pos, "duration", ms);
+                Ty::Dur
+            }
+            ExprKind::Path(p) => {
+                if self.in_filter {
+                    Ty::Any
+                } else {
+                    self.error(
+                        pos,
+                        format!("`{p}` is a field of an event: read it inside a `where` filter or with last(any, {p})"),
+                    );
+                    Ty::Err
+                }
+            }
+            ExprKind::Neg(a) => match self.ty(a) {
+                t @ (Ty::Num | Ty::Dur | Ty::Err) => t,
+                Ty::Any => Ty::Num,
+                t => {
+                    self.error(pos, format!("`-` needs a number or a duration, not {}", t.name()));
+                    Ty::Err
+                }
+            },
+            ExprKind::Not(a) => {
+                self.condition(a, "the operand of `not`");
+                Ty::Cond
+            }
+            ExprKind::And(a, b) => {
+                self.condition(a, "each side of `and`");
+                self.condition(b, "each side of `and`");
+                Ty::Cond
+            }
+            ExprKind::Or(a, b) => {
+                self.condition(a, "each side of `or`");
+                self.condition(b, "each side of `or`");
+                Ty::Cond
+            }
+            ExprKind::Arith(op, a, b) => {
+                let op = *op;
+                let (ta, tb) = (self.ty(a), self.ty(b));
+                let num = |t: Ty| matches!(t, Ty::Num | Ty::Any);
+                match (ta, tb) {
+                    (Ty::Err, _) | (_, Ty::Err) => Ty::Err,
+                    (x, y) if num(x) && num(y) => Ty::Num,
+                    (Ty::Dur, Ty::Dur) if matches!(op, ArithOp::Add | ArithOp::Sub) => Ty::Dur,
+                    (Ty::Dur, Ty::Dur) if op == ArithOp::Div => Ty::Num,
+                    (Ty::Dur, y) if op == ArithOp::Mul && num(y) => Ty::Dur,
+                    (x, Ty::Dur) if op == ArithOp::Mul && num(x) => Ty::Dur,
+                    (x, y) => {
+                        self.error(
+                            pos,
+                            format!(
+                                "`{}` needs numbers (or durations: d + d, d - d, d * n, d / d), not {} and {}",
+                                op_text(op),
+                                x.name(),
+                                y.name()
+                            ),
+                        );
+                        Ty::Err
+                    }
+                }
+            }
+            ExprKind::Cmp(op, a, b) => {
+                let op = *op;
+                let a_since = matches!(a.kind, ExprKind::Since(_));
+                let b_since = matches!(b.kind, ExprKind::Since(_));
+                if a_since || b_since {
+                    self.since_comparison(op, a, b);
+                    return Ty::Cond;
+                }
+                let (ta, tb) = (self.ty(a), self.ty(b));
+                for (t, side) in [(ta, &**a), (tb, &**b)] {
+                    if t == Ty::Cond {
+                        self.error(
+                            side.pos,
+                            format!(
+                                "`{}` compares values, not conditions; combine conditions with `and`, `or`, `not`",
+                                super::parse::cmp_text(op)
+                            ),
+                        );
+                        return Ty::Cond;
+                    }
+                }
+                match (ta, tb) {
+                    (Ty::Err, _) | (_, Ty::Err) | (Ty::Any, _) | (_, Ty::Any) => {}
+                    (x, y) if x == y => {}
+                    (x, y) => self.error(pos, format!("cannot compare {} with {}", x.name(), y.name())),
+                }
+                Ty::Cond
+            }
+            ExprKind::Agg { kind, sel, window, .. } => {
+                let name = format!("{kind:?}").to_lowercase();
+                self.not_in_filter(pos, &format!("{name}(…)"));
+                if let Window::Dur(ms) = *window {
+                    self.tick_multiple(pos, "window", ms);
+                }
+                self.selector(sel);
+                Ty::Num
+            }
+            ExprKind::Last { sel, .. } => {
+                self.not_in_filter(pos, "last(…)");
+                self.selector(sel);
+                Ty::Any
+            }
+            ExprKind::Since(sel) => {
+                self.selector(sel);
+                self.error(
+                    pos,
+                    "since(…) can only be compared with a constant duration, as in since('Order Completed') > 30d",
+                );
+                Ty::Err
+            }
+            ExprKind::Sqrt(a) => match self.ty(a) {
+                Ty::Num | Ty::Any => Ty::Num,
+                Ty::Err => Ty::Err,
+                t => {
+                    self.error(pos, format!("sqrt needs a number, not {}", t.name()));
+                    Ty::Err
+                }
+            },
+            ExprKind::Abs(a) => match self.ty(a) {
+                Ty::Num | Ty::Any => Ty::Num,
+                t @ (Ty::Dur | Ty::Err) => t,
+                t => {
+                    self.error(pos, format!("abs needs a number or a duration, not {}", t.name()));
+                    Ty::Err
+                }
+            },
+            ExprKind::Percentile(a, _) => {
+                self.unsupported(pos, "percentile(…)".into());
+                match self.ty(a) {
+                    Ty::Num | Ty::Any | Ty::Err => {}
+                    t => self.error(a.pos, format!("percentile needs a number, not {}", t.name())),
+                }
+                Ty::Num
+            }
+            ExprKind::InSegment(name) => {
+                let name = name.clone();
+                if !self.not_in_filter(pos, "in_segment(…)") && !(self.ctx.is_segment)(&name) {
+                    self.error(pos, format!("unknown segment {} in in_segment({})", quote(&name), quote(&name)));
+                }
+                Ty::Cond
+            }
+            ExprKind::Trait(name) => {
+                let name = name.clone();
+                if self.in_filter {
+                    self.error(
+                        pos,
+                        format!("trait.{name} cannot be used inside a `where` filter: the event's own traits are traits.{name}"),
+                    );
+                    return Ty::Err;
+                }
+                Ty::Any
+            }
+            ExprKind::Score(name) => {
+                let what = format!("score.{name}");
+                self.unsupported(pos, what);
+                Ty::Num
+            }
+            ExprKind::Rfm(field) => {
+                let field = *field;
+                let what = format!("rfm.{}", format!("{field:?}").to_lowercase());
+                self.unsupported(pos, what);
+                if field == super::ast::RfmField::Segment {
+                    Ty::Str
+                } else {
+                    Ty::Num
+                }
+            }
+            ExprKind::Cluster(name) => {
+                let what = format!("cluster.{name}");
+                self.unsupported(pos, what);
+                Ty::Num
+            }
+        }
+    }
+
+    /// `since(sel) OP D` or `D OP since(sel)`, D a constant duration.
+    fn since_comparison(&mut self, op: CmpOp, a: &mut Expr, b: &mut Expr) {
+        let (s, d) = if matches!(a.kind, ExprKind::Since(_)) { (a, b) } else { (b, a) };
+        if let ExprKind::Since(sel) = &mut s.kind {
+            self.selector(sel);
+        }
+        if matches!(d.kind, ExprKind::Since(_)) {
+            self.error(
+                d.pos,
+                "two since(…) cannot be compared with each other; compare each with a constant duration",
+            );
+            return;
+        }
+        if !is_constant_duration(d) {
+            // Still type the other side for its own errors.
+            let t = self.ty(d);
+            if t != Ty::Err {
+                self.error(
+                    d.pos,
+                    format!(
+                        "since(…) {} must be followed by a constant duration such as 30s or 2 * 1h, not {}",
+                        super::parse::cmp_text(op),
+                        t.name()
+                    ),
+                );
+            }
+        }
+        if self.in_filter {
+            self.error(
+                s.pos,
+                "since(…) cannot be used inside a `where` filter: a filter reads only the event's fields",
+            );
+        }
+    }
+}
+
+/// A duration literal, or `+`/`-` of constant durations, or a constant
+/// duration times a number literal. These need not be tick multiples.
+fn is_constant_duration(e: &Expr) -> bool {
+    let is_num = |e: &Expr| matches!(e.kind, ExprKind::Num(_));
+    match &e.kind {
+        ExprKind::Dur(_) => true,
+        ExprKind::Arith(ArithOp::Add | ArithOp::Sub, a, b) => is_constant_duration(a) && is_constant_duration(b),
+        ExprKind::Arith(ArithOp::Mul, a, b) => (is_constant_duration(a) && is_num(b)) || (is_num(a) && is_constant_duration(b)),
+        _ => false,
+    }
+}
+
+/// The paths an expression reads from events (in filters and aggregates).
+pub fn paths(e: &Expr) -> Vec<Path> {
+    let mut out = Vec::new();
+    visit(e, &mut |x| match &x.kind {
+        ExprKind::Path(p) => out.push(p.clone()),
+        ExprKind::Agg { path: Some(p), .. } | ExprKind::Last { path: p, .. } => out.push(p.clone()),
+        _ => {}
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::parse::parse_when;
+
+    fn errors_with(src: &str, tick_ms: u64, segments: &[&str]) -> Vec<String> {
+        let mut e = parse_when(src).unwrap_or_else(|e| panic!("{src}: {e}"));
+        let is_segment = |n: &str| segments.contains(&n);
+        let ctx = Ctx {
+            tick_ms,
+            is_segment: &is_segment,
+            report_unsupported: true,
+        };
+        check_expr(&mut e, Want::Condition, &ctx)
+            .into_iter()
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    fn errors(src: &str) -> Vec<String> {
+        errors_with(src, 1000, &["buyer"])
+    }
+
+    fn clean(src: &str) {
+        assert_eq!(errors(src), Vec::<String>::new(), "{src}");
+    }
+
+    #[test]
+    fn real_examples_are_clean() {
+        for src in [
+            "count('Product Viewed', 48h) >= 3 and count('Product Added', 48h) >= 1 and count('Order Completed', 48h) == 0",
+            "trait.plan == 'premium' and trait.city == 'New York'",
+            "count(page 'pricing', 1h) >= 2 and distinct(any, session, 1h) >= 2",
+            "count(page where scroll_pct >= 75, 1h) >= 1",
+            "last(any, context.device.type) == 'mobile'",
+            "count('buy', lifetime) >= 1 and since('buy') > 30s",
+            "not (avg('buy', amount, lifetime) > 5)",
+            "count(any, 1m) >= 2 and not in_segment('buyer')",
+            "sum('buy', amount, lifetime) == 0.3",
+            "30s < since(page 'home') and since('x') <= 2 * 1h + 500ms",
+            "trait.vip == true or trait.age + 1 > 30 or sqrt(var('x', v, 1d)) < abs(-2)",
+            "count('x' where is_test, 1h) == 0",
+            "true",
+        ] {
+            clean(src);
+        }
+    }
+
+    #[test]
+    fn deepest_accepted_expressions_check_without_overflow() {
+        // The parser refuses deeper trees, so these are the worst cases.
+        let nested = format!("{}trait.a{} == 1", "(".repeat(95), ")".repeat(95));
+        let chained = format!("trait.a{}", " and not trait.a".repeat(45));
+        let filters = format!("{}1 > 0{}", "count('x' where ".repeat(45), ", 1h) > 0".repeat(45));
+        for src in [nested, chained, filters] {
+            let mut e = parse_when(&src).unwrap_or_else(|e| panic!("{e}"));
+            let ctx = Ctx {
+                tick_ms: 1000,
+                is_segment: &|_| false,
+                report_unsupported: true,
+            };
+            let _ = check_expr(&mut e, Want::Condition, &ctx);
+        }
+    }
+
+    #[test]
+    fn bare_any_in_boolean_position_means_equal_true() {
+        let mut e = parse_when("trait.vip and not trait.banned").unwrap();
+        let ctx = Ctx {
+            tick_ms: 1000,
+            is_segment: &|_| false,
+            report_unsupported: true,
+        };
+        assert!(check_expr(&mut e, Want::Condition, &ctx).is_empty());
+        let ExprKind::And(a, b) = &e.kind else { panic!() };
+        assert!(matches!(&a.kind, ExprKind::Cmp(CmpOp::Eq, x, t)
+            if x.kind == ExprKind::Trait("vip".into()) && t.kind == ExprKind::Bool(true)));
+        let ExprKind::Not(n) = &b.kind else { panic!() };
+        assert!(matches!(&n.kind, ExprKind::Cmp(CmpOp::Eq, _, _)));
+    }
+
+    #[test]
+    fn type_errors() {
+        assert_eq!(errors("count('x', 1h) >= 'a'"), ["1:1: cannot compare a number with a string"]);
+        assert_eq!(errors("count('x', 1h) >= 1h"), ["1:1: cannot compare a number with a duration"]);
+        assert_eq!(
+            errors("count('x', 1h)"),
+            ["1:1: a segment's `when` must be a condition (true or false), not a number"]
+        );
+        assert_eq!(errors("count('x', 1h) + 'a' > 1").len(), 1);
+        assert!(errors("count('x', 1h) > 1 and 3")[0].contains("each side of `and`"));
+        assert!(errors("in_segment('buyer') == true")[0].contains("compares values, not conditions"));
+        assert!(errors("(count('x', 1h) > 1) > 0")[0].contains("compares values"));
+        assert!(errors("count('x' where amount + 1, 1h) > 0")[0].contains("`where` filter must be a condition"));
+        assert!(errors("count('x' where trait.a == 1, 1h) > 0")[0].contains("traits.a"));
+        assert!(errors("count('x' where count('y', 1h) > 1, 1h) > 0")[0].contains("inside a `where` filter"));
+        assert!(errors("1h * 2 == 2h").is_empty());
+        assert!(errors("1h / 30m == 2").is_empty());
+        assert!(errors("1h + 2 == 2h")[0].contains("needs numbers"));
+        // trait and last compare with anything
+        assert!(errors("trait.a == 'x' and trait.b > 3 and last(any, x) == true").is_empty());
+    }
+
+    #[test]
+    fn windows_and_durations_are_tick_multiples() {
+        assert_eq!(
+            errors("count('x', 1500ms) > 1"),
+            ["1:1: window 1500ms is not a multiple of the tick 1s"]
+        );
+        assert_eq!(
+            errors("count('x', lifetime) > 1 and 2 * 1500ms == 3s"),
+            ["1:34: duration 1500ms is not a multiple of the tick 1s"]
+        );
+        // since's constant is no window
+        assert!(errors("since('x') > 1500ms").is_empty());
+        assert!(errors_with("count('x', 1500ms) > 1", 500, &[]).is_empty());
+    }
+
+    #[test]
+    fn since_only_against_constant_durations() {
+        assert!(errors("since('x') > 1")[0].contains("constant duration"));
+        assert!(errors("since('x') > trait.t")[0].contains("constant duration"));
+        assert!(errors("since('x') + 1s > 2s")[0].contains("since(…) can only be compared"));
+        assert!(errors("not since('x')")[0].contains("since(…) can only be compared"));
+        assert!(errors("since('x') > since('y')")[0].contains("two since"));
+        assert!(errors("since('x') > 2s * 3").is_empty());
+        assert!(errors("since('x') > 1h - 30m").is_empty());
+    }
+
+    #[test]
+    fn in_segment_and_unsupported() {
+        assert_eq!(errors("in_segment('nope')"), ["1:1: unknown segment 'nope' in in_segment('nope')"]);
+        assert_eq!(
+            errors("score.engagement > 10"),
+            ["1:1: score.engagement is not supported yet (scoring is planned)"]
+        );
+        assert_eq!(
+            errors("rfm.segment == 'x'"),
+            ["1:1: rfm.segment is not supported yet (scoring is planned)"]
+        );
+        assert_eq!(
+            errors("cluster.behavior == 1"),
+            ["1:1: cluster.behavior is not supported yet (scoring is planned)"]
+        );
+        assert_eq!(
+            errors("percentile(count('x', 1h), 90) < 3"),
+            ["1:1: percentile(…) is not supported yet (scoring is planned)"]
+        );
+        assert_eq!(errors("rfm.segment == 1").len(), 2);
+    }
+
+    fn seg(name: &str, when: &str) -> Segment {
+        Segment {
+            name: name.into(),
+            description: None,
+            when: parse_when(when).unwrap(),
+            source: when.into(),
+        }
+    }
+
+    #[test]
+    fn cycles() {
+        let segs = vec![
+            seg("a", "count('x', 1h) > 1 and in_segment('b')"),
+            seg("b", "in_segment('c') or in_segment('a')"),
+            seg("c", "in_segment('zzz')"),
+            seg("d", "in_segment('d')"),
+            seg("e", "in_segment('a')"),
+        ];
+        let issues = segment_cycles(&segs);
+        let got: Vec<(Origin, String)> = issues.iter().map(|i| (i.origin, i.error.to_string())).collect();
+        assert_eq!(
+            got,
+            [
+                (Origin::Segment(0), "1:24: cycle: a -> b -> a".to_string()),
+                (Origin::Segment(3), "1:1: cycle: d -> d".into())
+            ]
+        );
+        let mut spec = Spec {
+            segments: segs,
+            ..Default::default()
+        };
+        let all = check(&mut spec, 1000);
+        assert_eq!(all.len(), 3, "{all:?}"); // two cycles and the unknown zzz
+    }
+}

@@ -3,12 +3,24 @@
 //! `load`/`parse_spec` read the TOML, parse every `when` with [`parse`], and
 //! run the [`check`]s; every error carries the TOML file's 1-based line and
 //! column. The planner (`crate::plan`) only ever sees a checked [`Spec`].
+//!
+//! Positions: columns count characters (not bytes). An error inside a `when`
+//! string is placed at the file position of the character it refers to,
+//! following TOML's own decoding (the newline right after an opening `"""` is
+//! trimmed, escapes in basic strings take their written width, a
+//! line-ending backslash is followed to where the text resumes).
+//!
+//! `[[score]]`, `[rfm]` and `[[clustering]]` are parsed and checked like the
+//! rest, but their presence is an error until scoring is implemented
+//! (SPEC §6: unsupported parts are reported, never ignored).
 
 pub mod ast;
 pub mod check;
 pub mod parse;
 
-use ast::Expr;
+use ast::{Expr, ExprKind, Pos};
+use std::ops::Range;
+use toml_edit::{ImDocument, Item, TableLike, Value};
 
 /// One `[[segment]]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -46,4 +58,829 @@ pub struct SpecError {
     pub line: usize,
     pub column: usize,
     pub message: String,
+}
+
+/// Reads and checks a spec file. A file that cannot be read is one error at
+/// `0:0` naming the file.
+pub fn load(path: &std::path::Path, tick_ms: u64) -> Result<Spec, Vec<SpecError>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![SpecError {
+            line: 0,
+            column: 0,
+            message: format!("cannot read spec file {}: {e}", path.display()),
+        }]
+    })?;
+    parse_spec(&text, tick_ms)
+}
+
+/// Parses and checks a spec's TOML text; returns every error found, sorted
+/// by position.
+pub fn parse_spec(text: &str, tick_ms: u64) -> Result<Spec, Vec<SpecError>> {
+    let doc = match ImDocument::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let (line, column) = file_pos(text, e.span().map(|s| s.start).unwrap_or(0));
+            let message = e
+                .message()
+                .trim()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(vec![SpecError {
+                line,
+                column,
+                message: format!("TOML: {message}"),
+            }]);
+        }
+    };
+    let mut l = Loader {
+        text,
+        tick_ms,
+        errors: Vec::new(),
+        spec: Spec::default(),
+        segment_maps: Vec::new(),
+        score_maps: Vec::new(),
+    };
+    let root = doc.as_table();
+    for (key, item) in root.iter() {
+        let key_at = root.key(key).and_then(|k| k.span()).map(|s| s.start).unwrap_or(0);
+        match key {
+            "segment" => {
+                for (t, at) in l.tables(item, key_at, "segment", true) {
+                    l.segment(t, at);
+                }
+            }
+            "score" => {
+                for (t, at) in l.tables(item, key_at, "score", true) {
+                    l.score(t, at);
+                }
+            }
+            "clustering" => {
+                for (t, at) in l.tables(item, key_at, "clustering", true) {
+                    l.clustering(t, at);
+                }
+            }
+            "rfm" => {
+                for (t, at) in l.tables(item, key_at, "rfm", false) {
+                    l.rfm(t, at);
+                }
+            }
+            other => l.error(
+                key_at,
+                format!("unknown key `{other}` (expected [[segment]], [[score]], [rfm] or [[clustering]])"),
+            ),
+        }
+    }
+    l.finish()
+}
+
+/// Parses and checks one segment's `when` on its own (for the HTTP API's
+/// preview and PUT): errors are at positions of `src`. Cycles through
+/// `in_segment` need the whole spec: see [`check::segment_cycles`].
+pub fn compile_when(src: &str, tick_ms: u64, is_segment: &dyn Fn(&str) -> bool) -> Result<Expr, Vec<SpecError>> {
+    let mut e = parse::parse_when(src).map_err(|e| vec![e])?;
+    let ctx = check::Ctx {
+        tick_ms,
+        is_segment,
+        report_unsupported: true,
+    };
+    let errors = check::check_expr(&mut e, check::Want::Condition, &ctx);
+    if errors.is_empty() {
+        Ok(e)
+    } else {
+        Err(errors)
+    }
+}
+
+/// The 1-based line and column (in characters) of a byte offset of `text`.
+fn file_pos(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    (before.matches('\n').count() + 1, text[line_start..offset].chars().count() + 1)
+}
+
+/// Where each character of a decoded TOML string came from.
+struct StrMap {
+    /// Byte offset in the file of each decoded character, plus one for the
+    /// end (the closing quote).
+    offsets: Vec<usize>,
+}
+
+impl StrMap {
+    /// Maps a string's raw TOML token at `span` of `text`; `value` is the
+    /// decoded string toml_edit produced, used to verify the decoding.
+    fn new(text: &str, span: Option<Range<usize>>, value: &str) -> StrMap {
+        let Some(span) = span else {
+            return StrMap {
+                offsets: vec![0; value.chars().count() + 1],
+            };
+        };
+        match decode_with_offsets(&text[span.clone()]) {
+            Some((decoded, offsets)) if decoded == value => StrMap {
+                offsets: offsets.into_iter().map(|o| span.start + o).collect(),
+            },
+            // Should not happen; point every character at the string.
+            _ => StrMap {
+                offsets: vec![span.start; value.chars().count() + 1],
+            },
+        }
+    }
+
+    /// The file offset of a position inside the decoded string `src`.
+    fn offset(&self, src: &str, p: Pos) -> usize {
+        let (mut line, mut column) = (1, 1);
+        let mut idx = src.chars().count();
+        for (i, c) in src.chars().enumerate() {
+            if line > p.line || (line == p.line && column >= p.column) {
+                idx = i;
+                break;
+            }
+            if c == '\n' {
+                line += 1;
+                column = 1;
+            } else {
+                column += 1;
+            }
+        }
+        self.offsets[idx.min(self.offsets.len() - 1)]
+    }
+}
+
+/// Decodes a TOML string token (quotes included) the way TOML does, and
+/// gives the byte offset in the token of each decoded character plus the
+/// end. `None` if it is not a string token.
+fn decode_with_offsets(raw: &str) -> Option<(String, Vec<usize>)> {
+    let (delim, literal) = if raw.starts_with("\"\"\"") {
+        ("\"\"\"", false)
+    } else if raw.starts_with("'''") {
+        ("'''", true)
+    } else if raw.starts_with('"') {
+        ("\"", false)
+    } else if raw.starts_with('\'') {
+        ("'", true)
+    } else {
+        return None;
+    };
+    let multi = delim.len() == 3;
+    let (start, end) = (delim.len(), raw.len().checked_sub(delim.len())?);
+    if end < start {
+        return None;
+    }
+    let mut body_start = start;
+    if multi {
+        if raw[start..end].starts_with("\r\n") {
+            body_start += 2;
+        } else if raw[start..end].starts_with('\n') {
+            body_start += 1;
+        }
+    }
+    let body = &raw[body_start..end];
+    let mut out = String::new();
+    let mut offsets = Vec::new();
+    let mut it = body.char_indices().peekable();
+    while let Some((i, c)) = it.next() {
+        let at = body_start + i;
+        if multi && c == '\r' && it.peek().map(|&(_, d)| d) == Some('\n') {
+            it.next();
+            out.push('\n');
+            offsets.push(at);
+            continue;
+        }
+        if literal || c != '\\' {
+            out.push(c);
+            offsets.push(at);
+            continue;
+        }
+        let (_, e) = it.next()?;
+        let decoded = match e {
+            'b' => '\u{8}',
+            't' => '\t',
+            'n' => '\n',
+            'f' => '\u{c}',
+            'r' => '\r',
+            'e' => '\u{1b}',
+            '"' => '"',
+            '\\' => '\\',
+            'u' | 'U' => {
+                let n = if e == 'u' { 4 } else { 8 };
+                let mut hex = String::new();
+                for _ in 0..n {
+                    hex.push(it.next()?.1);
+                }
+                char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?
+            }
+            c if multi && c.is_whitespace() => {
+                // Line-ending backslash: skip all whitespace and newlines.
+                while it.peek().is_some_and(|&(_, d)| d.is_whitespace()) {
+                    it.next();
+                }
+                continue;
+            }
+            _ => return None,
+        };
+        out.push(decoded);
+        offsets.push(at);
+    }
+    offsets.push(end);
+    Some((out, offsets))
+}
+
+/// Builds the [`Spec`] from the TOML tree, collecting every error.
+struct Loader<'t> {
+    text: &'t str,
+    tick_ms: u64,
+    errors: Vec<SpecError>,
+    spec: Spec,
+    /// Per segment: where its `when` came from; `None` for a placeholder
+    /// whose `when` did not parse.
+    segment_maps: Vec<Option<StrMap>>,
+    score_maps: Vec<Option<StrMap>>,
+}
+
+/// A string value with its span.
+struct Str {
+    value: String,
+    span: Option<Range<usize>>,
+}
+
+impl<'t> Loader<'t> {
+    fn error(&mut self, offset: usize, message: impl Into<String>) {
+        let (line, column) = file_pos(self.text, offset);
+        self.errors.push(SpecError {
+            line,
+            column,
+            message: message.into(),
+        });
+    }
+
+    /// The tables of a top-level key: an array of tables (or an array of
+    /// inline tables) when `array`, else one table; each with the offset of
+    /// its header.
+    fn tables<'a>(&mut self, item: &'a Item, key_at: usize, key: &str, array: bool) -> Vec<(&'a dyn TableLike, usize)> {
+        let start = |s: Option<Range<usize>>| s.map(|s| s.start).unwrap_or(key_at);
+        let mut out: Vec<(&'a dyn TableLike, usize)> = Vec::new();
+        match item {
+            Item::ArrayOfTables(a) if array => {
+                for t in a.iter() {
+                    out.push((t, start(t.span())));
+                }
+            }
+            Item::Value(Value::Array(a)) if array => {
+                for v in a.iter() {
+                    match v.as_inline_table() {
+                        Some(t) => out.push((t, start(t.span()))),
+                        None => self.error(start(v.span()), format!("each `{key}` must be a table: write [[{key}]] blocks")),
+                    }
+                }
+            }
+            Item::Table(t) if !array => out.push((t, start(t.span()))),
+            Item::Value(Value::InlineTable(t)) if !array => out.push((t, start(t.span()))),
+            _ if array => self.error(start(item.span()), format!("`{key}` must be an array of tables: write [[{key}]]")),
+            _ => self.error(start(item.span()), format!("`{key}` must be a table: write [{key}]")),
+        }
+        out
+    }
+
+    /// Reports keys of `t` other than `allowed`.
+    fn known_keys(&mut self, t: &dyn TableLike, block: &str, allowed: &[&str]) {
+        for (k, item) in t.iter() {
+            if !allowed.contains(&k) {
+                let at = t
+                    .key(k)
+                    .and_then(|k| k.span())
+                    .or_else(|| item.span())
+                    .map(|s| s.start)
+                    .unwrap_or(0);
+                let expected = allowed.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ");
+                self.error(at, format!("unknown key `{k}` in {block} (expected {expected})"));
+            }
+        }
+    }
+
+    fn at(t: &dyn TableLike, key: &str, fallback: usize) -> usize {
+        t.get(key)
+            .and_then(|i| i.span())
+            .or_else(|| t.key(key).and_then(|k| k.span()))
+            .map(|s| s.start)
+            .unwrap_or(fallback)
+    }
+
+    /// A string value; reports a wrong type, and a missing one if `required`.
+    fn string(&mut self, t: &dyn TableLike, key: &str, block: &str, header: usize, required: bool) -> Option<Str> {
+        match t.get(key) {
+            None => {
+                if required {
+                    self.error(header, format!("{block} has no `{key}`"));
+                }
+                None
+            }
+            Some(Item::Value(Value::String(s))) => Some(Str {
+                value: s.value().clone(),
+                span: s.span(),
+            }),
+            Some(_) => {
+                let at = Self::at(t, key, header);
+                self.error(at, format!("`{key}` in {block} must be a string"));
+                None
+            }
+        }
+    }
+
+    fn integer(&mut self, t: &dyn TableLike, key: &str, block: &str, header: usize, required: bool) -> Option<i64> {
+        match t.get(key) {
+            None => {
+                if required {
+                    self.error(header, format!("{block} has no `{key}`"));
+                }
+                None
+            }
+            Some(i) => {
+                let v = i.as_integer();
+                if v.is_none() {
+                    let at = Self::at(t, key, header);
+                    self.error(at, format!("`{key}` in {block} must be an integer"));
+                }
+                v
+            }
+        }
+    }
+
+    /// A duration string (`"1h"`, or `"lifetime"` when `lifetime_ok`) that
+    /// must be a multiple of the tick.
+    fn duration(&mut self, s: &Str, what: &str, lifetime_ok: bool) {
+        let at = s.span.as_ref().map(|s| s.start).unwrap_or(0);
+        if lifetime_ok && s.value == "lifetime" {
+            return;
+        }
+        match crate::clock::parse_duration(&s.value) {
+            Ok(ms) if self.tick_ms > 0 && ms % self.tick_ms != 0 => self.error(
+                at,
+                format!(
+                    "{what} {} is not a multiple of the tick {}",
+                    parse::format_duration(ms),
+                    parse::format_duration(self.tick_ms)
+                ),
+            ),
+            Ok(_) => {}
+            Err(m) => self.error(at, if lifetime_ok { format!("{m}; or \"lifetime\"") } else { m }),
+        }
+    }
+
+    /// Parses an expression string; a syntax error is reported at its file
+    /// position.
+    fn expression(&mut self, s: &Str) -> (Option<Expr>, StrMap) {
+        let map = StrMap::new(self.text, s.span.clone(), &s.value);
+        match parse::parse_when(&s.value) {
+            Ok(e) => (Some(e), map),
+            Err(e) => {
+                let at = map.offset(
+                    &s.value,
+                    Pos {
+                        line: e.line,
+                        column: e.column,
+                    },
+                );
+                self.error(at, e.message);
+                (None, map)
+            }
+        }
+    }
+
+    fn segment(&mut self, t: &dyn TableLike, header: usize) {
+        const BLOCK: &str = "[[segment]]";
+        self.known_keys(t, BLOCK, &["name", "when", "description"]);
+        let name = self.string(t, "name", BLOCK, header, true);
+        let description = self.string(t, "description", BLOCK, header, false).map(|d| d.value);
+        let block = match &name {
+            Some(n) => format!("segment `{}`", n.value),
+            None => BLOCK.to_string(),
+        };
+        let when = self.string(t, "when", &block, header, true);
+        if let Some(n) = &name {
+            let at = n.span.as_ref().map(|s| s.start).unwrap_or(header);
+            if n.value.is_empty() {
+                self.error(at, "a segment's `name` cannot be empty");
+            } else if self.spec.segments.iter().any(|s| s.name == n.value) {
+                self.error(at, format!("duplicate segment name `{}`", n.value));
+            }
+        }
+        let Some(when) = when else { return };
+        let (expr, map) = self.expression(&when);
+        let map = expr.is_some().then_some(map);
+        // A segment whose `when` did not parse stays as a placeholder so that
+        // `in_segment` references to it are not reported as unknown.
+        let expr = expr.unwrap_or(Expr {
+            kind: ExprKind::Bool(false),
+            pos: Pos { line: 1, column: 1 },
+        });
+        self.spec.segments.push(Segment {
+            name: name.map(|n| n.value).unwrap_or_default(),
+            description,
+            when: expr,
+            source: when.value,
+        });
+        self.segment_maps.push(map);
+    }
+
+    fn score(&mut self, t: &dyn TableLike, header: usize) {
+        const BLOCK: &str = "[[score]]";
+        self.error(header, "[[score]] is not supported yet (scoring is planned)");
+        self.known_keys(t, BLOCK, &["name", "expr"]);
+        let name = self.string(t, "name", BLOCK, header, true);
+        let expr = self.string(t, "expr", BLOCK, header, true);
+        if let Some(n) = &name {
+            let at = n.span.as_ref().map(|s| s.start).unwrap_or(header);
+            if n.value.is_empty() {
+                self.error(at, "a score's `name` cannot be empty");
+            } else if self.spec.scores.iter().any(|s| s.name == n.value) {
+                self.error(at, format!("duplicate score name `{}`", n.value));
+            }
+        }
+        let Some(source) = expr else { return };
+        if let (Some(e), map) = self.expression(&source) {
+            self.spec.scores.push(ScoreDef {
+                name: name.map(|n| n.value).unwrap_or_default(),
+                expr: e,
+                source: source.value,
+            });
+            self.score_maps.push(Some(map));
+        }
+    }
+
+    fn rfm(&mut self, t: &dyn TableLike, header: usize) {
+        const BLOCK: &str = "[rfm]";
+        self.error(header, "[rfm] is not supported yet (scoring is planned)");
+        self.spec.has_rfm = true;
+        self.known_keys(t, BLOCK, &["purchase", "revenue", "window", "map"]);
+        if let Some(p) = self.string(t, "purchase", BLOCK, header, true) {
+            if p.value.is_empty() {
+                self.error(p.span.map(|s| s.start).unwrap_or(header), "`purchase` in [rfm] cannot be empty");
+            }
+        }
+        if let Some(r) = self.string(t, "revenue", BLOCK, header, true) {
+            if let Err(e) = parse::parse_path(&r.value) {
+                let map = StrMap::new(self.text, r.span.clone(), &r.value);
+                let at = map.offset(
+                    &r.value,
+                    Pos {
+                        line: e.line,
+                        column: e.column,
+                    },
+                );
+                self.error(
+                    at,
+                    format!(
+                        "`revenue` in [rfm] must be a path such as revenue or properties.total: {}",
+                        e.message
+                    ),
+                );
+            }
+        }
+        if let Some(w) = self.string(t, "window", BLOCK, header, false) {
+            self.duration(&w, "window", true);
+        }
+        // The map's layout is the scoring issue's to define; only its kind
+        // is checked here.
+        if let Some(m) = t.get("map") {
+            if m.as_table_like().is_none() {
+                let at = Self::at(t, "map", header);
+                self.error(at, "`map` in [rfm] must be a table");
+            }
+        }
+    }
+
+    fn clustering(&mut self, t: &dyn TableLike, header: usize) {
+        const BLOCK: &str = "[[clustering]]";
+        self.error(header, "[[clustering]] is not supported yet (scoring is planned)");
+        self.known_keys(t, BLOCK, &["name", "k", "features", "refresh", "seed"]);
+        if let Some(n) = self.string(t, "name", BLOCK, header, true) {
+            let at = n.span.as_ref().map(|s| s.start).unwrap_or(header);
+            if n.value.is_empty() {
+                self.error(at, "a clustering's `name` cannot be empty");
+            } else if self.spec.clusterings.contains(&n.value) {
+                self.error(at, format!("duplicate clustering name `{}`", n.value));
+            }
+            self.spec.clusterings.push(n.value);
+        }
+        if let Some(k) = self.integer(t, "k", BLOCK, header, true) {
+            if k < 1 {
+                let at = Self::at(t, "k", header);
+                self.error(at, "`k` in [[clustering]] must be at least 1");
+            }
+        }
+        if let Some(s) = self.integer(t, "seed", BLOCK, header, false) {
+            if s < 0 {
+                let at = Self::at(t, "seed", header);
+                self.error(at, "`seed` in [[clustering]] must not be negative");
+            }
+        }
+        if let Some(r) = self.string(t, "refresh", BLOCK, header, true) {
+            self.duration(&r, "refresh", false);
+        }
+        match t.get("features") {
+            None => self.error(header, "[[clustering]] has no `features`"),
+            Some(item) => {
+                let at = Self::at(t, "features", header);
+                let Some(arr) = item.as_array() else {
+                    self.error(at, "`features` in [[clustering]] must be an array of expressions");
+                    return;
+                };
+                if arr.is_empty() {
+                    self.error(at, "`features` in [[clustering]] must not be empty");
+                }
+                let names: Vec<String> = self.spec.segments.iter().map(|s| s.name.clone()).collect();
+                for v in arr.iter() {
+                    let Some(s) = v.as_str() else {
+                        self.error(v.span().map(|s| s.start).unwrap_or(at), "each feature must be a string expression");
+                        continue;
+                    };
+                    let s = Str {
+                        value: s.to_string(),
+                        span: v.span(),
+                    };
+                    let (Some(mut e), map) = self.expression(&s) else { continue };
+                    // Segments defined later in the file are not known yet;
+                    // features reading in_segment are unusual enough.
+                    let is_segment = |n: &str| names.iter().any(|m| m == n);
+                    let ctx = check::Ctx {
+                        tick_ms: self.tick_ms,
+                        is_segment: &is_segment,
+                        report_unsupported: false,
+                    };
+                    for err in check::check_expr(&mut e, check::Want::Number, &ctx) {
+                        let at = map.offset(
+                            &s.value,
+                            Pos {
+                                line: err.line,
+                                column: err.column,
+                            },
+                        );
+                        self.error(at, err.message);
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(mut self) -> Result<Spec, Vec<SpecError>> {
+        for issue in check::check(&mut self.spec, self.tick_ms) {
+            let (map, source) = match issue.origin {
+                check::Origin::Segment(i) => (&self.segment_maps[i], &self.spec.segments[i].source),
+                check::Origin::Score(i) => (&self.score_maps[i], &self.spec.scores[i].source),
+            };
+            let Some(map) = map else { continue };
+            let at = map.offset(
+                source,
+                Pos {
+                    line: issue.error.line,
+                    column: issue.error.column,
+                },
+            );
+            let (line, column) = file_pos(self.text, at);
+            self.errors.push(SpecError {
+                line,
+                column,
+                message: issue.error.message,
+            });
+        }
+        if self.errors.is_empty() {
+            Ok(self.spec)
+        } else {
+            self.errors.sort_by_key(|e| (e.line, e.column));
+            self.errors.dedup();
+            Err(self.errors)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errs(text: &str) -> Vec<String> {
+        match parse_spec(text, 1000) {
+            Ok(spec) => panic!("parsed: {spec:?}"),
+            Err(e) => e.into_iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    const EXAMPLE: &str = r#"
+[[segment]]
+name = "high_intent_price_sensitive"
+description = "Viewed 3+ products in 48h, carted, did not buy"
+when = """
+  count('Product Viewed', 48h) >= 3
+  and count('Product Added', 48h) >= 1
+  and count('Order Completed', 48h) == 0
+"""
+
+[[segment]]
+name = "premium_new_york"
+when = "trait.plan == 'premium' and trait.city == 'New York'"
+
+[[segment]]
+name = "pricing"
+when = 'count(page "pricing", 1h) >= 2 and distinct(any, session, 1h) >= 2'
+
+[[segment]]
+name = "readers"
+when = "count(page where scroll_pct >= 75, 1h) >= 1"
+
+[[segment]]
+name = "mobile"
+when = "last(any, context.device.type) == 'mobile'"
+
+[[segment]]
+name = "buyer"
+when = "count('buy', lifetime) >= 1 and since('buy') > 30s"
+
+[[segment]]
+name = "small"
+when = "not (avg('buy', amount, lifetime) > 5)"
+
+[[segment]]
+name = "browsing"
+when = "count(any, 1m) >= 2 and not in_segment('buyer')"
+
+[[segment]]
+name = "exact"
+when = "sum('buy', amount, lifetime) == 0.3"
+"#;
+
+    #[test]
+    fn parses_the_examples() {
+        let spec = parse_spec(EXAMPLE, 1000).unwrap_or_else(|e| panic!("{e:?}"));
+        let names: Vec<&str> = spec.segments.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "high_intent_price_sensitive",
+                "premium_new_york",
+                "pricing",
+                "readers",
+                "mobile",
+                "buyer",
+                "small",
+                "browsing",
+                "exact"
+            ]
+        );
+        assert_eq!(
+            spec.segments[0].description.as_deref(),
+            Some("Viewed 3+ products in 48h, carted, did not buy")
+        );
+        assert!(spec.segments[0].source.starts_with("  count('Product Viewed'"));
+        assert!(spec.scores.is_empty() && !spec.has_rfm && spec.clusterings.is_empty());
+    }
+
+    #[test]
+    fn when_errors_map_into_multiline_strings() {
+        let text = "# a spec\n\n[[segment]]\nname = \"x\"\nwhen = \"\"\"\n  count('a', 1h) >= 1\n  and  plan == 'x'\n\"\"\"\n";
+        // `plan` is on line 7 of the file, column 8.
+        assert_eq!(
+            errs(text),
+            ["7:8: unknown name `plan`; did you mean trait.plan or a quoted string?"]
+        );
+        // The same in a single-line basic string with escapes before the error.
+        let text = "[[segment]]\nname = \"x\"\nwhen = \"count(\\\"a\\\", 1h) >= 'b'\"\n";
+        assert_eq!(errs(text), ["3:9: cannot compare a number with a string"]);
+        let text = "[[segment]]\nname = \"x\"\nwhen = \"count(\\\"a\\\", 1h) >= 1 and zz\"\n";
+        assert_eq!(errs(text), ["3:35: unknown name `zz`; did you mean trait.zz or a quoted string?"]);
+        // Literal multi-line string, type error on its second line.
+        let text = "[[segment]]\nname = \"x\"\nwhen = '''\ncount('a', 1h) >= 1 and\n    count('b', 1h) == '2'\n'''\n";
+        assert_eq!(errs(text), ["5:5: cannot compare a number with a string"]);
+        // Line-ending backslash in a multi-line basic string.
+        let text = "[[segment]]\nname = \"x\"\nwhen = \"\"\"count('a', 1h) >= 1 and \\\n      count('b', 1500ms) > 1\"\"\"\n";
+        assert_eq!(errs(text), ["4:7: window 1500ms is not a multiple of the tick 1s"]);
+    }
+
+    #[test]
+    fn structure_errors() {
+        assert_eq!(
+            errs("[[segment]]\nname = \"a\"\nwhen = \"true\"\ncolour = 1\n"),
+            ["4:1: unknown key `colour` in [[segment]] (expected `name`, `when`, `description`)"]
+        );
+        assert_eq!(
+            errs("segments = 1\n"),
+            ["1:1: unknown key `segments` (expected [[segment]], [[score]], [rfm] or [[clustering]])"]
+        );
+        assert_eq!(errs("[[segment]]\nwhen = \"true\"\n"), ["1:1: [[segment]] has no `name`"]);
+        assert_eq!(errs("[[segment]]\nname = \"a\"\n"), ["1:1: segment `a` has no `when`"]);
+        assert_eq!(
+            errs("[[segment]]\nname = 3\nwhen = \"true\"\n"),
+            ["2:8: `name` in [[segment]] must be a string"]
+        );
+        assert_eq!(
+            errs("[segment]\nname = \"a\"\n"),
+            ["1:1: `segment` must be an array of tables: write [[segment]]"]
+        );
+        assert_eq!(
+            errs("[[segment]]\nname = \"a\"\nwhen = \"true\"\n[[segment]]\nname = \"a\"\nwhen = \"true\"\n"),
+            ["5:8: duplicate segment name `a`"]
+        );
+        assert_eq!(
+            errs("[[segment]]\nname = \"\"\nwhen = \"true\"\n"),
+            ["2:8: a segment's `name` cannot be empty"]
+        );
+        // A TOML syntax error has its position.
+        let e = errs("[[segment]]\nname = \"a\"\nwhen = \n");
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("3:8: TOML: "), "{e:?}");
+        // Inline array of tables is the same thing.
+        let spec = parse_spec("segment = [{ name = \"a\", when = \"true\" }]\n", 1000).unwrap();
+        assert_eq!(spec.segments[0].name, "a");
+    }
+
+    #[test]
+    fn check_errors_are_all_reported_in_order() {
+        let text = r#"
+[[segment]]
+name = "a"
+when = "in_segment('b') and count('x', 1500ms) > 1"
+
+[[segment]]
+name = "b"
+when = "in_segment('a') or in_segment('nope') or since('x') and true"
+"#;
+        assert_eq!(
+            errs(text),
+            [
+                "4:9: cycle: a -> b -> a",
+                "4:29: window 1500ms is not a multiple of the tick 1s",
+                "8:28: unknown segment 'nope' in in_segment('nope')",
+                "8:50: since(…) can only be compared with a constant duration, as in since('Order Completed') > 30d",
+            ]
+        );
+        // A segment whose `when` does not parse still exists for in_segment.
+        let text = "[[segment]]\nname = \"a\"\nwhen = \"count(\"\n[[segment]]\nname = \"b\"\nwhen = \"in_segment('a')\"\n";
+        assert_eq!(errs(text).len(), 1);
+    }
+
+    #[test]
+    fn unsupported_blocks_are_parsed_and_reported() {
+        let text = r#"[[segment]]
+name = "s"
+when = "score.engagement > 10"
+
+[[score]]
+name = "engagement"
+expr = "10 * count('Order Completed', 30d) + 5 * count('Email Opened', 30d)"
+
+[rfm]
+purchase = "Order Completed"
+revenue = "revenue"
+window = "365d"
+
+[[clustering]]
+name = "behavior"
+k = 4
+features = ["count(page, 1h)", "avg(page, dwell_ms, 1h)", "avg(page scroll_pct, 1h)"]
+refresh = "1h"
+seed = 7
+"#;
+        assert_eq!(
+            errs(text),
+            [
+                "3:9: score.engagement is not supported yet (scoring is planned)",
+                "5:1: [[score]] is not supported yet (scoring is planned)",
+                "9:1: [rfm] is not supported yet (scoring is planned)",
+                "14:1: [[clustering]] is not supported yet (scoring is planned)",
+                "17:69: expected `,` after the events of avg(…), found `scroll_pct`",
+            ]
+        );
+        let text = "[[score]]\nname = \"e\"\nexpr = \"count('x', 1h) > \"\n[rfm]\npurchase = \"x\"\nrevenue = \"r\"\nwindow = \"1500ms\"\n";
+        assert_eq!(
+            errs(text),
+            [
+                "1:1: [[score]] is not supported yet (scoring is planned)",
+                "3:26: expected an expression, found the end of the expression",
+                "4:1: [rfm] is not supported yet (scoring is planned)",
+                "7:10: window 1500ms is not a multiple of the tick 1s",
+            ]
+        );
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let e = load(std::path::Path::new("/nonexistent/spec.toml"), 1000).unwrap_err();
+        assert_eq!((e[0].line, e[0].column), (0, 0));
+        assert!(e[0].message.contains("/nonexistent/spec.toml"), "{e:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, EXAMPLE).unwrap();
+        assert_eq!(load(&path, 1000).unwrap().segments.len(), 9);
+    }
+
+    #[test]
+    fn compile_when_for_the_api() {
+        assert!(compile_when("count('x', 1h) > 1 and in_segment('a')", 1000, &|n| n == "a").is_ok());
+        let e = compile_when("count('x', 1h) > 1 and\n in_segment('b')", 1000, &|n| n == "a").unwrap_err();
+        assert_eq!(e[0].to_string(), "2:2: unknown segment 'b' in in_segment('b')");
+    }
 }

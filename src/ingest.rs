@@ -1,0 +1,275 @@
+//! Ingest: the one sequential stage. Lines in input order become stamped
+//! events on the clock.
+//!
+//! SPEC §1 and §3 make the fate of a line depend on everything read before
+//! it: the clock (`T` minus lateness) decides whether an event is late, and
+//! the dedupe memory is forgotten as the clock passes `e + horizon`, while
+//! only accepted, non-duplicate events move `T`. So [`Ingest`] reads lines in
+//! order on one worker, and everything after it is data-parallel.
+//!
+//! Dedupe memory: one `u128` key and one `u64` time per event in the last
+//! horizon, about `events/s × horizon × 40 bytes` with the map and heap.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+use serde::Serialize;
+
+use crate::clock::{tick_of, Clock};
+use crate::event::{decode, Event, EventType, Id};
+
+/// An accepted event with the tick at which it takes effect.
+#[derive(Clone, Debug)]
+pub struct Stamped {
+    pub event: Event,
+    pub effect: u64,
+    pub late: bool,
+}
+
+/// What became of one line.
+#[derive(Debug)]
+pub enum Outcome {
+    Blank,
+    Bad(String),
+    /// `group`: valid, then dropped.
+    Ignored,
+    Duplicate,
+    Accepted(Stamped),
+}
+
+/// Counters for the summary line and metrics.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Counters {
+    pub read: u64,
+    pub accepted: u64,
+    pub bad: u64,
+    pub duplicates: u64,
+    pub late: u64,
+    pub ignored: u64,
+}
+
+pub struct Ingest {
+    pub clock: Clock,
+    horizon: u64,
+    remembered: HashMap<u128, u64>,
+    forget: BinaryHeap<Reverse<(u64, u128)>>,
+    pub counters: Counters,
+}
+
+impl Ingest {
+    pub fn new(tick: u64, lateness: u64, horizon: u64) -> Ingest {
+        Ingest {
+            clock: Clock::new(tick, lateness),
+            horizon,
+            remembered: HashMap::new(),
+            forget: BinaryHeap::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Reads one line (without its line ending).
+    pub fn read(&mut self, line: &[u8]) -> Outcome {
+        if line.iter().all(|b| b.is_ascii_whitespace()) {
+            return Outcome::Blank;
+        }
+        self.counters.read += 1;
+        let event = match decode(line) {
+            Ok(e) => e,
+            Err(e) => {
+                self.counters.bad += 1;
+                return Outcome::Bad(e.0);
+            }
+        };
+        if event.kind == EventType::Group {
+            self.counters.ignored += 1;
+            return Outcome::Ignored;
+        }
+        if let Some(&first) = self.remembered.get(&event.key) {
+            if self.clock.now.is_none_or(|now| now <= first.saturating_add(self.horizon)) {
+                self.counters.duplicates += 1;
+                return Outcome::Duplicate;
+            }
+        }
+        self.remembered.insert(event.key, event.time);
+        self.forget.push(Reverse((event.time.saturating_add(self.horizon), event.key)));
+        let (effect, late) = self.clock.effect_tick(event.time);
+        self.counters.accepted += 1;
+        if late {
+            self.counters.late += 1;
+        }
+        if self.clock.observe(event.time) {
+            self.forget_passed();
+        }
+        Outcome::Accepted(Stamped { event, effect, late })
+    }
+
+    /// Drops dedupe keys whose `e + horizon` the clock has passed.
+    fn forget_passed(&mut self) {
+        let Some(now) = self.clock.now else { return };
+        while let Some(Reverse((until, key))) = self.forget.peek().copied() {
+            if until >= now {
+                break;
+            }
+            self.forget.pop();
+            if self.remembered.get(&key).is_some_and(|&t| t.saturating_add(self.horizon) == until) {
+                self.remembered.remove(&key);
+            }
+        }
+    }
+
+    /// The last tick of file input: the clock moves to the tick of the
+    /// largest event time, then to `until` when that is later; with `until`
+    /// nothing after it is written. `None` when no event was accepted.
+    pub fn final_tick(&self, until: Option<u64>) -> Option<u64> {
+        let tick = self.clock.tick;
+        let last = self.clock.max_time.map(|t| tick_of(t, tick).max(self.clock.now.unwrap_or(0)))?;
+        Some(match until {
+            Some(u) => u / tick * tick,
+            None => last,
+        })
+    }
+}
+
+/// Tracks the earliest tick at which each id and link exists, so identity
+/// updates go in once per id and move earlier when an event out of order
+/// shows one sooner.
+#[derive(Default)]
+pub struct Identities {
+    seen: HashMap<Id, u64>,
+    named: HashMap<Id, u64>,
+    links: HashMap<(Id, Id), u64>,
+}
+
+/// A change to an identity input: data, time, diff.
+pub type Change<D> = (D, u64, isize);
+
+fn earliest<K: std::hash::Hash + Eq + Clone>(map: &mut HashMap<K, u64>, key: &K, t: u64) -> Option<Option<u64>> {
+    match map.get_mut(key) {
+        Some(old) if *old <= t => None,
+        Some(old) => Some(Some(std::mem::replace(old, t))),
+        None => {
+            map.insert(key.clone(), t);
+            Some(None)
+        }
+    }
+}
+
+impl Identities {
+    /// The node and link changes an accepted event makes.
+    pub fn changes(&mut self, s: &Stamped, nodes: &mut Vec<Change<(Id, (bool, Id))>>, links: &mut Vec<Change<(Id, Id)>>) {
+        let t = s.effect;
+        let mut node = |map: &mut HashMap<Id, u64>, id: &Id, ineligible: bool| {
+            if let Some(old) = earliest(map, id, t) {
+                nodes.push(((id.clone(), (ineligible, id.clone())), t, 1));
+                if let Some(old) = old {
+                    nodes.push(((id.clone(), (ineligible, id.clone())), old, -1));
+                }
+            }
+        };
+        for id in s.event.named_ids() {
+            node(&mut self.named, &id, false);
+            node(&mut self.seen, &id, true);
+        }
+        for (a, b) in s.event.links() {
+            node(&mut self.seen, &a, true);
+            node(&mut self.seen, &b, true);
+            let key = if a <= b { (a, b) } else { (b, a) };
+            if let Some(old) = earliest(&mut self.links, &key, t) {
+                let (a, b) = key;
+                for (x, y) in [(a.clone(), b.clone()), (b, a)] {
+                    links.push(((x.clone(), y.clone()), t, 1));
+                    if let Some(old) = old {
+                        links.push(((x, y), old, -1));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A dead-letter line: where the line was, why it was refused, and its text.
+pub fn dead_letter(source: &str, line: u64, reason: &str, text: &[u8]) -> String {
+    #[derive(Serialize)]
+    struct Dead<'a> {
+        source: &'a str,
+        line: u64,
+        reason: &'a str,
+        text: &'a str,
+    }
+    let text = String::from_utf8_lossy(&text[..text.len().min(4096)]);
+    serde_json::to_string(&Dead {
+        source,
+        line,
+        reason,
+        text: &text,
+    })
+    .expect("serializable")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(t: u64, id: &str) -> Vec<u8> {
+        format!(r#"{{"type":"track","event":"x","userId":"u","timestamp":{t},"messageId":"{id}"}}"#).into_bytes()
+    }
+
+    #[test]
+    fn late_events_take_effect_at_the_next_tick() {
+        let mut ing = Ingest::new(1000, 2000, 3_600_000);
+        assert!(matches!(
+            ing.read(&line(10_000, "a")),
+            Outcome::Accepted(Stamped {
+                effect: 10_000,
+                late: false,
+                ..
+            })
+        ));
+        assert!(matches!(
+            ing.read(&line(20_000, "b")),
+            Outcome::Accepted(Stamped { effect: 20_000, .. })
+        ));
+        assert!(matches!(
+            ing.read(&line(12_000, "c")),
+            Outcome::Accepted(Stamped {
+                effect: 19_000,
+                late: true,
+                ..
+            })
+        ));
+        assert_eq!(ing.counters.late, 1);
+    }
+
+    #[test]
+    fn duplicates_are_forgotten_after_the_horizon() {
+        let mut ing = Ingest::new(1000, 0, 10_000);
+        assert!(matches!(ing.read(&line(0, "same")), Outcome::Accepted(_)));
+        assert!(matches!(ing.read(&line(3_000, "same")), Outcome::Duplicate));
+        assert!(matches!(ing.read(&line(10_000, "other")), Outcome::Accepted(_)));
+        assert!(
+            matches!(ing.read(&line(10_500, "same")), Outcome::Duplicate),
+            "now == e + horizon still remembers"
+        );
+        assert!(matches!(ing.read(&line(30_000, "x")), Outcome::Accepted(_)));
+        assert!(matches!(ing.read(&line(31_000, "same")), Outcome::Accepted(_)));
+        assert_eq!(ing.counters.duplicates, 2);
+    }
+
+    #[test]
+    fn identity_changes_move_earlier_once() {
+        let mut ids = Identities::default();
+        let ev = |t: u64| Stamped {
+            event: decode(format!(r#"{{"type":"identify","userId":"u","anonymousId":"a","timestamp":{t}}}"#).as_bytes()).unwrap(),
+            effect: t,
+            late: false,
+        };
+        let (mut nodes, mut links) = (Vec::new(), Vec::new());
+        ids.changes(&ev(5000), &mut nodes, &mut links);
+        assert_eq!(links.len(), 2);
+        let n = nodes.len();
+        ids.changes(&ev(6000), &mut nodes, &mut links);
+        assert_eq!((nodes.len(), links.len()), (n, 2), "a later repeat changes nothing");
+        ids.changes(&ev(4000), &mut nodes, &mut links);
+        assert_eq!(links.len(), 6, "an earlier one moves both directions earlier");
+    }
+}

@@ -1,0 +1,431 @@
+//! From a checked spec to shared pieces of dataflow.
+//!
+//! A `when` expression is split three ways, each shared across segments:
+//!
+//! - **streams**: which events (selector + filter), for how long (window),
+//!   and what to read of each (nothing, a path, a stamped latest value);
+//! - **terms**: an aggregate over one stream (`count`, `sum`, …, `last`), one
+//!   value per profile, computed once however many segments use it;
+//! - **atoms**: one comparison over terms (`count(…) >= 3`), the set of
+//!   profiles for which it holds.
+//!
+//! What is left of a segment is a [`Formula`] of atoms and other segments
+//! under `and` / `or` / `not`, which `crate::rules` renders as set operators.
+//! `since(sel) OP D` becomes a formula over `count(sel, D or D+1ms) >= 1`.
+
+use std::collections::HashMap;
+
+use crate::event::{Event, EventType};
+use crate::spec::ast::{AggKind, ArithOp, CmpOp, EventSel, Expr, ExprKind, Path, Selector, Window};
+use crate::spec::Spec;
+use crate::value::{Dec, Value};
+
+/// What a stream keeps of each matching event.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Read {
+    /// Nothing: only that it happened (for `count`).
+    Unit,
+    /// The value at a path (for `sum`, `avg`, …, `distinct`).
+    Value(Path),
+    /// The value at a path with its time, for `last` (scalars only).
+    Last(Path),
+    /// `traits.NAME` of `identify` events with its time; `null` unsets.
+    Trait(String),
+}
+
+/// A windowed stream of facts about events.
+#[derive(Clone, Debug)]
+pub struct StreamDef {
+    pub sel: Selector,
+    /// Window length in ms; `None` is `lifetime`.
+    pub window: Option<u64>,
+    pub read: Read,
+}
+
+/// How a term folds its stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Agg {
+    Count,
+    Sum,
+    Avg,
+    Min,
+    Max,
+    Var,
+    Distinct,
+    Last,
+}
+
+impl Agg {
+    /// The value of the term for a profile with no fact in its stream.
+    pub fn empty(self) -> Value {
+        match self {
+            Agg::Count | Agg::Sum | Agg::Distinct => Value::Num(Dec::ZERO),
+            _ => Value::Missing,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TermDef {
+    pub stream: usize,
+    pub agg: Agg,
+}
+
+/// Arithmetic over term slots.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Calc {
+    Lit(Value),
+    /// Index into the atom's `terms`.
+    Slot(usize),
+    Neg(Box<Calc>),
+    Abs(Box<Calc>),
+    Sqrt(Box<Calc>),
+    Arith(ArithOp, Box<Calc>, Box<Calc>),
+}
+
+impl Calc {
+    pub fn eval(&self, slots: &[Value]) -> Value {
+        match self {
+            Calc::Lit(v) => v.clone(),
+            Calc::Slot(i) => slots[*i].clone(),
+            Calc::Neg(a) => a.eval(slots).neg(),
+            Calc::Abs(a) => a.eval(slots).abs(),
+            Calc::Sqrt(a) => a.eval(slots).sqrt(),
+            Calc::Arith(op, a, b) => a.eval(slots).arith(*op, &b.eval(slots)),
+        }
+    }
+}
+
+/// One comparison over terms.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AtomDef {
+    pub op: CmpOp,
+    pub lhs: Calc,
+    pub rhs: Calc,
+    /// The terms the sides read, by slot.
+    pub terms: Vec<usize>,
+    /// The source text, for messages.
+    pub text: String,
+}
+
+impl AtomDef {
+    pub fn holds(&self, slots: &[Value]) -> bool {
+        self.lhs.eval(slots).cmp_op(self.op, &self.rhs.eval(slots))
+    }
+}
+
+/// A segment's `when` once its atoms are shared.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Formula {
+    True,
+    False,
+    Atom(usize),
+    Segment(usize),
+    Not(Box<Formula>),
+    And(Box<Formula>, Box<Formula>),
+    Or(Box<Formula>, Box<Formula>),
+}
+
+#[derive(Clone, Debug)]
+pub struct SegmentPlan {
+    pub name: String,
+    pub formula: Formula,
+}
+
+/// The shared plan of a spec.
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    pub streams: Vec<StreamDef>,
+    pub terms: Vec<TermDef>,
+    pub atoms: Vec<AtomDef>,
+    pub segments: Vec<SegmentPlan>,
+    /// Segment indices such that every `in_segment` target comes first.
+    pub order: Vec<usize>,
+    /// For each term, the atoms that read it, with the slot.
+    pub readers: Vec<Vec<(usize, usize)>>,
+    /// For each stream, the terms that fold it.
+    pub folds: Vec<Vec<usize>>,
+    stream_keys: HashMap<String, usize>,
+    term_keys: HashMap<TermDef, usize>,
+    atom_keys: HashMap<String, usize>,
+}
+
+impl Plan {
+    pub fn new(spec: &Spec) -> Plan {
+        let mut plan = Plan::default();
+        let names: HashMap<&str, usize> = spec.segments.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+        for seg in &spec.segments {
+            let formula = plan.formula(&seg.when, &names);
+            plan.segments.push(SegmentPlan {
+                name: seg.name.clone(),
+                formula,
+            });
+        }
+        plan.order = plan.topological_order();
+        plan.readers = vec![Vec::new(); plan.terms.len()];
+        for (a, atom) in plan.atoms.iter().enumerate() {
+            for (slot, &t) in atom.terms.iter().enumerate() {
+                plan.readers[t].push((a, slot));
+            }
+        }
+        plan.folds = vec![Vec::new(); plan.streams.len()];
+        for (t, term) in plan.terms.iter().enumerate() {
+            plan.folds[term.stream].push(t);
+        }
+        plan
+    }
+
+    fn topological_order(&self) -> Vec<usize> {
+        fn deps(f: &Formula, out: &mut Vec<usize>) {
+            match f {
+                Formula::Segment(s) => out.push(*s),
+                Formula::Not(a) => deps(a, out),
+                Formula::And(a, b) | Formula::Or(a, b) => {
+                    deps(a, out);
+                    deps(b, out)
+                }
+                _ => {}
+            }
+        }
+        fn visit(i: usize, plan: &Plan, seen: &mut Vec<bool>, order: &mut Vec<usize>) {
+            if seen[i] {
+                return;
+            }
+            seen[i] = true;
+            let mut d = Vec::new();
+            deps(&plan.segments[i].formula, &mut d);
+            for j in d {
+                visit(j, plan, seen, order);
+            }
+            order.push(i);
+        }
+        let mut seen = vec![false; self.segments.len()];
+        let mut order = Vec::new();
+        for i in 0..self.segments.len() {
+            visit(i, self, &mut seen, &mut order);
+        }
+        order
+    }
+
+    fn stream(&mut self, sel: &Selector, window: Option<u64>, read: Read) -> usize {
+        let key = format!("{:?}|{:?}|{:?}|{:?}", sel.event, sel.filter, window, read);
+        if let Some(&i) = self.stream_keys.get(&key) {
+            return i;
+        }
+        self.streams.push(StreamDef {
+            sel: sel.clone(),
+            window,
+            read,
+        });
+        self.stream_keys.insert(key, self.streams.len() - 1);
+        self.streams.len() - 1
+    }
+
+    fn term(&mut self, def: TermDef) -> usize {
+        if let Some(&i) = self.term_keys.get(&def) {
+            return i;
+        }
+        self.terms.push(def);
+        self.term_keys.insert(def, self.terms.len() - 1);
+        self.terms.len() - 1
+    }
+
+    fn atom(&mut self, op: CmpOp, lhs: &Expr, rhs: &Expr) -> Formula {
+        let mut terms = Vec::new();
+        let l = self.calc(lhs, &mut terms);
+        let r = self.calc(rhs, &mut terms);
+        let text = format!("{op:?}|{l:?}|{r:?}|{terms:?}");
+        let def = AtomDef {
+            op,
+            lhs: l,
+            rhs: r,
+            terms,
+            text: text.clone(),
+        };
+        if def.terms.is_empty() {
+            return if def.holds(&[]) { Formula::True } else { Formula::False };
+        }
+        if let Some(&i) = self.atom_keys.get(&text) {
+            return Formula::Atom(i);
+        }
+        self.atoms.push(def);
+        self.atom_keys.insert(text, self.atoms.len() - 1);
+        Formula::Atom(self.atoms.len() - 1)
+    }
+
+    /// `count(sel, w) >= 1` as a formula (`w` may be any number of ms).
+    fn seen_within(&mut self, sel: &Selector, w: i64) -> Formula {
+        if w <= 0 {
+            return Formula::False;
+        }
+        let stream = self.stream(sel, Some(w as u64), Read::Unit);
+        let t = self.term(TermDef { stream, agg: Agg::Count });
+        let def = AtomDef {
+            op: CmpOp::Ge,
+            lhs: Calc::Slot(0),
+            rhs: Calc::Lit(Value::Num(Dec::from_int(1))),
+            terms: vec![t],
+            text: format!("seen|{t}"),
+        };
+        if let Some(&i) = self.atom_keys.get(&def.text) {
+            return Formula::Atom(i);
+        }
+        self.atom_keys.insert(def.text.clone(), self.atoms.len());
+        self.atoms.push(def);
+        Formula::Atom(self.atoms.len() - 1)
+    }
+
+    /// `since(sel) OP d`, with `since` on the left.
+    fn since(&mut self, sel: &Selector, op: CmpOp, d: i64) -> Formula {
+        let lt = |p: &mut Plan| p.seen_within(sel, d); // since < d
+        let le = |p: &mut Plan| p.seen_within(sel, d.saturating_add(1)); // since <= d
+        let not = |f: Formula| Formula::Not(Box::new(f));
+        match op {
+            CmpOp::Lt => lt(self),
+            CmpOp::Le => le(self),
+            CmpOp::Gt => not(le(self)),
+            CmpOp::Ge => not(lt(self)),
+            CmpOp::Eq => Formula::And(Box::new(le(self)), Box::new(not(lt(self)))),
+            CmpOp::Ne => not(Formula::And(Box::new(le(self)), Box::new(not(lt(self))))),
+        }
+    }
+
+    fn formula(&mut self, e: &Expr, names: &HashMap<&str, usize>) -> Formula {
+        match &e.kind {
+            ExprKind::Bool(true) => Formula::True,
+            ExprKind::Bool(false) => Formula::False,
+            ExprKind::Not(a) => Formula::Not(Box::new(self.formula(a, names))),
+            ExprKind::And(a, b) => Formula::And(Box::new(self.formula(a, names)), Box::new(self.formula(b, names))),
+            ExprKind::Or(a, b) => Formula::Or(Box::new(self.formula(a, names)), Box::new(self.formula(b, names))),
+            ExprKind::InSegment(s) => Formula::Segment(names[s.as_str()]),
+            ExprKind::Cmp(op, a, b) => match (&a.kind, &b.kind) {
+                (ExprKind::Since(sel), _) => self.since(sel, *op, const_duration(b)),
+                (_, ExprKind::Since(sel)) => self.since(sel, flip(*op), const_duration(a)),
+                _ => self.atom(*op, a, b),
+            },
+            // A bare value in boolean position means `== true`.
+            _ => {
+                let t = Expr {
+                    kind: ExprKind::Bool(true),
+                    pos: e.pos,
+                };
+                self.atom(CmpOp::Eq, e, &t)
+            }
+        }
+    }
+
+    fn calc(&mut self, e: &Expr, terms: &mut Vec<usize>) -> Calc {
+        let mut slot = |plan: &mut Plan, def: TermDef| {
+            let t = plan.term(def);
+            let i = terms.iter().position(|&x| x == t).unwrap_or_else(|| {
+                terms.push(t);
+                terms.len() - 1
+            });
+            Calc::Slot(i)
+        };
+        match &e.kind {
+            ExprKind::Num(d) => Calc::Lit(Value::Num(*d)),
+            ExprKind::Str(s) => Calc::Lit(Value::Str(s.clone())),
+            ExprKind::Dur(ms) => Calc::Lit(Value::Dur(*ms as i64)),
+            ExprKind::Bool(b) => Calc::Lit(Value::Bool(*b)),
+            ExprKind::Neg(a) => Calc::Neg(Box::new(self.calc(a, terms))),
+            ExprKind::Abs(a) => Calc::Abs(Box::new(self.calc(a, terms))),
+            ExprKind::Sqrt(a) => Calc::Sqrt(Box::new(self.calc(a, terms))),
+            ExprKind::Arith(op, a, b) => Calc::Arith(*op, Box::new(self.calc(a, terms)), Box::new(self.calc(b, terms))),
+            ExprKind::Agg { kind, sel, path, window } => {
+                let w = match window {
+                    Window::Dur(ms) => Some(*ms),
+                    Window::Lifetime => None,
+                };
+                let read = match path {
+                    Some(p) => Read::Value(p.clone()),
+                    None => Read::Unit,
+                };
+                let stream = self.stream(sel, w, read);
+                let agg = match kind {
+                    AggKind::Count => Agg::Count,
+                    AggKind::Sum => Agg::Sum,
+                    AggKind::Avg => Agg::Avg,
+                    AggKind::Min => Agg::Min,
+                    AggKind::Max => Agg::Max,
+                    AggKind::Var => Agg::Var,
+                    AggKind::Distinct => Agg::Distinct,
+                };
+                slot(self, TermDef { stream, agg })
+            }
+            ExprKind::Last { sel, path } => {
+                let stream = self.stream(sel, None, Read::Last(path.clone()));
+                slot(self, TermDef { stream, agg: Agg::Last })
+            }
+            ExprKind::Trait(name) => {
+                let sel = Selector {
+                    event: EventSel::Identify,
+                    filter: None,
+                };
+                let stream = self.stream(&sel, None, Read::Trait(name.clone()));
+                slot(self, TermDef { stream, agg: Agg::Last })
+            }
+            // The checker refuses everything else before a plan is made.
+            _ => Calc::Lit(Value::Missing),
+        }
+    }
+}
+
+fn flip(op: CmpOp) -> CmpOp {
+    match op {
+        CmpOp::Ge => CmpOp::Le,
+        CmpOp::Gt => CmpOp::Lt,
+        CmpOp::Le => CmpOp::Ge,
+        CmpOp::Lt => CmpOp::Gt,
+        o => o,
+    }
+}
+
+/// Folds a constant duration expression (checked by `spec::check`).
+fn const_duration(e: &Expr) -> i64 {
+    fn eval(e: &Expr) -> Value {
+        match &e.kind {
+            ExprKind::Dur(ms) => Value::Dur(*ms as i64),
+            ExprKind::Num(d) => Value::Num(*d),
+            ExprKind::Neg(a) => eval(a).neg(),
+            ExprKind::Arith(op, a, b) => eval(a).arith(*op, &eval(b)),
+            _ => Value::Missing,
+        }
+    }
+    match eval(e) {
+        Value::Dur(d) => d,
+        _ => i64::MAX,
+    }
+}
+
+/// Whether an event matches a selector, filter included.
+pub fn matches(sel: &Selector, ev: &Event) -> bool {
+    let kind_ok = match &sel.event {
+        EventSel::Any => ev.kind != EventType::Group,
+        EventSel::Identify => ev.kind == EventType::Identify,
+        EventSel::Track(n) => ev.kind == EventType::Track && ev.name.as_deref() == Some(n.as_str()),
+        EventSel::Page(n) => ev.kind == EventType::Page && n.as_ref().is_none_or(|n| ev.name.as_deref() == Some(n.as_str())),
+        EventSel::Screen(n) => ev.kind == EventType::Screen && n.as_ref().is_none_or(|n| ev.name.as_deref() == Some(n.as_str())),
+    };
+    kind_ok && sel.filter.as_ref().is_none_or(|f| filter_value(f, ev) == Value::Bool(true))
+}
+
+/// Evaluates a `where` filter over one event.
+pub fn filter_value(e: &Expr, ev: &Event) -> Value {
+    match &e.kind {
+        ExprKind::Path(p) => ev.get(&p.0).map(Value::from_json).unwrap_or(Value::Missing),
+        ExprKind::Num(d) => Value::Num(*d),
+        ExprKind::Str(s) => Value::Str(s.clone()),
+        ExprKind::Bool(b) => Value::Bool(*b),
+        ExprKind::Dur(d) => Value::Dur(*d as i64),
+        ExprKind::Neg(a) => filter_value(a, ev).neg(),
+        ExprKind::Abs(a) => filter_value(a, ev).abs(),
+        ExprKind::Sqrt(a) => filter_value(a, ev).sqrt(),
+        ExprKind::Arith(op, a, b) => filter_value(a, ev).arith(*op, &filter_value(b, ev)),
+        ExprKind::Cmp(op, a, b) => Value::Bool(filter_value(a, ev).cmp_op(*op, &filter_value(b, ev))),
+        ExprKind::Not(a) => Value::Bool(filter_value(a, ev) != Value::Bool(true)),
+        ExprKind::And(a, b) => Value::Bool(filter_value(a, ev) == Value::Bool(true) && filter_value(b, ev) == Value::Bool(true)),
+        ExprKind::Or(a, b) => Value::Bool(filter_value(a, ev) == Value::Bool(true) || filter_value(b, ev) == Value::Bool(true)),
+        _ => Value::Missing,
+    }
+}

@@ -1,0 +1,106 @@
+//! Rules: predicates as sets of profiles, combined by set operators.
+//!
+//! Each atom (one comparison) is evaluated per profile from the terms it
+//! reads, in one `reduce` keyed by `(atom, profile)`; a profile with no fact
+//! for a term sees the term's empty value (`count` 0, `avg` missing, …).
+//! When an atom holds on all-empty terms (`count(x, 1h) == 0`) its set is the
+//! universe minus the profiles where it fails, otherwise the profiles where it
+//! holds. `and` is a semijoin, `or` a distinct union, `not` the universe minus
+//! the set, `in_segment` the other segment's set: every formula is a
+//! collection of profiles with multiplicity one, kept current by differential.
+
+use differential_dataflow::VecCollection;
+use std::rc::Rc;
+
+use crate::event::Id;
+use crate::plan::{Formula, Plan};
+use crate::value::Value;
+
+type Profiles<'s> = VecCollection<'s, u64, Id, isize>;
+
+/// `(atom, profile)` for every atom that holds of a profile.
+pub fn atoms<'s>(
+    terms: VecCollection<'s, u64, ((u32, Id), Value), isize>,
+    universe: Profiles<'s>,
+    plan: Rc<Plan>,
+) -> VecCollection<'s, u64, (u32, Id), isize> {
+    let readers = plan.clone();
+    let evaluated = terms
+        .flat_map(move |((term, profile), value)| {
+            readers.readers[term as usize]
+                .iter()
+                .map(|&(atom, slot)| ((atom as u32, profile.clone()), (slot as u32, value.clone())))
+                .collect::<Vec<_>>()
+        })
+        .reduce_named("Atoms", {
+            let plan = plan.clone();
+            move |(atom, _profile), slots, out| {
+                let def = &plan.atoms[*atom as usize];
+                let mut values: Vec<Value> = def.terms.iter().map(|&t| plan.terms[t].agg.empty()).collect();
+                for ((slot, value), _) in slots {
+                    values[*slot as usize] = value.clone();
+                }
+                out.push((def.holds(&values), 1));
+            }
+        });
+    let empty_holds: Rc<Vec<bool>> = Rc::new(
+        plan.atoms
+            .iter()
+            .map(|a| a.holds(&a.terms.iter().map(|&t| plan.terms[t].agg.empty()).collect::<Vec<_>>()))
+            .collect(),
+    );
+    let (h1, h2, h3) = (empty_holds.clone(), empty_holds.clone(), empty_holds.clone());
+    let holds = evaluated
+        .clone()
+        .flat_map(move |((a, p), holds)| (holds && !h1[a as usize]).then_some((a, p)));
+    let fails = evaluated.flat_map(move |((a, p), holds)| (!holds && h2[a as usize]).then_some((a, p)));
+    let by_default = universe.flat_map(move |p| {
+        h3.iter()
+            .enumerate()
+            .filter(|(_, h)| **h)
+            .map(|(a, _)| (a as u32, p.clone()))
+            .collect::<Vec<_>>()
+    });
+    holds.concat(by_default).concat(fails.negate())
+}
+
+/// The members of every segment, as `(segment, profile)`.
+pub fn segments<'s>(
+    atoms: VecCollection<'s, u64, (u32, Id), isize>,
+    universe: Profiles<'s>,
+    plan: &Plan,
+) -> VecCollection<'s, u64, (u32, Id), isize> {
+    let mut rendered: Vec<Option<Profiles<'s>>> = vec![None; plan.segments.len()];
+    for &s in &plan.order {
+        let members = render(&plan.segments[s].formula, &atoms, &universe, &rendered);
+        rendered[s] = Some(members);
+    }
+    let all = rendered
+        .into_iter()
+        .enumerate()
+        .map(|(s, m)| m.expect("rendered in order").map(move |p| (s as u32, p)));
+    differential_dataflow::collection::concatenate(universe.scope(), all)
+}
+
+fn render<'s>(
+    f: &Formula,
+    atoms: &VecCollection<'s, u64, (u32, Id), isize>,
+    universe: &Profiles<'s>,
+    segs: &[Option<Profiles<'s>>],
+) -> Profiles<'s> {
+    match f {
+        Formula::True => universe.clone(),
+        Formula::False => universe.clone().filter(|_| false),
+        Formula::Atom(a) => {
+            let a = *a as u32;
+            atoms.clone().flat_map(move |(x, p)| (x == a).then_some(p))
+        }
+        Formula::Segment(s) => segs[*s].clone().expect("in_segment targets come first"),
+        Formula::Not(x) => universe.clone().concat(render(x, atoms, universe, segs).negate()),
+        Formula::And(x, y) => {
+            let x = render(x, atoms, universe, segs).map(|p| (p, ()));
+            x.semijoin(render(y, atoms, universe, segs)).map(|(p, ())| p)
+        }
+        Formula::Or(x, y) => render(x, atoms, universe, segs).concat(render(y, atoms, universe, segs)).distinct(),
+    }
+}

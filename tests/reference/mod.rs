@@ -1,0 +1,661 @@
+//! A deliberately naive, from-scratch reference evaluator of SPEC.md §1–§5.
+//!
+//! It is held against the dataflow engine in property tests, so it must be
+//! obviously right rather than fast, and share nothing with the engine: it
+//! uses only the decoder (`shoal::event`), the `when` syntax tree
+//! (`shoal::spec`), scalar arithmetic (`shoal::value`) and the two pure clock
+//! helpers `tick_of` and `format_time`. Everything else (the clock, dedupe,
+//! lateness, identity resolution, windows, aggregates, the output diff) is
+//! rewritten here straight from the SPEC's words.
+//!
+//! The method: read the input once in order, deciding for every line whether
+//! it is a dead letter, a dropped `group`, a duplicate or an accepted event,
+//! and the tick at which an accepted event takes effect (its own tick, or
+//! `now + tick` when late). Then, for every tick that is evaluated, rebuild
+//! everything from nothing: a union-find over the links in effect, the
+//! profile of every visible event, every term of every segment for every
+//! profile, and the membership sets. The output is the difference between
+//! consecutive evaluated ticks.
+//!
+//! Ticks evaluated: every tick from the first effect tick to the last tick
+//! written when that span is small; otherwise only the ticks at which a
+//! membership can change (effect ticks, window expiries `tick_of(e + W)`,
+//! and `since` thresholds `tick_of(e + D)`, `tick_of(e + D + 1)`).
+#![allow(dead_code)]
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde_json::Value as Json;
+use shoal::clock::{format_time, tick_of};
+use shoal::event::{decode, Event, EventType, Id};
+use shoal::spec::ast::{AggKind, CmpOp, EventSel, Expr, ExprKind, Path, Selector, Window};
+use shoal::spec::Spec;
+use shoal::value::{Dec, Value};
+
+/// How the run is clocked and bounded; all in milliseconds.
+#[derive(Clone, Debug)]
+pub struct RefOptions {
+    pub tick: u64,
+    pub lateness: u64,
+    pub dedupe_horizon: u64,
+    pub until: Option<u64>,
+}
+
+impl Default for RefOptions {
+    fn default() -> Self {
+        RefOptions {
+            tick: 1_000,
+            lateness: 5_000,
+            dedupe_horizon: 3_600_000,
+            until: None,
+        }
+    }
+}
+
+/// What the reference writes: the SPEC §5 lines and the number of dead letters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefOutput {
+    pub lines: Vec<String>,
+    pub dead: usize,
+}
+
+/// Above this many ticks between the first and the last one, only the ticks
+/// at which something can change are evaluated.
+const DENSE_LIMIT: u64 = 20_000;
+
+/// Evaluates `spec` over `input` (JSON lines) the naive way.
+pub fn evaluate(spec: &Spec, input: &[u8], opts: &RefOptions) -> RefOutput {
+    run(spec, input, opts, false)
+}
+
+/// Like [`evaluate`], but always evaluates only the change points, whatever
+/// the span (to check that the sparse choice of ticks loses nothing).
+pub fn evaluate_sparse(spec: &Spec, input: &[u8], opts: &RefOptions) -> RefOutput {
+    run(spec, input, opts, true)
+}
+
+/// An accepted event and the tick at which it takes effect.
+struct Accepted {
+    ev: Event,
+    effect: u64,
+}
+
+/// The result of reading the input in order.
+struct Ingested {
+    accepted: Vec<Accepted>,
+    dead: usize,
+    /// `now` after the last line (`None`: nothing final yet).
+    now: Option<u64>,
+    /// The largest accepted event time.
+    max_time: Option<u64>,
+}
+
+/// SPEC §1 and §3: dead letters, `group`, dedupe, the clock, late events.
+fn ingest(input: &[u8], opts: &RefOptions) -> Ingested {
+    let tick = opts.tick;
+    let mut accepted = Vec::new();
+    let mut dead = 0;
+    let mut max_time: Option<u64> = None;
+    let mut now: Option<u64> = None;
+    // key -> time of the remembered (first accepted) copy
+    let mut remembered: HashMap<u128, u64> = HashMap::new();
+    for raw in input.split(|b| *b == b'\n') {
+        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if line.iter().all(|b| b.is_ascii_whitespace()) {
+            continue;
+        }
+        let ev = match decode(line) {
+            Ok(ev) => ev,
+            Err(_) => {
+                dead += 1;
+                continue;
+            }
+        };
+        if ev.kind == EventType::Group {
+            continue; // validated, then dropped
+        }
+        // `now` here is the clock before this line.
+        if let Some(&first) = remembered.get(&ev.key) {
+            let still_remembered = match now {
+                None => true,
+                Some(n) => n <= first.saturating_add(opts.dedupe_horizon),
+            };
+            if still_remembered {
+                continue; // a duplicate: counted, not applied, does not move T
+            }
+        }
+        remembered.insert(ev.key, ev.time);
+        let own = tick_of(ev.time, tick);
+        let effect = match now {
+            Some(n) if own <= n => n + tick,
+            _ => own,
+        };
+        let t = max_time.map_or(ev.time, |m| m.max(ev.time));
+        max_time = Some(t);
+        if t >= opts.lateness {
+            let candidate = (t - opts.lateness) / tick * tick;
+            now = Some(now.map_or(candidate, |n| n.max(candidate)));
+        }
+        accepted.push(Accepted { ev, effect });
+    }
+    Ingested {
+        accepted,
+        dead,
+        now,
+        max_time,
+    }
+}
+
+fn run(spec: &Spec, input: &[u8], opts: &RefOptions, force_sparse: bool) -> RefOutput {
+    assert!(opts.tick > 0, "tick must be positive");
+    let tick = opts.tick;
+    let ing = ingest(input, opts);
+    let mut out = RefOutput {
+        lines: Vec::new(),
+        dead: ing.dead,
+    };
+    let Some(max_time) = ing.max_time else {
+        return out; // no accepted event: nothing is written
+    };
+    // The last tick written: the final clock, cut at --until.
+    let last = match opts.until {
+        Some(u) => u / tick * tick,
+        None => ing.now.unwrap_or(0).max(tick_of(max_time, tick)),
+    };
+    let first = ing.accepted.iter().map(|a| a.effect).min().expect("an accepted event");
+    if first > last {
+        return out;
+    }
+    let ticks: Vec<u64> = if !force_sparse && (last - first) / tick <= DENSE_LIMIT {
+        (first / tick..=last / tick).map(|i| i * tick).collect()
+    } else {
+        change_points(spec, &ing.accepted, tick)
+            .into_iter()
+            .filter(|t| (first..=last).contains(t))
+            .collect()
+    };
+
+    let show_ms = tick < 1000;
+    let mut previous: BTreeSet<(usize, String)> = BTreeSet::new();
+    for t in ticks {
+        let current = members_at(spec, &ing.accepted, t);
+        let mut changes: Vec<(usize, &String, &str)> = Vec::new();
+        for (seg, profile) in current.difference(&previous) {
+            changes.push((*seg, profile, "enter"));
+        }
+        for (seg, profile) in previous.difference(&current) {
+            changes.push((*seg, profile, "exit"));
+        }
+        // by the segment's order in the spec, then by profile id bytes
+        changes.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.as_bytes().cmp(b.1.as_bytes())));
+        let time = format_time(t, show_ms);
+        for (seg, profile, change) in changes {
+            out.lines.push(format!(
+                "{{\"time\":{},\"segment\":{},\"profile\":{},\"change\":\"{}\"}}",
+                json_str(&time),
+                json_str(&spec.segments[seg].name),
+                json_str(profile),
+                change
+            ));
+        }
+        previous = current;
+    }
+    out
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serializes")
+}
+
+/// Every tick at which some membership may change: effect ticks, window
+/// expiries and `since` thresholds (a superset is fine).
+fn change_points(spec: &Spec, events: &[Accepted], tick: u64) -> BTreeSet<u64> {
+    let mut windows = BTreeSet::new();
+    let mut since_durations = BTreeSet::new();
+    for seg in &spec.segments {
+        collect_thresholds(&seg.when, &mut windows, &mut since_durations);
+    }
+    let mut points = BTreeSet::new();
+    for a in events {
+        let e = a.ev.time;
+        points.insert(a.effect);
+        for w in &windows {
+            points.insert(tick_of(e.saturating_add(*w), tick));
+        }
+        for d in &since_durations {
+            // since = t - e; the comparison flips at t - e >= D or t - e > D
+            if *d >= 0 {
+                let d = *d as u64;
+                points.insert(tick_of(e.saturating_add(d), tick));
+                points.insert(tick_of(e.saturating_add(d).saturating_add(1), tick));
+            }
+        }
+    }
+    points
+}
+
+fn collect_thresholds(expr: &Expr, windows: &mut BTreeSet<u64>, since_durations: &mut BTreeSet<i64>) {
+    match &expr.kind {
+        ExprKind::Num(_) | ExprKind::Str(_) | ExprKind::Dur(_) | ExprKind::Bool(_) | ExprKind::Path(_) => {}
+        ExprKind::InSegment(_) | ExprKind::Trait(_) | ExprKind::Score(_) | ExprKind::Rfm(_) | ExprKind::Cluster(_) => {}
+        ExprKind::Neg(a) | ExprKind::Not(a) | ExprKind::Sqrt(a) | ExprKind::Abs(a) | ExprKind::Percentile(a, _) => {
+            collect_thresholds(a, windows, since_durations)
+        }
+        ExprKind::And(a, b) | ExprKind::Or(a, b) | ExprKind::Arith(_, a, b) => {
+            collect_thresholds(a, windows, since_durations);
+            collect_thresholds(b, windows, since_durations);
+        }
+        ExprKind::Cmp(_, a, b) => {
+            for (side, other) in [(a, b), (b, a)] {
+                if matches!(side.kind, ExprKind::Since(_)) {
+                    if let Value::Dur(d) = constant(other) {
+                        since_durations.insert(d);
+                    }
+                }
+            }
+            collect_thresholds(a, windows, since_durations);
+            collect_thresholds(b, windows, since_durations);
+        }
+        ExprKind::Agg { sel, window, .. } => {
+            if let Window::Dur(w) = window {
+                windows.insert(*w);
+            }
+            collect_selector(sel, windows, since_durations);
+        }
+        ExprKind::Last { sel, .. } | ExprKind::Since(sel) => collect_selector(sel, windows, since_durations),
+    }
+}
+
+fn collect_selector(sel: &Selector, windows: &mut BTreeSet<u64>, since_durations: &mut BTreeSet<i64>) {
+    if let Some(f) = &sel.filter {
+        collect_thresholds(f, windows, since_durations);
+    }
+}
+
+/// The value of a constant expression (the `D` of `since(sel) OP D`).
+fn constant(expr: &Expr) -> Value {
+    let none: Vec<&Event> = Vec::new();
+    let spec = Spec::default();
+    let mut ctx = Ctx {
+        spec: &spec,
+        t: 0,
+        events: &none,
+        memo: Vec::new(),
+    };
+    ctx.eval(expr, None)
+}
+
+// ---------------------------------------------------------------------------
+// Identity (SPEC §2), rebuilt for one tick.
+
+struct UnionFind {
+    parent: Vec<usize>,
+}
+
+impl UnionFind {
+    fn find(&mut self, mut x: usize) -> usize {
+        while self.parent[x] != x {
+            self.parent[x] = self.parent[self.parent[x]];
+            x = self.parent[x];
+        }
+        x
+    }
+
+    fn union(&mut self, a: usize, b: usize) {
+        let (ra, rb) = (self.find(a), self.find(b));
+        if ra != rb {
+            self.parent[ra.max(rb)] = ra.min(rb);
+        }
+    }
+}
+
+/// The visible events of tick `t` grouped by the profile they belong to.
+fn profiles_at(events: &[Accepted], t: u64) -> BTreeMap<Id, Vec<&Event>> {
+    let visible: Vec<&Event> = events.iter().filter(|a| a.effect <= t).map(|a| &a.ev).collect();
+    let mut index: BTreeMap<Id, usize> = BTreeMap::new();
+    fn intern(id: Id, index: &mut BTreeMap<Id, usize>) -> usize {
+        let n = index.len();
+        *index.entry(id).or_insert(n)
+    }
+    let mut links = Vec::new();
+    let mut eligible = BTreeSet::new();
+    for ev in &visible {
+        for id in ev.named_ids() {
+            intern(id.clone(), &mut index);
+            eligible.insert(id);
+        }
+        for (a, b) in ev.links() {
+            let (ia, ib) = (intern(a, &mut index), intern(b, &mut index));
+            links.push((ia, ib));
+        }
+    }
+    let mut uf = UnionFind {
+        parent: (0..index.len()).collect(),
+    };
+    for (a, b) in links {
+        uf.union(a, b);
+    }
+    // the profile id of a component: its smallest eligible id (Id's Ord)
+    let mut profile_of_root: HashMap<usize, Id> = HashMap::new();
+    for id in &eligible {
+        let root = uf.find(index[id]);
+        profile_of_root.entry(root).or_insert_with(|| id.clone()); // ascending order: first is smallest
+    }
+    let mut profiles: BTreeMap<Id, Vec<&Event>> = BTreeMap::new();
+    for ev in visible {
+        let root = uf.find(index[&ev.anchor()]);
+        let profile = profile_of_root[&root].clone();
+        profiles.entry(profile).or_default().push(ev);
+    }
+    profiles
+}
+
+/// Every (segment index, profile id text) that is a member at tick `t`.
+fn members_at(spec: &Spec, events: &[Accepted], t: u64) -> BTreeSet<(usize, String)> {
+    let mut members = BTreeSet::new();
+    // The universe: profiles with at least one event in effect at `t`.
+    for (profile, evs) in profiles_at(events, t) {
+        let mut ctx = Ctx {
+            spec,
+            t,
+            events: &evs,
+            memo: vec![None; spec.segments.len()],
+        };
+        for seg in 0..spec.segments.len() {
+            if ctx.member(seg) {
+                members.insert((seg, profile.to_string()));
+            }
+        }
+    }
+    members
+}
+
+// ---------------------------------------------------------------------------
+// The `when` language (SPEC §4) for one profile at one tick.
+
+/// One profile at one tick.
+struct Ctx<'a> {
+    spec: &'a Spec,
+    t: u64,
+    /// The profile's visible events (effect tick <= t, hence time <= t).
+    events: &'a [&'a Event],
+    /// Memberships of this profile at this tick, filled on demand.
+    memo: Vec<Option<bool>>,
+}
+
+/// One side of a comparison: a value, or the infinite `since` of no event.
+enum Operand {
+    Val(Value),
+    Infinite,
+}
+
+fn truthy(v: &Value) -> bool {
+    // a value in boolean position means `== true`
+    v.cmp_op(CmpOp::Eq, &Value::Bool(true))
+}
+
+fn float(f: f64) -> Value {
+    if f.is_finite() {
+        Value::Float(shoal::value::Float(f))
+    } else {
+        Value::Missing
+    }
+}
+
+fn path_value(ev: &Event, path: &Path) -> Value {
+    ev.get(&path.0).map(Value::from_json).unwrap_or(Value::Missing)
+}
+
+fn is_scalar(j: &Json) -> bool {
+    matches!(j, Json::Bool(_) | Json::Number(_) | Json::String(_))
+}
+
+fn json_text(j: &Json) -> String {
+    serde_json::to_string(j).expect("JSON serializes")
+}
+
+fn apply(op: CmpOp, o: Ordering) -> bool {
+    match op {
+        CmpOp::Ge => o != Ordering::Less,
+        CmpOp::Gt => o == Ordering::Greater,
+        CmpOp::Le => o != Ordering::Greater,
+        CmpOp::Lt => o == Ordering::Less,
+        CmpOp::Eq => o == Ordering::Equal,
+        CmpOp::Ne => o != Ordering::Equal,
+    }
+}
+
+/// Picks, among `(time, json)` candidates, the one with the largest time,
+/// ties broken by the greatest JSON text bytewise.
+fn latest<'j>(candidates: impl Iterator<Item = (u64, &'j Json)>) -> Option<&'j Json> {
+    candidates
+        .map(|(e, j)| (e, json_text(j), j))
+        .max_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.as_bytes().cmp(b.1.as_bytes())))
+        .map(|c| c.2)
+}
+
+/// A scalar value as `distinct` tells values apart.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+enum DistinctKey {
+    Bool(bool),
+    Num(Dec),
+    Float(u64),
+    Str(String),
+}
+
+impl<'a> Ctx<'a> {
+    fn member(&mut self, seg: usize) -> bool {
+        if let Some(m) = self.memo[seg] {
+            return m;
+        }
+        let spec = self.spec;
+        let m = truthy(&self.eval(&spec.segments[seg].when, None));
+        self.memo[seg] = Some(m);
+        m
+    }
+
+    /// Whether `ev` is matched by `sel` (event kind, name, `where` filter).
+    fn matches(&mut self, sel: &Selector, ev: &Event) -> bool {
+        let kind_ok = match &sel.event {
+            EventSel::Track(name) => ev.kind == EventType::Track && ev.name.as_deref() == Some(name.as_str()),
+            EventSel::Page(None) => ev.kind == EventType::Page,
+            EventSel::Page(Some(name)) => ev.kind == EventType::Page && ev.name.as_deref() == Some(name.as_str()),
+            EventSel::Screen(None) => ev.kind == EventType::Screen,
+            EventSel::Screen(Some(name)) => ev.kind == EventType::Screen && ev.name.as_deref() == Some(name.as_str()),
+            EventSel::Identify => ev.kind == EventType::Identify,
+            EventSel::Any => ev.kind != EventType::Group,
+        };
+        kind_ok
+            && match &sel.filter {
+                None => true,
+                Some(f) => truthy(&self.eval(f, Some(ev))),
+            }
+    }
+
+    /// The profile's visible events matched by `sel` inside `window`.
+    fn selected(&mut self, sel: &Selector, window: Window) -> Vec<&'a Event> {
+        let t = self.t;
+        let events = self.events;
+        let mut out = Vec::new();
+        for ev in events {
+            debug_assert!(ev.time <= t);
+            let in_window = match window {
+                Window::Lifetime => true,
+                Window::Dur(w) => ev.time.saturating_add(w) > t, // t - W < e <= t
+            };
+            if in_window && self.matches(sel, ev) {
+                out.push(*ev);
+            }
+        }
+        out
+    }
+
+    fn operand(&mut self, expr: &Expr, ev: Option<&Event>) -> Operand {
+        match &expr.kind {
+            ExprKind::Since(sel) => match self.since(sel) {
+                Some(d) => Operand::Val(Value::Dur(d)),
+                None => Operand::Infinite,
+            },
+            _ => Operand::Val(self.eval(expr, ev)),
+        }
+    }
+
+    /// `now - e` of the latest matching event; `None` is infinite.
+    fn since(&mut self, sel: &Selector) -> Option<i64> {
+        let latest = self.selected(sel, Window::Lifetime).iter().map(|e| e.time).max()?;
+        Some(self.t as i64 - latest as i64)
+    }
+
+    fn eval(&mut self, expr: &Expr, ev: Option<&Event>) -> Value {
+        match &expr.kind {
+            ExprKind::Num(d) => Value::Num(*d),
+            ExprKind::Str(s) => Value::Str(s.clone()),
+            ExprKind::Dur(ms) => Value::Dur(*ms as i64),
+            ExprKind::Bool(b) => Value::Bool(*b),
+            ExprKind::Path(p) => ev.map(|e| path_value(e, p)).unwrap_or(Value::Missing),
+            ExprKind::Neg(a) => self.eval(a, ev).neg(),
+            ExprKind::Abs(a) => self.eval(a, ev).abs(),
+            ExprKind::Sqrt(a) => self.eval(a, ev).sqrt(),
+            ExprKind::Not(a) => Value::Bool(!truthy(&self.eval(a, ev))),
+            ExprKind::And(a, b) => {
+                let (x, y) = (truthy(&self.eval(a, ev)), truthy(&self.eval(b, ev)));
+                Value::Bool(x && y)
+            }
+            ExprKind::Or(a, b) => {
+                let (x, y) = (truthy(&self.eval(a, ev)), truthy(&self.eval(b, ev)));
+                Value::Bool(x || y)
+            }
+            ExprKind::Arith(op, a, b) => {
+                let (x, y) = (self.eval(a, ev), self.eval(b, ev));
+                x.arith(*op, &y)
+            }
+            ExprKind::Cmp(op, a, b) => {
+                let (x, y) = (self.operand(a, ev), self.operand(b, ev));
+                let holds = match (x, y) {
+                    (Operand::Val(x), Operand::Val(y)) => x.cmp_op(*op, &y),
+                    // infinite is greater than any duration; missing compares false
+                    (Operand::Infinite, Operand::Val(Value::Dur(_))) => apply(*op, Ordering::Greater),
+                    (Operand::Val(Value::Dur(_)), Operand::Infinite) => apply(*op, Ordering::Less),
+                    (Operand::Infinite, Operand::Infinite) => apply(*op, Ordering::Equal),
+                    _ => false,
+                };
+                Value::Bool(holds)
+            }
+            ExprKind::Since(sel) => match self.since(sel) {
+                Some(d) => Value::Dur(d),
+                None => Value::Missing,
+            },
+            ExprKind::Agg { kind, sel, path, window } => {
+                let evs = self.selected(sel, *window);
+                aggregate(*kind, &evs, path.as_ref())
+            }
+            ExprKind::Last { sel, path } => {
+                let evs = self.selected(sel, Window::Lifetime);
+                let value = latest(
+                    evs.iter()
+                        .filter_map(|e| e.get(&path.0).filter(|j| is_scalar(j)).map(|j| (e.time, j))),
+                );
+                value.map(Value::from_json).unwrap_or(Value::Missing)
+            }
+            ExprKind::Trait(name) => {
+                let value = latest(
+                    self.events
+                        .iter()
+                        .filter(|e| e.kind == EventType::Identify)
+                        .filter_map(|e| e.traits.get(name).map(|j| (e.time, j))),
+                );
+                // set to null (or not a scalar) it is unset
+                value.map(Value::from_json).unwrap_or(Value::Missing)
+            }
+            ExprKind::InSegment(name) => {
+                let seg = self.spec.segments.iter().position(|s| &s.name == name);
+                let seg = seg.unwrap_or_else(|| panic!("in_segment of unknown segment {name:?}"));
+                Value::Bool(self.member(seg))
+            }
+            ExprKind::Percentile(..) | ExprKind::Score(_) | ExprKind::Rfm(_) | ExprKind::Cluster(_) => {
+                panic!("the reference evaluator does not support {:?}", expr.kind)
+            }
+        }
+    }
+}
+
+/// `count`, `sum`, `avg`, `min`, `max`, `var`, `distinct` over the selected events.
+fn aggregate(kind: AggKind, evs: &[&Event], path: Option<&Path>) -> Value {
+    if kind == AggKind::Count {
+        return Value::Num(Dec::from_int(evs.len() as i64));
+    }
+    let path = path.expect("every aggregate but count has a path");
+    let values: Vec<Value> = evs.iter().map(|e| path_value(e, path)).collect();
+    if kind == AggKind::Distinct {
+        let mut seen = BTreeSet::new();
+        for v in values {
+            let key = match v {
+                Value::Bool(b) => DistinctKey::Bool(b),
+                Value::Num(d) => DistinctKey::Num(d),
+                Value::Float(f) => DistinctKey::Float(f.0.to_bits()),
+                Value::Str(s) => DistinctKey::Str(s),
+                _ => continue,
+            };
+            seen.insert(key);
+        }
+        return Value::Num(Dec::from_int(seen.len() as i64));
+    }
+    // The numeric aggregates skip whatever is not a number.
+    let nums: Vec<Value> = values.into_iter().filter(|v| v.is_number()).collect();
+    let exact: Option<Vec<i128>> = nums.iter().map(|v| if let Value::Num(d) = v { Some(d.0) } else { None }).collect();
+    let exact_sum: Option<i128> = exact.as_ref().and_then(|xs| xs.iter().try_fold(0i128, |s, x| s.checked_add(*x)));
+    // floats, in a canonical order so that the result never depends on input order
+    let mut floats: Vec<f64> = nums.iter().filter_map(|v| v.as_f64()).collect();
+    floats.sort_by(|a, b| a.total_cmp(b));
+    let n = nums.len();
+    match kind {
+        AggKind::Sum => match (&exact, exact_sum) {
+            (Some(_), Some(s)) => Value::Num(Dec(s)),
+            (Some(_), None) => Value::Missing, // overflow
+            (None, _) => float(floats.iter().sum()),
+        },
+        AggKind::Avg if n == 0 => Value::Missing,
+        AggKind::Avg => match exact_sum {
+            Some(s) => float(s as f64 / (shoal::value::SCALE as f64 * n as f64)),
+            None => float(floats.iter().sum::<f64>() / n as f64),
+        },
+        AggKind::Min | AggKind::Max => {
+            let mut best: Option<Value> = None;
+            for v in nums {
+                let better = match &best {
+                    None => true,
+                    Some(b) => {
+                        let o = v.compare(b).unwrap_or(Ordering::Equal);
+                        if kind == AggKind::Min {
+                            o == Ordering::Less
+                        } else {
+                            o == Ordering::Greater
+                        }
+                    }
+                };
+                if better {
+                    best = Some(v);
+                }
+            }
+            best.unwrap_or(Value::Missing)
+        }
+        AggKind::Var if n == 0 => Value::Missing,
+        AggKind::Var => {
+            // exactly when possible: (n Σx² - (Σx)²) / n², in units of 1e-12
+            let exact_var = exact.as_ref().and_then(|xs| {
+                let s1 = exact_sum?;
+                let s2 = xs.iter().try_fold(0i128, |s, x| s.checked_add(x.checked_mul(*x)?))?;
+                (n as i128).checked_mul(s2)?.checked_sub(s1.checked_mul(s1)?)
+            });
+            match exact_var {
+                Some(num) => float(num as f64 / ((n as f64) * (n as f64) * 1e12)),
+                None => {
+                    let mean = floats.iter().sum::<f64>() / n as f64;
+                    float(floats.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n as f64)
+                }
+            }
+        }
+        AggKind::Count | AggKind::Distinct => unreachable!(),
+    }
+}
