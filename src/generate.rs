@@ -166,6 +166,49 @@ fn splitmix(mut x: u64) -> u64 {
 }
 
 // ---------------------------------------------------------------------------
+// Fast text: the hot fields are written without `core::fmt`.
+
+fn push_u64(buf: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for d in &digits[i..] {
+        buf.push(*d as char);
+    }
+}
+
+/// Cents as a JSON number with exactly two decimals, e.g. `49.90`.
+fn push_cents(buf: &mut String, cents: u64) {
+    push_u64(buf, cents / 100);
+    buf.push('.');
+    buf.push((b'0' + (cents / 10 % 10) as u8) as char);
+    buf.push((b'0' + (cents % 10) as u8) as char);
+}
+
+/// A product id, `p-0042`.
+fn push_product_id(buf: &mut String, k: u32) {
+    buf.push_str("p-");
+    for div in [1000, 100, 10, 1] {
+        buf.push((b'0' + (k / div % 10) as u8) as char);
+    }
+}
+
+/// An anonymous id, `anon-` and 16 hex digits.
+fn push_anon(buf: &mut String, anon: u64) {
+    buf.push_str("anon-");
+    for i in (0..16).rev() {
+        buf.push(b"0123456789abcdef"[((anon >> (4 * i)) & 0xf) as usize] as char);
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Vocabulary.
 
 const PAGE_HOME: u8 = 0;
@@ -691,16 +734,11 @@ impl Generator {
             Act::Demo => ("track", "Demo Requested"),
             Act::Form(_) => ("track", "Form Submitted"),
             Act::SignedUp => ("track", "Signed Up"),
-            Act::Login => {
-                if self.people[p].via_alias {
-                    ("alias", "")
-                } else {
-                    ("identify", "")
-                }
-            }
-            Act::IdentifyFull | Act::IdentifyChange => ("identify", ""),
+            Act::Login if self.people[p].via_alias => ("alias", ""),
+            Act::Login | Act::IdentifyFull | Act::IdentifyChange => ("identify", ""),
             Act::Group => ("group", ""),
         };
+        let obj_bad = bad == Some(Bad::ObjectWrongType);
         buf.push_str("{\"type\":\"");
         buf.push_str(kind);
         buf.push('"');
@@ -712,8 +750,9 @@ impl Generator {
                 self.stats.pages += 1;
             }
             "track" => {
-                if bad == Some(Bad::ObjectWrongType) && self.rng.gen_bool(0.5) {
-                    let _ = write!(buf, ",\"event\":{}", self.event_no);
+                if obj_bad && self.rng.gen_bool(0.5) {
+                    buf.push_str(",\"event\":");
+                    push_u64(&mut buf, self.event_no);
                 } else {
                     buf.push_str(",\"event\":\"");
                     buf.push_str(name);
@@ -725,7 +764,11 @@ impl Generator {
             "alias" => self.stats.aliases += 1,
             _ => self.stats.groups += 1,
         }
-        let _ = write!(buf, ",\"messageId\":\"m-{}-{}\"", self.seed, self.event_no);
+        buf.push_str(",\"messageId\":\"m-");
+        push_u64(&mut buf, self.seed);
+        buf.push('-');
+        push_u64(&mut buf, self.event_no);
+        buf.push('"');
         match bad {
             Some(Bad::NoTimestamp) => {}
             Some(Bad::BadTimestamp) => buf.push_str(",\"timestamp\":\"yesterday afternoon\""),
@@ -745,20 +788,22 @@ impl Generator {
         let me = &self.people[p];
         let bad_id = bad == Some(Bad::IdWrongType);
         if me.has_user() {
-            if bad_id {
-                let _ = write!(buf, ",\"userId\":{{\"id\":\"u{}\"}}", p + 1);
-            } else {
-                let _ = write!(buf, ",\"userId\":\"u{}\"", p + 1);
-            }
+            buf.push_str(if bad_id { ",\"userId\":{\"id\":\"u" } else { ",\"userId\":\"u" });
+            push_u64(&mut buf, p as u64 + 1);
+            buf.push_str(if bad_id { "\"}" } else { "\"" });
             if alias {
-                let _ = write!(buf, ",\"previousId\":\"anon-{:016x}\"", me.anon);
+                buf.push_str(",\"previousId\":\"");
+                push_anon(&mut buf, me.anon);
+                buf.push('"');
             } else if me.send_anon || login {
-                let _ = write!(buf, ",\"anonymousId\":\"anon-{:016x}\"", me.anon);
+                buf.push_str(",\"anonymousId\":\"");
+                push_anon(&mut buf, me.anon);
+                buf.push('"');
             }
-        } else if bad_id {
-            let _ = write!(buf, ",\"anonymousId\":[\"anon-{:016x}\"]", me.anon);
         } else {
-            let _ = write!(buf, ",\"anonymousId\":\"anon-{:016x}\"", me.anon);
+            buf.push_str(if bad_id { ",\"anonymousId\":[\"" } else { ",\"anonymousId\":\"" });
+            push_anon(&mut buf, me.anon);
+            buf.push_str(if bad_id { "\"]" } else { "\"" });
         }
         if login {
             if alias {
@@ -774,24 +819,27 @@ impl Generator {
             }
         }
 
-        // Body.
-        let obj_bad = bad == Some(Bad::ObjectWrongType);
+        // Body. An alias or group has no properties to spoil: its context is.
+        let mut ctx_bad = false;
         match act {
             Act::Page(pg) => follow_gap = Some(self.page_body(&mut buf, p, pg, obj_bad)),
-            Act::Login if alias => {}
+            Act::Login if alias => ctx_bad = obj_bad,
             Act::Login | Act::IdentifyFull => self.traits_full(&mut buf, p, obj_bad),
             Act::IdentifyChange => self.traits_change(&mut buf, p, obj_bad),
             Act::Group => {
-                let (name, domain, employees) = COMPANIES[self.people[p].company as usize - 1];
-                let _ = write!(
-                    buf,
-                    ",\"groupId\":\"g-{}\",\"traits\":{{\"name\":\"{name}\",\"employees\":{employees}}}",
-                    domain.split('.').next().unwrap_or(domain)
-                );
+                ctx_bad = obj_bad;
+                let (name, domain, employees) = COMPANIES[(self.people[p].company as usize).max(1) - 1];
+                buf.push_str(",\"groupId\":\"g-");
+                buf.push_str(domain.split('.').next().unwrap_or(domain));
+                buf.push_str("\",\"traits\":{\"name\":\"");
+                buf.push_str(name);
+                buf.push_str("\",\"employees\":");
+                push_u64(&mut buf, employees as u64);
+                buf.push('}');
             }
             _ => self.track_body(&mut buf, p, act, obj_bad),
         }
-        self.context(&mut buf, p, obj_bad);
+        self.context(&mut buf, p, ctx_bad);
         buf.push('}');
         self.buf = buf;
         self.next_gap(p, act, follow_gap)
@@ -803,13 +851,18 @@ impl Generator {
         me.last_page = pg;
         if obj_bad {
             buf.push_str(",\"properties\":\"n/a\"");
+            me.remaining = 2_000;
             return 2_000;
         }
-        let _ = write!(buf, ",\"properties\":{{\"session_id\":\"s-{}-{}\"", p + 1, me.sessions);
-        let path_start = buf.len();
-        match pg {
-            PAGE_HOME => buf.push_str(",\"path\":\"/\""),
-            PAGE_PRICING => buf.push_str(",\"path\":\"/pricing\""),
+        buf.push_str(",\"properties\":{\"session_id\":\"s-");
+        push_u64(buf, p as u64 + 1);
+        buf.push('-');
+        push_u64(buf, me.sessions as u64);
+        buf.push('"');
+        // The path: a fixed part, then a slug or a product id.
+        let (dir, slug, num): (&str, &str, Option<u32>) = match pg {
+            PAGE_HOME => ("/", "", None),
+            PAGE_PRICING => ("/pricing", "", None),
             PAGE_PRODUCT => {
                 let k = if me.kind != Kind::Bot && rng.gen_bool(0.6) {
                     // A product of the favourite category.
@@ -825,33 +878,28 @@ impl Generator {
                     rng.gen_range(0..N_PRODUCTS)
                 };
                 me.product = k;
-                let _ = write!(buf, ",\"path\":\"/products/p-{k:04}\"");
+                ("/products/", "", Some(k))
             }
-            PAGE_DOCS => {
-                let _ = write!(
-                    buf,
-                    ",\"path\":\"/docs/{}\"",
-                    DOC_TOPICS[rng.gen_range(0..DOC_TOPICS.len() as u32) as usize]
-                );
+            PAGE_DOCS => ("/docs/", DOC_TOPICS[rng.gen_range(0..DOC_TOPICS.len() as u32) as usize], None),
+            PAGE_BLOG => ("/blog/", BLOG_SLUGS[rng.gen_range(0..BLOG_SLUGS.len() as u32) as usize], None),
+            _ => ("/checkout", "", None),
+        };
+        for key in [",\"path\":\"", ",\"url\":\"https://www.example.com"] {
+            buf.push_str(key);
+            buf.push_str(dir);
+            buf.push_str(slug);
+            if let Some(k) = num {
+                push_product_id(buf, k);
             }
-            PAGE_BLOG => {
-                let _ = write!(
-                    buf,
-                    ",\"path\":\"/blog/{}\"",
-                    BLOG_SLUGS[rng.gen_range(0..BLOG_SLUGS.len() as u32) as usize]
-                );
-            }
-            _ => buf.push_str(",\"path\":\"/checkout\""),
+            buf.push('"');
         }
-        // url = host + path
-        let path = buf[path_start + 9..buf.len() - 1].to_owned();
-        buf.push_str(",\"url\":\"https://www.example.com");
-        buf.push_str(&path);
-        buf.push('"');
         if me.step == 1 && (me.referrer as usize) < REFERRERS.len() && me.email_session == 0 {
-            let _ = write!(buf, ",\"referrer\":\"{}\"", REFERRERS[me.referrer as usize]);
+            buf.push_str(",\"referrer\":\"");
+            buf.push_str(REFERRERS[me.referrer as usize]);
+            buf.push('"');
         }
         if me.kind == Kind::Bot {
+            // No dwell (0 or absent), no scroll, the next hit within 2 s.
             if rng.gen_bool(0.5) {
                 buf.push_str(",\"dwell_ms\":0");
             }
@@ -869,7 +917,11 @@ impl Generator {
         };
         let depth = 1.0 - det_exp(-(dwell as f64) / (25_000.0 * (0.5 + uniform(rng))));
         let scroll = ((depth * 100.0) as u64 + rng.gen_range(0..10u64)).min(100);
-        let _ = write!(buf, ",\"dwell_ms\":{dwell},\"scroll_pct\":{scroll}}}");
+        buf.push_str(",\"dwell_ms\":");
+        push_u64(buf, dwell);
+        buf.push_str(",\"scroll_pct\":");
+        push_u64(buf, scroll);
+        buf.push('}');
         // Follow-ups.
         match pg {
             PAGE_PRODUCT => {
@@ -909,64 +961,47 @@ impl Generator {
         let me = &mut self.people[p];
         buf.push_str(",\"properties\":{");
         match act {
-            Act::Viewed => {
+            Act::Viewed | Act::Added => {
                 let (cat, cents) = product(me.product);
-                let _ = write!(
-                    buf,
-                    "\"product_id\":\"p-{:04}\",\"category\":\"{cat}\",\"price\":{}.{:02}",
-                    me.product,
-                    cents / 100,
-                    cents % 100
-                );
+                buf.push_str("\"product_id\":\"");
+                push_product_id(buf, me.product);
+                buf.push_str("\",\"category\":\"");
+                buf.push_str(cat);
+                buf.push_str("\",\"price\":");
+                push_cents(buf, cents);
+                if act == Act::Added {
+                    let qty = [1, 1, 1, 1, 1, 1, 2, 2, 2, 3][rng.gen_range(0..10u32) as usize];
+                    me.cart_cents += cents * qty;
+                    me.cart_items += qty as u32;
+                    buf.push_str(",\"quantity\":");
+                    push_u64(buf, qty);
+                }
             }
-            Act::Added => {
-                let (cat, cents) = product(me.product);
-                let qty = [1, 1, 1, 1, 1, 1, 2, 2, 2, 3][rng.gen_range(0..10u32) as usize];
-                me.cart_cents += cents * qty;
-                me.cart_items += qty as u32;
-                let _ = write!(
-                    buf,
-                    "\"product_id\":\"p-{:04}\",\"category\":\"{cat}\",\"price\":{}.{:02},\"quantity\":{qty}",
-                    me.product,
-                    cents / 100,
-                    cents % 100
-                );
-            }
-            Act::CheckoutStarted => {
-                self.order_no += 1;
-                me.order = self.order_no;
-                let _ = write!(
-                    buf,
-                    "\"order_id\":\"o-{}-{}\",\"value\":{}.{:02},\"products\":{},\"currency\":\"USD\"",
-                    self.seed,
-                    me.order,
-                    me.cart_cents / 100,
-                    me.cart_cents % 100,
-                    me.cart_items
-                );
-            }
-            Act::Ordered => {
-                let _ = write!(
-                    buf,
-                    "\"order_id\":\"o-{}-{}\",\"revenue\":{}.{:02},\"products\":{},\"currency\":\"USD\"",
-                    self.seed,
-                    me.order,
-                    me.cart_cents / 100,
-                    me.cart_cents % 100,
-                    me.cart_items
-                );
-                me.cart_cents = 0;
-                me.cart_items = 0;
-                self.stats.orders += 1;
+            Act::CheckoutStarted | Act::Ordered => {
+                if act == Act::CheckoutStarted {
+                    self.order_no += 1;
+                    me.order = self.order_no;
+                }
+                buf.push_str("\"order_id\":\"o-");
+                push_u64(buf, self.seed);
+                buf.push('-');
+                push_u64(buf, me.order);
+                buf.push_str(if act == Act::Ordered { "\",\"revenue\":" } else { "\",\"value\":" });
+                push_cents(buf, me.cart_cents);
+                buf.push_str(",\"products\":");
+                push_u64(buf, me.cart_items as u64);
+                buf.push_str(",\"currency\":\"USD\"");
+                if act == Act::Ordered {
+                    me.cart_cents = 0;
+                    me.cart_items = 0;
+                    self.stats.orders += 1;
+                }
             }
             Act::EmailOpened | Act::EmailClicked => {
-                let _ = write!(buf, "\"campaign\":\"{}\"", CAMPAIGNS[me.campaign as usize]);
+                let campaign = CAMPAIGNS[me.campaign as usize];
+                let _ = write!(buf, "\"campaign\":\"{campaign}\"");
                 if act == Act::EmailClicked {
-                    let _ = write!(
-                        buf,
-                        ",\"link\":\"https://www.example.com/?utm_campaign={}\"",
-                        CAMPAIGNS[me.campaign as usize]
-                    );
+                    let _ = write!(buf, ",\"link\":\"https://www.example.com/?utm_campaign={campaign}\"");
                 }
             }
             Act::Demo => {
@@ -1035,6 +1070,7 @@ impl Generator {
                 let _ = write!(buf, "\"city\":\"{}\"", CITIES[me.city as usize].0);
             }
             _ if me.company > 0 => {
+                // Left the company: the traits are unset.
                 me.company = 0;
                 buf.push_str("\"company\":null,\"employees\":null");
             }
@@ -1047,12 +1083,12 @@ impl Generator {
         buf.push('}');
     }
 
-    fn context(&mut self, buf: &mut String, p: usize, obj_bad: bool) {
-        let me = &self.people[p];
-        if obj_bad && me.kind == Kind::Bot {
-            buf.push_str(",\"context\":\"bot\"");
+    fn context(&mut self, buf: &mut String, p: usize, bad: bool) {
+        if bad {
+            buf.push_str(",\"context\":\"web\"");
             return;
         }
+        let me = &self.people[p];
         let (device, os, ua) = AGENTS[me.agent as usize];
         let ua = if me.kind == Kind::Bot {
             BOT_AGENTS[(me.anon % BOT_AGENTS.len() as u64) as usize]
@@ -1060,20 +1096,30 @@ impl Generator {
             ua
         };
         let ip = splitmix(me.anon);
-        let _ = write!(
-            buf,
-            ",\"context\":{{\"device\":{{\"type\":\"{device}\"}},\"os\":{{\"name\":\"{os}\"}},\"locale\":\"{}\",\"ip\":\"{}.{}.{}.{}\",\"userAgent\":\"{ua}\"",
-            CITIES[me.city as usize].2,
-            11 + ip % 212,
-            (ip >> 8) & 0xff,
-            (ip >> 16) & 0xff,
-            1 + (ip >> 24) % 254
-        );
+        buf.push_str(",\"context\":{\"device\":{\"type\":\"");
+        buf.push_str(device);
+        buf.push_str("\"},\"os\":{\"name\":\"");
+        buf.push_str(os);
+        buf.push_str("\"},\"locale\":\"");
+        buf.push_str(CITIES[me.city as usize].2);
+        buf.push_str("\",\"ip\":\"");
+        for (i, octet) in [11 + ip % 212, (ip >> 8) & 0xff, (ip >> 16) & 0xff, 1 + (ip >> 24) % 254]
+            .into_iter()
+            .enumerate()
+        {
+            if i > 0 {
+                buf.push('.');
+            }
+            push_u64(buf, octet);
+        }
+        buf.push_str("\",\"userAgent\":\"");
+        buf.push_str(ua);
+        buf.push('"');
         if me.email_session == 1 {
+            let campaign = CAMPAIGNS[me.campaign as usize];
             let _ = write!(
                 buf,
-                ",\"campaign\":{{\"source\":\"email\",\"medium\":\"email\",\"name\":\"{}\"}}",
-                CAMPAIGNS[me.campaign as usize]
+                ",\"campaign\":{{\"source\":\"email\",\"medium\":\"email\",\"name\":\"{campaign}\"}}"
             );
         }
         buf.push('}');

@@ -350,7 +350,7 @@ impl Checker<'_> {
 
     fn tick_multiple(&mut self, pos: Pos, what: &str, ms: u64) {
         let tick = self.ctx.tick_ms;
-        if tick > 0 && ms % tick != 0 {
+        if tick > 0 && !ms.is_multiple_of(tick) {
             self.error(
                 pos,
                 format!(
@@ -601,7 +601,7 @@ impl Checker<'_> {
                 self.error(
                     d.pos,
                     format!(
-                        "since(…) {} must be followed by a constant duration such as 30s or 2 * 1h, not {}",
+                        "since(…) `{}` needs a constant duration on the other side, such as 30s or 2 * 1h, not {}",
                         super::parse::cmp_text(op),
                         t.name()
                     ),

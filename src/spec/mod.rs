@@ -419,7 +419,7 @@ impl<'t> Loader<'t> {
             return;
         }
         match crate::clock::parse_duration(&s.value) {
-            Ok(ms) if self.tick_ms > 0 && ms % self.tick_ms != 0 => self.error(
+            Ok(ms) if self.tick_ms > 0 && !ms.is_multiple_of(self.tick_ms) => self.error(
                 at,
                 format!(
                     "{what} {} is not a multiple of the tick {}",
@@ -470,11 +470,17 @@ impl<'t> Loader<'t> {
                 self.error(at, format!("duplicate segment name `{}`", n.value));
             }
         }
-        let Some(when) = when else { return };
-        let (expr, map) = self.expression(&when);
-        let map = expr.is_some().then_some(map);
-        // A segment whose `when` did not parse stays as a placeholder so that
-        // `in_segment` references to it are not reported as unknown.
+        let (expr, map, source) = match when {
+            Some(when) => {
+                let (expr, map) = self.expression(&when);
+                let map = expr.is_some().then_some(map);
+                (expr, map, when.value)
+            }
+            None => (None, None, String::new()),
+        };
+        // A segment whose `when` is missing or did not parse stays as a
+        // placeholder so that `in_segment` references to it are not
+        // reported as unknown; the spec has an error anyway.
         let expr = expr.unwrap_or(Expr {
             kind: ExprKind::Bool(false),
             pos: Pos { line: 1, column: 1 },
@@ -483,7 +489,7 @@ impl<'t> Loader<'t> {
             name: name.map(|n| n.value).unwrap_or_default(),
             description,
             when: expr,
-            source: when.value,
+            source,
         });
         self.segment_maps.push(map);
     }
@@ -820,6 +826,8 @@ when = "in_segment('a') or in_segment('nope') or since('x') and true"
         // A segment whose `when` does not parse still exists for in_segment.
         let text = "[[segment]]\nname = \"a\"\nwhen = \"count(\"\n[[segment]]\nname = \"b\"\nwhen = \"in_segment('a')\"\n";
         assert_eq!(errs(text).len(), 1);
+        let text = "[[segment]]\nname = \"a\"\n[[segment]]\nname = \"b\"\nwhen = \"in_segment('a')\"\n";
+        assert_eq!(errs(text), ["1:1: segment `a` has no `when`"]);
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub fn format_duration(ms: u64) -> String {
     const UNITS: [(u64, &str); 5] = [(604_800_000, "w"), (86_400_000, "d"), (3_600_000, "h"), (60_000, "m"), (1_000, "s")];
     if ms > 0 {
         for (unit, name) in UNITS {
-            if ms % unit == 0 {
+            if ms.is_multiple_of(unit) {
                 return format!("{}{name}", ms / unit);
             }
         }

@@ -21,6 +21,10 @@
 //! written when that span is small; otherwise only the ticks at which a
 //! membership can change (effect ticks, window expiries `tick_of(e + W)`,
 //! and `since` thresholds `tick_of(e + D)`, `tick_of(e + D + 1)`).
+//!
+//! Floats: `avg` and `var` are computed from exact sums when every value is
+//! an exact number (one rounding at the end), otherwise over the values in
+//! sorted order, so that they never depend on the order of the input.
 #![allow(dead_code)]
 
 use std::cmp::Ordering;
