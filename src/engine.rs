@@ -53,7 +53,12 @@ impl Default for RunOptions {
 pub enum Source {
     File(PathBuf),
     Stdin,
-    Bytes { name: String, data: Arc<Vec<u8>> },
+    Bytes {
+        name: String,
+        data: Arc<Vec<u8>>,
+    },
+    /// The built-in traffic generator (`run --generate N`).
+    Generate(crate::generate::GenOptions),
 }
 
 impl Source {
@@ -62,6 +67,7 @@ impl Source {
             Source::File(p) => p.display().to_string(),
             Source::Stdin => "-".to_string(),
             Source::Bytes { name, .. } => name.clone(),
+            Source::Generate(g) => format!("generate(seed {})", g.seed),
         }
     }
 
@@ -73,7 +79,42 @@ impl Source {
             )),
             Source::Stdin => Box::new(BufReader::with_capacity(1 << 20, std::io::stdin())),
             Source::Bytes { data, .. } => Box::new(std::io::Cursor::new(SharedBytes(data.clone()))),
+            Source::Generate(g) => Box::new(BufReader::with_capacity(
+                1 << 16,
+                GeneratedLines {
+                    gen: crate::generate::Generator::new(g),
+                    rest: Vec::new(),
+                    at: 0,
+                },
+            )),
         })
+    }
+}
+
+/// The generator's lines as a byte stream.
+struct GeneratedLines {
+    gen: crate::generate::Generator,
+    rest: Vec<u8>,
+    at: usize,
+}
+
+impl std::io::Read for GeneratedLines {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.at == self.rest.len() {
+            self.rest.clear();
+            self.at = 0;
+            match self.gen.next_line() {
+                Some(line) => {
+                    self.rest.extend_from_slice(line.as_bytes());
+                    self.rest.push(b'\n');
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.rest.len() - self.at);
+        buf[..n].copy_from_slice(&self.rest[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
 }
 

@@ -64,8 +64,12 @@ pub struct GenStats {
     pub malformed: u64,
     /// Of those, lines that are not JSON at all (truncated).
     pub truncated: u64,
-    /// Lines whose timestamp was moved a few seconds into the past.
+    /// Lines whose timestamp was moved up to 5 s into the past (out of
+    /// order, but within the default lateness).
     pub late: u64,
+    /// Lines delivered 5–60 lines after their turn (late arrivals that may
+    /// fall behind the clock).
+    pub delayed: u64,
     pub pages: u64,
     pub tracks: u64,
     pub identifies: u64,
@@ -218,6 +222,8 @@ const PAGE_DOCS: u8 = 3;
 const PAGE_BLOG: u8 = 4;
 const PAGE_CHECKOUT: u8 = 5;
 const PAGE_NAMES: [&str; 6] = ["home", "pricing", "product", "docs", "blog", "checkout"];
+/// Bots come back less often than people (their sessions are 20-50 hits).
+const BOT_GAP: f64 = 1.5;
 /// Landing (no page yet).
 const PAGE_NONE: u8 = 6;
 
@@ -446,6 +452,14 @@ impl Person {
     }
 }
 
+/// A line to write later.
+struct Held {
+    /// The line index from which it may go.
+    due: u64,
+    line: String,
+    duplicate: bool,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Bad {
     Truncated,
@@ -468,8 +482,8 @@ pub struct Generator {
     session_gap: f64,
     event_no: u64,
     order_no: u64,
-    /// Duplicates to replay: (line index at which, line).
-    dups: Vec<(u64, String)>,
+    /// Lines held back: duplicates to replay and delayed deliveries.
+    held: Vec<Held>,
     buf: String,
     day_cache: (u64, String),
     stats: GenStats,
@@ -573,7 +587,7 @@ impl Generator {
             // The first visit: the gap's residual life, so that the population
             // is in its steady state from the start.
             let residual = if rng.gen_bool(0.35) { 0.5 } else { 2.1667 };
-            let first = exponential(&mut rng, session_gap * residual * if kind == Kind::Bot { 4.0 } else { 1.0 }) as u64;
+            let first = exponential(&mut rng, session_gap * residual * if kind == Kind::Bot { BOT_GAP } else { 1.0 }) as u64;
             heap.push(Reverse((opts.start_ms + first, i as u32)));
             people.push(person);
         }
@@ -591,7 +605,7 @@ impl Generator {
             session_gap,
             event_no: 0,
             order_no: 0,
-            dups: Vec::new(),
+            held: Vec::new(),
             buf: String::with_capacity(1024),
             day_cache: (u64::MAX, String::new()),
             stats,
@@ -610,13 +624,62 @@ impl Generator {
         }
         let index = self.stats.lines;
         self.stats.lines += 1;
-        if let Some(pos) = self.dups.iter().position(|d| d.0 <= index) {
-            let (_, line) = self.dups.swap_remove(pos);
-            self.buf = line;
-            self.stats.duplicates += 1;
+        // Lines left after this one; held lines must all fit in them.
+        let room = self.total - self.stats.lines;
+        let due = if self.held.len() as u64 > room {
+            self.held.iter().enumerate().min_by_key(|(i, h)| (h.due, *i)).map(|(i, _)| i)
+        } else {
+            self.held.iter().position(|h| h.due <= index)
+        };
+        if let Some(pos) = due {
+            let held = self.held.swap_remove(pos);
+            self.buf = held.line;
+            if held.duplicate {
+                self.stats.duplicates += 1;
+            } else {
+                self.stats.delayed += 1;
+            }
             return Some(&self.buf);
         }
-        let bad = if self.rng.gen_range(0..1000u32) < 2 {
+        loop {
+            let bad = self.roll_bad();
+            self.event(bad);
+            if let Some(b) = bad {
+                self.stats.malformed += 1;
+                if b == Bad::Truncated {
+                    self.stats.truncated += 1;
+                    let cut = self.rng.gen_range(1..self.buf.len() as u64) as usize;
+                    self.buf.truncate(cut);
+                }
+                return Some(&self.buf);
+            }
+            let roll = self.rng.gen_range(0..1000u32);
+            if (self.held.len() as u64) < room {
+                if roll < 2 {
+                    // Delivered late: held back for a while, another line goes first.
+                    let due = index + self.rng.gen_range(5..=60u64);
+                    self.held.push(Held {
+                        due,
+                        line: self.buf.clone(),
+                        duplicate: false,
+                    });
+                    continue;
+                }
+                if roll < 7 {
+                    let due = index + self.rng.gen_range(1..=20u64);
+                    self.held.push(Held {
+                        due,
+                        line: self.buf.clone(),
+                        duplicate: true,
+                    });
+                }
+            }
+            return Some(&self.buf);
+        }
+    }
+
+    fn roll_bad(&mut self) -> Option<Bad> {
+        if self.rng.gen_range(0..1000u32) < 2 {
             Some(match self.rng.gen_range(0..6u32) {
                 0 => Bad::Truncated,
                 1 => Bad::NoTimestamp,
@@ -627,20 +690,7 @@ impl Generator {
             })
         } else {
             None
-        };
-        self.event(bad);
-        if let Some(b) = bad {
-            self.stats.malformed += 1;
-            if b == Bad::Truncated {
-                self.stats.truncated += 1;
-                let cut = self.rng.gen_range(1..self.buf.len() as u64) as usize;
-                self.buf.truncate(cut);
-            }
-        } else if self.rng.gen_range(0..1000u32) < 5 {
-            let at = index + self.rng.gen_range(1..=20u64);
-            self.dups.push((at, self.buf.clone()));
         }
-        Some(&self.buf)
     }
 
     /// Produces the next event of the person due first into `self.buf`.
@@ -1163,7 +1213,7 @@ impl Generator {
         // mean gap, some only after a long while.
         me.left = 0;
         let mean = if me.kind == Kind::Bot {
-            self.session_gap * 4.0
+            self.session_gap * BOT_GAP
         } else {
             self.session_gap
         };
@@ -1232,6 +1282,8 @@ mod tests {
     use super::*;
     use serde_json::Value;
 
+    const GOLDEN: u64 = 0xd9fd_394a_9ada_9c76;
+
     fn opts(users: u64, events: u64, seed: u64) -> GenOptions {
         GenOptions {
             users,
@@ -1262,9 +1314,12 @@ mod tests {
         assert_eq!(a, b);
         let c: Vec<String> = Generator::new(&opts(200, 1000, 8)).collect();
         assert_ne!(a, c);
-        // A fixed line stays fixed across machines and releases of this file.
-        let first = Generator::new(&GenOptions::default()).next().unwrap();
-        assert!(first.starts_with("{\"type\":"), "{first}");
+        // The same bytes on every machine: pinned by a hash of the default
+        // output (update it deliberately when the model changes).
+        let mut all = Vec::new();
+        write_all(&GenOptions::default(), &mut all, None).unwrap();
+        let hash = xxhash_rust::xxh3::xxh3_64(&all);
+        assert_eq!(hash, GOLDEN, "default output changed: {hash:#x}");
     }
 
     #[test]
@@ -1291,15 +1346,11 @@ mod tests {
 
     #[test]
     fn lines_are_valid_events_except_the_intentional_ones() {
-        let n = 200_000u64;
-        let mut g = Generator::new(&GenOptions {
-            users: 2000,
-            events: n,
-            seed: 11,
-            start_ms: 1_704_067_200_000,
-        });
+        let n = 100_000u64;
+        let mut g = Generator::new(&opts(1000, n, 11));
         let (mut bad, mut not_json, mut seen_ids) = (0u64, 0u64, std::collections::HashSet::new());
-        let (mut links, mut aliases, mut bot_pages, mut prev, mut out_of_order) = (0, 0, 0, 0u64, 0);
+        let (mut links, mut aliases, mut bot_pages, mut prev) = (0, 0, 0, 0u64);
+        let (mut out_of_order, mut beyond_lateness) = (0, 0);
         let (mut min_t, mut max_t) = (u64::MAX, 0u64);
         let mut types = std::collections::BTreeMap::<String, u64>::new();
         let mut dup_lines = 0;
@@ -1341,7 +1392,9 @@ mod tests {
                     }
                     if e.time < prev {
                         out_of_order += 1;
-                        assert!(prev - e.time < 5_000, "{line}");
+                        if prev - e.time >= 5_000 {
+                            beyond_lateness += 1;
+                        }
                     }
                     prev = prev.max(e.time);
                     min_t = min_t.min(e.time);
@@ -1355,11 +1408,15 @@ mod tests {
         assert_eq!(bad, s.malformed);
         assert_eq!(not_json, s.truncated);
         assert_eq!(dup_lines, s.duplicates);
-        assert!((200..=600).contains(&s.malformed), "{}", s.malformed);
-        assert!((600..=1400).contains(&s.duplicates), "{}", s.duplicates);
-        assert!(out_of_order > 500, "{out_of_order}");
-        assert!(links > 100 && aliases > 10, "{links} {aliases}");
-        assert!(bot_pages > 1000 && s.bot_users > 5, "{bot_pages}");
+        // ~0.2% bad, ~0.5% duplicates, ~1% a few seconds early, ~0.2% delayed.
+        assert!((120..=300).contains(&s.malformed), "{}", s.malformed);
+        assert!((300..=700).contains(&s.duplicates), "{}", s.duplicates);
+        assert!((700..=1300).contains(&s.late), "{}", s.late);
+        assert!((120..=300).contains(&s.delayed), "{}", s.delayed);
+        assert!(out_of_order >= s.late / 2, "{out_of_order}");
+        assert!(beyond_lateness > 0 && beyond_lateness <= s.delayed, "{beyond_lateness}");
+        assert!(links > 50 && aliases > 5, "{links} {aliases}");
+        assert!(bot_pages > 500 && s.bot_users > 5, "{bot_pages}");
         assert!(s.orders > 100);
         for name in [
             "Product Viewed",

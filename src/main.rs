@@ -54,6 +54,9 @@ struct RunArgs {
     /// Without --input, stdin is read when it is not a terminal.
     #[arg(long = "input", value_name = "FILE|-")]
     inputs: Vec<PathBuf>,
+    /// Read N events from the built-in generator (seed 1, default population) instead of --input.
+    #[arg(long, value_name = "N", conflicts_with = "inputs")]
+    generate: Option<u64>,
     /// Where membership changes go (`-` is stdout).
     #[arg(long, default_value = "-", value_name = "FILE|-")]
     output: PathBuf,
@@ -227,6 +230,13 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             }
         })
         .collect();
+    if let Some(events) = args.generate {
+        sources.push(Source::Generate(GenOptions {
+            events,
+            users: (events / 20).max(100),
+            ..GenOptions::default()
+        }));
+    }
     if sources.is_empty() {
         if std::io::stdin().is_terminal() {
             return Err(usage(anyhow::anyhow!(

@@ -1,0 +1,912 @@
+mod reference;
+
+// Property tests: the dataflow engine against the naive reference evaluator
+// (tests/reference), on random event streams and random specs.
+//
+// Events come from a small pool of ids so that profiles merge (identify with
+// both ids, alias), with duplicates (a small pool of messageIds, missing
+// messageIds, lines repeated verbatim), late events, ties in time, bad lines
+// and blank lines. Specs are random `when` expressions written as source
+// text, so the real parser and checker are used by both sides. The engine
+// must write exactly the reference's lines, in order, and as many dead
+// letters, with one worker and with two.
+
+use std::fmt::Write as _;
+
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+use reference::{evaluate, RefOptions};
+use shoal::clock::format_time;
+use shoal::engine::{run_memory, RunOptions};
+
+const BASE: u64 = 1_704_067_200_000; // 2024-01-01T00:00:00Z
+
+// ---------------------------------------------------------------------------
+// Events
+
+#[derive(Clone, Debug)]
+enum Who {
+    User(u8),
+    Anon(u8),
+    Both(u8, u8),
+    /// A numeric userId: its decimal text is the id.
+    NumUser(u8),
+    /// An anonymousId with a userId that is `""` or `null` (absent).
+    AnonBlankUser(u8, bool),
+}
+
+#[derive(Clone, Debug)]
+enum Amount {
+    Int(i64),
+    /// Literal JSON text: decimals, a string, null.
+    Lit(&'static str),
+}
+
+#[derive(Clone, Debug)]
+struct Props {
+    amount: Option<Amount>,
+    session: Option<u8>,
+    scroll: Option<u8>,
+}
+
+#[derive(Clone, Debug)]
+enum Body {
+    Track {
+        name: u8,
+        props: Props,
+        device: Option<u8>,
+    },
+    Page {
+        name: Option<u8>,
+        props: Props,
+        device: Option<u8>,
+    },
+    Screen {
+        name: Option<u8>,
+        device: Option<u8>,
+    },
+    /// `plan`: absent, `null` (`Some(None)`) or a value.
+    Identify {
+        plan: Option<Option<u8>>,
+        vip: Option<bool>,
+        score: Option<Amount>,
+    },
+    /// userId and previousId (a user or an anon id of the pool).
+    Alias {
+        user: u8,
+        prev: u8,
+        prev_is_user: bool,
+    },
+    Group,
+}
+
+#[derive(Clone, Debug)]
+struct GenEvent {
+    /// Milliseconds after the previous event's cursor.
+    gap: u64,
+    /// Milliseconds before the cursor (a late event when > 0).
+    back: u64,
+    who: Who,
+    body: Body,
+    /// `None`: no messageId (the key is a hash of the line).
+    msg: Option<u8>,
+    /// 0: epoch ms; 1: RFC 3339 `Z`; 2: RFC 3339 `+01:00`; 3: RFC 3339 with µs.
+    ts: u8,
+    /// Round the time down to this many ms (0: not at all), to hit tick boundaries.
+    snap: u64,
+}
+
+#[derive(Clone, Debug)]
+enum Item {
+    Ev(GenEvent),
+    /// The line written this many lines back, once more, byte for byte.
+    Repeat(usize),
+    Bad(u8),
+    Blank,
+}
+
+const TRACKS: [&str; 3] = ["view", "buy", "add"];
+const PAGES: [&str; 2] = ["home", "pricing"];
+const SCREENS: [&str; 2] = ["home", "cart"];
+const DEVICES: [&str; 3] = ["mobile", "desktop", "tablet"];
+const PLANS: [&str; 2] = ["free", "pro"];
+const AMOUNT_LITS: [&str; 13] = [
+    "0.1",
+    "0.2",
+    "0.25",
+    "9.99",
+    "1.5",
+    "-3",
+    "\"9\"",
+    "null",
+    "2.000001",
+    "1.0",
+    "1e1",
+    "0.1234565",
+    "[1]",
+];
+
+fn amount() -> impl Strategy<Value = Amount> {
+    prop_oneof![
+        2 => (-2i64..12).prop_map(Amount::Int),
+        3 => (0..AMOUNT_LITS.len()).prop_map(|i| Amount::Lit(AMOUNT_LITS[i])),
+    ]
+}
+
+fn props() -> impl Strategy<Value = Props> {
+    (
+        proptest::option::weighted(0.7, amount()),
+        proptest::option::weighted(0.6, 0u8..3),
+        proptest::option::weighted(0.4, 0u8..101),
+    )
+        .prop_map(|(amount, session, scroll)| Props { amount, session, scroll })
+}
+
+fn device() -> impl Strategy<Value = Option<u8>> {
+    proptest::option::weighted(0.5, 0u8..3)
+}
+
+fn who(pool: u8) -> impl Strategy<Value = Who> {
+    prop_oneof![
+        4 => (0..pool).prop_map(Who::User),
+        4 => (0..pool).prop_map(Who::Anon),
+        2 => (0..pool, 0..pool).prop_map(|(u, a)| Who::Both(u, a)),
+        1 => (0..pool.min(3)).prop_map(Who::NumUser),
+        1 => (0..pool, any::<bool>()).prop_map(|(a, null)| Who::AnonBlankUser(a, null)),
+    ]
+}
+
+fn body(pool: u8) -> impl Strategy<Value = Body> {
+    prop_oneof![
+        8 => (0u8..3, props(), device()).prop_map(|(name, props, device)| Body::Track { name, props, device }),
+        4 => (proptest::option::weighted(0.7, 0u8..2), props(), device())
+            .prop_map(|(name, props, device)| Body::Page { name, props, device }),
+        1 => (proptest::option::of(0u8..2), device()).prop_map(|(name, device)| Body::Screen { name, device }),
+        3 => (
+            proptest::option::weighted(0.7, proptest::option::weighted(0.8, 0u8..2)),
+            proptest::option::of(any::<bool>()),
+            proptest::option::of(amount()),
+        )
+            .prop_map(|(plan, vip, score)| Body::Identify { plan, vip, score }),
+        2 => (0..pool, 0..pool, any::<bool>()).prop_map(|(user, prev, prev_is_user)| Body::Alias { user, prev, prev_is_user }),
+        1 => Just(Body::Group),
+    ]
+}
+
+fn gen_event(pool: u8, max_gap: u64) -> impl Strategy<Value = GenEvent> {
+    let gap = prop_oneof![
+        5 => 0..=max_gap,
+        1 => Just(0u64),
+        2 => (0..=max_gap / 1000).prop_map(|s| s * 1000),
+        1 => (0..=max_gap / 250).prop_map(|q| q * 250),
+    ];
+    let back = prop_oneof![
+        8 => Just(0u64),
+        2 => 0u64..=10_000,
+        1 => (0u64..=10).prop_map(|s| s * 1000),
+    ];
+    let msg = proptest::option::weighted(0.9, 0u8..40);
+    let ts = prop_oneof![12 => Just(0u8), 3 => Just(1u8), 1 => Just(2u8), 1 => Just(3u8)];
+    let snap = prop_oneof![3 => Just(0u64), 1 => Just(1_000u64), 1 => Just(500u64)];
+    (gap, back, who(pool), body(pool), msg, ts, snap).prop_map(|(gap, back, who, body, msg, ts, snap)| GenEvent {
+        gap,
+        back,
+        who,
+        body,
+        msg,
+        ts,
+        snap,
+    })
+}
+
+fn item(pool: u8, max_gap: u64) -> impl Strategy<Value = Item> {
+    prop_oneof![
+        40 => gen_event(pool, max_gap).prop_map(Item::Ev),
+        2 => (1usize..6).prop_map(Item::Repeat),
+        1 => (0u8..6).prop_map(Item::Bad),
+        1 => Just(Item::Blank),
+    ]
+}
+
+fn user_id(i: u8) -> String {
+    format!("u{}", i + 1)
+}
+
+fn anon_id(i: u8) -> String {
+    format!("a{}", i + 1)
+}
+
+fn render_amount(a: &Amount) -> String {
+    match a {
+        Amount::Int(i) => i.to_string(),
+        Amount::Lit(s) => (*s).to_string(),
+    }
+}
+
+fn render_props(p: &Props) -> String {
+    let mut fields = Vec::new();
+    if let Some(a) = &p.amount {
+        fields.push(format!(r#""amount":{}"#, render_amount(a)));
+    }
+    if let Some(s) = p.session {
+        fields.push(format!(r#""session":"s{}""#, s + 1));
+    }
+    if let Some(s) = p.scroll {
+        fields.push(format!(r#""scroll_pct":{s}"#));
+    }
+    format!(r#","properties":{{{}}}"#, fields.join(","))
+}
+
+fn render_device(d: Option<u8>) -> String {
+    match d {
+        Some(d) => format!(r#","context":{{"device":{{"type":"{}"}}}}"#, DEVICES[d as usize]),
+        None => String::new(),
+    }
+}
+
+/// One event as a JSON line.
+fn render_event(ev: &GenEvent, time: u64) -> String {
+    let mut s = String::from("{");
+    let ty = match &ev.body {
+        Body::Track { .. } => "track",
+        Body::Page { .. } => "page",
+        Body::Screen { .. } => "screen",
+        Body::Identify { .. } => "identify",
+        Body::Alias { .. } => "alias",
+        Body::Group => "group",
+    };
+    write!(s, r#""type":"{ty}""#).unwrap();
+    match &ev.body {
+        Body::Alias { user, prev, prev_is_user } => {
+            let prev = if *prev_is_user { user_id(*prev) } else { anon_id(*prev) };
+            write!(s, r#","userId":"{}","previousId":"{prev}""#, user_id(*user)).unwrap();
+        }
+        _ => match &ev.who {
+            Who::User(u) => write!(s, r#","userId":"{}""#, user_id(*u)).unwrap(),
+            Who::Anon(a) => write!(s, r#","anonymousId":"{}""#, anon_id(*a)).unwrap(),
+            Who::Both(u, a) => write!(s, r#","userId":"{}","anonymousId":"{}""#, user_id(*u), anon_id(*a)).unwrap(),
+            Who::NumUser(n) => write!(s, r#","userId":{}"#, n + 7).unwrap(),
+            Who::AnonBlankUser(a, null) => {
+                let user = if *null { "null" } else { r#""""# };
+                write!(s, r#","userId":{user},"anonymousId":"{}""#, anon_id(*a)).unwrap()
+            }
+        },
+    }
+    match ev.ts {
+        1 => write!(s, r#","timestamp":"{}""#, format_time(time, true)).unwrap(),
+        2 => {
+            let local = format_time(time + 3_600_000, true);
+            write!(s, r#","timestamp":"{}+01:00""#, local.trim_end_matches('Z')).unwrap();
+        }
+        3 => write!(s, r#","timestamp":"{}789Z""#, format_time(time, true).trim_end_matches('Z')).unwrap(),
+        _ => write!(s, r#","timestamp":{time}"#).unwrap(),
+    }
+    if let Some(m) = ev.msg {
+        write!(s, r#","messageId":"m{m}""#).unwrap();
+    }
+    match &ev.body {
+        Body::Track { name, props, device } => {
+            write!(
+                s,
+                r#","event":"{}"{}{}"#,
+                TRACKS[*name as usize],
+                render_props(props),
+                render_device(*device)
+            )
+            .unwrap();
+        }
+        Body::Page { name, props, device } => {
+            if let Some(n) = name {
+                write!(s, r#","name":"{}""#, PAGES[*n as usize]).unwrap();
+            }
+            write!(s, "{}{}", render_props(props), render_device(*device)).unwrap();
+        }
+        Body::Screen { name, device } => {
+            if let Some(n) = name {
+                write!(s, r#","name":"{}""#, SCREENS[*n as usize]).unwrap();
+            }
+            s.push_str(&render_device(*device));
+        }
+        Body::Identify { plan, vip, score } => {
+            let mut traits = Vec::new();
+            match plan {
+                Some(Some(p)) => traits.push(format!(r#""plan":"{}""#, PLANS[*p as usize])),
+                Some(None) => traits.push(r#""plan":null"#.to_string()),
+                None => {}
+            }
+            if let Some(v) = vip {
+                traits.push(format!(r#""vip":{v}"#));
+            }
+            if let Some(a) = score {
+                traits.push(format!(r#""score":{}"#, render_amount(a)));
+            }
+            write!(s, r#","traits":{{{}}}"#, traits.join(",")).unwrap();
+        }
+        Body::Alias { .. } => {}
+        Body::Group => s.push_str(r#","groupId":"g1""#),
+    }
+    s.push('}');
+    s
+}
+
+const BAD_LINES: [&str; 6] = [
+    "this is not json",
+    r#"{"type":"track","event":"view","userId":"u1"}"#,
+    r#"{"type":"flag","userId":"u1","timestamp":1704067200000}"#,
+    r#"{"type":"track","userId":"u1","timestamp":1704067200000}"#,
+    "[1,2,3]",
+    r#"{"type":"page","userId":"u1","timestamp":1704067200000,"properties":[1]}"#,
+];
+
+/// The input text, and the smallest and largest event time written.
+fn render_input(items: &[Item]) -> (String, u64, u64) {
+    let mut lines: Vec<String> = Vec::new();
+    let mut cursor = BASE + 10_000;
+    let (mut lo, mut hi) = (u64::MAX, BASE);
+    for it in items {
+        match it {
+            Item::Ev(ev) => {
+                cursor += ev.gap;
+                let mut time = cursor - ev.back;
+                if ev.snap > 0 {
+                    time = time / ev.snap * ev.snap;
+                }
+                lo = lo.min(time);
+                hi = hi.max(time);
+                lines.push(render_event(ev, time));
+            }
+            Item::Repeat(k) => {
+                if let Some(l) = lines.len().checked_sub(*k).map(|i| lines[i].clone()) {
+                    lines.push(l);
+                }
+            }
+            Item::Bad(b) => lines.push(BAD_LINES[*b as usize % BAD_LINES.len()].to_string()),
+            Item::Blank => lines.push(String::new()),
+        }
+    }
+    let mut text = lines.join("\n");
+    text.push('\n');
+    (text, lo.min(hi), hi)
+}
+
+// ---------------------------------------------------------------------------
+// Specs
+
+#[derive(Clone, Copy, Debug)]
+enum Sel {
+    View,
+    Buy,
+    Add,
+    Page,
+    PagePricing,
+    Screen,
+    Identify,
+    Any,
+    BuyAmountGt1,
+    PageScroll50,
+    AnyMobile,
+    ViewSession1,
+}
+
+impl Sel {
+    fn text(self) -> &'static str {
+        match self {
+            Sel::View => "'view'",
+            Sel::Buy => "'buy'",
+            Sel::Add => "'add'",
+            Sel::Page => "page",
+            Sel::PagePricing => "page 'pricing'",
+            Sel::Screen => "screen",
+            Sel::Identify => "identify",
+            Sel::Any => "any",
+            Sel::BuyAmountGt1 => "'buy' where amount > 1",
+            Sel::PageScroll50 => "page where scroll_pct >= 50",
+            Sel::AnyMobile => "any where context.device.type == 'mobile'",
+            Sel::ViewSession1 => "'view' where session == 's1' or not session != 's2'",
+        }
+    }
+}
+
+fn sel() -> impl Strategy<Value = Sel> {
+    prop_oneof![
+        3 => Just(Sel::View),
+        3 => Just(Sel::Buy),
+        1 => Just(Sel::Add),
+        2 => Just(Sel::Page),
+        1 => Just(Sel::PagePricing),
+        1 => Just(Sel::Screen),
+        1 => Just(Sel::Identify),
+        2 => Just(Sel::Any),
+        2 => Just(Sel::BuyAmountGt1),
+        1 => Just(Sel::PageScroll50),
+        1 => Just(Sel::AnyMobile),
+        1 => Just(Sel::ViewSession1),
+    ]
+}
+
+/// Window lengths in ms; `None` is `lifetime`.
+const WINDOWS: [Option<u64>; 9] = [
+    Some(1_000),
+    Some(2_000),
+    Some(5_000),
+    Some(10_000),
+    Some(30_000),
+    Some(60_000),
+    None,
+    Some(500),
+    Some(1_500),
+];
+
+/// A window, as an index into the windows that are multiples of the tick.
+#[derive(Clone, Copy, Debug)]
+struct Win(u8);
+
+fn render_window(w: Win, tick: u64) -> String {
+    let valid: Vec<Option<u64>> = WINDOWS.iter().copied().filter(|w| w.is_none_or(|ms| ms % tick == 0)).collect();
+    match valid[w.0 as usize % valid.len()] {
+        None => "lifetime".into(),
+        Some(ms) if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        Some(ms) if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+        Some(ms) => format!("{ms}ms"),
+    }
+}
+
+fn win() -> impl Strategy<Value = Win> {
+    (0u8..9).prop_map(Win)
+}
+
+#[derive(Clone, Copy, Debug)]
+enum NumAgg {
+    Sum,
+    Avg,
+    Min,
+    Max,
+    Var,
+}
+
+const NUM_PATHS: [&str; 3] = ["amount", "scroll_pct", "traits.score"];
+const ANY_PATHS: [&str; 5] = ["session", "context.device.type", "amount", "traits.plan", "traits.vip"];
+const CONSTS: [&str; 12] = ["0", "1", "2", "3", "5", "10", "0.3", "2.5", "0.35", "9.99", "0.1", "100"];
+
+#[derive(Clone, Debug)]
+enum Num {
+    Count(Sel, Win),
+    Agg(NumAgg, Sel, u8, Win),
+    Distinct(Sel, u8, Win),
+    Const(u8),
+    TraitScore,
+    LastAmount(Sel),
+    Bin(char, Box<Num>, Box<Num>),
+    Abs(Box<Num>),
+    Sqrt(Box<Num>),
+    Neg(Box<Num>),
+}
+
+fn num_leaf() -> impl Strategy<Value = Num> {
+    let agg = prop_oneof![
+        Just(NumAgg::Sum),
+        Just(NumAgg::Avg),
+        Just(NumAgg::Min),
+        Just(NumAgg::Max),
+        Just(NumAgg::Var)
+    ];
+    prop_oneof![
+        6 => (sel(), win()).prop_map(|(s, w)| Num::Count(s, w)),
+        5 => (agg, sel(), prop_oneof![4 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8)], win())
+            .prop_map(|(k, s, p, w)| Num::Agg(k, s, p, w)),
+        2 => (sel(), 0u8..5, win()).prop_map(|(s, p, w)| Num::Distinct(s, p, w)),
+        3 => (0u8..12).prop_map(Num::Const),
+        1 => Just(Num::TraitScore),
+        1 => sel().prop_map(Num::LastAmount),
+    ]
+}
+
+fn num() -> impl Strategy<Value = Num> {
+    num_leaf().prop_recursive(2, 6, 2, |inner| {
+        prop_oneof![
+            4 => (prop_oneof![Just('+'), Just('-'), Just('*'), Just('/')], inner.clone(), inner.clone())
+                .prop_map(|(op, a, b)| Num::Bin(op, Box::new(a), Box::new(b))),
+            1 => inner.clone().prop_map(|a| Num::Abs(Box::new(a))),
+            1 => inner.clone().prop_map(|a| Num::Sqrt(Box::new(a))),
+            1 => inner.prop_map(|a| Num::Neg(Box::new(a))),
+        ]
+    })
+}
+
+const CMPS: [&str; 6] = [">=", ">", "<=", "<", "==", "!="];
+const SINCE_DURS: [&str; 9] = ["1s", "2s", "3s", "5s", "10s", "30s", "1500ms", "2 * 1s", "1m"];
+
+#[derive(Clone, Debug)]
+enum Cond {
+    Cmp(Num, u8, Num),
+    /// `last(any, context.device.type) == 'mobile'` and the like.
+    StrEq(u8, bool, u8),
+    /// A bare boolean: `trait.vip`, `last(identify, traits.vip)`.
+    Bare(u8),
+    Since(Sel, u8, u8, bool),
+    /// `in_segment` of an earlier segment (index modulo this one's).
+    InSeg(u8),
+    Lit(bool),
+    And(Box<Cond>, Box<Cond>),
+    Or(Box<Cond>, Box<Cond>),
+    Not(Box<Cond>),
+}
+
+const STR_SIDES: [&str; 5] = [
+    "last(any, context.device.type)",
+    "trait.plan",
+    "last(page, session)",
+    "last(identify, traits.plan)",
+    "last('buy' where amount >= 1, session)",
+];
+const STR_VALUES: [&str; 6] = ["mobile", "pro", "free", "s1", "desktop", "s2"];
+const BARE: [&str; 2] = ["trait.vip", "last(identify, traits.vip)"];
+
+fn cond_leaf() -> impl Strategy<Value = Cond> {
+    let rhs = prop_oneof![4 => (0u8..12).prop_map(Num::Const), 1 => num()];
+    let lhs = prop_oneof![3 => num_leaf(), 2 => num()];
+    prop_oneof![
+        10 => (lhs, 0u8..6, rhs).prop_map(|(a, op, b)| Cond::Cmp(a, op, b)),
+        3 => (0u8..5, any::<bool>(), 0u8..6).prop_map(|(s, eq, v)| Cond::StrEq(s, eq, v)),
+        1 => (0u8..2).prop_map(Cond::Bare),
+        4 => (sel(), 0u8..4, 0u8..9, proptest::bool::weighted(0.2)).prop_map(|(s, op, d, f)| Cond::Since(s, op, d, f)),
+        2 => any::<u8>().prop_map(Cond::InSeg),
+        1 => any::<bool>().prop_map(Cond::Lit),
+    ]
+}
+
+fn cond() -> impl Strategy<Value = Cond> {
+    cond_leaf().prop_recursive(3, 8, 2, |inner| {
+        prop_oneof![
+            3 => (inner.clone(), inner.clone()).prop_map(|(a, b)| Cond::And(Box::new(a), Box::new(b))),
+            2 => (inner.clone(), inner.clone()).prop_map(|(a, b)| Cond::Or(Box::new(a), Box::new(b))),
+            1 => inner.prop_map(|a| Cond::Not(Box::new(a))),
+        ]
+    })
+}
+
+// Precedence levels, loosest first (SPEC §4).
+const P_OR: u8 = 1;
+const P_AND: u8 = 2;
+const P_NOT: u8 = 3;
+const P_CMP: u8 = 4;
+const P_ADD: u8 = 5;
+const P_MUL: u8 = 6;
+const P_NEG: u8 = 7;
+const P_PRIMARY: u8 = 8;
+
+fn wrap((text, prec): (String, u8), at_least: u8) -> String {
+    if prec >= at_least {
+        text
+    } else {
+        format!("({text})")
+    }
+}
+
+fn render_num(n: &Num, tick: u64) -> (String, u8) {
+    let prim = |s: String| (s, P_PRIMARY);
+    match n {
+        Num::Count(s, w) => prim(format!("count({}, {})", s.text(), render_window(*w, tick))),
+        Num::Agg(k, s, p, w) => {
+            let k = match k {
+                NumAgg::Sum => "sum",
+                NumAgg::Avg => "avg",
+                NumAgg::Min => "min",
+                NumAgg::Max => "max",
+                NumAgg::Var => "var",
+            };
+            prim(format!(
+                "{k}({}, {}, {})",
+                s.text(),
+                NUM_PATHS[*p as usize % 3],
+                render_window(*w, tick)
+            ))
+        }
+        Num::Distinct(s, p, w) => prim(format!(
+            "distinct({}, {}, {})",
+            s.text(),
+            ANY_PATHS[*p as usize % 5],
+            render_window(*w, tick)
+        )),
+        Num::Const(c) => prim(CONSTS[*c as usize % CONSTS.len()].to_string()),
+        Num::TraitScore => prim("trait.score".into()),
+        Num::LastAmount(s) => prim(format!("last({}, amount)", s.text())),
+        Num::Bin(op, a, b) => {
+            let p = if matches!(op, '+' | '-') { P_ADD } else { P_MUL };
+            (
+                format!("{} {op} {}", wrap(render_num(a, tick), p), wrap(render_num(b, tick), p + 1)),
+                p,
+            )
+        }
+        Num::Abs(a) => prim(format!("abs({})", render_num(a, tick).0)),
+        Num::Sqrt(a) => prim(format!("sqrt({})", render_num(a, tick).0)),
+        Num::Neg(a) => (format!("-{}", wrap(render_num(a, tick), P_NEG)), P_NEG),
+    }
+}
+
+/// `seg` is the index of the segment whose `when` this is.
+fn render_cond(c: &Cond, tick: u64, seg: usize) -> (String, u8) {
+    match c {
+        Cond::Cmp(a, op, b) => (
+            format!(
+                "{} {} {}",
+                wrap(render_num(a, tick), P_ADD),
+                CMPS[*op as usize % 6],
+                wrap(render_num(b, tick), P_ADD)
+            ),
+            P_CMP,
+        ),
+        Cond::StrEq(s, eq, v) => (
+            format!(
+                "{} {} '{}'",
+                STR_SIDES[*s as usize % STR_SIDES.len()],
+                if *eq { "==" } else { "!=" },
+                STR_VALUES[*v as usize % STR_VALUES.len()]
+            ),
+            P_CMP,
+        ),
+        Cond::Bare(b) => (BARE[*b as usize % BARE.len()].to_string(), P_PRIMARY),
+        Cond::Since(s, op, d, flipped) => {
+            let op = CMPS[*op as usize % 4];
+            let d = SINCE_DURS[*d as usize % SINCE_DURS.len()];
+            let since = format!("since({})", s.text());
+            if *flipped {
+                (format!("{d} {op} {since}"), P_CMP)
+            } else {
+                (format!("{since} {op} {d}"), P_CMP)
+            }
+        }
+        Cond::InSeg(k) if seg > 0 => (format!("in_segment('g{}')", *k as usize % seg), P_PRIMARY),
+        Cond::InSeg(_) => ("trait.vip".into(), P_PRIMARY),
+        Cond::Lit(b) => (b.to_string(), P_PRIMARY),
+        Cond::And(a, b) => (
+            format!(
+                "{} and {}",
+                wrap(render_cond(a, tick, seg), P_AND),
+                wrap(render_cond(b, tick, seg), P_AND + 1)
+            ),
+            P_AND,
+        ),
+        Cond::Or(a, b) => (
+            format!(
+                "{} or {}",
+                wrap(render_cond(a, tick, seg), P_OR),
+                wrap(render_cond(b, tick, seg), P_OR + 1)
+            ),
+            P_OR,
+        ),
+        Cond::Not(a) => (format!("not {}", wrap(render_cond(a, tick, seg), P_NOT)), P_NOT),
+    }
+}
+
+fn render_spec(conds: &[Cond], tick: u64) -> String {
+    let mut s = String::new();
+    for (i, c) in conds.iter().enumerate() {
+        writeln!(s, "[[segment]]\nname = \"g{i}\"\nwhen = \"{}\"\n", render_cond(c, tick, i).0).unwrap();
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------
+// Options and the comparison
+
+#[derive(Clone, Debug)]
+enum Until {
+    None,
+    /// This many ms after the last event.
+    After(u64),
+    /// This per mille of the way from the first to the last event.
+    Middle(u64),
+}
+
+#[derive(Clone, Debug)]
+struct Opts {
+    tick: u64,
+    lateness: u64,
+    dedupe_horizon: u64,
+    until: Until,
+}
+
+fn opts() -> impl Strategy<Value = Opts> {
+    let tick = prop_oneof![6 => Just(1_000u64), 1 => Just(2_000u64), 1 => Just(500u64)];
+    let lateness = prop_oneof![Just(0u64), Just(1_000u64), Just(2_000u64), Just(5_000u64)];
+    let horizon = prop_oneof![Just(5_000u64), Just(30_000u64), Just(3_600_000u64)];
+    let until = prop_oneof![
+        2 => Just(Until::None),
+        2 => (0u64..20_000).prop_map(Until::After),
+        1 => (0u64..5).prop_map(|s| Until::After(s * 1_000)),
+        1 => (0u64..1000).prop_map(Until::Middle),
+    ];
+    (tick, lateness, horizon, until).prop_map(|(tick, lateness, dedupe_horizon, until)| Opts {
+        tick,
+        lateness,
+        dedupe_horizon,
+        until,
+    })
+}
+
+/// A fully rendered case: what both sides are run on.
+#[derive(Clone, Debug)]
+struct Case {
+    spec: String,
+    input: String,
+    opts: RefOptions,
+}
+
+fn render_case(items: &[Item], conds: &[Cond], o: &Opts) -> Case {
+    let (input, lo, hi) = render_input(items);
+    let until = match o.until {
+        Until::None => None,
+        Until::After(ms) => Some(hi + ms),
+        Until::Middle(pm) => Some(lo + (hi - lo) * pm / 1000),
+    };
+    Case {
+        spec: render_spec(conds, o.tick),
+        input,
+        opts: RefOptions {
+            tick: o.tick,
+            lateness: o.lateness,
+            dedupe_horizon: o.dedupe_horizon,
+            until,
+        },
+    }
+}
+
+fn describe(case: &Case) -> String {
+    format!("--- options\n{:?}\n--- spec\n{}--- input\n{}", case.opts, case.spec, case.input)
+}
+
+/// Runs the reference and the engine (1 and 2 workers); `Err` describes the
+/// first disagreement.
+fn compare(case: &Case) -> Result<usize, String> {
+    let spec = shoal::spec::parse_spec(&case.spec, case.opts.tick)
+        .map_err(|e| format!("the generated spec does not parse: {e:?}\n{}", describe(case)))?;
+    let expected = evaluate(&spec, case.input.as_bytes(), &case.opts);
+    for workers in [1, 2] {
+        let run = RunOptions {
+            tick: case.opts.tick,
+            lateness: case.opts.lateness,
+            dedupe_horizon: case.opts.dedupe_horizon,
+            until: case.opts.until,
+            workers,
+        };
+        let got = run_memory(&spec, case.input.as_bytes(), &run).map_err(|e| format!("engine error: {e}\n{}", describe(case)))?;
+        if got.lines != expected.lines || got.dead_letters.len() != expected.dead {
+            let at = got
+                .lines
+                .iter()
+                .zip(&expected.lines)
+                .position(|(a, b)| a != b)
+                .unwrap_or(got.lines.len().min(expected.lines.len()));
+            return Err(format!(
+                "engine ({workers} worker(s)) disagrees with the reference from line {at}; dead letters: engine {}, reference {}\n\
+                 --- reference\n{}\n--- engine\n{}\n{}",
+                got.dead_letters.len(),
+                expected.dead,
+                expected.lines.join("\n"),
+                got.lines.join("\n"),
+                describe(case)
+            ));
+        }
+    }
+    Ok(expected.lines.len())
+}
+
+/// For plain regression tests: panics with the disagreement.
+#[allow(dead_code)]
+fn assert_agree(spec: &str, input: &str, opts: RefOptions) {
+    let case = Case {
+        spec: spec.to_string(),
+        input: input.to_string(),
+        opts,
+    };
+    if let Err(e) = compare(&case) {
+        panic!("{e}");
+    }
+}
+
+/// `cases` unless PROPTEST_CASES says otherwise (for a longer soak).
+fn config(cases: u32) -> ProptestConfig {
+    let default = ProptestConfig::default();
+    ProptestConfig {
+        cases: if std::env::var_os("PROPTEST_CASES").is_some() {
+            default.cases
+        } else {
+            cases
+        },
+        // regressions are written below as plain tests, not to a file
+        failure_persistence: None,
+        ..default
+    }
+}
+
+proptest! {
+    #![proptest_config(config(64))]
+
+    /// Random streams and random specs of 1–4 segments.
+    #[test]
+    fn engine_matches_reference(
+        items in proptest::collection::vec(item(4, 5_000), 3..150),
+        conds in proptest::collection::vec(cond(), 1..5),
+        o in opts(),
+    ) {
+        let case = render_case(&items, &conds, &o);
+        if let Err(e) = compare(&case) {
+            return Err(TestCaseError::fail(e));
+        }
+    }
+
+    /// Dense streams over few ids: many merges, duplicates, late events and
+    /// ties, with short windows.
+    #[test]
+    fn engine_matches_reference_dense_identity(
+        items in proptest::collection::vec(item(2, 1_200), 3..80),
+        conds in proptest::collection::vec(cond(), 1..4),
+        o in opts(),
+    ) {
+        let case = render_case(&items, &conds, &o);
+        if let Err(e) = compare(&case) {
+            return Err(TestCaseError::fail(e));
+        }
+    }
+}
+
+/// One larger seeded case: ~2000 events, 20 ids, 5 segments.
+#[test]
+fn engine_matches_reference_large_seeded_case() {
+    let mut runner = TestRunner::deterministic();
+    let items = proptest::collection::vec(item(20, 600), 2000..=2000)
+        .new_tree(&mut runner)
+        .expect("items")
+        .current();
+    let conds = proptest::collection::vec(cond(), 5..=5)
+        .new_tree(&mut runner)
+        .expect("conds")
+        .current();
+    let o = Opts {
+        tick: 1_000,
+        lateness: 2_000,
+        dedupe_horizon: 30_000,
+        until: Until::After(10_000),
+    };
+    let case = render_case(&items, &conds, &o);
+    match compare(&case) {
+        Ok(lines) => assert!(lines > 50, "the large case should write something ({lines} lines)\n{}", case.spec),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn zz_stats() {
+    let mut runner = TestRunner::deterministic();
+    let strat = (
+        proptest::collection::vec(item(4, 5_000), 3..150),
+        proptest::collection::vec(cond(), 1..5),
+        opts(),
+    );
+    for i in 0..12 {
+        let (items, conds, o) = strat.new_tree(&mut runner).unwrap().current();
+        let case = render_case(&items, &conds, &o);
+        let spec = shoal::spec::parse_spec(&case.spec, case.opts.tick).unwrap();
+        let got = run_memory(
+            &spec,
+            case.input.as_bytes(),
+            &RunOptions {
+                tick: case.opts.tick,
+                lateness: case.opts.lateness,
+                dedupe_horizon: case.opts.dedupe_horizon,
+                until: case.opts.until,
+                workers: 1,
+            },
+        )
+        .unwrap();
+        eprintln!("case {i}: {:?} lines {} summary {:?}", case.opts, got.lines.len(), got.summary);
+        if i < 4 {
+            eprintln!("{}", case.spec);
+        }
+        if i == 0 {
+            eprintln!("{}", case.input);
+        }
+    }
+}
