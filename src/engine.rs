@@ -18,7 +18,7 @@ use differential_dataflow::input::Input;
 use serde::Serialize;
 
 use crate::clock::format_time;
-use crate::ingest::{dead_letter, Counters, Identities, Ingest, Outcome};
+use crate::ingest::{dead_letter, Counters, Identities, Ingest, Interner, Outcome};
 use crate::plan::Plan;
 use crate::sink::{self, SinkState};
 use crate::spec::Spec;
@@ -263,6 +263,7 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
         (Some(open), true) => Some(open().map_err(|e| EngineError::Io(e.to_string()))?),
         _ => None,
     };
+    let mut interner = Interner::default();
     let names = Rc::new(plan.segments.iter().map(|s| s.name.clone()).collect::<Vec<_>>());
     let lengths = Rc::new(plan.streams.iter().map(|s| s.window).collect::<Vec<_>>());
     let (mut facts_in, mut nodes_in, mut links_in, probe) = worker.dataflow::<u64, _, _>(|scope| {
@@ -275,7 +276,15 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
         let terms = terms::terms(windowed, labels, plan.clone());
         let atoms = rules::atoms(terms, universe.clone(), plan.clone());
         let (probe, members) = rules::segments(atoms, universe.clone(), &plan).probe();
-        sink::memberships(members, names, opts.tick < 1000, last.clone(), out, state.clone());
+        sink::memberships(
+            members,
+            interner.names.clone(),
+            names,
+            opts.tick < 1000,
+            last.clone(),
+            out,
+            state.clone(),
+        );
         sink::profiles(universe, last.clone(), state.clone());
         (facts_in, nodes_in, links_in, probe)
     });
@@ -323,17 +332,17 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
                     if opts.until.is_some_and(|u| s.effect > u) {
                         continue;
                     }
-                    ids.changes(&s, &mut node_changes, &mut link_changes);
+                    ids.changes(&s, &mut interner, &mut node_changes, &mut link_changes);
                     for (d, t, r) in node_changes.drain(..) {
                         nodes_in.update_at(d, t, r);
                     }
                     for (d, t, r) in link_changes.drain(..) {
                         links_in.update_at(d, t, r);
                     }
-                    let anchor = s.event.anchor();
+                    let anchor = interner.key(&s.event.anchor());
                     for (i, stream) in plan.streams.iter().enumerate() {
                         if let Some(pay) = extract(stream, &s.event) {
-                            facts_in.update_at((anchor.clone(), i as u32, s.event.time, pay), s.effect, 1);
+                            facts_in.update_at((anchor, i as u32, s.event.time, pay), s.effect, 1);
                         }
                     }
                 }

@@ -8,19 +8,24 @@
 //! whose traits change now and then, anonymous visitors who log in later (an
 //! `identify` carrying both ids, or an `alias`), a few `group` calls, and ~1%
 //! bots that fire bursts of 20–50 page views within a minute with no dwell.
-//! The line stream then gets its imperfections: ~1% late arrivals (timestamp
-//! a few seconds in the past), ~0.5% exact duplicate lines and ~0.2% bad lines
-//! (truncated JSON, a missing or invalid timestamp, a field of the wrong type).
+//! The line stream then gets its imperfections: ~1% of events stamped up to
+//! 5 s early (out of order, within the default lateness), ~0.2% delivered
+//! 5–60 lines after their turn (late arrivals), ~0.5% exact duplicate lines
+//! (same `messageId`, replayed within 20 lines) and ~0.2% bad lines
+//! (truncated JSON, a missing or invalid timestamp, a field of the wrong
+//! type). Every other line has its own `messageId`, `m-<seed>-<n>`.
 //!
 //! Time: each person's next event sits in a heap, so events come out in time
-//! order (but for the late ones). Within a session the gap to the next page is
-//! the dwell on the current one (seconds to minutes); between sessions the gap
-//! is drawn so that `events` lines span about `max(7 days, events / 20 s)`.
+//! order (but for the imperfections). Within a session the gap to the next
+//! page is the dwell on the current one (seconds to minutes); between sessions
+//! the gap is drawn (minutes to days) so that `events` lines span about
+//! `max(7 days, events / 20 s)` of event time.
 //!
 //! Determinism: one `ChaCha8Rng` seeded from `seed`, integer draws of fixed
 //! width only, and no platform math library (`ln`/`exp` below use only IEEE
-//! basic operations), so a seed gives the same bytes on every machine. Memory
-//! is O(users): nothing but per-person state and the current line is kept.
+//! basic operations), so a seed gives the same bytes on every machine (a test
+//! pins the hash of the default output). Memory is O(users): per-person state,
+//! the current line and the few lines held back for replay.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -106,7 +111,7 @@ pub fn write_all(opts: &GenOptions, out: &mut impl Write, rate: Option<f64>) -> 
                 out.write_all(line.as_bytes())?;
                 out.write_all(b"\n")?;
                 written += 1;
-                if written % batch == 0 {
+                if written.is_multiple_of(batch) {
                     out.flush()?;
                     let due = Duration::from_secs_f64(written as f64 / r);
                     let elapsed = began.elapsed();
@@ -464,7 +469,7 @@ struct Held {
 enum Bad {
     Truncated,
     NoTimestamp,
-    BadTimestamp,
+    InvalidTimestamp,
     TimestampWrongType,
     ObjectWrongType,
     IdWrongType,
@@ -588,7 +593,7 @@ impl Generator {
             // is in its steady state from the start.
             let residual = if rng.gen_bool(0.35) { 0.5 } else { 2.1667 };
             let first = exponential(&mut rng, session_gap * residual * if kind == Kind::Bot { BOT_GAP } else { 1.0 }) as u64;
-            heap.push(Reverse((opts.start_ms + first, i as u32)));
+            heap.push(Reverse((opts.start_ms.saturating_add(first), i as u32)));
             people.push(person);
         }
         let stats = GenStats {
@@ -683,7 +688,7 @@ impl Generator {
             Some(match self.rng.gen_range(0..6u32) {
                 0 => Bad::Truncated,
                 1 => Bad::NoTimestamp,
-                2 => Bad::BadTimestamp,
+                2 => Bad::InvalidTimestamp,
                 3 => Bad::TimestampWrongType,
                 4 => Bad::ObjectWrongType,
                 _ => Bad::IdWrongType,
@@ -707,7 +712,7 @@ impl Generator {
             self.stats.late += 1;
         }
         let gap = self.write_event(p, ts, act, bad);
-        self.heap.push(Reverse((t + gap.max(1), pi)));
+        self.heap.push(Reverse((t.saturating_add(gap.max(1)), pi)));
     }
 
     fn begin_session(&mut self, p: usize) {
@@ -821,7 +826,7 @@ impl Generator {
         buf.push('"');
         match bad {
             Some(Bad::NoTimestamp) => {}
-            Some(Bad::BadTimestamp) => buf.push_str(",\"timestamp\":\"yesterday afternoon\""),
+            Some(Bad::InvalidTimestamp) => buf.push_str(",\"timestamp\":\"yesterday afternoon\""),
             Some(Bad::TimestampWrongType) => buf.push_str(",\"timestamp\":true"),
             _ => {
                 buf.push_str(",\"timestamp\":\"");
@@ -1218,7 +1223,7 @@ impl Generator {
             self.session_gap
         };
         let mean = if rng.gen_bool(0.7) { mean * 0.5 } else { mean * 2.1667 };
-        let g = me.remaining + exponential(rng, mean) as u64;
+        let g = me.remaining.saturating_add(exponential(rng, mean) as u64);
         me.remaining = 0;
         g.max(60_000)
     }

@@ -130,14 +130,44 @@ impl Ingest {
     }
 }
 
+/// A profile or id key inside the dataflow: ids are interned to dense
+/// integers by the reader, in input order, so keys are cheap to hash, compare
+/// and exchange; the table maps them back for output.
+pub type Key = u64;
+
+/// A node's label in identity resolution: `(not eligible, id, key)`; the
+/// least label of a component is its profile.
+pub type Label = (bool, Id, Key);
+
+/// The reader's id table: `Id` to [`Key`] and back.
+#[derive(Default)]
+pub struct Interner {
+    keys: HashMap<Id, Key>,
+    /// Key to id, shared with the sink on the same worker.
+    pub names: std::rc::Rc<std::cell::RefCell<Vec<Id>>>,
+}
+
+impl Interner {
+    pub fn key(&mut self, id: &Id) -> Key {
+        if let Some(&k) = self.keys.get(id) {
+            return k;
+        }
+        let mut names = self.names.borrow_mut();
+        let k = names.len() as Key;
+        names.push(id.clone());
+        self.keys.insert(id.clone(), k);
+        k
+    }
+}
+
 /// Tracks the earliest tick at which each id and link exists, so identity
 /// updates go in once per id and move earlier when an event out of order
 /// shows one sooner.
 #[derive(Default)]
 pub struct Identities {
-    seen: HashMap<Id, u64>,
-    named: HashMap<Id, u64>,
-    links: HashMap<(Id, Id), u64>,
+    seen: HashMap<Key, u64>,
+    named: HashMap<Key, u64>,
+    links: HashMap<(Key, Key), u64>,
 }
 
 /// A change to an identity input: data, time, diff.
@@ -156,28 +186,29 @@ fn earliest<K: std::hash::Hash + Eq + Clone>(map: &mut HashMap<K, u64>, key: &K,
 
 impl Identities {
     /// The node and link changes an accepted event makes.
-    pub fn changes(&mut self, s: &Stamped, nodes: &mut Vec<Change<(Id, (bool, Id))>>, links: &mut Vec<Change<(Id, Id)>>) {
+    pub fn changes(&mut self, s: &Stamped, ids: &mut Interner, nodes: &mut Vec<Change<(Key, Label)>>, links: &mut Vec<Change<(Key, Key)>>) {
         let t = s.effect;
-        let mut node = |map: &mut HashMap<Id, u64>, id: &Id, ineligible: bool| {
-            if let Some(old) = earliest(map, id, t) {
-                nodes.push(((id.clone(), (ineligible, id.clone())), t, 1));
+        let mut node = |map: &mut HashMap<Key, u64>, ids: &mut Interner, id: &Id, ineligible: bool| {
+            let k = ids.key(id);
+            if let Some(old) = earliest(map, &k, t) {
+                nodes.push(((k, (ineligible, id.clone(), k)), t, 1));
                 if let Some(old) = old {
-                    nodes.push(((id.clone(), (ineligible, id.clone())), old, -1));
+                    nodes.push(((k, (ineligible, id.clone(), k)), old, -1));
                 }
             }
         };
         for id in s.event.named_ids() {
-            node(&mut self.named, &id, false);
-            node(&mut self.seen, &id, true);
+            node(&mut self.named, ids, &id, false);
+            node(&mut self.seen, ids, &id, true);
         }
         for (a, b) in s.event.links() {
-            node(&mut self.seen, &a, true);
-            node(&mut self.seen, &b, true);
-            let key = if a <= b { (a, b) } else { (b, a) };
+            node(&mut self.seen, ids, &a, true);
+            node(&mut self.seen, ids, &b, true);
+            let (a, b) = (ids.key(&a), ids.key(&b));
+            let key = (a.min(b), a.max(b));
             if let Some(old) = earliest(&mut self.links, &key, t) {
-                let (a, b) = key;
-                for (x, y) in [(a.clone(), b.clone()), (b, a)] {
-                    links.push(((x.clone(), y.clone()), t, 1));
+                for (x, y) in [(a, b), (b, a)] {
+                    links.push(((x, y), t, 1));
                     if let Some(old) = old {
                         links.push(((x, y), old, -1));
                     }
@@ -258,18 +289,19 @@ mod tests {
     #[test]
     fn identity_changes_move_earlier_once() {
         let mut ids = Identities::default();
+        let mut names = Interner::default();
         let ev = |t: u64| Stamped {
             event: decode(format!(r#"{{"type":"identify","userId":"u","anonymousId":"a","timestamp":{t}}}"#).as_bytes()).unwrap(),
             effect: t,
             late: false,
         };
         let (mut nodes, mut links) = (Vec::new(), Vec::new());
-        ids.changes(&ev(5000), &mut nodes, &mut links);
+        ids.changes(&ev(5000), &mut names, &mut nodes, &mut links);
         assert_eq!(links.len(), 2);
         let n = nodes.len();
-        ids.changes(&ev(6000), &mut nodes, &mut links);
+        ids.changes(&ev(6000), &mut names, &mut nodes, &mut links);
         assert_eq!((nodes.len(), links.len()), (n, 2), "a later repeat changes nothing");
-        ids.changes(&ev(4000), &mut nodes, &mut links);
+        ids.changes(&ev(4000), &mut names, &mut nodes, &mut links);
         assert_eq!(links.len(), 6, "an earlier one moves both directions earlier");
     }
 }

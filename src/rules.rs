@@ -12,25 +12,28 @@
 use differential_dataflow::VecCollection;
 use std::rc::Rc;
 
-use crate::event::Id;
+use crate::ingest::Key;
 use crate::plan::{Formula, Plan};
 use crate::value::Value;
 
-type Profiles<'s> = VecCollection<'s, u64, Id, isize>;
+type Profiles<'s> = VecCollection<'s, u64, Key, isize>;
 
 /// `(atom, profile)` for every atom that holds of a profile.
 pub fn atoms<'s>(
-    terms: VecCollection<'s, u64, ((u32, Id), Value), isize>,
+    terms: VecCollection<'s, u64, ((u32, Key), Vec<Value>), isize>,
     universe: Profiles<'s>,
     plan: Rc<Plan>,
-) -> VecCollection<'s, u64, (u32, Id), isize> {
+) -> VecCollection<'s, u64, (u32, Key), isize> {
     let readers = plan.clone();
     let evaluated = terms
-        .flat_map(move |((term, profile), value)| {
-            readers.readers[term as usize]
-                .iter()
-                .map(|&(atom, slot)| ((atom as u32, profile.clone()), (slot as u32, value.clone())))
-                .collect::<Vec<_>>()
+        .flat_map(move |((stream, profile), values)| {
+            let mut rows = Vec::new();
+            for (&term, value) in readers.folds[stream as usize].iter().zip(values) {
+                for &(atom, slot) in &readers.readers[term] {
+                    rows.push(((atom as u32, profile), (slot as u32, value.clone())));
+                }
+            }
+            rows
         })
         .reduce_named("Atoms", {
             let plan = plan.clone();
@@ -58,7 +61,7 @@ pub fn atoms<'s>(
         h3.iter()
             .enumerate()
             .filter(|(_, h)| **h)
-            .map(|(a, _)| (a as u32, p.clone()))
+            .map(|(a, _)| (a as u32, p))
             .collect::<Vec<_>>()
     });
     holds.concat(by_default).concat(fails.negate())
@@ -66,10 +69,10 @@ pub fn atoms<'s>(
 
 /// The members of every segment, as `(segment, profile)`.
 pub fn segments<'s>(
-    atoms: VecCollection<'s, u64, (u32, Id), isize>,
+    atoms: VecCollection<'s, u64, (u32, Key), isize>,
     universe: Profiles<'s>,
     plan: &Plan,
-) -> VecCollection<'s, u64, (u32, Id), isize> {
+) -> VecCollection<'s, u64, (u32, Key), isize> {
     let mut rendered: Vec<Option<Profiles<'s>>> = vec![None; plan.segments.len()];
     for &s in &plan.order {
         let members = render(&plan.segments[s].formula, &atoms, &universe, &rendered);
@@ -84,7 +87,7 @@ pub fn segments<'s>(
 
 fn render<'s>(
     f: &Formula,
-    atoms: &VecCollection<'s, u64, (u32, Id), isize>,
+    atoms: &VecCollection<'s, u64, (u32, Key), isize>,
     universe: &Profiles<'s>,
     segs: &[Option<Profiles<'s>>],
 ) -> Profiles<'s> {

@@ -17,6 +17,7 @@ use timely::dataflow::operators::generic::Operator;
 
 use crate::clock::format_time;
 use crate::event::Id;
+use crate::ingest::Key;
 
 /// What the sinks saw, read by the driver after the run.
 #[derive(Debug, Default)]
@@ -28,14 +29,14 @@ pub struct SinkState {
 }
 
 /// One membership line, keys in SPEC order.
-pub fn membership_line(time: u64, show_ms: bool, segment: &str, profile: &Id, enter: bool) -> String {
+pub fn membership_line(time: u64, show_ms: bool, segment: &str, profile: &str, enter: bool) -> String {
     let mut line = String::with_capacity(96);
     line.push_str("{\"time\":\"");
     line.push_str(&format_time(time, show_ms));
     line.push_str("\",\"segment\":");
     line.push_str(&serde_json::to_string(segment).expect("string"));
     line.push_str(",\"profile\":");
-    line.push_str(&serde_json::to_string(&profile.to_string()).expect("string"));
+    line.push_str(&serde_json::to_string(profile).expect("string"));
     line.push_str(if enter { ",\"change\":\"enter\"}" } else { ",\"change\":\"exit\"}" });
     line
 }
@@ -43,15 +44,16 @@ pub fn membership_line(time: u64, show_ms: bool, segment: &str, profile: &Id, en
 /// Writes the changes of `(segment, profile)` memberships to `out` on worker 0.
 /// `last` is the last tick to write, set by the driver once it is known.
 pub fn memberships<'s>(
-    members: VecCollection<'s, u64, (u32, Id), isize>,
+    members: VecCollection<'s, u64, (u32, Key), isize>,
+    ids: Rc<RefCell<Vec<Id>>>,
     names: Rc<Vec<String>>,
     show_ms: bool,
     last: Rc<Cell<Option<u64>>>,
     mut out: Option<Box<dyn Write>>,
     state: Rc<RefCell<SinkState>>,
 ) {
-    let pact = Exchange::new(|_: &((u32, Id), u64, isize)| 0u64);
-    let mut pending: BTreeMap<u64, Vec<((u32, Id), isize)>> = BTreeMap::new();
+    let pact = Exchange::new(|_: &((u32, Key), u64, isize)| 0u64);
+    let mut pending: BTreeMap<u64, Vec<((u32, Key), isize)>> = BTreeMap::new();
     members.inner.sink(pact, "WriteMemberships", move |(input, frontier)| {
         input.for_each(|_cap, data| {
             for (d, t, r) in data.drain(..) {
@@ -67,17 +69,19 @@ pub fn memberships<'s>(
             if last.get().is_some_and(|l| t > l) {
                 continue;
             }
-            changes.sort_by(|(a, _), (b, _)| a.0.cmp(&b.0).then_with(|| a.1.to_string().cmp(&b.1.to_string())));
             differential_dataflow::consolidation::consolidate(&mut changes);
-            changes.sort_by(|(a, _), (b, _)| a.0.cmp(&b.0).then_with(|| a.1.to_string().cmp(&b.1.to_string())));
+            let ids = ids.borrow();
+            let mut lines: Vec<(u32, String, bool)> = changes
+                .into_iter()
+                .filter(|(_, r)| *r != 0)
+                .map(|((seg, p), r)| (seg, ids[p as usize].to_string(), r > 0))
+                .collect();
+            lines.sort();
             let mut st = state.borrow_mut();
-            for ((seg, profile), r) in changes {
-                if r == 0 {
-                    continue;
-                }
+            for (seg, profile, enter) in lines {
                 st.diffs += 1;
                 if let (Some(w), None) = (out.as_mut(), &st.error) {
-                    let line = membership_line(t, show_ms, &names[seg as usize], &profile, r > 0);
+                    let line = membership_line(t, show_ms, &names[seg as usize], &profile, enter);
                     if let Err(e) = writeln!(w, "{line}") {
                         st.error = Some(e.to_string());
                     }
@@ -93,7 +97,7 @@ pub fn memberships<'s>(
 }
 
 /// Counts the profiles that exist at the last tick, on worker 0.
-pub fn profiles<'s>(universe: VecCollection<'s, u64, Id, isize>, last: Rc<Cell<Option<u64>>>, state: Rc<RefCell<SinkState>>) {
+pub fn profiles<'s>(universe: VecCollection<'s, u64, Key, isize>, last: Rc<Cell<Option<u64>>>, state: Rc<RefCell<SinkState>>) {
     let pact = Exchange::new(|_: &((), u64, isize)| 0u64);
     universe.map(|_| ()).inner.sink(pact, "CountProfiles", move |(input, _frontier)| {
         input.for_each(|_cap, data| {

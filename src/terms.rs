@@ -11,7 +11,8 @@ use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
 use std::rc::Rc;
 
-use crate::event::{Event, Id};
+use crate::event::Event;
+use crate::ingest::Key;
 use crate::plan::{Agg, Plan, Read, StreamDef};
 use crate::value::{Dec, Float, Value};
 use crate::window::Windowed;
@@ -130,29 +131,26 @@ pub fn latest<'a>(facts: impl Iterator<Item = (&'a Pay, isize)>) -> Value {
         .unwrap_or(Value::Missing)
 }
 
-/// Re-keys windowed facts to profiles and folds every term:
-/// `((term, profile), value)` for each profile with at least one fact.
+/// Re-keys windowed facts to profiles and folds every stream's terms:
+/// `((stream, profile), values)` with one value per term of the stream (in
+/// `plan.folds` order), for each profile with at least one fact.
 pub fn terms<'s>(
     windowed: VecCollection<'s, u64, Windowed, isize>,
-    labels: VecCollection<'s, u64, (Id, Id), isize>,
+    labels: VecCollection<'s, u64, (Key, Key), isize>,
     plan: Rc<Plan>,
-) -> VecCollection<'s, u64, ((u32, Id), Value), isize> {
+) -> VecCollection<'s, u64, ((u32, Key), Vec<Value>), isize> {
     let labels = labels.arrange_by_key_named("ProfileOfId");
-    let folds = plan.clone();
     windowed
-        .join_core(labels, move |_anchor, (stream, pay), profile| {
-            folds.folds[*stream as usize]
+        .join_core(labels, |_anchor, (stream, pay), profile| Some(((*stream, *profile), pay.clone())))
+        .reduce_named("Terms", move |(stream, _profile), facts, out| {
+            let values = plan.folds[*stream as usize]
                 .iter()
-                .map(|&t| ((t as u32, profile.clone()), pay.clone()))
-                .collect::<Vec<_>>()
-        })
-        .reduce_named("Terms", move |(term, _profile), facts, out| {
-            let agg = plan.terms[*term as usize].agg;
-            let value = match agg {
-                Agg::Count => Value::Num(Dec::from_int(facts.iter().map(|(_, n)| *n as i64).sum())),
-                Agg::Last => latest(facts.iter().map(|(p, n)| (*p, *n))),
-                _ => fold(agg, facts.iter().map(|(p, n)| (*p, *n))),
-            };
-            out.push((value, 1));
+                .map(|&t| match plan.terms[t].agg {
+                    Agg::Count => Value::Num(Dec::from_int(facts.iter().map(|(_, n)| *n as i64).sum())),
+                    Agg::Last => latest(facts.iter().map(|(p, n)| (*p, *n))),
+                    agg => fold(agg, facts.iter().map(|(p, n)| (*p, *n))),
+                })
+                .collect();
+            out.push((values, 1));
         })
 }

@@ -20,15 +20,15 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 
 use crate::clock::tick_of;
-use crate::event::Id;
+use crate::ingest::Key;
 use crate::terms::Pay;
 
 /// A fact about one event as the reader emits it: the anchor id, the stream,
 /// the event's own time (for expiry) and what the stream reads of it.
-pub type Fact = (Id, u32, u64, Pay);
+pub type Fact = (Key, u32, u64, Pay);
 
 /// A windowed fact: keyed by anchor id, with its stream and payload.
-pub type Windowed = (Id, (u32, Pay));
+pub type Windowed = (Key, (u32, Pay));
 
 /// Windows every fact by its stream's length (`None`: lifetime); facts whose
 /// expiry is not after their effect tick never count and are dropped.
