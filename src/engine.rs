@@ -14,15 +14,18 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
-use differential_dataflow::input::Input;
+use differential_dataflow::input::{Input, InputSession};
+use differential_dataflow::VecCollection;
 use serde::Serialize;
+use timely::dataflow::Scope;
 
 use crate::clock::format_time;
-use crate::ingest::{dead_letter, Counters, Identities, Ingest, Interner, Outcome};
+use crate::ingest::{dead_letter, Change, Counters, Identities, Ingest, Interner, Key, Label, Outcome, Stamped};
 use crate::plan::Plan;
 use crate::sink::{self, SinkState};
 use crate::spec::Spec;
 use crate::terms::extract;
+use crate::window::Fact;
 use crate::{identity, rules, terms, window};
 
 /// How a run is clocked and bounded (all durations and times in ms).
@@ -253,6 +256,146 @@ pub fn run(job: Job) -> Result<Summary, EngineError> {
     Ok(summary.unwrap_or_default())
 }
 
+/// The differential inputs the reader feeds, at the ticks events take effect.
+pub struct Inputs {
+    pub facts: InputSession<u64, Fact, isize>,
+    pub nodes: InputSession<u64, (Key, Label), isize>,
+    pub links: InputSession<u64, (Key, Key), isize>,
+}
+
+impl Inputs {
+    fn advance_to(&mut self, t: u64) {
+        if t > *self.facts.time() {
+            self.facts.advance_to(t);
+            self.nodes.advance_to(t);
+            self.links.advance_to(t);
+        }
+    }
+
+    fn flush(&mut self) {
+        self.facts.flush();
+        self.nodes.flush();
+        self.links.flush();
+    }
+}
+
+/// The collections a spec maintains.
+pub struct Collections<'s> {
+    /// `(segment index, profile)` for every member of every segment.
+    pub members: VecCollection<'s, u64, (u32, Key), isize>,
+    /// Every profile that exists.
+    pub universe: VecCollection<'s, u64, Key, isize>,
+}
+
+/// Builds the dataflow of `plan` in `scope`: identity, windows, terms, rules.
+pub fn build<'s>(scope: Scope<'s, u64>, plan: &Rc<Plan>, tick: u64) -> (Inputs, Collections<'s>) {
+    let (facts_in, facts) = scope.new_collection();
+    let (nodes_in, nodes) = scope.new_collection();
+    let (links_in, links) = scope.new_collection();
+    let labels = identity::profiles(nodes, links);
+    let universe = identity::universe(labels.clone());
+    let lengths = Rc::new(plan.streams.iter().map(|s| s.window).collect::<Vec<_>>());
+    let windowed = window::window(facts, lengths, tick);
+    let terms = terms::terms(windowed, labels, plan.clone());
+    let atoms = rules::atoms(terms, universe.clone(), plan.clone());
+    let members = rules::segments(atoms, universe.clone(), plan);
+    (
+        Inputs {
+            facts: facts_in,
+            nodes: nodes_in,
+            links: links_in,
+        },
+        Collections { members, universe },
+    )
+}
+
+/// Reads lines in input order on one worker and feeds the inputs: the
+/// sequential front of the engine (see [`Ingest`]).
+pub struct Feeder {
+    plan: Rc<Plan>,
+    inputs: Inputs,
+    ingest: Ingest,
+    identities: Identities,
+    /// Key to id; shared with whoever writes profile ids.
+    pub interner: Interner,
+    until: Option<u64>,
+    node_changes: Vec<Change<(Key, Label)>>,
+    link_changes: Vec<Change<(Key, Key)>>,
+}
+
+impl Feeder {
+    pub fn new(plan: Rc<Plan>, inputs: Inputs, interner: Interner, opts: &RunOptions) -> Feeder {
+        Feeder {
+            plan,
+            inputs,
+            ingest: Ingest::new(opts.tick, opts.lateness, opts.dedupe_horizon),
+            identities: Identities::default(),
+            interner,
+            until: opts.until,
+            node_changes: Vec::new(),
+            link_changes: Vec::new(),
+        }
+    }
+
+    /// Reads one line (without its line ending) and feeds what it means.
+    pub fn read(&mut self, line: &[u8]) -> Outcome {
+        let outcome = self.ingest.read(line);
+        if let Outcome::Accepted(s) = &outcome {
+            if self.until.is_none_or(|u| s.effect <= u) {
+                self.feed(s);
+            }
+        }
+        self.inputs.advance_to(self.ingest.clock.frontier());
+        outcome
+    }
+
+    fn feed(&mut self, s: &Stamped) {
+        self.identities
+            .changes(s, &mut self.interner, &mut self.node_changes, &mut self.link_changes);
+        for (d, t, r) in self.node_changes.drain(..) {
+            self.inputs.nodes.update_at(d, t, r);
+        }
+        for (d, t, r) in self.link_changes.drain(..) {
+            self.inputs.links.update_at(d, t, r);
+        }
+        let anchor = match (&s.event.user_id, &s.event.anonymous_id) {
+            (Some(u), _) => self.interner.key_of(crate::event::IdKind::User, u),
+            (None, Some(a)) => self.interner.key_of(crate::event::IdKind::Anon, a),
+            (None, None) => unreachable!("accepted events have an id"),
+        };
+        for (i, stream) in self.plan.streams.iter().enumerate() {
+            if let Some(pay) = extract(stream, &s.event) {
+                self.inputs.facts.update_at((anchor, i as u32, s.event.time, pay), s.effect, 1);
+            }
+        }
+    }
+
+    /// Hands buffered updates to the dataflow.
+    pub fn flush(&mut self) {
+        self.inputs.flush();
+    }
+
+    /// The first tick not yet final: everything before it may be computed.
+    pub fn frontier(&self) -> u64 {
+        *self.inputs.facts.time()
+    }
+
+    /// Ends file input: the clock moves to the last tick (SPEC §3) and the
+    /// inputs to just past it. Returns the last tick, if any event counted.
+    pub fn finish(&mut self) -> Option<u64> {
+        let last = self.ingest.final_tick(self.until);
+        if let Some(t) = last {
+            self.inputs.advance_to(t + self.ingest.clock.tick);
+        }
+        self.flush();
+        last
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.ingest.counters
+    }
+}
+
 fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<Summary>, EngineError> {
     let plan = Rc::new(Plan::new(&job.spec));
     let opts = &job.opts;
@@ -263,19 +406,11 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
         (Some(open), true) => Some(open().map_err(|e| EngineError::Io(e.to_string()))?),
         _ => None,
     };
-    let mut interner = Interner::default();
+    let interner = Interner::default();
     let names = Rc::new(plan.segments.iter().map(|s| s.name.clone()).collect::<Vec<_>>());
-    let lengths = Rc::new(plan.streams.iter().map(|s| s.window).collect::<Vec<_>>());
-    let (mut facts_in, mut nodes_in, mut links_in, probe) = worker.dataflow::<u64, _, _>(|scope| {
-        let (facts_in, facts) = scope.new_collection();
-        let (nodes_in, nodes) = scope.new_collection();
-        let (links_in, links) = scope.new_collection();
-        let labels = identity::profiles(nodes, links);
-        let universe = identity::universe(labels.clone());
-        let windowed = window::window(facts, lengths, opts.tick);
-        let terms = terms::terms(windowed, labels, plan.clone());
-        let atoms = rules::atoms(terms, universe.clone(), plan.clone());
-        let (probe, members) = rules::segments(atoms, universe.clone(), &plan).probe();
+    let (inputs, probe) = worker.dataflow::<u64, _, _>(|scope| {
+        let (inputs, built) = build(scope, &plan, opts.tick);
+        let (probe, members) = built.members.probe();
         sink::memberships(
             members,
             interner.names.clone(),
@@ -285,20 +420,17 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
             out,
             state.clone(),
         );
-        sink::profiles(universe, last.clone(), state.clone());
-        (facts_in, nodes_in, links_in, probe)
+        sink::profiles(built.universe, last.clone(), state.clone());
+        (inputs, probe)
     });
     if !leader {
         return Ok(None);
     }
-
+    let mut feeder = Feeder::new(plan, inputs, interner, opts);
     let mut dead = match &job.dead_letters {
         Some(open) => Some(open().map_err(|e| EngineError::Io(e.to_string()))?),
         None => None,
     };
-    let mut ingest = Ingest::new(opts.tick, opts.lateness, opts.dedupe_horizon);
-    let mut ids = Identities::default();
-    let (mut node_changes, mut link_changes) = (Vec::new(), Vec::new());
     let mut in_batch = 0;
     let mut in_flight = 0u64;
     let mut line = Vec::new();
@@ -321,50 +453,21 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
                     line.pop();
                 }
             }
-            match ingest.read(&line) {
-                Outcome::Bad(reason) => {
-                    if let Some(d) = dead.as_mut() {
-                        writeln!(d, "{}", dead_letter(&name, number, &reason, &line))
-                            .map_err(|e| EngineError::Io(format!("cannot write dead letters: {e}")))?;
-                    }
+            if let Outcome::Bad(reason) = feeder.read(&line) {
+                if let Some(d) = dead.as_mut() {
+                    writeln!(d, "{}", dead_letter(&name, number, &reason, &line))
+                        .map_err(|e| EngineError::Io(format!("cannot write dead letters: {e}")))?;
                 }
-                Outcome::Accepted(s) => {
-                    if opts.until.is_some_and(|u| s.effect > u) {
-                        continue;
-                    }
-                    ids.changes(&s, &mut interner, &mut node_changes, &mut link_changes);
-                    for (d, t, r) in node_changes.drain(..) {
-                        nodes_in.update_at(d, t, r);
-                    }
-                    for (d, t, r) in link_changes.drain(..) {
-                        links_in.update_at(d, t, r);
-                    }
-                    let anchor = interner.key(&s.event.anchor());
-                    for (i, stream) in plan.streams.iter().enumerate() {
-                        if let Some(pay) = extract(stream, &s.event) {
-                            facts_in.update_at((anchor, i as u32, s.event.time, pay), s.effect, 1);
-                        }
-                    }
-                }
-                Outcome::Blank | Outcome::Ignored | Outcome::Duplicate => {}
-            }
-            let frontier = ingest.clock.frontier();
-            if frontier > *facts_in.time() {
-                facts_in.advance_to(frontier);
-                nodes_in.advance_to(frontier);
-                links_in.advance_to(frontier);
             }
             in_batch += 1;
             if in_batch == BATCH {
                 in_batch = 0;
-                facts_in.flush();
-                nodes_in.flush();
-                links_in.flush();
+                feeder.flush();
                 // Keep at most about two batches in flight.
                 while probe.less_than(&in_flight) {
                     worker.step();
                 }
-                in_flight = *facts_in.time();
+                in_flight = feeder.frontier();
                 worker.step();
             }
         }
@@ -373,23 +476,14 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
         d.flush().map_err(|e| EngineError::Io(format!("cannot write dead letters: {e}")))?;
     }
 
-    let final_tick = ingest.final_tick(opts.until);
+    let final_tick = feeder.finish();
     last.set(Some(final_tick.unwrap_or(0)));
-    if let Some(t) = final_tick {
-        let end = t + opts.tick;
-        if end > *facts_in.time() {
-            facts_in.advance_to(end);
-            nodes_in.advance_to(end);
-            links_in.advance_to(end);
-        }
-        facts_in.flush();
-        nodes_in.flush();
-        links_in.flush();
-        while probe.less_than(&end) {
-            worker.step();
-        }
+    let end = feeder.frontier();
+    while probe.less_than(&end) {
+        worker.step();
     }
-    drop((facts_in, nodes_in, links_in));
+    let counters = feeder.counters().clone();
+    drop(feeder);
     while worker.step_or_park(None) {}
 
     let st = state.borrow();
@@ -403,7 +497,7 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
         duplicates,
         late,
         ignored,
-    } = ingest.counters.clone();
+    } = counters;
     Ok(Some(Summary {
         events_read: read,
         accepted,

@@ -11,12 +11,14 @@
 //! horizon, about `events/s × horizon × 40 bytes` with the map and heap.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+use rustc_hash::FxHashMap;
 
 use serde::Serialize;
 
 use crate::clock::{tick_of, Clock};
-use crate::event::{decode, Event, EventType, Id};
+use crate::event::{decode, Event, EventType, Id, IdKind};
 
 /// An accepted event with the tick at which it takes effect.
 #[derive(Clone, Debug)]
@@ -34,7 +36,7 @@ pub enum Outcome {
     /// `group`: valid, then dropped.
     Ignored,
     Duplicate,
-    Accepted(Stamped),
+    Accepted(Box<Stamped>),
 }
 
 /// Counters for the summary line and metrics.
@@ -51,7 +53,7 @@ pub struct Counters {
 pub struct Ingest {
     pub clock: Clock,
     horizon: u64,
-    remembered: HashMap<u128, u64>,
+    remembered: FxHashMap<u128, u64>,
     forget: BinaryHeap<Reverse<(u64, u128)>>,
     pub counters: Counters,
 }
@@ -61,7 +63,7 @@ impl Ingest {
         Ingest {
             clock: Clock::new(tick, lateness),
             horizon,
-            remembered: HashMap::new(),
+            remembered: FxHashMap::default(),
             forget: BinaryHeap::new(),
             counters: Counters::default(),
         }
@@ -100,7 +102,7 @@ impl Ingest {
         if self.clock.observe(event.time) {
             self.forget_passed();
         }
-        Outcome::Accepted(Stamped { event, effect, late })
+        Outcome::Accepted(Box::new(Stamped { event, effect, late }))
     }
 
     /// Drops dedupe keys whose `e + horizon` the clock has passed.
@@ -139,24 +141,41 @@ pub type Key = u64;
 /// least label of a component is its profile.
 pub type Label = (bool, Id, Key);
 
-/// The reader's id table: `Id` to [`Key`] and back.
+/// The reader's id table: `Id` to [`Key`] and back, looked up by borrowed
+/// name so a known id costs no allocation.
 #[derive(Default)]
 pub struct Interner {
-    keys: HashMap<Id, Key>,
+    users: FxHashMap<String, Key>,
+    anons: FxHashMap<String, Key>,
     /// Key to id, shared with the sink on the same worker.
     pub names: std::rc::Rc<std::cell::RefCell<Vec<Id>>>,
 }
 
 impl Interner {
-    pub fn key(&mut self, id: &Id) -> Key {
-        if let Some(&k) = self.keys.get(id) {
+    pub fn key_of(&mut self, kind: IdKind, name: &str) -> Key {
+        let map = match kind {
+            IdKind::User => &mut self.users,
+            IdKind::Anon => &mut self.anons,
+        };
+        if let Some(&k) = map.get(name) {
             return k;
         }
         let mut names = self.names.borrow_mut();
         let k = names.len() as Key;
-        names.push(id.clone());
-        self.keys.insert(id.clone(), k);
+        names.push(Id {
+            kind,
+            name: name.to_string(),
+        });
+        map.insert(name.to_string(), k);
         k
+    }
+
+    pub fn key(&mut self, id: &Id) -> Key {
+        self.key_of(id.kind, &id.name)
+    }
+
+    fn id(&self, k: Key) -> Id {
+        self.names.borrow()[k as usize].clone()
     }
 }
 
@@ -165,53 +184,63 @@ impl Interner {
 /// shows one sooner.
 #[derive(Default)]
 pub struct Identities {
-    seen: HashMap<Key, u64>,
-    named: HashMap<Key, u64>,
-    links: HashMap<(Key, Key), u64>,
+    /// By key: earliest tick seen at all, and as an eligible id (`u64::MAX`: never).
+    seen: Vec<u64>,
+    named: Vec<u64>,
+    links: FxHashMap<(Key, Key), u64>,
 }
 
 /// A change to an identity input: data, time, diff.
 pub type Change<D> = (D, u64, isize);
 
-fn earliest<K: std::hash::Hash + Eq + Clone>(map: &mut HashMap<K, u64>, key: &K, t: u64) -> Option<Option<u64>> {
-    match map.get_mut(key) {
-        Some(old) if *old <= t => None,
-        Some(old) => Some(Some(std::mem::replace(old, t))),
-        None => {
-            map.insert(key.clone(), t);
-            Some(None)
-        }
+/// Records `t` as the earliest for `k`; `Some(previous)` when that changed
+/// (`u64::MAX` for none before).
+fn earliest(ticks: &mut Vec<u64>, k: Key, t: u64) -> Option<u64> {
+    let i = k as usize;
+    if i >= ticks.len() {
+        ticks.resize(i + 1, u64::MAX);
     }
+    (t < ticks[i]).then(|| std::mem::replace(&mut ticks[i], t))
 }
 
 impl Identities {
     /// The node and link changes an accepted event makes.
     pub fn changes(&mut self, s: &Stamped, ids: &mut Interner, nodes: &mut Vec<Change<(Key, Label)>>, links: &mut Vec<Change<(Key, Key)>>) {
         let t = s.effect;
-        let mut node = |map: &mut HashMap<Key, u64>, ids: &mut Interner, id: &Id, ineligible: bool| {
-            let k = ids.key(id);
-            if let Some(old) = earliest(map, &k, t) {
-                nodes.push(((k, (ineligible, id.clone(), k)), t, 1));
-                if let Some(old) = old {
-                    nodes.push(((k, (ineligible, id.clone(), k)), old, -1));
+        let mut node = |ticks: &mut Vec<u64>, ids: &Interner, k: Key, ineligible: bool| {
+            if let Some(old) = earliest(ticks, k, t) {
+                let label = (ineligible, ids.id(k), k);
+                if old != u64::MAX {
+                    nodes.push(((k, label.clone()), old, -1));
                 }
+                nodes.push(((k, label), t, 1));
             }
         };
-        for id in s.event.named_ids() {
-            node(&mut self.named, ids, &id, false);
-            node(&mut self.seen, ids, &id, true);
+        let ev = &s.event;
+        for (kind, name) in [(IdKind::User, &ev.user_id), (IdKind::Anon, &ev.anonymous_id)] {
+            if let Some(name) = name {
+                let k = ids.key_of(kind, name);
+                node(&mut self.named, ids, k, false);
+                node(&mut self.seen, ids, k, true);
+            }
         }
-        for (a, b) in s.event.links() {
-            node(&mut self.seen, ids, &a, true);
-            node(&mut self.seen, ids, &b, true);
+        for (a, b) in ev.links() {
             let (a, b) = (ids.key(&a), ids.key(&b));
-            let key = (a.min(b), a.max(b));
-            if let Some(old) = earliest(&mut self.links, &key, t) {
-                for (x, y) in [(a, b), (b, a)] {
-                    links.push(((x, y), t, 1));
-                    if let Some(old) = old {
-                        links.push(((x, y), old, -1));
-                    }
+            node(&mut self.seen, ids, a, true);
+            node(&mut self.seen, ids, b, true);
+            let pair = (a.min(b), a.max(b));
+            let old = match self.links.get_mut(&pair) {
+                Some(old) if *old <= t => continue,
+                Some(old) => Some(std::mem::replace(old, t)),
+                None => {
+                    self.links.insert(pair, t);
+                    None
+                }
+            };
+            for (x, y) in [(a, b), (b, a)] {
+                links.push(((x, y), t, 1));
+                if let Some(old) = old {
+                    links.push(((x, y), old, -1));
                 }
             }
         }
@@ -248,26 +277,13 @@ mod tests {
     #[test]
     fn late_events_take_effect_at_the_next_tick() {
         let mut ing = Ingest::new(1000, 2000, 3_600_000);
-        assert!(matches!(
-            ing.read(&line(10_000, "a")),
-            Outcome::Accepted(Stamped {
-                effect: 10_000,
-                late: false,
-                ..
-            })
-        ));
-        assert!(matches!(
-            ing.read(&line(20_000, "b")),
-            Outcome::Accepted(Stamped { effect: 20_000, .. })
-        ));
-        assert!(matches!(
-            ing.read(&line(12_000, "c")),
-            Outcome::Accepted(Stamped {
-                effect: 19_000,
-                late: true,
-                ..
-            })
-        ));
+        let stamp = |o: Outcome| match o {
+            Outcome::Accepted(s) => (s.effect, s.late),
+            other => panic!("not accepted: {other:?}"),
+        };
+        assert_eq!(stamp(ing.read(&line(10_000, "a"))), (10_000, false));
+        assert_eq!(stamp(ing.read(&line(20_000, "b"))), (20_000, false));
+        assert_eq!(stamp(ing.read(&line(12_000, "c"))), (19_000, true));
         assert_eq!(ing.counters.late, 1);
     }
 

@@ -19,6 +19,9 @@ use crate::clock::format_time;
 use crate::event::Id;
 use crate::ingest::Key;
 
+/// A membership change: (segment, profile) and its diff.
+type Change = ((u32, Key), isize);
+
 /// What the sinks saw, read by the driver after the run.
 #[derive(Debug, Default)]
 pub struct SinkState {
@@ -53,7 +56,7 @@ pub fn memberships<'s>(
     state: Rc<RefCell<SinkState>>,
 ) {
     let pact = Exchange::new(|_: &((u32, Key), u64, isize)| 0u64);
-    let mut pending: BTreeMap<u64, Vec<((u32, Key), isize)>> = BTreeMap::new();
+    let mut pending: BTreeMap<u64, Vec<Change>> = BTreeMap::new();
     members.inner.sink(pact, "WriteMemberships", move |(input, frontier)| {
         input.for_each(|_cap, data| {
             for (d, t, r) in data.drain(..) {
