@@ -9,10 +9,11 @@
 //! their inputs at once and simply run their share of the dataflow.
 
 use std::cell::{Cell, RefCell};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use differential_dataflow::input::{Input, InputSession};
 use differential_dataflow::VecCollection;
@@ -23,6 +24,8 @@ use crate::clock::format_time;
 use crate::ingest::{dead_letter, Change, Counters, Identities, Ingest, Interner, Key, Label, Outcome, Stamped};
 use crate::plan::Plan;
 use crate::sink::{self, SinkState};
+use crate::source::Next;
+pub use crate::source::Source;
 use crate::spec::Spec;
 use crate::terms::extract;
 use crate::window::Fact;
@@ -35,6 +38,8 @@ pub struct RunOptions {
     pub lateness: u64,
     pub dedupe_horizon: u64,
     pub until: Option<u64>,
+    /// Live input: after this long without events the clock follows wall time.
+    pub idle: u64,
     /// Worker threads (in this process).
     pub workers: usize,
 }
@@ -46,85 +51,9 @@ impl Default for RunOptions {
             lateness: 5_000,
             dedupe_horizon: 3_600_000,
             until: None,
+            idle: 1_000,
             workers: 1,
         }
-    }
-}
-
-/// Where events come from, read one after another in order.
-#[derive(Clone, Debug)]
-pub enum Source {
-    File(PathBuf),
-    Stdin,
-    Bytes {
-        name: String,
-        data: Arc<Vec<u8>>,
-    },
-    /// The built-in traffic generator (`run --generate N`).
-    Generate(crate::generate::GenOptions),
-}
-
-impl Source {
-    fn name(&self) -> String {
-        match self {
-            Source::File(p) => p.display().to_string(),
-            Source::Stdin => "-".to_string(),
-            Source::Bytes { name, .. } => name.clone(),
-            Source::Generate(g) => format!("generate(seed {})", g.seed),
-        }
-    }
-
-    fn open(&self) -> Result<Box<dyn BufRead>, EngineError> {
-        Ok(match self {
-            Source::File(p) => Box::new(BufReader::with_capacity(
-                1 << 20,
-                std::fs::File::open(p).map_err(|e| EngineError::Io(format!("cannot read {}: {e}", p.display())))?,
-            )),
-            Source::Stdin => Box::new(BufReader::with_capacity(1 << 20, std::io::stdin())),
-            Source::Bytes { data, .. } => Box::new(std::io::Cursor::new(SharedBytes(data.clone()))),
-            Source::Generate(g) => Box::new(BufReader::with_capacity(
-                1 << 16,
-                GeneratedLines {
-                    gen: crate::generate::Generator::new(g),
-                    rest: Vec::new(),
-                    at: 0,
-                },
-            )),
-        })
-    }
-}
-
-/// The generator's lines as a byte stream.
-struct GeneratedLines {
-    gen: crate::generate::Generator,
-    rest: Vec<u8>,
-    at: usize,
-}
-
-impl std::io::Read for GeneratedLines {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.at == self.rest.len() {
-            self.rest.clear();
-            self.at = 0;
-            match self.gen.next_line() {
-                Some(line) => {
-                    self.rest.extend_from_slice(line.as_bytes());
-                    self.rest.push(b'\n');
-                }
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.rest.len() - self.at);
-        buf[..n].copy_from_slice(&self.rest[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
-    }
-}
-
-struct SharedBytes(Arc<Vec<u8>>);
-impl AsRef<[u8]> for SharedBytes {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
     }
 }
 
@@ -370,6 +299,17 @@ impl Feeder {
         }
     }
 
+    /// Moves the clock to `t` with no event (live input gone idle).
+    pub fn advance_clock(&mut self, t: u64) {
+        self.ingest.advance_clock(t);
+        self.inputs.advance_to(self.ingest.clock.frontier());
+    }
+
+    /// The clock `now`, once an event was accepted.
+    pub fn now(&self) -> Option<u64> {
+        self.ingest.clock.now
+    }
+
     /// Hands buffered updates to the dataflow.
     pub fn flush(&mut self) {
         self.inputs.flush();
@@ -434,33 +374,48 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
     let mut in_batch = 0;
     let mut in_flight = 0u64;
     let mut line = Vec::new();
+    let tick = Duration::from_millis(opts.tick);
+    let idle = Duration::from_millis(opts.idle);
     for source in &job.sources {
         let name = source.name();
-        let mut reader = source.open()?;
+        let mut lines = source.open()?;
+        let live = lines.is_live();
         let mut number = 0u64;
+        // Live clock: when the last event came, and the clock then.
+        let mut last_event = (Instant::now(), feeder.now());
         loop {
-            line.clear();
-            let n = reader
-                .read_until(b'\n', &mut line)
-                .map_err(|e| EngineError::Io(format!("cannot read {name}: {e}")))?;
-            if n == 0 {
-                break;
-            }
-            number += 1;
-            if line.last() == Some(&b'\n') {
-                line.pop();
-                if line.last() == Some(&b'\r') {
-                    line.pop();
+            let wait = if in_batch > 0 { Duration::from_millis(20) } else { tick.min(idle) };
+            match lines
+                .next(&mut line, wait)
+                .map_err(|e| EngineError::Io(format!("cannot read {name}: {e}")))?
+            {
+                Next::End => break,
+                Next::Idle => {
+                    let (at, now) = last_event;
+                    if let Some(now) = now.filter(|_| at.elapsed() >= idle) {
+                        feeder.advance_clock(now + (at.elapsed().as_millis() as u64 / opts.tick) * opts.tick);
+                    }
+                    in_batch = BATCH; // make what we have visible
+                }
+                Next::Line => {
+                    number += 1;
+                    let outcome = feeder.read(&line);
+                    if let Outcome::Bad(reason) = &outcome {
+                        if let Some(d) = dead.as_mut() {
+                            writeln!(d, "{}", dead_letter(&name, number, reason, &line))
+                                .map_err(|e| EngineError::Io(format!("cannot write dead letters: {e}")))?;
+                            if live {
+                                d.flush().map_err(|e| EngineError::Io(format!("cannot write dead letters: {e}")))?;
+                            }
+                        }
+                    }
+                    if matches!(outcome, Outcome::Accepted(_)) {
+                        last_event = (Instant::now(), feeder.now());
+                    }
+                    in_batch += 1;
                 }
             }
-            if let Outcome::Bad(reason) = feeder.read(&line) {
-                if let Some(d) = dead.as_mut() {
-                    writeln!(d, "{}", dead_letter(&name, number, &reason, &line))
-                        .map_err(|e| EngineError::Io(format!("cannot write dead letters: {e}")))?;
-                }
-            }
-            in_batch += 1;
-            if in_batch == BATCH {
+            if in_batch >= BATCH {
                 in_batch = 0;
                 feeder.flush();
                 // Keep at most about two batches in flight.
@@ -469,6 +424,9 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
                 }
                 in_flight = feeder.frontier();
                 worker.step();
+                if live {
+                    worker.step_while(|| probe.less_than(&in_flight));
+                }
             }
         }
     }

@@ -105,6 +105,13 @@ impl Ingest {
         Outcome::Accepted(Box::new(Stamped { event, effect, late }))
     }
 
+    /// Moves the clock to `t` without an event (live input gone idle).
+    pub fn advance_clock(&mut self, t: u64) {
+        if self.clock.advance_to(t / self.clock.tick * self.clock.tick) {
+            self.forget_passed();
+        }
+    }
+
     /// Drops dedupe keys whose `e + horizon` the clock has passed.
     fn forget_passed(&mut self) {
         let Some(now) = self.clock.now else { return };

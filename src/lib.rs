@@ -18,6 +18,7 @@ pub mod ingest;
 pub mod plan;
 pub mod rules;
 pub mod sink;
+pub mod source;
 pub mod spec;
 pub mod terms;
 pub mod value;

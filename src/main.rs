@@ -252,12 +252,12 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             }
         }
     }
-    let _ = args.idle;
     let opts = RunOptions {
         tick: args.tick,
         lateness: args.lateness,
         dedupe_horizon: args.dedupe_horizon,
         until: args.until,
+        idle: args.idle,
         workers: args.workers,
     };
     let job = Job {

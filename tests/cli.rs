@@ -173,3 +173,48 @@ fn every_shipped_spec_finds_members_in_generated_traffic() {
         }
     }
 }
+
+#[test]
+fn live_stdin_clock_follows_wall_time_when_idle() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), "[[segment]]\nname = \"active\"\nwhen = \"count(any, 2s) >= 1\"\n");
+    let mut child = shoal()
+        .arg("run")
+        .arg(&spec)
+        .args(["--input", "-", "--lateness", "0s", "--idle", "200ms", "--dead-letter", "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"{\"type\":\"track\",\"event\":\"x\",\"userId\":\"u\",\"timestamp\":\"2024-01-01T00:00:10Z\"}\n")
+        .unwrap();
+    stdin.flush().unwrap();
+    // With stdin still open and nothing more sent, the window must still expire.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let _ = tx.send(line.unwrap());
+        }
+    });
+    let first = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the enter line comes while input is open");
+    assert!(
+        first.contains("\"time\":\"2024-01-01T00:00:10Z\"") && first.contains("enter"),
+        "{first}"
+    );
+    let second = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the exit comes from the clock following wall time");
+    assert!(
+        second.contains("\"time\":\"2024-01-01T00:00:12Z\"") && second.contains("exit"),
+        "{second}"
+    );
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+}

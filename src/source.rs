@@ -1,0 +1,172 @@
+//! Sources: where lines come from, in order.
+//!
+//! Files, in-memory bytes and the generator are read to their end. Stdin is
+//! live: a thread reads it into a bounded channel (backpressure, not an
+//! unbounded queue) and the reader sees [`Next::Idle`] when nothing arrived
+//! for a while, so the clock can follow wall time (SPEC §3).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::engine::EngineError;
+
+/// Where events come from, read one after another in order.
+#[derive(Clone, Debug)]
+pub enum Source {
+    File(PathBuf),
+    Stdin,
+    Bytes {
+        name: String,
+        data: Arc<Vec<u8>>,
+    },
+    /// The built-in traffic generator (`run --generate N`).
+    Generate(crate::generate::GenOptions),
+}
+
+impl Source {
+    pub fn name(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            Source::Stdin => "-".to_string(),
+            Source::Bytes { name, .. } => name.clone(),
+            Source::Generate(g) => format!("generate(seed {})", g.seed),
+        }
+    }
+
+    fn open_reader(&self) -> Result<Box<dyn BufRead>, EngineError> {
+        Ok(match self {
+            Source::File(p) => Box::new(BufReader::with_capacity(
+                1 << 20,
+                std::fs::File::open(p).map_err(|e| EngineError::Io(format!("cannot read {}: {e}", p.display())))?,
+            )),
+            Source::Stdin => Box::new(BufReader::with_capacity(1 << 20, std::io::stdin())),
+            Source::Bytes { data, .. } => Box::new(std::io::Cursor::new(SharedBytes(data.clone()))),
+            Source::Generate(g) => Box::new(BufReader::with_capacity(
+                1 << 16,
+                GeneratedLines {
+                    gen: crate::generate::Generator::new(g),
+                    rest: Vec::new(),
+                    at: 0,
+                },
+            )),
+        })
+    }
+}
+
+/// The generator's lines as a byte stream.
+struct GeneratedLines {
+    gen: crate::generate::Generator,
+    rest: Vec<u8>,
+    at: usize,
+}
+
+impl std::io::Read for GeneratedLines {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.at == self.rest.len() {
+            self.rest.clear();
+            self.at = 0;
+            match self.gen.next_line() {
+                Some(line) => {
+                    self.rest.extend_from_slice(line.as_bytes());
+                    self.rest.push(b'\n');
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.rest.len() - self.at);
+        buf[..n].copy_from_slice(&self.rest[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+struct SharedBytes(Arc<Vec<u8>>);
+impl AsRef<[u8]> for SharedBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// What reading a source gave.
+pub enum Next {
+    /// A line, without its line ending, is in the buffer.
+    Line,
+    /// Nothing arrived within the wait (live sources only).
+    Idle,
+    End,
+}
+
+/// An open source.
+pub enum Lines {
+    Read(Box<dyn BufRead>),
+    Live(Receiver<std::io::Result<Vec<u8>>>),
+}
+
+impl Source {
+    /// Opens the source; stdin gets a reader thread.
+    pub fn open(&self) -> Result<Lines, EngineError> {
+        if let Source::Stdin = self {
+            let (tx, rx) = sync_channel(1 << 14);
+            std::thread::Builder::new()
+                .name("shoal-stdin".into())
+                .spawn(move || {
+                    let mut input = BufReader::with_capacity(1 << 20, std::io::stdin());
+                    loop {
+                        let mut line = Vec::new();
+                        match input.read_until(b'\n', &mut line) {
+                            Ok(0) => break,
+                            Ok(_) => {
+                                if tx.send(Ok(line)).is_err() {
+                                    break;
+                                }
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                                break;
+                            }
+                        }
+                    }
+                })
+                .map_err(|e| EngineError::Io(format!("cannot start the stdin reader: {e}")))?;
+            return Ok(Lines::Live(rx));
+        }
+        Ok(Lines::Read(self.open_reader()?))
+    }
+}
+
+fn trim_line_ending(line: &mut Vec<u8>) {
+    if line.last() == Some(&b'\n') {
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+    }
+}
+
+impl Lines {
+    /// Reads the next line into `buf`, waiting at most `wait` on a live source.
+    pub fn next(&mut self, buf: &mut Vec<u8>, wait: Duration) -> std::io::Result<Next> {
+        buf.clear();
+        match self {
+            Lines::Read(r) => {
+                if r.read_until(b'\n', buf)? == 0 {
+                    return Ok(Next::End);
+                }
+            }
+            Lines::Live(rx) => match rx.recv_timeout(wait) {
+                Ok(line) => *buf = line?,
+                Err(RecvTimeoutError::Timeout) => return Ok(Next::Idle),
+                Err(RecvTimeoutError::Disconnected) => return Ok(Next::End),
+            },
+        }
+        trim_line_ending(buf);
+        Ok(Next::Line)
+    }
+
+    pub fn is_live(&self) -> bool {
+        matches!(self, Lines::Live(_))
+    }
+}
