@@ -336,6 +336,52 @@ impl Feeder {
     }
 }
 
+/// Progress on long runs: a line on stderr every few seconds when it is a
+/// terminal, and a `tracing` event (`RUST_LOG=info`) otherwise.
+struct Progress {
+    started: Instant,
+    last: Instant,
+    terminal: bool,
+    shown: bool,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        use std::io::IsTerminal;
+        Progress {
+            started: Instant::now(),
+            last: Instant::now(),
+            terminal: std::io::stderr().is_terminal(),
+            shown: false,
+        }
+    }
+
+    fn tick(&mut self, feeder: &Feeder, tick: u64) {
+        if self.last.elapsed() < Duration::from_secs(2) {
+            return;
+        }
+        self.last = Instant::now();
+        let c = feeder.counters();
+        let rate = c.read as f64 / self.started.elapsed().as_secs_f64();
+        let clock = feeder.now().map(|t| format_time(t, tick < 1000)).unwrap_or_else(|| "-".into());
+        self.shown = true;
+        if self.terminal {
+            eprint!(
+                "\rshoal: {} lines, {:.0}/s, clock {clock}, {} bad, {} duplicates   ",
+                c.read, rate, c.bad, c.duplicates
+            );
+        } else {
+            tracing::info!(lines = c.read, rate = rate as u64, clock = %clock, bad = c.bad, duplicates = c.duplicates, "progress");
+        }
+    }
+
+    fn done(&self) {
+        if self.terminal && self.shown {
+            eprintln!();
+        }
+    }
+}
+
 fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<Summary>, EngineError> {
     let plan = Rc::new(Plan::new(&job.spec));
     let opts = &job.opts;
@@ -374,6 +420,7 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
     let mut in_batch = 0;
     let mut in_flight = 0u64;
     let mut line = Vec::new();
+    let mut progress = Progress::new();
     let tick = Duration::from_millis(opts.tick);
     let idle = Duration::from_millis(opts.idle);
     for source in &job.sources {
@@ -417,6 +464,7 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
             }
             if in_batch >= BATCH {
                 in_batch = 0;
+                progress.tick(&feeder, opts.tick);
                 feeder.flush();
                 // Keep at most about two batches in flight.
                 while probe.less_than(&in_flight) {
@@ -434,6 +482,7 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
         d.flush().map_err(|e| EngineError::Io(format!("cannot write dead letters: {e}")))?;
     }
 
+    progress.done();
     let final_tick = feeder.finish();
     last.set(Some(final_tick.unwrap_or(0)));
     let end = feeder.frontier();

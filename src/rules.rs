@@ -9,8 +9,10 @@
 //! the set, `in_segment` the other segment's set: every formula is a
 //! collection of profiles with multiplicity one, kept current by differential.
 
-use differential_dataflow::VecCollection;
+use differential_dataflow::{AsCollection, VecCollection};
 use std::rc::Rc;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::operators::core::Partition;
 
 use crate::ingest::Key;
 use crate::plan::{Formula, Plan};
@@ -73,9 +75,16 @@ pub fn segments<'s>(
     universe: Profiles<'s>,
     plan: &Plan,
 ) -> VecCollection<'s, u64, (u32, Key), isize> {
+    // One stream per atom, split once rather than filtered once per use.
+    let by_atom: Vec<Profiles<'s>> = atoms
+        .inner
+        .partition::<CapacityContainerBuilder<Vec<_>>, _, _>(plan.atoms.len().max(1) as u64, |((a, p), t, r)| (a as u64, (p, t, r)))
+        .into_iter()
+        .map(|s| s.as_collection())
+        .collect();
     let mut rendered: Vec<Option<Profiles<'s>>> = vec![None; plan.segments.len()];
     for &s in &plan.order {
-        let members = render(&plan.segments[s].formula, &atoms, &universe, &rendered);
+        let members = render(&plan.segments[s].formula, &by_atom, &universe, &rendered);
         rendered[s] = Some(members);
     }
     let all = rendered
@@ -85,19 +94,11 @@ pub fn segments<'s>(
     differential_dataflow::collection::concatenate(universe.scope(), all)
 }
 
-fn render<'s>(
-    f: &Formula,
-    atoms: &VecCollection<'s, u64, (u32, Key), isize>,
-    universe: &Profiles<'s>,
-    segs: &[Option<Profiles<'s>>],
-) -> Profiles<'s> {
+fn render<'s>(f: &Formula, atoms: &[Profiles<'s>], universe: &Profiles<'s>, segs: &[Option<Profiles<'s>>]) -> Profiles<'s> {
     match f {
         Formula::True => universe.clone(),
         Formula::False => universe.clone().filter(|_| false),
-        Formula::Atom(a) => {
-            let a = *a as u32;
-            atoms.clone().flat_map(move |(x, p)| (x == a).then_some(p))
-        }
+        Formula::Atom(a) => atoms[*a].clone(),
         Formula::Segment(s) => segs[*s].clone().expect("in_segment targets come first"),
         Formula::Not(x) => universe.clone().concat(render(x, atoms, universe, segs).negate()),
         Formula::And(x, y) => {
