@@ -663,3 +663,112 @@ fn aggregate(kind: AggKind, evs: &[&Event], path: Option<&Path>) -> Value {
         AggKind::Count | AggKind::Distinct => unreachable!(),
     }
 }
+
+// ---------------------------------------------------------------------------
+// A sample of the profiles, for inputs too large to evaluate whole.
+
+/// Like [`evaluate_sparse`], restricted to the profiles made of ids that
+/// satisfy `keep`: the lines it writes are exactly the lines
+/// [`evaluate_sparse`] writes for those profiles, provided the kept ids are
+/// closed under identity links (a union of whole connected components of the
+/// final id graph). Then a kept profile's identity, universe membership,
+/// terms and `in_segment` depend only on its own component's events.
+///
+/// The clock, dedupe, late effect ticks and the final clock depend on every
+/// line, so the pass over the input is the same full pass as always. Only
+/// then are the accepted events cut down to those whose ids all satisfy
+/// `keep` (an event with some ids kept and some not means the kept set is not
+/// closed: that panics), and those are evaluated one final component at a
+/// time, at that component's own change points. A component's memberships
+/// can only change at its own change points, so the diff between its
+/// consecutive change points is the diff between the global ones.
+pub fn evaluate_sample(spec: &Spec, input: &[u8], opts: &RefOptions, keep: &dyn Fn(&Id) -> bool) -> RefOutput {
+    assert!(opts.tick > 0, "tick must be positive");
+    let tick = opts.tick;
+    let ing = ingest(input, opts);
+    let mut out = RefOutput {
+        lines: Vec::new(),
+        dead: ing.dead,
+    };
+    let Some(max_time) = ing.max_time else {
+        return out; // no accepted event: nothing is written
+    };
+    // As in `run`: the last tick written, and the first effect tick of all.
+    let last = match opts.until {
+        Some(u) => u / tick * tick,
+        None => ing.now.unwrap_or(0).max(tick_of(max_time, tick)),
+    };
+    let first = ing.accepted.iter().map(|a| a.effect).min().expect("an accepted event");
+    if first > last {
+        return out;
+    }
+
+    // The kept events, grouped by their final component.
+    let mut index: HashMap<Id, usize> = HashMap::new();
+    let mut uf = UnionFind { parent: Vec::new() };
+    let mut kept: Vec<(usize, Accepted)> = Vec::new();
+    for a in ing.accepted {
+        let mut ids = a.ev.named_ids();
+        let links = a.ev.links();
+        ids.extend(links.iter().flat_map(|(x, y)| [x.clone(), y.clone()]));
+        let n_kept = ids.iter().filter(|id| keep(id)).count();
+        if n_kept == 0 {
+            continue;
+        }
+        assert!(
+            n_kept == ids.len(),
+            "the kept ids are not closed under identity links: {:?}",
+            ids.iter().map(|id| (id.to_string(), keep(id))).collect::<Vec<_>>()
+        );
+        let mut node = |id: Id, uf: &mut UnionFind| {
+            let n = index.len();
+            *index.entry(id).or_insert_with(|| {
+                uf.parent.push(n);
+                n
+            })
+        };
+        let anchor = node(a.ev.anchor(), &mut uf);
+        for (x, y) in links {
+            let (x, y) = (node(x, &mut uf), node(y, &mut uf));
+            uf.union(x, y);
+        }
+        kept.push((anchor, a));
+    }
+    let mut components: BTreeMap<usize, Vec<Accepted>> = BTreeMap::new();
+    for (anchor, a) in kept {
+        components.entry(uf.find(anchor)).or_default().push(a);
+    }
+
+    // (tick, segment, profile id, change), every component on its own.
+    let mut changes: Vec<(u64, usize, String, &str)> = Vec::new();
+    for events in components.values() {
+        let mut previous: BTreeSet<(usize, String)> = BTreeSet::new();
+        for t in change_points(spec, events, tick).into_iter().filter(|t| (first..=last).contains(t)) {
+            let current = members_at(spec, events, t);
+            for (seg, profile) in current.difference(&previous) {
+                changes.push((t, *seg, profile.clone(), "enter"));
+            }
+            for (seg, profile) in previous.difference(&current) {
+                changes.push((t, *seg, profile.clone(), "exit"));
+            }
+            previous = current;
+        }
+    }
+    // in tick order; within a tick by the segment's order, then by profile id bytes
+    changes.sort_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then_with(|| a.1.cmp(&b.1))
+            .then_with(|| a.2.as_bytes().cmp(b.2.as_bytes()))
+    });
+    let show_ms = tick < 1000;
+    for (t, seg, profile, change) in changes {
+        out.lines.push(format!(
+            "{{\"time\":{},\"segment\":{},\"profile\":{},\"change\":\"{}\"}}",
+            json_str(&format_time(t, show_ms)),
+            json_str(&spec.segments[seg].name),
+            json_str(&profile),
+            change
+        ));
+    }
+    out
+}
