@@ -27,7 +27,7 @@ use crate::sink::{self, SinkState};
 use crate::source::Next;
 pub use crate::source::Source;
 use crate::spec::Spec;
-use crate::terms::extract;
+use crate::terms::{extract, Pay};
 use crate::window::Fact;
 use crate::{identity, rules, terms, window};
 
@@ -248,6 +248,8 @@ pub struct Feeder {
     /// Key to id; shared with whoever writes profile ids.
     pub interner: Interner,
     until: Option<u64>,
+    /// For lifetime "latest value" streams: the fact fed last that still wins.
+    winners: rustc_hash::FxHashMap<(Key, u32), (u64, Pay)>,
     node_changes: Vec<Change<(Key, Label)>>,
     link_changes: Vec<Change<(Key, Key)>>,
 }
@@ -261,6 +263,7 @@ impl Feeder {
             identities: Identities::default(),
             interner,
             until: opts.until,
+            winners: Default::default(),
             node_changes: Vec::new(),
             link_changes: Vec::new(),
         }
@@ -292,9 +295,42 @@ impl Feeder {
             (None, Some(a)) => self.interner.key_of(crate::event::IdKind::Anon, a),
             (None, None) => unreachable!("accepted events have an id"),
         };
-        for (i, stream) in self.plan.streams.iter().enumerate() {
-            if let Some(pay) = extract(stream, &s.event) {
+        let plan = self.plan.clone();
+        for (i, stream) in plan.streams.iter().enumerate() {
+            let Some(pay) = extract(stream, &s.event) else { continue };
+            if let Pay::Stamped(..) = pay {
+                self.latest(anchor, i as u32, s, pay);
+            } else {
                 self.inputs.facts.update_at((anchor, i as u32, s.event.time, pay), s.effect, 1);
+            }
+        }
+    }
+
+    /// Feeds a stamped fact of a lifetime "latest value" stream, keeping only
+    /// the facts that can still win: one per anchor and stream once effects
+    /// arrive in order. A newer value retracts the one it beats at its own
+    /// effect tick; one that can never win (older, and effective no sooner)
+    /// is not fed at all; one effective sooner than the current winner (read
+    /// out of order) is fed as it is, and the term's fold takes the max.
+    fn latest(&mut self, anchor: Key, stream: u32, s: &Stamped, pay: Pay) {
+        let rank = |p: &Pay| match p {
+            Pay::Stamped(e, text, _) => (*e, text.clone()),
+            _ => unreachable!("stamped"),
+        };
+        let fact = |pay: Pay| (anchor, stream, s.event.time, pay);
+        match self.winners.get_mut(&(anchor, stream)) {
+            Some((eff, best)) if s.effect >= *eff => {
+                if rank(&pay) > rank(best) {
+                    let old = std::mem::replace(best, pay.clone());
+                    *eff = s.effect;
+                    self.inputs.facts.update_at(fact(old), s.effect, -1);
+                    self.inputs.facts.update_at(fact(pay), s.effect, 1);
+                }
+            }
+            Some(_) => self.inputs.facts.update_at(fact(pay), s.effect, 1),
+            None => {
+                self.winners.insert((anchor, stream), (s.effect, pay.clone()));
+                self.inputs.facts.update_at(fact(pay), s.effect, 1);
             }
         }
     }

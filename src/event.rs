@@ -6,6 +6,7 @@
 //! JSON objects and read by dotted path when a term asks for them.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value as Json};
 use std::fmt;
 
@@ -73,9 +74,47 @@ pub struct Event {
     pub user_id: Option<String>,
     pub anonymous_id: Option<String>,
     pub previous_id: Option<String>,
-    pub properties: Map<String, Json>,
-    pub traits: Map<String, Json>,
-    pub context: Map<String, Json>,
+    pub properties: Object,
+    pub traits: Object,
+    pub context: Object,
+}
+
+/// A JSON object read lazily: its text is kept and parsed the first time a
+/// term reads it, so the objects no stream looks at cost only a scan.
+#[derive(Clone, Debug, Default)]
+pub struct Object {
+    text: Option<Box<str>>,
+    parsed: std::sync::OnceLock<Map<String, Json>>,
+}
+
+impl PartialEq for Object {
+    fn eq(&self, other: &Self) -> bool {
+        self.map() == other.map()
+    }
+}
+
+impl Object {
+    fn from_raw(raw: Option<&RawValue>, field: &str) -> Result<Object, BadEvent> {
+        let Some(raw) = raw else { return Ok(Object::default()) };
+        match raw.get().as_bytes().first() {
+            Some(b'{') => Ok(Object {
+                text: Some(raw.get().into()),
+                parsed: Default::default(),
+            }),
+            Some(b'n') => Ok(Object::default()),
+            _ => bad(format!("field `{field}` must be an object")),
+        }
+    }
+
+    /// The parsed object (empty when absent).
+    pub fn map(&self) -> &Map<String, Json> {
+        self.parsed
+            .get_or_init(|| self.text.as_deref().and_then(|t| serde_json::from_str(t).ok()).unwrap_or_default())
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Json> {
+        self.map().get(key)
+    }
 }
 
 impl Event {
@@ -122,9 +161,9 @@ impl Event {
     pub fn get(&self, path: &[String]) -> Option<&Json> {
         let (first, rest) = path.split_first()?;
         let root = match first.as_str() {
-            "properties" => &self.properties,
-            "traits" => &self.traits,
-            "context" => &self.context,
+            "properties" => self.properties.map(),
+            "traits" => self.traits.map(),
+            "context" => self.context.map(),
             _ => return None,
         };
         let (second, rest) = rest.split_first()?;
@@ -155,36 +194,67 @@ pub fn line_key(line: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128_with_seed(line, 2)
 }
 
-fn opt_string(obj: &Map<String, Json>, field: &str) -> Result<Option<String>, BadEvent> {
-    match obj.get(field) {
-        None | Some(Json::Null) => Ok(None),
-        Some(Json::String(s)) => Ok(Some(s.clone())),
+/// The top-level fields, borrowed from the line; everything else is ignored.
+#[derive(Deserialize, Default)]
+struct Top<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow)]
+    event: Option<&'a RawValue>,
+    #[serde(borrow)]
+    name: Option<&'a RawValue>,
+    #[serde(rename = "messageId", borrow)]
+    message_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    timestamp: Option<&'a RawValue>,
+    #[serde(rename = "userId", borrow)]
+    user_id: Option<&'a RawValue>,
+    #[serde(rename = "anonymousId", borrow)]
+    anonymous_id: Option<&'a RawValue>,
+    #[serde(rename = "previousId", borrow)]
+    previous_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    properties: Option<&'a RawValue>,
+    #[serde(borrow)]
+    traits: Option<&'a RawValue>,
+    #[serde(borrow)]
+    context: Option<&'a RawValue>,
+}
+
+/// A scalar top-level field as JSON (`None` when absent or `null`).
+fn scalar(raw: Option<&RawValue>, field: &str) -> Result<Option<Json>, BadEvent> {
+    match raw {
+        None => Ok(None),
+        Some(r) => match serde_json::from_str::<Json>(r.get()) {
+            Ok(Json::Null) => Ok(None),
+            Ok(v) => Ok(Some(v)),
+            Err(e) => bad(format!("field `{field}`: {e}")),
+        },
+    }
+}
+
+fn opt_string(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, BadEvent> {
+    match scalar(raw, field)? {
+        None => Ok(None),
+        Some(Json::String(s)) => Ok(Some(s)),
         Some(_) => bad(format!("field `{field}` must be a string")),
     }
 }
 
-fn opt_id(obj: &Map<String, Json>, field: &str) -> Result<Option<String>, BadEvent> {
-    match obj.get(field) {
-        None | Some(Json::Null) => Ok(None),
+fn opt_id(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, BadEvent> {
+    match scalar(raw, field)? {
+        None => Ok(None),
         Some(Json::String(s)) if s.is_empty() => Ok(None),
-        Some(Json::String(s)) => Ok(Some(s.clone())),
+        Some(Json::String(s)) => Ok(Some(s)),
         Some(Json::Number(n)) => Ok(Some(n.to_string())),
         Some(_) => bad(format!("field `{field}` must be a string or a number")),
     }
 }
 
-fn opt_object(obj: &mut Map<String, Json>, field: &str) -> Result<Map<String, Json>, BadEvent> {
-    match obj.remove(field) {
-        None | Some(Json::Null) => Ok(Map::new()),
-        Some(Json::Object(m)) => Ok(m),
-        Some(_) => bad(format!("field `{field}` must be an object")),
-    }
-}
-
-fn timestamp(v: Option<&Json>) -> Result<u64, BadEvent> {
-    match v {
-        None | Some(Json::Null) => bad("missing `timestamp`"),
-        Some(Json::String(s)) => clock::parse_time(s).map_err(|e| BadEvent(format!("invalid `timestamp`: {e}"))),
+fn timestamp(raw: Option<&RawValue>) -> Result<u64, BadEvent> {
+    match scalar(raw, "timestamp")? {
+        None => bad("missing `timestamp`"),
+        Some(Json::String(s)) => clock::parse_time(&s).map_err(|e| BadEvent(format!("invalid `timestamp`: {e}"))),
         Some(Json::Number(n)) => match n.as_u64() {
             Some(ms) => Ok(ms),
             None => bad(format!(
@@ -198,15 +268,26 @@ fn timestamp(v: Option<&Json>) -> Result<u64, BadEvent> {
 /// Decodes one line (without its line ending). Blank lines are the caller's
 /// business: they are skipped before decoding.
 pub fn decode(line: &[u8]) -> Result<Event, BadEvent> {
-    let json: Json = match serde_json::from_slice(line) {
-        Ok(v) => v,
-        Err(e) => return bad(format!("not JSON: {e}")),
+    let text = match std::str::from_utf8(line) {
+        Ok(t) => t,
+        Err(e) => return bad(format!("not JSON: invalid UTF-8 ({e})")),
     };
-    let mut obj = match json {
-        Json::Object(m) => m,
-        _ => return bad("not a JSON object"),
+    // A derived struct would also accept an array; only objects are events.
+    match text.trim_start().as_bytes().first() {
+        Some(b'{') => {}
+        _ => {
+            return match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                Ok(_) => bad("not a JSON object"),
+                Err(e) => bad(format!("not JSON: {e}")),
+            }
+        }
+    }
+    let top: Top = match serde_json::from_str(text) {
+        Ok(t) => t,
+        Err(e) if e.is_syntax() || e.is_eof() => return bad(format!("not JSON: {e}")),
+        Err(e) => return bad(format!("not a valid event: {e}")),
     };
-    let kind = match obj.get("type") {
+    let kind = match scalar(top.kind, "type")? {
         Some(Json::String(t)) => match t.as_str() {
             "track" => EventType::Track,
             "page" => EventType::Page,
@@ -216,19 +297,19 @@ pub fn decode(line: &[u8]) -> Result<Event, BadEvent> {
             "group" => EventType::Group,
             other => return bad(format!("unknown `type` {other:?}")),
         },
-        None | Some(Json::Null) => return bad("missing `type`"),
+        None => return bad("missing `type`"),
         Some(_) => return bad("field `type` must be a string"),
     };
-    let time = timestamp(obj.get("timestamp"))?;
-    let event_name = opt_string(&obj, "event")?;
-    let page_name = opt_string(&obj, "name")?;
-    let message_id = opt_string(&obj, "messageId")?;
-    let user_id = opt_id(&obj, "userId")?;
-    let anonymous_id = opt_id(&obj, "anonymousId")?;
-    let previous_id = opt_id(&obj, "previousId")?;
-    let properties = opt_object(&mut obj, "properties")?;
-    let traits = opt_object(&mut obj, "traits")?;
-    let context = opt_object(&mut obj, "context")?;
+    let time = timestamp(top.timestamp)?;
+    let event_name = opt_string(top.event, "event")?;
+    let page_name = opt_string(top.name, "name")?;
+    let message_id = opt_string(top.message_id, "messageId")?;
+    let user_id = opt_id(top.user_id, "userId")?;
+    let anonymous_id = opt_id(top.anonymous_id, "anonymousId")?;
+    let previous_id = opt_id(top.previous_id, "previousId")?;
+    let properties = Object::from_raw(top.properties, "properties")?;
+    let traits = Object::from_raw(top.traits, "traits")?;
+    let context = Object::from_raw(top.context, "context")?;
     let name = match kind {
         EventType::Track => match event_name {
             Some(e) => Some(e),

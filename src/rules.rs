@@ -5,7 +5,7 @@
 //! for a term sees the term's empty value (`count` 0, `avg` missing, …).
 //! When an atom holds on all-empty terms (`count(x, 1h) == 0`) its set is the
 //! universe minus the profiles where it fails, otherwise the profiles where it
-//! holds. `and` is a semijoin, `or` a distinct union, `not` the universe minus
+//! holds. `and` is a semijoin (`and not` an antijoin), `or` a distinct union, `not` the universe minus
 //! the set, `in_segment` the other segment's set: every formula is a
 //! collection of profiles with multiplicity one, kept current by differential.
 
@@ -101,10 +101,17 @@ fn render<'s>(f: &Formula, atoms: &[Profiles<'s>], universe: &Profiles<'s>, segs
         Formula::Atom(a) => atoms[*a].clone(),
         Formula::Segment(s) => segs[*s].clone().expect("in_segment targets come first"),
         Formula::Not(x) => universe.clone().concat(render(x, atoms, universe, segs).negate()),
-        Formula::And(x, y) => {
-            let x = render(x, atoms, universe, segs).map(|p| (p, ()));
-            x.semijoin(render(y, atoms, universe, segs)).map(|(p, ())| p)
-        }
+        // `x and not y` is `x` minus `y`: no universe-sized set to arrange.
+        Formula::And(x, y) => match (x.as_ref(), y.as_ref()) {
+            (x, Formula::Not(y)) | (Formula::Not(y), x) => {
+                let x = render(x, atoms, universe, segs).map(|p| (p, ()));
+                x.antijoin(render(y, atoms, universe, segs)).map(|(p, ())| p)
+            }
+            (x, y) => {
+                let x = render(x, atoms, universe, segs).map(|p| (p, ()));
+                x.semijoin(render(y, atoms, universe, segs)).map(|(p, ())| p)
+            }
+        },
         Formula::Or(x, y) => render(x, atoms, universe, segs).concat(render(y, atoms, universe, segs)).distinct(),
     }
 }

@@ -60,43 +60,7 @@ pub fn fold<'a>(agg: Agg, facts: impl Iterator<Item = (&'a Pay, isize)>) -> Valu
     });
     match agg {
         Agg::Count => unreachable!("counts are folded by their multiplicity"),
-        Agg::Sum => {
-            let mut exact = Some(Dec::ZERO);
-            let mut float = 0.0;
-            for (v, n) in vals {
-                match v {
-                    Value::Num(d) => {
-                        exact = exact.and_then(|s| s.checked_add(Dec(d.0.checked_mul(n as i128)?)));
-                        float += d.to_f64() * n as f64;
-                    }
-                    Value::Float(f) => {
-                        exact = None;
-                        float += f.0 * n as f64;
-                    }
-                    _ => {}
-                }
-            }
-            exact.map(Value::Num).unwrap_or(Value::Float(Float(float)))
-        }
-        Agg::Avg | Agg::Var => {
-            let (mut k, mut sum, mut sq) = (0.0, 0.0, 0.0);
-            for (v, n) in vals {
-                if let Some(x) = v.as_f64() {
-                    k += n as f64;
-                    sum += x * n as f64;
-                    sq += x * x * n as f64;
-                }
-            }
-            if k == 0.0 {
-                return Value::Missing;
-            }
-            let mean = sum / k;
-            if agg == Agg::Avg {
-                Value::Float(Float(mean))
-            } else {
-                Value::Float(Float((sq / k - mean * mean).max(0.0)))
-            }
-        }
+        Agg::Sum | Agg::Avg | Agg::Var => numeric(agg, vals),
         Agg::Min | Agg::Max => {
             let nums = vals.map(|(v, _)| v).filter(|v| v.is_number());
             let best = if agg == Agg::Min {
@@ -116,6 +80,55 @@ pub fn fold<'a>(agg: Agg, facts: impl Iterator<Item = (&'a Pay, isize)>) -> Valu
             Value::Num(Dec::from_int(seen.len() as i64))
         }
         Agg::Last => Value::Missing,
+    }
+}
+
+/// `sum`, `avg` and `var` as decisions.md fixes them: exact over exact
+/// numbers (a sum that overflows is missing; `avg` and `var` come from the
+/// exact sums, rounded once), otherwise in floating point over the values in
+/// ascending order, so the result never depends on arrival order; a result
+/// that is not finite is missing.
+fn numeric<'a>(agg: Agg, vals: impl Iterator<Item = (&'a Value, isize)>) -> Value {
+    let finite = |f: f64| if f.is_finite() { Value::Float(Float(f)) } else { Value::Missing };
+    let mut n: i128 = 0;
+    let mut exact = true;
+    let (mut s1, mut s2): (Option<i128>, Option<i128>) = (Some(0), Some(0));
+    let mut floats: Vec<f64> = Vec::new();
+    for (v, k) in vals {
+        let Some(x) = v.as_f64() else { continue };
+        n += k as i128;
+        floats.extend(std::iter::repeat_n(x, k.max(0) as usize));
+        match v {
+            Value::Num(d) => {
+                let k = k as i128;
+                s1 = s1.and_then(|s| s.checked_add(d.0.checked_mul(k)?));
+                s2 = s2.and_then(|s| s.checked_add(d.0.checked_mul(d.0)?.checked_mul(k)?));
+            }
+            _ => exact = false,
+        }
+    }
+    if n == 0 {
+        return if agg == Agg::Sum { Value::Num(Dec::ZERO) } else { Value::Missing };
+    }
+    floats.sort_by(|a, b| a.total_cmp(b));
+    let float_sum = || floats.iter().sum::<f64>();
+    match agg {
+        Agg::Sum if exact => s1.map(|s| Value::Num(Dec(s))).unwrap_or(Value::Missing),
+        Agg::Sum => finite(float_sum()),
+        Agg::Avg => match s1.filter(|_| exact) {
+            Some(s) => finite(s as f64 / (crate::value::SCALE as f64 * n as f64)),
+            None => finite(float_sum() / n as f64),
+        },
+        _ => {
+            let exact_var = (|| n.checked_mul(s2?)?.checked_sub(s1?.checked_mul(s1?)?))().filter(|_| exact);
+            match exact_var {
+                Some(num) => finite(num as f64 / ((n as f64) * (n as f64) * 1e12)),
+                None => {
+                    let mean = float_sum() / n as f64;
+                    finite(floats.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n as f64)
+                }
+            }
+        }
     }
 }
 
