@@ -11,7 +11,7 @@ mod reference;
 // sides. The engine must write exactly the reference's lines, in order, and
 // as many dead letters, with one worker and with two.
 //
-// PROPTEST_CASES=N runs N cases per property (a soak); without it, 64.
+// PROPTEST_CASES=N runs N cases per property (a soak); without it, 256.
 
 use std::fmt::Write as _;
 
@@ -903,7 +903,7 @@ fn config(cases: u32) -> ProptestConfig {
 }
 
 proptest! {
-    #![proptest_config(config(64))]
+    #![proptest_config(config(256))]
 
     /// Random streams and random specs of 1–4 segments.
     #[test]
