@@ -272,6 +272,17 @@ impl Feeder {
     /// Reads one line (without its line ending) and feeds what it means.
     pub fn read(&mut self, line: &[u8]) -> Outcome {
         let outcome = self.ingest.read(line);
+        self.fed(outcome)
+    }
+
+    /// Feeds an event decoded elsewhere (the pre-decoded benchmarks).
+    pub fn read_event(&mut self, event: crate::event::Event) -> Outcome {
+        self.ingest.counters.read += 1;
+        let outcome = self.ingest.accept(event);
+        self.fed(outcome)
+    }
+
+    fn fed(&mut self, outcome: Outcome) -> Outcome {
         if let Outcome::Accepted(s) = &outcome {
             if self.until.is_none_or(|u| s.effect <= u) {
                 self.feed(s);
@@ -468,10 +479,10 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
         let mut last_event = (Instant::now(), feeder.now());
         loop {
             let wait = if in_batch > 0 { Duration::from_millis(20) } else { tick.min(idle) };
-            match lines
+            let next = lines
                 .next(&mut line, wait)
-                .map_err(|e| EngineError::Io(format!("cannot read {name}: {e}")))?
-            {
+                .map_err(|e| EngineError::Io(format!("cannot read {name}: {e}")))?;
+            match next {
                 Next::End => break,
                 Next::Idle => {
                     let (at, now) = last_event;
@@ -480,9 +491,12 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
                     }
                     in_batch = BATCH; // make what we have visible
                 }
-                Next::Line => {
+                next @ (Next::Line | Next::Event(_)) => {
                     number += 1;
-                    let outcome = feeder.read(&line);
+                    let outcome = match next {
+                        Next::Event(ev) => feeder.read_event(*ev),
+                        _ => feeder.read(&line),
+                    };
                     if let Outcome::Bad(reason) = &outcome {
                         if let Some(d) = dead.as_mut() {
                             writeln!(d, "{}", dead_letter(&name, number, reason, &line))

@@ -75,13 +75,17 @@ impl Ingest {
             return Outcome::Blank;
         }
         self.counters.read += 1;
-        let event = match decode(line) {
-            Ok(e) => e,
+        match decode(line) {
+            Ok(event) => self.accept(event),
             Err(e) => {
                 self.counters.bad += 1;
-                return Outcome::Bad(e.0);
+                Outcome::Bad(e.0)
             }
-        };
+        }
+    }
+
+    /// Takes an event decoded elsewhere (already counted as read).
+    pub fn accept(&mut self, event: Event) -> Outcome {
         if event.kind == EventType::Group {
             self.counters.ignored += 1;
             return Outcome::Ignored;

@@ -24,6 +24,8 @@ pub enum Source {
     },
     /// The built-in traffic generator (`run --generate N`).
     Generate(crate::generate::GenOptions),
+    /// Events decoded beforehand (benchmarks that leave parsing out).
+    Decoded(Arc<Vec<crate::event::Event>>),
 }
 
 impl Source {
@@ -33,6 +35,7 @@ impl Source {
             Source::Stdin => "-".to_string(),
             Source::Bytes { name, .. } => name.clone(),
             Source::Generate(g) => format!("generate(seed {})", g.seed),
+            Source::Decoded(_) => "decoded".to_string(),
         }
     }
 
@@ -43,6 +46,7 @@ impl Source {
                 std::fs::File::open(p).map_err(|e| EngineError::Io(format!("cannot read {}: {e}", p.display())))?,
             )),
             Source::Stdin => Box::new(BufReader::with_capacity(1 << 20, std::io::stdin())),
+            Source::Decoded(_) => unreachable!("decoded events are not read as lines"),
             Source::Bytes { data, .. } => Box::new(std::io::Cursor::new(SharedBytes(data.clone()))),
             Source::Generate(g) => Box::new(BufReader::with_capacity(
                 1 << 16,
@@ -94,6 +98,8 @@ impl AsRef<[u8]> for SharedBytes {
 pub enum Next {
     /// A line, without its line ending, is in the buffer.
     Line,
+    /// A decoded event (from [`Source::Decoded`]).
+    Event(Box<crate::event::Event>),
     /// Nothing arrived within the wait (live sources only).
     Idle,
     End,
@@ -103,11 +109,15 @@ pub enum Next {
 pub enum Lines {
     Read(Box<dyn BufRead>),
     Live(Receiver<std::io::Result<Vec<u8>>>),
+    Decoded(Arc<Vec<crate::event::Event>>, usize),
 }
 
 impl Source {
     /// Opens the source; stdin gets a reader thread.
     pub fn open(&self) -> Result<Lines, EngineError> {
+        if let Source::Decoded(events) = self {
+            return Ok(Lines::Decoded(events.clone(), 0));
+        }
         if let Source::Stdin = self {
             let (tx, rx) = sync_channel(1 << 14);
             std::thread::Builder::new()
@@ -155,6 +165,11 @@ impl Lines {
                 if r.read_until(b'\n', buf)? == 0 {
                     return Ok(Next::End);
                 }
+            }
+            Lines::Decoded(events, at) => {
+                let Some(ev) = events.get(*at) else { return Ok(Next::End) };
+                *at += 1;
+                return Ok(Next::Event(Box::new(ev.clone())));
             }
             Lines::Live(rx) => match rx.recv_timeout(wait) {
                 Ok(line) => *buf = line?,

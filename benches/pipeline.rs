@@ -1,0 +1,253 @@
+//! Benchmarks that print figures (release build):
+//!
+//!     cargo bench --bench pipeline                  # everything, default sizes
+//!     cargo bench --bench pipeline -- throughput 1000000
+//!     cargo bench --bench pipeline -- windows | sharing | baseline | reference
+//!
+//! No assertion on time anywhere: these print, docs/performance.md records.
+
+#[path = "../tests/reference/mod.rs"]
+#[allow(dead_code)]
+mod reference;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use differential_dataflow::input::Input;
+use shoal::engine::{run, Job, RunOptions, Source, Summary};
+use shoal::generate::{GenOptions, Generator};
+
+fn generated(events: u64, users: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(events as usize * 400);
+    for line in Generator::new(&GenOptions {
+        events,
+        users,
+        seed: 42,
+        ..GenOptions::default()
+    }) {
+        out.extend_from_slice(line.as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
+
+fn spec(path: &str) -> shoal::spec::Spec {
+    shoal::spec::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path), 1000).expect("spec checks")
+}
+
+fn timed(spec: &shoal::spec::Spec, source: Source, workers: usize) -> (f64, Summary) {
+    let job = Job {
+        spec: spec.clone(),
+        opts: RunOptions {
+            workers,
+            ..RunOptions::default()
+        },
+        sources: vec![source],
+        output: None,
+        dead_letters: None,
+        timely: if workers == 1 {
+            timely::Config::thread()
+        } else {
+            timely::Config::process(workers)
+        },
+    };
+    let started = Instant::now();
+    let summary = run(job).expect("run");
+    (started.elapsed().as_secs_f64(), summary)
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn throughput(n: u64) {
+    let data = Arc::new(generated(n, (n / 10).max(100)));
+    let retail = spec("dataflows/retail.toml");
+    println!(
+        "## throughput: dataflows/retail.toml, {n} generated events, {} users",
+        (n / 10).max(100)
+    );
+    for workers in [1, 2] {
+        let (secs, s) = timed(
+            &retail,
+            Source::Bytes {
+                name: "bench".into(),
+                data: data.clone(),
+            },
+            workers,
+        );
+        println!(
+            "json     {workers} worker(s): {:>9.0} events/s  ({secs:.2}s, {} diffs, {} profiles)",
+            n as f64 / secs,
+            s.diffs_written,
+            s.profiles
+        );
+    }
+    let decoded: Vec<_> = data.split(|b| *b == b'\n').filter_map(|l| shoal::event::decode(l).ok()).collect();
+    let decoded = Arc::new(decoded);
+    for workers in [1, 2] {
+        let (secs, _) = timed(&retail, Source::Decoded(decoded.clone()), workers);
+        println!(
+            "decoded  {workers} worker(s): {:>9.0} events/s  ({secs:.2}s)",
+            decoded.len() as f64 / secs
+        );
+    }
+    println!("peak RSS so far: {:.0} MiB", peak_rss_mib());
+}
+
+fn synthetic(n: u64, users: u64, per_second: u64) -> Arc<Vec<u8>> {
+    let start = 1_704_067_200_000u64;
+    let mut out = Vec::with_capacity(n as usize * 110);
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for i in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let t = start + i * 1000 / per_second;
+        let event = ["view", "add", "buy"][(x >> 40) as usize % 3];
+        out.extend_from_slice(
+            format!(
+                "{{\"type\":\"track\",\"event\":\"{event}\",\"userId\":\"u{}\",\"timestamp\":{t},\"messageId\":\"m{i}\"}}\n",
+                x % users
+            )
+            .as_bytes(),
+        );
+    }
+    Arc::new(out)
+}
+
+fn windows(n: u64) {
+    let data = synthetic(n, 100_000, 100);
+    println!("## windows: one count, {n} events, 100k users, 100 events/s of event time");
+    for w in ["1h", "30d"] {
+        let s = shoal::spec::parse_spec(&format!("[[segment]]\nname = \"v\"\nwhen = \"count('view', {w}) >= 3\"\n"), 1000).unwrap();
+        let (secs, _) = timed(
+            &s,
+            Source::Bytes {
+                name: "bench".into(),
+                data: data.clone(),
+            },
+            1,
+        );
+        println!("window {w:>3}: {:>9.0} events/s", n as f64 / secs);
+    }
+}
+
+fn sharing(n: u64) {
+    let data = synthetic(n, 50_000, 1000);
+    println!("## sharing: segments over 6 shared terms, {n} events");
+    for k in [10, 100] {
+        let mut text = String::new();
+        for i in 0..k {
+            let (a, b) = (1 + i % 5, i % 3);
+            text.push_str(&format!(
+                "[[segment]]\nname = \"s{i}\"\nwhen = \"count('view', 1h) >= {a} and count('add', 1h) >= {b} and count('buy', 1d) == 0\"\n"
+            ));
+        }
+        let s = shoal::spec::parse_spec(&text, 1000).unwrap();
+        let (secs, sum) = timed(
+            &s,
+            Source::Bytes {
+                name: "bench".into(),
+                data: data.clone(),
+            },
+            1,
+        );
+        println!(
+            "{k:>3} segments: {:>9.0} events/s ({secs:.2}s, {} diffs)",
+            n as f64 / secs,
+            sum.diffs_written
+        );
+    }
+}
+
+/// The floor: one windowed count and one threshold in plain differential,
+/// events pre-decoded as (user, tick), retractions given to the input.
+fn baseline(n: u64) {
+    println!("## baseline: minimal differential windowed count + threshold, {n} events");
+    for per_tick in [1_000u64, 100_000] {
+        let started = Instant::now();
+        timely::execute_directly(move |worker| {
+            let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
+                let (input, events) = scope.new_collection::<u64, isize>();
+                let (probe, _) = events.count().filter(|(_, c)| *c >= 3).probe();
+                (input, probe)
+            });
+            let w = 3600u64;
+            let mut x = 0x9E37_79B9_7F4A_7C15u64;
+            for i in 0..n {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let t = i / per_tick + 1;
+                if t > *input.time() {
+                    input.advance_to(t);
+                    input.flush();
+                    worker.step_while(|| probe.less_than(&(t.saturating_sub(2))));
+                }
+                input.update(x % 100_000, 1);
+                input.update_at(x % 100_000, t + w, -1);
+            }
+            input.advance_to(n / per_tick + 2);
+            input.flush();
+            let end = *input.time();
+            worker.step_while(|| probe.less_than(&end));
+        });
+        let secs = started.elapsed().as_secs_f64();
+        println!("{per_tick:>6} events/tick: {:>9.0} events/s", n as f64 / secs);
+    }
+}
+
+fn reference_vs_engine(n: u64) {
+    let data = generated(n, (n / 20).max(50));
+    let retail = spec("dataflows/retail.toml");
+    println!("## incremental vs from scratch: retail.toml, {n} events");
+    let started = Instant::now();
+    let out = reference::evaluate_sparse(
+        &retail,
+        &data,
+        &reference::RefOptions {
+            tick: 1000,
+            lateness: 5000,
+            dedupe_horizon: 3_600_000,
+            until: None,
+        },
+    );
+    let r = started.elapsed().as_secs_f64();
+    let (e, _) = timed(
+        &retail,
+        Source::Bytes {
+            name: "bench".into(),
+            data: Arc::new(data),
+        },
+        1,
+    );
+    println!("reference (naive): {:>9.0} events/s ({} lines)", n as f64 / r, out.lines.len());
+    println!("engine           : {:>9.0} events/s ({:.0}x)", n as f64 / e, r / e);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let what = args.first().map(String::as_str).unwrap_or("all");
+    let n = |d: u64| args.get(1).and_then(|a| a.parse().ok()).unwrap_or(d);
+    match what {
+        "throughput" => throughput(n(1_000_000)),
+        "windows" => windows(n(1_000_000)),
+        "sharing" => sharing(n(300_000)),
+        "baseline" => baseline(n(2_000_000)),
+        "reference" => reference_vs_engine(n(5_000)),
+        _ => {
+            baseline(2_000_000);
+            reference_vs_engine(5_000);
+            windows(1_000_000);
+            sharing(300_000);
+            throughput(1_000_000);
+        }
+    }
+}
