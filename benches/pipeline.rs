@@ -7,7 +7,6 @@
 //! No assertion on time anywhere: these print, docs/performance.md records.
 
 #[path = "../tests/reference/mod.rs"]
-#[allow(dead_code)]
 mod reference;
 
 use std::sync::Arc;
