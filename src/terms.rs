@@ -7,6 +7,7 @@
 //! A merge of two profiles is a change of label, so the join re-keys every
 //! fact of the merged side and every aggregate downstream corrects itself.
 
+use differential_dataflow::operators::CountTotal;
 use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
 use std::rc::Rc;
@@ -153,8 +154,23 @@ pub fn terms<'s>(
     plan: Rc<Plan>,
 ) -> VecCollection<'s, u64, ((u32, Key), Vec<Value>), isize> {
     let labels = labels.arrange_by_key_named("ProfileOfId");
-    windowed
-        .join_core(labels, |_anchor, (stream, pay), profile| Some(((*stream, *profile), pay.clone())))
+    let counted: Rc<Vec<bool>> = Rc::new(
+        plan.folds
+            .iter()
+            .map(|ts| ts.iter().all(|&t| plan.terms[t].agg == Agg::Count))
+            .collect(),
+    );
+    let joined = windowed.join_core(labels, |_anchor, (stream, pay), profile| Some(((*stream, *profile), pay.clone())));
+    // Streams folded only by `count` need no values: differential's
+    // `count_total` keeps one number per key, far cheaper than a reduce.
+    let only_counts = counted.clone();
+    let counts = joined
+        .clone()
+        .flat_map(move |(key, _pay)| only_counts[key.0 as usize].then_some(key))
+        .count_total()
+        .map(|(key, n)| (key, vec![Value::Num(Dec::from_int(n as i64))]));
+    joined
+        .filter(move |((stream, _), _)| !counted[*stream as usize])
         .reduce_named("Terms", move |(stream, _profile), facts, out| {
             let values = plan.folds[*stream as usize]
                 .iter()
@@ -166,4 +182,5 @@ pub fn terms<'s>(
                 .collect();
             out.push((values, 1));
         })
+        .concat(counts)
 }
