@@ -1,7 +1,8 @@
 //! Rules: predicates as sets of profiles, combined by set operators.
 //!
 //! Each atom (one comparison) is evaluated per profile from the terms it
-//! reads, in one `reduce` keyed by `(atom, profile)`; a profile with no fact
+//! reads: in place on the term's row when it reads one term, in one `reduce`
+//! keyed by `(atom, profile)` when it reads several; a profile with no fact
 //! for a term sees the term's empty value (`count` 0, `avg` missing, …).
 //! When an atom holds on all-empty terms (`count(x, 1h) == 0`) its set is the
 //! universe minus the profiles where it fails, otherwise the profiles where it
@@ -26,13 +27,29 @@ pub fn atoms<'s>(
     universe: Profiles<'s>,
     plan: Rc<Plan>,
 ) -> VecCollection<'s, u64, (u32, Key), isize> {
-    let readers = plan.clone();
-    let evaluated = terms
+    // An atom over one term is a function of one term row: evaluate it in
+    // place. Only atoms over several terms gather their slots in a reduce.
+    let (single, readers) = (plan.clone(), plan.clone());
+    let direct = terms.clone().flat_map(move |((stream, profile), values)| {
+        let mut rows = Vec::new();
+        for (&term, value) in single.folds[stream as usize].iter().zip(values) {
+            for &(atom, _) in &single.readers[term] {
+                let def = &single.atoms[atom];
+                if def.terms.len() == 1 {
+                    rows.push(((atom as u32, profile), def.holds(std::slice::from_ref(&value))));
+                }
+            }
+        }
+        rows
+    });
+    let gathered = terms
         .flat_map(move |((stream, profile), values)| {
             let mut rows = Vec::new();
             for (&term, value) in readers.folds[stream as usize].iter().zip(values) {
                 for &(atom, slot) in &readers.readers[term] {
-                    rows.push(((atom as u32, profile), (slot as u32, value.clone())));
+                    if readers.atoms[atom].terms.len() > 1 {
+                        rows.push(((atom as u32, profile), (slot as u32, value.clone())));
+                    }
                 }
             }
             rows
@@ -48,6 +65,7 @@ pub fn atoms<'s>(
                 out.push((def.holds(&values), 1));
             }
         });
+    let evaluated = direct.concat(gathered);
     let empty_holds: Rc<Vec<bool>> = Rc::new(
         plan.atoms
             .iter()
