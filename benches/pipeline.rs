@@ -5,6 +5,8 @@
 //!     cargo bench --bench pipeline -- windows | sharing | baseline | reference
 //!
 //! No assertion on time anywhere: these print, docs/performance.md records.
+//! Under `cargo test --all-targets` (no `--bench` flag) it runs a small smoke
+//! pass instead.
 
 #[path = "../tests/reference/mod.rs"]
 mod reference;
@@ -238,6 +240,16 @@ fn reference_vs_engine(n: u64) {
 }
 
 fn main() {
+    // `cargo bench` passes `--bench`; under `cargo test --all-targets` run a
+    // small smoke pass of every section so CI keeps them working, quickly.
+    if !std::env::args().any(|a| a == "--bench") {
+        baseline(20_000);
+        reference_vs_engine(100);
+        windows(5_000);
+        sharing(5_000);
+        throughput(5_000);
+        return;
+    }
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let what = args.first().map(String::as_str).unwrap_or("all");
     let n = |d: u64| args.get(1).and_then(|a| a.parse().ok()).unwrap_or(d);
