@@ -37,21 +37,14 @@ fn spec(path: &str) -> shoal::spec::Spec {
 }
 
 fn timed(spec: &shoal::spec::Spec, source: Source, workers: usize) -> (f64, Summary) {
-    let job = Job {
-        spec: spec.clone(),
-        opts: RunOptions {
+    let job = Job::quiet(
+        spec.clone(),
+        RunOptions {
             workers,
             ..RunOptions::default()
         },
-        sources: vec![source],
-        output: None,
-        dead_letters: None,
-        timely: if workers == 1 {
-            timely::Config::thread()
-        } else {
-            timely::Config::process(workers)
-        },
-    };
+        vec![source],
+    );
     let started = Instant::now();
     let summary = run(job).expect("run");
     (started.elapsed().as_secs_f64(), summary)
@@ -103,24 +96,7 @@ fn throughput(n: u64) {
 }
 
 fn synthetic(n: u64, users: u64, per_second: u64) -> Arc<Vec<u8>> {
-    let start = 1_704_067_200_000u64;
-    let mut out = Vec::with_capacity(n as usize * 110);
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    for i in 0..n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let t = start + i * 1000 / per_second;
-        let event = ["view", "add", "buy"][(x >> 40) as usize % 3];
-        out.extend_from_slice(
-            format!(
-                "{{\"type\":\"track\",\"event\":\"{event}\",\"userId\":\"u{}\",\"timestamp\":{t},\"messageId\":\"m{i}\"}}\n",
-                x % users
-            )
-            .as_bytes(),
-        );
-    }
-    Arc::new(out)
+    Arc::new(shoal::generate::synthetic(n, users, per_second, &["view", "add", "buy"]))
 }
 
 fn windows(n: u64) {

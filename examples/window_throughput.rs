@@ -13,51 +13,27 @@ use std::time::Instant;
 
 use shoal::engine::{run, Job, RunOptions, Source};
 
-fn events(n: u64) -> Vec<u8> {
-    let start = 1_704_067_200_000u64;
-    let mut out = Vec::with_capacity(n as usize * 110);
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    for i in 0..n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let user = x % 100_000;
-        let t = start + i * 10;
-        out.extend_from_slice(
-            format!("{{\"type\":\"track\",\"event\":\"view\",\"userId\":\"u{user}\",\"timestamp\":{t},\"messageId\":\"m{i}\"}}\n")
-                .as_bytes(),
-        );
-    }
-    out
-}
-
 fn main() {
     let mut args = std::env::args().skip(1);
     let n: u64 = args.next().map(|a| a.parse().expect("EVENTS is a number")).unwrap_or(2_000_000);
     let workers: usize = args.next().map(|a| a.parse().expect("WORKERS is a number")).unwrap_or(1);
-    let data = Arc::new(events(n));
+    let data = Arc::new(shoal::generate::synthetic(n, 100_000, 100, &["view"]));
     println!("{n} events, {workers} worker(s), 100 events/s of event time");
     for window in ["1h", "30d"] {
         let text = format!("[[segment]]\nname = \"viewer\"\nwhen = \"count('view', {window}) >= 3\"\n");
         let spec = shoal::spec::parse_spec(&text, 1000).expect("spec checks");
-        let job = Job {
+        let sources = vec![Source::Bytes {
+            name: "bench".into(),
+            data: data.clone(),
+        }];
+        let job = Job::quiet(
             spec,
-            opts: RunOptions {
+            RunOptions {
                 workers,
                 ..RunOptions::default()
             },
-            sources: vec![Source::Bytes {
-                name: "bench".into(),
-                data: data.clone(),
-            }],
-            output: None,
-            dead_letters: None,
-            timely: if workers == 1 {
-                timely::Config::thread()
-            } else {
-                timely::Config::process(workers)
-            },
-        };
+            sources,
+        );
         let started = Instant::now();
         let summary = run(job).expect("run");
         let secs = started.elapsed().as_secs_f64();

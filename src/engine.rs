@@ -99,6 +99,26 @@ pub struct Job {
     pub timely: timely::Config,
 }
 
+impl Job {
+    /// A job that writes nothing (benchmarks, embedding), with `opts.workers`
+    /// threads in this process.
+    pub fn quiet(spec: Spec, opts: RunOptions, sources: Vec<Source>) -> Job {
+        let timely = if opts.workers <= 1 {
+            timely::Config::thread()
+        } else {
+            timely::Config::process(opts.workers)
+        };
+        Job {
+            spec,
+            opts,
+            sources,
+            output: None,
+            dead_letters: None,
+            timely,
+        }
+    }
+}
+
 /// The end-of-run summary (SPEC §5).
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Summary {

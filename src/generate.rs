@@ -1282,6 +1282,28 @@ impl Iterator for Generator {
 
 impl ExactSizeIterator for Generator {}
 
+/// A uniform synthetic load for benchmarks: `events` track events named
+/// round-robin-at-random from `names`, from `users` users (xorshift-picked),
+/// at `per_second` events per second of event time from 2024-01-01.
+pub fn synthetic(events: u64, users: u64, per_second: u64, names: &[&str]) -> Vec<u8> {
+    let start = GenOptions::default().start_ms;
+    let mut out = Vec::with_capacity(events as usize * 110);
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for i in 0..events {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let t = start + i * 1000 / per_second.max(1);
+        let name = names[(x >> 40) as usize % names.len()];
+        let user = x % users.max(1);
+        let _ = writeln!(
+            out,
+            "{{\"type\":\"track\",\"event\":\"{name}\",\"userId\":\"u{user}\",\"timestamp\":{t},\"messageId\":\"m{i}\"}}"
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
