@@ -151,6 +151,21 @@ fn ingest(input: &[u8], opts: &RefOptions) -> Ingested {
     }
 }
 
+impl Ingested {
+    /// The first effect tick and the last tick written (the final clock, cut
+    /// at --until); `None` when no event was accepted or nothing falls in it.
+    fn span(&self, opts: &RefOptions) -> Option<(u64, u64)> {
+        let tick = opts.tick;
+        let max_time = self.max_time?;
+        let last = match opts.until {
+            Some(u) => u / tick * tick,
+            None => self.now.unwrap_or(0).max(tick_of(max_time, tick)),
+        };
+        let first = self.accepted.iter().map(|a| a.effect).min()?;
+        (first <= last).then_some((first, last))
+    }
+}
+
 fn run(spec: &Spec, input: &[u8], opts: &RefOptions, force_sparse: bool) -> RefOutput {
     assert!(opts.tick > 0, "tick must be positive");
     let tick = opts.tick;
@@ -159,18 +174,9 @@ fn run(spec: &Spec, input: &[u8], opts: &RefOptions, force_sparse: bool) -> RefO
         lines: Vec::new(),
         dead: ing.dead,
     };
-    let Some(max_time) = ing.max_time else {
-        return out; // no accepted event: nothing is written
+    let Some((first, last)) = ing.span(opts) else {
+        return out; // nothing is written
     };
-    // The last tick written: the final clock, cut at --until.
-    let last = match opts.until {
-        Some(u) => u / tick * tick,
-        None => ing.now.unwrap_or(0).max(tick_of(max_time, tick)),
-    };
-    let first = ing.accepted.iter().map(|a| a.effect).min().expect("an accepted event");
-    if first > last {
-        return out;
-    }
     let ticks: Vec<u64> = if !force_sparse && (last - first) / tick <= DENSE_LIMIT {
         (first / tick..=last / tick).map(|i| i * tick).collect()
     } else {
@@ -690,18 +696,9 @@ pub fn evaluate_sample(spec: &Spec, input: &[u8], opts: &RefOptions, keep: &dyn 
         lines: Vec::new(),
         dead: ing.dead,
     };
-    let Some(max_time) = ing.max_time else {
-        return out; // no accepted event: nothing is written
+    let Some((first, last)) = ing.span(opts) else {
+        return out; // nothing is written
     };
-    // As in `run`: the last tick written, and the first effect tick of all.
-    let last = match opts.until {
-        Some(u) => u / tick * tick,
-        None => ing.now.unwrap_or(0).max(tick_of(max_time, tick)),
-    };
-    let first = ing.accepted.iter().map(|a| a.effect).min().expect("an accepted event");
-    if first > last {
-        return out;
-    }
 
     // The kept events, grouped by their final component.
     let mut index: HashMap<Id, usize> = HashMap::new();
