@@ -9,7 +9,6 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use shoal::engine::{build, Feeder, RunOptions};
-use shoal::ingest::Interner;
 use shoal::plan::Plan;
 
 const SPEC: &str = r#"
@@ -25,28 +24,26 @@ when = "count('Order Completed', 1h) >= 1"
 fn main() {
     let spec = shoal::spec::parse_spec(SPEC, 1000).expect("the spec checks");
     let opts = RunOptions::default();
-    // Diffs observed by any worker, as (tick, segment index, profile key, +1/-1).
+    // Diffs observed by any worker, as (tick, segment index, profile id, +1/-1).
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seen_by_workers = seen.clone();
-    let names = Arc::new(Mutex::new(Vec::new()));
-    let names_out = names.clone();
 
     timely::execute(timely::Config::process(2), move |worker| {
         let plan = Rc::new(Plan::new(&spec));
         let seen = seen_by_workers.clone();
         let (inputs, probe) = worker.dataflow::<u64, _, _>(|scope| {
             let (inputs, collections) = build(scope, &plan, opts.tick);
-            let (probe, _) = collections
-                .members
+            // Members carry profile keys; `named` joins them with the profiles' ids.
+            let (probe, _) = shoal::sink::named(collections.members, collections.names)
                 .consolidate()
-                .inspect(move |((segment, profile), tick, diff)| seen.lock().unwrap().push((*tick, *segment, *profile, *diff)))
+                .inspect(move |((segment, profile), tick, diff)| seen.lock().unwrap().push((*tick, *segment, profile.to_string(), *diff)))
                 .probe();
             (inputs, probe)
         });
         if worker.index() != 0 {
             return; // only worker 0 reads; dropping `inputs` closes its share
         }
-        let mut feeder = Feeder::new(plan.clone(), inputs, Interner::default(), &opts);
+        let mut feeder = Feeder::new(plan.clone(), inputs, &opts);
         let events = shoal::generate::Generator::new(&shoal::generate::GenOptions {
             users: 200,
             events: 20_000,
@@ -69,20 +66,18 @@ fn main() {
             last.map(|t| shoal::clock::format_time(t, false)),
             feeder.counters().accepted
         );
-        *names_out.lock().unwrap() = feeder.interner.names.borrow().clone();
     })
     .expect("timely runs");
 
     let mut diffs = seen.lock().unwrap().clone();
     diffs.sort();
-    let names = names.lock().unwrap();
     let segments = ["browsing", "buyer"];
     for (tick, segment, profile, diff) in diffs.iter().take(10) {
         println!(
             "{} {:>8} {:<24} {}",
             shoal::clock::format_time(*tick, false),
             segments[*segment as usize],
-            names[*profile as usize].to_string(),
+            profile,
             if *diff > 0 { "enter" } else { "exit" }
         );
     }

@@ -1,17 +1,24 @@
 //! Wiring: builds the dataflow for a spec on timely workers and drives it.
 //!
-//! Worker 0 (of process 0) reads the input in order through [`Ingest`],
-//! writes dead letters, and feeds three differential inputs: facts for the
-//! windowed streams, identity nodes and identity links, each at the tick the
-//! event takes effect. It advances the inputs with the clock, a batch of
-//! lines at a time (never a round trip per tick), and keeps at most a couple
-//! of batches in flight so memory stays bounded. The other workers close
-//! their inputs at once and simply run their share of the dataflow.
+//! Readers feed the dataflow. File input, stdin and the generator are read
+//! in order by one reader, on worker 0 of process 0; Kafka partitions are
+//! spread over every worker of every process, each worker reading its own
+//! (see `kafka`). A reader runs a [`Feeder`]: its own [`Ingest`] (dedupe,
+//! clock, lateness) that feeds three differential inputs — facts for the
+//! windowed streams, identity nodes and identity links — each at the tick
+//! the event takes effect, plus a stream of notes (dead letters, and a
+//! report at the end) for the sink. Readers advance their inputs with their
+//! clock, a batch of lines at a time (never a round trip per tick), and keep
+//! at most a couple of batches beyond what the output has *delivered*, so a
+//! slow output slows the input instead of growing a queue. The dataflow's
+//! frontier is the least of the readers' clocks; a worker with nothing to
+//! read closes its inputs at once and runs its share of the dataflow.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::io::Write;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,9 +28,9 @@ use serde::Serialize;
 use timely::dataflow::Scope;
 
 use crate::clock::format_time;
-use crate::ingest::{dead_letter, Change, Counters, Identities, Ingest, Interner, Key, Label, Outcome, Stamped};
+use crate::ingest::{dead_letter, key_of, Change, Counters, Identities, Ingest, Key, Label, Outcome, Stamped};
 use crate::plan::Plan;
-use crate::sink::{self, SinkState};
+use crate::sink::{self, Deliver, Note, Outputs, Report, SinkState, WriteLines};
 use crate::source::Next;
 pub use crate::source::Source;
 use crate::spec::Spec;
@@ -58,17 +65,16 @@ impl Default for RunOptions {
 }
 
 /// Opens an output on worker 0 (called once, inside the worker).
-pub type OpenOutput = Arc<dyn Fn() -> std::io::Result<Box<dyn Write>> + Send + Sync>;
+pub type OpenOutput = Arc<dyn Fn() -> Result<Box<dyn Deliver>, EngineError> + Send + Sync>;
 
 /// An output that opens (creating or truncating) a file, or stdout for `-`.
 pub fn file_output(path: PathBuf) -> OpenOutput {
-    Arc::new(move || -> std::io::Result<Box<dyn Write>> {
+    Arc::new(move || -> Result<Box<dyn Deliver>, EngineError> {
         if path.as_os_str() == "-" {
-            Ok(Box::new(std::io::BufWriter::new(std::io::stdout())))
+            Ok(Box::new(WriteLines(Box::new(std::io::BufWriter::new(std::io::stdout())))))
         } else {
-            let f =
-                std::fs::File::create(&path).map_err(|e| std::io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display())))?;
-            Ok(Box::new(std::io::BufWriter::with_capacity(1 << 16, f)))
+            let f = std::fs::File::create(&path).map_err(|e| EngineError::Io(format!("cannot write {}: {e}", path.display())))?;
+            Ok(Box::new(WriteLines(Box::new(std::io::BufWriter::with_capacity(1 << 16, f)))))
         }
     })
 }
@@ -85,7 +91,7 @@ pub fn memory_output(buf: Arc<Mutex<Vec<u8>>>) -> OpenOutput {
             Ok(())
         }
     }
-    Arc::new(move || -> std::io::Result<Box<dyn Write>> { Ok(Box::new(Mem(buf.clone()))) })
+    Arc::new(move || -> Result<Box<dyn Deliver>, EngineError> { Ok(Box::new(WriteLines(Box::new(Mem(buf.clone()))))) })
 }
 
 /// Everything a run needs.
@@ -97,6 +103,11 @@ pub struct Job {
     pub output: Option<OpenOutput>,
     pub dead_letters: Option<OpenOutput>,
     pub timely: timely::Config,
+    /// Kafka input, read by every worker (instead of `sources`).
+    pub kafka: Option<crate::kafka::KafkaInput>,
+    /// Set (by a signal handler) to stop: readers stop reading, what is
+    /// final is delivered and committed, nothing else is written.
+    pub stop: Arc<AtomicBool>,
 }
 
 impl Job {
@@ -115,6 +126,8 @@ impl Job {
             output: None,
             dead_letters: None,
             timely,
+            kafka: None,
+            stop: Arc::default(),
         }
     }
 }
@@ -173,6 +186,8 @@ pub fn run_memory(spec: &Spec, input: &[u8], opts: &RunOptions) -> Result<Memory
         } else {
             timely::Config::process(opts.workers)
         },
+        kafka: None,
+        stop: Arc::default(),
     };
     let summary = run(job)?;
     let lines = |b: &Arc<Mutex<Vec<u8>>>| {
@@ -197,15 +212,21 @@ pub fn run(job: Job) -> Result<Summary, EngineError> {
     let job = Arc::new(job);
     let guards = timely::execute(config, move |worker| run_worker(worker, &job)).map_err(EngineError::Timely)?;
     let mut summary = None;
+    let mut error = None;
     for r in guards.join() {
-        if let Some(s) = r.map_err(EngineError::Timely)?? {
-            summary = Some(s);
+        match r.map_err(EngineError::Timely)? {
+            Ok(Some(s)) => summary = Some(s),
+            Ok(None) => {}
+            Err(e) => error = error.or(Some(e)),
         }
     }
-    Ok(summary.unwrap_or_default())
+    match error {
+        Some(e) => Err(e),
+        None => Ok(summary.unwrap_or_default()),
+    }
 }
 
-/// The differential inputs the reader feeds, at the ticks events take effect.
+/// The differential inputs a reader feeds, at the ticks events take effect.
 pub struct Inputs {
     pub facts: InputSession<u64, Fact, isize>,
     pub nodes: InputSession<u64, (Key, Label), isize>,
@@ -232,6 +253,8 @@ impl Inputs {
 pub struct Collections<'s> {
     /// `(segment index, profile)` for every member of every segment.
     pub members: VecCollection<'s, u64, (u32, Key), isize>,
+    /// `(profile, its id)` for every profile.
+    pub names: VecCollection<'s, u64, (Key, crate::event::Id), isize>,
     /// Every profile that exists.
     pub universe: VecCollection<'s, u64, Key, isize>,
 }
@@ -241,8 +264,8 @@ pub fn build<'s>(scope: Scope<'s, u64>, plan: &Rc<Plan>, tick: u64) -> (Inputs, 
     let (facts_in, facts) = scope.new_collection();
     let (nodes_in, nodes) = scope.new_collection();
     let (links_in, links) = scope.new_collection();
-    let labels = identity::profiles(nodes, links);
-    let universe = identity::universe(labels.clone());
+    let identity::Profiles { labels, names } = identity::profiles(nodes, links);
+    let universe = identity::universe(names.clone());
     let lengths = Rc::new(plan.streams.iter().map(|s| s.window).collect::<Vec<_>>());
     let windowed = window::window(facts, lengths, tick);
     let terms = terms::terms(windowed, labels, plan.clone());
@@ -254,19 +277,17 @@ pub fn build<'s>(scope: Scope<'s, u64>, plan: &Rc<Plan>, tick: u64) -> (Inputs, 
             nodes: nodes_in,
             links: links_in,
         },
-        Collections { members, universe },
+        Collections { members, names, universe },
     )
 }
 
-/// Reads lines in input order on one worker and feeds the inputs: the
-/// sequential front of the engine (see [`Ingest`]).
+/// Reads events and feeds the inputs: the sequential front of one reader
+/// (see [`Ingest`]).
 pub struct Feeder {
     plan: Rc<Plan>,
     inputs: Inputs,
     ingest: Ingest,
     identities: Identities,
-    /// Key to id; shared with whoever writes profile ids.
-    pub interner: Interner,
     until: Option<u64>,
     /// For lifetime "latest value" streams: the fact fed last that still wins.
     winners: rustc_hash::FxHashMap<(Key, u32), (u64, Pay)>,
@@ -275,18 +296,22 @@ pub struct Feeder {
 }
 
 impl Feeder {
-    pub fn new(plan: Rc<Plan>, inputs: Inputs, interner: Interner, opts: &RunOptions) -> Feeder {
+    pub fn new(plan: Rc<Plan>, inputs: Inputs, opts: &RunOptions) -> Feeder {
         Feeder {
             plan,
             inputs,
             ingest: Ingest::new(opts.tick, opts.lateness, opts.dedupe_horizon),
             identities: Identities::default(),
-            interner,
             until: opts.until,
             winners: Default::default(),
             node_changes: Vec::new(),
             link_changes: Vec::new(),
         }
+    }
+
+    /// The clock follows [`Feeder::advance_watermark`] instead of the largest event time.
+    pub fn external_clock(&mut self) {
+        self.ingest.external_clock = true;
     }
 
     /// Reads one line (without its line ending) and feeds what it means.
@@ -308,13 +333,12 @@ impl Feeder {
                 self.feed(s);
             }
         }
-        self.inputs.advance_to(self.ingest.clock.frontier());
+        self.advance_inputs();
         outcome
     }
 
     fn feed(&mut self, s: &Stamped) {
-        self.identities
-            .changes(s, &mut self.interner, &mut self.node_changes, &mut self.link_changes);
+        self.identities.changes(s, &mut self.node_changes, &mut self.link_changes);
         for (d, t, r) in self.node_changes.drain(..) {
             self.inputs.nodes.update_at(d, t, r);
         }
@@ -322,8 +346,8 @@ impl Feeder {
             self.inputs.links.update_at(d, t, r);
         }
         let anchor = match (&s.event.user_id, &s.event.anonymous_id) {
-            (Some(u), _) => self.interner.key_of(crate::event::IdKind::User, u),
-            (None, Some(a)) => self.interner.key_of(crate::event::IdKind::Anon, a),
+            (Some(u), _) => key_of(crate::event::IdKind::User, u),
+            (None, Some(a)) => key_of(crate::event::IdKind::Anon, a),
             (None, None) => unreachable!("accepted events have an id"),
         };
         let plan = self.plan.clone();
@@ -343,6 +367,8 @@ impl Feeder {
     /// effect tick; one that can never win (older, and effective no sooner)
     /// is not fed at all; one effective sooner than the current winner (read
     /// out of order) is fed as it is, and the term's fold takes the max.
+    /// Several readers each keep their own winners; the fold takes the max
+    /// over all of them.
     fn latest(&mut self, anchor: Key, stream: u32, s: &Stamped, pay: Pay) {
         let rank = |p: &Pay| match p {
             Pay::Stamped(e, text, _) => (*e, text.clone()),
@@ -366,10 +392,25 @@ impl Feeder {
         }
     }
 
+    /// Moves the inputs with the clock, but never past `until`: ticks after
+    /// it are never final, so nothing after it is computed or written.
+    fn advance_inputs(&mut self) {
+        let tick = self.ingest.clock.tick;
+        let frontier = self.ingest.clock.frontier();
+        self.inputs
+            .advance_to(self.until.map_or(frontier, |u| frontier.min(u / tick * tick + tick)));
+    }
+
     /// Moves the clock to `t` with no event (live input gone idle).
     pub fn advance_clock(&mut self, t: u64) {
         self.ingest.advance_clock(t);
-        self.inputs.advance_to(self.ingest.clock.frontier());
+        self.advance_inputs();
+    }
+
+    /// Moves the clock by an event-time watermark (see [`Ingest::advance_watermark`]).
+    pub fn advance_watermark(&mut self, w: u64) {
+        self.ingest.advance_watermark(w);
+        self.advance_inputs();
     }
 
     /// The clock `now`, once an event was accepted.
@@ -387,7 +428,7 @@ impl Feeder {
         *self.inputs.facts.time()
     }
 
-    /// Ends file input: the clock moves to the last tick (SPEC §3) and the
+    /// Ends bounded input: the clock moves to the last tick (SPEC §3) and the
     /// inputs to just past it. Returns the last tick, if any event counted.
     pub fn finish(&mut self) -> Option<u64> {
         let last = self.ingest.final_tick(self.until);
@@ -405,7 +446,7 @@ impl Feeder {
 
 /// Progress on long runs: a line on stderr every few seconds when it is a
 /// terminal, and a `tracing` event (`RUST_LOG=info`) otherwise.
-struct Progress {
+pub struct Progress {
     started: Instant,
     last: Instant,
     terminal: bool,
@@ -413,7 +454,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new() -> Progress {
+    pub fn new() -> Progress {
         use std::io::IsTerminal;
         Progress {
             started: Instant::now(),
@@ -423,7 +464,8 @@ impl Progress {
         }
     }
 
-    fn tick(&mut self, feeder: &Feeder, tick: u64) {
+    /// Shows `extra` (e.g. Kafka lag) after the counters, every couple of seconds.
+    pub fn tick(&mut self, feeder: &Feeder, tick: u64, extra: impl FnOnce() -> String) {
         if self.last.elapsed() < Duration::from_secs(2) {
             return;
         }
@@ -431,14 +473,15 @@ impl Progress {
         let c = feeder.counters();
         let rate = c.read as f64 / self.started.elapsed().as_secs_f64();
         let clock = feeder.now().map(|t| format_time(t, tick < 1000)).unwrap_or_else(|| "-".into());
+        let extra = extra();
         self.shown = true;
         if self.terminal {
             eprint!(
-                "\rshoal: {} lines, {:.0}/s, clock {clock}, {} bad, {} duplicates   ",
+                "\rshoal: {} events, {:.0}/s, clock {clock}, {} bad, {} duplicates{extra}   ",
                 c.read, rate, c.bad, c.duplicates
             );
         } else {
-            tracing::info!(lines = c.read, rate = rate as u64, clock = %clock, bad = c.bad, duplicates = c.duplicates, "progress");
+            tracing::info!(events = c.read, rate = rate as u64, clock = %clock, bad = c.bad, duplicates = c.duplicates, extra = %extra, "progress");
         }
     }
 
@@ -449,123 +492,197 @@ impl Progress {
     }
 }
 
+impl Default for Progress {
+    fn default() -> Self {
+        Progress::new()
+    }
+}
+
+/// One reader's side of the run: its feeder, its notes to the sink, and
+/// the pacing against the delivered frontier.
+pub struct Reader<'w> {
+    pub worker: &'w mut timely::worker::Worker,
+    pub feeder: Feeder,
+    notes: timely::dataflow::InputHandleVec<u64, Note>,
+    delivered: timely::dataflow::ProbeHandle<u64>,
+    in_flight: u64,
+    pub progress: Progress,
+    pub opts: RunOptions,
+    pub stop: Arc<AtomicBool>,
+}
+
+impl Reader<'_> {
+    /// Sends a dead letter to the sink.
+    pub fn dead_letter(&mut self, line: String) {
+        self.notes.send(Note::Dead(line));
+    }
+
+    /// Whether a stop was asked for.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Hands what was read to the dataflow and keeps at most about two
+    /// batches beyond what was delivered; `live` waits until the batch is
+    /// out, so changes follow events promptly.
+    pub fn pump(&mut self, live: bool, extra: impl FnOnce() -> String) {
+        self.progress.tick(&self.feeder, self.opts.tick, extra);
+        self.advance_notes();
+        let frontier = self.feeder.frontier();
+        while self.delivered.less_than(&self.in_flight) && !self.stopping() {
+            self.worker.step();
+        }
+        self.in_flight = frontier;
+        self.worker.step();
+        if live {
+            while self.delivered.less_than(&self.in_flight) && !self.stopping() {
+                self.worker.step_or_park(Some(Duration::from_millis(1)));
+            }
+        }
+    }
+
+    /// Whether everything before `t` is delivered.
+    pub fn delivered_past(&self, t: u64) -> bool {
+        !self.delivered.less_than(&t)
+    }
+
+    /// The delivered frontier: every tick before it is out.
+    pub fn delivered_frontier(&self) -> u64 {
+        self.delivered.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX))
+    }
+
+    /// Steps the worker until everything before the reader's frontier is
+    /// delivered (or a stop).
+    pub fn drain(&mut self) {
+        self.advance_notes();
+        let end = self.feeder.frontier();
+        while self.delivered.less_than(&end) && !self.stopping() {
+            self.worker.step_or_park(Some(Duration::from_millis(1)));
+        }
+    }
+
+    /// Ends bounded input: moves the clock to the last tick and waits until
+    /// everything up to it is delivered.
+    pub fn finish_input(&mut self) -> Option<u64> {
+        let last = self.feeder.finish();
+        self.drain();
+        last
+    }
+
+    /// On a stop: waits until what is final is delivered, or until the
+    /// delivered frontier stops moving for a while (other readers may be
+    /// further behind).
+    pub fn settle(&mut self) {
+        self.advance_notes();
+        let end = self.feeder.frontier();
+        let (mut seen, mut since) = (self.delivered_frontier(), Instant::now());
+        while self.delivered.less_than(&end) && since.elapsed() < Duration::from_millis(500) {
+            self.worker.step_or_park(Some(Duration::from_millis(1)));
+            if self.delivered_frontier() != seen {
+                (seen, since) = (self.delivered_frontier(), Instant::now());
+            }
+        }
+    }
+
+    /// Ends bounded input: moves the clock to the last tick, reports, and
+    /// closes the inputs.
+    pub fn finish(mut self) {
+        self.progress.done();
+        let last = self.finish_input();
+        self.report(last, false);
+    }
+
+    /// Hands buffered updates and notes to the dataflow, notes at the clock.
+    fn advance_notes(&mut self) {
+        self.feeder.flush();
+        let frontier = self.feeder.frontier();
+        if frontier > *self.notes.time() {
+            self.notes.advance_to(frontier);
+        }
+        self.notes.flush();
+    }
+
+    fn report(&mut self, last: Option<u64>, stopped: bool) {
+        self.advance_notes();
+        self.notes.send(Note::Report(Report {
+            counters: self.feeder.counters().clone(),
+            last,
+            stopped,
+        }));
+    }
+
+    /// Ends on a stop: reports without moving the clock (what was not final
+    /// stays unwritten), then closes.
+    pub fn stop(mut self) {
+        self.progress.done();
+        self.feeder.flush();
+        let last = self.feeder.frontier().checked_sub(self.opts.tick);
+        self.report(last, true);
+    }
+}
+
 fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<Summary>, EngineError> {
     let plan = Rc::new(Plan::new(&job.spec));
     let opts = &job.opts;
     let leader = worker.index() == 0;
-    let last = Rc::new(Cell::new(None));
     let state = Rc::new(RefCell::new(SinkState::default()));
-    let out = match (&job.output, leader) {
-        (Some(open), true) => Some(open().map_err(|e| EngineError::Io(e.to_string()))?),
-        _ => None,
+    let open = |o: &Option<OpenOutput>| match (o, leader) {
+        (Some(open), true) => open().map(Some),
+        _ => Ok(None),
     };
-    let interner = Interner::default();
-    let names = Rc::new(plan.segments.iter().map(|s| s.name.clone()).collect::<Vec<_>>());
-    let (inputs, probe) = worker.dataflow::<u64, _, _>(|scope| {
+    let outputs = Outputs {
+        segments: Rc::new(plan.segments.iter().map(|s| s.name.clone()).collect()),
+        show_ms: opts.tick < 1000,
+        changes: open(&job.output)?,
+        dead_letters: open(&job.dead_letters)?,
+        state: state.clone(),
+    };
+    let mut notes = timely::dataflow::InputHandleVec::new();
+    let (inputs, delivered) = worker.dataflow::<u64, _, _>(|scope| {
+        use timely::dataflow::operators::{Input, Probe};
         let (inputs, built) = build(scope, &plan, opts.tick);
-        let (probe, members) = built.members.probe();
-        sink::memberships(
-            members,
-            interner.names.clone(),
-            names,
-            opts.tick < 1000,
-            last.clone(),
-            out,
-            state.clone(),
-        );
-        sink::profiles(built.universe, last.clone(), state.clone());
-        (inputs, probe)
+        let notes = scope.input_from(&mut notes).container::<Vec<Note>>();
+        let members = sink::named(built.members, built.names);
+        let (delivered, _) = sink::deliver(members, notes, outputs).probe();
+
+        sink::profiles(built.universe, state.clone());
+        (inputs, delivered)
     });
+    let mut reader = Reader {
+        worker,
+        feeder: Feeder::new(plan, inputs, opts),
+        notes,
+        delivered,
+        in_flight: 0,
+        progress: Progress::new(),
+        opts: opts.clone(),
+        stop: job.stop.clone(),
+    };
+    let result = match (&job.kafka, leader) {
+        (Some(kafka), _) => crate::kafka::read(&mut reader, kafka),
+        (None, true) => read_lines(&mut reader, &job.sources),
+        (None, false) => Ok(()),
+    };
+    let stopped = reader.stopping();
+    if let Err(e) = result {
+        // Stop the other readers of this process too; what is final is kept.
+        job.stop.store(true, Ordering::SeqCst);
+        reader.stop();
+        while worker.step_or_park(None) {}
+        return Err(e);
+    }
+    if stopped {
+        reader.stop();
+    } else {
+        reader.finish();
+    }
+    while worker.step_or_park(None) {}
     if !leader {
         return Ok(None);
     }
-    let mut feeder = Feeder::new(plan, inputs, interner, opts);
-    let mut dead = match &job.dead_letters {
-        Some(open) => Some(open().map_err(|e| EngineError::Io(e.to_string()))?),
-        None => None,
-    };
-    let mut in_batch = 0;
-    let mut in_flight = 0u64;
-    let mut line = Vec::new();
-    let mut progress = Progress::new();
-    let tick = Duration::from_millis(opts.tick);
-    let idle = Duration::from_millis(opts.idle);
-    for source in &job.sources {
-        let name = source.name();
-        let mut lines = source.open()?;
-        let live = lines.is_live();
-        let mut number = 0u64;
-        // Live clock: when the last event came, and the clock then.
-        let mut last_event = (Instant::now(), feeder.now());
-        loop {
-            let wait = if in_batch > 0 { Duration::from_millis(20) } else { tick.min(idle) };
-            let next = lines
-                .next(&mut line, wait)
-                .map_err(|e| EngineError::Io(format!("cannot read {name}: {e}")))?;
-            match next {
-                Next::End => break,
-                Next::Idle => {
-                    let (at, now) = last_event;
-                    if let Some(now) = now.filter(|_| at.elapsed() >= idle) {
-                        feeder.advance_clock(now + (at.elapsed().as_millis() as u64 / opts.tick) * opts.tick);
-                    }
-                    in_batch = BATCH; // make what we have visible
-                }
-                next @ (Next::Line | Next::Event(_)) => {
-                    number += 1;
-                    let outcome = match next {
-                        Next::Event(ev) => feeder.read_event(*ev),
-                        _ => feeder.read(&line),
-                    };
-                    if let Outcome::Bad(reason) = &outcome {
-                        if let Some(d) = dead.as_mut() {
-                            writeln!(d, "{}", dead_letter(&name, number, reason, &line))
-                                .map_err(|e| EngineError::Io(format!("cannot write dead letters: {e}")))?;
-                            if live {
-                                d.flush().map_err(|e| EngineError::Io(format!("cannot write dead letters: {e}")))?;
-                            }
-                        }
-                    }
-                    if matches!(outcome, Outcome::Accepted(_)) {
-                        last_event = (Instant::now(), feeder.now());
-                    }
-                    in_batch += 1;
-                }
-            }
-            if in_batch >= BATCH {
-                in_batch = 0;
-                progress.tick(&feeder, opts.tick);
-                feeder.flush();
-                // Keep at most about two batches in flight.
-                while probe.less_than(&in_flight) {
-                    worker.step();
-                }
-                in_flight = feeder.frontier();
-                worker.step();
-                if live {
-                    worker.step_while(|| probe.less_than(&in_flight));
-                }
-            }
-        }
-    }
-    if let Some(d) = dead.as_mut() {
-        d.flush().map_err(|e| EngineError::Io(format!("cannot write dead letters: {e}")))?;
-    }
-
-    progress.done();
-    let final_tick = feeder.finish();
-    last.set(Some(final_tick.unwrap_or(0)));
-    let end = feeder.frontier();
-    while probe.less_than(&end) {
-        worker.step();
-    }
-    let counters = feeder.counters().clone();
-    drop(feeder);
-    while worker.step_or_park(None) {}
-
     let st = state.borrow();
     if let Some(e) = &st.error {
-        return Err(EngineError::Io(format!("cannot write output: {e}")));
+        return Err(EngineError::Io(e.clone()));
     }
     let Counters {
         read,
@@ -574,7 +691,7 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
         duplicates,
         late,
         ignored,
-    } = counters;
+    } = st.counters.clone();
     Ok(Some(Summary {
         events_read: read,
         accepted,
@@ -582,8 +699,66 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
         duplicates,
         late,
         ignored,
-        profiles: st.profiles,
+        profiles: st.profiles_at_last(),
         diffs_written: st.diffs,
-        clock: final_tick.map(|t| format_time(t, opts.tick < 1000)),
+        clock: st.last.map(|t| format_time(t, opts.tick < 1000)),
     }))
+}
+
+/// Reads the line sources in order (worker 0 of process 0).
+fn read_lines(reader: &mut Reader<'_>, sources: &[Source]) -> Result<(), EngineError> {
+    let mut line = Vec::new();
+    let opts = reader.opts.clone();
+    let tick = Duration::from_millis(opts.tick);
+    let idle = Duration::from_millis(opts.idle);
+    for source in sources {
+        let name = source.name();
+        let mut lines = source.open()?;
+        let live = lines.is_live();
+        let mut number = 0u64;
+        // Live clock: when the last event came, and the clock then.
+        let mut last_event = (Instant::now(), reader.feeder.now());
+        let mut batch = 0usize;
+        loop {
+            if reader.stopping() {
+                return Ok(());
+            }
+            let wait = if batch > 0 { Duration::from_millis(20) } else { tick.min(idle) };
+            let next = lines
+                .next(&mut line, wait)
+                .map_err(|e| EngineError::Io(format!("cannot read {name}: {e}")))?;
+            match next {
+                Next::End => break,
+                Next::Idle => {
+                    let (at, now) = last_event;
+                    if let Some(now) = now.filter(|_| at.elapsed() >= idle) {
+                        reader
+                            .feeder
+                            .advance_clock(now + (at.elapsed().as_millis() as u64 / opts.tick) * opts.tick);
+                    }
+                    batch = 0;
+                    reader.pump(live, String::new);
+                }
+                next @ (Next::Line | Next::Event(_)) => {
+                    number += 1;
+                    let outcome = match next {
+                        Next::Event(ev) => reader.feeder.read_event(*ev),
+                        _ => reader.feeder.read(&line),
+                    };
+                    if let Outcome::Bad(reason) = &outcome {
+                        reader.dead_letter(dead_letter(&name, number, reason, &line));
+                    }
+                    if matches!(outcome, Outcome::Accepted(_)) {
+                        last_event = (Instant::now(), reader.feeder.now());
+                    }
+                    batch += 1;
+                    if batch >= BATCH {
+                        batch = 0;
+                        reader.pump(live, String::new);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -11,19 +11,31 @@
 use differential_dataflow::algorithms::graphs::propagate::propagate;
 use differential_dataflow::VecCollection;
 
+use crate::event::Id;
 use crate::ingest::{Key, Label};
 
-/// `(id, profile)` for every id in a component with an eligible id.
-/// `links` must hold both directions of every link.
-pub fn profiles<'s>(
-    nodes: VecCollection<'s, u64, (Key, Label), isize>,
-    links: VecCollection<'s, u64, (Key, Key), isize>,
-) -> VecCollection<'s, u64, (Key, Key), isize> {
-    propagate(links, nodes).flat_map(|(id, (ineligible, _name, profile))| (!ineligible).then_some((id, profile)))
+/// The result of identity resolution.
+pub struct Profiles<'s> {
+    /// `(id, profile)` for every id in a component with an eligible id.
+    pub labels: VecCollection<'s, u64, (Key, Key), isize>,
+    /// `(profile, its id)` for every profile: how output names a profile key.
+    pub names: VecCollection<'s, u64, (Key, Id), isize>,
 }
 
-/// The profiles that exist: one per component with an eligible id, i.e.
-/// the ids that are their own profile.
-pub fn universe<'s>(labels: VecCollection<'s, u64, (Key, Key), isize>) -> VecCollection<'s, u64, Key, isize> {
-    labels.flat_map(|(id, profile)| (id == profile).then_some(profile))
+/// Resolves ids into profiles. `links` must hold both directions of every
+/// link. Label propagation yields one label per node whatever the
+/// multiplicity of its inputs, so several readers may each feed the same
+/// node or link.
+pub fn profiles<'s>(nodes: VecCollection<'s, u64, (Key, Label), isize>, links: VecCollection<'s, u64, (Key, Key), isize>) -> Profiles<'s> {
+    let eligible = propagate(links, nodes).filter(|(_, (ineligible, _, _))| !ineligible);
+    let names = eligible
+        .clone()
+        .flat_map(|(id, (_, name, profile))| (id == profile).then_some((profile, name)));
+    let labels = eligible.map(|(id, (_, _, profile))| (id, profile));
+    Profiles { labels, names }
+}
+
+/// The profiles that exist: one per component with an eligible id.
+pub fn universe<'s>(names: VecCollection<'s, u64, (Key, Id), isize>) -> VecCollection<'s, u64, Key, isize> {
+    names.map(|(profile, _)| profile)
 }

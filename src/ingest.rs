@@ -40,7 +40,7 @@ pub enum Outcome {
 }
 
 /// Counters for the summary line and metrics.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Counters {
     pub read: u64,
     pub accepted: u64,
@@ -50,12 +50,26 @@ pub struct Counters {
     pub ignored: u64,
 }
 
+impl Counters {
+    pub fn add(&mut self, o: &Counters) {
+        self.read += o.read;
+        self.accepted += o.accepted;
+        self.bad += o.bad;
+        self.duplicates += o.duplicates;
+        self.late += o.late;
+        self.ignored += o.ignored;
+    }
+}
+
 pub struct Ingest {
     pub clock: Clock,
     horizon: u64,
     remembered: FxHashMap<u128, u64>,
     forget: BinaryHeap<Reverse<(u64, u128)>>,
     pub counters: Counters,
+    /// The clock follows a watermark given from outside (Kafka: the least
+    /// over partitions) instead of the largest event time read.
+    pub external_clock: bool,
 }
 
 impl Ingest {
@@ -66,6 +80,7 @@ impl Ingest {
             remembered: FxHashMap::default(),
             forget: BinaryHeap::new(),
             counters: Counters::default(),
+            external_clock: false,
         }
     }
 
@@ -103,7 +118,9 @@ impl Ingest {
         if late {
             self.counters.late += 1;
         }
-        if self.clock.observe(event.time) {
+        if self.external_clock {
+            self.clock.max_time = self.clock.max_time.max(Some(event.time));
+        } else if self.clock.observe(event.time) {
             self.forget_passed();
         }
         Outcome::Accepted(Box::new(Stamped { event, effect, late }))
@@ -113,6 +130,14 @@ impl Ingest {
     pub fn advance_clock(&mut self, t: u64) {
         if self.clock.advance_to(t / self.clock.tick * self.clock.tick) {
             self.forget_passed();
+        }
+    }
+
+    /// Moves the clock by an event-time watermark `w`: to `w` minus the
+    /// lateness, rounded down to the tick (SPEC §3 with `T = w`).
+    pub fn advance_watermark(&mut self, w: u64) {
+        if w >= self.clock.lateness {
+            self.advance_clock(w - self.clock.lateness);
         }
     }
 
@@ -143,61 +168,35 @@ impl Ingest {
     }
 }
 
-/// A profile or id key inside the dataflow: ids are interned to dense
-/// integers by the reader, in input order, so keys are cheap to hash, compare
-/// and exchange; the table maps them back for output.
+/// A profile or id key inside the dataflow: the 64-bit xxh3 hash of the id,
+/// so every reader — one per Kafka partition owner, on any worker of any
+/// process — names an id the same way without sharing a table. Ids travel
+/// beside their keys in identity labels, and the output looks names up in
+/// the dataflow's `names` collection (see `identity`). Two ids collide with
+/// probability about n²/2⁶⁵ (≈3·10⁻⁸ for a million ids); see docs/decisions.md.
 pub type Key = u64;
+
+/// The key of an id.
+pub fn key_of(kind: IdKind, name: &str) -> Key {
+    let seed = match kind {
+        IdKind::User => 1,
+        IdKind::Anon => 2,
+    };
+    xxhash_rust::xxh3::xxh3_64_with_seed(name.as_bytes(), seed)
+}
 
 /// A node's label in identity resolution: `(not eligible, id, key)`; the
 /// least label of a component is its profile.
 pub type Label = (bool, Id, Key);
-
-/// The reader's id table: `Id` to [`Key`] and back, looked up by borrowed
-/// name so a known id costs no allocation.
-#[derive(Default)]
-pub struct Interner {
-    users: FxHashMap<String, Key>,
-    anons: FxHashMap<String, Key>,
-    /// Key to id, shared with the sink on the same worker.
-    pub names: std::rc::Rc<std::cell::RefCell<Vec<Id>>>,
-}
-
-impl Interner {
-    pub fn key_of(&mut self, kind: IdKind, name: &str) -> Key {
-        let map = match kind {
-            IdKind::User => &mut self.users,
-            IdKind::Anon => &mut self.anons,
-        };
-        if let Some(&k) = map.get(name) {
-            return k;
-        }
-        let mut names = self.names.borrow_mut();
-        let k = names.len() as Key;
-        names.push(Id {
-            kind,
-            name: name.to_string(),
-        });
-        map.insert(name.to_string(), k);
-        k
-    }
-
-    pub fn key(&mut self, id: &Id) -> Key {
-        self.key_of(id.kind, &id.name)
-    }
-
-    fn id(&self, k: Key) -> Id {
-        self.names.borrow()[k as usize].clone()
-    }
-}
 
 /// Tracks the earliest tick at which each id and link exists, so identity
 /// updates go in once per id and move earlier when an event out of order
 /// shows one sooner.
 #[derive(Default)]
 pub struct Identities {
-    /// By key: earliest tick seen at all, and as an eligible id (`u64::MAX`: never).
-    seen: Vec<u64>,
-    named: Vec<u64>,
+    /// By key: earliest tick seen at all, and as an eligible id.
+    seen: FxHashMap<Key, u64>,
+    named: FxHashMap<Key, u64>,
     links: FxHashMap<(Key, Key), u64>,
 }
 
@@ -206,21 +205,18 @@ pub type Change<D> = (D, u64, isize);
 
 /// Records `t` as the earliest for `k`; `Some(previous)` when that changed
 /// (`u64::MAX` for none before).
-fn earliest(ticks: &mut Vec<u64>, k: Key, t: u64) -> Option<u64> {
-    let i = k as usize;
-    if i >= ticks.len() {
-        ticks.resize(i + 1, u64::MAX);
-    }
-    (t < ticks[i]).then(|| std::mem::replace(&mut ticks[i], t))
+fn earliest(ticks: &mut FxHashMap<Key, u64>, k: Key, t: u64) -> Option<u64> {
+    let at = ticks.entry(k).or_insert(u64::MAX);
+    (t < *at).then(|| std::mem::replace(at, t))
 }
 
 impl Identities {
     /// The node and link changes an accepted event makes.
-    pub fn changes(&mut self, s: &Stamped, ids: &mut Interner, nodes: &mut Vec<Change<(Key, Label)>>, links: &mut Vec<Change<(Key, Key)>>) {
+    pub fn changes(&mut self, s: &Stamped, nodes: &mut Vec<Change<(Key, Label)>>, links: &mut Vec<Change<(Key, Key)>>) {
         let t = s.effect;
-        let mut node = |ticks: &mut Vec<u64>, ids: &Interner, k: Key, ineligible: bool| {
+        let mut node = |ticks: &mut FxHashMap<Key, u64>, id: &Id, k: Key, ineligible: bool| {
             if let Some(old) = earliest(ticks, k, t) {
-                let label = (ineligible, ids.id(k), k);
+                let label = (ineligible, id.clone(), k);
                 if old != u64::MAX {
                     nodes.push(((k, label.clone()), old, -1));
                 }
@@ -230,16 +226,17 @@ impl Identities {
         let ev = &s.event;
         for (kind, name) in [(IdKind::User, &ev.user_id), (IdKind::Anon, &ev.anonymous_id)] {
             if let Some(name) = name {
-                let k = ids.key_of(kind, name);
-                node(&mut self.named, ids, k, false);
-                node(&mut self.seen, ids, k, true);
+                let id = Id { kind, name: name.clone() };
+                let k = key_of(kind, name);
+                node(&mut self.named, &id, k, false);
+                node(&mut self.seen, &id, k, true);
             }
         }
         for (a, b) in ev.links() {
-            let (a, b) = (ids.key(&a), ids.key(&b));
-            node(&mut self.seen, ids, a, true);
-            node(&mut self.seen, ids, b, true);
-            let pair = (a.min(b), a.max(b));
+            let (ka, kb) = (key_of(a.kind, &a.name), key_of(b.kind, &b.name));
+            node(&mut self.seen, &a, ka, true);
+            node(&mut self.seen, &b, kb, true);
+            let pair = (ka.min(kb), ka.max(kb));
             let old = match self.links.get_mut(&pair) {
                 Some(old) if *old <= t => continue,
                 Some(old) => Some(std::mem::replace(old, t)),
@@ -248,7 +245,7 @@ impl Identities {
                     None
                 }
             };
-            for (x, y) in [(a, b), (b, a)] {
+            for (x, y) in [(ka, kb), (kb, ka)] {
                 links.push(((x, y), t, 1));
                 if let Some(old) = old {
                     links.push(((x, y), old, -1));
@@ -316,19 +313,18 @@ mod tests {
     #[test]
     fn identity_changes_move_earlier_once() {
         let mut ids = Identities::default();
-        let mut names = Interner::default();
         let ev = |t: u64| Stamped {
             event: decode(format!(r#"{{"type":"identify","userId":"u","anonymousId":"a","timestamp":{t}}}"#).as_bytes()).unwrap(),
             effect: t,
             late: false,
         };
         let (mut nodes, mut links) = (Vec::new(), Vec::new());
-        ids.changes(&ev(5000), &mut names, &mut nodes, &mut links);
+        ids.changes(&ev(5000), &mut nodes, &mut links);
         assert_eq!(links.len(), 2);
         let n = nodes.len();
-        ids.changes(&ev(6000), &mut names, &mut nodes, &mut links);
+        ids.changes(&ev(6000), &mut nodes, &mut links);
         assert_eq!((nodes.len(), links.len()), (n, 2), "a later repeat changes nothing");
-        ids.changes(&ev(4000), &mut names, &mut nodes, &mut links);
+        ids.changes(&ev(4000), &mut nodes, &mut links);
         assert_eq!(links.len(), 6, "an earlier one moves both directions earlier");
     }
 }

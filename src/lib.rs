@@ -15,6 +15,7 @@ pub mod event;
 pub mod generate;
 pub mod identity;
 pub mod ingest;
+pub mod kafka;
 pub mod plan;
 pub mod rules;
 pub mod sink;

@@ -13,6 +13,10 @@ use clap::{Args, Parser, Subcommand};
 use shoal::clock::{parse_duration, parse_duration_or_zero, parse_time_arg};
 use shoal::engine::{file_output, EngineError, Job, RunOptions, Source};
 use shoal::generate::GenOptions;
+use shoal::kafka::{kafka_output, KafkaInput};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -33,7 +37,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a spec over events and write membership changes.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate a spec: errors name the TOML line and column.
     Check {
         /// The dataflow spec (TOML).
@@ -57,9 +61,9 @@ struct RunArgs {
     /// Read N events from the built-in generator (seed 1, default population) instead of --input.
     #[arg(long, value_name = "N", conflicts_with = "inputs")]
     generate: Option<u64>,
-    /// Where membership changes go (`-` is stdout).
-    #[arg(long, default_value = "-", value_name = "FILE|-")]
-    output: PathBuf,
+    /// Where membership changes go (`-` is stdout) [default: -, unless --output-kafka].
+    #[arg(long, value_name = "FILE|-")]
+    output: Option<PathBuf>,
     /// Where refused lines go, as JSON lines with the reason and position
     /// [default: stderr, so that nothing is silently lost].
     #[arg(long, value_name = "FILE")]
@@ -91,12 +95,39 @@ struct RunArgs {
     /// A file with one host:port per process, in process order [default: localhost:2101, 2102, …].
     #[arg(long, value_name = "FILE")]
     hostfile: Option<PathBuf>,
-    /// Kafka brokers (not supported yet in this version).
-    #[arg(long, value_name = "B")]
+    /// Kafka bootstrap brokers (host:port,…), for --kafka-topic and --output-kafka.
+    #[arg(long, value_name = "B", help_heading = "Kafka")]
     kafka_brokers: Option<String>,
-    /// Kafka topic (not supported yet in this version).
-    #[arg(long, value_name = "T")]
+    /// Read events from this Kafka topic (repeat for several); its partitions are
+    /// spread over all workers of all processes. Runs live until SIGINT/SIGTERM.
+    #[arg(long, value_name = "T", help_heading = "Kafka", conflicts_with_all = ["inputs", "generate"])]
     kafka_topic: Vec<String>,
+    /// Consumer group whose committed offsets say where reading resumes; offsets are
+    /// committed only after the changes those events caused were delivered.
+    #[arg(long, value_name = "G", default_value = "shoal", help_heading = "Kafka")]
+    kafka_group: String,
+    /// Read each partition up to its end offset as of the start, then finish like file
+    /// input (for backfills and rebuilds).
+    #[arg(long, help_heading = "Kafka")]
+    kafka_until_end: bool,
+    /// A partition with no message for this long stops holding the clock back.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "D", help_heading = "Kafka")]
+    kafka_partition_idle: u64,
+    /// Write membership changes to this Kafka topic (key: profile id, value: the JSON line),
+    /// with an idempotent producer that retries until the broker takes them.
+    #[arg(long, value_name = "TOPIC", help_heading = "Kafka", conflicts_with = "output")]
+    output_kafka: Option<String>,
+    /// An extra librdkafka setting for the consumer and producer, e.g.
+    /// security.protocol=SASL_SSL (repeatable).
+    #[arg(long, value_name = "KEY=VALUE", value_parser = key_value, help_heading = "Kafka")]
+    kafka_option: Vec<(String, String)>,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
 }
 
 #[derive(Args)]
@@ -135,7 +166,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Check { spec, tick } => check(&spec, tick),
         Command::Generate(args) => generate(args),
     };
@@ -213,10 +244,14 @@ fn timely_config(args: &RunArgs) -> Result<timely::Config, Failure> {
 }
 
 fn run(args: RunArgs) -> Result<(), Failure> {
-    if args.kafka_brokers.is_some() || !args.kafka_topic.is_empty() {
+    let kafka_used = !args.kafka_topic.is_empty() || args.output_kafka.is_some();
+    if kafka_used && args.kafka_brokers.is_none() {
         return Err(usage(anyhow::anyhow!(
-            "Kafka input is not supported yet in this version; use --input FILE or stdin"
+            "--kafka-topic and --output-kafka need --kafka-brokers HOST:PORT"
         )));
+    }
+    if args.kafka_until_end && args.kafka_topic.is_empty() {
+        return Err(usage(anyhow::anyhow!("--kafka-until-end needs --kafka-topic")));
     }
     let spec = load_spec(&args.spec, args.tick)?;
     let mut sources: Vec<Source> = args
@@ -237,7 +272,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             ..GenOptions::default()
         }));
     }
-    if sources.is_empty() {
+    if sources.is_empty() && args.kafka_topic.is_empty() {
         if std::io::stdin().is_terminal() {
             return Err(usage(anyhow::anyhow!(
                 "no input: give --input FILE (or -), or pipe events into stdin"
@@ -260,11 +295,33 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         idle: args.idle,
         workers: args.workers,
     };
+    let brokers = args.kafka_brokers.clone().unwrap_or_default();
+    let kafka = (!args.kafka_topic.is_empty()).then(|| KafkaInput {
+        brokers: brokers.clone(),
+        topics: args.kafka_topic.clone(),
+        group: args.kafka_group.clone(),
+        until_end: args.kafka_until_end,
+        partition_idle: args.kafka_partition_idle,
+        options: args.kafka_option.clone(),
+    });
+    let output = match &args.output_kafka {
+        Some(topic) => kafka_output(brokers, topic.clone(), args.kafka_option.clone()),
+        None => file_output(args.output.clone().unwrap_or_else(|| PathBuf::from("-"))),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        // A second signal while stopping exits at once.
+        let registered = signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())
+            .and_then(|_| signal_hook::flag::register(signal, stop.clone()));
+        registered.context("cannot handle signals").map_err(|e| Failure(1, e))?;
+    }
     let job = Job {
         spec,
         opts,
         sources,
-        output: Some(file_output(args.output.clone())),
+        kafka,
+        stop,
+        output: Some(output),
         dead_letters: Some(file_output(
             args.dead_letter.clone().unwrap_or_else(|| PathBuf::from("/dev/stderr")),
         )),

@@ -1,34 +1,112 @@
-//! Sinks: membership changes out as SPEC §5 lines.
+//! Sinks: membership changes and dead letters out, and the run's summary in.
 //!
-//! All changes go to worker 0, which holds them per tick until the frontier
-//! passes the tick, then consolidates (a change that nets to nothing is not
-//! written), sorts by the segment's place in the spec and the profile id's
-//! bytes, and writes. Ticks after the last tick of the run (`--until`, or the
-//! end of file input) are never written.
+//! One operator, [`deliver`], runs on worker 0 (of process 0) and writes
+//! everything the run puts out:
+//!
+//! - membership changes, held per tick until the frontier passes the tick,
+//!   then consolidated (a change that nets to nothing is not written), sorted
+//!   by the segment's place in the spec and the profile id's bytes (SPEC §5);
+//! - dead letters from every reader, written as they come;
+//! - each reader's [`Report`] at its end, summed into the summary line.
+//!
+//! Its output carries no data; its frontier is the *delivered* frontier. The
+//! operator keeps a capability for every written tick whose lines the output
+//! has not yet acknowledged (a Kafka producer acknowledges asynchronously; a
+//! file at once), so a probe on the output tells every worker, in every
+//! process, which ticks are safely out. Readers commit input positions and
+//! pace themselves by that probe: nothing is committed before the changes it
+//! caused are delivered, and a stalled output stalls the input rather than
+//! growing a queue.
+//!
+//! Ticks after the last tick of the run (`--until`, or the end of bounded
+//! input) are never written; on a stop (SIGINT/SIGTERM) nothing that was not
+//! final when the stop came is written.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::rc::Rc;
+use std::time::Duration;
 
 use differential_dataflow::VecCollection;
+use serde::{Deserialize, Serialize};
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::StreamVec;
 
 use crate::clock::format_time;
 use crate::event::Id;
-use crate::ingest::Key;
+use crate::ingest::{Counters, Key};
 
-/// A membership change: (segment, profile) and its diff.
-type Change = ((u32, Key), isize);
+/// A change of a named membership: `((segment, profile id), diff)`.
+type NamedChange = ((u32, Id), isize);
 
-/// What the sinks saw, read by the driver after the run.
+/// Where lines go: a file, memory, or a Kafka topic.
+pub trait Deliver {
+    /// Queues one line; `key` is the profile id (Kafka's message key).
+    fn send(&mut self, tick: u64, key: &str, line: &str) -> Result<(), String>;
+    /// Called after the last line of a tick: files flush here.
+    fn end_tick(&mut self, tick: u64) -> Result<(), String>;
+    /// The earliest tick with lines sent but not yet acknowledged.
+    fn unacknowledged(&mut self) -> Option<u64> {
+        None
+    }
+}
+
+/// Lines to a writer, acknowledged once flushed.
+pub struct WriteLines(pub Box<dyn Write>);
+
+impl Deliver for WriteLines {
+    fn send(&mut self, _tick: u64, _key: &str, line: &str) -> Result<(), String> {
+        writeln!(self.0, "{line}").map_err(|e| e.to_string())
+    }
+
+    fn end_tick(&mut self, _tick: u64) -> Result<(), String> {
+        self.0.flush().map_err(|e| e.to_string())
+    }
+}
+
+/// What one reader saw, sent once at its end.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub counters: Counters,
+    /// The reader's last tick (`None`: no event accepted).
+    pub last: Option<u64>,
+    /// The reader stopped (a signal or an error): nothing after `last` may be written.
+    pub stopped: bool,
+}
+
+/// What the readers tell the sink: dead letters as they come, a report at the end.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Note {
+    Dead(String),
+    Report(Report),
+}
+
+/// What the sink saw, read by the driver after the run.
 #[derive(Debug, Default)]
 pub struct SinkState {
     pub diffs: u64,
-    pub profiles: i64,
+    /// Profile count changes by tick.
+    pub profiles: BTreeMap<u64, i64>,
+    pub counters: Counters,
+    /// The last tick of the run: the latest of the readers' last ticks, or
+    /// the earliest of them when a reader stopped.
+    pub last: Option<u64>,
+    /// Set by a stopped reader: no tick after it is written.
+    pub cutoff: Option<u64>,
     /// The first write error; writing stops there.
     pub error: Option<String>,
+}
+
+impl SinkState {
+    /// Profiles that exist at the last tick.
+    pub fn profiles_at_last(&self) -> i64 {
+        let last = self.last.unwrap_or(0);
+        self.profiles.range(..=last).map(|(_, n)| n).sum()
+    }
 }
 
 /// One membership line, keys in SPEC order.
@@ -44,71 +122,151 @@ pub fn membership_line(time: u64, show_ms: bool, segment: &str, profile: &str, e
     line
 }
 
-/// Writes the changes of `(segment, profile)` memberships to `out` on worker 0.
-/// `last` is the last tick to write, set by the driver once it is known.
-pub fn memberships<'s>(
+/// Names the profiles of `(segment, profile)` memberships.
+pub fn named<'s>(
     members: VecCollection<'s, u64, (u32, Key), isize>,
-    ids: Rc<RefCell<Vec<Id>>>,
-    names: Rc<Vec<String>>,
-    show_ms: bool,
-    last: Rc<Cell<Option<u64>>>,
-    mut out: Option<Box<dyn Write>>,
-    state: Rc<RefCell<SinkState>>,
-) {
-    let pact = Exchange::new(|_: &((u32, Key), u64, isize)| 0u64);
-    let mut pending: BTreeMap<u64, Vec<Change>> = BTreeMap::new();
-    members.inner.sink(pact, "WriteMemberships", move |(input, frontier)| {
-        input.for_each(|_cap, data| {
-            for (d, t, r) in data.drain(..) {
-                pending.entry(t).or_default().push((d, r));
-            }
-        });
-        while let Some(entry) = pending.first_entry() {
-            let t = *entry.key();
-            if frontier.less_equal(&t) {
-                break;
-            }
-            let mut changes = entry.remove();
-            if last.get().is_some_and(|l| t > l) {
-                continue;
-            }
-            differential_dataflow::consolidation::consolidate(&mut changes);
-            let ids = ids.borrow();
-            let mut lines: Vec<(u32, String, bool)> = changes
-                .into_iter()
-                .filter(|(_, r)| *r != 0)
-                .map(|((seg, p), r)| (seg, ids[p as usize].to_string(), r > 0))
-                .collect();
-            lines.sort();
-            let mut st = state.borrow_mut();
-            for (seg, profile, enter) in lines {
-                st.diffs += 1;
-                if let (Some(w), None) = (out.as_mut(), &st.error) {
-                    let line = membership_line(t, show_ms, &names[seg as usize], &profile, enter);
-                    if let Err(e) = writeln!(w, "{line}") {
-                        st.error = Some(e.to_string());
-                    }
-                }
-            }
-            if let (Some(w), None) = (out.as_mut(), &st.error) {
-                if let Err(e) = w.flush() {
-                    st.error = Some(e.to_string());
-                }
-            }
-        }
-    });
+    names: VecCollection<'s, u64, (Key, Id), isize>,
+) -> VecCollection<'s, u64, (u32, Id), isize> {
+    let by_profile = members
+        .map(|(segment, profile)| (profile, segment))
+        .arrange_by_key_named("MembersByProfile");
+    by_profile.join_core(names.arrange_by_key_named("Names"), |_, segment, id| Some((*segment, id.clone())))
 }
 
-/// Counts the profiles that exist at the last tick, on worker 0.
-pub fn profiles<'s>(universe: VecCollection<'s, u64, Key, isize>, last: Rc<Cell<Option<u64>>>, state: Rc<RefCell<SinkState>>) {
+/// How [`deliver`] writes.
+pub struct Outputs {
+    /// Segment names, in spec order.
+    pub segments: Rc<Vec<String>>,
+    pub show_ms: bool,
+    pub changes: Option<Box<dyn Deliver>>,
+    pub dead_letters: Option<Box<dyn Deliver>>,
+    pub state: Rc<RefCell<SinkState>>,
+}
+
+/// Writes memberships and dead letters on worker 0 and sums the reports;
+/// returns the delivered frontier as a stream (see the module docs).
+pub fn deliver<'s>(
+    members: VecCollection<'s, u64, (u32, Id), isize>,
+    notes: StreamVec<'s, u64, Note>,
+    mut outs: Outputs,
+) -> StreamVec<'s, u64, ()> {
+    let to_leader = Exchange::new(|_: &((u32, Id), u64, isize)| 0u64);
+    let notes_to_leader = Exchange::new(|_: &Note| 0u64);
+    let scope = members.inner.scope();
+    members.inner.binary_frontier::<_, CapacityContainerBuilder<Vec<()>>, _, _, _, _>(
+        notes,
+        to_leader,
+        notes_to_leader,
+        "Deliver",
+        move |_cap, info| {
+            let activator = scope.activator_for(info.address.clone());
+            let mut pending: BTreeMap<u64, (Capability<u64>, Vec<NamedChange>)> = BTreeMap::new();
+            let mut awaiting: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
+            // After a stop: held at the cutoff so that no reader takes the
+            // ticks dropped after it for delivered.
+            let mut barrier: Option<Capability<u64>> = None;
+            move |(changes, frontier), (notes, notes_frontier), _output| {
+                notes.for_each(|cap, data| {
+                    for note in data.drain(..) {
+                        match note {
+                            Note::Dead(line) => write_dead(&mut outs, &line),
+                            Note::Report(r) => {
+                                let mut st = outs.state.borrow_mut();
+                                st.counters.add(&r.counters);
+                                if r.stopped {
+                                    let cut = r.last.unwrap_or(0);
+                                    st.cutoff = Some(st.cutoff.map_or(cut, |c| c.min(cut)));
+                                    let at = cap.least().copied().unwrap_or(0).max(cut + 1);
+                                    if barrier.as_ref().is_none_or(|b| *b.time() > at) {
+                                        barrier = Some(cap.delayed(&at, 0));
+                                    }
+                                }
+                                st.last = match (st.cutoff, st.last.max(r.last)) {
+                                    (Some(c), last) => Some(last.map_or(c, |l| l.min(c))),
+                                    (None, last) => last,
+                                };
+                            }
+                        }
+                    }
+                });
+                changes.for_each(|cap, data| {
+                    for (d, t, r) in data.drain(..) {
+                        pending.entry(t).or_insert_with(|| (cap.delayed(&t, 0), Vec::new())).1.push((d, r));
+                    }
+                });
+                // A tick is final once both the changes and every reader's
+                // notes are past it (a reader's report comes before its end).
+                let (cutoff, all_in) = (outs.state.borrow().cutoff, notes_frontier.is_empty());
+                let last = all_in.then(|| outs.state.borrow().last.unwrap_or(0));
+                while let Some(entry) = pending.first_entry() {
+                    let t = *entry.key();
+                    if frontier.less_equal(&t) || notes_frontier.less_equal(&t) {
+                        break;
+                    }
+                    let (cap, changes) = entry.remove();
+                    if last.is_some_and(|l| t > l) || cutoff.is_some_and(|c| t > c) {
+                        continue;
+                    }
+                    write_tick(&mut outs, t, changes);
+                    awaiting.insert(t, cap);
+                }
+                if all_in && frontier.is_empty() {
+                    pending.clear();
+                    barrier = None;
+                }
+                let unacked = outs.changes.as_mut().and_then(|c| c.unacknowledged());
+                awaiting.retain(|&t, _| unacked.is_some_and(|u| u <= t));
+                if !awaiting.is_empty() {
+                    activator.activate_after(Duration::from_millis(5));
+                }
+            }
+        },
+    )
+}
+
+fn write_dead(outs: &mut Outputs, line: &str) {
+    let mut st = outs.state.borrow_mut();
+    if let (Some(d), None) = (outs.dead_letters.as_mut(), &st.error) {
+        if let Err(e) = d.send(0, "", line).and_then(|()| d.end_tick(0)) {
+            st.error = Some(format!("cannot write dead letters: {e}"));
+        }
+    }
+}
+
+fn write_tick(outs: &mut Outputs, t: u64, mut changes: Vec<NamedChange>) {
+    differential_dataflow::consolidation::consolidate(&mut changes);
+    let mut lines: Vec<(u32, String, bool)> = changes
+        .into_iter()
+        .filter(|(_, r)| *r != 0)
+        .map(|((seg, id), r)| (seg, id.to_string(), r > 0))
+        .collect();
+    lines.sort();
+    let mut st = outs.state.borrow_mut();
+    st.diffs += lines.len() as u64;
+    let Some(out) = outs.changes.as_mut() else { return };
+    if st.error.is_some() {
+        return;
+    }
+    for (seg, profile, enter) in lines {
+        let line = membership_line(t, outs.show_ms, &outs.segments[seg as usize], &profile, enter);
+        if let Err(e) = out.send(t, &profile, &line) {
+            st.error = Some(format!("cannot write output: {e}"));
+            return;
+        }
+    }
+    if let Err(e) = out.end_tick(t) {
+        st.error = Some(format!("cannot write output: {e}"));
+    }
+}
+
+/// Counts profile changes by tick, on worker 0.
+pub fn profiles<'s>(universe: VecCollection<'s, u64, Key, isize>, state: Rc<RefCell<SinkState>>) {
     let pact = Exchange::new(|_: &((), u64, isize)| 0u64);
     universe.map(|_| ()).inner.sink(pact, "CountProfiles", move |(input, _frontier)| {
         input.for_each(|_cap, data| {
             let mut st = state.borrow_mut();
             for ((), t, r) in data.drain(..) {
-                if last.get().is_none_or(|l| t <= l) {
-                    st.profiles += r as i64;
-                }
+                *st.profiles.entry(t).or_default() += r as i64;
             }
         });
     });

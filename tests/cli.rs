@@ -158,7 +158,7 @@ fn every_shipped_spec_finds_members_in_generated_traffic() {
             .output()
             .unwrap();
         assert!(o.status.success(), "{name}: {}", stderr(&o));
-        let out = String::from_utf8(o.stdout).unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
         let entered: std::collections::BTreeSet<&str> = out
             .lines()
             .filter(|l| l.ends_with("\"enter\"}"))
@@ -217,4 +217,39 @@ fn live_stdin_clock_follows_wall_time_when_idle() {
     );
     drop(stdin);
     assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn nothing_after_until_is_written_even_when_the_clock_runs_past_it() {
+    // More lines than one read batch, so the dataflow runs while the clock
+    // passes --until; a window expiring after it must not show.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), "[[segment]]\nname = \"quiet\"\nwhen = \"count(any, 10s) < 1\"\n");
+    let mut input = String::new();
+    let base = 1_704_067_200_000u64;
+    input.push_str(&format!(
+        "{{\"type\":\"track\",\"userId\":\"once\",\"timestamp\":{base},\"event\":\"view\",\"messageId\":\"first\"}}\n"
+    ));
+    for i in 0..10_000u64 {
+        let t = base + 1_000 + i * 10;
+        input.push_str(&format!(
+            "{{\"type\":\"track\",\"userId\":\"busy\",\"timestamp\":{t},\"event\":\"view\",\"messageId\":\"m{i}\"}}\n"
+        ));
+    }
+    let path = dir.path().join("events.jsonl");
+    std::fs::write(&path, input).unwrap();
+    let until = (base + 5_000).to_string();
+    let o = shoal()
+        .args(["run"])
+        .arg(&spec)
+        .arg("--input")
+        .arg(&path)
+        .args(["--until", &until, "--lateness", "0s"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out, "", "\"once\" leaves its window at 10s, after --until");
+    let summary: serde_json::Value = serde_json::from_str(stderr(&o).lines().last().unwrap()).unwrap();
+    assert_eq!(summary["clock"], "2024-01-01T00:00:05Z");
 }

@@ -1,0 +1,529 @@
+//! Kafka in and out, through librdkafka.
+//!
+//! **In.** Every worker of every process reads its own share of the
+//! partitions: the `(topic, partition)` pairs of all `--kafka-topic`s, in
+//! order, dealt out round-robin over the global worker indexes, so none is
+//! read twice and none skipped. Each worker assigns its partitions to its own
+//! `BaseConsumer` (no group rebalancing: the deal is fixed by the cluster's
+//! shape) and polls in batches. Each worker runs its own [`Feeder`]: its clock
+//! follows the *watermark* of its partitions — the least over them of the
+//! largest event time read — minus the lateness; a partition with nothing
+//! new for `--kafka-partition-idle` stops holding it back, and when all are
+//! quiet for `--idle` the clock follows wall time (SPEC §3). The dataflow's
+//! frontier is the least over the workers.
+//!
+//! **Commits.** The group (`--kafka-group`) stores offsets only: an offset is
+//! committed once every event before it took effect at a tick the output has
+//! delivered (the sink's delivered frontier). So the guarantee is at least
+//! once: after a crash the events since the last commit are read again.
+//!
+//! **Out.** [`KafkaSink`] writes each membership change to `--output-kafka`
+//! (key: the profile id; value: the SPEC §5 line) with an idempotent
+//! producer that never gives up on a message: while the broker is away it
+//! retries with backoff, and the sink holds the delivered frontier until
+//! the broker acknowledged, which in turn holds back commits and input.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde::Serialize;
+
+use crate::engine::{EngineError, Reader};
+use crate::ingest::Outcome;
+use crate::sink::Deliver;
+
+/// Kafka input settings (the `--kafka-*` flags).
+#[derive(Clone, Debug)]
+pub struct KafkaInput {
+    pub brokers: String,
+    pub topics: Vec<String>,
+    pub group: String,
+    /// Read each partition to its end offset as of the start, then finish
+    /// like file input.
+    pub until_end: bool,
+    /// A partition with no message for this long (ms) stops holding the clock.
+    pub partition_idle: u64,
+    /// Extra librdkafka settings (`--kafka-option key=value`).
+    pub options: Vec<(String, String)>,
+}
+
+/// Polls per batch at most.
+const POLL_BATCH: usize = 4096;
+
+/// How often offsets are committed while running.
+const COMMIT_EVERY: Duration = Duration::from_secs(1);
+
+/// The consumer's context: keeps the brokers' latest high watermarks from
+/// librdkafka's statistics, for the lag shown while running.
+#[derive(Default)]
+struct Lag {
+    high: Mutex<HashMap<(String, i32), i64>>,
+}
+
+impl ClientContext for Lag {
+    fn stats(&self, stats: Statistics) {
+        let mut high = self.high.lock().expect("not poisoned");
+        for (topic, t) in stats.topics {
+            for (p, part) in t.partitions {
+                if p >= 0 && part.hi_offset >= 0 {
+                    high.insert((topic.clone(), p), part.hi_offset);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Lag {}
+
+/// One partition as its reader sees it.
+struct Partition {
+    topic: String,
+    partition: i32,
+    /// The offset of the next message to read.
+    next: i64,
+    /// The end offset as of the start (bounded runs).
+    end: Option<i64>,
+    /// The largest accepted event time read.
+    max_time: Option<u64>,
+    /// When the last message came (or the reader started).
+    last_seen: Instant,
+    /// (offset after the message, latest effect tick up to it), not yet committed.
+    uncommitted: VecDeque<(i64, u64)>,
+    /// The latest effect tick read so far.
+    effect: u64,
+    committed: i64,
+}
+
+impl Partition {
+    fn done(&self) -> bool {
+        self.end.is_some_and(|e| self.next >= e)
+    }
+}
+
+fn client_config(brokers: &str, options: &[(String, String)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (k, v) in options {
+        c.set(k, v);
+    }
+    c
+}
+
+fn kafka_error(brokers: &str, what: &str, e: KafkaError) -> EngineError {
+    EngineError::Io(format!("kafka {brokers}: {what}: {e}"))
+}
+
+/// The dead-letter line of a bad message.
+pub fn dead_letter(topic: &str, partition: i32, offset: i64, reason: &str, payload: &[u8]) -> String {
+    #[derive(Serialize)]
+    struct Dead<'a> {
+        source: &'a str,
+        topic: &'a str,
+        partition: i32,
+        offset: i64,
+        reason: &'a str,
+        text: &'a str,
+    }
+    let text = String::from_utf8_lossy(&payload[..payload.len().min(4096)]);
+    serde_json::to_string(&Dead {
+        source: "kafka",
+        topic,
+        partition,
+        offset,
+        reason,
+        text: &text,
+    })
+    .expect("serializable")
+}
+
+/// This worker's share of the partitions of `topics`.
+fn my_partitions(consumer: &BaseConsumer<Lag>, k: &KafkaInput, index: usize, peers: usize) -> Result<Vec<(String, i32)>, EngineError> {
+    let mut all = Vec::new();
+    for topic in &k.topics {
+        let meta = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(30))
+            .map_err(|e| kafka_error(&k.brokers, &format!("cannot read the metadata of topic {topic}"), e))?;
+        let t = meta
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .ok_or_else(|| EngineError::Io(format!("kafka {}: no topic {topic}", k.brokers)))?;
+        if let Some(err) = t.error() {
+            return Err(EngineError::Io(format!(
+                "kafka {}: topic {topic}: {}",
+                k.brokers,
+                RDKafkaErrorCode::from(err)
+            )));
+        }
+        if t.partitions().is_empty() {
+            return Err(EngineError::Io(format!("kafka {}: topic {topic} has no partitions", k.brokers)));
+        }
+        let mut ps: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+        ps.sort();
+        all.extend(ps.into_iter().map(|p| (topic.clone(), p)));
+    }
+    Ok(all
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| i % peers == index)
+        .map(|(_, tp)| tp)
+        .collect())
+}
+
+/// Reads this worker's partitions until a stop, or (bounded) their ends.
+pub fn read(reader: &mut Reader<'_>, k: &KafkaInput) -> Result<(), EngineError> {
+    let (index, peers) = (reader.worker.index(), reader.worker.peers());
+    let consumer: BaseConsumer<Lag> = client_config(&k.brokers, &k.options)
+        .set("group.id", &k.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "2000")
+        .create_with_context(Lag::default())
+        .map_err(|e| kafka_error(&k.brokers, "cannot create a consumer", e))?;
+    let mine = my_partitions(&consumer, k, index, peers)?;
+    if mine.is_empty() {
+        return Ok(());
+    }
+    reader.feeder.external_clock();
+    let mut parts = open_partitions(&consumer, k, &mine)?;
+    let at: HashMap<(String, i32), usize> = parts.iter().enumerate().map(|(i, p)| ((p.topic.clone(), p.partition), i)).collect();
+
+    let idle = Duration::from_millis(reader.opts.idle);
+    let partition_idle = Duration::from_millis(k.partition_idle);
+    let tick = reader.opts.tick;
+    let mut last_event = (Instant::now(), None::<u64>);
+    let mut last_commit = Instant::now();
+    loop {
+        if reader.stopping() || (k.until_end && parts.iter().all(Partition::done)) {
+            break;
+        }
+        // Poll a batch: the first message may wait a little, the rest are
+        // already fetched and come at once.
+        let mut got = 0;
+        while got < POLL_BATCH {
+            let wait = if got == 0 { Duration::from_millis(20) } else { Duration::ZERO };
+            let Some(polled) = consumer.poll(wait) else { break };
+            let msg = match polled {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka: consumer error (retrying)");
+                    break;
+                }
+            };
+            got += 1;
+            let Some(&i) = at.get(&(msg.topic().to_string(), msg.partition())) else {
+                continue;
+            };
+            let p = &mut parts[i];
+            if msg.offset() < p.next || p.done() {
+                continue;
+            }
+            p.next = msg.offset() + 1;
+            p.last_seen = Instant::now();
+            let payload = msg.payload().unwrap_or_default();
+            let payload = payload.strip_suffix(b"\n").unwrap_or(payload);
+            let outcome = reader.feeder.read(payload);
+            match &outcome {
+                Outcome::Accepted(s) => {
+                    p.max_time = p.max_time.max(Some(s.event.time));
+                    if reader.opts.until.is_none_or(|u| s.effect <= u) {
+                        p.effect = p.effect.max(s.effect);
+                    }
+                    last_event = (Instant::now(), reader.feeder.now());
+                }
+                Outcome::Bad(reason) => {
+                    p.effect = p.effect.max(reader.feeder.frontier());
+                    let line = dead_letter(&p.topic, p.partition, msg.offset(), reason, payload);
+                    reader.dead_letter(line);
+                }
+                Outcome::Blank | Outcome::Ignored | Outcome::Duplicate => {}
+            }
+            if p.uncommitted.back().is_some_and(|&(_, e)| e == p.effect) {
+                p.uncommitted.back_mut().expect("non-empty").0 = p.next;
+            } else {
+                p.uncommitted.push_back((p.next, p.effect));
+            }
+        }
+        advance_clock(reader, &parts, partition_idle, idle, &last_event, tick);
+        let lag = || lag_line(&consumer, &parts);
+        reader.pump(!k.until_end && got < POLL_BATCH, lag);
+        if last_commit.elapsed() >= COMMIT_EVERY {
+            commit(&consumer, &mut parts, reader.delivered_frontier(), CommitMode::Async, &k.brokers)?;
+            last_commit = Instant::now();
+        }
+    }
+    if reader.stopping() {
+        reader.settle();
+    } else {
+        reader.finish_input();
+    }
+    commit(&consumer, &mut parts, reader.delivered_frontier(), CommitMode::Sync, &k.brokers)?;
+    Ok(())
+}
+
+/// Assigns `mine` from the group's committed offsets (or the beginning).
+fn open_partitions(consumer: &BaseConsumer<Lag>, k: &KafkaInput, mine: &[(String, i32)]) -> Result<Vec<Partition>, EngineError> {
+    let mut tpl = TopicPartitionList::new();
+    for (t, p) in mine {
+        tpl.add_partition(t, *p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl.clone(), Duration::from_secs(30))
+        .map_err(|e| kafka_error(&k.brokers, &format!("cannot read the committed offsets of group {}", k.group), e))?;
+    let mut parts = Vec::new();
+    let mut assign = TopicPartitionList::new();
+    for (topic, partition) in mine {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, *partition, Duration::from_secs(30))
+            .map_err(|e| kafka_error(&k.brokers, &format!("cannot read the offsets of {topic}/{partition}"), e))?;
+        let start = match committed.find_partition(topic, *partition).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) if o >= low => o,
+            _ => low,
+        };
+        assign
+            .add_partition_offset(topic, *partition, Offset::Offset(start))
+            .map_err(|e| kafka_error(&k.brokers, "cannot assign", e))?;
+        parts.push(Partition {
+            topic: topic.clone(),
+            partition: *partition,
+            next: start,
+            end: k.until_end.then_some(high),
+            max_time: None,
+            last_seen: Instant::now(),
+            uncommitted: VecDeque::new(),
+            effect: 0,
+            committed: start,
+        });
+    }
+    consumer
+        .assign(&assign)
+        .map_err(|e| kafka_error(&k.brokers, "cannot assign partitions", e))?;
+    tracing::info!(partitions = ?mine, "kafka: reading");
+    Ok(parts)
+}
+
+/// Moves the reader's clock: the least over its partitions of their largest
+/// event time (a quiet or finished partition does not hold it back), minus
+/// the lateness; when every partition is quiet for `idle`, by wall time.
+fn advance_clock(
+    reader: &mut Reader<'_>,
+    parts: &[Partition],
+    partition_idle: Duration,
+    idle: Duration,
+    last_event: &(Instant, Option<u64>),
+    tick: u64,
+) {
+    let active = |p: &&Partition| !p.done() && p.last_seen.elapsed() < partition_idle;
+    let holding: Vec<Option<u64>> = parts.iter().filter(active).map(|p| p.max_time).collect();
+    let watermark = if holding.is_empty() {
+        parts.iter().filter_map(|p| p.max_time).max()
+    } else if holding.iter().all(Option::is_some) {
+        holding.into_iter().flatten().min()
+    } else {
+        None // an active partition has not shown an event yet
+    };
+    if let Some(w) = watermark {
+        reader.feeder.advance_watermark(w);
+    }
+    let (at, now) = *last_event;
+    let quiet = parts.iter().all(|p| p.last_seen.elapsed() >= idle);
+    if let Some(now) = now.filter(|_| quiet && at.elapsed() >= idle) {
+        reader.feeder.advance_clock(now + (at.elapsed().as_millis() as u64 / tick) * tick);
+    }
+}
+
+/// Commits, per partition, the offset after the last message whose effects
+/// (and those of every message before it) are delivered.
+fn commit(
+    consumer: &BaseConsumer<Lag>,
+    parts: &mut [Partition],
+    delivered: u64,
+    mode: CommitMode,
+    brokers: &str,
+) -> Result<(), EngineError> {
+    let mut tpl = TopicPartitionList::new();
+    for p in parts.iter_mut() {
+        let mut upto = None;
+        while let Some(&(offset, effect)) = p.uncommitted.front() {
+            if effect >= delivered && effect != 0 {
+                break;
+            }
+            upto = Some(offset);
+            p.uncommitted.pop_front();
+        }
+        if let Some(o) = upto.filter(|&o| o > p.committed) {
+            tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(o))
+                .map_err(|e| kafka_error(brokers, "cannot commit", e))?;
+            p.committed = o;
+        }
+    }
+    if tpl.count() == 0 {
+        return Ok(());
+    }
+    match consumer.commit(&tpl, mode) {
+        Ok(()) => Ok(()),
+        // A failed commit is retried with the next one; at worst events are read again.
+        Err(e) if matches!(mode, CommitMode::Async) => {
+            tracing::warn!(error = %e, "kafka: commit failed, will retry");
+            Ok(())
+        }
+        Err(e) => Err(kafka_error(brokers, "cannot commit offsets", e)),
+    }
+}
+
+/// Per-partition lag for the progress line: `topic/p:lag`.
+fn lag_line(consumer: &BaseConsumer<Lag>, parts: &[Partition]) -> String {
+    let high = consumer.context().high.lock().expect("not poisoned");
+    let lags: Vec<String> = parts
+        .iter()
+        .map(|p| match high.get(&(p.topic.clone(), p.partition)) {
+            Some(h) => format!("{}/{}:{}", p.topic, p.partition, (h - p.next).max(0)),
+            None => format!("{}/{}:?", p.topic, p.partition),
+        })
+        .collect();
+    format!(", lag {}", lags.join(" "))
+}
+
+/// The producer's context: counts unacknowledged lines per tick and takes
+/// back the ones that failed, to send again.
+#[derive(Default)]
+struct Acks {
+    state: Mutex<AckState>,
+}
+
+#[derive(Default)]
+struct AckState {
+    unacked: BTreeMap<u64, usize>,
+    failed: Vec<(u64, Vec<u8>, Vec<u8>)>,
+    errors: u64,
+}
+
+impl ClientContext for Acks {}
+
+impl ProducerContext for Acks {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, tick: usize) {
+        let mut st = self.state.lock().expect("not poisoned");
+        match result {
+            Ok(_) => {
+                let tick = tick as u64;
+                if let Some(n) = st.unacked.get_mut(&tick) {
+                    *n -= 1;
+                    if *n == 0 {
+                        st.unacked.remove(&tick);
+                    }
+                }
+            }
+            Err((e, msg)) => {
+                st.errors += 1;
+                if st.errors.is_power_of_two() {
+                    tracing::warn!(error = %e, errors = st.errors, "kafka: a change was not delivered; sending it again");
+                }
+                let key = msg.key().unwrap_or_default().to_vec();
+                let payload = msg.payload().unwrap_or_default().to_vec();
+                st.failed.push((tick as u64, key, payload));
+            }
+        }
+    }
+}
+
+/// Membership changes to a Kafka topic (see the module docs).
+pub struct KafkaSink {
+    producer: ThreadedProducer<Acks>,
+    topic: String,
+    /// Lines the producer's queue had no room for yet.
+    backlog: VecDeque<(u64, Vec<u8>, Vec<u8>)>,
+}
+
+impl KafkaSink {
+    pub fn new(brokers: &str, topic: &str, options: &[(String, String)]) -> Result<KafkaSink, EngineError> {
+        let producer = client_config(brokers, options)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            // Never give up on a change: retry until the broker is back.
+            .set("message.timeout.ms", "0")
+            .set("retry.backoff.ms", "100")
+            .set("retry.backoff.max.ms", "2000")
+            .set("linger.ms", "5")
+            .create_with_context(Acks::default())
+            .map_err(|e| kafka_error(brokers, "cannot create a producer", e))?;
+        Ok(KafkaSink {
+            producer,
+            topic: topic.to_string(),
+            backlog: VecDeque::new(),
+        })
+    }
+
+    /// Hands queued lines to the producer until its queue is full.
+    fn push(&mut self) {
+        let failed = std::mem::take(&mut self.producer.context().state.lock().expect("not poisoned").failed);
+        for f in failed.into_iter().rev() {
+            self.backlog.push_front(f);
+        }
+        while let Some((tick, key, payload)) = self.backlog.pop_front() {
+            let record = BaseRecord::with_opaque_to(&self.topic, tick as usize).key(&key).payload(&payload);
+            if let Err((e, _)) = self.producer.send(record) {
+                if !matches!(e, KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) {
+                    tracing::warn!(error = %e, "kafka: cannot queue a change; will retry");
+                }
+                self.backlog.push_front((tick, key, payload));
+                break;
+            }
+        }
+    }
+}
+
+impl Deliver for KafkaSink {
+    fn send(&mut self, tick: u64, key: &str, line: &str) -> Result<(), String> {
+        *self
+            .producer
+            .context()
+            .state
+            .lock()
+            .expect("not poisoned")
+            .unacked
+            .entry(tick)
+            .or_default() += 1;
+        self.backlog.push_back((tick, key.as_bytes().to_vec(), line.as_bytes().to_vec()));
+        Ok(())
+    }
+
+    fn end_tick(&mut self, _tick: u64) -> Result<(), String> {
+        self.push();
+        Ok(())
+    }
+
+    fn unacknowledged(&mut self) -> Option<u64> {
+        self.push();
+        self.producer
+            .context()
+            .state
+            .lock()
+            .expect("not poisoned")
+            .unacked
+            .keys()
+            .next()
+            .copied()
+    }
+}
+
+impl Drop for KafkaSink {
+    fn drop(&mut self) {
+        let _ = self.producer.flush(Duration::from_secs(10));
+    }
+}
+
+/// An output that opens a [`KafkaSink`] on worker 0.
+pub fn kafka_output(brokers: String, topic: String, options: Vec<(String, String)>) -> crate::engine::OpenOutput {
+    Arc::new(move || -> Result<Box<dyn Deliver>, EngineError> { Ok(Box::new(KafkaSink::new(&brokers, &topic, &options)?)) })
+}
