@@ -84,7 +84,7 @@ pub fn kmeans(points: &[Vec<f64>], k: usize, rng: &mut ChaCha8Rng) -> (Vec<Vec<f
     let mut d2: Vec<f64> = points.iter().map(|x| dist2(x, &centroids[0])).collect();
     while centroids.len() < k {
         let total: f64 = d2.iter().sum();
-        if total <= 0.0 {
+        if total.is_nan() || total <= 0.0 {
             break;
         }
         let r = rng.gen::<f64>() * total;
@@ -99,7 +99,8 @@ pub fn kmeans(points: &[Vec<f64>], k: usize, rng: &mut ChaCha8Rng) -> (Vec<Vec<f
                 }
             }
         }
-        let c = points[pick.expect("a point with positive weight")].clone();
+        let Some(pick) = pick else { break };
+        let c = points[pick].clone();
         for (x, d) in points.iter().zip(d2.iter_mut()) {
             *d = d.min(dist2(x, &c));
         }
@@ -149,7 +150,8 @@ impl Model {
         });
         let n = points.len() as f64;
         let dims = points[0].len();
-        let mean: Vec<f64> = (0..dims).map(|j| points.iter().map(|x| x[j]).sum::<f64>() / n).collect();
+        // Σ x/n rather than Σx / n: no overflow on huge values.
+        let mean: Vec<f64> = (0..dims).map(|j| points.iter().map(|x| x[j] / n).sum::<f64>()).collect();
         let scale: Vec<f64> = (0..dims)
             .map(|j| {
                 let var = points.iter().map(|x| (x[j] - mean[j]) * (x[j] - mean[j])).sum::<f64>() / n;
@@ -219,7 +221,9 @@ impl Model {
         let z = standardize(x, &self.mean, &self.scale);
         let mut best = (f64::INFINITY, u32::MAX);
         for (c, &n) in self.centroids.iter().zip(&self.numbers) {
+            // Features near f64::MAX can overflow to inf - inf: NaN is far.
             let d = dist2(&z, c);
+            let d = if d.is_nan() { f64::INFINITY } else { d };
             if d < best.0 || (d == best.0 && n < best.1) {
                 best = (d, n);
             }
@@ -261,10 +265,7 @@ pub fn clusters<'s>(values: Values<'s>, plan: Rc<Plan>) -> Terms<'s> {
 type Update = ((Key, Vec<Float>), isize);
 
 /// One clustering over `(profile, features)`, on worker 0.
-fn cluster<'s>(
-    features: VecCollection<'s, u64, (Key, Vec<Float>), isize>,
-    def: ClusterPlan,
-) -> VecCollection<'s, u64, (Key, u32), isize> {
+fn cluster<'s>(features: VecCollection<'s, u64, (Key, Vec<Float>), isize>, def: ClusterPlan) -> VecCollection<'s, u64, (Key, u32), isize> {
     let pact = Exchange::new(|_: &((Key, Vec<Float>), u64, isize)| 0u64);
     let name = format!("Cluster {}", def.name);
     features
@@ -336,7 +337,13 @@ fn cluster<'s>(
                     }
                     refresh_at = (dirty && def.refresh > 0).then(|| (t / def.refresh + 1) * def.refresh);
                     let check: Vec<Key> = if train {
-                        points.keys().chain(assigned.keys()).copied().collect::<BTreeSet<_>>().into_iter().collect()
+                        points
+                            .keys()
+                            .chain(assigned.keys())
+                            .copied()
+                            .collect::<BTreeSet<_>>()
+                            .into_iter()
+                            .collect()
                     } else {
                         changed.into_iter().collect()
                     };

@@ -321,9 +321,18 @@ impl Plan {
         let count = self.stream(&sel, w, Read::Unit);
         let money = self.stream(&sel, w, Read::Value(def.revenue.clone()));
         let terms = vec![
-            self.term(TermDef { stream: recency, agg: Agg::Max }),
-            self.term(TermDef { stream: count, agg: Agg::Count }),
-            self.term(TermDef { stream: money, agg: Agg::Sum }),
+            self.term(TermDef {
+                stream: recency,
+                agg: Agg::Max,
+            }),
+            self.term(TermDef {
+                stream: count,
+                agg: Agg::Count,
+            }),
+            self.term(TermDef {
+                stream: money,
+                agg: Agg::Sum,
+            }),
         ];
         self.values.push(ValueDef {
             calcs: (0..3).map(Calc::Slot).collect(),
@@ -557,7 +566,13 @@ impl Plan {
                     RfmField::M => 2,
                     RfmField::Segment => 3,
                 };
-                slot(self, TermDef { stream: V_RFM, agg: Agg::Derived(i) })
+                slot(
+                    self,
+                    TermDef {
+                        stream: V_RFM,
+                        agg: Agg::Derived(i),
+                    },
+                )
             }
             ExprKind::Cluster(name) => {
                 let Some(c) = self.spec_clusterings.iter().position(|d| &d.name == name) else {

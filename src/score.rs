@@ -46,20 +46,21 @@ pub fn values<'s>(terms: Terms<'s>, universe: VecCollection<'s, u64, Key, isize>
     });
     let n = plan.values.len() as u32;
     let members = universe.flat_map(move |p| (0..n).map(move |v| ((v, p), None)));
-    rows.concat(members).reduce_named("ProfileValues", move |(v, _profile), input, out| {
-        let def = &plan.values[*v as usize];
-        let mut slots: Vec<Value> = def.terms.iter().map(|&t| plan.terms[t].agg.empty()).collect();
-        let mut member = false;
-        for (row, _) in input {
-            match row {
-                None => member = true,
-                Some((slot, value)) => slots[*slot as usize] = value.clone(),
+    rows.concat(members)
+        .reduce_named("ProfileValues", move |(v, _profile), input, out| {
+            let def = &plan.values[*v as usize];
+            let mut slots: Vec<Value> = def.terms.iter().map(|&t| plan.terms[t].agg.empty()).collect();
+            let mut member = false;
+            for (row, _) in input {
+                match row {
+                    None => member = true,
+                    Some((slot, value)) => slots[*slot as usize] = value.clone(),
+                }
             }
-        }
-        if member {
-            out.push((def.eval(&slots), 1));
-        }
-    })
+            if member {
+                out.push((def.eval(&slots), 1));
+            }
+        })
 }
 
 /// The nearest rank of percentile `p` (0–100) among `n > 0` values:

@@ -64,10 +64,7 @@ fn check_refuses_windows_off_the_tick() {
 #[test]
 fn scoring_names_are_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = write_spec(
-        dir.path(),
-        "[[segment]]\nname = \"a\"\nwhen = \"score.nope >= 1 and rfm.r == 5\"\n",
-    );
+    let spec = write_spec(dir.path(), "[[segment]]\nname = \"a\"\nwhen = \"score.nope >= 1 and rfm.r == 5\"\n");
     let check = shoal().arg("check").arg(&spec).output().unwrap();
     let run = shoal().arg("run").arg(&spec).args(["--input", "/dev/null"]).output().unwrap();
     for o in [check, run] {

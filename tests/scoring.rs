@@ -361,9 +361,9 @@ fn textbook_kmeans(points: &[Vec<f64>], k: usize, rng: &mut ChaCha8Rng) -> f64 {
                 *s += x;
             }
         }
-        for j in 0..k {
-            if n[j] > 0.0 {
-                centers[j] = sums[j].iter().map(|s| s / n[j]).collect();
+        for ((c, s), m) in centers.iter_mut().zip(&sums).zip(&n) {
+            if *m > 0.0 {
+                *c = s.iter().map(|v| v / m).collect();
             }
         }
         last = now;

@@ -44,8 +44,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::Value as Json;
 use shoal::clock::{format_time, tick_of};
-use shoal::event::{decode, Event, EventType, Id};
 use shoal::cluster::Model;
+use shoal::event::{decode, Event, EventType, Id};
 use shoal::spec::ast::{AggKind, CmpOp, EventSel, Expr, ExprKind, Path, RfmField, Selector, Window};
 use shoal::spec::Spec;
 use shoal::value::{Dec, Value};
@@ -406,9 +406,12 @@ struct Globals {
     clusters: HashMap<(String, String), u32>,
 }
 
+/// Feature vectors by profile id.
+type Population = BTreeMap<String, Vec<f64>>;
+
 /// Each clustering's model and the population it was trained on.
 pub struct Models {
-    models: Vec<Option<(Model, BTreeMap<String, Vec<f64>>)>>,
+    models: Vec<Option<(Model, Population)>>,
 }
 
 impl Models {
@@ -508,8 +511,8 @@ fn globals_at(spec: &Spec, profiles: &BTreeMap<Id, Vec<&Event>>, t: u64, models:
         let mut scores = vec![[0usize; 3]; n];
         for j in 0..3 {
             let as_floats = scored.iter().any(|(_, x)| matches!(x[j], Value::Float(_)));
-            for c in 0..n {
-                let smaller = (0..n).filter(|&d| rfm_less(&scored[d].1[j], &scored[c].1[j], as_floats)).count();
+            for (c, (_, x)) in scored.iter().enumerate() {
+                let smaller = scored.iter().filter(|(_, y)| rfm_less(&y[j], &x[j], as_floats)).count();
                 scores[c][j] = 1 + 5 * smaller / n;
             }
         }
@@ -535,7 +538,7 @@ fn globals_at(spec: &Spec, profiles: &BTreeMap<Id, Vec<&Event>>, t: u64, models:
         let slot = &mut models.models[c];
         let due = match slot {
             None => true,
-            Some((_, trained)) => t % def.refresh == 0 && *trained != population,
+            Some((_, trained)) => t.is_multiple_of(def.refresh) && *trained != population,
         };
         if due && !population.is_empty() {
             let points: Vec<Vec<f64>> = population.values().cloned().collect();
