@@ -36,7 +36,7 @@ pub use crate::source::Source;
 use crate::spec::Spec;
 use crate::terms::{extract, Pay};
 use crate::window::Fact;
-use crate::{identity, rules, terms, window};
+use crate::{cluster, identity, rfm, rules, score, terms, window};
 
 /// How a run is clocked and bounded (all durations and times in ms).
 #[derive(Clone, Debug)]
@@ -268,7 +268,20 @@ pub fn build<'s>(scope: Scope<'s, u64>, plan: &Rc<Plan>, tick: u64) -> (Inputs, 
     let universe = identity::universe(names.clone());
     let lengths = Rc::new(plan.streams.iter().map(|s| s.window).collect::<Vec<_>>());
     let windowed = window::window(facts, lengths, tick);
-    let terms = terms::terms(windowed, labels, plan.clone());
+    let mut terms = terms::terms(windowed, labels, plan.clone());
+    if !plan.values.is_empty() {
+        // Population terms: percentiles, RFM, clusters (see crate::plan).
+        let values = score::values(terms.clone(), universe.clone(), plan.clone());
+        if !plan.percentiles.is_empty() {
+            terms = terms.concat(score::thresholds(values.clone(), universe.clone(), plan.clone()));
+        }
+        if plan.rfm.is_some() {
+            terms = terms.concat(rfm::rfm(values.clone(), plan.clone()));
+        }
+        if plan.clusters.iter().any(Option::is_some) {
+            terms = terms.concat(cluster::clusters(values, plan.clone()));
+        }
+    }
     let atoms = rules::atoms(terms, universe.clone(), plan.clone());
     let members = rules::segments(atoms, universe.clone(), plan);
     (

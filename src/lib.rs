@@ -4,12 +4,15 @@
 //! [`ingest`] orders them on the [`clock`] (dedupe, ticks, lateness),
 //! [`identity`] resolves profiles as connected components, [`window`] holds
 //! windowed facts and their future retractions, [`terms`] maintains the
-//! aggregates, [`rules`] turns predicates into membership collections, and
+//! aggregates, [`score`], [`rfm`] and [`cluster`] compute the population
+//! terms (percentiles, RFM scores, k-means clusters), [`rules`] turns
+//! predicates into membership collections, and
 //! [`sink`] writes the enter/exit lines of SPEC §5. [`spec`] parses and
 //! checks dataflow specs; [`plan`] shares their terms; [`engine`] wires it all
 //! on timely workers; [`generate`] makes realistic traffic.
 
 pub mod clock;
+pub mod cluster;
 pub mod engine;
 pub mod event;
 pub mod generate;
@@ -17,7 +20,9 @@ pub mod identity;
 pub mod ingest;
 pub mod kafka;
 pub mod plan;
+pub mod rfm;
 pub mod rules;
+pub mod score;
 pub mod sink;
 pub mod source;
 pub mod spec;

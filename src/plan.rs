@@ -12,11 +12,22 @@
 //! What is left of a segment is a [`Formula`] of atoms and other segments
 //! under `and` / `or` / `not`, which `crate::rules` renders as set operators.
 //! `since(sel) OP D` becomes a formula over `count(sel, D or D+1ms) >= 1`.
-
+//!
+//! Scoring (SPEC §4) adds terms computed over the whole population:
+//!
+//! - `score.NAME` is its expression, inlined where it is read (so a score is
+//!   as incremental as any arithmetic over terms and shares their terms);
+//! - **profile values** ([`ValueDef`]): arithmetic over event terms for every
+//!   profile of the universe: a percentile's argument, the R/F/M metrics, a
+//!   clustering's features;
+//! - **population terms** (`Agg::Derived`): `percentile`, `rfm.*` and
+//!   `cluster.*`, produced by `crate::score`, `crate::rfm` and
+//!   `crate::cluster` from the profile values as rows of *virtual streams*
+//!   numbered after the event streams, so atoms read them like any term.
 use std::collections::HashMap;
 
 use crate::event::{Event, EventType};
-use crate::spec::ast::{AggKind, ArithOp, CmpOp, EventSel, Expr, ExprKind, Path, Selector, Window};
+use crate::spec::ast::{AggKind, ArithOp, CmpOp, EventSel, Expr, ExprKind, Path, RfmField, Selector, Window};
 use crate::spec::Spec;
 use crate::value::{Dec, Value};
 
@@ -31,6 +42,8 @@ pub enum Read {
     Last(Path),
     /// `traits.NAME` of `identify` events with its time; `null` unsets.
     Trait(String),
+    /// The event's own time in ms, as an exact number (RFM recency).
+    Time,
 }
 
 /// A windowed stream of facts about events.
@@ -53,6 +66,8 @@ pub enum Agg {
     Var,
     Distinct,
     Last,
+    /// Position `i` of a population term's row (see the module docs).
+    Derived(u32),
 }
 
 impl Agg {
@@ -114,6 +129,52 @@ impl AtomDef {
     }
 }
 
+/// Arithmetic over event terms, evaluated for every profile of the universe.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValueDef {
+    pub calcs: Vec<Calc>,
+    /// The event terms the calcs read, by slot.
+    pub terms: Vec<usize>,
+}
+
+impl ValueDef {
+    pub fn eval(&self, slots: &[Value]) -> Vec<Value> {
+        self.calcs.iter().map(|c| c.eval(slots)).collect()
+    }
+}
+
+/// `percentile(value, p)`: one threshold over all profiles.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PercentilePlan {
+    /// Index into `Plan::values` (one calc).
+    pub value: usize,
+    pub p: f64,
+}
+
+/// The `[rfm]` block: its profile value is `[R, F, M]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RfmPlan {
+    pub value: usize,
+    pub grid: Vec<Vec<String>>,
+}
+
+/// One `[[clustering]]`: its profile value is the features.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterPlan {
+    pub name: String,
+    pub value: usize,
+    pub k: usize,
+    pub refresh: u64,
+    pub seed: u64,
+}
+
+/// Virtual stream numbers while planning (renumbered after the event
+/// streams once those are all known).
+const VIRTUAL: usize = 1 << 40;
+const V_THRESHOLDS: usize = VIRTUAL;
+const V_RFM: usize = VIRTUAL + 1;
+const V_CLUSTER: usize = VIRTUAL + 2;
+
 /// A segment's `when` once its atoms are shared.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Formula {
@@ -143,8 +204,22 @@ pub struct Plan {
     pub order: Vec<usize>,
     /// For each term, the atoms that read it, with the slot.
     pub readers: Vec<Vec<(usize, usize)>>,
-    /// For each stream, the terms that fold it.
+    /// For each stream, the terms that fold it (event streams, then the
+    /// virtual streams: thresholds, RFM, one per clustering).
     pub folds: Vec<Vec<usize>>,
+    /// Profile values (percentile arguments, RFM metrics, features).
+    pub values: Vec<ValueDef>,
+    /// For each term, the profile values that read it, with the slot.
+    pub value_readers: Vec<Vec<(usize, usize)>>,
+    pub percentiles: Vec<PercentilePlan>,
+    pub rfm: Option<RfmPlan>,
+    /// Only the clusterings some segment reads; `clusters[c]` is the one
+    /// named `spec.clusterings[c]` when read.
+    pub clusters: Vec<Option<ClusterPlan>>,
+    scores: HashMap<String, Expr>,
+    spec_rfm: Option<crate::spec::RfmDef>,
+    spec_clusterings: Vec<crate::spec::ClusteringDef>,
+    value_keys: HashMap<String, usize>,
     stream_keys: HashMap<String, usize>,
     term_keys: HashMap<TermDef, usize>,
     atom_keys: HashMap<String, usize>,
@@ -152,7 +227,13 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(spec: &Spec) -> Plan {
-        let mut plan = Plan::default();
+        let mut plan = Plan {
+            scores: spec.scores.iter().map(|s| (s.name.clone(), s.expr.clone())).collect(),
+            spec_rfm: spec.rfm.clone(),
+            spec_clusterings: spec.clusterings.clone(),
+            clusters: vec![None; spec.clusterings.len()],
+            ..Plan::default()
+        };
         let names: HashMap<&str, usize> = spec.segments.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
         for seg in &spec.segments {
             let formula = plan.formula(&seg.when, &names);
@@ -162,17 +243,105 @@ impl Plan {
             });
         }
         plan.order = plan.topological_order();
+        // Virtual streams come right after the event streams.
+        let base = plan.streams.len();
+        for term in &mut plan.terms {
+            if term.stream >= VIRTUAL {
+                term.stream = base + (term.stream - VIRTUAL);
+            }
+        }
+        plan.term_keys.clear();
         plan.readers = vec![Vec::new(); plan.terms.len()];
         for (a, atom) in plan.atoms.iter().enumerate() {
             for (slot, &t) in atom.terms.iter().enumerate() {
                 plan.readers[t].push((a, slot));
             }
         }
-        plan.folds = vec![Vec::new(); plan.streams.len()];
+        plan.folds = vec![Vec::new(); plan.streams.len() + 2 + plan.clusters.len()];
         for (t, term) in plan.terms.iter().enumerate() {
             plan.folds[term.stream].push(t);
         }
+        plan.value_readers = vec![Vec::new(); plan.terms.len()];
+        for (v, value) in plan.values.iter().enumerate() {
+            for (slot, &t) in value.terms.iter().enumerate() {
+                plan.value_readers[t].push((v, slot));
+            }
+        }
         plan
+    }
+
+    /// The virtual stream of the percentile thresholds.
+    pub fn thresholds_stream(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// The virtual stream of `rfm.*`.
+    pub fn rfm_stream(&self) -> usize {
+        self.streams.len() + 1
+    }
+
+    /// The virtual stream of `cluster.NAME` for `spec.clusterings[c]`.
+    pub fn cluster_stream(&self, c: usize) -> usize {
+        self.streams.len() + 2 + c
+    }
+
+    /// Whether `stream` is an event stream (fed by the reader).
+    pub fn is_event_stream(&self, stream: usize) -> bool {
+        stream < self.streams.len()
+    }
+
+    /// A profile value over `exprs` (shared when the same one is asked again).
+    fn value(&mut self, exprs: &[&Expr]) -> usize {
+        let mut terms = Vec::new();
+        let calcs: Vec<Calc> = exprs.iter().map(|e| self.calc(e, &mut terms)).collect();
+        let key = format!("{calcs:?}|{terms:?}");
+        if let Some(&i) = self.value_keys.get(&key) {
+            return i;
+        }
+        self.values.push(ValueDef { calcs, terms });
+        self.value_keys.insert(key, self.values.len() - 1);
+        self.values.len() - 1
+    }
+
+    /// The RFM metrics as a profile value, planned on first use.
+    fn rfm_plan(&mut self) {
+        if self.rfm.is_some() {
+            return;
+        }
+        let Some(def) = self.spec_rfm.clone() else { return };
+        let sel = Selector {
+            event: EventSel::Track(def.purchase.clone()),
+            filter: None,
+        };
+        let w = match def.window {
+            Window::Dur(ms) => Some(ms),
+            Window::Lifetime => None,
+        };
+        let recency = self.stream(&sel, w, Read::Time);
+        let count = self.stream(&sel, w, Read::Unit);
+        let money = self.stream(&sel, w, Read::Value(def.revenue.clone()));
+        let terms = vec![
+            self.term(TermDef {
+                stream: recency,
+                agg: Agg::Max,
+            }),
+            self.term(TermDef {
+                stream: count,
+                agg: Agg::Count,
+            }),
+            self.term(TermDef {
+                stream: money,
+                agg: Agg::Sum,
+            }),
+        ];
+        self.values.push(ValueDef {
+            calcs: (0..3).map(Calc::Slot).collect(),
+            terms,
+        });
+        self.rfm = Some(RfmPlan {
+            value: self.values.len() - 1,
+            grid: def.grid,
+        });
     }
 
     fn topological_order(&self) -> Vec<usize> {
@@ -364,6 +533,70 @@ impl Plan {
                 };
                 let stream = self.stream(&sel, None, Read::Trait(name.clone()));
                 slot(self, TermDef { stream, agg: Agg::Last })
+            }
+            ExprKind::Score(name) => {
+                let expr = self.scores.get(name).cloned().unwrap_or(Expr {
+                    kind: ExprKind::Bool(false),
+                    pos: e.pos,
+                });
+                self.calc(&expr, terms)
+            }
+            ExprKind::Percentile(arg, p) => {
+                let value = self.value(&[arg]);
+                let i = match self.percentiles.iter().position(|q| q.value == value && q.p == *p) {
+                    Some(i) => i,
+                    None => {
+                        self.percentiles.push(PercentilePlan { value, p: *p });
+                        self.percentiles.len() - 1
+                    }
+                };
+                slot(
+                    self,
+                    TermDef {
+                        stream: V_THRESHOLDS,
+                        agg: Agg::Derived(i as u32),
+                    },
+                )
+            }
+            ExprKind::Rfm(field) => {
+                self.rfm_plan();
+                let i = match field {
+                    RfmField::R => 0,
+                    RfmField::F => 1,
+                    RfmField::M => 2,
+                    RfmField::Segment => 3,
+                };
+                slot(
+                    self,
+                    TermDef {
+                        stream: V_RFM,
+                        agg: Agg::Derived(i),
+                    },
+                )
+            }
+            ExprKind::Cluster(name) => {
+                let Some(c) = self.spec_clusterings.iter().position(|d| &d.name == name) else {
+                    return Calc::Lit(Value::Missing);
+                };
+                if self.clusters[c].is_none() {
+                    let def = self.spec_clusterings[c].clone();
+                    let features: Vec<&Expr> = def.features.iter().collect();
+                    let value = self.value(&features);
+                    self.clusters[c] = Some(ClusterPlan {
+                        name: def.name.clone(),
+                        value,
+                        k: def.k,
+                        refresh: def.refresh,
+                        seed: def.seed,
+                    });
+                }
+                slot(
+                    self,
+                    TermDef {
+                        stream: V_CLUSTER + c,
+                        agg: Agg::Derived(0),
+                    },
+                )
             }
             // The checker refuses everything else before a plan is made.
             _ => Calc::Lit(Value::Missing),

@@ -46,6 +46,7 @@ pub fn extract(stream: &StreamDef, ev: &Event) -> Option<Pay> {
             let v = Value::from_json(json);
             (!v.is_missing()).then(|| Pay::Stamped(ev.time, json.to_string(), v))
         }
+        Read::Time => Some(Pay::Val(Value::Num(Dec::from_int(ev.time as i64)))),
         Read::Trait(name) => {
             let json = ev.traits.get(name)?;
             Some(Pay::Stamped(ev.time, json.to_string(), Value::from_json(json)))
@@ -80,7 +81,7 @@ pub fn fold<'a>(agg: Agg, facts: impl Iterator<Item = (&'a Pay, isize)>) -> Valu
             }
             Value::Num(Dec::from_int(seen.len() as i64))
         }
-        Agg::Last => Value::Missing,
+        Agg::Last | Agg::Derived(_) => Value::Missing,
     }
 }
 

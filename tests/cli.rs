@@ -62,17 +62,15 @@ fn check_refuses_windows_off_the_tick() {
 }
 
 #[test]
-fn unsupported_scoring_is_reported_not_ignored() {
+fn scoring_names_are_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = write_spec(
-        dir.path(),
-        "[[segment]]\nname = \"a\"\nwhen = \"count(any, 1h) >= 1\"\n\n[rfm]\npurchase = \"Order Completed\"\nrevenue = \"revenue\"\n",
-    );
+    let spec = write_spec(dir.path(), "[[segment]]\nname = \"a\"\nwhen = \"score.nope >= 1 and rfm.r == 5\"\n");
     let check = shoal().arg("check").arg(&spec).output().unwrap();
     let run = shoal().arg("run").arg(&spec).args(["--input", "/dev/null"]).output().unwrap();
     for o in [check, run] {
         assert_eq!(o.status.code(), Some(2));
-        assert!(stderr(&o).contains("not supported yet"), "{}", stderr(&o));
+        assert!(stderr(&o).contains("3:9: unknown score `nope`"), "{}", stderr(&o));
+        assert!(stderr(&o).contains("rfm.r needs an [rfm] block"), "{}", stderr(&o));
     }
 }
 
@@ -147,7 +145,7 @@ fn every_shipped_spec_finds_members_in_generated_traffic() {
         .unwrap();
     assert!(o.status.success());
     let specs = Path::new(env!("CARGO_MANIFEST_DIR")).join("dataflows");
-    for name in ["retail.toml", "saas_leads.toml", "email_lifecycle.toml"] {
+    for name in ["retail.toml", "saas_leads.toml", "email_lifecycle.toml", "engagement.toml"] {
         let spec = shoal::spec::load(&specs.join(name), 1000).unwrap();
         let o = shoal()
             .arg("run")

@@ -537,6 +537,49 @@ enum Num {
     Abs(Box<Num>),
     Sqrt(Box<Num>),
     Neg(Box<Num>),
+    /// `score.s0` or `score.s1` (see SCORING).
+    Score(u8),
+    /// `percentile(x, P)` over an event-level `x`.
+    Pct(Box<Num>, u8),
+    /// `rfm.r`, `rfm.f`, `rfm.m`.
+    Rfm(u8),
+    /// `cluster.c`.
+    Cluster,
+}
+
+/// The scoring blocks every generated spec carries (windows are multiples
+/// of every generated tick).
+const SCORING: &str = r#"[[score]]
+name = "s0"
+expr = "10 * count('buy', 30s) + 5 * count('view', 30s)"
+
+[[score]]
+name = "s1"
+expr = "(2 * sum('buy', amount, lifetime) + count(page, 10s)) / sqrt(var('buy', amount, lifetime) + 0.01)"
+
+[rfm]
+purchase = "buy"
+revenue = "amount"
+window = "1m"
+
+[[clustering]]
+name = "c"
+k = 2
+features = ["count(any, 10s)", "sum('buy', amount, lifetime)"]
+refresh = "10s"
+seed = 3
+"#;
+const PCTS: [&str; 6] = ["0", "10", "50", "90", "100", "33.3"];
+const RFM_SEGMENTS: [&str; 5] = ["hibernating", "champions", "new_customers", "at_risk", "potential_loyalists"];
+
+/// A population-level leaf: a percentile, an RFM score, a cluster.
+fn global_leaf() -> impl Strategy<Value = Num> {
+    prop_oneof![
+        3 => (num_leaf(), 0u8..6).prop_map(|(x, p)| Num::Pct(Box::new(x), p)),
+        1 => (0u8..2).prop_map(|i| Num::Pct(Box::new(Num::Score(i)), 3)),
+        2 => (0u8..3).prop_map(Num::Rfm),
+        1 => Just(Num::Cluster),
+    ]
 }
 
 fn num_leaf() -> impl Strategy<Value = Num> {
@@ -555,6 +598,7 @@ fn num_leaf() -> impl Strategy<Value = Num> {
         3 => (0u8..13).prop_map(Num::Const),
         1 => Just(Num::TraitScore),
         1 => sel().prop_map(Num::LastAmount),
+        1 => (0u8..2).prop_map(Num::Score),
     ]
 }
 
@@ -580,6 +624,8 @@ enum Cond {
     StrEq(u8, bool, u8),
     /// A bare boolean: `trait.vip`, `last(identify, traits.vip)`.
     Bare(u8),
+    /// `rfm.segment == '…'` or `!=`.
+    RfmSeg(bool, u8),
     Since(Sel, u8, u8, bool),
     /// `in_segment` of an earlier segment (index modulo this one's).
     InSeg(u8),
@@ -600,10 +646,11 @@ const STR_SIDES: [(&str, &[&str]); 5] = [
 const BARE: [&str; 2] = ["trait.vip", "last(identify, traits.vip)"];
 
 fn cond_leaf() -> impl Strategy<Value = Cond> {
-    let rhs = prop_oneof![4 => (0u8..13).prop_map(Num::Const), 1 => num()];
-    let lhs = prop_oneof![3 => num_leaf(), 2 => num()];
+    let rhs = prop_oneof![4 => (0u8..13).prop_map(Num::Const), 1 => num(), 1 => global_leaf()];
+    let lhs = prop_oneof![3 => num_leaf(), 2 => num(), 1 => global_leaf()];
     prop_oneof![
         10 => (lhs, 0u8..6, rhs).prop_map(|(a, op, b)| Cond::Cmp(a, op, b)),
+        1 => (any::<bool>(), 0u8..5).prop_map(|(eq, v)| Cond::RfmSeg(eq, v)),
         3 => (0u8..5, any::<bool>(), 0u8..6).prop_map(|(s, eq, v)| Cond::StrEq(s, eq, v)),
         1 => (0u8..2).prop_map(Cond::Bare),
         4 => (sel(), 0u8..4, 0u8..9, proptest::bool::weighted(0.2)).prop_map(|(s, op, d, f)| Cond::Since(s, op, d, f)),
@@ -626,8 +673,12 @@ fn cond() -> impl Strategy<Value = Cond> {
 /// so that memberships change often.
 fn simple_cond() -> impl Strategy<Value = Cond> {
     let rhs = prop_oneof![3 => (0u8..4).prop_map(Num::Const), 1 => (0u8..13).prop_map(Num::Const)];
+    // `x >= percentile(x, P)`: an adaptive threshold on the same value.
+    let adaptive = (num_leaf(), 0u8..6, 0u8..6).prop_map(|(x, op, p)| Cond::Cmp(x.clone(), op, Num::Pct(Box::new(x), p)));
     prop_oneof![
         4 => (num_leaf(), 0u8..6, rhs).prop_map(|(a, op, b)| Cond::Cmp(a, op, b)),
+        1 => adaptive,
+        1 => (global_leaf(), 0u8..6, (0u8..6).prop_map(Num::Const)).prop_map(|(a, op, b)| Cond::Cmp(a, op, b)),
         1 => (0u8..5, any::<bool>(), 0u8..6).prop_map(|(s, eq, v)| Cond::StrEq(s, eq, v)),
         2 => (sel(), 0u8..4, 0u8..9, proptest::bool::weighted(0.2)).prop_map(|(s, op, d, f)| Cond::Since(s, op, d, f)),
     ]
@@ -698,6 +749,10 @@ fn render_num(n: &Num, tick: u64) -> (String, u8) {
         Num::Abs(a) => prim(format!("abs({})", render_num(a, tick).0)),
         Num::Sqrt(a) => prim(format!("sqrt({})", render_num(a, tick).0)),
         Num::Neg(a) => (format!("-{}", wrap(render_num(a, tick), P_NEG)), P_NEG),
+        Num::Score(i) => prim(format!("score.s{}", i % 2)),
+        Num::Pct(x, p) => prim(format!("percentile({}, {})", render_num(x, tick).0, PCTS[*p as usize % PCTS.len()])),
+        Num::Rfm(i) => prim(["rfm.r", "rfm.f", "rfm.m"][*i as usize % 3].to_string()),
+        Num::Cluster => prim("cluster.c".into()),
     }
 }
 
@@ -719,6 +774,14 @@ fn render_cond(c: &Cond, tick: u64, seg: usize) -> (String, u8) {
             (format!("{side} {op} '{}'", values[*v as usize % values.len()]), P_CMP)
         }
         Cond::Bare(b) => (BARE[*b as usize % BARE.len()].to_string(), P_PRIMARY),
+        Cond::RfmSeg(eq, v) => (
+            format!(
+                "rfm.segment {} '{}'",
+                if *eq { "==" } else { "!=" },
+                RFM_SEGMENTS[*v as usize % RFM_SEGMENTS.len()]
+            ),
+            P_CMP,
+        ),
         Cond::Since(s, op, d, flipped) => {
             let op = CMPS[*op as usize % 4];
             let d = SINCE_DURS[*d as usize % SINCE_DURS.len()];
@@ -759,6 +822,7 @@ fn render_spec(conds: &[Cond], tick: u64) -> String {
         let when = render_cond(c, tick, i).0.replace('\\', "\\\\").replace('"', "\\\"");
         writeln!(s, "[[segment]]\nname = \"g{i}\"\nwhen = \"{when}\"\n").unwrap();
     }
+    s.push_str(SCORING);
     s
 }
 

@@ -1,6 +1,15 @@
 //! Checks of parsed expressions and specs (SPEC §4): types, the place of
 //! `since`, windows and durations against the tick, `in_segment` names and
-//! cycles, and the parts that are parsed but not supported yet.
+//! cycles, and the names and places of the scoring terms (`score.`, `rfm.`,
+//! `cluster.`, `percentile`).
+//!
+//! **Two levels of terms.** Event terms (aggregates, `last`, traits) are per
+//! profile; `percentile`, `rfm.` and `cluster.` are computed over the whole
+//! population from per-profile values. A percentile's argument and a
+//! clustering's features must therefore be made of event terms only (scores
+//! included, as long as they are themselves made of event terms): the
+//! checker refuses a percentile, `rfm.` or `cluster.` inside them. Scores
+//! may read other scores, without cycles.
 //!
 //! Types: number, duration, string, `true`/`false` (a literal), condition (a
 //! formula: comparison, `and`/`or`/`not`, `in_segment`) and *any* (`trait.x`,
@@ -26,8 +35,10 @@ use super::{Segment, Spec, SpecError};
 pub enum Want {
     /// A segment's `when`: a condition.
     Condition,
-    /// A score's `expr` or a clustering feature: a number.
+    /// A score's `expr`: a number.
     Number,
+    /// A clustering feature: a number made of event terms only.
+    Feature,
 }
 
 /// What the checker needs to know beyond the expression.
@@ -37,9 +48,22 @@ pub struct Ctx<'a> {
     pub tick_ms: u64,
     /// Whether a segment of this name exists (for `in_segment`).
     pub is_segment: &'a dyn Fn(&str) -> bool,
-    /// Report `score.`, `rfm.`, `cluster.` and `percentile` as not supported
-    /// yet. Off inside blocks that are themselves reported unsupported.
-    pub report_unsupported: bool,
+    /// What `score.`, `rfm.` and `cluster.` may name.
+    pub scoring: Scoring<'a>,
+}
+
+/// The scoring names a spec defines.
+#[derive(Clone, Copy, Default)]
+pub struct Scoring<'a> {
+    /// Every `[[score]]` name.
+    pub scores: &'a [String],
+    /// Scores that read `percentile`, `rfm.` or `cluster.` (directly or
+    /// through another score): refused where only event terms may be read.
+    pub global_scores: &'a [String],
+    /// Whether there is an `[rfm]` block.
+    pub rfm: bool,
+    /// Every `[[clustering]]` name.
+    pub clusterings: &'a [String],
 }
 
 /// Which part of a [`Spec`] an [`Issue`] is in.
@@ -49,6 +73,8 @@ pub enum Origin {
     Segment(usize),
     /// `spec.scores[i].expr`.
     Score(usize),
+    /// `spec.clusterings[c].features[i]`.
+    Feature(usize, usize),
 }
 
 /// An error inside one expression of a spec, at a position of that
@@ -65,11 +91,19 @@ pub struct Issue {
 pub fn check(spec: &mut Spec, tick_ms: u64) -> Vec<Issue> {
     let names: Vec<String> = spec.segments.iter().map(|s| s.name.clone()).collect();
     let is_segment = |n: &str| names.iter().any(|m| m == n);
+    let scores: Vec<String> = spec.scores.iter().map(|s| s.name.clone()).collect();
+    let global_scores = global_scores(spec);
+    let clusterings: Vec<String> = spec.clusterings.iter().map(|c| c.name.clone()).collect();
     let mut issues = Vec::new();
     let ctx = Ctx {
         tick_ms,
         is_segment: &is_segment,
-        report_unsupported: true,
+        scoring: Scoring {
+            scores: &scores,
+            global_scores: &global_scores,
+            rfm: spec.rfm.is_some(),
+            clusterings: &clusterings,
+        },
     };
     for (i, seg) in spec.segments.iter_mut().enumerate() {
         for error in check_expr(&mut seg.when, Want::Condition, &ctx) {
@@ -79,10 +113,6 @@ pub fn check(spec: &mut Spec, tick_ms: u64) -> Vec<Issue> {
             });
         }
     }
-    let ctx = Ctx {
-        report_unsupported: false,
-        ..ctx
-    };
     for (i, score) in spec.scores.iter_mut().enumerate() {
         for error in check_expr(&mut score.expr, Want::Number, &ctx) {
             issues.push(Issue {
@@ -91,7 +121,90 @@ pub fn check(spec: &mut Spec, tick_ms: u64) -> Vec<Issue> {
             });
         }
     }
+    for (c, clustering) in spec.clusterings.iter_mut().enumerate() {
+        for (i, feature) in clustering.features.iter_mut().enumerate() {
+            for error in check_expr(feature, Want::Feature, &ctx) {
+                issues.push(Issue {
+                    origin: Origin::Feature(c, i),
+                    error,
+                });
+            }
+        }
+    }
+    issues.extend(score_cycles(spec));
     issues.extend(segment_cycles(&spec.segments));
+    issues
+}
+
+/// The scores that read a percentile, `rfm.` or `cluster.`, directly or
+/// through other scores.
+fn global_scores(spec: &Spec) -> Vec<String> {
+    let mut global: Vec<String> = Vec::new();
+    loop {
+        let before = global.len();
+        for s in &spec.scores {
+            if global.contains(&s.name) {
+                continue;
+            }
+            let mut hit = false;
+            visit(&s.expr, &mut |x| match &x.kind {
+                ExprKind::Percentile(..) | ExprKind::Rfm(_) | ExprKind::Cluster(_) => hit = true,
+                ExprKind::Score(n) if global.contains(n) => hit = true,
+                _ => {}
+            });
+            if hit {
+                global.push(s.name.clone());
+            }
+        }
+        if global.len() == before {
+            return global;
+        }
+    }
+}
+
+/// A score that reads itself, directly or through others, at its first
+/// `score.` reference on the cycle.
+fn score_cycles(spec: &Spec) -> Vec<Issue> {
+    let index = |n: &str| spec.scores.iter().position(|s| s.name == n);
+    let edges: Vec<Vec<(usize, Pos)>> = spec
+        .scores
+        .iter()
+        .map(|s| {
+            let mut refs = Vec::new();
+            visit(&s.expr, &mut |x| {
+                if let ExprKind::Score(n) = &x.kind {
+                    if let Some(j) = index(n) {
+                        refs.push((j, x.pos));
+                    }
+                }
+            });
+            refs
+        })
+        .collect();
+    let scc = components(&edges);
+    let mut issues = Vec::new();
+    let mut reported = vec![false; spec.scores.len()];
+    for (i, out) in edges.iter().enumerate() {
+        let cyclic = out.iter().any(|&(j, _)| scc[j] == scc[i]);
+        if !cyclic || reported[scc[i]] {
+            continue;
+        }
+        reported[scc[i]] = true;
+        let pos = out.iter().find(|&&(j, _)| scc[j] == scc[i]).map(|&(_, p)| p).unwrap_or_default();
+        let mut members: Vec<&str> = (0..spec.scores.len())
+            .filter(|&j| scc[j] == scc[i])
+            .map(|j| spec.scores[j].name.as_str())
+            .collect();
+        members.sort();
+        issues.push(Issue {
+            origin: Origin::Score(i),
+            error: SpecError {
+                line: pos.line,
+                column: pos.column,
+                message: format!("scores read each other in a cycle: {}", members.join(", ")),
+            },
+        });
+    }
     issues
 }
 
@@ -102,10 +215,11 @@ pub fn check_expr(e: &mut Expr, want: Want, ctx: &Ctx<'_>) -> Vec<SpecError> {
         ctx,
         errors: Vec::new(),
         in_filter: false,
+        population: (want == Want::Feature).then_some("a clustering feature"),
     };
     match want {
         Want::Condition => c.condition(e, "a segment's `when`"),
-        Want::Number => {
+        Want::Number | Want::Feature => {
             let t = c.ty(e);
             if !matches!(t, Ty::Num | Ty::Any | Ty::Err) {
                 c.error(e.pos, format!("this expression must be a number, not {}", t.name()));
@@ -320,6 +434,9 @@ struct Checker<'a> {
     ctx: &'a Ctx<'a>,
     errors: Vec<SpecError>,
     in_filter: bool,
+    /// Inside a percentile's argument or a clustering feature (named here):
+    /// only event terms may be read.
+    population: Option<&'static str>,
 }
 
 impl Checker<'_> {
@@ -331,9 +448,13 @@ impl Checker<'_> {
         });
     }
 
-    fn unsupported(&mut self, pos: Pos, what: String) {
-        if self.ctx.report_unsupported {
-            self.error(pos, format!("{what} is not supported yet (scoring is planned)"));
+    /// Refuses a population-level term where only event terms may be read.
+    fn event_terms_only(&mut self, pos: Pos, what: &str) {
+        if let Some(place) = self.population {
+            self.error(
+                pos,
+                format!("{what} cannot be used in {place}: it is computed over all profiles from event terms"),
+            );
         }
     }
 
@@ -533,11 +654,14 @@ impl Checker<'_> {
                 }
             },
             ExprKind::Percentile(a, _) => {
-                self.unsupported(pos, "percentile(…)".into());
+                self.not_in_filter(pos, "percentile(…)");
+                self.event_terms_only(pos, "percentile(…)");
+                let outer = self.population.replace("the argument of percentile(…)");
                 match self.ty(a) {
                     Ty::Num | Ty::Any | Ty::Err => {}
                     t => self.error(a.pos, format!("percentile needs a number, not {}", t.name())),
                 }
+                self.population = outer;
                 Ty::Num
             }
             ExprKind::InSegment(name) => {
@@ -559,14 +683,32 @@ impl Checker<'_> {
                 Ty::Any
             }
             ExprKind::Score(name) => {
+                let name = name.clone();
                 let what = format!("score.{name}");
-                self.unsupported(pos, what);
+                if self.not_in_filter(pos, &what) {
+                    return Ty::Err;
+                }
+                let scoring = self.ctx.scoring;
+                if !scoring.scores.contains(&name) {
+                    self.error(pos, format!("unknown score `{name}`: define it in a [[score]] block"));
+                    return Ty::Err;
+                }
+                if scoring.global_scores.contains(&name) {
+                    self.event_terms_only(pos, &what);
+                }
                 Ty::Num
             }
             ExprKind::Rfm(field) => {
                 let field = *field;
                 let what = format!("rfm.{}", format!("{field:?}").to_lowercase());
-                self.unsupported(pos, what);
+                if self.not_in_filter(pos, &what) {
+                    return Ty::Err;
+                }
+                if !self.ctx.scoring.rfm {
+                    self.error(pos, format!("{what} needs an [rfm] block"));
+                    return Ty::Err;
+                }
+                self.event_terms_only(pos, &what);
                 if field == super::ast::RfmField::Segment {
                     Ty::Str
                 } else {
@@ -574,8 +716,16 @@ impl Checker<'_> {
                 }
             }
             ExprKind::Cluster(name) => {
+                let name = name.clone();
                 let what = format!("cluster.{name}");
-                self.unsupported(pos, what);
+                if self.not_in_filter(pos, &what) {
+                    return Ty::Err;
+                }
+                if !self.ctx.scoring.clusterings.contains(&name) {
+                    self.error(pos, format!("unknown clustering `{name}`: define it in a [[clustering]] block"));
+                    return Ty::Err;
+                }
+                self.event_terms_only(pos, &what);
                 Ty::Num
             }
         }
@@ -651,7 +801,7 @@ mod tests {
         let ctx = Ctx {
             tick_ms,
             is_segment: &is_segment,
-            report_unsupported: true,
+            scoring: Scoring::default(),
         };
         check_expr(&mut e, Want::Condition, &ctx)
             .into_iter()
@@ -699,7 +849,7 @@ mod tests {
             let ctx = Ctx {
                 tick_ms: 1000,
                 is_segment: &|_| false,
-                report_unsupported: true,
+                scoring: Scoring::default(),
             };
             let _ = check_expr(&mut e, Want::Condition, &ctx);
         }
@@ -711,7 +861,7 @@ mod tests {
         let ctx = Ctx {
             tick_ms: 1000,
             is_segment: &|_| false,
-            report_unsupported: true,
+            scoring: Scoring::default(),
         };
         assert!(check_expr(&mut e, Want::Condition, &ctx).is_empty());
         let ExprKind::And(a, b) = &e.kind else { panic!() };
@@ -770,25 +920,44 @@ mod tests {
     }
 
     #[test]
-    fn in_segment_and_unsupported() {
+    fn in_segment_and_scoring_names() {
         assert_eq!(errors("in_segment('nope')"), ["1:1: unknown segment 'nope' in in_segment('nope')"]);
         assert_eq!(
             errors("score.engagement > 10"),
-            ["1:1: score.engagement is not supported yet (scoring is planned)"]
+            ["1:1: unknown score `engagement`: define it in a [[score]] block"]
         );
-        assert_eq!(
-            errors("rfm.segment == 'x'"),
-            ["1:1: rfm.segment is not supported yet (scoring is planned)"]
-        );
+        assert_eq!(errors("rfm.segment == 'x'"), ["1:1: rfm.segment needs an [rfm] block"]);
         assert_eq!(
             errors("cluster.behavior == 1"),
-            ["1:1: cluster.behavior is not supported yet (scoring is planned)"]
+            ["1:1: unknown clustering `behavior`: define it in a [[clustering]] block"]
         );
-        assert_eq!(
-            errors("percentile(count('x', 1h), 90) < 3"),
-            ["1:1: percentile(…) is not supported yet (scoring is planned)"]
-        );
-        assert_eq!(errors("rfm.segment == 1").len(), 2);
+        assert!(errors("percentile(count('x', 1h), 90) < 3").is_empty());
+        let scores = ["e".to_string(), "g".to_string()];
+        let global = ["g".to_string()];
+        let clusterings = ["b".to_string()];
+        let with = |src: &str| {
+            let mut e = parse_when(src).unwrap();
+            let ctx = Ctx {
+                tick_ms: 1000,
+                is_segment: &|_| false,
+                scoring: Scoring {
+                    scores: &scores,
+                    global_scores: &global,
+                    rfm: true,
+                    clusterings: &clusterings,
+                },
+            };
+            check_expr(&mut e, Want::Condition, &ctx)
+                .into_iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert!(with("score.e >= percentile(score.e, 90) and rfm.segment == 'x' and cluster.b == 1").is_empty());
+        assert_eq!(with("rfm.segment == 1").len(), 1);
+        assert!(with("percentile(score.g, 50) > 1")[0].contains("cannot be used in the argument of percentile"));
+        assert!(with("percentile(rfm.m + 1, 50) > 1")[0].contains("cannot be used in the argument"));
+        assert!(with("percentile(percentile(score.e, 5), 50) > 1")[0].contains("cannot be used"));
+        assert!(with("count('x' where score.e > 1, 1h) > 1")[0].contains("inside a `where` filter"));
     }
 
     fn seg(name: &str, when: &str) -> Segment {

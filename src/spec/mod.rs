@@ -10,9 +10,9 @@
 //! trimmed, escapes in basic strings take their written width, a
 //! line-ending backslash is followed to where the text resumes).
 //!
-//! `[[score]]`, `[rfm]` and `[[clustering]]` are parsed and checked like the
-//! rest, but their presence is an error until scoring is implemented
-//! (SPEC §6: unsupported parts are reported, never ignored).
+//! `[[score]]`, `[rfm]` and `[[clustering]]` are read into [`ScoreDef`],
+//! [`RfmDef`] and [`ClusteringDef`]; their expressions are checked like every
+//! `when` (see [`check`] for what scores, percentiles and features may read).
 
 pub mod ast;
 pub mod check;
@@ -32,7 +32,7 @@ pub struct Segment {
     pub source: String,
 }
 
-/// One `[[score]]` (parsed; the scoring issue gives it meaning).
+/// One `[[score]]`: a named number per profile, read as `score.NAME`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ScoreDef {
     pub name: String,
@@ -40,15 +40,70 @@ pub struct ScoreDef {
     pub source: String,
 }
 
+/// The `[rfm]` block (SPEC §4 "RFM").
+#[derive(Clone, Debug, PartialEq)]
+pub struct RfmDef {
+    /// The `track` event that is a purchase.
+    pub purchase: String,
+    /// Where the revenue of a purchase is read.
+    pub revenue: ast::Path,
+    pub window: ast::Window,
+    /// `rfm.segment` of each (R score, F score): `grid[r - 1][f - 1]`; the
+    /// SPEC's table unless the spec gives a `map`.
+    pub grid: Vec<Vec<String>>,
+}
+
+/// The SPEC §4 RFM table, `[r - 1][f - 1]`.
+pub fn default_rfm_grid() -> Vec<Vec<String>> {
+    const ROWS: [[&str; 5]; 5] = [
+        ["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"],
+        ["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"],
+        [
+            "about_to_sleep",
+            "about_to_sleep",
+            "need_attention",
+            "loyal_customers",
+            "loyal_customers",
+        ],
+        [
+            "promising",
+            "potential_loyalists",
+            "potential_loyalists",
+            "loyal_customers",
+            "loyal_customers",
+        ],
+        [
+            "new_customers",
+            "potential_loyalists",
+            "potential_loyalists",
+            "champions",
+            "champions",
+        ],
+    ];
+    ROWS.iter().map(|r| r.iter().map(|s| s.to_string()).collect()).collect()
+}
+
+/// One `[[clustering]]` (SPEC §4 "Clustering"), read as `cluster.NAME`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusteringDef {
+    pub name: String,
+    pub k: usize,
+    /// Numeric expressions per profile, checked like a score's `expr`.
+    pub features: Vec<Expr>,
+    /// The features as written.
+    pub sources: Vec<String>,
+    /// Milliseconds of event time between refreshes of the centroids.
+    pub refresh: u64,
+    pub seed: u64,
+}
+
 /// A checked spec.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct Spec {
     pub segments: Vec<Segment>,
     pub scores: Vec<ScoreDef>,
-    /// Whether an `[rfm]` block is present.
-    pub has_rfm: bool,
-    /// Names of the `[[clustering]]` blocks.
-    pub clusterings: Vec<String>,
+    pub rfm: Option<RfmDef>,
+    pub clusterings: Vec<ClusteringDef>,
 }
 
 /// An error in a spec, at a 1-based line and column of the TOML file.
@@ -102,6 +157,7 @@ pub fn parse_spec(text: &str, tick_ms: u64) -> Result<Spec, Vec<SpecError>> {
         spec: Spec::default(),
         segment_maps: Vec::new(),
         score_maps: Vec::new(),
+        feature_maps: Vec::new(),
     };
     let root = doc.as_table();
     for (key, item) in root.iter() {
@@ -144,7 +200,7 @@ pub fn compile_when(src: &str, tick_ms: u64, is_segment: &dyn Fn(&str) -> bool) 
     let ctx = check::Ctx {
         tick_ms,
         is_segment,
-        report_unsupported: true,
+        scoring: check::Scoring::default(),
     };
     let errors = check::check_expr(&mut e, check::Want::Condition, &ctx);
     if errors.is_empty() {
@@ -301,6 +357,8 @@ struct Loader<'t> {
     /// whose `when` did not parse.
     segment_maps: Vec<Option<StrMap>>,
     score_maps: Vec<Option<StrMap>>,
+    /// Per clustering, per feature that parsed.
+    feature_maps: Vec<Vec<StrMap>>,
 }
 
 /// A string value with its span.
@@ -496,7 +554,6 @@ impl<'t> Loader<'t> {
 
     fn score(&mut self, t: &dyn TableLike, header: usize) {
         const BLOCK: &str = "[[score]]";
-        self.error(header, "[[score]] is not supported yet (scoring is planned)");
         self.known_keys(t, BLOCK, &["name", "expr"]);
         let name = self.string(t, "name", BLOCK, header, true);
         let expr = self.string(t, "expr", BLOCK, header, true);
@@ -521,124 +578,220 @@ impl<'t> Loader<'t> {
 
     fn rfm(&mut self, t: &dyn TableLike, header: usize) {
         const BLOCK: &str = "[rfm]";
-        self.error(header, "[rfm] is not supported yet (scoring is planned)");
-        self.spec.has_rfm = true;
         self.known_keys(t, BLOCK, &["purchase", "revenue", "window", "map"]);
-        if let Some(p) = self.string(t, "purchase", BLOCK, header, true) {
+        let mut ok = true;
+        let purchase = self.string(t, "purchase", BLOCK, header, true);
+        if let Some(p) = &purchase {
             if p.value.is_empty() {
-                self.error(p.span.map(|s| s.start).unwrap_or(header), "`purchase` in [rfm] cannot be empty");
-            }
-        }
-        if let Some(r) = self.string(t, "revenue", BLOCK, header, true) {
-            if let Err(e) = parse::parse_path(&r.value) {
-                let map = StrMap::new(self.text, r.span.clone(), &r.value);
-                let at = map.offset(
-                    &r.value,
-                    Pos {
-                        line: e.line,
-                        column: e.column,
-                    },
-                );
                 self.error(
-                    at,
-                    format!(
-                        "`revenue` in [rfm] must be a path such as revenue or properties.total: {}",
-                        e.message
-                    ),
+                    p.span.clone().map(|s| s.start).unwrap_or(header),
+                    "`purchase` in [rfm] cannot be empty",
                 );
             }
         }
-        if let Some(w) = self.string(t, "window", BLOCK, header, false) {
-            self.duration(&w, "window", true);
-        }
-        // The map's layout is the scoring issue's to define; only its kind
-        // is checked here.
-        if let Some(m) = t.get("map") {
-            if m.as_table_like().is_none() {
-                let at = Self::at(t, "map", header);
-                self.error(at, "`map` in [rfm] must be a table");
+        let mut revenue = None;
+        if let Some(r) = self.string(t, "revenue", BLOCK, header, true) {
+            match parse::parse_path(&r.value) {
+                Ok(p) => revenue = Some(p),
+                Err(e) => {
+                    let map = StrMap::new(self.text, r.span.clone(), &r.value);
+                    let at = map.offset(
+                        &r.value,
+                        Pos {
+                            line: e.line,
+                            column: e.column,
+                        },
+                    );
+                    self.error(
+                        at,
+                        format!(
+                            "`revenue` in [rfm] must be a path such as revenue or properties.total: {}",
+                            e.message
+                        ),
+                    );
+                }
             }
         }
+        let mut window = ast::Window::Lifetime;
+        if let Some(w) = self.string(t, "window", BLOCK, header, false) {
+            let errors = self.errors.len();
+            self.duration(&w, "window", true);
+            ok &= self.errors.len() == errors;
+            if w.value != "lifetime" {
+                if let Ok(ms) = crate::clock::parse_duration(&w.value) {
+                    window = ast::Window::Dur(ms);
+                }
+            }
+        }
+        let grid = match t.get("map") {
+            None => default_rfm_grid(),
+            Some(m) => match m.as_table_like() {
+                Some(m) => self.rfm_map(m, Self::at(t, "map", header)).unwrap_or_else(default_rfm_grid),
+                None => {
+                    let at = Self::at(t, "map", header);
+                    self.error(at, "`map` in [rfm] must be a table of segment = [\"RF\", …] codes");
+                    default_rfm_grid()
+                }
+            },
+        };
+        if let (Some(purchase), Some(revenue), true) = (purchase, revenue, ok) {
+            self.spec.rfm = Some(RfmDef {
+                purchase: purchase.value,
+                revenue,
+                window,
+                grid,
+            });
+        }
+    }
+
+    /// `[rfm.map]`: each key a segment name, each value an array of two-
+    /// character codes `RF`, each character a score 1–5 or `*` for any. The
+    /// first entry (in file order) whose code matches a cell names it; every
+    /// one of the 25 cells must be named.
+    fn rfm_map(&mut self, m: &dyn TableLike, at: usize) -> Option<Vec<Vec<String>>> {
+        let mut grid: Vec<Vec<Option<String>>> = vec![vec![None; 5]; 5];
+        let mut ok = true;
+        for (name, item) in m.iter() {
+            let item_at = Self::at(m, name, at);
+            let Some(codes) = item.as_array() else {
+                self.error(
+                    item_at,
+                    format!("`{name}` in [rfm.map] must be an array of codes such as [\"55\", \"4*\"]"),
+                );
+                ok = false;
+                continue;
+            };
+            for code in codes.iter() {
+                let code_at = code.span().map(|s| s.start).unwrap_or(item_at);
+                let digits: Option<Vec<Option<usize>>> = code.as_str().and_then(|c| {
+                    (c.chars().count() == 2).then_some(())?;
+                    c.chars()
+                        .map(|ch| match ch {
+                            '*' => Some(None),
+                            '1'..='5' => Some(Some(ch as usize - '1' as usize)),
+                            _ => None,
+                        })
+                        .collect()
+                });
+                let Some(d) = digits else {
+                    self.error(
+                        code_at,
+                        "an RFM code is two characters, R then F, each 1 to 5 or * (any), as in \"55\" or \"1*\"",
+                    );
+                    ok = false;
+                    continue;
+                };
+                for (r, row) in grid.iter_mut().enumerate() {
+                    for (f, cell) in row.iter_mut().enumerate() {
+                        if d[0].is_none_or(|x| x == r) && d[1].is_none_or(|x| x == f) && cell.is_none() {
+                            *cell = Some(name.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        if !ok {
+            return None;
+        }
+        let missing: Vec<String> = (0..25)
+            .filter(|i| grid[i / 5][i % 5].is_none())
+            .map(|i| format!("{}{}", i / 5 + 1, i % 5 + 1))
+            .collect();
+        if !missing.is_empty() {
+            self.error(
+                at,
+                format!("[rfm.map] names no segment for the (R, F) codes {}", missing.join(", ")),
+            );
+            return None;
+        }
+        Some(
+            grid.into_iter()
+                .map(|r| r.into_iter().map(|c| c.unwrap_or_default()).collect())
+                .collect(),
+        )
     }
 
     fn clustering(&mut self, t: &dyn TableLike, header: usize) {
         const BLOCK: &str = "[[clustering]]";
-        self.error(header, "[[clustering]] is not supported yet (scoring is planned)");
         self.known_keys(t, BLOCK, &["name", "k", "features", "refresh", "seed"]);
+        let errors = self.errors.len();
+        let mut def = ClusteringDef {
+            name: String::new(),
+            k: 1,
+            features: Vec::new(),
+            sources: Vec::new(),
+            refresh: 0,
+            seed: 0,
+        };
         if let Some(n) = self.string(t, "name", BLOCK, header, true) {
             let at = n.span.as_ref().map(|s| s.start).unwrap_or(header);
             if n.value.is_empty() {
                 self.error(at, "a clustering's `name` cannot be empty");
-            } else if self.spec.clusterings.contains(&n.value) {
+            } else if self.spec.clusterings.iter().any(|c| c.name == n.value) {
                 self.error(at, format!("duplicate clustering name `{}`", n.value));
             }
-            self.spec.clusterings.push(n.value);
+            def.name = n.value;
         }
         if let Some(k) = self.integer(t, "k", BLOCK, header, true) {
-            if k < 1 {
+            if !(1..=1000).contains(&k) {
                 let at = Self::at(t, "k", header);
-                self.error(at, "`k` in [[clustering]] must be at least 1");
+                self.error(at, "`k` in [[clustering]] must be between 1 and 1000");
             }
+            def.k = k.clamp(1, 1000) as usize;
         }
         if let Some(s) = self.integer(t, "seed", BLOCK, header, false) {
             if s < 0 {
                 let at = Self::at(t, "seed", header);
                 self.error(at, "`seed` in [[clustering]] must not be negative");
             }
+            def.seed = s.max(0) as u64;
         }
         if let Some(r) = self.string(t, "refresh", BLOCK, header, true) {
             self.duration(&r, "refresh", false);
+            def.refresh = crate::clock::parse_duration(&r.value).unwrap_or(0);
         }
+        let mut maps = Vec::new();
         match t.get("features") {
             None => self.error(header, "[[clustering]] has no `features`"),
             Some(item) => {
                 let at = Self::at(t, "features", header);
-                let Some(arr) = item.as_array() else {
-                    self.error(at, "`features` in [[clustering]] must be an array of expressions");
-                    return;
-                };
-                if arr.is_empty() {
-                    self.error(at, "`features` in [[clustering]] must not be empty");
-                }
-                let names: Vec<String> = self.spec.segments.iter().map(|s| s.name.clone()).collect();
-                for v in arr.iter() {
-                    let Some(s) = v.as_str() else {
-                        self.error(v.span().map(|s| s.start).unwrap_or(at), "each feature must be a string expression");
-                        continue;
-                    };
-                    let s = Str {
-                        value: s.to_string(),
-                        span: v.span(),
-                    };
-                    let (Some(mut e), map) = self.expression(&s) else { continue };
-                    // Segments defined later in the file are not known yet;
-                    // features reading in_segment are unusual enough.
-                    let is_segment = |n: &str| names.iter().any(|m| m == n);
-                    let ctx = check::Ctx {
-                        tick_ms: self.tick_ms,
-                        is_segment: &is_segment,
-                        report_unsupported: false,
-                    };
-                    for err in check::check_expr(&mut e, check::Want::Number, &ctx) {
-                        let at = map.offset(
-                            &s.value,
-                            Pos {
-                                line: err.line,
-                                column: err.column,
-                            },
-                        );
-                        self.error(at, err.message);
+                match item.as_array() {
+                    None => self.error(at, "`features` in [[clustering]] must be an array of expressions"),
+                    Some(arr) => {
+                        if arr.is_empty() {
+                            self.error(at, "`features` in [[clustering]] must not be empty");
+                        }
+                        for v in arr.iter() {
+                            let Some(s) = v.as_str() else {
+                                self.error(v.span().map(|s| s.start).unwrap_or(at), "each feature must be a string expression");
+                                continue;
+                            };
+                            let s = Str {
+                                value: s.to_string(),
+                                span: v.span(),
+                            };
+                            let (Some(e), map) = self.expression(&s) else { continue };
+                            def.features.push(e);
+                            def.sources.push(s.value);
+                            maps.push(map);
+                        }
                     }
                 }
             }
         }
+        // A block with errors is still kept (so that `cluster.NAME` is not
+        // also reported unknown); the spec fails anyway.
+        let _ = errors;
+        self.spec.clusterings.push(def);
+        self.feature_maps.push(maps);
     }
 
     fn finish(mut self) -> Result<Spec, Vec<SpecError>> {
         for issue in check::check(&mut self.spec, self.tick_ms) {
             let (map, source) = match issue.origin {
-                check::Origin::Segment(i) => (&self.segment_maps[i], &self.spec.segments[i].source),
-                check::Origin::Score(i) => (&self.score_maps[i], &self.spec.scores[i].source),
+                check::Origin::Segment(i) => (self.segment_maps[i].as_ref(), &self.spec.segments[i].source),
+                check::Origin::Score(i) => (self.score_maps[i].as_ref(), &self.spec.scores[i].source),
+                check::Origin::Feature(c, i) => (Some(&self.feature_maps[c][i]), &self.spec.clusterings[c].sources[i]),
             };
             let Some(map) = map else { continue };
             let at = map.offset(
@@ -742,7 +895,7 @@ when = "sum('buy', amount, lifetime) == 0.3"
             Some("Viewed 3+ products in 48h, carted, did not buy")
         );
         assert!(spec.segments[0].source.starts_with("  count('Product Viewed'"));
-        assert!(spec.scores.is_empty() && !spec.has_rfm && spec.clusterings.is_empty());
+        assert!(spec.scores.is_empty() && spec.rfm.is_none() && spec.clusterings.is_empty());
     }
 
     #[test]
@@ -831,10 +984,10 @@ when = "in_segment('a') or in_segment('nope') or since('x') and true"
     }
 
     #[test]
-    fn unsupported_blocks_are_parsed_and_reported() {
+    fn scoring_blocks_are_read() {
         let text = r#"[[segment]]
 name = "s"
-when = "score.engagement > 10"
+when = "score.engagement > 10 and rfm.segment == 'champions' and cluster.behavior == 1"
 
 [[score]]
 name = "engagement"
@@ -848,27 +1001,92 @@ window = "365d"
 [[clustering]]
 name = "behavior"
 k = 4
-features = ["count(page, 1h)", "avg(page, dwell_ms, 1h)", "avg(page scroll_pct, 1h)"]
+features = ["count(page, 1h)", "avg(page, dwell_ms, 1h)", "avg(page, scroll_pct, 1h)"]
 refresh = "1h"
 seed = 7
+"#;
+        let spec = parse_spec(text, 1000).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(spec.scores[0].name, "engagement");
+        let rfm = spec.rfm.as_ref().unwrap();
+        assert_eq!(rfm.purchase, "Order Completed");
+        assert_eq!(rfm.revenue, ast::Path(vec!["properties".into(), "revenue".into()]));
+        assert_eq!(rfm.window, ast::Window::Dur(365 * 86_400_000));
+        assert_eq!(rfm.grid, default_rfm_grid());
+        let c = &spec.clusterings[0];
+        assert_eq!(
+            (c.name.as_str(), c.k, c.refresh, c.seed, c.features.len()),
+            ("behavior", 4, 3_600_000, 7, 3)
+        );
+    }
+
+    #[test]
+    fn the_default_rfm_grid_is_the_spec_table() {
+        let g = default_rfm_grid();
+        assert_eq!(g[0], g[1]);
+        assert_eq!(g[0][4], "cant_lose");
+        assert_eq!(g[2][3], "loyal_customers");
+        assert_eq!(g[3][0], "promising");
+        assert_eq!(g[4][0], "new_customers");
+        assert_eq!(g[4][3], "champions");
+    }
+
+    #[test]
+    fn rfm_maps() {
+        let text =
+            "[rfm]\npurchase = \"buy\"\nrevenue = \"amount\"\n[rfm.map]\nbest = [\"55\", \"45\"]\nrecent = [\"5*\"]\nrest = [\"**\"]\n";
+        let spec = parse_spec(text, 1000).unwrap_or_else(|e| panic!("{e:?}"));
+        let g = &spec.rfm.unwrap().grid;
+        assert_eq!(
+            (g[4][4].as_str(), g[3][4].as_str(), g[4][0].as_str(), g[0][0].as_str()),
+            ("best", "best", "recent", "rest")
+        );
+        assert_eq!(spec_errs_rfm_map("best = [\"55\"]"), ["4:1: [rfm.map] names no segment for the (R, F) codes 11, 12, 13, 14, 15, 21, 22, 23, 24, 25, 31, 32, 33, 34, 35, 41, 42, 43, 44, 45, 51, 52, 53, 54"]);
+        assert_eq!(
+            spec_errs_rfm_map("best = [\"56\"]"),
+            ["5:9: an RFM code is two characters, R then F, each 1 to 5 or * (any), as in \"55\" or \"1*\""]
+        );
+    }
+
+    fn spec_errs_rfm_map(entry: &str) -> Vec<String> {
+        errs(&format!("[rfm]\npurchase = \"buy\"\nrevenue = \"amount\"\n[rfm.map]\n{entry}\n"))
+    }
+
+    #[test]
+    fn scoring_errors() {
+        let text = r#"[[segment]]
+name = "s"
+when = "score.nope > 10 or cluster.c == 1"
+
+[[score]]
+name = "a"
+expr = "score.b + 1"
+
+[[score]]
+name = "b"
+expr = "score.a * 2"
+
+[[clustering]]
+name = "c"
+k = 0
+features = ["count(page, 1h)", "percentile(count(page, 1h), 5)", "avg(page scroll_pct, 1h)"]
+refresh = "1500ms"
 "#;
         assert_eq!(
             errs(text),
             [
-                "3:9: score.engagement is not supported yet (scoring is planned)",
-                "5:1: [[score]] is not supported yet (scoring is planned)",
-                "9:1: [rfm] is not supported yet (scoring is planned)",
-                "14:1: [[clustering]] is not supported yet (scoring is planned)",
-                "17:69: expected `,` after the events of avg(…), found `scroll_pct`",
+                "3:9: unknown score `nope`: define it in a [[score]] block",
+                "7:9: scores read each other in a cycle: a, b",
+                "15:5: `k` in [[clustering]] must be between 1 and 1000",
+                "16:33: percentile(…) cannot be used in a clustering feature: it is computed over all profiles from event terms",
+                "16:76: expected `,` after the events of avg(…), found `scroll_pct`",
+                "17:11: refresh 1500ms is not a multiple of the tick 1s",
             ]
         );
         let text = "[[score]]\nname = \"e\"\nexpr = \"count('x', 1h) > \"\n[rfm]\npurchase = \"x\"\nrevenue = \"r\"\nwindow = \"1500ms\"\n";
         assert_eq!(
             errs(text),
             [
-                "1:1: [[score]] is not supported yet (scoring is planned)",
                 "3:26: expected an expression, found the end of the expression",
-                "4:1: [rfm] is not supported yet (scoring is planned)",
                 "7:10: window 1500ms is not a multiple of the tick 1s",
             ]
         );

@@ -25,6 +25,18 @@
 //! Floats: `avg` and `var` are computed from exact sums when every value is
 //! an exact number (one rounding at the end), otherwise over the values in
 //! sorted order, so that they never depend on the order of the input.
+//!
+//! Scoring: `score.NAME` is its expression evaluated in place; percentiles,
+//! RFM scores and clusters are computed per tick over all profiles before
+//! the memberships (nearest rank and the rank rule written here from the
+//! SPEC's words). Clustering keeps one piece of state from tick to tick, the
+//! model: it is trained at the first tick with a population and then at
+//! every tick that is a multiple of `refresh` whose population differs from
+//! the one it was last trained on. The model itself (standardize, k-means++,
+//! numbering) is `shoal::cluster::Model`, a pure function of the population
+//! that has its own tests (tests/scoring.rs holds it against an independent
+//! k-means); what is checked here is when it is trained and how profiles
+//! follow it.
 #![allow(dead_code)]
 
 use std::cmp::Ordering;
@@ -32,8 +44,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::Value as Json;
 use shoal::clock::{format_time, tick_of};
+use shoal::cluster::Model;
 use shoal::event::{decode, Event, EventType, Id};
-use shoal::spec::ast::{AggKind, CmpOp, EventSel, Expr, ExprKind, Path, Selector, Window};
+use shoal::spec::ast::{AggKind, CmpOp, EventSel, Expr, ExprKind, Path, RfmField, Selector, Window};
 use shoal::spec::Spec;
 use shoal::value::{Dec, Value};
 
@@ -180,16 +193,23 @@ fn run(spec: &Spec, input: &[u8], opts: &RefOptions, force_sparse: bool) -> RefO
     let ticks: Vec<u64> = if !force_sparse && (last - first) / tick <= DENSE_LIMIT {
         (first / tick..=last / tick).map(|i| i * tick).collect()
     } else {
-        change_points(spec, &ing.accepted, tick)
-            .into_iter()
-            .filter(|t| (first..=last).contains(t))
-            .collect()
+        let mut points = change_points(spec, &ing.accepted, tick);
+        // A clustering may retrain at any multiple of its refresh.
+        for c in &spec.clusterings {
+            let mut r = first.div_ceil(c.refresh) * c.refresh;
+            while r <= last {
+                points.insert(r);
+                r += c.refresh;
+            }
+        }
+        points.into_iter().filter(|t| (first..=last).contains(t)).collect()
     };
+    let mut models = Models::new(spec);
 
     let show_ms = tick < 1000;
     let mut previous: BTreeSet<(usize, String)> = BTreeSet::new();
     for t in ticks {
-        let current = members_at(spec, &ing.accepted, t);
+        let current = members_at(spec, &ing.accepted, t, &mut models);
         let mut changes: Vec<(usize, &String, &str)> = Vec::new();
         for (seg, profile) in current.difference(&previous) {
             changes.push((*seg, profile, "enter"));
@@ -225,6 +245,17 @@ fn change_points(spec: &Spec, events: &[Accepted], tick: u64) -> BTreeSet<u64> {
     let mut since_durations = BTreeSet::new();
     for seg in &spec.segments {
         collect_thresholds(&seg.when, &mut windows, &mut since_durations);
+    }
+    for score in &spec.scores {
+        collect_thresholds(&score.expr, &mut windows, &mut since_durations);
+    }
+    for c in &spec.clusterings {
+        for f in &c.features {
+            collect_thresholds(f, &mut windows, &mut since_durations);
+        }
+    }
+    if let Some(Window::Dur(w)) = spec.rfm.as_ref().map(|r| r.window) {
+        windows.insert(w);
     }
     let mut points = BTreeSet::new();
     for a in events {
@@ -287,11 +318,14 @@ fn collect_selector(sel: &Selector, windows: &mut BTreeSet<u64>, since_durations
 fn constant(expr: &Expr) -> Value {
     let none: Vec<&Event> = Vec::new();
     let spec = Spec::default();
+    let globals = Globals::default();
     let mut ctx = Ctx {
         spec: &spec,
         t: 0,
         events: &none,
         memo: Vec::new(),
+        profile: String::new(),
+        globals: &globals,
     };
     ctx.eval(expr, None)
 }
@@ -361,16 +395,179 @@ fn profiles_at(events: &[Accepted], t: u64) -> BTreeMap<Id, Vec<&Event>> {
     profiles
 }
 
+/// The population-level values of one tick.
+#[derive(Default)]
+struct Globals {
+    /// By the percentile node's debug text.
+    percentiles: HashMap<String, Value>,
+    /// `[r, f, m, segment]` of each scored profile.
+    rfm: HashMap<String, [Value; 4]>,
+    /// The cluster of each clustered profile, per clustering name.
+    clusters: HashMap<(String, String), u32>,
+}
+
+/// Feature vectors by profile id.
+type Population = BTreeMap<String, Vec<f64>>;
+
+/// Each clustering's model and the population it was trained on.
+pub struct Models {
+    models: Vec<Option<(Model, Population)>>,
+}
+
+impl Models {
+    fn new(spec: &Spec) -> Models {
+        Models {
+            models: vec![None; spec.clusterings.len()],
+        }
+    }
+}
+
+/// Whether `spec` reads anything computed over all profiles.
+pub fn has_population_terms(spec: &Spec) -> bool {
+    let mut found = false;
+    for root in spec.segments.iter().map(|s| &s.when).chain(spec.scores.iter().map(|s| &s.expr)) {
+        shoal::spec::check::visit(root, &mut |e| {
+            found |= matches!(e.kind, ExprKind::Percentile(..) | ExprKind::Rfm(_) | ExprKind::Cluster(_))
+        });
+    }
+    found
+}
+
+/// A profile's evaluation context with no population values (for the
+/// arguments of percentiles, RFM metrics and features: event terms only).
+fn plain_eval(spec: &Spec, t: u64, evs: &[&Event], expr: &Expr) -> Value {
+    let globals = Globals::default();
+    let mut ctx = Ctx {
+        spec,
+        t,
+        events: evs,
+        memo: vec![None; spec.segments.len()],
+        profile: String::new(),
+        globals: &globals,
+    };
+    ctx.eval(expr, None)
+}
+
+/// `x < y` for the RFM rank rule: numbers only; exactly when both are exact.
+fn rfm_less(x: &Value, y: &Value, as_floats: bool) -> bool {
+    match (x, y) {
+        (Value::Num(a), Value::Num(b)) if !as_floats => a < b,
+        (a, b) if a.is_number() && b.is_number() => a.as_f64().unwrap() + 0.0 < b.as_f64().unwrap() + 0.0,
+        _ => false,
+    }
+}
+
+fn globals_at(spec: &Spec, profiles: &BTreeMap<Id, Vec<&Event>>, t: u64, models: &mut Models) -> Globals {
+    let mut g = Globals::default();
+    // Percentiles: every one written in a segment or a score.
+    let mut nodes: Vec<Expr> = Vec::new();
+    let roots = spec.segments.iter().map(|s| &s.when).chain(spec.scores.iter().map(|s| &s.expr));
+    for root in roots {
+        shoal::spec::check::visit(root, &mut |e| {
+            if matches!(e.kind, ExprKind::Percentile(..)) {
+                nodes.push(e.clone());
+            }
+        });
+    }
+    for node in nodes {
+        let ExprKind::Percentile(arg, p) = &node.kind else { unreachable!() };
+        let mut xs: Vec<f64> = profiles
+            .values()
+            .filter_map(|evs| plain_eval(spec, t, evs, arg).as_f64().map(|x| x + 0.0))
+            .collect();
+        xs.sort_by(|a, b| a.total_cmp(b));
+        let v = if xs.is_empty() {
+            Value::Missing
+        } else {
+            // nearest rank: the smallest value with at least P% of the values at or below it
+            let n = xs.len() as f64;
+            let rank = ((p * n / 100.0).ceil() as usize).max(1).min(xs.len());
+            float(xs[rank - 1])
+        };
+        g.percentiles.insert(format!("{:?}", node.kind), v);
+    }
+    // RFM over the profiles with a purchase in the window.
+    if let Some(rfm) = &spec.rfm {
+        let mut scored: Vec<(String, [Value; 3])> = Vec::new();
+        for (profile, evs) in profiles {
+            let buys: Vec<&Event> = evs
+                .iter()
+                .filter(|e| e.kind == EventType::Track && e.name.as_deref() == Some(rfm.purchase.as_str()))
+                .filter(|e| match rfm.window {
+                    Window::Lifetime => true,
+                    Window::Dur(w) => e.time.saturating_add(w) > t,
+                })
+                .copied()
+                .collect();
+            if buys.is_empty() {
+                continue;
+            }
+            let r = Value::Num(Dec::from_int(buys.iter().map(|e| e.time).max().unwrap() as i64));
+            let f = Value::Num(Dec::from_int(buys.len() as i64));
+            let m = aggregate(AggKind::Sum, &buys, Some(&rfm.revenue));
+            scored.push((profile.to_string(), [r, f, m]));
+        }
+        let n = scored.len();
+        let mut scores = vec![[0usize; 3]; n];
+        for j in 0..3 {
+            let as_floats = scored.iter().any(|(_, x)| matches!(x[j], Value::Float(_)));
+            for (c, (_, x)) in scored.iter().enumerate() {
+                let smaller = scored.iter().filter(|(_, y)| rfm_less(&y[j], &x[j], as_floats)).count();
+                scores[c][j] = 1 + 5 * smaller / n;
+            }
+        }
+        for ((profile, _), s) in scored.into_iter().zip(scores) {
+            let num = |x: usize| Value::Num(Dec::from_int(x as i64));
+            let segment = Value::Str(rfm.grid[s[0] - 1][s[1] - 1].clone());
+            g.rfm.insert(profile, [num(s[0]), num(s[1]), num(s[2]), segment]);
+        }
+    }
+    // Clusterings: retrain when due, then assign every profile with all features.
+    for (c, def) in spec.clusterings.iter().enumerate() {
+        let mut population: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for (profile, evs) in profiles {
+            let xs: Option<Vec<f64>> = def
+                .features
+                .iter()
+                .map(|f| plain_eval(spec, t, evs, f).as_f64().map(|x| x + 0.0))
+                .collect();
+            if let Some(xs) = xs {
+                population.insert(profile.to_string(), xs);
+            }
+        }
+        let slot = &mut models.models[c];
+        let due = match slot {
+            None => true,
+            Some((_, trained)) => t.is_multiple_of(def.refresh) && *trained != population,
+        };
+        if due && !population.is_empty() {
+            let points: Vec<Vec<f64>> = population.values().cloned().collect();
+            let model = Model::fit(&points, def.k, def.seed, slot.as_ref().map(|(m, _)| m));
+            *slot = Some((model, population.clone()));
+        }
+        if let Some((model, _)) = slot {
+            for (profile, xs) in &population {
+                g.clusters.insert((def.name.clone(), profile.clone()), model.assign(xs));
+            }
+        }
+    }
+    g
+}
+
 /// Every (segment index, profile id text) that is a member at tick `t`.
-fn members_at(spec: &Spec, events: &[Accepted], t: u64) -> BTreeSet<(usize, String)> {
+fn members_at(spec: &Spec, events: &[Accepted], t: u64, models: &mut Models) -> BTreeSet<(usize, String)> {
     let mut members = BTreeSet::new();
     // The universe: profiles with at least one event in effect at `t`.
-    for (profile, evs) in profiles_at(events, t) {
+    let profiles = profiles_at(events, t);
+    let globals = globals_at(spec, &profiles, t, models);
+    for (profile, evs) in profiles {
         let mut ctx = Ctx {
             spec,
             t,
             events: &evs,
             memo: vec![None; spec.segments.len()],
+            profile: profile.to_string(),
+            globals: &globals,
         };
         for seg in 0..spec.segments.len() {
             if ctx.member(seg) {
@@ -392,6 +589,10 @@ struct Ctx<'a> {
     events: &'a [&'a Event],
     /// Memberships of this profile at this tick, filled on demand.
     memo: Vec<Option<bool>>,
+    /// The profile id.
+    profile: String,
+    /// Percentiles, RFM and clusters at this tick.
+    globals: &'a Globals,
 }
 
 /// One side of a comparison: a value, or the infinite `since` of no event.
@@ -583,9 +784,27 @@ impl<'a> Ctx<'a> {
                 let seg = seg.unwrap_or_else(|| panic!("in_segment of unknown segment {name:?}"));
                 Value::Bool(self.member(seg))
             }
-            ExprKind::Percentile(..) | ExprKind::Score(_) | ExprKind::Rfm(_) | ExprKind::Cluster(_) => {
-                panic!("the reference evaluator does not support {:?}", expr.kind)
+            ExprKind::Score(name) => {
+                let spec = self.spec;
+                let score = spec.scores.iter().find(|s| &s.name == name).expect("a known score");
+                self.eval(&score.expr, ev)
             }
+            ExprKind::Percentile(..) => self.globals.percentiles[&format!("{:?}", expr.kind)].clone(),
+            ExprKind::Rfm(field) => {
+                let i = match field {
+                    RfmField::R => 0,
+                    RfmField::F => 1,
+                    RfmField::M => 2,
+                    RfmField::Segment => 3,
+                };
+                self.globals.rfm.get(&self.profile).map(|r| r[i].clone()).unwrap_or(Value::Missing)
+            }
+            ExprKind::Cluster(name) => self
+                .globals
+                .clusters
+                .get(&(name.clone(), self.profile.clone()))
+                .map(|&c| Value::Num(Dec::from_int(c as i64)))
+                .unwrap_or(Value::Missing),
         }
     }
 }
@@ -690,6 +909,10 @@ fn aggregate(kind: AggKind, evs: &[&Event], path: Option<&Path>) -> Value {
 /// consecutive change points is the diff between the global ones.
 pub fn evaluate_sample(spec: &Spec, input: &[u8], opts: &RefOptions, keep: &dyn Fn(&Id) -> bool) -> RefOutput {
     assert!(opts.tick > 0, "tick must be positive");
+    assert!(
+        !has_population_terms(spec),
+        "a sample of profiles cannot be evaluated on its own when percentiles, scores, RFM or clusters read the whole population"
+    );
     let tick = opts.tick;
     let ing = ingest(input, opts);
     let mut out = RefOutput {
@@ -741,7 +964,7 @@ pub fn evaluate_sample(spec: &Spec, input: &[u8], opts: &RefOptions, keep: &dyn 
     for events in components.values() {
         let mut previous: BTreeSet<(usize, String)> = BTreeSet::new();
         for t in change_points(spec, events, tick).into_iter().filter(|t| (first..=last).contains(t)) {
-            let current = members_at(spec, events, t);
+            let current = members_at(spec, events, t, &mut Models::new(spec));
             for (seg, profile) in current.difference(&previous) {
                 changes.push((t, *seg, profile.clone(), "enter"));
             }
