@@ -251,3 +251,40 @@ fn nothing_after_until_is_written_even_when_the_clock_runs_past_it() {
     let summary: serde_json::Value = serde_json::from_str(stderr(&o).lines().last().unwrap()).unwrap();
     assert_eq!(summary["clock"], "2024-01-01T00:00:05Z");
 }
+
+#[test]
+fn generate_at_a_rate_piped_into_run_is_live() {
+    // `shoal generate --rate N | shoal run SPEC --input -`: changes come out
+    // while the generator is still writing, not only at its end.
+    use std::io::{BufRead, BufReader};
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("dataflows/retail.toml");
+    let mut gen = shoal()
+        .args(["generate", "--events", "4000", "--users", "200", "--rate", "1000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut run = shoal()
+        .arg("run")
+        .arg(&spec)
+        .args(["--input", "-", "--idle", "200ms", "--dead-letter", "/dev/null"])
+        .stdin(gen.stdout.take().unwrap())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut out = BufReader::new(run.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let first_at = started.elapsed();
+    assert!(first.contains("\"change\""), "{first}");
+    assert!(gen.try_wait().unwrap().is_none(), "the first change came after {first_at:?}, while the generator still ran");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(gen.wait().unwrap().success());
+    let o = run.wait_with_output().unwrap();
+    assert!(o.status.success());
+    let summary: serde_json::Value = serde_json::from_str(stderr(&o).lines().last().unwrap()).unwrap();
+    assert_eq!(summary["events_read"], 4000);
+    assert_eq!(summary["diffs_written"].as_u64().unwrap() as usize, 1 + rest.lines().count());
+}

@@ -5,7 +5,6 @@
 //! offsets the first committed; the binary stops cleanly on SIGTERM.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -278,32 +277,40 @@ fn the_binary_runs_live_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("changes.jsonl");
     let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args([
-            "run",
-            SPEC,
-            "--kafka-brokers",
-            &brokers,
-            "--kafka-topic",
-            "events",
-            "--kafka-group",
-            "live",
-        ])
+        .args(["run", SPEC, "--kafka-brokers", &brokers, "--kafka-topic", "events", "--kafka-group", "live"])
         .args(["--idle", "200ms", "--kafka-partition-idle", "500ms", "--output"])
         .arg(&out)
+        .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until it has written changes, then ask it to stop.
+    // Progress with per-partition lag shows while it runs; then ask it to stop.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reading = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let line = line.unwrap();
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
     let started = Instant::now();
-    while std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0) == 0 && started.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    let progress = loop {
+        let line = rx.recv_timeout(Duration::from_secs(30)).expect("a progress line within 30s");
+        if line.contains("progress") {
+            break line;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30));
+    };
+    assert!(progress.contains("lag events/0:") && progress.contains("events/1:"), "{progress}");
+    assert!(std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0) > 0, "changes are out while it runs");
     let pid = child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let status = child.wait().unwrap();
-    let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let err = reading.join().unwrap();
     assert!(status.success(), "exit {status:?}: {err}");
     let summary: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
     assert_eq!(summary["events_read"], events.len(), "{err}");
@@ -328,4 +335,42 @@ fn the_binary_runs_live_and_stops_cleanly_on_sigterm() {
         })
         .sum();
     assert!(total > 0, "some offsets were committed");
+}
+
+/// Against a standalone Kafka-compatible broker (not in every CI run: it
+/// needs one running). With tansu, for example:
+///
+/// ```text
+/// cargo install tansu --version 0.6.0 --no-default-features --features dynostore
+/// tansu broker --listener-url tcp://127.0.0.1:19092 \
+///   --advertised-listener-url tcp://127.0.0.1:19092 --storage-engine memory://tansu/ &
+/// SHOAL_KAFKA_BROKERS=127.0.0.1:19092 cargo test --test kafka -- --ignored
+/// ```
+#[test]
+#[ignore = "needs a standalone broker: SHOAL_KAFKA_BROKERS=host:port cargo test --test kafka -- --ignored"]
+fn a_standalone_broker_gives_the_same_diffs_as_a_file() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let brokers = std::env::var("SHOAL_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let (events_topic, changes_topic) = (format!("shoal-events-{stamp}"), format!("shoal-changes-{stamp}"));
+    let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("admin client");
+    let topics = [
+        NewTopic::new(&events_topic, 4, TopicReplication::Fixed(1)),
+        NewTopic::new(&changes_topic, 2, TopicReplication::Fixed(1)),
+    ];
+    for r in futures_executor::block_on(admin.create_topics(&topics, &AdminOptions::new())).expect("topics created") {
+        r.expect("topic created");
+    }
+    let events = lines(10_000, 21);
+    produce(&brokers, &events_topic, &events);
+    let file = run_memory(&spec(), (events.join("\n") + "\n").as_bytes(), &opts(1)).expect("file run");
+    let job = kafka_job(&brokers, &events_topic, &format!("g-{stamp}"), 2, kafka_output(brokers.clone(), changes_topic.clone(), Vec::new()));
+    let summary = run(job).expect("the run succeeds");
+    assert_eq!(summary.diffs_written as usize, file.lines.len());
+    let mut got = read_topic(&brokers, &changes_topic, 2);
+    let mut want = file.lines.clone();
+    got.sort();
+    want.sort();
+    got.dedup();
+    assert_eq!(got, want);
 }
