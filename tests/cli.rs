@@ -278,7 +278,10 @@ fn generate_at_a_rate_piped_into_run_is_live() {
     out.read_line(&mut first).unwrap();
     let first_at = started.elapsed();
     assert!(first.contains("\"change\""), "{first}");
-    assert!(gen.try_wait().unwrap().is_none(), "the first change came after {first_at:?}, while the generator still ran");
+    assert!(
+        gen.try_wait().unwrap().is_none(),
+        "the first change came after {first_at:?}, while the generator still ran"
+    );
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
     assert!(gen.wait().unwrap().success());

@@ -38,7 +38,26 @@ fn lines(events: u64, seed: u64) -> Vec<String> {
     while let Some(l) = g.next_line() {
         out.push(l.to_string());
     }
-    out
+    in_time_order(out)
+}
+
+/// The lines in event-time order (a bad line keeps the time before it), so
+/// that no event is late whether read from a file or from partitions: the
+/// clock over partitions is their least and runs behind a file's, so which
+/// events are late (an order-dependent fact) would differ otherwise.
+fn in_time_order(lines: Vec<String>) -> Vec<String> {
+    let mut at = 0;
+    let mut keyed: Vec<(u64, String)> = lines
+        .into_iter()
+        .map(|l| {
+            if let Ok(e) = shoal::event::decode(l.as_bytes()) {
+                at = e.time;
+            }
+            (at, l)
+        })
+        .collect();
+    keyed.sort_by_key(|(t, _)| *t);
+    keyed.into_iter().map(|(_, l)| l).collect()
 }
 
 /// The message key of a line: its profile-ish id, as Segment keys messages.
@@ -277,7 +296,16 @@ fn the_binary_runs_live_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("changes.jsonl");
     let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(["run", SPEC, "--kafka-brokers", &brokers, "--kafka-topic", "events", "--kafka-group", "live"])
+        .args([
+            "run",
+            SPEC,
+            "--kafka-brokers",
+            &brokers,
+            "--kafka-topic",
+            "events",
+            "--kafka-group",
+            "live",
+        ])
         .args(["--idle", "200ms", "--kafka-partition-idle", "500ms", "--output"])
         .arg(&out)
         .env("RUST_LOG", "info")
@@ -306,7 +334,10 @@ fn the_binary_runs_live_and_stops_cleanly_on_sigterm() {
         assert!(started.elapsed() < Duration::from_secs(30));
     };
     assert!(progress.contains("lag events/0:") && progress.contains("events/1:"), "{progress}");
-    assert!(std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0) > 0, "changes are out while it runs");
+    assert!(
+        std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0) > 0,
+        "changes are out while it runs"
+    );
     let pid = child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let status = child.wait().unwrap();
@@ -351,9 +382,15 @@ fn the_binary_runs_live_and_stops_cleanly_on_sigterm() {
 fn a_standalone_broker_gives_the_same_diffs_as_a_file() {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     let brokers = std::env::var("SHOAL_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
     let (events_topic, changes_topic) = (format!("shoal-events-{stamp}"), format!("shoal-changes-{stamp}"));
-    let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("admin client");
+    let admin: AdminClient<_> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("admin client");
     let topics = [
         NewTopic::new(&events_topic, 4, TopicReplication::Fixed(1)),
         NewTopic::new(&changes_topic, 2, TopicReplication::Fixed(1)),
@@ -364,7 +401,13 @@ fn a_standalone_broker_gives_the_same_diffs_as_a_file() {
     let events = lines(10_000, 21);
     produce(&brokers, &events_topic, &events);
     let file = run_memory(&spec(), (events.join("\n") + "\n").as_bytes(), &opts(1)).expect("file run");
-    let job = kafka_job(&brokers, &events_topic, &format!("g-{stamp}"), 2, kafka_output(brokers.clone(), changes_topic.clone(), Vec::new()));
+    let job = kafka_job(
+        &brokers,
+        &events_topic,
+        &format!("g-{stamp}"),
+        2,
+        kafka_output(brokers.clone(), changes_topic.clone(), Vec::new()),
+    );
     let summary = run(job).expect("the run succeeds");
     assert_eq!(summary.diffs_written as usize, file.lines.len());
     let mut got = read_topic(&brokers, &changes_topic, 2);
@@ -373,4 +416,99 @@ fn a_standalone_broker_gives_the_same_diffs_as_a_file() {
     want.sort();
     got.dedup();
     assert_eq!(got, want);
+}
+
+#[test]
+fn two_processes_share_the_partitions_and_agree_with_a_file() {
+    let (cluster, brokers) = cluster();
+    cluster.create_topic("events", 4, 1).unwrap();
+    let events = lines(6_000, 13);
+    produce(&brokers, "events", &events);
+    let file = run_memory(&spec(), (events.join("\n") + "\n").as_bytes(), &opts(1)).expect("file run");
+    let dir = tempfile::tempdir().unwrap();
+    let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let hostfile = dir.path().join("hosts");
+    std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", port(), port())).unwrap();
+    let out = dir.path().join("changes.jsonl");
+    let process = |i: usize| {
+        Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args([
+                "run",
+                SPEC,
+                "--kafka-brokers",
+                &brokers,
+                "--kafka-topic",
+                "events",
+                "--kafka-group",
+                "two",
+            ])
+            .args(["--kafka-until-end", "--lateness", "1h", "--workers", "2", "--processes", "2"])
+            .args(["--process", &i.to_string(), "--hostfile"])
+            .arg(&hostfile)
+            .arg("--output")
+            .arg(&out)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (p0, p1) = (process(0), process(1));
+    let (o1, o0) = (p1.wait_with_output().unwrap(), p0.wait_with_output().unwrap());
+    for o in [&o0, &o1] {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let written = std::fs::read_to_string(&out).unwrap();
+    let written: Vec<&str> = written.lines().collect();
+    let first_difference = written.iter().zip(&file.lines).position(|(a, b)| a != b);
+    assert_eq!(
+        (written.len(), first_difference),
+        (file.lines.len(), None),
+        "2 processes × 2 workers differ from the file run; first difference: {:?} vs {:?}",
+        first_difference.map(|i| written[i]),
+        first_difference.map(|i| &file.lines[i])
+    );
+    let err = String::from_utf8_lossy(&o0.stderr);
+    let summary: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["events_read"], events.len(), "process 0 sums every reader's counts");
+}
+
+#[test]
+fn an_idle_partition_stops_holding_the_clock_back() {
+    // Two partitions, events only in one: live, the clock must still move
+    // once the empty partition has been quiet for --kafka-partition-idle.
+    let (cluster, brokers) = cluster();
+    cluster.create_topic("events", 2, 1).unwrap();
+    let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    for i in 0..20u64 {
+        let line = format!(
+            r#"{{"type":"track","event":"Product Viewed","userId":"u1","timestamp":{},"messageId":"m{i}"}}"#,
+            1_704_067_200_000 + i * 60_000
+        );
+        producer
+            .send(BaseRecord::to("events").partition(0).key("u1").payload(&line))
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let mut job = kafka_job(&brokers, "events", "idle", 1, memory_output(buf.clone()));
+    job.spec = shoal::spec::parse_spec(
+        "[[segment]]\nname = \"viewer\"\nwhen = \"count('Product Viewed', 1h) >= 1\"\n",
+        1000,
+    )
+    .unwrap();
+    job.opts.lateness = 0;
+    job.opts.idle = 60_000; // wall-clock idling is not what makes it move here
+    if let Some(k) = job.kafka.as_mut() {
+        k.until_end = false;
+        k.partition_idle = 300;
+    }
+    let stop = job.stop.clone();
+    let running = std::thread::spawn(move || run(job).expect("the run succeeds"));
+    let started = Instant::now();
+    while buf.lock().unwrap().is_empty() && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let summary = running.join().unwrap();
+    assert!(summary.diffs_written > 0, "changes came out with partition 1 silent: {summary:?}");
+    assert_eq!(summary.events_read, 20);
 }
