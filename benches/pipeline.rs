@@ -3,6 +3,7 @@
 //!     cargo bench --bench pipeline                  # everything, default sizes
 //!     cargo bench --bench pipeline -- throughput 1000000
 //!     cargo bench --bench pipeline -- windows | sharing | baseline | reference
+//!     cargo bench --bench pipeline -- latency [RATE]   # open loop, 100k/200k/500k events/s
 //!
 //! No assertion on time anywhere: these print, docs/performance.md records.
 //! Under `cargo test --all-targets` (no `--bench` flag) it runs a small smoke
@@ -215,6 +216,55 @@ fn reference_vs_engine(n: u64) {
     println!("engine           : {:>9.0} events/s ({:.0}x)", n as f64 / e, r / e);
 }
 
+/// Open-loop latency: events offered live at `rate`/s (event time moving
+/// with wall time), `--tick 100ms --lateness 0s`, 2 workers; the latency of a
+/// tick is from the moment the reader's clock made it final to the moment
+/// its last change was written. Prints the achieved rate too: when shoal
+/// cannot keep up, the source is held back (bounded queue) and the rate
+/// achieved is what was measured.
+fn latency(rate: u64, seconds: u64) {
+    let names = [
+        "Product Viewed",
+        "Product Added",
+        "Checkout Started",
+        "Order Completed",
+        "Product Searched",
+    ];
+    let n = rate * seconds;
+    let data = Arc::new(shoal::generate::synthetic(n, (n / 20).max(50), rate, &names));
+    let timings = Arc::new(shoal::engine::Timings::default());
+    let opts = RunOptions {
+        tick: 100,
+        lateness: 0,
+        idle: 100,
+        workers: 2,
+        ..RunOptions::default()
+    };
+    let mut job = Job::quiet(spec("dataflows/retail.toml"), opts, vec![Source::Paced { data, rate: rate as f64 }]);
+    job.output = Some(Arc::new(|| {
+        Ok(Box::new(shoal::sink::WriteLines(Box::new(std::io::sink()))) as Box<dyn shoal::sink::Deliver>)
+    }));
+    job.timings = Some(timings.clone());
+    let started = Instant::now();
+    let summary = run(job).expect("run");
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut l = timings.latencies();
+    l.sort();
+    let q = |p: f64| {
+        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    println!(
+        "latency @ {rate:>7}/s offered: achieved {:>7.0}/s, {} diffs in {} ticks, p50 {:>6.1} ms, p99 {:>6.1} ms, max {:>6.1} ms",
+        summary.events_read as f64 / elapsed,
+        summary.diffs_written,
+        l.len(),
+        q(0.5),
+        q(0.99),
+        l.last().map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; under `cargo test --all-targets` run a
     // small smoke pass of every section so CI keeps them working, quickly.
@@ -224,6 +274,7 @@ fn main() {
         windows(5_000);
         sharing(5_000);
         throughput(5_000);
+        latency(2_000, 1);
         return;
     }
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
@@ -235,6 +286,15 @@ fn main() {
         "sharing" => sharing(n(300_000)),
         "baseline" => baseline(n(2_000_000)),
         "reference" => reference_vs_engine(n(1_500)),
+        "latency" => {
+            for rate in [args.get(1).and_then(|a| a.parse().ok())]
+                .into_iter()
+                .flatten()
+                .chain((args.len() < 2).then_some([100_000, 200_000, 500_000]).into_iter().flatten())
+            {
+                latency(rate, 10);
+            }
+        }
         _ => {
             baseline(2_000_000);
             reference_vs_engine(1_500);

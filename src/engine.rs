@@ -108,6 +108,34 @@ pub struct Job {
     /// Set (by a signal handler) to stop: readers stop reading, what is
     /// final is delivered and committed, nothing else is written.
     pub stop: Arc<AtomicBool>,
+    /// Wall-clock marks for the latency benchmark.
+    pub timings: Option<Arc<Timings>>,
+}
+
+/// Wall-clock marks of a run: when the reader's clock made ticks final, and
+/// when the sink wrote each tick's last change.
+#[derive(Debug, Default)]
+pub struct Timings {
+    /// `(frontier, when)`: every tick before `frontier` was final at `when`.
+    pub finals: Mutex<Vec<(u64, Instant)>>,
+    /// `(tick, when)`: the tick's changes were written (and flushed) at `when`.
+    pub written: Mutex<Vec<(u64, Instant)>>,
+}
+
+impl Timings {
+    /// For each written tick, the time from its becoming final to its last
+    /// change written.
+    pub fn latencies(&self) -> Vec<Duration> {
+        let finals = self.finals.lock().expect("not poisoned");
+        let written = self.written.lock().expect("not poisoned");
+        written
+            .iter()
+            .filter_map(|&(t, at)| {
+                let i = finals.partition_point(|&(f, _)| f <= t);
+                finals.get(i).map(|&(_, final_at)| at.saturating_duration_since(final_at))
+            })
+            .collect()
+    }
 }
 
 impl Job {
@@ -128,6 +156,7 @@ impl Job {
             timely,
             kafka: None,
             stop: Arc::default(),
+            timings: None,
         }
     }
 }
@@ -188,6 +217,7 @@ pub fn run_memory(spec: &Spec, input: &[u8], opts: &RunOptions) -> Result<Memory
         },
         kafka: None,
         stop: Arc::default(),
+        timings: None,
     };
     let summary = run(job)?;
     let lines = |b: &Arc<Mutex<Vec<u8>>>| {
@@ -205,6 +235,9 @@ pub fn run_memory(spec: &Spec, input: &[u8], opts: &RunOptions) -> Result<Memory
 
 /// Lines read between flushes of the inputs.
 const BATCH: usize = 4096;
+
+/// Live input is handed to the dataflow at least this often while it flows.
+const LIVE_PUMP: Duration = Duration::from_millis(5);
 
 /// Runs a job to the end of its input; the summary comes from worker 0.
 pub fn run(job: Job) -> Result<Summary, EngineError> {
@@ -306,6 +339,8 @@ pub struct Feeder {
     winners: rustc_hash::FxHashMap<(Key, u32), (u64, Pay)>,
     node_changes: Vec<Change<(Key, Label)>>,
     link_changes: Vec<Change<(Key, Key)>>,
+    /// Marks when ticks become final (the latency benchmark).
+    pub timings: Option<Arc<Timings>>,
 }
 
 impl Feeder {
@@ -319,6 +354,7 @@ impl Feeder {
             winners: Default::default(),
             node_changes: Vec::new(),
             link_changes: Vec::new(),
+            timings: None,
         }
     }
 
@@ -410,8 +446,14 @@ impl Feeder {
     fn advance_inputs(&mut self) {
         let tick = self.ingest.clock.tick;
         let frontier = self.ingest.clock.frontier();
-        self.inputs
-            .advance_to(self.until.map_or(frontier, |u| frontier.min(u / tick * tick + tick)));
+        self.advance_inputs_to(self.until.map_or(frontier, |u| frontier.min(u / tick * tick + tick)));
+    }
+
+    fn advance_inputs_to(&mut self, frontier: u64) {
+        if let Some(timings) = self.timings.as_ref().filter(|_| frontier > *self.inputs.facts.time()) {
+            timings.finals.lock().expect("not poisoned").push((frontier, Instant::now()));
+        }
+        self.inputs.advance_to(frontier);
     }
 
     /// Moves the clock to `t` with no event (live input gone idle).
@@ -446,7 +488,7 @@ impl Feeder {
     pub fn finish(&mut self) -> Option<u64> {
         let last = self.ingest.final_tick(self.until);
         if let Some(t) = last {
-            self.inputs.advance_to(t + self.ingest.clock.tick);
+            self.advance_inputs_to(t + self.ingest.clock.tick);
         }
         self.flush();
         last
@@ -649,6 +691,7 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
         changes: open(&job.output)?,
         dead_letters: open(&job.dead_letters)?,
         state: state.clone(),
+        timings: job.timings.clone(),
     };
     let mut notes = timely::dataflow::InputHandleVec::new();
     let (inputs, delivered) = worker.dataflow::<u64, _, _>(|scope| {
@@ -661,9 +704,11 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
         sink::profiles(built.universe, state.clone());
         (inputs, delivered)
     });
+    let mut feeder = Feeder::new(plan, inputs, opts);
+    feeder.timings = job.timings.clone();
     let mut reader = Reader {
         worker,
-        feeder: Feeder::new(plan, inputs, opts),
+        feeder,
         notes,
         delivered,
         in_flight: 0,
@@ -732,6 +777,7 @@ fn read_lines(reader: &mut Reader<'_>, sources: &[Source]) -> Result<(), EngineE
         // Live clock: when the last event came, and the clock then.
         let mut last_event = (Instant::now(), reader.feeder.now());
         let mut batch = 0usize;
+        let mut last_pump = Instant::now();
         loop {
             if reader.stopping() {
                 return Ok(());
@@ -765,9 +811,12 @@ fn read_lines(reader: &mut Reader<'_>, sources: &[Source]) -> Result<(), EngineE
                         last_event = (Instant::now(), reader.feeder.now());
                     }
                     batch += 1;
-                    if batch >= BATCH {
+                    // Live, a steady stream is pushed through every few
+                    // milliseconds, not only when a batch fills.
+                    if batch >= BATCH || (live && last_pump.elapsed() >= LIVE_PUMP) {
                         batch = 0;
                         reader.pump(live, String::new);
+                        last_pump = Instant::now();
                     }
                 }
             }

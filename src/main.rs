@@ -321,6 +321,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         sources,
         kafka,
         stop,
+        timings: None,
         output: Some(output),
         dead_letters: Some(file_output(
             args.dead_letter.clone().unwrap_or_else(|| PathBuf::from("/dev/stderr")),

@@ -141,6 +141,8 @@ pub struct Outputs {
     pub changes: Option<Box<dyn Deliver>>,
     pub dead_letters: Option<Box<dyn Deliver>>,
     pub state: Rc<RefCell<SinkState>>,
+    /// Marks when each tick is written (the latency benchmark).
+    pub timings: Option<std::sync::Arc<crate::engine::Timings>>,
 }
 
 /// Writes memberships and dead letters on worker 0 and sums the reports;
@@ -256,6 +258,9 @@ fn write_tick(outs: &mut Outputs, t: u64, mut changes: Vec<NamedChange>) {
     }
     if let Err(e) = out.end_tick(t) {
         st.error = Some(format!("cannot write output: {e}"));
+    }
+    if let Some(timings) = &outs.timings {
+        timings.written.lock().expect("not poisoned").push((t, std::time::Instant::now()));
     }
 }
 

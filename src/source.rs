@@ -26,6 +26,12 @@ pub enum Source {
     Generate(crate::generate::GenOptions),
     /// Events decoded beforehand (benchmarks that leave parsing out).
     Decoded(Arc<Vec<crate::event::Event>>),
+    /// Lines offered live at a fixed rate per second, open loop (the
+    /// latency benchmark): line `i` is offered at `i / rate` seconds.
+    Paced {
+        data: Arc<Vec<u8>>,
+        rate: f64,
+    },
 }
 
 impl Source {
@@ -36,6 +42,7 @@ impl Source {
             Source::Bytes { name, .. } => name.clone(),
             Source::Generate(g) => format!("generate(seed {})", g.seed),
             Source::Decoded(_) => "decoded".to_string(),
+            Source::Paced { rate, .. } => format!("paced({rate}/s)"),
         }
     }
 
@@ -46,7 +53,7 @@ impl Source {
                 std::fs::File::open(p).map_err(|e| EngineError::Io(format!("cannot read {}: {e}", p.display())))?,
             )),
             Source::Stdin => Box::new(BufReader::with_capacity(1 << 20, std::io::stdin())),
-            Source::Decoded(_) => unreachable!("decoded events are not read as lines"),
+            Source::Decoded(_) | Source::Paced { .. } => unreachable!("not read as a byte stream"),
             Source::Bytes { data, .. } => Box::new(std::io::Cursor::new(SharedBytes(data.clone()))),
             Source::Generate(g) => Box::new(BufReader::with_capacity(
                 1 << 16,
@@ -117,6 +124,26 @@ impl Source {
     pub fn open(&self) -> Result<Lines, EngineError> {
         if let Source::Decoded(events) = self {
             return Ok(Lines::Decoded(events.clone(), 0));
+        }
+        if let Source::Paced { data, rate } = self {
+            let (data, rate) = (data.clone(), *rate);
+            let (tx, rx) = sync_channel(1 << 14);
+            std::thread::Builder::new()
+                .name("shoal-paced".into())
+                .spawn(move || {
+                    let start = std::time::Instant::now();
+                    for (i, line) in data.split(|&b| b == b'\n').filter(|l| !l.is_empty()).enumerate() {
+                        let due = Duration::from_secs_f64(i as f64 / rate);
+                        if let Some(wait) = due.checked_sub(start.elapsed()).filter(|w| *w >= Duration::from_millis(1)) {
+                            std::thread::sleep(wait);
+                        }
+                        if tx.send(Ok(line.to_vec())).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .map_err(|e| EngineError::Io(format!("cannot start the paced source: {e}")))?;
+            return Ok(Lines::Live(rx));
         }
         if let Source::Stdin = self {
             let (tx, rx) = sync_channel(1 << 14);
