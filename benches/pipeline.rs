@@ -4,6 +4,7 @@
 //!     cargo bench --bench pipeline -- throughput 1000000
 //!     cargo bench --bench pipeline -- windows | sharing | baseline | reference
 //!     cargo bench --bench pipeline -- latency [RATE]   # open loop, 100k/200k/500k events/s
+//!     cargo bench --bench pipeline -- memory [N]       # bytes per windowed event and per profile
 //!
 //! No assertion on time anywhere: these print, docs/performance.md records.
 //! Under `cargo test --all-targets` (no `--bench` flag) it runs a small smoke
@@ -265,6 +266,52 @@ fn latency(rate: u64, seconds: u64) {
     );
 }
 
+/// Peak RSS of one run in a fresh process (this bench, re-executed).
+fn memory_child(kind: &str, n: u64) {
+    let (window, users) = match kind {
+        "window" => ("30d", 1_000),
+        _ => ("1s", u64::MAX),
+    };
+    let text = format!("[[segment]]\nname = \"never\"\nwhen = \"count('view', {window}) >= 1000000000\"\n");
+    let spec = shoal::spec::parse_spec(&text, 1000).expect("spec");
+    // From a file, so that the input itself is not counted.
+    let path = std::env::temp_dir().join(format!("shoal-memory-{}-{kind}-{n}.jsonl", std::process::id()));
+    std::fs::write(&path, shoal::generate::synthetic(n, users, 100, &["view"])).expect("temp file");
+    // Reset the peak (VmHWM) so that making the input does not count.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let (_, summary) = timed(&spec, Source::File(path.clone()), 1);
+    let _ = std::fs::remove_file(&path);
+    println!("rss_mib {} profiles {}", peak_rss_mib(), summary.profiles);
+}
+
+/// Memory: bytes per event held in a window (one 30d count over `n` events
+/// of 1,000 users, all still in the window) and bytes per profile (`n`
+/// events of distinct users, a 1s window so events do not pile up), each
+/// as the slope of peak RSS between `n/2` and `n` events, in fresh processes.
+fn memory(n: u64) {
+    let exe = std::env::current_exe().expect("the bench binary");
+    let rss = |kind: &str, n: u64| -> (f64, i64) {
+        let out = std::process::Command::new(&exe)
+            .args(["--bench", "memory-child", kind, &n.to_string()])
+            .output()
+            .expect("child run");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().find(|l| l.starts_with("rss_mib")).expect("the child reports");
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f[1].parse().expect("rss"), f[3].parse().expect("profiles"))
+    };
+    for (kind, what) in [("window", "event held in a 30d window"), ("profiles", "profile")] {
+        let (a, pa) = rss(kind, n / 2);
+        let (b, pb) = rss(kind, n);
+        let units = if kind == "window" { (n - n / 2) as f64 } else { (pb - pa) as f64 };
+        println!(
+            "memory: {:>6.0} bytes per {what} (peak RSS {a:.0} MiB at {} events, {b:.0} MiB at {n})",
+            (b - a) * 1024.0 * 1024.0 / units,
+            n / 2
+        );
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; under `cargo test --all-targets` run a
     // small smoke pass of every section so CI keeps them working, quickly.
@@ -279,6 +326,9 @@ fn main() {
     }
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let what = args.first().map(String::as_str).unwrap_or("all");
+    if what == "memory-child" {
+        return memory_child(&args[1], args[2].parse().expect("n"));
+    }
     let n = |d: u64| args.get(1).and_then(|a| a.parse().ok()).unwrap_or(d);
     match what {
         "throughput" => throughput(n(1_000_000)),
@@ -286,6 +336,7 @@ fn main() {
         "sharing" => sharing(n(300_000)),
         "baseline" => baseline(n(2_000_000)),
         "reference" => reference_vs_engine(n(1_500)),
+        "memory" => memory(n(2_000_000)),
         "latency" => {
             for rate in [args.get(1).and_then(|a| a.parse().ok())]
                 .into_iter()
