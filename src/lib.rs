@@ -23,6 +23,8 @@ pub mod plan;
 pub mod rfm;
 pub mod rules;
 pub mod score;
+pub mod serve;
+pub mod http;
 pub mod sink;
 pub mod source;
 pub mod spec;
