@@ -231,8 +231,8 @@ pub fn run(job: Job) -> Result<Summary, EngineError> {
         (Some(http), 0) => {
             let plan = Arc::new(Plan::new(&job.spec));
             let served = crate::serve::Served::new(&job.spec, plan, job.opts.tick, job.stop.clone());
-            let listener = std::net::TcpListener::bind(&http.addr)
-                .map_err(|e| EngineError::Io(format!("cannot listen on {}: {e}", http.addr)))?;
+            let listener =
+                std::net::TcpListener::bind(&http.addr).map_err(|e| EngineError::Io(format!("cannot listen on {}: {e}", http.addr)))?;
             let addr = listener.local_addr().map_err(|e| EngineError::Io(e.to_string()))?;
             crate::http::spawn(listener, served.clone())?;
             if let Some(f) = &http.on_listen {
@@ -243,8 +243,7 @@ pub fn run(job: Job) -> Result<Summary, EngineError> {
         _ => None,
     };
     let job = Arc::new(job);
-    let guards =
-        timely::execute(config, move |worker| run_worker(worker, &job, served.clone())).map_err(EngineError::Timely)?;
+    let guards = timely::execute(config, move |worker| run_worker(worker, &job, served.clone())).map_err(EngineError::Timely)?;
     let mut summary = None;
     let mut error = None;
     for r in guards.join() {

@@ -89,9 +89,7 @@ impl IntoResponse for ApiError {
                 (StatusCode::NOT_FOUND, Json(body)).into_response()
             }
             ApiError::Bad(message) => (StatusCode::BAD_REQUEST, Json(json!({ "error": message }))).into_response(),
-            ApiError::Unprocessable(message) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({ "error": message }))).into_response()
-            }
+            ApiError::Unprocessable(message) => (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({ "error": message }))).into_response(),
         }
     }
 }
@@ -224,7 +222,9 @@ async fn profile(State(s): St, Path(id): Path<String>) -> Result<Json<Json_>, Ap
         },
         profile,
     };
-    let Some((key, _)) = parse_id(&id) else { return Err(not_found(None)) };
+    let Some((key, _)) = parse_id(&id) else {
+        return Err(not_found(None));
+    };
     if !m.names.contains_key(&key) {
         let now = m.labels.get(&key).and_then(|p| m.names.get(p)).map(|p| p.to_string());
         return Err(not_found(now));
@@ -337,7 +337,10 @@ async fn metrics(State(s): St) -> Response {
     let c = s.counters();
     let m = read(&s);
     let mut out = String::new();
-    let _ = writeln!(out, "# HELP shoal_events_total Events read, by result.\n# TYPE shoal_events_total counter");
+    let _ = writeln!(
+        out,
+        "# HELP shoal_events_total Events read, by result.\n# TYPE shoal_events_total counter"
+    );
     for (result, n) in [
         ("read", c.read),
         ("accepted", c.accepted),
@@ -349,19 +352,39 @@ async fn metrics(State(s): St) -> Response {
         let _ = writeln!(out, "shoal_events_total{{result=\"{result}\"}} {n}");
     }
     let _ = writeln!(out, "# HELP shoal_dead_letters_total Lines refused (written to the dead letters).\n# TYPE shoal_dead_letters_total counter\nshoal_dead_letters_total {}", c.bad);
-    let _ = writeln!(out, "# HELP shoal_diffs_total Membership changes written.\n# TYPE shoal_diffs_total counter\nshoal_diffs_total {}", m.diffs);
-    let _ = writeln!(out, "# HELP shoal_segment_size Members of each segment at the clock.\n# TYPE shoal_segment_size gauge");
+    let _ = writeln!(
+        out,
+        "# HELP shoal_diffs_total Membership changes written.\n# TYPE shoal_diffs_total counter\nshoal_diffs_total {}",
+        m.diffs
+    );
+    let _ = writeln!(
+        out,
+        "# HELP shoal_segment_size Members of each segment at the clock.\n# TYPE shoal_segment_size gauge"
+    );
     for seg in m.segments.iter().filter(|s| s.live()) {
-        let _ = writeln!(out, "shoal_segment_size{{segment=\"{}\"}} {}", escape_label(&seg.name), seg.members.len());
+        let _ = writeln!(
+            out,
+            "shoal_segment_size{{segment=\"{}\"}} {}",
+            escape_label(&seg.name),
+            seg.members.len()
+        );
     }
-    let _ = writeln!(out, "# HELP shoal_profiles Profiles at the clock.\n# TYPE shoal_profiles gauge\nshoal_profiles {}", m.names.len());
+    let _ = writeln!(
+        out,
+        "# HELP shoal_profiles Profiles at the clock.\n# TYPE shoal_profiles gauge\nshoal_profiles {}",
+        m.names.len()
+    );
     if let Some(t) = m.clock {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         let clock = t as f64 / 1000.0;
         let _ = writeln!(out, "# HELP shoal_clock_seconds The clock (last final tick), epoch seconds.\n# TYPE shoal_clock_seconds gauge\nshoal_clock_seconds {clock}");
-        let _ = writeln!(out, "# HELP shoal_clock_lag_seconds Wall time minus the clock.\n# TYPE shoal_clock_lag_seconds gauge\nshoal_clock_lag_seconds {}", now - clock);
+        let _ = writeln!(
+            out,
+            "# HELP shoal_clock_lag_seconds Wall time minus the clock.\n# TYPE shoal_clock_lag_seconds gauge\nshoal_clock_lag_seconds {}",
+            now - clock
+        );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
@@ -373,7 +396,9 @@ fn escape_label(s: &str) -> String {
 async fn stream(State(s): St) -> impl IntoResponse {
     use tokio_stream::StreamExt;
     let rx = s.stream.subscribe();
-    let events = tokio_stream::wrappers::BroadcastStream::new(rx)
-        .filter_map(|line| line.ok().map(|l| Ok::<_, std::convert::Infallible>(Event::default().data(l.as_ref()))));
+    let events = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|line| {
+        line.ok()
+            .map(|l| Ok::<_, std::convert::Infallible>(Event::default().data(l.as_ref())))
+    });
     Sse::new(events).keep_alive(KeepAlive::default())
 }

@@ -223,7 +223,13 @@ pub fn parse_id(text: &str) -> Option<(Key, Id)> {
     } else {
         return None;
     };
-    Some((key_of(kind, name), Id { kind, name: name.to_string() }))
+    Some((
+        key_of(kind, name),
+        Id {
+            kind,
+            name: name.to_string(),
+        },
+    ))
 }
 
 /// A value as JSON.
@@ -322,14 +328,20 @@ impl Model {
     /// Re-evaluates runtime segment `slot` for `profiles`, applying and
     /// returning the changes.
     fn refresh(&mut self, slot: usize, profiles: &[Key], out: &mut Vec<MemberChange>) {
-        let Def::Runtime { plan, formula } = self.segments[slot].def.clone() else { return };
+        let Def::Runtime { plan, formula } = self.segments[slot].def.clone() else {
+            return;
+        };
         for &p in profiles {
             let should = self.names.contains_key(&p) && self.holds(&plan, &formula, p);
             if should != self.segments[slot].keys.contains(&p) {
                 let id = match self.names.get(&p) {
                     Some(id) => id.to_string(),
                     // Gone from the universe: its id is the one it had.
-                    None => match self.segments[slot].members.iter().find(|m| parse_id(m).is_some_and(|(k, _)| k == p)) {
+                    None => match self.segments[slot]
+                        .members
+                        .iter()
+                        .find(|m| parse_id(m).is_some_and(|(k, _)| k == p))
+                    {
                         Some(m) => m.clone(),
                         None => continue,
                     },
@@ -529,7 +541,9 @@ impl Model {
     /// The conditions of a `when` (its comparisons, `in_segment`s and bare
     /// values), each with its text in `source`.
     pub fn conditions(source: &str) -> Vec<(String, Expr)> {
-        let Ok(e) = crate::spec::parse::parse_when(source) else { return Vec::new() };
+        let Ok(e) = crate::spec::parse::parse_when(source) else {
+            return Vec::new();
+        };
         let mut leaves = Vec::new();
         fn walk(e: &Expr, out: &mut Vec<Expr>) {
             match &e.kind {
@@ -546,7 +560,11 @@ impl Model {
             let mut off = 0;
             for (i, line) in source.split_inclusive('\n').enumerate() {
                 if i + 1 == e.pos.line {
-                    return off + line.char_indices().nth(e.pos.column.saturating_sub(1)).map_or(line.len(), |(b, _)| b);
+                    return off
+                        + line
+                            .char_indices()
+                            .nth(e.pos.column.saturating_sub(1))
+                            .map_or(line.len(), |(b, _)| b);
                 }
                 off += line.len();
             }

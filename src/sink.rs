@@ -131,7 +131,9 @@ pub fn named<'s>(
     let by_profile = members
         .map(|(segment, profile)| (profile, segment))
         .arrange_by_key_named("MembersByProfile");
-    by_profile.join_core(names.arrange_by_key_named("Names"), |_, segment, id| Some(Upd::Member(*segment, id.clone())))
+    by_profile.join_core(names.arrange_by_key_named("Names"), |_, segment, id| {
+        Some(Upd::Member(*segment, id.clone()))
+    })
 }
 
 /// How [`deliver`] writes.
@@ -258,12 +260,7 @@ fn run_commands(outs: &mut Outputs, served: &Served) {
             let mut model = served.model.write().expect("not poisoned");
             let (reply, result, changes) = model.run(command);
             let t = model.clock.unwrap_or(0);
-            let lines: Vec<(String, String)> = model
-                .lines(t, &changes)
-                .into_iter()
-                .zip(changes)
-                .map(|(l, c)| (c.2, l))
-                .collect();
+            let lines: Vec<(String, String)> = model.lines(t, &changes).into_iter().zip(changes).map(|(l, c)| (c.2, l)).collect();
             // Written under the lock: a reader sees the model and the output agree.
             if !lines.is_empty() {
                 send_lines(outs, t, &lines);
@@ -281,12 +278,7 @@ fn write_tick(outs: &mut Outputs, t: u64, mut changes: Vec<NamedChange>) {
         let lines = {
             let mut model = served.model.write().expect("not poisoned");
             let changes = model.apply_tick(t, changes);
-            let lines: Vec<(String, String)> = model
-                .lines(t, &changes)
-                .into_iter()
-                .zip(changes)
-                .map(|(l, c)| (c.2, l))
-                .collect();
+            let lines: Vec<(String, String)> = model.lines(t, &changes).into_iter().zip(changes).map(|(l, c)| (c.2, l)).collect();
             send_lines(outs, t, &lines);
             lines
         };
