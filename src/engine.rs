@@ -720,7 +720,7 @@ fn run_worker(
         use timely::dataflow::operators::{Input, Probe};
         let (inputs, built) = build(scope, &plan, opts.tick);
         let notes = scope.input_from(&mut notes).container::<Vec<Note>>();
-        let mut members = sink::named(built.members, built.names.clone());
+        let mut members = sink::named(built.members, built.names.clone()).map(|(s, id)| crate::serve::Upd::Member(s, id));
         if serving {
             use crate::serve::Upd;
             let terms = built.terms.map(|((stream, p), values)| Upd::Term(p, stream, values));

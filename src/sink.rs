@@ -127,13 +127,11 @@ pub fn membership_line(time: u64, show_ms: bool, segment: &str, profile: &str, e
 pub fn named<'s>(
     members: VecCollection<'s, u64, (u32, Key), isize>,
     names: VecCollection<'s, u64, (Key, Id), isize>,
-) -> VecCollection<'s, u64, Upd, isize> {
+) -> VecCollection<'s, u64, (u32, Id), isize> {
     let by_profile = members
         .map(|(segment, profile)| (profile, segment))
         .arrange_by_key_named("MembersByProfile");
-    by_profile.join_core(names.arrange_by_key_named("Names"), |_, segment, id| {
-        Some(Upd::Member(*segment, id.clone()))
-    })
+    by_profile.join_core(names.arrange_by_key_named("Names"), |_, segment, id| Some((*segment, id.clone())))
 }
 
 /// How [`deliver`] writes.
