@@ -110,6 +110,17 @@ pub struct Job {
     pub stop: Arc<AtomicBool>,
     /// Wall-clock marks for the latency benchmark.
     pub timings: Option<Arc<Timings>>,
+    /// Serve the HTTP API (SPEC §7) on this address (process 0 only), and
+    /// keep serving after the input ends until the stop flag.
+    pub http: Option<HttpOptions>,
+}
+
+/// Where the HTTP API listens.
+#[derive(Clone)]
+pub struct HttpOptions {
+    pub addr: String,
+    /// Called with the bound address once listening (e.g. to print it).
+    pub on_listen: Option<Arc<dyn Fn(std::net::SocketAddr) + Send + Sync>>,
 }
 
 /// Wall-clock marks of a run: when the reader's clock made ticks final, and
@@ -157,6 +168,7 @@ impl Job {
             kafka: None,
             stop: Arc::default(),
             timings: None,
+            http: None,
         }
     }
 }
@@ -218,6 +230,7 @@ pub fn run_memory(spec: &Spec, input: &[u8], opts: &RunOptions) -> Result<Memory
         kafka: None,
         stop: Arc::default(),
         timings: None,
+        http: None,
     };
     let summary = run(job)?;
     let lines = |b: &Arc<Mutex<Vec<u8>>>| {
@@ -242,8 +255,28 @@ const LIVE_PUMP: Duration = Duration::from_millis(5);
 /// Runs a job to the end of its input; the summary comes from worker 0.
 pub fn run(job: Job) -> Result<Summary, EngineError> {
     let config = job.timely.clone();
+    let process = match &config.communication {
+        timely::CommunicationConfig::Cluster { process, .. } => *process,
+        _ => 0,
+    };
+    // Only process 0 serves: it holds worker 0, where the output is written.
+    let served = match (&job.http, process) {
+        (Some(http), 0) => {
+            let plan = Arc::new(Plan::new(&job.spec));
+            let served = crate::serve::Served::new(&job.spec, plan, job.opts.tick, job.stop.clone());
+            let listener =
+                std::net::TcpListener::bind(&http.addr).map_err(|e| EngineError::Io(format!("cannot listen on {}: {e}", http.addr)))?;
+            let addr = listener.local_addr().map_err(|e| EngineError::Io(e.to_string()))?;
+            crate::http::spawn(listener, served.clone())?;
+            if let Some(f) = &http.on_listen {
+                f(addr);
+            }
+            Some(served)
+        }
+        _ => None,
+    };
     let job = Arc::new(job);
-    let guards = timely::execute(config, move |worker| run_worker(worker, &job)).map_err(EngineError::Timely)?;
+    let guards = timely::execute(config, move |worker| run_worker(worker, &job, served.clone())).map_err(EngineError::Timely)?;
     let mut summary = None;
     let mut error = None;
     for r in guards.join() {
@@ -290,6 +323,12 @@ pub struct Collections<'s> {
     pub names: VecCollection<'s, u64, (Key, crate::event::Id), isize>,
     /// Every profile that exists.
     pub universe: VecCollection<'s, u64, Key, isize>,
+    /// Term rows: `((stream, profile), the values of its terms)`.
+    pub terms: VecCollection<'s, u64, ((u32, Key), Vec<crate::value::Value>), isize>,
+    /// `(id, profile)` for every id of a profile.
+    pub labels: VecCollection<'s, u64, (Key, Key), isize>,
+    /// The identity nodes as fed.
+    pub nodes: VecCollection<'s, u64, (Key, Label), isize>,
 }
 
 /// Builds the dataflow of `plan` in `scope`: identity, windows, terms, rules.
@@ -297,11 +336,11 @@ pub fn build<'s>(scope: Scope<'s, u64>, plan: &Rc<Plan>, tick: u64) -> (Inputs, 
     let (facts_in, facts) = scope.new_collection();
     let (nodes_in, nodes) = scope.new_collection();
     let (links_in, links) = scope.new_collection();
-    let identity::Profiles { labels, names } = identity::profiles(nodes, links);
+    let identity::Profiles { labels, names } = identity::profiles(nodes.clone(), links);
     let universe = identity::universe(names.clone());
     let lengths = Rc::new(plan.streams.iter().map(|s| s.window).collect::<Vec<_>>());
     let windowed = window::window(facts, lengths, tick);
-    let mut terms = terms::terms(windowed, labels, plan.clone());
+    let mut terms = terms::terms(windowed, labels.clone(), plan.clone());
     if !plan.values.is_empty() {
         // Population terms: percentiles, RFM, clusters (see crate::plan).
         let values = score::values(terms.clone(), universe.clone(), plan.clone());
@@ -315,7 +354,7 @@ pub fn build<'s>(scope: Scope<'s, u64>, plan: &Rc<Plan>, tick: u64) -> (Inputs, 
             terms = terms.concat(cluster::clusters(values, plan.clone()));
         }
     }
-    let atoms = rules::atoms(terms, universe.clone(), plan.clone());
+    let atoms = rules::atoms(terms.clone(), universe.clone(), plan.clone());
     let members = rules::segments(atoms, universe.clone(), plan);
     (
         Inputs {
@@ -323,7 +362,14 @@ pub fn build<'s>(scope: Scope<'s, u64>, plan: &Rc<Plan>, tick: u64) -> (Inputs, 
             nodes: nodes_in,
             links: links_in,
         },
-        Collections { members, names, universe },
+        Collections {
+            members,
+            names,
+            universe,
+            terms,
+            labels,
+            nodes,
+        },
     )
 }
 
@@ -564,9 +610,19 @@ pub struct Reader<'w> {
     pub progress: Progress,
     pub opts: RunOptions,
     pub stop: Arc<AtomicBool>,
+    /// The served model, for live counters (`/metrics`).
+    pub served: Option<Arc<crate::serve::Served>>,
 }
 
 impl Reader<'_> {
+    /// Shows this reader's counters to `/metrics`.
+    fn publish_counters(&self) {
+        if let Some(served) = &self.served {
+            let counters = self.feeder.counters().clone();
+            served.counters.lock().expect("not poisoned").insert(self.worker.index(), counters);
+        }
+    }
+
     /// Sends a dead letter to the sink.
     pub fn dead_letter(&mut self, line: String) {
         self.notes.send(Note::Dead(line));
@@ -582,6 +638,7 @@ impl Reader<'_> {
     /// out, so changes follow events promptly.
     pub fn pump(&mut self, live: bool, extra: impl FnOnce() -> String) {
         self.progress.tick(&self.feeder, self.opts.tick, extra);
+        self.publish_counters();
         self.advance_notes();
         let frontier = self.feeder.frontier();
         while self.delivered.less_than(&self.in_flight) && !self.stopping() {
@@ -658,6 +715,7 @@ impl Reader<'_> {
     }
 
     fn report(&mut self, last: Option<u64>, stopped: bool) {
+        self.publish_counters();
         self.advance_notes();
         self.notes.send(Note::Report(Report {
             counters: self.feeder.counters().clone(),
@@ -676,7 +734,11 @@ impl Reader<'_> {
     }
 }
 
-fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<Summary>, EngineError> {
+fn run_worker(
+    worker: &mut timely::worker::Worker,
+    job: &Job,
+    served: Option<Arc<crate::serve::Served>>,
+) -> Result<Option<Summary>, EngineError> {
     let plan = Rc::new(Plan::new(&job.spec));
     let opts = &job.opts;
     let leader = worker.index() == 0;
@@ -692,13 +754,24 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
         dead_letters: open(&job.dead_letters)?,
         state: state.clone(),
         timings: job.timings.clone(),
+        served: served.clone().filter(|_| leader),
     };
+    // Every worker builds the same dataflow, serving or not.
+    let serving = job.http.is_some();
     let mut notes = timely::dataflow::InputHandleVec::new();
     let (inputs, delivered) = worker.dataflow::<u64, _, _>(|scope| {
         use timely::dataflow::operators::{Input, Probe};
         let (inputs, built) = build(scope, &plan, opts.tick);
         let notes = scope.input_from(&mut notes).container::<Vec<Note>>();
-        let members = sink::named(built.members, built.names);
+        let mut members = sink::named(built.members, built.names.clone()).map(|(s, id)| crate::serve::Upd::Member(s, id));
+        if serving {
+            use crate::serve::Upd;
+            let terms = built.terms.map(|((stream, p), values)| Upd::Term(p, stream, values));
+            let names = built.names.map(|(p, id)| Upd::Name(p, id));
+            let labels = built.labels.map(|(node, p)| Upd::Label(node, p));
+            let nodes = built.nodes.flat_map(|(k, (seen, id, _))| seen.then_some(Upd::Node(k, id)));
+            members = members.concat(terms).concat(names).concat(labels).concat(nodes);
+        }
         let (delivered, _) = sink::deliver(members, notes, outputs).probe();
 
         sink::profiles(built.universe, state.clone());
@@ -715,6 +788,7 @@ fn run_worker(worker: &mut timely::worker::Worker, job: &Job) -> Result<Option<S
         progress: Progress::new(),
         opts: opts.clone(),
         stop: job.stop.clone(),
+        served,
     };
     let result = match (&job.kafka, leader) {
         (Some(kafka), _) => crate::kafka::read(&mut reader, kafka),

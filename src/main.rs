@@ -117,6 +117,11 @@ struct RunArgs {
     /// with an idempotent producer that retries until the broker takes them.
     #[arg(long, value_name = "TOPIC", help_heading = "Kafka", conflicts_with = "output")]
     output_kafka: Option<String>,
+    /// Serve the HTTP API and the live page on this address (e.g. 127.0.0.1:8080; port 0
+    /// picks one, printed on stderr as `shoal: listening on http://ADDR`). With it, shoal
+    /// keeps serving after the input ends until SIGINT/SIGTERM.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
     /// An extra librdkafka setting for the consumer and producer, e.g.
     /// security.protocol=SASL_SSL (repeatable).
     #[arg(long, value_name = "KEY=VALUE", value_parser = key_value, help_heading = "Kafka")]
@@ -327,6 +332,10 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             args.dead_letter.clone().unwrap_or_else(|| PathBuf::from("/dev/stderr")),
         )),
         timely: timely_config(&args)?,
+        http: args.http.clone().map(|addr| shoal::engine::HttpOptions {
+            addr,
+            on_listen: Some(Arc::new(|a| eprintln!("shoal: listening on http://{a}"))),
+        }),
     };
     let summary = shoal::engine::run(job).map_err(|e| match e {
         EngineError::Unsupported(_) => usage(e),

@@ -270,6 +270,38 @@ impl Plan {
         plan
     }
 
+    /// Plans one more `when` over the terms this plan already computes (the
+    /// HTTP API's preview and runtime segments): a copy of the plan with the
+    /// new atoms, and the formula. `names` maps segment names to the indices
+    /// `Formula::Segment` will carry. An expression that needs a term the
+    /// plan does not compute is refused with the condition's description:
+    /// only the running dataflow's windows hold history.
+    pub fn extend(&self, e: &Expr, names: &HashMap<&str, usize>) -> Result<(Plan, Formula), String> {
+        let mut p = self.clone();
+        p.term_keys = p.terms.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+        let (streams, terms) = (p.streams.len(), p.terms.len());
+        let f = p.formula(e, names);
+        if p.streams.len() > streams || p.terms.len() > terms {
+            let what = p.terms[terms..]
+                .iter()
+                .map(|t| {
+                    let s = p.streams.get(t.stream).map(|s| format!("{:?} over {:?}", s.read, s.sel.event));
+                    let w = p.streams.get(t.stream).map(|s| match s.window {
+                        Some(ms) => format!("{ms} ms"),
+                        None => "lifetime".into(),
+                    });
+                    format!("{:?} of {} in {}", t.agg, s.unwrap_or_default(), w.unwrap_or_default())
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(format!(
+                "this expression reads terms the running spec does not compute ({what}); \
+                 only the windows of the spec's own terms hold history"
+            ));
+        }
+        Ok((p, f))
+    }
+
     /// The virtual stream of the percentile thresholds.
     pub fn thresholds_stream(&self) -> usize {
         self.streams.len()
@@ -377,7 +409,9 @@ impl Plan {
     }
 
     fn stream(&mut self, sel: &Selector, window: Option<u64>, read: Read) -> usize {
-        let key = format!("{:?}|{:?}|{:?}|{:?}", sel.event, sel.filter, window, read);
+        // Without source positions: the same filter written elsewhere (another
+        // segment, or a `when` sent to the HTTP API) is the same stream.
+        let key = without_positions(&format!("{:?}|{:?}|{:?}|{:?}", sel.event, sel.filter, window, read));
         if let Some(&i) = self.stream_keys.get(&key) {
             return i;
         }
@@ -602,6 +636,20 @@ impl Plan {
             _ => Calc::Lit(Value::Missing),
         }
     }
+}
+
+/// A `Debug` rendering with every `pos: Pos { … }` removed.
+fn without_positions(debug: &str) -> String {
+    const MARK: &str = "pos: Pos {";
+    let mut out = String::with_capacity(debug.len());
+    let mut rest = debug;
+    while let Some(i) = rest.find(MARK) {
+        out.push_str(&rest[..i]);
+        rest = &rest[i + MARK.len()..];
+        rest = rest.find('}').map_or("", |j| &rest[j + 1..]);
+    }
+    out.push_str(rest);
+    out
 }
 
 fn flip(op: CmpOp) -> CmpOp {

@@ -39,9 +39,10 @@ use timely::dataflow::StreamVec;
 use crate::clock::format_time;
 use crate::event::Id;
 use crate::ingest::{Counters, Key};
+use crate::serve::{Served, Upd};
 
-/// A change of a named membership: `((segment, profile id), diff)`.
-type NamedChange = ((u32, Id), isize);
+/// A change of a named membership, or (when serving) of the served model.
+type NamedChange = (Upd, isize);
 
 /// Where lines go: a file, memory, or a Kafka topic.
 pub trait Deliver {
@@ -143,16 +144,20 @@ pub struct Outputs {
     pub state: Rc<RefCell<SinkState>>,
     /// Marks when each tick is written (the latency benchmark).
     pub timings: Option<std::sync::Arc<crate::engine::Timings>>,
+    /// The served model (worker 0 with `--http`): each written tick is
+    /// applied to it, runtime definitions run here, and the dataflow is kept
+    /// alive until the stop flag.
+    pub served: Option<std::sync::Arc<Served>>,
 }
 
 /// Writes memberships and dead letters on worker 0 and sums the reports;
 /// returns the delivered frontier as a stream (see the module docs).
 pub fn deliver<'s>(
-    members: VecCollection<'s, u64, (u32, Id), isize>,
+    members: VecCollection<'s, u64, Upd, isize>,
     notes: StreamVec<'s, u64, Note>,
     mut outs: Outputs,
 ) -> StreamVec<'s, u64, ()> {
-    let to_leader = Exchange::new(|_: &((u32, Id), u64, isize)| 0u64);
+    let to_leader = Exchange::new(|_: &(Upd, u64, isize)| 0u64);
     let notes_to_leader = Exchange::new(|_: &Note| 0u64);
     let scope = members.inner.scope();
     members.inner.binary_frontier::<_, CapacityContainerBuilder<Vec<()>>, _, _, _, _>(
@@ -160,8 +165,11 @@ pub fn deliver<'s>(
         to_leader,
         notes_to_leader,
         "Deliver",
-        move |_cap, info| {
+        move |cap, info| {
             let activator = scope.activator_for(info.address.clone());
+            // Serving: a capability no tick reaches keeps the dataflow (and
+            // the server's model) alive after the input ends, until a stop.
+            let mut keep = outs.served.as_ref().map(|_| cap.delayed(&u64::MAX));
             let mut pending: BTreeMap<u64, (Capability<u64>, Vec<NamedChange>)> = BTreeMap::new();
             let mut awaiting: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
             // After a stop: held at the cutoff so that no reader takes the
@@ -218,8 +226,16 @@ pub fn deliver<'s>(
                 }
                 let unacked = outs.changes.as_mut().and_then(|c| c.unacknowledged());
                 awaiting.retain(|&t, _| unacked.is_some_and(|u| u <= t));
+                if let Some(served) = outs.served.clone() {
+                    run_commands(&mut outs, &served);
+                    if served.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        keep = None;
+                    }
+                }
                 if !awaiting.is_empty() {
                     activator.activate_after(Duration::from_millis(5));
+                } else if keep.is_some() {
+                    activator.activate_after(Duration::from_millis(50));
                 }
             }
         },
@@ -235,23 +251,69 @@ fn write_dead(outs: &mut Outputs, line: &str) {
     }
 }
 
+/// Runs the runtime definitions queued by the HTTP server, at the clock:
+/// their changes are written (stamped with the clock) and answered.
+fn run_commands(outs: &mut Outputs, served: &Served) {
+    let commands = std::mem::take(&mut *served.commands.lock().expect("not poisoned"));
+    for command in commands {
+        let (reply, result, lines) = {
+            let mut model = served.model.write().expect("not poisoned");
+            let (reply, result, changes) = model.run(command);
+            let t = model.clock.unwrap_or(0);
+            let lines: Vec<(String, String)> = model.lines(t, &changes).into_iter().zip(changes).map(|(l, c)| (c.2, l)).collect();
+            // Written under the lock: a reader sees the model and the output agree.
+            if !lines.is_empty() {
+                send_lines(outs, t, &lines);
+            }
+            (reply, result, lines)
+        };
+        served.publish(&lines.into_iter().map(|(_, l)| l).collect::<Vec<_>>());
+        let _ = reply.send(result);
+    }
+}
+
 fn write_tick(outs: &mut Outputs, t: u64, mut changes: Vec<NamedChange>) {
     differential_dataflow::consolidation::consolidate(&mut changes);
+    if let Some(served) = outs.served.clone() {
+        let lines = {
+            let mut model = served.model.write().expect("not poisoned");
+            let changes = model.apply_tick(t, changes);
+            let lines: Vec<(String, String)> = model.lines(t, &changes).into_iter().zip(changes).map(|(l, c)| (c.2, l)).collect();
+            send_lines(outs, t, &lines);
+            lines
+        };
+        served.publish(&lines.into_iter().map(|(_, l)| l).collect::<Vec<_>>());
+        return;
+    }
     let mut lines: Vec<(u32, String, bool)> = changes
         .into_iter()
         .filter(|(_, r)| *r != 0)
-        .map(|((seg, id), r)| (seg, id.to_string(), r > 0))
+        .filter_map(|(u, r)| match u {
+            Upd::Member(seg, id) => Some((seg, id.to_string(), r > 0)),
+            _ => None,
+        })
         .collect();
     lines.sort();
+    let lines: Vec<(String, String)> = lines
+        .into_iter()
+        .map(|(seg, profile, enter)| {
+            let line = membership_line(t, outs.show_ms, &outs.segments[seg as usize], &profile, enter);
+            (profile, line)
+        })
+        .collect();
+    send_lines(outs, t, &lines);
+}
+
+/// Writes one tick's lines, `(profile, line)`, and counts them.
+fn send_lines(outs: &mut Outputs, t: u64, lines: &[(String, String)]) {
     let mut st = outs.state.borrow_mut();
     st.diffs += lines.len() as u64;
     let Some(out) = outs.changes.as_mut() else { return };
     if st.error.is_some() {
         return;
     }
-    for (seg, profile, enter) in lines {
-        let line = membership_line(t, outs.show_ms, &outs.segments[seg as usize], &profile, enter);
-        if let Err(e) = out.send(t, &profile, &line) {
+    for (profile, line) in lines {
+        if let Err(e) = out.send(t, profile, line) {
             st.error = Some(format!("cannot write output: {e}"));
             return;
         }

@@ -1,0 +1,404 @@
+//! The HTTP API and live page (SPEC §7), on its own thread beside the
+//! timely workers: axum on a single-threaded tokio runtime. Reads take the
+//! served model's read lock once, so every answer is at one tick; runtime
+//! definitions are checked here (a bad expression never reaches a worker),
+//! then queued for the sink on worker 0, which answers over a oneshot.
+//! Nothing a caller sends can stop the dataflow: the worker side of a
+//! command is a pure function of the model, and a panic in a handler stays
+//! in its task.
+
+use std::collections::BTreeSet;
+use std::ops::Bound;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value as Json_};
+
+use crate::clock::{format_time, parse_duration, parse_time_arg};
+use crate::engine::EngineError;
+use crate::plan::Formula;
+use crate::serve::{parse_id, value_json, ApiError, Command, Def, Model, Served};
+
+/// The live page: one static file, no build step.
+pub const PAGE: &str = include_str!("page.html");
+
+type St = State<Arc<Served>>;
+
+/// Serves on `listener` from a thread of its own until the process ends.
+pub fn spawn(listener: std::net::TcpListener, served: Arc<Served>) -> Result<(), EngineError> {
+    listener.set_nonblocking(true).map_err(|e| EngineError::Io(e.to_string()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| EngineError::Io(format!("cannot start the HTTP server: {e}")))?;
+    std::thread::Builder::new()
+        .name("shoal-http".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!("cannot serve HTTP: {e}");
+                        return;
+                    }
+                };
+                if let Err(e) = axum::serve(listener, router(served)).await {
+                    tracing::error!("HTTP server: {e}");
+                }
+            })
+        })
+        .map_err(|e| EngineError::Io(format!("cannot start the HTTP server: {e}")))?;
+    Ok(())
+}
+
+pub fn router(served: Arc<Served>) -> Router {
+    Router::new()
+        .route("/", get(|| async { Html(PAGE) }))
+        .route("/segments", get(segments))
+        .route("/segments/preview", post(preview))
+        .route("/segments/{name}", axum::routing::put(put_segment).delete(delete_segment))
+        .route("/segments/{name}/members", get(members))
+        .route("/segments/{name}/history", get(history))
+        .route("/profiles/{id}", get(profile))
+        .route("/metrics", get(metrics))
+        .route("/stream", get(stream))
+        .with_state(served)
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            ApiError::Expression { message, line, column } => (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": message, "line": line, "column": column})),
+            )
+                .into_response(),
+            ApiError::NotFound { message, profile } => {
+                let mut body = json!({ "error": message });
+                if let Some(p) = profile {
+                    body["profile"] = p.into();
+                }
+                (StatusCode::NOT_FOUND, Json(body)).into_response()
+            }
+            ApiError::Bad(message) => (StatusCode::BAD_REQUEST, Json(json!({ "error": message }))).into_response(),
+            ApiError::Unprocessable(message) => (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({ "error": message }))).into_response(),
+        }
+    }
+}
+
+fn unknown_segment(name: &str) -> ApiError {
+    ApiError::NotFound {
+        message: format!("no segment named {name:?}"),
+        profile: None,
+    }
+}
+
+fn clock_json(m: &Model) -> Json_ {
+    m.clock.map_or(Json_::Null, |t| format_time(t, m.show_ms).into())
+}
+
+fn read(served: &Served) -> std::sync::RwLockReadGuard<'_, Model> {
+    served.model.read().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn segments(State(s): St) -> Json<Json_> {
+    let m = read(&s);
+    let list: Vec<Json_> = m
+        .segments
+        .iter()
+        .filter(|s| s.live())
+        .map(|seg| {
+            json!({
+                "name": seg.name,
+                "size": seg.members.len(),
+                "description": seg.description,
+                "when": seg.source,
+                "entered": seg.entered,
+                "exited": seg.exited,
+            })
+        })
+        .collect();
+    Json(json!({"clock": clock_json(&m), "segments": list}))
+}
+
+#[derive(Deserialize)]
+struct Page {
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+async fn members(State(s): St, Path(name): Path<String>, Query(q): Query<Page>) -> Result<Json<Json_>, ApiError> {
+    let m = read(&s);
+    let slot = m.slot(&name).ok_or_else(|| unknown_segment(&name))?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    let set = &m.segments[slot].members;
+    let from = match &q.after {
+        Some(a) => Bound::Excluded(a.clone()),
+        None => Bound::Unbounded,
+    };
+    let mut page: Vec<&String> = set.range((from, Bound::Unbounded)).take(limit + 1).collect();
+    let next = (page.len() > limit).then(|| {
+        page.pop();
+        page.last().map(|s| s.to_string())
+    });
+    Ok(Json(json!({
+        "clock": clock_json(&m),
+        "segment": name,
+        "members": page,
+        "next": next.flatten(),
+    })))
+}
+
+#[derive(Deserialize)]
+struct Range {
+    from: Option<String>,
+    to: Option<String>,
+    step: Option<String>,
+}
+
+async fn history(State(s): St, Path(name): Path<String>, Query(q): Query<Range>) -> Result<Json<Json_>, ApiError> {
+    let m = read(&s);
+    let slot = m.slot(&name).ok_or_else(|| unknown_segment(&name))?;
+    let seg = &m.segments[slot];
+    let bad = |what: &str, e: String| ApiError::Bad(format!("bad {what}: {e}"));
+    let step = match &q.step {
+        Some(d) => parse_duration(d).map_err(|e| bad("step", e))?,
+        None => m.tick,
+    }
+    .max(1);
+    let Some(clock) = m.clock else {
+        return Ok(Json(json!({"clock": null, "segment": name, "points": []})));
+    };
+    let to = match &q.to {
+        Some(t) => parse_time_arg(t).map_err(|e| bad("to", e))?.min(clock),
+        None => clock,
+    };
+    let from = match &q.from {
+        Some(t) => parse_time_arg(t).map_err(|e| bad("from", e))?,
+        None => seg.history.first().map_or(clock, |(t, _)| *t),
+    };
+    if from <= to && (to - from) / step >= 10_000 {
+        return Err(ApiError::Bad("more than 10000 points: use a larger step".into()));
+    }
+    let mut points = Vec::new();
+    let mut t = from;
+    while t <= to {
+        points.push(json!({"time": format_time(t, m.show_ms), "size": seg.size_at(t)}));
+        t = match t.checked_add(step) {
+            Some(n) => n,
+            None => break,
+        };
+    }
+    Ok(Json(json!({"clock": clock_json(&m), "segment": name, "points": points})))
+}
+
+/// The atoms a formula reads.
+fn atoms_of(f: &Formula, out: &mut Vec<usize>) {
+    match f {
+        Formula::Atom(a) => out.push(*a),
+        Formula::Not(x) => atoms_of(x, out),
+        Formula::And(x, y) | Formula::Or(x, y) => {
+            atoms_of(x, out);
+            atoms_of(y, out)
+        }
+        _ => {}
+    }
+}
+
+async fn profile(State(s): St, Path(id): Path<String>) -> Result<Json<Json_>, ApiError> {
+    let m = read(&s);
+    let not_found = |profile: Option<String>| ApiError::NotFound {
+        message: match &profile {
+            Some(p) => format!("{id} is not a profile id: it belongs to {p}"),
+            None => format!("no profile {id}"),
+        },
+        profile,
+    };
+    let Some((key, _)) = parse_id(&id) else {
+        return Err(not_found(None));
+    };
+    if !m.names.contains_key(&key) {
+        let now = m.labels.get(&key).and_then(|p| m.names.get(p)).map(|p| p.to_string());
+        return Err(not_found(now));
+    }
+    let ids: BTreeSet<String> = m
+        .ids
+        .get(&key)
+        .into_iter()
+        .flatten()
+        .filter_map(|k| m.nodes.get(k).map(|(id, _)| id.to_string()))
+        .chain(std::iter::once(id.clone()))
+        .collect();
+    let mut segments = serde_json::Map::new();
+    for (slot, seg) in m.segments.iter().enumerate() {
+        if !seg.live() {
+            continue;
+        }
+        let why: Vec<Json_> = Model::conditions(&seg.source)
+            .into_iter()
+            .map(|(text, _)| match m.compile(&text, Some(slot)) {
+                Ok((_, plan, formula)) => {
+                    let mut atoms = Vec::new();
+                    atoms_of(&formula, &mut atoms);
+                    let values: Vec<Json_> = atoms
+                        .iter()
+                        .flat_map(|&a| plan.atoms[a].terms.iter().map(|&t| value_json(&m.term_value(&plan, t, key))))
+                        .collect();
+                    json!({"condition": text, "holds": m.holds(&plan, &formula, key), "values": values})
+                }
+                Err(_) => json!({"condition": text, "holds": null}),
+            })
+            .collect();
+        segments.insert(
+            seg.name.clone(),
+            json!({"member": seg.keys.contains(&key), "runtime": matches!(seg.def, Def::Runtime { .. }), "why": why}),
+        );
+    }
+    Ok(Json(json!({
+        "clock": clock_json(&m),
+        "profile": id,
+        "ids": ids,
+        "segments": segments,
+    })))
+}
+
+#[derive(Deserialize)]
+struct Definition {
+    when: String,
+    description: Option<String>,
+}
+
+fn definition(body: &[u8]) -> Result<Definition, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::Bad(format!("expected {{\"when\": \"…\"}}: {e}")))
+}
+
+async fn preview(State(s): St, body: Bytes) -> Result<Json<Json_>, ApiError> {
+    let def = definition(&body)?;
+    let m = read(&s);
+    let (_, plan, formula) = m.compile(&def.when, None)?;
+    let members = m.evaluate(&plan, &formula);
+    let sample: Vec<&String> = members.iter().take(20).collect();
+    Ok(Json(json!({"clock": clock_json(&m), "size": members.len(), "sample": sample})))
+}
+
+/// Queues a command for worker 0 and waits for its answer.
+async fn command(s: &Served, make: impl FnOnce(crate::serve::Reply) -> Command) -> Result<usize, ApiError> {
+    if s.stop.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(ApiError::Bad("shoal is stopping".into()));
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    s.commands.lock().unwrap_or_else(|e| e.into_inner()).push(make(tx));
+    match tokio::time::timeout(Duration::from_secs(30), rx).await {
+        Ok(Ok(result)) => result,
+        _ => Err(ApiError::Bad("the engine did not answer (stopping?)".into())),
+    }
+}
+
+async fn put_segment(State(s): St, Path(name): Path<String>, body: Bytes) -> Result<Json<Json_>, ApiError> {
+    let def = definition(&body)?;
+    if name.is_empty() || name == "preview" {
+        return Err(ApiError::Bad(format!("{name:?} cannot name a segment")));
+    }
+    // Check at once, so a bad expression never reaches a worker.
+    let expr = {
+        let m = read(&s);
+        let existing = m.segments.iter().position(|seg| seg.name == name);
+        m.compile(&def.when, existing)?.0
+    };
+    let size = command(&s, |reply| Command::Put {
+        name: name.clone(),
+        description: def.description,
+        source: def.when,
+        expr,
+        reply,
+    })
+    .await?;
+    Ok(Json(json!({"name": name, "size": size})))
+}
+
+async fn delete_segment(State(s): St, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    if read(&s).slot(&name).is_none() {
+        return Err(unknown_segment(&name));
+    }
+    command(&s, |reply| Command::Delete { name, reply }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn metrics(State(s): St) -> Response {
+    use std::fmt::Write;
+    let c = s.counters();
+    let m = read(&s);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP shoal_events_total Events read, by result.\n# TYPE shoal_events_total counter"
+    );
+    for (result, n) in [
+        ("read", c.read),
+        ("accepted", c.accepted),
+        ("bad", c.bad),
+        ("duplicate", c.duplicates),
+        ("late", c.late),
+        ("ignored", c.ignored),
+    ] {
+        let _ = writeln!(out, "shoal_events_total{{result=\"{result}\"}} {n}");
+    }
+    let _ = writeln!(out, "# HELP shoal_dead_letters_total Lines refused (written to the dead letters).\n# TYPE shoal_dead_letters_total counter\nshoal_dead_letters_total {}", c.bad);
+    let _ = writeln!(
+        out,
+        "# HELP shoal_diffs_total Membership changes written.\n# TYPE shoal_diffs_total counter\nshoal_diffs_total {}",
+        m.diffs
+    );
+    let _ = writeln!(
+        out,
+        "# HELP shoal_segment_size Members of each segment at the clock.\n# TYPE shoal_segment_size gauge"
+    );
+    for seg in m.segments.iter().filter(|s| s.live()) {
+        let _ = writeln!(
+            out,
+            "shoal_segment_size{{segment=\"{}\"}} {}",
+            escape_label(&seg.name),
+            seg.members.len()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP shoal_profiles Profiles at the clock.\n# TYPE shoal_profiles gauge\nshoal_profiles {}",
+        m.names.len()
+    );
+    if let Some(t) = m.clock {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let clock = t as f64 / 1000.0;
+        let _ = writeln!(out, "# HELP shoal_clock_seconds The clock (last final tick), epoch seconds.\n# TYPE shoal_clock_seconds gauge\nshoal_clock_seconds {clock}");
+        let _ = writeln!(
+            out,
+            "# HELP shoal_clock_lag_seconds Wall time minus the clock.\n# TYPE shoal_clock_lag_seconds gauge\nshoal_clock_lag_seconds {}",
+            now - clock
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+fn escape_label(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+async fn stream(State(s): St) -> impl IntoResponse {
+    use tokio_stream::StreamExt;
+    let rx = s.stream.subscribe();
+    let events = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|line| {
+        line.ok()
+            .map(|l| Ok::<_, std::convert::Infallible>(Event::default().data(l.as_ref())))
+    });
+    Sse::new(events).keep_alive(KeepAlive::default())
+}

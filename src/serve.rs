@@ -1,0 +1,608 @@
+//! The served state behind `--http` (SPEC §7): a model of the run at its
+//! last final tick, kept by the sink on worker 0 and read by the HTTP
+//! server (see `crate::http`).
+//!
+//! The sink applies each tick once it is final, under one write lock: the
+//! membership changes it writes, and — only when serving — the tick's
+//! changes to term rows, profile names, identity labels and ids. Every
+//! answer reads the model under one read lock, so all its figures are at
+//! one tick, `clock`.
+//!
+//! The model can evaluate any `when` over the terms the running plan
+//! computes (the same rows the dataflow's atoms read, with the same empty
+//! values), which gives profile lookups with their `why`, previews, and
+//! runtime segments: a segment added or changed with `PUT` is evaluated
+//! here, over every profile at once when it is defined, then for the
+//! profiles a tick touches; its changes are written with the spec's own.
+//! `PUT`/`DELETE` run on worker 0 (the sink owns the output) as commands.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Id, IdKind};
+use crate::ingest::{key_of, Counters, Key};
+use crate::plan::{Formula, Plan};
+use crate::sink::membership_line;
+use crate::spec::ast::{Expr, ExprKind};
+use crate::spec::Spec;
+use crate::value::Value;
+
+/// What the sink applies to the model besides memberships (only when serving).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Upd {
+    /// A membership of a spec segment.
+    Member(u32, Id),
+    /// A term row: `(profile, stream)` and the values of the stream's terms.
+    Term(Key, u32, Vec<Value>),
+    /// A profile and its id.
+    Name(Key, Id),
+    /// An id (node) and its profile.
+    Label(Key, Key),
+    /// An id's key and its text.
+    Node(Key, Id),
+}
+
+/// How a segment of the model is evaluated.
+#[derive(Clone, Debug)]
+pub enum Def {
+    /// Maintained by the dataflow (a spec segment, unchanged).
+    Spec,
+    /// Evaluated by the model (added or changed at run time).
+    Runtime { plan: Arc<Plan>, formula: Formula },
+    /// Removed.
+    Deleted,
+}
+
+#[derive(Clone, Debug)]
+pub struct SegState {
+    pub name: String,
+    pub description: Option<String>,
+    /// The `when` text.
+    pub source: String,
+    pub def: Def,
+    /// Members by id text (for paging by bytes).
+    pub members: BTreeSet<String>,
+    pub keys: FxHashSet<Key>,
+    /// `(tick, size)` at every tick the size changed.
+    pub history: Vec<(u64, usize)>,
+    pub entered: u64,
+    pub exited: u64,
+}
+
+impl SegState {
+    pub fn live(&self) -> bool {
+        !matches!(self.def, Def::Deleted)
+    }
+
+    /// The size at tick `t`, from the change points.
+    pub fn size_at(&self, t: u64) -> usize {
+        match self.history.partition_point(|(at, _)| *at <= t) {
+            0 => 0,
+            i => self.history[i - 1].1,
+        }
+    }
+}
+
+/// One membership change: segment slot, profile key, its id text, enter.
+pub type MemberChange = (usize, Key, String, bool);
+
+/// The run as of its last final tick.
+pub struct Model {
+    pub clock: Option<u64>,
+    pub tick: u64,
+    pub show_ms: bool,
+    pub plan: Arc<Plan>,
+    pub segments: Vec<SegState>,
+    /// Profile → stream → the stream's term values.
+    pub terms: FxHashMap<Key, FxHashMap<u32, Vec<Value>>>,
+    /// Profiles and their ids.
+    pub names: FxHashMap<Key, Id>,
+    /// Id key → profile.
+    pub labels: FxHashMap<Key, Key>,
+    /// Profile → its id keys.
+    pub ids: FxHashMap<Key, BTreeSet<Key>>,
+    /// Id key → its text, with a count (several readers may feed one id).
+    pub nodes: FxHashMap<Key, (Id, isize)>,
+    pub diffs: u64,
+    /// Recent changes (SPEC §5 lines), for late `/stream` subscribers' rates.
+    pub recent: VecDeque<(u64, String)>,
+}
+
+/// A `/stream` message.
+pub type Line = Arc<str>;
+
+/// What the HTTP server and the sink share.
+pub struct Served {
+    pub model: RwLock<Model>,
+    /// Runtime definitions, run by the sink on worker 0.
+    pub commands: Mutex<Vec<Command>>,
+    /// Membership changes as SPEC §5 lines.
+    pub stream: tokio::sync::broadcast::Sender<Line>,
+    /// Each reader's counters, by worker index (this process).
+    pub counters: Mutex<FxHashMap<usize, Counters>>,
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A reply to a runtime definition.
+pub type Reply = tokio::sync::oneshot::Sender<Result<usize, ApiError>>;
+
+pub enum Command {
+    Put {
+        name: String,
+        description: Option<String>,
+        source: String,
+        expr: Expr,
+        reply: Reply,
+    },
+    Delete {
+        name: String,
+        reply: Reply,
+    },
+}
+
+/// An answer that is not a success.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ApiError {
+    /// 400 with where.
+    Expression { message: String, line: usize, column: usize },
+    /// 404.
+    NotFound { message: String, profile: Option<String> },
+    /// 400 otherwise.
+    Bad(String),
+    /// 422: valid, but needs something the running engine does not compute.
+    Unprocessable(String),
+}
+
+impl Served {
+    pub fn new(spec: &Spec, plan: Arc<Plan>, tick: u64, stop: Arc<std::sync::atomic::AtomicBool>) -> Arc<Served> {
+        let segments = spec
+            .segments
+            .iter()
+            .map(|s| SegState {
+                name: s.name.clone(),
+                description: s.description.clone(),
+                source: s.source.clone(),
+                def: Def::Spec,
+                members: BTreeSet::new(),
+                keys: FxHashSet::default(),
+                history: Vec::new(),
+                entered: 0,
+                exited: 0,
+            })
+            .collect();
+        Arc::new(Served {
+            model: RwLock::new(Model {
+                clock: None,
+                tick,
+                show_ms: tick < 1000,
+                plan,
+                segments,
+                terms: FxHashMap::default(),
+                names: FxHashMap::default(),
+                labels: FxHashMap::default(),
+                ids: FxHashMap::default(),
+                nodes: FxHashMap::default(),
+                diffs: 0,
+                recent: VecDeque::new(),
+            }),
+            commands: Mutex::new(Vec::new()),
+            stream: tokio::sync::broadcast::channel(4096).0,
+            counters: Mutex::new(FxHashMap::default()),
+            stop,
+        })
+    }
+
+    /// The sum of the readers' counters.
+    pub fn counters(&self) -> Counters {
+        let mut c = Counters::default();
+        for v in self.counters.lock().expect("not poisoned").values() {
+            c.add(v);
+        }
+        c
+    }
+
+    /// Sends written lines to `/stream` subscribers.
+    pub fn publish(&self, lines: &[String]) {
+        if self.stream.receiver_count() > 0 {
+            for l in lines {
+                let _ = self.stream.send(Arc::from(l.as_str()));
+            }
+        }
+    }
+}
+
+/// The key of an id's text (`user:…`, `anon:…`).
+pub fn parse_id(text: &str) -> Option<(Key, Id)> {
+    let (kind, name) = if let Some(n) = text.strip_prefix("user:") {
+        (IdKind::User, n)
+    } else if let Some(n) = text.strip_prefix("anon:") {
+        (IdKind::Anon, n)
+    } else {
+        return None;
+    };
+    Some((
+        key_of(kind, name),
+        Id {
+            kind,
+            name: name.to_string(),
+        },
+    ))
+}
+
+/// A value as JSON.
+pub fn value_json(v: &Value) -> serde_json::Value {
+    match v {
+        Value::Missing => serde_json::Value::Null,
+        Value::Bool(b) => (*b).into(),
+        Value::Num(d) => serde_json::from_str(&d.to_string()).unwrap_or(serde_json::Value::Null),
+        Value::Float(f) => serde_json::Number::from_f64(f.0).map_or(serde_json::Value::Null, Into::into),
+        Value::Str(s) => s.clone().into(),
+        Value::Dur(ms) => (*ms).into(),
+    }
+}
+
+impl Model {
+    /// The slot of a live segment.
+    pub fn slot(&self, name: &str) -> Option<usize> {
+        self.segments.iter().position(|s| s.name == name && s.live())
+    }
+
+    /// The value of `term` of `plan` for `profile` (its empty value without a row).
+    pub fn term_value(&self, plan: &Plan, term: usize, profile: Key) -> Value {
+        let def = plan.terms[term];
+        let pos = plan.folds[def.stream].iter().position(|&t| t == term).unwrap_or(usize::MAX);
+        self.terms
+            .get(&profile)
+            .and_then(|rows| rows.get(&(def.stream as u32)))
+            .and_then(|row| row.get(pos))
+            .cloned()
+            .unwrap_or_else(|| def.agg.empty())
+    }
+
+    /// Whether `f` holds of `profile` (a profile of the universe).
+    pub fn holds(&self, plan: &Plan, f: &Formula, profile: Key) -> bool {
+        match f {
+            Formula::True => true,
+            Formula::False => false,
+            Formula::Atom(a) => {
+                let def = &plan.atoms[*a];
+                let slots: Vec<Value> = def.terms.iter().map(|&t| self.term_value(plan, t, profile)).collect();
+                def.holds(&slots)
+            }
+            Formula::Segment(s) => self.segments.get(*s).is_some_and(|s| s.keys.contains(&profile)),
+            Formula::Not(x) => !self.holds(plan, x, profile),
+            Formula::And(x, y) => self.holds(plan, x, profile) && self.holds(plan, y, profile),
+            Formula::Or(x, y) => self.holds(plan, x, profile) || self.holds(plan, y, profile),
+        }
+    }
+
+    /// Compiles a `when` against the running plan. `slot` is the segment
+    /// being defined, if any: a definition may read only segments before it
+    /// (no cycles).
+    pub fn compile(&self, source: &str, slot: Option<usize>) -> Result<(Expr, Plan, Formula), ApiError> {
+        let before = slot.unwrap_or(self.segments.len());
+        let live: HashMap<&str, usize> = self.segments[..before]
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.live())
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        let is_segment = |n: &str| live.contains_key(n);
+        let expr = crate::spec::compile_when(source, self.tick, &is_segment).map_err(|errors| {
+            let e = &errors[0];
+            ApiError::Expression {
+                message: e.message.clone(),
+                line: e.line,
+                column: e.column,
+            }
+        })?;
+        let (plan, formula) = self.plan.extend(&expr, &live).map_err(ApiError::Unprocessable)?;
+        Ok((expr, plan, formula))
+    }
+
+    /// The profiles for which `formula` holds, by id text.
+    pub fn evaluate(&self, plan: &Plan, formula: &Formula) -> BTreeSet<String> {
+        self.names
+            .iter()
+            .filter(|(k, _)| self.holds(plan, formula, **k))
+            .map(|(_, id)| id.to_string())
+            .collect()
+    }
+
+    fn set_member(&mut self, slot: usize, key: Key, id: String, enter: bool) {
+        let s = &mut self.segments[slot];
+        if enter {
+            s.keys.insert(key);
+            s.members.insert(id);
+            s.entered += 1;
+        } else {
+            s.keys.remove(&key);
+            s.members.remove(&id);
+            s.exited += 1;
+        }
+    }
+
+    /// Re-evaluates runtime segment `slot` for `profiles`, applying and
+    /// returning the changes.
+    fn refresh(&mut self, slot: usize, profiles: &[Key], out: &mut Vec<MemberChange>) {
+        let Def::Runtime { plan, formula } = self.segments[slot].def.clone() else {
+            return;
+        };
+        for &p in profiles {
+            let should = self.names.contains_key(&p) && self.holds(&plan, &formula, p);
+            if should != self.segments[slot].keys.contains(&p) {
+                let id = match self.names.get(&p) {
+                    Some(id) => id.to_string(),
+                    // Gone from the universe: its id is the one it had.
+                    None => match self.segments[slot]
+                        .members
+                        .iter()
+                        .find(|m| parse_id(m).is_some_and(|(k, _)| k == p))
+                    {
+                        Some(m) => m.clone(),
+                        None => continue,
+                    },
+                };
+                self.set_member(slot, p, id.clone(), should);
+                out.push((slot, p, id, should));
+            }
+        }
+    }
+
+    /// Applies the final tick `t`: the dataflow's changes (consolidated),
+    /// then runtime segments for the profiles it touched. Returns the
+    /// membership changes, sorted for output.
+    pub fn apply_tick(&mut self, t: u64, updates: Vec<(Upd, isize)>) -> Vec<MemberChange> {
+        let mut touched: FxHashSet<Key> = FxHashSet::default();
+        let mut members = Vec::new();
+        // Retractions first, so a replaced row or label ends up with its new value.
+        let (minus, plus): (Vec<_>, Vec<_>) = updates.into_iter().partition(|(_, r)| *r < 0);
+        for (u, r) in minus.into_iter().chain(plus) {
+            match u {
+                Upd::Member(seg, id) => members.push((seg as usize, id, r)),
+                Upd::Term(p, stream, values) => {
+                    touched.insert(p);
+                    let rows = self.terms.entry(p).or_default();
+                    if r > 0 {
+                        rows.insert(stream, values);
+                    } else if rows.get(&stream) == Some(&values) {
+                        rows.remove(&stream);
+                        if rows.is_empty() {
+                            self.terms.remove(&p);
+                        }
+                    }
+                }
+                Upd::Name(p, id) => {
+                    touched.insert(p);
+                    if r > 0 {
+                        self.names.insert(p, id);
+                    } else if self.names.get(&p) == Some(&id) {
+                        self.names.remove(&p);
+                    }
+                }
+                Upd::Label(node, p) => {
+                    if r > 0 {
+                        self.labels.insert(node, p);
+                        self.ids.entry(p).or_default().insert(node);
+                    } else {
+                        if self.labels.get(&node) == Some(&p) {
+                            self.labels.remove(&node);
+                        }
+                        if let Some(set) = self.ids.get_mut(&p) {
+                            set.remove(&node);
+                            if set.is_empty() {
+                                self.ids.remove(&p);
+                            }
+                        }
+                    }
+                }
+                Upd::Node(k, id) => {
+                    let e = self.nodes.entry(k).or_insert((id, 0));
+                    e.1 += r;
+                    if e.1 <= 0 {
+                        self.nodes.remove(&k);
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (seg, id, r) in members {
+            if r == 0 || !matches!(self.segments.get(seg).map(|s| &s.def), Some(Def::Spec)) {
+                continue;
+            }
+            let key = key_of(id.kind, &id.name);
+            touched.insert(key);
+            let id = id.to_string();
+            self.set_member(seg, key, id.clone(), r > 0);
+            out.push((seg, key, id, r > 0));
+        }
+        let touched: Vec<Key> = touched.into_iter().collect();
+        for slot in 0..self.segments.len() {
+            self.refresh(slot, &touched, &mut out);
+        }
+        self.clock = Some(t);
+        self.record(t, &mut out);
+        out
+    }
+
+    /// Sorts changes for output and notes sizes.
+    fn record(&mut self, t: u64, out: &mut [MemberChange]) {
+        out.sort_by(|a, b| (a.0, &a.2).cmp(&(b.0, &b.2)));
+        self.diffs += out.len() as u64;
+        let mut changed: Vec<usize> = out.iter().map(|c| c.0).collect();
+        changed.dedup();
+        for slot in changed {
+            let s = &mut self.segments[slot];
+            let size = s.members.len();
+            match s.history.last_mut() {
+                Some((at, n)) if *at == t => *n = size,
+                _ => s.history.push((t, size)),
+            }
+        }
+    }
+
+    /// The SPEC §5 lines of `changes` at tick `t`.
+    pub fn lines(&self, t: u64, changes: &[MemberChange]) -> Vec<String> {
+        changes
+            .iter()
+            .map(|(slot, _, id, enter)| membership_line(t, self.show_ms, &self.segments[*slot].name, id, *enter))
+            .collect()
+    }
+
+    /// Runs a command at the clock; returns the answer and the changes.
+    pub fn run(&mut self, command: Command) -> (Reply, Result<usize, ApiError>, Vec<MemberChange>) {
+        let mut out = Vec::new();
+        let (reply, result) = match command {
+            Command::Put {
+                name,
+                description,
+                source,
+                expr: _,
+                reply,
+            } => {
+                let existing = self.segments.iter().position(|s| s.name == name);
+                // Compile again here: the segments may have changed since the check.
+                match self.compile(&source, existing) {
+                    Err(e) => (reply, Err(e)),
+                    Ok((_, plan, formula)) => {
+                        let slot = existing.unwrap_or_else(|| {
+                            self.segments.push(SegState {
+                                name: name.clone(),
+                                description: None,
+                                source: String::new(),
+                                def: Def::Deleted,
+                                members: BTreeSet::new(),
+                                keys: FxHashSet::default(),
+                                history: Vec::new(),
+                                entered: 0,
+                                exited: 0,
+                            });
+                            self.segments.len() - 1
+                        });
+                        let s = &mut self.segments[slot];
+                        s.description = description.or(s.description.take());
+                        s.source = source;
+                        s.def = Def::Runtime {
+                            plan: Arc::new(plan),
+                            formula,
+                        };
+                        self.redefine(slot, &mut out);
+                        (reply, Ok(self.segments[slot].members.len()))
+                    }
+                }
+            }
+            Command::Delete { name, reply } => match self.slot(&name) {
+                None => (
+                    reply,
+                    Err(ApiError::NotFound {
+                        message: format!("no segment named {name:?}"),
+                        profile: None,
+                    }),
+                ),
+                Some(slot) => {
+                    self.segments[slot].def = Def::Deleted;
+                    self.redefine(slot, &mut out);
+                    (reply, Ok(0))
+                }
+            },
+        };
+        let t = self.clock.unwrap_or(0);
+        self.record(t, &mut out);
+        (reply, result, out)
+    }
+
+    /// Re-evaluates `slot` and every runtime segment after it (they may read
+    /// it) over every profile.
+    fn redefine(&mut self, slot: usize, out: &mut Vec<MemberChange>) {
+        let mut all: FxHashSet<Key> = self.names.keys().copied().collect();
+        all.extend(self.segments[slot].keys.iter().copied());
+        let all: Vec<Key> = all.into_iter().collect();
+        if let Def::Deleted = self.segments[slot].def {
+            let gone: Vec<(Key, String)> = self.segments[slot]
+                .members
+                .iter()
+                .filter_map(|m| parse_id(m).map(|(k, _)| (k, m.clone())))
+                .collect();
+            for (k, id) in gone {
+                self.set_member(slot, k, id.clone(), false);
+                out.push((slot, k, id, false));
+            }
+        } else {
+            self.refresh(slot, &all, out);
+        }
+        for later in slot + 1..self.segments.len() {
+            self.refresh(later, &all, out);
+        }
+    }
+
+    /// The conditions of a `when` (its comparisons, `in_segment`s and bare
+    /// values), each with its text in `source`.
+    pub fn conditions(source: &str) -> Vec<(String, Expr)> {
+        let Ok(e) = crate::spec::parse::parse_when(source) else {
+            return Vec::new();
+        };
+        let mut leaves = Vec::new();
+        fn walk(e: &Expr, out: &mut Vec<Expr>) {
+            match &e.kind {
+                ExprKind::And(a, b) | ExprKind::Or(a, b) => {
+                    walk(a, out);
+                    walk(b, out)
+                }
+                ExprKind::Not(a) => walk(a, out),
+                _ => out.push(e.clone()),
+            }
+        }
+        walk(&e, &mut leaves);
+        let offset = |e: &Expr| -> usize {
+            let mut off = 0;
+            for (i, line) in source.split_inclusive('\n').enumerate() {
+                if i + 1 == e.pos.line {
+                    return off
+                        + line
+                            .char_indices()
+                            .nth(e.pos.column.saturating_sub(1))
+                            .map_or(line.len(), |(b, _)| b);
+                }
+                off += line.len();
+            }
+            source.len()
+        };
+        let starts: Vec<usize> = leaves.iter().map(offset).collect();
+        leaves
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let end = starts.get(i + 1).copied().unwrap_or(source.len()).max(starts[i]);
+                (trim_condition(&source[starts[i]..end]), e)
+            })
+            .collect()
+    }
+}
+
+/// The text of one condition sliced up to the next: drops what joins it to
+/// the next (`and`, `or`, `not`, parentheses it does not open).
+fn trim_condition(text: &str) -> String {
+    let mut t = text.trim_end();
+    loop {
+        let before = t;
+        for word in ["and", "or", "not"] {
+            if let Some(rest) = t.strip_suffix(word) {
+                if rest.is_empty() || rest.ends_with(|c: char| c.is_whitespace() || c == ')') {
+                    t = rest.trim_end();
+                }
+            }
+        }
+        if let Some(rest) = t.strip_suffix('(') {
+            t = rest.trim_end();
+        }
+        if t.ends_with(')') && t.matches(')').count() > t.matches('(').count() {
+            t = t[..t.len() - 1].trim_end();
+        }
+        if t == before {
+            return t.to_string();
+        }
+    }
+}

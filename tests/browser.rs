@@ -1,0 +1,216 @@
+//! The live page in a real headless browser (Debian's chromium): it loads
+//! while a segment has one member, new events arrive on stdin, and the page
+//! — without reloading — shows the new size.
+//!
+//! `.ci/run` installs chromium when it is missing; elsewhere this test says
+//! it skipped when no chromium is found (set `CHROMIUM` to point at one).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SPEC: &str = "[[segment]]\nname = \"viewers\"\ndescription = \"viewed anything in the last hour\"\nwhen = \"count('view', 1h) >= 1\"\n";
+
+fn chromium() -> Option<String> {
+    let candidates = [std::env::var("CHROMIUM").ok(), Some("/usr/bin/chromium".into()), Some("/usr/bin/chromium-browser".into())];
+    candidates.into_iter().flatten().find(|p| std::path::Path::new(p).exists())
+}
+
+fn view(user: &str, t: u64) -> String {
+    format!("{{\"type\":\"track\",\"event\":\"view\",\"userId\":\"{user}\",\"timestamp\":{t},\"messageId\":\"{user}-{t}\"}}\n")
+}
+
+/// The size the API reports for `viewers`.
+fn api_size(addr: &str) -> u64 {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /segments HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let body = &text[text.find('{').unwrap_or(0)..];
+    let body = &body[..=body.rfind('}').unwrap_or(body.len() - 1)];
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    v["segments"][0]["size"].as_u64().unwrap_or(0)
+}
+
+fn wait_for_size(addr: &str, want: u64) {
+    let started = Instant::now();
+    while api_size(addr) != want {
+        assert!(started.elapsed() < Duration::from_secs(30), "the API never showed size {want}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_page_shows_a_size_change_after_new_events() {
+    let Some(chromium) = chromium() else {
+        assert!(std::env::var("CI").is_err(), "CI must have chromium (.ci/run installs it)");
+        eprintln!("skipped: no chromium (apt-get install chromium, or set CHROMIUM)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("spec.toml"), SPEC).unwrap();
+    let mut shoal = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["run", "spec.toml", "--input", "-", "--output", "out.jsonl", "--idle", "200ms", "--lateness", "0s"])
+        .args(["--http", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(shoal.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("shoal: listening on http://").unwrap_or_else(|| panic!("no address: {line}")).to_string();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = err.read_to_string(&mut rest);
+    });
+    let mut stdin = shoal.stdin.take().unwrap();
+    let t0 = 1_704_067_200_000u64;
+    stdin.write_all(view("a", t0).as_bytes()).unwrap();
+    stdin.write_all(view("a", t0 + 2_000).as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    wait_for_size(&addr, 1);
+
+    // The browser opens the page now; we read its DOM over the DevTools protocol.
+    let profile = tempfile::tempdir().unwrap();
+    let browser = Command::new(&chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--remote-debugging-port=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("http://{addr}/"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let browser = Killed(browser);
+    let mut page = DevTools::connect(profile.path());
+    let size = "(document.querySelector('tr[data-segment=viewers] .size') || {}).textContent || ''";
+    page.wait_for(size, "1");
+    // While the page stays open, two more people view something.
+    stdin.write_all(view("b", t0 + 3_000).as_bytes()).unwrap();
+    stdin.write_all(view("c", t0 + 4_000).as_bytes()).unwrap();
+    stdin.write_all(view("a", t0 + 6_000).as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    wait_for_size(&addr, 3);
+    page.wait_for(size, "3");
+    let spark = page.eval("document.querySelector('tr[data-segment=viewers]').innerHTML");
+    assert!(spark.contains("<svg") || spark.contains("polyline"), "a sparkline of the trend is drawn: {spark}");
+    drop(browser);
+
+    drop(stdin);
+    let _ = Command::new("kill").args(["-TERM", &shoal.id().to_string()]).status();
+    let _ = shoal.wait();
+
+}
+
+/// A page in the browser, over the DevTools protocol (a websocket).
+struct DevTools {
+    socket: tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>,
+    id: u64,
+}
+
+impl DevTools {
+    fn connect(profile: &std::path::Path) -> DevTools {
+        let started = Instant::now();
+        let port = loop {
+            if let Ok(text) = std::fs::read_to_string(profile.join("DevToolsActivePort")) {
+                if let Some(port) = text.lines().next().and_then(|l| l.trim().parse::<u16>().ok()) {
+                    break port;
+                }
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "chromium did not start its DevTools server");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        // The page's websocket address, from the target list.
+        let url = loop {
+            let body = http_get(port, "/json/list");
+            let targets: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let page = targets.as_array().into_iter().flatten().find(|t| t["type"] == "page");
+            if let Some(url) = page.and_then(|p| p["webSocketDebuggerUrl"].as_str()) {
+                break url.to_string();
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "no page target: {body}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let (socket, _) = tungstenite::connect(url).expect("DevTools websocket");
+        if let tungstenite::stream::MaybeTlsStream::Plain(stream) = socket.get_ref() {
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        }
+        DevTools { socket, id: 0 }
+    }
+
+    /// Evaluates `expr` in the page and returns its value as a string.
+    fn eval(&mut self, expr: &str) -> String {
+        self.id += 1;
+        let call = serde_json::json!({"id": self.id, "method": "Runtime.evaluate", "params": {"expression": expr, "returnByValue": true}});
+        self.socket.send(tungstenite::Message::text(call.to_string())).unwrap();
+        loop {
+            let msg = self.socket.read().expect("a DevTools answer");
+            let Ok(text) = msg.to_text() else { continue };
+            let v: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+            if v["id"] == self.id {
+                let value = &v["result"]["result"]["value"];
+                return value.as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
+            }
+        }
+    }
+
+    /// Polls `expr` until it equals `want` (30 s at most).
+    fn wait_for(&mut self, expr: &str, want: &str) {
+        let started = Instant::now();
+        loop {
+            let got = self.eval(expr);
+            if got == want {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "the page shows {got:?}, not {want:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// A GET over HTTP/1.1 that reads exactly Content-Length bytes of body.
+fn http_get(port: u16, path: &str) -> String {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return String::from_utf8_lossy(&buf).into_owned(),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Kills a child process when the test ends, passing or not.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
