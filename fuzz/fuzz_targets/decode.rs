@@ -60,4 +60,3 @@ fn check_dead_letter_at(n: u64, reason: &str, line: &[u8]) {
         assert!(v.get(field).is_some(), "dead letter without `{field}`: {dead}");
     }
 }
-

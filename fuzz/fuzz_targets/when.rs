@@ -37,10 +37,7 @@ fuzz_target!(|data: &[u8]| {
 
     // The text as a segment's `when` inside the fixed spec, written as a TOML
     // basic string (escapes and all).
-    let spliced = format!(
-        "{SPEC}\n[[segment]]\nname = \"fuzzed\"\nwhen = {}\n",
-        toml_edit::Value::from(text)
-    );
+    let spliced = format!("{SPEC}\n[[segment]]\nname = \"fuzzed\"\nwhen = {}\n", toml_edit::Value::from(text));
     if let Err(errors) = parse_spec(&spliced, TICK_MS) {
         check_errors(&errors, &spliced);
     }
