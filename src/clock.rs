@@ -29,7 +29,9 @@ pub fn parse_time_arg(s: &str) -> Result<u64, String> {
 }
 
 /// Formats a tick as SPEC §5 wants: UTC with `Z`, milliseconds only when
-/// `show_ms` (the tick is under a second).
+/// `show_ms` (the tick is under a second). A tick rounded up past the last
+/// event time (`event::MAX_TIME`, the end of 9999) has a five-digit year
+/// (`time`'s `large-dates`, good to the year 999999).
 pub fn format_time(ms: u64, show_ms: bool) -> String {
     let t = OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).expect("time in range");
     let (y, mo, d) = (t.year(), t.month() as u8, t.day());
@@ -154,6 +156,16 @@ mod tests {
         assert_eq!(format_time(t / 1000 * 1000, false), "2024-03-13T09:23:32Z");
         assert!(parse_time("1969-12-31T23:59:59Z").is_err());
         assert_eq!(parse_time_arg("1500").unwrap(), 1500);
+    }
+
+    #[test]
+    fn ticks_after_the_last_event_time_can_be_written() {
+        // Found with fuzz/decode: an event at 9999-12-31T23:59:59.999Z takes
+        // effect at the next tick, in the year 10000, and the sink panicked.
+        let last = crate::event::MAX_TIME;
+        assert_eq!(format_time(last, true), "9999-12-31T23:59:59.999Z");
+        assert_eq!(format_time(tick_of(last, 1000), false), "10000-01-01T00:00:00Z");
+        assert_eq!(format_time(tick_of(last, 604_800_000), false), "10000-01-06T00:00:00Z");
     }
 
     #[test]

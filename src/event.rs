@@ -251,12 +251,19 @@ fn opt_id(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, BadEven
     }
 }
 
+/// The latest event time there is: 9999-12-31T23:59:59.999Z, the last
+/// instant RFC 3339 can write. Later epoch milliseconds are refused like any
+/// other bad time, so ticks, lateness and window expiries computed from an
+/// event time stay far from `u64::MAX` and can always be written as times.
+pub const MAX_TIME: u64 = 253_402_300_799_999;
+
 fn timestamp(raw: Option<&RawValue>) -> Result<u64, BadEvent> {
     match scalar(raw, "timestamp")? {
         None => bad("missing `timestamp`"),
         Some(Json::String(s)) => clock::parse_time(&s).map_err(|e| BadEvent(format!("invalid `timestamp`: {e}"))),
         Some(Json::Number(n)) => match n.as_u64() {
-            Some(ms) => Ok(ms),
+            Some(ms) if ms <= MAX_TIME => Ok(ms),
+            Some(ms) => bad(format!("invalid `timestamp`: {ms} is after 9999-12-31T23:59:59.999Z")),
             None => bad(format!(
                 "invalid `timestamp`: {n} is not a non-negative integer of epoch milliseconds"
             )),
@@ -383,6 +390,19 @@ mod tests {
         ] {
             let err = decode(line).unwrap_err();
             assert!(err.0.contains(why), "{err} should mention {why}");
+        }
+    }
+
+    #[test]
+    fn refuses_epoch_milliseconds_after_year_9999() {
+        // Found by fuzz/decode: u64::MAX overflowed rounding to a tick, and
+        // a time past 9999 could not be written by the sink.
+        let line = |t: &str| format!(r#"{{"type":"page","userId":"u","timestamp":{t}}}"#);
+        assert_eq!(decode(line("253402300799999").as_bytes()).unwrap().time, MAX_TIME);
+        assert_eq!(decode(line(r#""9999-12-31T23:59:59.999Z""#).as_bytes()).unwrap().time, MAX_TIME);
+        for t in ["253402300800000", "18446744073709551615", "18446744073709551616"] {
+            let err = decode(line(t).as_bytes()).unwrap_err();
+            assert!(err.0.contains("invalid `timestamp`"), "{t}: {err}");
         }
     }
 
