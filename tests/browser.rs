@@ -9,10 +9,15 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const SPEC: &str = "[[segment]]\nname = \"viewers\"\ndescription = \"viewed anything in the last hour\"\nwhen = \"count('view', 1h) >= 1\"\n";
+const SPEC: &str =
+    "[[segment]]\nname = \"viewers\"\ndescription = \"viewed anything in the last hour\"\nwhen = \"count('view', 1h) >= 1\"\n";
 
 fn chromium() -> Option<String> {
-    let candidates = [std::env::var("CHROMIUM").ok(), Some("/usr/bin/chromium".into()), Some("/usr/bin/chromium-browser".into())];
+    let candidates = [
+        std::env::var("CHROMIUM").ok(),
+        Some("/usr/bin/chromium".into()),
+        Some("/usr/bin/chromium-browser".into()),
+    ];
     candidates.into_iter().flatten().find(|p| std::path::Path::new(p).exists())
 }
 
@@ -50,7 +55,18 @@ fn the_page_shows_a_size_change_after_new_events() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("spec.toml"), SPEC).unwrap();
     let mut shoal = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(["run", "spec.toml", "--input", "-", "--output", "out.jsonl", "--idle", "200ms", "--lateness", "0s"])
+        .args([
+            "run",
+            "spec.toml",
+            "--input",
+            "-",
+            "--output",
+            "out.jsonl",
+            "--idle",
+            "200ms",
+            "--lateness",
+            "0s",
+        ])
         .args(["--http", "127.0.0.1:0"])
         .current_dir(dir.path())
         .stdin(Stdio::piped())
@@ -60,7 +76,11 @@ fn the_page_shows_a_size_change_after_new_events() {
     let mut err = BufReader::new(shoal.stderr.take().unwrap());
     let mut line = String::new();
     err.read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("shoal: listening on http://").unwrap_or_else(|| panic!("no address: {line}")).to_string();
+    let addr = line
+        .trim()
+        .strip_prefix("shoal: listening on http://")
+        .unwrap_or_else(|| panic!("no address: {line}"))
+        .to_string();
     std::thread::spawn(move || {
         let mut rest = String::new();
         let _ = err.read_to_string(&mut rest);
@@ -105,13 +125,15 @@ fn the_page_shows_a_size_change_after_new_events() {
     wait_for_size(&addr, 3);
     page.wait_for(size, "3");
     let spark = page.eval("document.querySelector('tr[data-segment=viewers]').innerHTML");
-    assert!(spark.contains("<svg") || spark.contains("polyline"), "a sparkline of the trend is drawn: {spark}");
+    assert!(
+        spark.contains("<svg") || spark.contains("polyline"),
+        "a sparkline of the trend is drawn: {spark}"
+    );
     drop(browser);
 
     drop(stdin);
     let _ = Command::new("kill").args(["-TERM", &shoal.id().to_string()]).status();
     let _ = shoal.wait();
-
 }
 
 /// A page in the browser, over the DevTools protocol (a websocket).
@@ -129,7 +151,10 @@ impl DevTools {
                     break port;
                 }
             }
-            assert!(started.elapsed() < Duration::from_secs(30), "chromium did not start its DevTools server");
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "chromium did not start its DevTools server"
+            );
             std::thread::sleep(Duration::from_millis(100));
         };
         // The page's websocket address, from the target list.
@@ -182,7 +207,9 @@ impl DevTools {
 
 /// A GET over HTTP/1.1 that reads exactly Content-Length bytes of body.
 fn http_get(port: u16, path: &str) -> String {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").unwrap();
     let mut buf = Vec::new();
@@ -192,7 +219,11 @@ fn http_get(port: u16, path: &str) -> String {
         if let Some(end) = text.find("\r\n\r\n") {
             let len = text[..end]
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
                 .unwrap_or(0);
             if buf.len() >= end + 4 + len {
                 return String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
