@@ -117,6 +117,22 @@ fn run_to_memory(job: Job) -> (Vec<String>, Summary) {
     (text.lines().map(str::to_string).collect(), summary)
 }
 
+/// The binary reading topic `events` as consumer group `group`.
+fn shoal_kafka(brokers: &str, group: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shoal"));
+    c.args([
+        "run",
+        SPEC,
+        "--kafka-brokers",
+        brokers,
+        "--kafka-topic",
+        "events",
+        "--kafka-group",
+        group,
+    ]);
+    c
+}
+
 fn cluster() -> (MockCluster<'static, rdkafka::producer::DefaultProducerContext>, String) {
     let c = MockCluster::new(3).expect("mock cluster");
     let b = c.bootstrap_servers();
@@ -295,17 +311,7 @@ fn the_binary_runs_live_and_stops_cleanly_on_sigterm() {
     produce(&brokers, "events", &events);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("changes.jsonl");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args([
-            "run",
-            SPEC,
-            "--kafka-brokers",
-            &brokers,
-            "--kafka-topic",
-            "events",
-            "--kafka-group",
-            "live",
-        ])
+    let mut child = shoal_kafka(&brokers, "live")
         .args(["--idle", "200ms", "--kafka-partition-idle", "500ms", "--output"])
         .arg(&out)
         .env("RUST_LOG", "info")
@@ -431,17 +437,7 @@ fn two_processes_share_the_partitions_and_agree_with_a_file() {
     std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", port(), port())).unwrap();
     let out = dir.path().join("changes.jsonl");
     let process = |i: usize| {
-        Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .args([
-                "run",
-                SPEC,
-                "--kafka-brokers",
-                &brokers,
-                "--kafka-topic",
-                "events",
-                "--kafka-group",
-                "two",
-            ])
+        shoal_kafka(&brokers, "two")
             .args(["--kafka-until-end", "--lateness", "1h", "--workers", "2", "--processes", "2"])
             .args(["--process", &i.to_string(), "--hostfile"])
             .arg(&hostfile)
