@@ -242,7 +242,7 @@ fn latency(rate: u64, seconds: u64) {
         ..RunOptions::default()
     };
     let mut job = Job::quiet(spec("dataflows/retail.toml"), opts, vec![Source::Paced { data, rate: rate as f64 }]);
-    job.output = Some(Arc::new(|| {
+    job.output = Some(Arc::new(|_resume| {
         Ok(Box::new(shoal::sink::WriteLines(Box::new(std::io::sink()))) as Box<dyn shoal::sink::Deliver>)
     }));
     job.timings = Some(timings.clone());

@@ -42,7 +42,7 @@ pub const RESTARTS: usize = 3;
 pub const MAX_ITERATIONS: usize = 100;
 
 /// A trained clustering.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Model {
     /// Per feature: the population mean and standard deviation (1 when the
     /// feature is constant).
@@ -244,9 +244,45 @@ pub fn standardize(x: &[f64], mean: &[f64], scale: &[f64]) -> Vec<f64> {
     x.iter().zip(mean).zip(scale).map(|((v, m), s)| (v - m) / s).collect()
 }
 
+/// The models trained, kept for checkpoints: a model's numbering depends on
+/// the models before it, so a restart takes up the model as of its
+/// checkpoint instead of training afresh (see `checkpoint`).
+#[derive(Debug, Default)]
+pub struct Memory {
+    /// Per clustering of the plan: its models by the tick they were trained at.
+    pub trained: Vec<std::sync::Mutex<BTreeMap<u64, Model>>>,
+    /// Per clustering: the model to start from.
+    pub restored: Vec<Option<Model>>,
+}
+
+impl Memory {
+    pub fn new(clusterings: usize, restored: Vec<Option<Model>>) -> Memory {
+        Memory {
+            trained: (0..clusterings).map(|_| Default::default()).collect(),
+            restored: if restored.is_empty() { vec![None; clusterings] } else { restored },
+        }
+    }
+
+    /// Each clustering's model as of the ticks before `frontier`; older ones are forgotten.
+    pub fn before(&self, frontier: u64) -> Vec<Option<Model>> {
+        self.trained
+            .iter()
+            .zip(&self.restored)
+            .map(|(trained, restored)| {
+                let mut trained = trained.lock().expect("not poisoned");
+                let model = trained.range(..frontier).next_back().map(|(t, m)| (*t, m.clone()));
+                if let Some((t, _)) = model {
+                    trained.retain(|&k, _| k >= t);
+                }
+                model.map(|(_, m)| m).or_else(|| restored.clone())
+            })
+            .collect()
+    }
+}
+
 /// The rows of every clustering's stream: `cluster.NAME` of every profile
 /// that has all the features.
-pub fn clusters<'s>(values: Values<'s>, plan: Rc<Plan>) -> Terms<'s> {
+pub fn clusters<'s>(values: Values<'s>, plan: Rc<Plan>, memory: Option<std::sync::Arc<Memory>>) -> Terms<'s> {
     let scope = values.scope();
     let mut out = Vec::new();
     for (c, def) in plan.clusters.iter().enumerate() {
@@ -257,7 +293,7 @@ pub fn clusters<'s>(values: Values<'s>, plan: Rc<Plan>) -> Terms<'s> {
             xs.filter(|_| value == v).map(|xs| (profile, xs))
         });
         let stream = plan.cluster_stream(c) as u32;
-        out.push(cluster(features, def).map(move |(p, n)| ((stream, p), vec![Value::Num(Dec::from_int(n as i64))])));
+        out.push(cluster(features, def, c, memory.clone()).map(move |(p, n)| ((stream, p), vec![Value::Num(Dec::from_int(n as i64))])));
     }
     differential_dataflow::collection::concatenate(scope, out)
 }
@@ -265,7 +301,12 @@ pub fn clusters<'s>(values: Values<'s>, plan: Rc<Plan>) -> Terms<'s> {
 type Update = ((Key, Vec<Float>), isize);
 
 /// One clustering over `(profile, features)`, on worker 0.
-fn cluster<'s>(features: VecCollection<'s, u64, (Key, Vec<Float>), isize>, def: ClusterPlan) -> VecCollection<'s, u64, (Key, u32), isize> {
+fn cluster<'s>(
+    features: VecCollection<'s, u64, (Key, Vec<Float>), isize>,
+    def: ClusterPlan,
+    index: usize,
+    memory: Option<std::sync::Arc<Memory>>,
+) -> VecCollection<'s, u64, (Key, u32), isize> {
     let pact = Exchange::new(|_: &((Key, Vec<Float>), u64, isize)| 0u64);
     let name = format!("Cluster {}", def.name);
     features
@@ -277,7 +318,7 @@ fn cluster<'s>(features: VecCollection<'s, u64, (Key, Vec<Float>), isize>, def: 
             let mut rows: BTreeMap<Key, Vec<(Vec<Float>, isize)>> = BTreeMap::new();
             let mut points: BTreeMap<Key, Vec<f64>> = BTreeMap::new();
             let mut assigned: BTreeMap<Key, u32> = BTreeMap::new();
-            let mut model: Option<Model> = None;
+            let mut model: Option<Model> = memory.as_ref().and_then(|m| m.restored[index].clone());
             // The population changed since the model was trained.
             let mut dirty = false;
             let mut refresh_at: Option<u64> = None;
@@ -330,7 +371,11 @@ fn cluster<'s>(features: VecCollection<'s, u64, (Key, Vec<Float>), isize>, def: 
                     let train = !points.is_empty() && dirty && (model.is_none() || refresh_point);
                     if train {
                         let population: Vec<Vec<f64>> = points.values().cloned().collect();
-                        model = Some(Model::fit(&population, def.k, def.seed, model.as_ref()));
+                        let fitted = Model::fit(&population, def.k, def.seed, model.as_ref());
+                        if let Some(memory) = &memory {
+                            memory.trained[index].lock().expect("not poisoned").insert(t, fitted.clone());
+                        }
+                        model = Some(fitted);
                         dirty = false;
                     } else if refresh_point && points.is_empty() {
                         dirty = false; // nothing to train on: the model stays

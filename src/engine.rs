@@ -15,7 +15,6 @@
 //! read closes its inputs at once and runs its share of the dataflow.
 
 use std::cell::RefCell;
-use std::io::Write;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,7 +35,7 @@ pub use crate::source::Source;
 use crate::spec::Spec;
 use crate::terms::{extract, Pay};
 use crate::window::Fact;
-use crate::{cluster, identity, rfm, rules, score, terms, window};
+use crate::{checkpoint, cluster, identity, rfm, rules, score, terms, window};
 
 /// How a run is clocked and bounded (all durations and times in ms).
 #[derive(Clone, Debug)]
@@ -64,34 +63,78 @@ impl Default for RunOptions {
     }
 }
 
-/// Opens an output on worker 0 (called once, inside the worker).
-pub type OpenOutput = Arc<dyn Fn() -> Result<Box<dyn Deliver>, EngineError> + Send + Sync>;
+/// Opens an output on worker 0 (called once, inside the worker): afresh
+/// with `None`, or continuing after a restart with `Some(length)`, the
+/// length it had at the checkpoint.
+pub type OpenOutput = Arc<dyn Fn(Option<u64>) -> Result<Box<dyn Deliver>, EngineError> + Send + Sync>;
 
 /// An output that opens (creating or truncating) a file, or stdout for `-`.
+/// Resuming, a regular file is cut back to the checkpoint's length and
+/// continued (exactly once); anything else is continued (at least once).
 pub fn file_output(path: PathBuf) -> OpenOutput {
-    Arc::new(move || -> Result<Box<dyn Deliver>, EngineError> {
+    Arc::new(move |resume| -> Result<Box<dyn Deliver>, EngineError> {
         if path.as_os_str() == "-" {
-            Ok(Box::new(WriteLines(Box::new(std::io::BufWriter::new(std::io::stdout())))))
-        } else {
-            let f = std::fs::File::create(&path).map_err(|e| EngineError::Io(format!("cannot write {}: {e}", path.display())))?;
-            Ok(Box::new(WriteLines(Box::new(std::io::BufWriter::with_capacity(1 << 16, f)))))
+            return Ok(Box::new(WriteLines(Box::new(std::io::BufWriter::new(std::io::stdout())))));
         }
+        let cannot = |e: std::io::Error| EngineError::Io(format!("cannot write {}: {e}", path.display()));
+        let f = match resume {
+            None => std::fs::File::create(&path).map_err(cannot)?,
+            Some(_) => std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(cannot)?,
+        };
+        let meta = f.metadata().map_err(cannot)?;
+        if !meta.is_file() {
+            return Ok(Box::new(WriteLines(Box::new(std::io::BufWriter::with_capacity(1 << 16, f)))));
+        }
+        let len = match resume {
+            None => 0,
+            Some(len) if meta.len() < len => {
+                return Err(EngineError::Io(format!(
+                    "cannot continue {}: it is {} bytes, shorter than the {len} bytes the checkpoint wrote (was it changed?)",
+                    path.display(),
+                    meta.len()
+                )))
+            }
+            Some(len) => {
+                f.set_len(len).map_err(cannot)?;
+                len
+            }
+        };
+        Ok(Box::new(sink::FileLines::new(f, len)))
     })
 }
 
-/// An output collecting lines in memory.
+/// An output collecting lines in memory (cut back like a file on resume).
 pub fn memory_output(buf: Arc<Mutex<Vec<u8>>>) -> OpenOutput {
     struct Mem(Arc<Mutex<Vec<u8>>>);
-    impl Write for Mem {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("not poisoned").extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
+    impl Deliver for Mem {
+        fn send(&mut self, _tick: u64, _key: &str, line: &str) -> Result<(), String> {
+            let mut b = self.0.lock().expect("not poisoned");
+            b.extend_from_slice(line.as_bytes());
+            b.push(b'\n');
             Ok(())
         }
+        fn end_tick(&mut self, _tick: u64) -> Result<(), String> {
+            Ok(())
+        }
+        fn position(&self) -> Option<u64> {
+            Some(self.0.lock().expect("not poisoned").len() as u64)
+        }
     }
-    Arc::new(move || -> Result<Box<dyn Deliver>, EngineError> { Ok(Box::new(WriteLines(Box::new(Mem(buf.clone()))))) })
+    Arc::new(move |resume| -> Result<Box<dyn Deliver>, EngineError> {
+        let mut b = buf.lock().expect("not poisoned");
+        match resume {
+            Some(len) => b.truncate(len as usize),
+            None => b.clear(),
+        }
+        Ok(Box::new(Mem(buf.clone())))
+    })
+}
+
+/// Checkpoints (`--state DIR`, `--checkpoint-every`); see `checkpoint`.
+#[derive(Clone, Debug)]
+pub struct StateOptions {
+    pub dir: PathBuf,
+    pub every: Duration,
 }
 
 /// Everything a run needs.
@@ -113,6 +156,8 @@ pub struct Job {
     /// Serve the HTTP API (SPEC §7) on this address (process 0 only), and
     /// keep serving after the input ends until the stop flag.
     pub http: Option<HttpOptions>,
+    /// Write checkpoints there, and resume from the newest.
+    pub state: Option<StateOptions>,
 }
 
 /// Where the HTTP API listens.
@@ -169,6 +214,7 @@ impl Job {
             stop: Arc::default(),
             timings: None,
             http: None,
+            state: None,
         }
     }
 }
@@ -196,6 +242,18 @@ pub enum EngineError {
     Io(String),
     #[error("timely: {0}")]
     Timely(String),
+    /// A checkpoint that cannot be used for this run (exit 2).
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<checkpoint::CheckpointError> for EngineError {
+    fn from(e: checkpoint::CheckpointError) -> Self {
+        match e {
+            checkpoint::CheckpointError::Refused(m) => EngineError::Refused(m),
+            e => EngineError::Io(e.to_string()),
+        }
+    }
 }
 
 /// What a run over in-memory input produced.
@@ -231,6 +289,7 @@ pub fn run_memory(spec: &Spec, input: &[u8], opts: &RunOptions) -> Result<Memory
         stop: Arc::default(),
         timings: None,
         http: None,
+        state: None,
     };
     let summary = run(job)?;
     let lines = |b: &Arc<Mutex<Vec<u8>>>| {
@@ -275,8 +334,15 @@ pub fn run(job: Job) -> Result<Summary, EngineError> {
         }
         _ => None,
     };
+    let checkpointing = match &job.state {
+        Some(state) => Some(Arc::new(Checkpointing::open(&job, state, &config)?)),
+        None => None,
+    };
     let job = Arc::new(job);
-    let guards = timely::execute(config, move |worker| run_worker(worker, &job, served.clone())).map_err(EngineError::Timely)?;
+    let guards = timely::execute(config, move |worker| {
+        run_worker(worker, &job, served.clone(), checkpointing.clone())
+    })
+    .map_err(EngineError::Timely)?;
     let mut summary = None;
     let mut error = None;
     for r in guards.join() {
@@ -290,6 +356,90 @@ pub fn run(job: Job) -> Result<Summary, EngineError> {
         Some(e) => Err(e),
         None => Ok(summary.unwrap_or_default()),
     }
+}
+
+/// A run's checkpoints, shared by the workers of this process.
+pub struct Checkpointing {
+    store: checkpoint::Store,
+    every: Duration,
+    fingerprint: checkpoint::Fingerprint,
+    /// The checkpoint resumed from.
+    restored: Option<checkpoint::Snapshot>,
+    /// Each reader's part of it, taken by the reader.
+    readers: Mutex<Vec<checkpoint::ReaderState>>,
+    seq: std::sync::atomic::AtomicU64,
+    clusters: Arc<cluster::Memory>,
+    delivered: Arc<Mutex<checkpoint::Delivered>>,
+}
+
+impl Checkpointing {
+    /// Opens the state directory and reads the newest usable checkpoint.
+    fn open(job: &Job, state: &StateOptions, config: &timely::Config) -> Result<Checkpointing, EngineError> {
+        if let timely::CommunicationConfig::Cluster { .. } = config.communication {
+            return Err(EngineError::Unsupported(
+                "--state with --processes is not supported yet: run one process".into(),
+            ));
+        }
+        if job.kafka.is_some() {
+            return Err(EngineError::Unsupported("--state with Kafka input is not supported yet".into()));
+        }
+        if let Some(s) = job.sources.iter().find(|s| !s.replayable()) {
+            return Err(EngineError::Unsupported(format!(
+                "--state needs input that can be read again from a position (files or --generate); {} cannot",
+                s.name()
+            )));
+        }
+        let fingerprint = checkpoint::Fingerprint {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            spec: xxhash_rust::xxh3::xxh3_64(format!("{:?}", job.spec).as_bytes()),
+            tick: job.opts.tick,
+            lateness: job.opts.lateness,
+            dedupe_horizon: job.opts.dedupe_horizon,
+            until: job.opts.until,
+            inputs: job.sources.iter().map(Source::name).collect(),
+            readers: 1,
+        };
+        let store = checkpoint::Store::open(&state.dir)?;
+        let restored = store.latest(&fingerprint, |w| eprintln!("shoal: {w}"))?;
+        if let Some(snap) = &restored {
+            tracing::info!(seq = snap.seq, frontier = snap.mark.frontier, "resuming from a checkpoint");
+        }
+        let plan = Plan::new(&job.spec);
+        let clusters = cluster::Memory::new(
+            plan.clusters.len(),
+            restored.as_ref().map(|s| s.clusters.clone()).unwrap_or_default(),
+        );
+        let mark = restored.as_ref().map(|s| s.mark.clone()).unwrap_or_default();
+        Ok(Checkpointing {
+            store,
+            every: state.every,
+            fingerprint,
+            readers: Mutex::new(restored.as_ref().map(|s| s.readers.clone()).unwrap_or_default()),
+            seq: (restored.as_ref().map_or(0, |s| s.seq) + 1).into(),
+            restored,
+            clusters: Arc::new(clusters),
+            // Until the sink says more, what the checkpoint had is out.
+            delivered: Arc::new(Mutex::new(checkpoint::Delivered { mark, files: Vec::new() })),
+        })
+    }
+
+    /// The restored state of the reader on `worker`, once.
+    fn take_reader(&self, worker: usize) -> Option<checkpoint::ReaderState> {
+        let mut readers = self.readers.lock().expect("not poisoned");
+        let i = readers.iter().position(|r| r.worker == worker)?;
+        Some(readers.swap_remove(i))
+    }
+}
+
+/// One reader's side of checkpointing.
+struct ReaderCheckpoints {
+    shared: Arc<Checkpointing>,
+    last: Instant,
+    /// Dead letters sent and perhaps not yet written, oldest first.
+    dead: std::collections::VecDeque<String>,
+    dead_sent: u64,
+    /// The delivered frontier of the last checkpoint written.
+    frontier: u64,
 }
 
 /// The differential inputs a reader feeds, at the ticks events take effect.
@@ -333,6 +483,16 @@ pub struct Collections<'s> {
 
 /// Builds the dataflow of `plan` in `scope`: identity, windows, terms, rules.
 pub fn build<'s>(scope: Scope<'s, u64>, plan: &Rc<Plan>, tick: u64) -> (Inputs, Collections<'s>) {
+    build_with(scope, plan, tick, None)
+}
+
+/// [`build`], with the clusterings' models kept in (and started from) `memory`.
+pub fn build_with<'s>(
+    scope: Scope<'s, u64>,
+    plan: &Rc<Plan>,
+    tick: u64,
+    memory: Option<Arc<cluster::Memory>>,
+) -> (Inputs, Collections<'s>) {
     let (facts_in, facts) = scope.new_collection();
     let (nodes_in, nodes) = scope.new_collection();
     let (links_in, links) = scope.new_collection();
@@ -351,7 +511,7 @@ pub fn build<'s>(scope: Scope<'s, u64>, plan: &Rc<Plan>, tick: u64) -> (Inputs, 
             terms = terms.concat(rfm::rfm(values.clone(), plan.clone()));
         }
         if plan.clusters.iter().any(Option::is_some) {
-            terms = terms.concat(cluster::clusters(values, plan.clone()));
+            terms = terms.concat(cluster::clusters(values, plan.clone(), memory));
         }
     }
     let atoms = rules::atoms(terms.clone(), universe.clone(), plan.clone());
@@ -387,6 +547,16 @@ pub struct Feeder {
     link_changes: Vec<Change<(Key, Key)>>,
     /// Marks when ticks become final (the latency benchmark).
     pub timings: Option<Arc<Timings>>,
+    /// With `--state`: every update fed, for checkpoints.
+    retained: Option<Retained>,
+}
+
+/// The updates a reader fed, compacted at each checkpoint (see `checkpoint`).
+#[derive(Default)]
+struct Retained {
+    facts: checkpoint::Log<Fact>,
+    nodes: checkpoint::Log<(Key, Label)>,
+    links: checkpoint::Log<(Key, Key)>,
 }
 
 impl Feeder {
@@ -401,7 +571,84 @@ impl Feeder {
             node_changes: Vec::new(),
             link_changes: Vec::new(),
             timings: None,
+            retained: None,
         }
+    }
+
+    /// Keeps every update fed, so that [`Feeder::checkpoint`] can save them.
+    pub fn retain(&mut self) {
+        self.retained.get_or_insert_with(Retained::default);
+    }
+
+    fn fact(&mut self, d: Fact, t: u64, r: isize) {
+        if let Some(log) = &mut self.retained {
+            log.facts.push(d.clone(), t, r);
+        }
+        self.inputs.facts.update_at(d, t, r);
+    }
+
+    /// The reader's state for a checkpoint whose delivered frontier is
+    /// `frontier`: its logs compacted there (see `checkpoint`), its clock,
+    /// dedupe memory and identity ticks. `None` unless [`Feeder::retain`]ed.
+    pub fn checkpoint(&mut self, frontier: u64, worker: usize, position: checkpoint::Position) -> Option<checkpoint::ReaderState> {
+        let tick = self.ingest.clock.tick;
+        let plan = self.plan.clone();
+        let log = self.retained.as_mut()?;
+        // A windowed fact is gone once its expiry tick has passed.
+        log.facts.compact(frontier, tick, |(_, stream, e, _), last| {
+            plan.streams[*stream as usize]
+                .window
+                .is_some_and(|w| crate::clock::tick_of(e.saturating_add(w), tick) <= last)
+        });
+        log.nodes.compact(frontier, tick, |_, _| false);
+        log.links.compact(frontier, tick, |_, _| false);
+        let mut winners: Vec<((Key, u32), (u64, Pay))> = self.winners.iter().map(|(k, v)| (*k, v.clone())).collect();
+        winners.sort();
+        Some(checkpoint::ReaderState {
+            worker,
+            ingest: self.ingest.state(),
+            identities: self.identities.state(),
+            winners,
+            // Lent to the checkpoint, and given back by `Feeder::checkpointed`.
+            facts: std::mem::take(&mut log.facts.updates),
+            nodes: std::mem::take(&mut log.nodes.updates),
+            links: std::mem::take(&mut log.links.updates),
+            dead: Vec::new(),
+            dead_sent: 0,
+            position,
+        })
+    }
+
+    /// Takes back the logs lent to a checkpoint by [`Feeder::checkpoint`].
+    pub fn checkpointed(&mut self, st: checkpoint::ReaderState) {
+        if let Some(log) = &mut self.retained {
+            log.facts.updates = st.facts;
+            log.nodes.updates = st.nodes;
+            log.links.updates = st.links;
+        }
+    }
+
+    /// Takes up a reader's checkpointed state: feeds its updates at their
+    /// ticks and moves the inputs to its clock.
+    pub fn restore(&mut self, st: checkpoint::ReaderState) {
+        self.ingest.restore(st.ingest);
+        self.identities = Identities::restore(st.identities);
+        self.winners = st.winners.into_iter().collect();
+        for (d, t, r) in &st.facts {
+            self.inputs.facts.update_at(d.clone(), *t, *r);
+        }
+        for (d, t, r) in &st.nodes {
+            self.inputs.nodes.update_at(d.clone(), *t, *r);
+        }
+        for (d, t, r) in &st.links {
+            self.inputs.links.update_at(*d, *t, *r);
+        }
+        if let Some(log) = &mut self.retained {
+            log.facts.updates = st.facts;
+            log.nodes.updates = st.nodes;
+            log.links.updates = st.links;
+        }
+        self.advance_inputs();
     }
 
     /// The clock follows [`Feeder::advance_watermark`] instead of the largest event time.
@@ -435,9 +682,15 @@ impl Feeder {
     fn feed(&mut self, s: &Stamped) {
         self.identities.changes(s, &mut self.node_changes, &mut self.link_changes);
         for (d, t, r) in self.node_changes.drain(..) {
+            if let Some(log) = &mut self.retained {
+                log.nodes.push(d.clone(), t, r);
+            }
             self.inputs.nodes.update_at(d, t, r);
         }
         for (d, t, r) in self.link_changes.drain(..) {
+            if let Some(log) = &mut self.retained {
+                log.links.push(d, t, r);
+            }
             self.inputs.links.update_at(d, t, r);
         }
         let anchor = match (&s.event.user_id, &s.event.anonymous_id) {
@@ -451,7 +704,7 @@ impl Feeder {
             if let Pay::Stamped(..) = pay {
                 self.latest(anchor, i as u32, s, pay);
             } else {
-                self.inputs.facts.update_at((anchor, i as u32, s.event.time, pay), s.effect, 1);
+                self.fact((anchor, i as u32, s.event.time, pay), s.effect, 1);
             }
         }
     }
@@ -469,20 +722,24 @@ impl Feeder {
             Pay::Stamped(e, text, _) => (*e, text.clone()),
             _ => unreachable!("stamped"),
         };
-        let fact = |pay: Pay| (anchor, stream, s.event.time, pay);
+        // A fact carries its own event time, so a retraction cancels its fact.
+        let fact = |pay: Pay| match pay {
+            Pay::Stamped(e, ..) => (anchor, stream, e, pay),
+            _ => (anchor, stream, s.event.time, pay),
+        };
         match self.winners.get_mut(&(anchor, stream)) {
             Some((eff, best)) if s.effect >= *eff => {
                 if rank(&pay) > rank(best) {
                     let old = std::mem::replace(best, pay.clone());
                     *eff = s.effect;
-                    self.inputs.facts.update_at(fact(old), s.effect, -1);
-                    self.inputs.facts.update_at(fact(pay), s.effect, 1);
+                    self.fact(fact(old), s.effect, -1);
+                    self.fact(fact(pay), s.effect, 1);
                 }
             }
-            Some(_) => self.inputs.facts.update_at(fact(pay), s.effect, 1),
+            Some(_) => self.fact(fact(pay), s.effect, 1),
             None => {
                 self.winners.insert((anchor, stream), (s.effect, pay.clone()));
-                self.inputs.facts.update_at(fact(pay), s.effect, 1);
+                self.fact(fact(pay), s.effect, 1);
             }
         }
     }
@@ -612,6 +869,7 @@ pub struct Reader<'w> {
     pub stop: Arc<AtomicBool>,
     /// The served model, for live counters (`/metrics`).
     pub served: Option<Arc<crate::serve::Served>>,
+    checkpoints: Option<ReaderCheckpoints>,
 }
 
 impl Reader<'_> {
@@ -625,7 +883,89 @@ impl Reader<'_> {
 
     /// Sends a dead letter to the sink.
     pub fn dead_letter(&mut self, line: String) {
-        self.notes.send(Note::Dead(line));
+        if let Some(ck) = &mut self.checkpoints {
+            ck.dead.push_back(line.clone());
+            ck.dead_sent += 1;
+        }
+        self.notes.send(Note::Dead(self.worker.index(), line));
+    }
+
+    /// Takes a checkpoint when one is due and the delivered frontier moved
+    /// since the last one (see [`Reader::checkpoint`]).
+    pub fn checkpoint_if_due(&mut self, position: impl FnOnce() -> checkpoint::Position) {
+        let due = self.checkpoints.as_ref().is_some_and(|ck| {
+            ck.last.elapsed() >= ck.shared.every && ck.shared.delivered.lock().expect("not poisoned").mark.frontier > ck.frontier
+        });
+        if due {
+            self.checkpoint(position());
+        }
+    }
+
+    /// Writes a checkpoint at the delivered frontier with this reader at
+    /// `position` (line input: the one reader, on worker 0). A failed write
+    /// is reported and retried at the next one; the last good checkpoint stays.
+    pub fn checkpoint(&mut self, position: checkpoint::Position) {
+        if self.checkpoints.is_none() {
+            return;
+        }
+        self.advance_notes();
+        let worker = self.worker.index();
+        let ck = self.checkpoints.as_mut().expect("checked");
+        ck.last = Instant::now();
+        let shared = ck.shared.clone();
+        let mark = match shared.delivered.lock().expect("not poisoned").synced() {
+            Ok(mark) => mark,
+            Err(e) => {
+                eprintln!("shoal: cannot sync the output before a checkpoint: {e}; the last good checkpoint is kept");
+                return;
+            }
+        };
+        // Every tick before the mark is out; ticks after the reader's clock
+        // hold nothing yet.
+        let frontier = mark.frontier.min(self.feeder.frontier());
+        let written = mark.dead_written.get(&worker).copied().unwrap_or(0);
+        let unwritten = ck.dead_sent.saturating_sub(written) as usize;
+        while ck.dead.len() > unwritten {
+            ck.dead.pop_front();
+        }
+        let (dead, dead_sent) = (ck.dead.iter().cloned().collect(), ck.dead_sent);
+        let Some(mut reader) = self.feeder.checkpoint(frontier, worker, position) else {
+            return;
+        };
+        reader.dead = dead;
+        reader.dead_sent = dead_sent;
+        let snapshot = checkpoint::Snapshot {
+            fingerprint: shared.fingerprint.clone(),
+            seq: shared.seq.fetch_add(1, Ordering::SeqCst),
+            mark: checkpoint::Mark { frontier, ..mark },
+            readers: vec![reader],
+            clusters: shared.clusters.before(frontier),
+        };
+        match shared.store.write(&snapshot) {
+            Ok(path) => {
+                tracing::debug!(path = %path.display(), frontier, "checkpoint written");
+                self.checkpoints.as_mut().expect("checked").frontier = frontier;
+            }
+            Err(e) => eprintln!("shoal: {e}; the last good checkpoint is kept"),
+        }
+        let reader = snapshot.readers.into_iter().next().expect("one reader");
+        self.feeder.checkpointed(reader);
+    }
+
+    /// Takes up this reader's part of the checkpoint resumed from; returns
+    /// its input position.
+    fn restore(&mut self) -> Option<checkpoint::Position> {
+        let worker = self.worker.index();
+        let st = self.checkpoints.as_ref()?.shared.take_reader(worker)?;
+        let (dead, dead_sent, position) = (st.dead.clone(), st.dead_sent, st.position.clone());
+        self.feeder.restore(st);
+        let ck = self.checkpoints.as_mut().expect("checked");
+        ck.dead_sent = dead_sent;
+        for line in &dead {
+            self.notes.send(Note::Dead(worker, line.clone()));
+        }
+        ck.dead = dead.into();
+        Some(position)
     }
 
     /// Whether a stop was asked for.
@@ -738,30 +1078,41 @@ fn run_worker(
     worker: &mut timely::worker::Worker,
     job: &Job,
     served: Option<Arc<crate::serve::Served>>,
+    checkpointing: Option<Arc<Checkpointing>>,
 ) -> Result<Option<Summary>, EngineError> {
     let plan = Rc::new(Plan::new(&job.spec));
     let opts = &job.opts;
     let leader = worker.index() == 0;
     let state = Rc::new(RefCell::new(SinkState::default()));
-    let open = |o: &Option<OpenOutput>| match (o, leader) {
-        (Some(open), true) => open().map(Some),
+    let restored = checkpointing.as_ref().and_then(|c| c.restored.as_ref());
+    if let Some(snap) = restored.filter(|_| leader) {
+        // Ticks before the checkpoint's frontier are out already.
+        let mut st = state.borrow_mut();
+        st.skip_before = snap.mark.frontier;
+        st.diffs = snap.mark.diffs;
+        st.dead_written = snap.mark.dead_written.clone();
+    }
+    let open = |o: &Option<OpenOutput>, resume: Option<u64>| match (o, leader) {
+        (Some(open), true) => open(resume).map(Some),
         _ => Ok(None),
     };
     let outputs = Outputs {
         segments: Rc::new(plan.segments.iter().map(|s| s.name.clone()).collect()),
         show_ms: opts.tick < 1000,
-        changes: open(&job.output)?,
-        dead_letters: open(&job.dead_letters)?,
+        changes: open(&job.output, restored.map(|s| s.mark.changes.unwrap_or(0)))?,
+        dead_letters: open(&job.dead_letters, restored.map(|s| s.mark.dead.unwrap_or(0)))?,
         state: state.clone(),
         timings: job.timings.clone(),
         served: served.clone().filter(|_| leader),
+        delivered: checkpointing.as_ref().filter(|_| leader).map(|c| c.delivered.clone()),
     };
     // Every worker builds the same dataflow, serving or not.
     let serving = job.http.is_some();
+    let memory = checkpointing.as_ref().map(|c| c.clusters.clone());
     let mut notes = timely::dataflow::InputHandleVec::new();
     let (inputs, delivered) = worker.dataflow::<u64, _, _>(|scope| {
         use timely::dataflow::operators::{Input, Probe};
-        let (inputs, built) = build(scope, &plan, opts.tick);
+        let (inputs, built) = build_with(scope, &plan, opts.tick, memory);
         let notes = scope.input_from(&mut notes).container::<Vec<Note>>();
         let mut members = sink::named(built.members, built.names.clone()).map(|(s, id)| crate::serve::Upd::Member(s, id));
         if serving {
@@ -779,6 +1130,9 @@ fn run_worker(
     });
     let mut feeder = Feeder::new(plan, inputs, opts);
     feeder.timings = job.timings.clone();
+    if checkpointing.is_some() {
+        feeder.retain();
+    }
     let mut reader = Reader {
         worker,
         feeder,
@@ -789,10 +1143,18 @@ fn run_worker(
         opts: opts.clone(),
         stop: job.stop.clone(),
         served,
+        checkpoints: checkpointing.map(|shared| ReaderCheckpoints {
+            shared,
+            last: Instant::now(),
+            dead: Default::default(),
+            dead_sent: 0,
+            frontier: 0,
+        }),
     };
+    let position = reader.restore();
     let result = match (&job.kafka, leader) {
         (Some(kafka), _) => crate::kafka::read(&mut reader, kafka),
-        (None, true) => read_lines(&mut reader, &job.sources),
+        (None, true) => read_lines(&mut reader, &job.sources, position),
         (None, false) => Ok(()),
     };
     let stopped = reader.stopping();
@@ -837,23 +1199,37 @@ fn run_worker(
     }))
 }
 
-/// Reads the line sources in order (worker 0 of process 0).
-fn read_lines(reader: &mut Reader<'_>, sources: &[Source]) -> Result<(), EngineError> {
+/// Reads the line sources in order (worker 0 of process 0), from `start`
+/// when resuming; checkpoints as it goes, at a stop, and at the end.
+fn read_lines(reader: &mut Reader<'_>, sources: &[Source], start: Option<checkpoint::Position>) -> Result<(), EngineError> {
     let mut line = Vec::new();
     let opts = reader.opts.clone();
     let tick = Duration::from_millis(opts.tick);
     let idle = Duration::from_millis(opts.idle);
-    for source in sources {
+    let (first, offset, mut number) = match start {
+        Some(checkpoint::Position::Lines { source, offset, line }) => (source, offset, line),
+        _ => (0, 0, 0),
+    };
+    let at = |source: usize, lines: &crate::source::Lines, line: u64| checkpoint::Position::Lines {
+        source,
+        offset: lines.offset(),
+        line,
+    };
+    for (index, source) in sources.iter().enumerate().skip(first) {
         let name = source.name();
-        let mut lines = source.open()?;
+        let mut lines = if index == first { source.open_at(offset)? } else { source.open()? };
+        if index != first {
+            number = 0;
+        }
         let live = lines.is_live();
-        let mut number = 0u64;
         // Live clock: when the last event came, and the clock then.
         let mut last_event = (Instant::now(), reader.feeder.now());
         let mut batch = 0usize;
         let mut last_pump = Instant::now();
         loop {
             if reader.stopping() {
+                reader.settle();
+                reader.checkpoint(at(index, &lines, number));
                 return Ok(());
             }
             let wait = if batch > 0 { Duration::from_millis(20) } else { tick.min(idle) };
@@ -891,10 +1267,21 @@ fn read_lines(reader: &mut Reader<'_>, sources: &[Source]) -> Result<(), EngineE
                         batch = 0;
                         reader.pump(live, String::new);
                         last_pump = Instant::now();
+                        reader.checkpoint_if_due(|| at(index, &lines, number));
                     }
                 }
             }
         }
+    }
+    if reader.checkpoints.is_some() {
+        // The end: everything delivered, then a checkpoint past the input,
+        // so that running the same command again writes nothing more.
+        reader.finish_input();
+        reader.checkpoint(checkpoint::Position::Lines {
+            source: sources.len(),
+            offset: 0,
+            line: 0,
+        });
     }
     Ok(())
 }

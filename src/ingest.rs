@@ -141,6 +141,31 @@ impl Ingest {
         }
     }
 
+    /// The state a checkpoint keeps (see `checkpoint`).
+    pub fn state(&self) -> crate::checkpoint::IngestState {
+        let mut remembered: Vec<(u128, u64)> = self.remembered.iter().map(|(k, t)| (*k, *t)).collect();
+        remembered.sort_unstable();
+        crate::checkpoint::IngestState {
+            max_time: self.clock.max_time,
+            now: self.clock.now,
+            remembered,
+            counters: self.counters.clone(),
+        }
+    }
+
+    /// Takes up the state of a checkpoint.
+    pub fn restore(&mut self, st: crate::checkpoint::IngestState) {
+        self.clock.max_time = st.max_time;
+        self.clock.now = st.now;
+        self.counters = st.counters;
+        self.forget = st
+            .remembered
+            .iter()
+            .map(|&(k, t)| Reverse((t.saturating_add(self.horizon), k)))
+            .collect();
+        self.remembered = st.remembered.into_iter().collect();
+    }
+
     /// Drops dedupe keys whose `e + horizon` the clock has passed.
     fn forget_passed(&mut self) {
         let Some(now) = self.clock.now else { return };
@@ -211,6 +236,29 @@ fn earliest(ticks: &mut FxHashMap<Key, u64>, k: Key, t: u64) -> Option<u64> {
 }
 
 impl Identities {
+    /// The state a checkpoint keeps.
+    pub fn state(&self) -> crate::checkpoint::IdentityState {
+        fn sorted<K: Ord + Copy>(m: &FxHashMap<K, u64>) -> Vec<(K, u64)> {
+            let mut v: Vec<(K, u64)> = m.iter().map(|(k, t)| (*k, *t)).collect();
+            v.sort_unstable();
+            v
+        }
+        crate::checkpoint::IdentityState {
+            seen: sorted(&self.seen),
+            named: sorted(&self.named),
+            links: sorted(&self.links),
+        }
+    }
+
+    /// Takes up the state of a checkpoint.
+    pub fn restore(st: crate::checkpoint::IdentityState) -> Identities {
+        Identities {
+            seen: st.seen.into_iter().collect(),
+            named: st.named.into_iter().collect(),
+            links: st.links.into_iter().collect(),
+        }
+    }
+
     /// The node and link changes an accepted event makes.
     pub fn changes(&mut self, s: &Stamped, nodes: &mut Vec<Change<(Key, Label)>>, links: &mut Vec<Change<(Key, Key)>>) {
         let t = s.effect;

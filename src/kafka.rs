@@ -525,5 +525,5 @@ impl Drop for KafkaSink {
 
 /// An output that opens a [`KafkaSink`] on worker 0.
 pub fn kafka_output(brokers: String, topic: String, options: Vec<(String, String)>) -> crate::engine::OpenOutput {
-    Arc::new(move || -> Result<Box<dyn Deliver>, EngineError> { Ok(Box::new(KafkaSink::new(&brokers, &topic, &options)?)) })
+    Arc::new(move |_resume| -> Result<Box<dyn Deliver>, EngineError> { Ok(Box::new(KafkaSink::new(&brokers, &topic, &options)?)) })
 }

@@ -11,6 +11,7 @@
 //! checks dataflow specs; [`plan`] shares their terms; [`engine`] wires it all
 //! on timely workers; [`generate`] makes realistic traffic.
 
+pub mod checkpoint;
 pub mod clock;
 pub mod cluster;
 pub mod engine;

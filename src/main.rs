@@ -122,6 +122,14 @@ struct RunArgs {
     /// keeps serving after the input ends until SIGINT/SIGTERM.
     #[arg(long, value_name = "ADDR")]
     http: Option<String>,
+    /// Keep checkpoints in this directory and resume from the newest one: run the
+    /// same command again after a crash and the output file continues exactly
+    /// where the checkpoint left it (cut back, then continued: exactly once).
+    #[arg(long, value_name = "DIR", help_heading = "Durability")]
+    state: Option<PathBuf>,
+    /// How often a checkpoint is written (wall time), with --state.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "D", help_heading = "Durability")]
+    checkpoint_every: u64,
     /// An extra librdkafka setting for the consumer and producer, e.g.
     /// security.protocol=SASL_SSL (repeatable).
     #[arg(long, value_name = "KEY=VALUE", value_parser = key_value, help_heading = "Kafka")]
@@ -332,13 +340,17 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             args.dead_letter.clone().unwrap_or_else(|| PathBuf::from("/dev/stderr")),
         )),
         timely: timely_config(&args)?,
+        state: args.state.clone().map(|dir| shoal::engine::StateOptions {
+            dir,
+            every: std::time::Duration::from_millis(args.checkpoint_every),
+        }),
         http: args.http.clone().map(|addr| shoal::engine::HttpOptions {
             addr,
             on_listen: Some(Arc::new(|a| eprintln!("shoal: listening on http://{a}"))),
         }),
     };
     let summary = shoal::engine::run(job).map_err(|e| match e {
-        EngineError::Unsupported(_) => usage(e),
+        EngineError::Unsupported(_) | EngineError::Refused(_) => usage(e),
         _ => Failure(1, e.into()),
     })?;
     if args.process == 0 {

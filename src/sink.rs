@@ -54,6 +54,51 @@ pub trait Deliver {
     fn unacknowledged(&mut self) -> Option<u64> {
         None
     }
+    /// Bytes written so far, when the output is a file that a restart can
+    /// cut back to this length (see `checkpoint`).
+    fn position(&self) -> Option<u64> {
+        None
+    }
+    /// The file written to, if any (to fsync before a checkpoint).
+    fn file(&self) -> Option<&std::fs::File> {
+        None
+    }
+}
+
+/// Lines to a regular file: flushed at the end of each tick, with the
+/// file's length known for checkpoints.
+pub struct FileLines {
+    out: std::io::BufWriter<std::fs::File>,
+    len: u64,
+}
+
+impl FileLines {
+    /// Continues `file`, which is `len` bytes long, at its end.
+    pub fn new(file: std::fs::File, len: u64) -> FileLines {
+        FileLines {
+            out: std::io::BufWriter::with_capacity(1 << 16, file),
+            len,
+        }
+    }
+}
+
+impl Deliver for FileLines {
+    fn send(&mut self, _tick: u64, _key: &str, line: &str) -> Result<(), String> {
+        self.len += line.len() as u64 + 1;
+        writeln!(self.out, "{line}").map_err(|e| e.to_string())
+    }
+
+    fn end_tick(&mut self, _tick: u64) -> Result<(), String> {
+        self.out.flush().map_err(|e| e.to_string())
+    }
+
+    fn position(&self) -> Option<u64> {
+        Some(self.len)
+    }
+
+    fn file(&self) -> Option<&std::fs::File> {
+        Some(self.out.get_ref())
+    }
 }
 
 /// Lines to a writer, acknowledged once flushed.
@@ -82,7 +127,8 @@ pub struct Report {
 /// What the readers tell the sink: dead letters as they come, a report at the end.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Note {
-    Dead(String),
+    /// A dead letter from the reader on that worker.
+    Dead(usize, String),
     Report(Report),
 }
 
@@ -100,6 +146,10 @@ pub struct SinkState {
     pub cutoff: Option<u64>,
     /// The first write error; writing stops there.
     pub error: Option<String>,
+    /// Ticks before this were delivered before a restart: not written again.
+    pub skip_before: u64,
+    /// Dead letters written, by reader.
+    pub dead_written: BTreeMap<usize, u64>,
 }
 
 impl SinkState {
@@ -148,6 +198,8 @@ pub struct Outputs {
     /// applied to it, runtime definitions run here, and the dataflow is kept
     /// alive until the stop flag.
     pub served: Option<std::sync::Arc<Served>>,
+    /// With checkpoints: where the output as of the delivered frontier is recorded.
+    pub delivered: Option<std::sync::Arc<std::sync::Mutex<crate::checkpoint::Delivered>>>,
 }
 
 /// Writes memberships and dead letters on worker 0 and sums the reports;
@@ -160,6 +212,13 @@ pub fn deliver<'s>(
     let to_leader = Exchange::new(|_: &(Upd, u64, isize)| 0u64);
     let notes_to_leader = Exchange::new(|_: &Note| 0u64);
     let scope = members.inner.scope();
+    if let Some(cell) = &outs.delivered {
+        let files = [&outs.changes, &outs.dead_letters]
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d.file()?.try_clone().ok());
+        cell.lock().expect("not poisoned").files.extend(files);
+    }
     members.inner.binary_frontier::<_, CapacityContainerBuilder<Vec<()>>, _, _, _, _>(
         notes,
         to_leader,
@@ -179,7 +238,7 @@ pub fn deliver<'s>(
                 notes.for_each(|cap, data| {
                     for note in data.drain(..) {
                         match note {
-                            Note::Dead(line) => write_dead(&mut outs, &line),
+                            Note::Dead(reader, line) => write_dead(&mut outs, reader, &line),
                             Note::Report(r) => {
                                 let mut st = outs.state.borrow_mut();
                                 st.counters.add(&r.counters);
@@ -217,6 +276,15 @@ pub fn deliver<'s>(
                     if last.is_some_and(|l| t > l) || cutoff.is_some_and(|c| t > c) {
                         continue;
                     }
+                    if t < outs.state.borrow().skip_before {
+                        // Out before a restart: only the served model sees it.
+                        if let Some(served) = &outs.served {
+                            let mut changes = changes;
+                            differential_dataflow::consolidation::consolidate(&mut changes);
+                            served.model.write().expect("not poisoned").apply_tick(t, changes);
+                        }
+                        continue;
+                    }
                     write_tick(&mut outs, t, changes);
                     awaiting.insert(t, cap);
                 }
@@ -226,6 +294,14 @@ pub fn deliver<'s>(
                 }
                 let unacked = outs.changes.as_mut().and_then(|c| c.unacknowledged());
                 awaiting.retain(|&t, _| unacked.is_some_and(|u| u <= t));
+                mark(
+                    &outs,
+                    [
+                        frontier.frontier().first(),
+                        notes_frontier.frontier().first(),
+                        awaiting.keys().next(),
+                    ],
+                );
                 if let Some(served) = outs.served.clone() {
                     run_commands(&mut outs, &served);
                     if served.stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -242,8 +318,26 @@ pub fn deliver<'s>(
     )
 }
 
-fn write_dead(outs: &mut Outputs, line: &str) {
+/// Records the output as of the delivered frontier: the least of the
+/// inputs' frontiers and the first unacknowledged tick (`u64::MAX` when
+/// everything is out).
+fn mark(outs: &Outputs, bounds: [Option<&u64>; 3]) {
+    let Some(cell) = &outs.delivered else { return };
+    let st = outs.state.borrow();
+    // Ticks before `skip_before` were out before a restart.
+    let frontier = bounds.into_iter().flatten().copied().min().unwrap_or(u64::MAX).max(st.skip_before);
+    cell.lock().expect("not poisoned").mark = crate::checkpoint::Mark {
+        frontier,
+        changes: outs.changes.as_ref().and_then(|c| c.position()),
+        dead: outs.dead_letters.as_ref().and_then(|d| d.position()),
+        diffs: st.diffs,
+        dead_written: st.dead_written.clone(),
+    };
+}
+
+fn write_dead(outs: &mut Outputs, reader: usize, line: &str) {
     let mut st = outs.state.borrow_mut();
+    *st.dead_written.entry(reader).or_default() += 1;
     if let (Some(d), None) = (outs.dead_letters.as_mut(), &st.error) {
         if let Err(e) = d.send(0, "", line).and_then(|()| d.end_tick(0)) {
             st.error = Some(format!("cannot write dead letters: {e}"));

@@ -114,7 +114,8 @@ pub enum Next {
 
 /// An open source.
 pub enum Lines {
-    Read(Box<dyn BufRead>),
+    /// A byte stream and the offset of the next line in it.
+    Read(Box<dyn BufRead>, u64),
     Live(Receiver<std::io::Result<Vec<u8>>>),
     Decoded(Arc<Vec<crate::event::Event>>, usize),
 }
@@ -170,7 +171,49 @@ impl Source {
                 .map_err(|e| EngineError::Io(format!("cannot start the stdin reader: {e}")))?;
             return Ok(Lines::Live(rx));
         }
-        Ok(Lines::Read(self.open_reader()?))
+        Ok(Lines::Read(self.open_reader()?, 0))
+    }
+
+    /// Opens the source at byte `offset` (resuming from a checkpoint).
+    /// Files seek; the generator and in-memory bytes skip; stdin and the
+    /// benchmark sources cannot be read again.
+    pub fn open_at(&self, offset: u64) -> Result<Lines, EngineError> {
+        use std::io::{Read, Seek};
+        if offset == 0 {
+            return self.open();
+        }
+        let cannot = |e: std::io::Error| EngineError::Io(format!("cannot resume {} at byte {offset}: {e}", self.name()));
+        match self {
+            Source::File(p) => {
+                let mut f = std::fs::File::open(p).map_err(|e| EngineError::Io(format!("cannot read {}: {e}", p.display())))?;
+                let len = f.metadata().map_err(cannot)?.len();
+                if len < offset {
+                    return Err(EngineError::Io(format!(
+                        "cannot resume {} at byte {offset}: it is only {len} bytes long now (was it replaced?)",
+                        p.display()
+                    )));
+                }
+                f.seek(std::io::SeekFrom::Start(offset)).map_err(cannot)?;
+                Ok(Lines::Read(Box::new(BufReader::with_capacity(1 << 20, f)), offset))
+            }
+            Source::Bytes { .. } | Source::Generate(_) => {
+                let mut r = self.open_reader()?;
+                let skipped = std::io::copy(&mut (&mut r).take(offset), &mut std::io::sink()).map_err(cannot)?;
+                if skipped < offset {
+                    return Err(cannot(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+                Ok(Lines::Read(r, offset))
+            }
+            _ => Err(EngineError::Unsupported(format!(
+                "{} cannot be read again from a checkpoint",
+                self.name()
+            ))),
+        }
+    }
+
+    /// Whether a checkpoint can resume this source at a byte offset.
+    pub fn replayable(&self) -> bool {
+        matches!(self, Source::File(_) | Source::Bytes { .. } | Source::Generate(_))
     }
 }
 
@@ -188,10 +231,12 @@ impl Lines {
     pub fn next(&mut self, buf: &mut Vec<u8>, wait: Duration) -> std::io::Result<Next> {
         buf.clear();
         match self {
-            Lines::Read(r) => {
-                if r.read_until(b'\n', buf)? == 0 {
+            Lines::Read(r, offset) => {
+                let n = r.read_until(b'\n', buf)?;
+                if n == 0 {
                     return Ok(Next::End);
                 }
+                *offset += n as u64;
             }
             Lines::Decoded(events, at) => {
                 let Some(ev) = events.get(*at) else { return Ok(Next::End) };
@@ -206,6 +251,14 @@ impl Lines {
         }
         trim_line_ending(buf);
         Ok(Next::Line)
+    }
+
+    /// The byte offset of the next line (byte streams; 0 otherwise).
+    pub fn offset(&self) -> u64 {
+        match self {
+            Lines::Read(_, offset) => *offset,
+            _ => 0,
+        }
     }
 
     pub fn is_live(&self) -> bool {

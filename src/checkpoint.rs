@@ -1,0 +1,483 @@
+//! Checkpoints: what a run needs to go on after a crash, written atomically.
+//!
+//! A differential dataflow is a function of its input collections, so a
+//! checkpoint does not copy the dataflow's arrangements: it keeps the
+//! *inputs* each reader fed, consolidated, and the few pieces of state that
+//! are not a function of the inputs at one tick. At a checkpoint with
+//! delivered frontier `C` (every tick before it is out), each reader's log
+//! of updates is compacted: updates before `C` move to the last delivered
+//! tick `L = C - tick` and consolidate, and windowed facts whose expiry is
+//! at or before `L` are dropped (the window operator would have retracted
+//! them by then). Updates at `C` or later keep their ticks. A restarted run
+//! feeds these updates into a fresh dataflow, so every collection at every
+//! tick from `L` on equals the original's; the sink suppresses ticks before
+//! `C`, and the diffs from `C` on are the original's, line for line.
+//!
+//! Besides the input logs a reader's checkpoint holds its sequential state:
+//! the clock, the dedupe memory, the identity ticks, the lifetime "latest
+//! value" winners, the dead letters sent but not yet written, and its input
+//! position (source, byte offset and line number of file input; next offset
+//! per Kafka partition). The snapshot also holds the output positions at `C`
+//! (the byte lengths of the output and dead-letter files, so a restart cuts
+//! them back and continues: exactly once), and the clusterings' models as of
+//! `L` (a model's numbering depends on the models before it, which the inputs
+//! at one tick cannot tell).
+//!
+//! On disk a checkpoint is `ckpt-<seq>.shoal`: an 8-byte magic, the format
+//! version, the payload's length and its xxh3-64 checksum, then the payload
+//! in postcard (serde; see docs/decisions.md "Checkpoints" for the encodings
+//! measured). It is written to a temporary file, fsynced, renamed into place
+//! and the directory fsynced; the newest [`KEEP`] are kept. On start the
+//! newest one that is whole and checksums is used; a corrupt or truncated
+//! one is reported and skipped; one written by another version, spec or
+//! clock options is refused, naming what differs.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ingest::{Counters, Key, Label};
+use crate::terms::Pay;
+use crate::window::Fact;
+
+/// The on-disk format; a checkpoint of another format is refused.
+pub const FORMAT: u32 = 1;
+const MAGIC: &[u8; 8] = b"SHOALCKP";
+const HEADER: usize = 8 + 4 + 8 + 8;
+/// Checkpoints kept in the directory (the newest first).
+pub const KEEP: usize = 3;
+
+/// What a checkpoint must agree with to be used.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// shoal's version.
+    pub version: String,
+    /// A digest of the compiled spec.
+    pub spec: u64,
+    pub tick: u64,
+    pub lateness: u64,
+    pub dedupe_horizon: u64,
+    pub until: Option<u64>,
+    /// The inputs, in order (file names, or Kafka topics).
+    pub inputs: Vec<String>,
+    /// Readers: 1 for line input, the number of workers for Kafka.
+    pub readers: usize,
+}
+
+impl Fingerprint {
+    /// What differs from `other`, in words, or `None`.
+    pub fn differs(&self, other: &Fingerprint) -> Option<String> {
+        let mut what = Vec::new();
+        if self.version != other.version {
+            what.push(format!("shoal version {} (this is {})", self.version, other.version));
+        }
+        if self.spec != other.spec {
+            what.push("the spec".to_string());
+        }
+        if (self.tick, self.lateness, self.dedupe_horizon, self.until) != (other.tick, other.lateness, other.dedupe_horizon, other.until) {
+            what.push("--tick, --lateness, --dedupe-horizon or --until".to_string());
+        }
+        if self.inputs != other.inputs {
+            what.push(format!("the inputs {:?} (these are {:?})", self.inputs, other.inputs));
+        }
+        if self.readers != other.readers {
+            what.push(format!("{} readers (this run has {})", self.readers, other.readers));
+        }
+        (!what.is_empty()).then(|| what.join(", "))
+    }
+}
+
+/// The output as of the checkpoint's delivered frontier.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mark {
+    /// Every tick before it is written and acknowledged.
+    pub frontier: u64,
+    /// Byte length of the output file (`None`: not a regular file).
+    pub changes: Option<u64>,
+    /// Byte length of the dead-letter file.
+    pub dead: Option<u64>,
+    /// Lines written so far.
+    pub diffs: u64,
+    /// Dead letters written so far, by reader (worker index).
+    pub dead_written: BTreeMap<usize, u64>,
+}
+
+/// The latest [`Mark`] the sink recorded, and handles of its output files
+/// to fsync before a checkpoint that counts their bytes is written.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    pub mark: Mark,
+    pub files: Vec<std::fs::File>,
+}
+
+impl Delivered {
+    /// The mark, once the bytes it counts are on disk.
+    pub fn synced(&self) -> std::io::Result<Mark> {
+        for f in &self.files {
+            f.sync_data()?;
+        }
+        Ok(self.mark.clone())
+    }
+}
+
+/// Where a reader is in its input.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Position {
+    /// Line sources: the source's index, the byte offset in it of the next
+    /// line, and the number of lines read from it.
+    Lines { source: usize, offset: u64, line: u64 },
+    /// Kafka: per partition, the next offset and the largest event time read.
+    Kafka(Vec<PartitionPosition>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionPosition {
+    pub topic: String,
+    pub partition: i32,
+    pub next: i64,
+    pub max_time: Option<u64>,
+    pub effect: u64,
+}
+
+/// The sequential state of [`crate::ingest::Ingest`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngestState {
+    pub max_time: Option<u64>,
+    pub now: Option<u64>,
+    /// Dedupe memory: key and first time.
+    pub remembered: Vec<(u128, u64)>,
+    pub counters: Counters,
+}
+
+/// The identity ticks of [`crate::ingest::Identities`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityState {
+    pub seen: Vec<(Key, u64)>,
+    pub named: Vec<(Key, u64)>,
+    pub links: Vec<((Key, Key), u64)>,
+}
+
+/// One reader's part of a checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReaderState {
+    pub worker: usize,
+    pub ingest: IngestState,
+    pub identities: IdentityState,
+    pub winners: Vec<((Key, u32), (u64, Pay))>,
+    pub facts: Vec<(Fact, u64, isize)>,
+    pub nodes: Vec<((Key, Label), u64, isize)>,
+    pub links: Vec<((Key, Key), u64, isize)>,
+    /// Dead letters sent but not yet written, in order.
+    pub dead: Vec<String>,
+    /// Dead letters sent so far.
+    pub dead_sent: u64,
+    pub position: Position,
+}
+
+/// A whole checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub fingerprint: Fingerprint,
+    pub seq: u64,
+    pub mark: Mark,
+    pub readers: Vec<ReaderState>,
+    /// Per clustering of the plan: its model as of the last delivered tick.
+    pub clusters: Vec<Option<crate::cluster::Model>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The directory cannot be used, or a write failed.
+    #[error("checkpoint directory {dir}: {what}: {error}")]
+    Io { dir: String, what: String, error: std::io::Error },
+    /// A checkpoint that is whole but made for something else.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Why bytes are not a checkpoint.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Corrupt(pub String);
+
+/// The bytes of a checkpoint file.
+pub fn encode(snap: &Snapshot) -> Vec<u8> {
+    let payload = postcard::to_stdvec(snap).expect("a snapshot serializes");
+    let mut out = Vec::with_capacity(HEADER + payload.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&FORMAT.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Reads a checkpoint file's bytes: the format, then the length, then the
+/// checksum, then the payload.
+pub fn decode(bytes: &[u8]) -> Result<Snapshot, Corrupt> {
+    if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+        return Err(Corrupt("not a shoal checkpoint (no header)".into()));
+    }
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let format = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if format != FORMAT {
+        return Err(Corrupt(format!("format {format}, this shoal reads format {FORMAT}")));
+    }
+    let (len, sum) = (word(12), word(20));
+    let payload = &bytes[HEADER..];
+    if payload.len() as u64 != len {
+        return Err(Corrupt(format!("truncated: {} of {len} bytes", payload.len())));
+    }
+    if xxhash_rust::xxh3::xxh3_64(payload) != sum {
+        return Err(Corrupt("checksum mismatch".into()));
+    }
+    postcard::from_bytes(payload).map_err(|e| Corrupt(format!("undecodable: {e}")))
+}
+
+/// A directory of checkpoints.
+#[derive(Clone, Debug)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating) `dir` and checks that a file can be written in it.
+    pub fn open(dir: &Path) -> Result<Store, CheckpointError> {
+        let store = Store { dir: dir.to_path_buf() };
+        std::fs::create_dir_all(dir).map_err(|e| store.io("cannot create it", e))?;
+        // Temporary files of writes a crash interrupted.
+        for entry in std::fs::read_dir(dir).map_err(|e| store.io("cannot list it", e))?.flatten() {
+            if entry.file_name().to_str().is_some_and(|n| n.starts_with(".ckpt-") && n.ends_with(".tmp")) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let probe = dir.join(".probe");
+        std::fs::write(&probe, b"").map_err(|e| store.io("cannot write in it", e))?;
+        let _ = std::fs::remove_file(probe);
+        Ok(store)
+    }
+
+    fn io(&self, what: &str, error: std::io::Error) -> CheckpointError {
+        CheckpointError::Io {
+            dir: self.dir.display().to_string(),
+            what: what.to_string(),
+            error,
+        }
+    }
+
+    /// The checkpoint files, newest first.
+    pub fn files(&self) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| self.io("cannot list it", e))? {
+            let path = entry.map_err(|e| self.io("cannot list it", e))?.path();
+            let seq = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("ckpt-")?.strip_suffix(".shoal")?.parse::<u64>().ok());
+            if let Some(seq) = seq {
+                files.push((seq, path));
+            }
+        }
+        files.sort_by_key(|f| std::cmp::Reverse(f.0));
+        Ok(files)
+    }
+
+    /// The newest usable checkpoint. Corrupt ones are reported (through
+    /// `warn`) and skipped; a whole one made for another spec, version or
+    /// options is refused.
+    pub fn latest(&self, fingerprint: &Fingerprint, mut warn: impl FnMut(String)) -> Result<Option<Snapshot>, CheckpointError> {
+        for (_, path) in self.files()? {
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn(format!("cannot read checkpoint {}: {e}; trying an older one", path.display()));
+                    continue;
+                }
+            };
+            match decode(&bytes) {
+                Ok(snap) => {
+                    if let Some(what) = snap.fingerprint.differs(fingerprint) {
+                        return Err(CheckpointError::Refused(format!(
+                            "checkpoint {} was made with different {what}; run with what it was made with, \
+                             or give another --state directory (or empty this one) to start over",
+                            path.display()
+                        )));
+                    }
+                    return Ok(Some(snap));
+                }
+                Err(Corrupt(why)) => warn(format!("checkpoint {} is unusable ({why}); trying an older one", path.display())),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Writes `snap` atomically (temporary file, fsync, rename, fsync of
+    /// the directory) and removes all but the newest [`KEEP`]. On failure
+    /// the temporary file is removed and earlier checkpoints stay.
+    pub fn write(&self, snap: &Snapshot) -> Result<PathBuf, CheckpointError> {
+        let bytes = encode(snap);
+        let path = self.dir.join(format!("ckpt-{:012}.shoal", snap.seq));
+        let tmp = self.dir.join(format!(".ckpt-{:012}.tmp", snap.seq));
+        let written = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(&self.dir)?.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(self.io(&format!("cannot write checkpoint {}", path.display()), e));
+        }
+        for (_, old) in self.files()?.into_iter().skip(KEEP) {
+            let _ = std::fs::remove_file(old);
+        }
+        Ok(path)
+    }
+}
+
+/// A reader's log of the updates it fed one input, compacted at each
+/// checkpoint (see the module docs).
+#[derive(Clone, Debug)]
+pub struct Log<D> {
+    pub updates: Vec<(D, u64, isize)>,
+}
+
+impl<D> Default for Log<D> {
+    fn default() -> Self {
+        Log { updates: Vec::new() }
+    }
+}
+
+impl<D: Ord + Clone> Log<D> {
+    pub fn push(&mut self, d: D, t: u64, r: isize) {
+        self.updates.push((d, t, r));
+    }
+
+    /// Moves updates before `frontier` to `frontier - tick`, drops those
+    /// `gone` says are gone by then, and consolidates.
+    pub fn compact(&mut self, frontier: u64, tick: u64, gone: impl Fn(&D, u64) -> bool) {
+        let last = frontier.saturating_sub(tick);
+        for (_, t, _) in self.updates.iter_mut() {
+            if *t < frontier {
+                *t = last;
+            }
+        }
+        differential_dataflow::consolidation::consolidate_updates(&mut self.updates);
+        self.updates.retain(|(d, t, _)| *t >= frontier || !gone(d, last));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            fingerprint: Fingerprint {
+                version: "0".into(),
+                spec: 7,
+                tick: 1000,
+                lateness: 0,
+                dedupe_horizon: 0,
+                until: None,
+                inputs: vec!["a".into()],
+                readers: 1,
+            },
+            seq: 3,
+            mark: Mark::default(),
+            readers: vec![ReaderState {
+                worker: 0,
+                ingest: IngestState::default(),
+                identities: IdentityState::default(),
+                winners: vec![],
+                facts: vec![((1, 0, 5, Pay::Unit), 1000, 1)],
+                nodes: vec![],
+                links: vec![],
+                dead: vec!["x".into()],
+                dead_sent: 1,
+                position: Position::Lines {
+                    source: 0,
+                    offset: 10,
+                    line: 1,
+                },
+            }],
+            clusters: vec![None],
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_reads_back() {
+        let snap = snapshot();
+        assert_eq!(decode(&encode(&snap)), Ok(snap));
+    }
+
+    #[test]
+    fn every_truncation_and_every_flipped_byte_is_detected() {
+        let bytes = encode(&snapshot());
+        for n in 0..bytes.len() {
+            assert!(decode(&bytes[..n]).is_err(), "truncated to {n}");
+        }
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x40;
+            assert!(decode(&b).is_err(), "byte {i} flipped");
+        }
+    }
+
+    #[test]
+    fn the_store_keeps_the_newest_and_falls_back_past_a_corrupt_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut snap = snapshot();
+        for seq in 1..=5 {
+            snap.seq = seq;
+            store.write(&snap).unwrap();
+        }
+        let seqs: Vec<u64> = store.files().unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(seqs, vec![5, 4, 3]);
+        let newest = store.files().unwrap()[0].1.clone();
+        let len = std::fs::metadata(&newest).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&newest)
+            .unwrap()
+            .set_len(len - 1)
+            .unwrap();
+        let mut warnings = Vec::new();
+        let got = store.latest(&snap.fingerprint, |w| warnings.push(w)).unwrap().unwrap();
+        assert_eq!(got.seq, 4);
+        assert!(warnings[0].contains("truncated"), "{warnings:?}");
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_spec_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let snap = snapshot();
+        store.write(&snap).unwrap();
+        let mut other = snap.fingerprint.clone();
+        other.spec = 8;
+        match store.latest(&other, |_| {}) {
+            Err(CheckpointError::Refused(m)) => assert!(m.contains("the spec"), "{m}"),
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn compaction_moves_old_updates_to_the_last_tick_and_drops_what_is_gone() {
+        let mut log = Log::default();
+        log.push(1u64, 1000, 1);
+        log.push(1, 2000, 1);
+        log.push(2, 1000, 1);
+        log.push(2, 3000, -1);
+        log.push(3, 5000, 1);
+        log.compact(4000, 1000, |d, _| *d == 9);
+        assert_eq!(log.updates, vec![(1, 3000, 2), (3, 5000, 1)], "2 nets to zero; 3 keeps its tick");
+        log.push(9, 2000, 1);
+        log.compact(6000, 1000, |d, _| *d == 9);
+        assert_eq!(log.updates, vec![(1, 5000, 2), (3, 5000, 1)], "9 is gone");
+    }
+}
