@@ -24,7 +24,6 @@ use serde_json::{json, Value as Json_};
 
 use crate::clock::{format_time, parse_duration, parse_time_arg};
 use crate::engine::EngineError;
-use crate::plan::Formula;
 use crate::serve::{parse_id, value_json, ApiError, Command, Def, Model, Served};
 
 /// The live page: one static file, no build step.
@@ -200,19 +199,6 @@ async fn history(State(s): St, Path(name): Path<String>, Query(q): Query<Range>)
     Ok(Json(json!({"clock": clock_json(&m), "segment": name, "points": points})))
 }
 
-/// The atoms a formula reads.
-fn atoms_of(f: &Formula, out: &mut Vec<usize>) {
-    match f {
-        Formula::Atom(a) => out.push(*a),
-        Formula::Not(x) => atoms_of(x, out),
-        Formula::And(x, y) | Formula::Or(x, y) => {
-            atoms_of(x, out);
-            atoms_of(y, out)
-        }
-        _ => {}
-    }
-}
-
 async fn profile(State(s): St, Path(id): Path<String>) -> Result<Json<Json_>, ApiError> {
     let m = read(&s);
     let not_found = |profile: Option<String>| ApiError::NotFound {
@@ -242,19 +228,12 @@ async fn profile(State(s): St, Path(id): Path<String>) -> Result<Json<Json_>, Ap
         if !seg.live() {
             continue;
         }
-        let why: Vec<Json_> = Model::conditions(&seg.source)
+        let why: Vec<Json_> = m
+            .why(slot, key)
             .into_iter()
-            .map(|(text, _)| match m.compile(&text, Some(slot)) {
-                Ok((_, plan, formula)) => {
-                    let mut atoms = Vec::new();
-                    atoms_of(&formula, &mut atoms);
-                    let values: Vec<Json_> = atoms
-                        .iter()
-                        .flat_map(|&a| plan.atoms[a].terms.iter().map(|&t| value_json(&m.term_value(&plan, t, key))))
-                        .collect();
-                    json!({"condition": text, "holds": m.holds(&plan, &formula, key), "values": values})
-                }
-                Err(_) => json!({"condition": text, "holds": null}),
+            .map(|c| {
+                let values: Vec<Json_> = c.values.iter().map(value_json).collect();
+                json!({"condition": c.text, "holds": c.holds, "values": values})
             })
             .collect();
         segments.insert(

@@ -62,7 +62,12 @@ pub struct SegState {
     pub description: Option<String>,
     /// The `when` text.
     pub source: String,
+    /// The checked `when` (the tree `def`'s formula was planned from).
+    pub expr: Option<Expr>,
     pub def: Def,
+    /// The dataflow's members of a spec segment changed or removed at run
+    /// time: spec segments that read it with `in_segment` still read these.
+    pub engine_keys: Option<FxHashSet<Key>>,
     /// Members by id text (for paging by bytes).
     pub members: BTreeSet<String>,
     pub keys: FxHashSet<Key>,
@@ -165,7 +170,9 @@ impl Served {
                 name: s.name.clone(),
                 description: s.description.clone(),
                 source: s.source.clone(),
+                expr: Some(s.when.clone()),
                 def: Def::Spec,
+                engine_keys: None,
                 members: BTreeSet::new(),
                 keys: FxHashSet::default(),
                 history: Vec::new(),
@@ -262,8 +269,18 @@ impl Model {
             .unwrap_or_else(|| def.agg.empty())
     }
 
-    /// Whether `f` holds of `profile` (a profile of the universe).
+    /// Whether `f` holds of `profile` (a profile of the universe), reading
+    /// the served memberships for `in_segment` (runtime segments, previews).
     pub fn holds(&self, plan: &Plan, f: &Formula, profile: Key) -> bool {
+        self.holds_as(plan, f, profile, Reads::Served)
+    }
+
+    /// Whether `f` holds of `profile`, with the same semantics as the
+    /// dataflow (`crate::rules`): an atom over the term values (a term
+    /// without a row has its empty value; a comparison with a missing side
+    /// is false), `not` the complement within the universe, `in_segment` the
+    /// memberships `reads` names.
+    pub fn holds_as(&self, plan: &Plan, f: &Formula, profile: Key, reads: Reads) -> bool {
         match f {
             Formula::True => true,
             Formula::False => false,
@@ -272,11 +289,57 @@ impl Model {
                 let slots: Vec<Value> = def.terms.iter().map(|&t| self.term_value(plan, t, profile)).collect();
                 def.holds(&slots)
             }
-            Formula::Segment(s) => self.segments.get(*s).is_some_and(|s| s.keys.contains(&profile)),
-            Formula::Not(x) => !self.holds(plan, x, profile),
-            Formula::And(x, y) => self.holds(plan, x, profile) && self.holds(plan, y, profile),
-            Formula::Or(x, y) => self.holds(plan, x, profile) || self.holds(plan, y, profile),
+            Formula::Segment(s) => self.segments.get(*s).is_some_and(|s| match (reads, &s.engine_keys) {
+                (Reads::Engine, Some(keys)) => keys.contains(&profile),
+                _ => s.keys.contains(&profile),
+            }),
+            Formula::Not(x) => !self.holds_as(plan, x, profile, reads),
+            Formula::And(x, y) => self.holds_as(plan, x, profile, reads) && self.holds_as(plan, y, profile, reads),
+            Formula::Or(x, y) => self.holds_as(plan, x, profile, reads) || self.holds_as(plan, y, profile, reads),
         }
+    }
+
+    /// Why `profile` is in or out of segment `slot`: each condition of its
+    /// `when` (comparisons, `since`, `in_segment`, bare values; under `not`,
+    /// the condition it negates) with whether it holds now and the values
+    /// of the terms it reads. Each condition is the very sub-formula the
+    /// segment's formula was planned from, evaluated over the model's term
+    /// rows as the dataflow evaluates it (a spec segment's `in_segment`
+    /// reads the dataflow's memberships), so `holds` is always a boolean
+    /// and the segment's formula over them gives `member`.
+    pub fn why(&self, slot: usize, profile: Key) -> Vec<Condition> {
+        let seg = &self.segments[slot];
+        let (plan, formula, reads) = match &seg.def {
+            Def::Spec => match self.plan.segments.get(slot) {
+                Some(s) => (&*self.plan, &s.formula, Reads::Engine),
+                None => return Vec::new(),
+            },
+            Def::Runtime { plan, formula } => (&**plan, formula, Reads::Served),
+            Def::Deleted => return Vec::new(),
+        };
+        let Some(expr) = &seg.expr else {
+            return Vec::new();
+        };
+        let mut leaves = Vec::new();
+        condition_leaves(expr, formula, &mut leaves);
+        let texts = condition_texts(&seg.source, &leaves.iter().map(|(e, _)| *e).collect::<Vec<_>>());
+        leaves
+            .into_iter()
+            .zip(texts)
+            .map(|((_, f), text)| {
+                let mut atoms = Vec::new();
+                atoms_of(f, &mut atoms);
+                let values = atoms
+                    .iter()
+                    .flat_map(|&a| plan.atoms[a].terms.iter().map(|&t| self.term_value(plan, t, profile)))
+                    .collect();
+                Condition {
+                    text,
+                    holds: self.holds_as(plan, f, profile, reads),
+                    values,
+                }
+            })
+            .collect()
     }
 
     /// Compiles a `when` against the running plan. `slot` is the segment
@@ -410,10 +473,22 @@ impl Model {
         }
         let mut out = Vec::new();
         for (seg, id, r) in members {
-            if r == 0 || !matches!(self.segments.get(seg).map(|s| &s.def), Some(Def::Spec)) {
+            let Some(s) = self.segments.get_mut(seg).filter(|_| r != 0) else {
+                continue;
+            };
+            let key = key_of(id.kind, &id.name);
+            if !matches!(s.def, Def::Spec) {
+                // Changed or removed at run time: served by the model, but
+                // spec segments reading it still see the dataflow's members.
+                if let Some(keys) = s.engine_keys.as_mut() {
+                    if r > 0 {
+                        keys.insert(key);
+                    } else {
+                        keys.remove(&key);
+                    }
+                }
                 continue;
             }
-            let key = key_of(id.kind, &id.name);
             touched.insert(key);
             let id = id.to_string();
             self.set_member(seg, key, id.clone(), r > 0);
@@ -467,13 +542,15 @@ impl Model {
                 // Compile again here: the segments may have changed since the check.
                 match self.compile(&source, existing) {
                     Err(e) => (reply, Err(e)),
-                    Ok((_, plan, formula)) => {
+                    Ok((expr, plan, formula)) => {
                         let slot = existing.unwrap_or_else(|| {
                             self.segments.push(SegState {
                                 name: name.clone(),
                                 description: None,
                                 source: String::new(),
+                                expr: None,
                                 def: Def::Deleted,
+                                engine_keys: None,
                                 members: BTreeSet::new(),
                                 keys: FxHashSet::default(),
                                 history: Vec::new(),
@@ -485,6 +562,10 @@ impl Model {
                         let s = &mut self.segments[slot];
                         s.description = description.or(s.description.take());
                         s.source = source;
+                        s.expr = Some(expr);
+                        if matches!(s.def, Def::Spec) {
+                            s.engine_keys = Some(s.keys.clone());
+                        }
                         s.def = Def::Runtime {
                             plan: Arc::new(plan),
                             formula,
@@ -503,7 +584,11 @@ impl Model {
                     }),
                 ),
                 Some(slot) => {
-                    self.segments[slot].def = Def::Deleted;
+                    let s = &mut self.segments[slot];
+                    if matches!(s.def, Def::Spec) {
+                        s.engine_keys = Some(s.keys.clone());
+                    }
+                    s.def = Def::Deleted;
                     self.redefine(slot, &mut out);
                     (reply, Ok(0))
                 }
@@ -537,49 +622,81 @@ impl Model {
             self.refresh(later, &all, out);
         }
     }
+}
 
-    /// The conditions of a `when` (its comparisons, `in_segment`s and bare
-    /// values), each with its text in `source`.
-    pub fn conditions(source: &str) -> Vec<(String, Expr)> {
-        let Ok(e) = crate::spec::parse::parse_when(source) else {
-            return Vec::new();
-        };
-        let mut leaves = Vec::new();
-        fn walk(e: &Expr, out: &mut Vec<Expr>) {
-            match &e.kind {
-                ExprKind::And(a, b) | ExprKind::Or(a, b) => {
-                    walk(a, out);
-                    walk(b, out)
-                }
-                ExprKind::Not(a) => walk(a, out),
-                _ => out.push(e.clone()),
-            }
+/// Whose memberships `in_segment` reads when evaluating a formula.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reads {
+    /// The served members (what runtime segments and previews read).
+    Served,
+    /// The dataflow's members (what a spec segment's formula reads inside
+    /// the dataflow, even after the segment it names was changed at run
+    /// time).
+    Engine,
+}
+
+/// One condition of a segment for one profile (`GET /profiles/{id}`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Condition {
+    /// Its text in the segment's `when`.
+    pub text: String,
+    pub holds: bool,
+    /// The current values of the terms it reads.
+    pub values: Vec<Value>,
+}
+
+/// The atoms a formula reads.
+fn atoms_of(f: &Formula, out: &mut Vec<usize>) {
+    match f {
+        Formula::Atom(a) => out.push(*a),
+        Formula::Not(x) => atoms_of(x, out),
+        Formula::And(x, y) | Formula::Or(x, y) => {
+            atoms_of(x, out);
+            atoms_of(y, out)
         }
-        walk(&e, &mut leaves);
-        let offset = |e: &Expr| -> usize {
-            let mut off = 0;
-            for (i, line) in source.split_inclusive('\n').enumerate() {
-                if i + 1 == e.pos.line {
-                    return off
-                        + line
-                            .char_indices()
-                            .nth(e.pos.column.saturating_sub(1))
-                            .map_or(line.len(), |(b, _)| b);
-                }
-                off += line.len();
-            }
-            source.len()
-        };
-        let starts: Vec<usize> = leaves.iter().map(offset).collect();
-        leaves
-            .into_iter()
-            .enumerate()
-            .map(|(i, e)| {
-                let end = starts.get(i + 1).copied().unwrap_or(source.len()).max(starts[i]);
-                (trim_condition(&source[starts[i]..end]), e)
-            })
-            .collect()
+        _ => {}
     }
+}
+
+/// The conditions of a checked `when` paired with their sub-formulas:
+/// `Plan::formula` maps `and`/`or`/`not` one to one, so walking both trees
+/// together finds, for each leaf of the expression (a comparison, a
+/// `since` comparison, `in_segment`, a bare value), the formula it became.
+fn condition_leaves<'a>(e: &'a Expr, f: &'a Formula, out: &mut Vec<(&'a Expr, &'a Formula)>) {
+    match (&e.kind, f) {
+        (ExprKind::And(a, b), Formula::And(x, y)) | (ExprKind::Or(a, b), Formula::Or(x, y)) => {
+            condition_leaves(a, x, out);
+            condition_leaves(b, y, out)
+        }
+        (ExprKind::Not(a), Formula::Not(x)) => condition_leaves(a, x, out),
+        _ => out.push((e, f)),
+    }
+}
+
+/// The text in `source` of each leaf (in source order): from where it
+/// starts up to where the next begins, without what joins them.
+fn condition_texts(source: &str, leaves: &[&Expr]) -> Vec<String> {
+    let offset = |e: &Expr| -> usize {
+        let mut off = 0;
+        for (i, line) in source.split_inclusive('\n').enumerate() {
+            if i + 1 == e.pos.line {
+                return off
+                    + line
+                        .char_indices()
+                        .nth(e.pos.column.saturating_sub(1))
+                        .map_or(line.len(), |(b, _)| b);
+            }
+            off += line.len();
+        }
+        source.len()
+    };
+    let starts: Vec<usize> = leaves.iter().map(|e| offset(e)).collect();
+    (0..leaves.len())
+        .map(|i| {
+            let end = starts.get(i + 1).copied().unwrap_or(source.len()).max(starts[i]);
+            trim_condition(&source[starts[i]..end])
+        })
+        .collect()
 }
 
 /// The text of one condition sliced up to the next: drops what joins it to
