@@ -129,6 +129,9 @@ pub struct Served {
     /// Each reader's counters, by worker index (this process).
     pub counters: Mutex<FxHashMap<usize, Counters>>,
     pub stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when the run is over: the server stops accepting, `/stream`
+    /// subscriptions end, answers in flight finish (see `crate::http`).
+    pub closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// A reply to a runtime definition.
@@ -199,6 +202,7 @@ impl Served {
             stream: tokio::sync::broadcast::channel(4096).0,
             counters: Mutex::new(FxHashMap::default()),
             stop,
+            closing: tokio::sync::watch::Sender::new(false),
         })
     }
 
