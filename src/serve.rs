@@ -366,7 +366,23 @@ impl Model {
                 column: e.column,
             }
         })?;
-        let (plan, formula) = self.plan.extend(&expr, &live).map_err(ApiError::Unprocessable)?;
+        let (plan, formula) = self.plan.extend(&expr, &live).map_err(|_| {
+            // Name the conditions that need a new term, as written.
+            let mut leaves = Vec::new();
+            expr_leaves(&expr, &mut leaves);
+            let texts = condition_texts(source, &leaves);
+            let missing: Vec<String> = leaves
+                .iter()
+                .zip(texts)
+                .filter(|(leaf, _)| self.plan.extend(leaf, &live).is_err())
+                .map(|(_, text)| text)
+                .collect();
+            ApiError::Unprocessable(format!(
+                "{} reads a term the running spec does not compute: only the spec's own terms keep \
+                 their history in the dataflow's windows, so a segment over it could not start complete",
+                missing.join("; ")
+            ))
+        })?;
         Ok((expr, plan, formula))
     }
 
@@ -674,6 +690,18 @@ fn condition_leaves<'a>(e: &'a Expr, f: &'a Formula, out: &mut Vec<(&'a Expr, &'
         }
         (ExprKind::Not(a), Formula::Not(x)) => condition_leaves(a, x, out),
         _ => out.push((e, f)),
+    }
+}
+
+/// The conditions of a `when` (as [`condition_leaves`], without a formula).
+fn expr_leaves<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
+    match &e.kind {
+        ExprKind::And(a, b) | ExprKind::Or(a, b) => {
+            expr_leaves(a, out);
+            expr_leaves(b, out)
+        }
+        ExprKind::Not(a) => expr_leaves(a, out),
+        _ => out.push(e),
     }
 }
 

@@ -175,6 +175,16 @@ fn api_agrees_with_the_diffs_and_the_reference() {
     assert_eq!(http(&addr, "DELETE", "/segments/nope", None).0, 404);
     assert_eq!(http(&addr, "GET", "/profiles/user:nobody-at-all", None).0, 404);
     assert_eq!(http(&addr, "POST", "/segments/preview", Some("not json")).0, 400);
+    // A term the spec does not compute has no history: 422 names the condition.
+    let unknown = r#"{"when":"count('Product Viewed', 48h) >= 1 and count('Never Seen', 1h) >= 1"}"#;
+    for (method, path) in [("POST", "/segments/preview"), ("PUT", "/segments/never")] {
+        let (status, body) = http(&addr, method, path, Some(unknown));
+        assert_eq!(status, 422, "{body}");
+        let e: Value = serde_json::from_str(&body).unwrap();
+        let message = e["error"].as_str().unwrap();
+        assert!(message.starts_with("count('Never Seen', 1h) >= 1 reads a term"), "{message}");
+    }
+    assert_eq!(http(&addr, "GET", "/segments/never/members", None).0, 404);
 
     // Preview: the reach of a definition, not added.
     let body = serde_json::json!({ "when": ADDED }).to_string();
