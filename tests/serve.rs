@@ -293,6 +293,9 @@ const MIXED: [&str; 7] = [
 /// Added at run time over the spec's terms (a new atom over a computed term).
 const RUNTIME: &str = "not in_segment('mixed') and count('Product Viewed', 48h) >= 1";
 
+/// `viewers` as changed at run time.
+const CHANGED: &str = "count('Product Viewed', 48h) >= 4";
+
 #[test]
 fn why_holds_as_the_reference_evaluates_each_condition() {
     let dir = tempfile::tempdir().unwrap();
@@ -304,22 +307,36 @@ fn why_holds_as_the_reference_evaluates_each_condition() {
     let (status, put) = http(&addr, "PUT", "/segments/runtime", Some(&body));
     assert_eq!(status, 200, "{put}");
 
-    // The reference evaluates each condition as a segment of its own.
-    let mut full = WHY_SPEC.to_string();
-    let conditions: Vec<(&str, Vec<&str>)> = vec![
-        ("engaged", vec!["score.engagement >= 8", "in_segment('viewers')"]),
-        ("viewers", vec!["count('Product Viewed', 48h) >= 3"]),
-        ("mixed", MIXED.to_vec()),
-        ("runtime", vec!["in_segment('mixed')", "count('Product Viewed', 48h) >= 1"]),
+    // The reference evaluates each condition as a segment of its own:
+    // `KEY_i` for condition i, `KEY` for the whole, where KEY is the segment
+    // or, for `viewers` changed at run time (below), `changed`.
+    let engaged = vec!["score.engagement >= 8", "in_segment('viewers')"];
+    let runtime = vec!["in_segment('mixed')", "count('Product Viewed', 48h) >= 1"];
+    let before: Vec<(&str, &str, Vec<&str>)> = vec![
+        ("engaged", "engaged", engaged.clone()),
+        ("viewers", "viewers", vec!["count('Product Viewed', 48h) >= 3"]),
+        ("mixed", "mixed", MIXED.to_vec()),
+        ("runtime", "runtime", runtime.clone()),
     ];
-    full.push_str(&format!(
-        "\n[[segment]]\nname = \"runtime\"\nwhen = {}\n",
-        serde_json::to_string(RUNTIME).unwrap()
-    ));
-    for (segment, texts) in &conditions {
+    // A spec segment changed at run time: spec segments that read it
+    // (`engaged`, `mixed`) still read the dataflow's, the spec's, members.
+    let after: Vec<(&str, &str, Vec<&str>)> = vec![
+        ("engaged", "engaged", engaged),
+        ("viewers", "changed", vec![CHANGED]),
+        ("mixed", "mixed", MIXED.to_vec()),
+        ("runtime", "runtime", runtime),
+    ];
+    let mut full = WHY_SPEC.to_string();
+    for (name, when) in [("runtime", RUNTIME), ("changed", CHANGED)] {
+        full.push_str(&format!(
+            "\n[[segment]]\nname = \"{name}\"\nwhen = {}\n",
+            serde_json::to_string(when).unwrap()
+        ));
+    }
+    for (_, key, texts) in before.iter().chain(&after[1..2]) {
         for (i, text) in texts.iter().enumerate() {
             full.push_str(&format!(
-                "\n[[segment]]\nname = \"{segment}_{i}\"\nwhen = {}\n",
+                "\n[[segment]]\nname = \"{key}_{i}\"\nwhen = {}\n",
                 serde_json::to_string(text).unwrap()
             ));
         }
@@ -333,34 +350,38 @@ fn why_holds_as_the_reference_evaluates_each_condition() {
     let profiles: BTreeSet<String> = members.values().flatten().cloned().collect();
     assert!(profiles.len() > 50, "{} profiles", profiles.len());
 
-    let mut seen = BTreeMap::new();
-    for p in &profiles {
-        let profile = get(&addr, &format!("/profiles/{}", urlencode(p)));
-        assert_eq!(profile["clock"], clock.as_str());
-        for (segment, texts) in &conditions {
-            let answer = &profile["segments"][segment];
-            assert_eq!(answer["member"], of(segment).contains(p), "{p} in {segment}");
-            let why = answer["why"].as_array().unwrap();
-            let got: Vec<&str> = why.iter().map(|c| c["condition"].as_str().unwrap()).collect();
-            assert_eq!(&got, texts, "{segment}");
-            for (i, c) in why.iter().enumerate() {
-                let expected = of(&format!("{segment}_{i}")).contains(p);
-                assert_eq!(c["holds"], expected, "{p}: {segment}: {}", texts[i]);
-                *seen.entry((segment.to_string(), i, expected)).or_insert(0) += 1;
+    let check = |conditions: &[(&str, &str, Vec<&str>)]| {
+        let mut seen = BTreeSet::new();
+        for p in &profiles {
+            let profile = get(&addr, &format!("/profiles/{}", urlencode(p)));
+            assert_eq!(profile["clock"], clock.as_str());
+            for (segment, key, texts) in conditions {
+                let answer = &profile["segments"][segment];
+                assert_eq!(answer["member"], of(key).contains(p), "{p} in {segment}");
+                let why = answer["why"].as_array().unwrap();
+                let got: Vec<&str> = why.iter().map(|c| c["condition"].as_str().unwrap()).collect();
+                assert_eq!(&got, texts, "{segment}");
+                for (i, c) in why.iter().enumerate() {
+                    let expected = of(&format!("{key}_{i}")).contains(p);
+                    assert_eq!(c["holds"], expected, "{p}: {segment}: {}", texts[i]);
+                    seen.insert((key.to_string(), i, expected));
+                }
             }
         }
-    }
-    // Both outcomes of every condition were checked somewhere.
-    for (segment, texts) in &conditions {
-        for (i, text) in texts.iter().enumerate() {
-            for outcome in [true, false] {
-                assert!(
-                    seen.contains_key(&(segment.to_string(), i, outcome)),
-                    "{segment}: {text} never {outcome}"
-                );
+        // Both outcomes of every condition were checked somewhere.
+        for (segment, key, texts) in conditions {
+            for (i, text) in texts.iter().enumerate() {
+                for outcome in [true, false] {
+                    assert!(seen.contains(&(key.to_string(), i, outcome)), "{segment}: {text} never {outcome}");
+                }
             }
         }
-    }
+    };
+    check(&before);
+    let body = serde_json::json!({ "when": CHANGED }).to_string();
+    let (status, put) = http(&addr, "PUT", "/segments/viewers", Some(&body));
+    assert_eq!(status, 200, "{put}");
+    check(&after);
 }
 
 /// Live input for the stream and identity tests.
