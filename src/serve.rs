@@ -732,7 +732,8 @@ fn condition_texts(source: &str, leaves: &[&Expr]) -> Vec<String> {
 }
 
 /// The text of one condition sliced up to the next: drops what joins it to
-/// the next (`and`, `or`, `not`, parentheses it does not open).
+/// the next (`and`, `or`, `not`, parentheses it does not open) and
+/// parentheses around the whole of it.
 fn trim_condition(text: &str) -> String {
     let mut t = text.trim_end();
     loop {
@@ -747,11 +748,67 @@ fn trim_condition(text: &str) -> String {
         if let Some(rest) = t.strip_suffix('(') {
             t = rest.trim_end();
         }
-        if t.ends_with(')') && t.matches(')').count() > t.matches('(').count() {
+        if t.ends_with(')') && depths(t).last().is_some_and(|&d| d < 0) {
             t = t[..t.len() - 1].trim_end();
+        }
+        // `(x >= 1)`: the group's parentheses, when they enclose all of it.
+        if t.starts_with('(') && t.ends_with(')') && !depths(&t[..t.len() - 1]).contains(&0) {
+            t = t[1..t.len() - 1].trim();
         }
         if t == before {
             return t.to_string();
         }
+    }
+}
+
+/// The parenthesis depth after each character of `t` (opens minus
+/// closes), skipping those inside string literals.
+fn depths(t: &str) -> Vec<i32> {
+    let (mut depth, mut quote, mut escaped) = (0, None, false);
+    t.chars()
+        .map(|c| {
+            match quote {
+                Some(_) if escaped => escaped = false,
+                Some(_) if c == '\\' => escaped = true,
+                Some(q) if c == q => quote = None,
+                Some(_) => {}
+                None => match c {
+                    '\'' | '"' => quote = Some(c),
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    _ => {}
+                },
+            }
+            depth
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts(source: &str) -> Vec<String> {
+        let e = crate::spec::compile_when(source, 1000, &|_| true).expect("a valid when");
+        let mut leaves = Vec::new();
+        expr_leaves(&e, &mut leaves);
+        condition_texts(source, &leaves)
+    }
+
+    #[test]
+    fn condition_texts_drop_what_joins_them() {
+        assert_eq!(
+            texts("not (count('a', 1h) >= 1 or trait.vip)\n  and ((since('b') < 2h))"),
+            ["count('a', 1h) >= 1", "trait.vip", "since('b') < 2h"]
+        );
+        assert_eq!(
+            texts("(count('a', 1h) + 1) * 2 >= 3 and (in_segment('x'))"),
+            ["(count('a', 1h) + 1) * 2 >= 3", "in_segment('x')"]
+        );
+        // Parentheses inside strings do not count.
+        assert_eq!(
+            texts("in_segment('a)b') or (trait.x == '(' and count(page where name == ':)', 1h) >= 1)"),
+            ["in_segment('a)b')", "trait.x == '('", "count(page where name == ':)', 1h) >= 1"]
+        );
     }
 }
