@@ -585,8 +585,10 @@ fn run_returns_only_after_the_server_closed() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let summary = done.recv_timeout(Duration::from_secs(60)).expect("run returns").unwrap();
     assert_eq!(summary.accepted, 2);
-    // By then the server is closed: the subscription has ended, nothing connects.
+    // By then the server is closed: nothing connects, the subscription has
+    // ended (checked second: a live stream's keep-alives would never let a
+    // read time out).
+    assert!(TcpStream::connect(&addr).is_err(), "still accepting after run returned");
     let mut rest = String::new();
     stream.read_to_string(&mut rest).unwrap();
-    assert!(TcpStream::connect(&addr).is_err(), "still accepting after run returned");
 }
