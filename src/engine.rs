@@ -319,20 +319,20 @@ pub fn run(job: Job) -> Result<Summary, EngineError> {
         _ => 0,
     };
     // Only process 0 serves: it holds worker 0, where the output is written.
-    let served = match (&job.http, process) {
+    let (served, server) = match (&job.http, process) {
         (Some(http), 0) => {
             let plan = Arc::new(Plan::new(&job.spec));
             let served = crate::serve::Served::new(&job.spec, plan, job.opts.tick, job.stop.clone());
             let listener =
                 std::net::TcpListener::bind(&http.addr).map_err(|e| EngineError::Io(format!("cannot listen on {}: {e}", http.addr)))?;
             let addr = listener.local_addr().map_err(|e| EngineError::Io(e.to_string()))?;
-            crate::http::spawn(listener, served.clone())?;
+            let server = crate::http::spawn(listener, served.clone())?;
             if let Some(f) = &http.on_listen {
                 f(addr);
             }
-            Some(served)
+            (Some(served), Some(server))
         }
-        _ => None,
+        _ => (None, None),
     };
     let checkpointing = match &job.state {
         Some(state) => Some(Arc::new(Checkpointing::open(&job, state, &config)?)),
@@ -351,6 +351,11 @@ pub fn run(job: Job) -> Result<Summary, EngineError> {
             Ok(None) => {}
             Err(e) => error = error.or(Some(e)),
         }
+    }
+    // The run is over: close the HTTP server and wait for it (dropping it
+    // on an early return does the same).
+    if let Some(server) = server {
+        server.shutdown();
     }
     match error {
         Some(e) => Err(e),

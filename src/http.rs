@@ -6,6 +6,12 @@
 //! Nothing a caller sends can stop the dataflow: the worker side of a
 //! command is a pure function of the model, and a panic in a handler stays
 //! in its task.
+//!
+//! The server ends with the run: `engine::run` shuts the returned
+//! [`Server`] down once the workers are done (after SIGINT/SIGTERM when
+//! serving) and joins its thread, so `run` returns only when the port is
+//! closed. Shutdown is graceful: no new connection is accepted, `/stream`
+//! subscriptions end their event streams, answers in flight finish.
 
 use std::collections::BTreeSet;
 use std::ops::Bound;
@@ -24,7 +30,6 @@ use serde_json::{json, Value as Json_};
 
 use crate::clock::{format_time, parse_duration, parse_time_arg};
 use crate::engine::EngineError;
-use crate::plan::Formula;
 use crate::serve::{parse_id, value_json, ApiError, Command, Def, Model, Served};
 
 /// The live page: one static file, no build step.
@@ -32,14 +37,52 @@ pub const PAGE: &str = include_str!("page.html");
 
 type St = State<Arc<Served>>;
 
-/// Serves on `listener` from a thread of its own until the process ends.
-pub fn spawn(listener: std::net::TcpListener, served: Arc<Served>) -> Result<(), EngineError> {
+/// How long answers in flight may take to finish once the run is over;
+/// connections still open after that are dropped.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// The HTTP server's thread. [`Server::shutdown`] (or dropping it) closes
+/// the server and waits for its thread: the listener is closed, `/stream`
+/// subscriptions end, answers in flight finish (for at most [`GRACE`]),
+/// and runtime definitions still queued are answered as refused.
+pub struct Server {
+    served: Arc<Served>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Closes the server and returns once its thread has ended.
+    pub fn shutdown(mut self) {
+        self.close();
+    }
+
+    fn close(&mut self) {
+        let Some(thread) = self.thread.take() else { return };
+        self.served.closing.send_replace(true);
+        // The sink no longer runs them: dropping a reply answers its caller.
+        self.served.commands.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        if thread.join().is_err() {
+            tracing::error!("the HTTP server's thread panicked");
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Serves on `listener` from a thread of its own until the returned
+/// [`Server`] is shut down.
+pub fn spawn(listener: std::net::TcpListener, served: Arc<Served>) -> Result<Server, EngineError> {
     listener.set_nonblocking(true).map_err(|e| EngineError::Io(e.to_string()))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| EngineError::Io(format!("cannot start the HTTP server: {e}")))?;
-    std::thread::Builder::new()
+    let state = served.clone();
+    let thread = std::thread::Builder::new()
         .name("shoal-http".into())
         .spawn(move || {
             runtime.block_on(async move {
@@ -50,13 +93,27 @@ pub fn spawn(listener: std::net::TcpListener, served: Arc<Served>) -> Result<(),
                         return;
                     }
                 };
-                if let Err(e) = axum::serve(listener, router(served)).await {
-                    tracing::error!("HTTP server: {e}");
+                let (mut graceful, mut deadline) = (state.closing.subscribe(), state.closing.subscribe());
+                let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+                    let _ = graceful.wait_for(|c| *c).await;
+                });
+                tokio::select! {
+                    r = server => if let Err(e) = r {
+                        tracing::error!("HTTP server: {e}");
+                    },
+                    _ = async move {
+                        let _ = deadline.wait_for(|c| *c).await;
+                        tokio::time::sleep(GRACE).await;
+                    } => tracing::warn!("HTTP connections still open {GRACE:?} after the end of the run were dropped"),
                 }
             })
+            // Dropping the runtime here cancels what is left of its tasks.
         })
         .map_err(|e| EngineError::Io(format!("cannot start the HTTP server: {e}")))?;
-    Ok(())
+    Ok(Server {
+        served,
+        thread: Some(thread),
+    })
 }
 
 pub fn router(served: Arc<Served>) -> Router {
@@ -200,19 +257,6 @@ async fn history(State(s): St, Path(name): Path<String>, Query(q): Query<Range>)
     Ok(Json(json!({"clock": clock_json(&m), "segment": name, "points": points})))
 }
 
-/// The atoms a formula reads.
-fn atoms_of(f: &Formula, out: &mut Vec<usize>) {
-    match f {
-        Formula::Atom(a) => out.push(*a),
-        Formula::Not(x) => atoms_of(x, out),
-        Formula::And(x, y) | Formula::Or(x, y) => {
-            atoms_of(x, out);
-            atoms_of(y, out)
-        }
-        _ => {}
-    }
-}
-
 async fn profile(State(s): St, Path(id): Path<String>) -> Result<Json<Json_>, ApiError> {
     let m = read(&s);
     let not_found = |profile: Option<String>| ApiError::NotFound {
@@ -242,19 +286,12 @@ async fn profile(State(s): St, Path(id): Path<String>) -> Result<Json<Json_>, Ap
         if !seg.live() {
             continue;
         }
-        let why: Vec<Json_> = Model::conditions(&seg.source)
+        let why: Vec<Json_> = m
+            .why(slot, key)
             .into_iter()
-            .map(|(text, _)| match m.compile(&text, Some(slot)) {
-                Ok((_, plan, formula)) => {
-                    let mut atoms = Vec::new();
-                    atoms_of(&formula, &mut atoms);
-                    let values: Vec<Json_> = atoms
-                        .iter()
-                        .flat_map(|&a| plan.atoms[a].terms.iter().map(|&t| value_json(&m.term_value(&plan, t, key))))
-                        .collect();
-                    json!({"condition": text, "holds": m.holds(&plan, &formula, key), "values": values})
-                }
-                Err(_) => json!({"condition": text, "holds": null}),
+            .map(|c| {
+                let values: Vec<Json_> = c.values.iter().map(value_json).collect();
+                json!({"condition": c.text, "holds": c.holds, "values": values})
             })
             .collect();
         segments.insert(
@@ -396,9 +433,14 @@ fn escape_label(s: &str) -> String {
 async fn stream(State(s): St) -> impl IntoResponse {
     use tokio_stream::StreamExt;
     let rx = s.stream.subscribe();
-    let events = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|line| {
-        line.ok()
-            .map(|l| Ok::<_, std::convert::Infallible>(Event::default().data(l.as_ref())))
-    });
+    // Lines until the server closes (a lagging subscriber skips lines), then the end.
+    let lines = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|line| line.ok().map(Some));
+    let closed = tokio_stream::wrappers::WatchStream::new(s.closing.subscribe())
+        .filter(|c| *c)
+        .map(|_| None);
+    let events = lines
+        .merge(closed)
+        .take_while(Option::is_some)
+        .map(|l| Ok::<_, std::convert::Infallible>(Event::default().data(l.as_deref().unwrap_or_default())));
     Sse::new(events).keep_alive(KeepAlive::default())
 }

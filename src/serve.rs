@@ -62,7 +62,12 @@ pub struct SegState {
     pub description: Option<String>,
     /// The `when` text.
     pub source: String,
+    /// The checked `when` (the tree `def`'s formula was planned from).
+    pub expr: Option<Expr>,
     pub def: Def,
+    /// The dataflow's members of a spec segment changed or removed at run
+    /// time: spec segments that read it with `in_segment` still read these.
+    pub engine_keys: Option<FxHashSet<Key>>,
     /// Members by id text (for paging by bytes).
     pub members: BTreeSet<String>,
     pub keys: FxHashSet<Key>,
@@ -124,6 +129,9 @@ pub struct Served {
     /// Each reader's counters, by worker index (this process).
     pub counters: Mutex<FxHashMap<usize, Counters>>,
     pub stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when the run is over: the server stops accepting, `/stream`
+    /// subscriptions end, answers in flight finish (see `crate::http`).
+    pub closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// A reply to a runtime definition.
@@ -165,7 +173,9 @@ impl Served {
                 name: s.name.clone(),
                 description: s.description.clone(),
                 source: s.source.clone(),
+                expr: Some(s.when.clone()),
                 def: Def::Spec,
+                engine_keys: None,
                 members: BTreeSet::new(),
                 keys: FxHashSet::default(),
                 history: Vec::new(),
@@ -192,6 +202,7 @@ impl Served {
             stream: tokio::sync::broadcast::channel(4096).0,
             counters: Mutex::new(FxHashMap::default()),
             stop,
+            closing: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -262,8 +273,18 @@ impl Model {
             .unwrap_or_else(|| def.agg.empty())
     }
 
-    /// Whether `f` holds of `profile` (a profile of the universe).
+    /// Whether `f` holds of `profile` (a profile of the universe), reading
+    /// the served memberships for `in_segment` (runtime segments, previews).
     pub fn holds(&self, plan: &Plan, f: &Formula, profile: Key) -> bool {
+        self.holds_as(plan, f, profile, Reads::Served)
+    }
+
+    /// Whether `f` holds of `profile`, with the same semantics as the
+    /// dataflow (`crate::rules`): an atom over the term values (a term
+    /// without a row has its empty value; a comparison with a missing side
+    /// is false), `not` the complement within the universe, `in_segment` the
+    /// memberships `reads` names.
+    pub fn holds_as(&self, plan: &Plan, f: &Formula, profile: Key, reads: Reads) -> bool {
         match f {
             Formula::True => true,
             Formula::False => false,
@@ -272,11 +293,57 @@ impl Model {
                 let slots: Vec<Value> = def.terms.iter().map(|&t| self.term_value(plan, t, profile)).collect();
                 def.holds(&slots)
             }
-            Formula::Segment(s) => self.segments.get(*s).is_some_and(|s| s.keys.contains(&profile)),
-            Formula::Not(x) => !self.holds(plan, x, profile),
-            Formula::And(x, y) => self.holds(plan, x, profile) && self.holds(plan, y, profile),
-            Formula::Or(x, y) => self.holds(plan, x, profile) || self.holds(plan, y, profile),
+            Formula::Segment(s) => self.segments.get(*s).is_some_and(|s| match (reads, &s.engine_keys) {
+                (Reads::Engine, Some(keys)) => keys.contains(&profile),
+                _ => s.keys.contains(&profile),
+            }),
+            Formula::Not(x) => !self.holds_as(plan, x, profile, reads),
+            Formula::And(x, y) => self.holds_as(plan, x, profile, reads) && self.holds_as(plan, y, profile, reads),
+            Formula::Or(x, y) => self.holds_as(plan, x, profile, reads) || self.holds_as(plan, y, profile, reads),
         }
+    }
+
+    /// Why `profile` is in or out of segment `slot`: each condition of its
+    /// `when` (comparisons, `since`, `in_segment`, bare values; under `not`,
+    /// the condition it negates) with whether it holds now and the values
+    /// of the terms it reads. Each condition is the very sub-formula the
+    /// segment's formula was planned from, evaluated over the model's term
+    /// rows as the dataflow evaluates it (a spec segment's `in_segment`
+    /// reads the dataflow's memberships), so `holds` is always a boolean
+    /// and the segment's formula over them gives `member`.
+    pub fn why(&self, slot: usize, profile: Key) -> Vec<Condition> {
+        let seg = &self.segments[slot];
+        let (plan, formula, reads) = match &seg.def {
+            Def::Spec => match self.plan.segments.get(slot) {
+                Some(s) => (&*self.plan, &s.formula, Reads::Engine),
+                None => return Vec::new(),
+            },
+            Def::Runtime { plan, formula } => (&**plan, formula, Reads::Served),
+            Def::Deleted => return Vec::new(),
+        };
+        let Some(expr) = &seg.expr else {
+            return Vec::new();
+        };
+        let mut leaves = Vec::new();
+        condition_leaves(expr, formula, &mut leaves);
+        let texts = condition_texts(&seg.source, &leaves.iter().map(|(e, _)| *e).collect::<Vec<_>>());
+        leaves
+            .into_iter()
+            .zip(texts)
+            .map(|((_, f), text)| {
+                let mut atoms = Vec::new();
+                atoms_of(f, &mut atoms);
+                let values = atoms
+                    .iter()
+                    .flat_map(|&a| plan.atoms[a].terms.iter().map(|&t| self.term_value(plan, t, profile)))
+                    .collect();
+                Condition {
+                    text,
+                    holds: self.holds_as(plan, f, profile, reads),
+                    values,
+                }
+            })
+            .collect()
     }
 
     /// Compiles a `when` against the running plan. `slot` is the segment
@@ -299,7 +366,23 @@ impl Model {
                 column: e.column,
             }
         })?;
-        let (plan, formula) = self.plan.extend(&expr, &live).map_err(ApiError::Unprocessable)?;
+        let (plan, formula) = self.plan.extend(&expr, &live).map_err(|_| {
+            // Name the conditions that need a new term, as written.
+            let mut leaves = Vec::new();
+            expr_leaves(&expr, &mut leaves);
+            let texts = condition_texts(source, &leaves);
+            let missing: Vec<String> = leaves
+                .iter()
+                .zip(texts)
+                .filter(|(leaf, _)| self.plan.extend(leaf, &live).is_err())
+                .map(|(_, text)| text)
+                .collect();
+            ApiError::Unprocessable(format!(
+                "{} reads a term the running spec does not compute: only the spec's own terms keep \
+                 their history in the dataflow's windows, so a segment over it could not start complete",
+                missing.join("; ")
+            ))
+        })?;
         Ok((expr, plan, formula))
     }
 
@@ -410,10 +493,22 @@ impl Model {
         }
         let mut out = Vec::new();
         for (seg, id, r) in members {
-            if r == 0 || !matches!(self.segments.get(seg).map(|s| &s.def), Some(Def::Spec)) {
+            let Some(s) = self.segments.get_mut(seg).filter(|_| r != 0) else {
+                continue;
+            };
+            let key = key_of(id.kind, &id.name);
+            if !matches!(s.def, Def::Spec) {
+                // Changed or removed at run time: served by the model, but
+                // spec segments reading it still see the dataflow's members.
+                if let Some(keys) = s.engine_keys.as_mut() {
+                    if r > 0 {
+                        keys.insert(key);
+                    } else {
+                        keys.remove(&key);
+                    }
+                }
                 continue;
             }
-            let key = key_of(id.kind, &id.name);
             touched.insert(key);
             let id = id.to_string();
             self.set_member(seg, key, id.clone(), r > 0);
@@ -467,13 +562,15 @@ impl Model {
                 // Compile again here: the segments may have changed since the check.
                 match self.compile(&source, existing) {
                     Err(e) => (reply, Err(e)),
-                    Ok((_, plan, formula)) => {
+                    Ok((expr, plan, formula)) => {
                         let slot = existing.unwrap_or_else(|| {
                             self.segments.push(SegState {
                                 name: name.clone(),
                                 description: None,
                                 source: String::new(),
+                                expr: None,
                                 def: Def::Deleted,
+                                engine_keys: None,
                                 members: BTreeSet::new(),
                                 keys: FxHashSet::default(),
                                 history: Vec::new(),
@@ -485,6 +582,10 @@ impl Model {
                         let s = &mut self.segments[slot];
                         s.description = description.or(s.description.take());
                         s.source = source;
+                        s.expr = Some(expr);
+                        if matches!(s.def, Def::Spec) {
+                            s.engine_keys = Some(s.keys.clone());
+                        }
                         s.def = Def::Runtime {
                             plan: Arc::new(plan),
                             formula,
@@ -503,7 +604,11 @@ impl Model {
                     }),
                 ),
                 Some(slot) => {
-                    self.segments[slot].def = Def::Deleted;
+                    let s = &mut self.segments[slot];
+                    if matches!(s.def, Def::Spec) {
+                        s.engine_keys = Some(s.keys.clone());
+                    }
+                    s.def = Def::Deleted;
                     self.redefine(slot, &mut out);
                     (reply, Ok(0))
                 }
@@ -537,53 +642,98 @@ impl Model {
             self.refresh(later, &all, out);
         }
     }
+}
 
-    /// The conditions of a `when` (its comparisons, `in_segment`s and bare
-    /// values), each with its text in `source`.
-    pub fn conditions(source: &str) -> Vec<(String, Expr)> {
-        let Ok(e) = crate::spec::parse::parse_when(source) else {
-            return Vec::new();
-        };
-        let mut leaves = Vec::new();
-        fn walk(e: &Expr, out: &mut Vec<Expr>) {
-            match &e.kind {
-                ExprKind::And(a, b) | ExprKind::Or(a, b) => {
-                    walk(a, out);
-                    walk(b, out)
-                }
-                ExprKind::Not(a) => walk(a, out),
-                _ => out.push(e.clone()),
-            }
+/// Whose memberships `in_segment` reads when evaluating a formula.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reads {
+    /// The served members (what runtime segments and previews read).
+    Served,
+    /// The dataflow's members (what a spec segment's formula reads inside
+    /// the dataflow, even after the segment it names was changed at run
+    /// time).
+    Engine,
+}
+
+/// One condition of a segment for one profile (`GET /profiles/{id}`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Condition {
+    /// Its text in the segment's `when`.
+    pub text: String,
+    pub holds: bool,
+    /// The current values of the terms it reads.
+    pub values: Vec<Value>,
+}
+
+/// The atoms a formula reads.
+fn atoms_of(f: &Formula, out: &mut Vec<usize>) {
+    match f {
+        Formula::Atom(a) => out.push(*a),
+        Formula::Not(x) => atoms_of(x, out),
+        Formula::And(x, y) | Formula::Or(x, y) => {
+            atoms_of(x, out);
+            atoms_of(y, out)
         }
-        walk(&e, &mut leaves);
-        let offset = |e: &Expr| -> usize {
-            let mut off = 0;
-            for (i, line) in source.split_inclusive('\n').enumerate() {
-                if i + 1 == e.pos.line {
-                    return off
-                        + line
-                            .char_indices()
-                            .nth(e.pos.column.saturating_sub(1))
-                            .map_or(line.len(), |(b, _)| b);
-                }
-                off += line.len();
-            }
-            source.len()
-        };
-        let starts: Vec<usize> = leaves.iter().map(offset).collect();
-        leaves
-            .into_iter()
-            .enumerate()
-            .map(|(i, e)| {
-                let end = starts.get(i + 1).copied().unwrap_or(source.len()).max(starts[i]);
-                (trim_condition(&source[starts[i]..end]), e)
-            })
-            .collect()
+        _ => {}
     }
 }
 
+/// The conditions of a checked `when` paired with their sub-formulas:
+/// `Plan::formula` maps `and`/`or`/`not` one to one, so walking both trees
+/// together finds, for each leaf of the expression (a comparison, a
+/// `since` comparison, `in_segment`, a bare value), the formula it became.
+fn condition_leaves<'a>(e: &'a Expr, f: &'a Formula, out: &mut Vec<(&'a Expr, &'a Formula)>) {
+    match (&e.kind, f) {
+        (ExprKind::And(a, b), Formula::And(x, y)) | (ExprKind::Or(a, b), Formula::Or(x, y)) => {
+            condition_leaves(a, x, out);
+            condition_leaves(b, y, out)
+        }
+        (ExprKind::Not(a), Formula::Not(x)) => condition_leaves(a, x, out),
+        _ => out.push((e, f)),
+    }
+}
+
+/// The conditions of a `when` (as [`condition_leaves`], without a formula).
+fn expr_leaves<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
+    match &e.kind {
+        ExprKind::And(a, b) | ExprKind::Or(a, b) => {
+            expr_leaves(a, out);
+            expr_leaves(b, out)
+        }
+        ExprKind::Not(a) => expr_leaves(a, out),
+        _ => out.push(e),
+    }
+}
+
+/// The text in `source` of each leaf (in source order): from where it
+/// starts up to where the next begins, without what joins them.
+fn condition_texts(source: &str, leaves: &[&Expr]) -> Vec<String> {
+    let offset = |e: &Expr| -> usize {
+        let mut off = 0;
+        for (i, line) in source.split_inclusive('\n').enumerate() {
+            if i + 1 == e.pos.line {
+                return off
+                    + line
+                        .char_indices()
+                        .nth(e.pos.column.saturating_sub(1))
+                        .map_or(line.len(), |(b, _)| b);
+            }
+            off += line.len();
+        }
+        source.len()
+    };
+    let starts: Vec<usize> = leaves.iter().map(|e| offset(e)).collect();
+    (0..leaves.len())
+        .map(|i| {
+            let end = starts.get(i + 1).copied().unwrap_or(source.len()).max(starts[i]);
+            trim_condition(&source[starts[i]..end])
+        })
+        .collect()
+}
+
 /// The text of one condition sliced up to the next: drops what joins it to
-/// the next (`and`, `or`, `not`, parentheses it does not open).
+/// the next (`and`, `or`, `not`, parentheses it does not open) and
+/// parentheses around the whole of it.
 fn trim_condition(text: &str) -> String {
     let mut t = text.trim_end();
     loop {
@@ -598,11 +748,67 @@ fn trim_condition(text: &str) -> String {
         if let Some(rest) = t.strip_suffix('(') {
             t = rest.trim_end();
         }
-        if t.ends_with(')') && t.matches(')').count() > t.matches('(').count() {
+        if t.ends_with(')') && depths(t).last().is_some_and(|&d| d < 0) {
             t = t[..t.len() - 1].trim_end();
+        }
+        // `(x >= 1)`: the group's parentheses, when they enclose all of it.
+        if t.starts_with('(') && t.ends_with(')') && !depths(&t[..t.len() - 1]).contains(&0) {
+            t = t[1..t.len() - 1].trim();
         }
         if t == before {
             return t.to_string();
         }
+    }
+}
+
+/// The parenthesis depth after each character of `t` (opens minus
+/// closes), skipping those inside string literals.
+fn depths(t: &str) -> Vec<i32> {
+    let (mut depth, mut quote, mut escaped) = (0, None, false);
+    t.chars()
+        .map(|c| {
+            match quote {
+                Some(_) if escaped => escaped = false,
+                Some(_) if c == '\\' => escaped = true,
+                Some(q) if c == q => quote = None,
+                Some(_) => {}
+                None => match c {
+                    '\'' | '"' => quote = Some(c),
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    _ => {}
+                },
+            }
+            depth
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts(source: &str) -> Vec<String> {
+        let e = crate::spec::compile_when(source, 1000, &|_| true).expect("a valid when");
+        let mut leaves = Vec::new();
+        expr_leaves(&e, &mut leaves);
+        condition_texts(source, &leaves)
+    }
+
+    #[test]
+    fn condition_texts_drop_what_joins_them() {
+        assert_eq!(
+            texts("not (count('a', 1h) >= 1 or trait.vip)\n  and ((since('b') < 2h))"),
+            ["count('a', 1h) >= 1", "trait.vip", "since('b') < 2h"]
+        );
+        assert_eq!(
+            texts("(count('a', 1h) + 1) * 2 >= 3 and (in_segment('x'))"),
+            ["(count('a', 1h) + 1) * 2 >= 3", "in_segment('x')"]
+        );
+        // Parentheses inside strings do not count.
+        assert_eq!(
+            texts("in_segment('a)b') or (trait.x == '(' and count(page where name == ':)', 1h) >= 1)"),
+            ["in_segment('a)b')", "trait.x == '('", "count(page where name == ':)', 1h) >= 1"]
+        );
     }
 }

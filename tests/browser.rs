@@ -5,9 +5,13 @@
 //! `.ci/run` installs chromium when it is missing; elsewhere this test says
 //! it skipped when no chromium is found (set `CHROMIUM` to point at one).
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::Shoal;
 
 const SPEC: &str =
     "[[segment]]\nname = \"viewers\"\ndescription = \"viewed anything in the last hour\"\nwhen = \"count('view', 1h) >= 1\"\n";
@@ -27,14 +31,7 @@ fn view(user: &str, t: u64) -> String {
 
 /// The size the API reports for `viewers`.
 fn api_size(addr: &str) -> u64 {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET /segments HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let body = &text[text.find('{').unwrap_or(0)..];
-    let body = &body[..=body.rfind('}').unwrap_or(body.len() - 1)];
-    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
-    v["segments"][0]["size"].as_u64().unwrap_or(0)
+    common::get(addr, "/segments")["segments"][0]["size"].as_u64().unwrap_or(0)
 }
 
 fn wait_for_size(addr: &str, want: u64) {
@@ -54,9 +51,9 @@ fn the_page_shows_a_size_change_after_new_events() {
     };
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("spec.toml"), SPEC).unwrap();
-    let mut shoal = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args([
-            "run",
+    let mut shoal = Shoal::start(
+        dir.path(),
+        &[
             "spec.toml",
             "--input",
             "-",
@@ -66,25 +63,10 @@ fn the_page_shows_a_size_change_after_new_events() {
             "200ms",
             "--lateness",
             "0s",
-        ])
-        .args(["--http", "127.0.0.1:0"])
-        .current_dir(dir.path())
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(shoal.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("shoal: listening on http://")
-        .unwrap_or_else(|| panic!("no address: {line}"))
-        .to_string();
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = err.read_to_string(&mut rest);
-    });
+        ],
+        true,
+    );
+    let addr = shoal.addr.clone();
     let mut stdin = shoal.stdin.take().unwrap();
     let t0 = 1_704_067_200_000u64;
     stdin.write_all(view("a", t0).as_bytes()).unwrap();
@@ -132,8 +114,7 @@ fn the_page_shows_a_size_change_after_new_events() {
     drop(browser);
 
     drop(stdin);
-    let _ = Command::new("kill").args(["-TERM", &shoal.id().to_string()]).status();
-    let _ = shoal.wait();
+    assert!(shoal.terminate().success());
 }
 
 /// A page in the browser, over the DevTools protocol (a websocket).

@@ -5,14 +5,16 @@
 //! removal writes exits, and bad requests get 400/404 without stopping the
 //! run, which serves until SIGTERM.
 
+mod common;
 mod reference;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::{get, http, urlencode, Shoal};
 
 use serde_json::Value;
 
@@ -35,62 +37,8 @@ when = "count(page where context.device.type == 'mobile', 7d) >= 2"
 const ADDED: &str =
     "count('Product Viewed', 48h) >= 1 and count(page where context.device.type == 'mobile', 7d) >= 1 and not in_segment('carts')";
 
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One request; returns the status and the body.
-fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        dechunk(rest)
-    } else {
-        rest.to_string()
-    };
-    (status, body)
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
-    }
-    out
-}
-
-fn get(addr: &str, path: &str) -> Value {
-    let (status, body) = http(addr, "GET", path, None);
-    assert_eq!(status, 200, "GET {path}: {body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-fn start(dir: &Path, events: u64) -> Server {
+/// Generated events in `dir`, and `shoal run` of `spec` over them serving HTTP.
+fn start(dir: &Path, events: u64, spec: &str) -> Shoal {
     let input = dir.join("events.jsonl");
     let mut f = std::fs::File::create(&input).unwrap();
     let opts = shoal::generate::GenOptions {
@@ -100,37 +48,17 @@ fn start(dir: &Path, events: u64) -> Server {
         ..Default::default()
     };
     shoal::generate::write_all(&opts, &mut f, None).unwrap();
-    std::fs::write(dir.join("spec.toml"), SPEC).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args([
-            "run",
-            "spec.toml",
-            "--input",
-            "events.jsonl",
-            "--output",
-            "out.jsonl",
-            "--dead-letter",
-            "dead.jsonl",
-        ])
-        .args(["--http", "127.0.0.1:0"])
-        .current_dir(dir)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("shoal: listening on http://")
-        .unwrap_or_else(|| panic!("no address: {line}"))
-        .to_string();
-    // Keep draining stderr so the child never blocks on it.
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        let _ = err.read_to_string(&mut sink);
-    });
-    Server { child, addr }
+    std::fs::write(dir.join("spec.toml"), spec).unwrap();
+    let args = [
+        "spec.toml",
+        "--input",
+        "events.jsonl",
+        "--output",
+        "out.jsonl",
+        "--dead-letter",
+        "dead.jsonl",
+    ];
+    Shoal::start(dir, &args, false)
 }
 
 /// Waits until the input is read and the clock stops moving.
@@ -184,20 +112,11 @@ fn all_members(addr: &str, segment: &str) -> BTreeSet<String> {
     }
 }
 
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[test]
 fn api_agrees_with_the_diffs_and_the_reference() {
     let dir = tempfile::tempdir().unwrap();
     let events = 3000;
-    let server = start(dir.path(), events);
+    let server = start(dir.path(), events, SPEC);
     let addr = server.addr.clone();
     let clock = settle(&addr, events);
 
@@ -256,6 +175,16 @@ fn api_agrees_with_the_diffs_and_the_reference() {
     assert_eq!(http(&addr, "DELETE", "/segments/nope", None).0, 404);
     assert_eq!(http(&addr, "GET", "/profiles/user:nobody-at-all", None).0, 404);
     assert_eq!(http(&addr, "POST", "/segments/preview", Some("not json")).0, 400);
+    // A term the spec does not compute has no history: 422 names the condition.
+    let unknown = r#"{"when":"count('Product Viewed', 48h) >= 1 and count('Never Seen', 1h) >= 1"}"#;
+    for (method, path) in [("POST", "/segments/preview"), ("PUT", "/segments/never")] {
+        let (status, body) = http(&addr, method, path, Some(unknown));
+        assert_eq!(status, 422, "{body}");
+        let e: Value = serde_json::from_str(&body).unwrap();
+        let message = e["error"].as_str().unwrap();
+        assert!(message.starts_with("count('Never Seen', 1h) >= 1 reads a term"), "{message}");
+    }
+    assert_eq!(http(&addr, "GET", "/segments/never/members", None).0, 404);
 
     // Preview: the reach of a definition, not added.
     let body = serde_json::json!({ "when": ADDED }).to_string();
@@ -319,8 +248,347 @@ fn api_agrees_with_the_diffs_and_the_reference() {
 
     // Serving ends on SIGTERM, with the summary.
     let mut server = server;
-    let pid = server.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let status = server.child.wait().unwrap();
+    let status = server.terminate();
     assert!(status.success(), "{status:?}");
+}
+
+/// A spec whose `why` has every kind of condition: traits (one of them
+/// often missing: `!=` with a missing side is false), `since`, `in_segment`
+/// (of a segment listed later, too), `not` over a group, an `avg` that is
+/// missing when nothing was viewed, `last`, a score.
+const WHY_SPEC: &str = r#"
+[[score]]
+name = "engagement"
+expr = "count('Email Opened', 30d) + 2 * count('Product Viewed', 48h)"
+
+[[segment]]
+name = "engaged"
+when = "score.engagement >= 8 and in_segment('viewers')"
+
+[[segment]]
+name = "viewers"
+when = "count('Product Viewed', 48h) >= 3"
+
+[[segment]]
+name = "mixed"
+when = """
+  (trait.plan == 'premium' or since('Order Completed') < 7d)
+  and not in_segment('viewers')
+  and not (count('Email Opened', 30d) >= 1 and avg('Product Viewed', price, 48h) > 50)
+  or trait.city != 'New York' and last(any, context.device.type) == 'mobile'
+"""
+"#;
+
+/// The conditions of `mixed`, in order, as `why` names them.
+const MIXED: [&str; 7] = [
+    "trait.plan == 'premium'",
+    "since('Order Completed') < 7d",
+    "in_segment('viewers')",
+    "count('Email Opened', 30d) >= 1",
+    "avg('Product Viewed', price, 48h) > 50",
+    "trait.city != 'New York'",
+    "last(any, context.device.type) == 'mobile'",
+];
+
+/// Added at run time over the spec's terms (a new atom over a computed term).
+const RUNTIME: &str = "not in_segment('mixed') and count('Product Viewed', 48h) >= 1";
+
+/// `viewers` as changed at run time.
+const CHANGED: &str = "count('Product Viewed', 48h) >= 4";
+
+#[test]
+fn why_holds_as_the_reference_evaluates_each_condition() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = 3000;
+    let server = start(dir.path(), events, WHY_SPEC);
+    let addr = server.addr.clone();
+    let clock = settle(&addr, events);
+    let body = serde_json::json!({ "when": RUNTIME }).to_string();
+    let (status, put) = http(&addr, "PUT", "/segments/runtime", Some(&body));
+    assert_eq!(status, 200, "{put}");
+
+    // The reference evaluates each condition as a segment of its own:
+    // `KEY_i` for condition i, `KEY` for the whole, where KEY is the segment
+    // or, for `viewers` changed at run time (below), `changed`.
+    let engaged = vec!["score.engagement >= 8", "in_segment('viewers')"];
+    let runtime = vec!["in_segment('mixed')", "count('Product Viewed', 48h) >= 1"];
+    let before: Vec<(&str, &str, Vec<&str>)> = vec![
+        ("engaged", "engaged", engaged.clone()),
+        ("viewers", "viewers", vec!["count('Product Viewed', 48h) >= 3"]),
+        ("mixed", "mixed", MIXED.to_vec()),
+        ("runtime", "runtime", runtime.clone()),
+    ];
+    // A spec segment changed at run time: spec segments that read it
+    // (`engaged`, `mixed`) still read the dataflow's, the spec's, members.
+    let after: Vec<(&str, &str, Vec<&str>)> = vec![
+        ("engaged", "engaged", engaged),
+        ("viewers", "changed", vec![CHANGED]),
+        ("mixed", "mixed", MIXED.to_vec()),
+        ("runtime", "runtime", runtime),
+    ];
+    let mut full = WHY_SPEC.to_string();
+    for (name, when) in [("runtime", RUNTIME), ("changed", CHANGED)] {
+        full.push_str(&format!(
+            "\n[[segment]]\nname = \"{name}\"\nwhen = {}\n",
+            serde_json::to_string(when).unwrap()
+        ));
+    }
+    for (_, key, texts) in before.iter().chain(&after[1..2]) {
+        for (i, text) in texts.iter().enumerate() {
+            full.push_str(&format!(
+                "\n[[segment]]\nname = \"{key}_{i}\"\nwhen = {}\n",
+                serde_json::to_string(text).unwrap()
+            ));
+        }
+    }
+    std::fs::write(dir.path().join("full.toml"), &full).unwrap();
+    let spec = shoal::spec::load(&dir.path().join("full.toml"), 1000).unwrap();
+    let input = std::fs::read(dir.path().join("events.jsonl")).unwrap();
+    let reference = reference::evaluate(&spec, &input, &reference::RefOptions::default());
+    let members = applied(&reference.lines.join("\n"), &clock);
+    let of = |segment: &str| members.get(segment).cloned().unwrap_or_default();
+    let profiles: BTreeSet<String> = members.values().flatten().cloned().collect();
+    assert!(profiles.len() > 50, "{} profiles", profiles.len());
+
+    let check = |conditions: &[(&str, &str, Vec<&str>)]| {
+        let mut seen = BTreeSet::new();
+        for p in &profiles {
+            let profile = get(&addr, &format!("/profiles/{}", urlencode(p)));
+            assert_eq!(profile["clock"], clock.as_str());
+            for (segment, key, texts) in conditions {
+                let answer = &profile["segments"][segment];
+                assert_eq!(answer["member"], of(key).contains(p), "{p} in {segment}");
+                let why = answer["why"].as_array().unwrap();
+                let got: Vec<&str> = why.iter().map(|c| c["condition"].as_str().unwrap()).collect();
+                assert_eq!(&got, texts, "{segment}");
+                for (i, c) in why.iter().enumerate() {
+                    let expected = of(&format!("{key}_{i}")).contains(p);
+                    assert_eq!(c["holds"], expected, "{p}: {segment}: {}", texts[i]);
+                    seen.insert((key.to_string(), i, expected));
+                }
+            }
+        }
+        // Both outcomes of every condition were checked somewhere.
+        for (segment, key, texts) in conditions {
+            for (i, text) in texts.iter().enumerate() {
+                for outcome in [true, false] {
+                    assert!(seen.contains(&(key.to_string(), i, outcome)), "{segment}: {text} never {outcome}");
+                }
+            }
+        }
+    };
+    check(&before);
+    let body = serde_json::json!({ "when": CHANGED }).to_string();
+    let (status, put) = http(&addr, "PUT", "/segments/viewers", Some(&body));
+    assert_eq!(status, 200, "{put}");
+    check(&after);
+}
+
+/// Live input for the stream and identity tests.
+const LIVE_SPEC: &str = r#"
+[[segment]]
+name = "viewers"
+when = "count('view', 10s) >= 2"
+
+[[segment]]
+name = "buyers"
+when = "count('buy', 1h) >= 1 and not in_segment('viewers')"
+"#;
+
+const T0: u64 = 1_704_067_200_000;
+
+fn event(kind: &str, fields: &str, t: u64) -> String {
+    format!(
+        "{{\"type\":\"{kind}\",{fields},\"timestamp\":{t},\"messageId\":\"m-{t}-{}\"}}\n",
+        fields.len()
+    )
+}
+
+fn track(name: &str, user: &str, t: u64) -> String {
+    event("track", &format!("\"event\":\"{name}\",\"userId\":\"{user}\""), t)
+}
+
+/// Opens `GET /stream`; once the answer's head is read, the connection is
+/// subscribed (the handler subscribes before it answers).
+fn subscribe(addr: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(s, "GET /stream HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+    s
+}
+
+/// The `data:` lines of an event stream's whole (chunked) body.
+fn data_lines(body: &str) -> Vec<String> {
+    common::dechunk(body)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|l| l.strip_prefix(' ').unwrap_or(l).to_string())
+        .collect()
+}
+
+/// Polls `/segments` until the clock is at least `want` (with `--idle` the
+/// clock follows wall time when input pauses, so it may pass `want`).
+fn wait_for_clock(addr: &str, want: &str) {
+    let started = Instant::now();
+    loop {
+        let clock = get(addr, "/segments")["clock"].clone();
+        if clock.as_str().is_some_and(|c| c >= want) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the clock is {clock}, not {want}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn stream_sends_exactly_the_lines_written() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("spec.toml"), LIVE_SPEC).unwrap();
+    let args = [
+        "spec.toml",
+        "--input",
+        "-",
+        "--output",
+        "out.jsonl",
+        "--idle",
+        "200ms",
+        "--lateness",
+        "0s",
+    ];
+    let mut shoal = Shoal::start(dir.path(), &args, true);
+    let addr = shoal.addr.clone();
+    let mut stream = subscribe(&addr);
+    let mut stdin = shoal.stdin.take().unwrap();
+
+    // Buyers who exit when they become viewers; `early` enters `viewers`
+    // and exits 10 s later.
+    let mut batch = |from: u64, to: u64| {
+        for s in from..to {
+            let user = format!("u{}", s % 4);
+            let name = if s % 5 == 0 { "buy" } else { "view" };
+            stdin.write_all(track(name, &user, T0 + s * 1_500).as_bytes()).unwrap();
+            if s < 3 {
+                stdin.write_all(track("view", "early", T0 + s * 1_500).as_bytes()).unwrap();
+            }
+        }
+        stdin.flush().unwrap();
+    };
+    batch(0, 20);
+    wait_for_clock(&addr, &shoal::clock::format_time((T0 + 19 * 1_500) / 1_000 * 1_000, false));
+    // A segment added at run time: its enters are written and streamed too.
+    let (status, body) = http(&addr, "PUT", "/segments/keen", Some(r#"{"when":"count('view', 10s) >= 1"}"#));
+    assert_eq!(status, 200, "{body}");
+    batch(20, 40);
+    drop(stdin);
+    // End of input: every tick up to the last event's is written.
+    let last = shoal::clock::tick_of(T0 + 39 * 1_500, 1_000);
+    wait_for_clock(&addr, &shoal::clock::format_time(last, false));
+
+    // SIGTERM: the stream ends, the process exits 0, the port is closed.
+    let status = shoal.terminate();
+    assert!(status.success(), "{status:?}");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    assert!(TcpStream::connect(&addr).is_err(), "still accepting after the end");
+
+    let written: Vec<String> = std::fs::read_to_string(dir.path().join("out.jsonl"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    for what in [
+        "\"segment\":\"viewers\"",
+        "\"segment\":\"buyers\"",
+        "\"segment\":\"keen\"",
+        "\"change\":\"exit\"",
+    ] {
+        assert!(written.iter().any(|l| l.contains(what)), "no {what} in {written:?}");
+    }
+    assert_eq!(data_lines(&body), written);
+}
+
+#[test]
+fn a_merged_id_answers_404_with_its_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("spec.toml"), LIVE_SPEC).unwrap();
+    let events = [
+        // An anonymous visitor, who then logs in as u1.
+        track("view", "x", T0).replace("\"userId\":\"x\"", "\"anonymousId\":\"zz\""),
+        event("identify", "\"userId\":\"u1\",\"anonymousId\":\"zz\"", T0 + 1_000),
+        track("view", "u1", T0 + 2_000),
+        // p2, who becomes u2 (alias: user:u2 joins user:p2 and anon:p2;
+        // the profile keeps the smaller id, user:p2).
+        track("view", "p2", T0 + 3_000),
+        event("alias", "\"userId\":\"u2\",\"previousId\":\"p2\"", T0 + 4_000),
+        track("view", "u2", T0 + 5_000),
+    ];
+    std::fs::write(dir.path().join("events.jsonl"), events.concat()).unwrap();
+    let shoal = Shoal::start(
+        dir.path(),
+        &["spec.toml", "--input", "events.jsonl", "--output", "out.jsonl"],
+        false,
+    );
+    let addr = shoal.addr.clone();
+    wait_for_clock(&addr, &shoal::clock::format_time(T0 + 5_000, false));
+
+    let profile = get(&addr, "/profiles/user%3Au1");
+    assert_eq!(profile["ids"], serde_json::json!(["anon:zz", "user:u1"]));
+    assert_eq!(profile["segments"]["viewers"]["member"], true);
+    for (merged, now) in [("anon:zz", "user:u1"), ("user:u2", "user:p2")] {
+        let (status, body) = http(&addr, "GET", &format!("/profiles/{}", urlencode(merged)), None);
+        assert_eq!(status, 404, "{merged}: {body}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["profile"], now, "{merged}: {body}");
+        assert!(body["error"].as_str().is_some_and(|e| e.contains(now)), "{body}");
+    }
+    let (status, body) = http(&addr, "GET", "/profiles/user%3Anobody", None);
+    assert_eq!(status, 404);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert!(body["error"].is_string() && body.get("profile").is_none(), "{body}");
+}
+
+#[test]
+fn run_returns_only_after_the_server_closed() {
+    let spec = shoal::spec::parse_spec(LIVE_SPEC, 1_000).unwrap();
+    let input = [track("view", "a", T0), track("view", "a", T0 + 1_000)].concat();
+    let sources = vec![shoal::source::Source::Bytes {
+        name: "input".into(),
+        data: std::sync::Arc::new(input.into_bytes()),
+    }];
+    let mut job = shoal::engine::Job::quiet(spec, shoal::engine::RunOptions::default(), sources);
+    let (tx, rx) = std::sync::mpsc::channel();
+    job.http = Some(shoal::engine::HttpOptions {
+        addr: "127.0.0.1:0".into(),
+        on_listen: Some(std::sync::Arc::new(move |a| {
+            let _ = tx.send(a);
+        })),
+    });
+    let stop = job.stop.clone();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(shoal::engine::run(job).map_err(|e| e.to_string()));
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(60)).unwrap().to_string();
+    wait_for_clock(&addr, &shoal::clock::format_time(T0 + 1_000, false));
+    let mut stream = subscribe(&addr);
+
+    // The input has ended; the run serves until stopped.
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let summary = done.recv_timeout(Duration::from_secs(60)).expect("run returns").unwrap();
+    assert_eq!(summary.accepted, 2);
+    // By then the server is closed: nothing connects, the subscription has
+    // ended (checked second: a live stream's keep-alives would never let a
+    // read time out).
+    assert!(TcpStream::connect(&addr).is_err(), "still accepting after run returned");
+    let mut rest = String::new();
+    stream.read_to_string(&mut rest).unwrap();
 }

@@ -1,0 +1,133 @@
+//! What the tests that talk to `shoal run --http` share: starting the
+//! binary on a free port (`--http 127.0.0.1:0`) and reading the address it
+//! prints, and plain HTTP/1.1 requests over a real socket.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A running `shoal run … --http 127.0.0.1:0`, killed when dropped.
+pub struct Shoal {
+    pub child: Child,
+    /// `host:port` it listens on.
+    pub addr: String,
+    /// Its stdin, when started with `stdin = true` (live input).
+    pub stdin: Option<ChildStdin>,
+    /// Everything it wrote on stderr after the address, so far.
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Shoal {
+    /// Starts `shoal run ARGS --http 127.0.0.1:0` in `dir`, with a piped
+    /// stdin when `stdin`, and waits for `shoal: listening on http://ADDR`
+    /// (the first line on stderr). The rest of stderr is drained in the
+    /// background, so the child never blocks on it.
+    pub fn start(dir: &Path, args: &[&str], stdin: bool) -> Shoal {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .arg("run")
+            .args(args)
+            .args(["--http", "127.0.0.1:0"])
+            .current_dir(dir)
+            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("shoal starts");
+        let mut err = BufReader::new(child.stderr.take().expect("piped stderr"));
+        let mut line = String::new();
+        err.read_line(&mut line).expect("stderr readable");
+        let addr = line
+            .trim()
+            .strip_prefix("shoal: listening on http://")
+            .unwrap_or_else(|| panic!("no address: {line}"))
+            .to_string();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let rest = stderr.clone();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while err.read_line(&mut line).is_ok_and(|n| n > 0) {
+                rest.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+        Shoal {
+            stdin: child.stdin.take(),
+            child,
+            addr,
+            stderr,
+        }
+    }
+
+    /// Sends SIGTERM and waits for the process to end.
+    pub fn terminate(&mut self) -> ExitStatus {
+        drop(self.stdin.take());
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Shoal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One request (`Connection: close`); returns the status and the body.
+pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    (status, body)
+}
+
+/// The body of a complete chunked transfer.
+pub fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+    }
+    out
+}
+
+/// A GET that must answer 200 with JSON.
+pub fn get(addr: &str, path: &str) -> serde_json::Value {
+    let (status, body) = http(addr, "GET", path, None);
+    assert_eq!(status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Percent-encodes everything but unreserved characters (ids in paths).
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
