@@ -71,19 +71,19 @@ impl Fingerprint {
     pub fn differs(&self, other: &Fingerprint) -> Option<String> {
         let mut what = Vec::new();
         if self.version != other.version {
-            what.push(format!("shoal version {} (this is {})", self.version, other.version));
+            what.push(format!("shoal version ({} here {})", self.version, other.version));
         }
         if self.spec != other.spec {
-            what.push("the spec".to_string());
+            what.push("spec".to_string());
         }
         if (self.tick, self.lateness, self.dedupe_horizon, self.until) != (other.tick, other.lateness, other.dedupe_horizon, other.until) {
             what.push("--tick, --lateness, --dedupe-horizon or --until".to_string());
         }
         if self.inputs != other.inputs {
-            what.push(format!("the inputs {:?} (these are {:?})", self.inputs, other.inputs));
+            what.push(format!("input ({:?}, here {:?})", self.inputs, other.inputs));
         }
         if self.readers != other.readers {
-            what.push(format!("{} readers (this run has {})", self.readers, other.readers));
+            what.push(format!("number of readers ({}, here {})", self.readers, other.readers));
         }
         (!what.is_empty()).then(|| what.join(", "))
     }
@@ -249,7 +249,11 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|e| store.io("cannot create it", e))?;
         // Temporary files of writes a crash interrupted.
         for entry in std::fs::read_dir(dir).map_err(|e| store.io("cannot list it", e))?.flatten() {
-            if entry.file_name().to_str().is_some_and(|n| n.starts_with(".ckpt-") && n.ends_with(".tmp")) {
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(".ckpt-") && n.ends_with(".tmp"))
+            {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -300,7 +304,7 @@ impl Store {
                 Ok(snap) => {
                     if let Some(what) = snap.fingerprint.differs(fingerprint) {
                         return Err(CheckpointError::Refused(format!(
-                            "checkpoint {} was made with different {what}; run with what it was made with, \
+                            "checkpoint {} was made for a different {what}; run with what it was made for, \
                              or give another --state directory (or empty this one) to start over",
                             path.display()
                         )));
@@ -461,7 +465,7 @@ mod tests {
         let mut other = snap.fingerprint.clone();
         other.spec = 8;
         match store.latest(&other, |_| {}) {
-            Err(CheckpointError::Refused(m)) => assert!(m.contains("the spec"), "{m}"),
+            Err(CheckpointError::Refused(m)) => assert!(m.contains("a different spec"), "{m}"),
             other => panic!("not refused: {other:?}"),
         }
     }

@@ -389,9 +389,14 @@ impl Checkpointing {
             return Err(EngineError::Unsupported("--state with Kafka input is not supported yet".into()));
         }
         if let Some(s) = job.sources.iter().find(|s| !s.replayable()) {
-            return Err(EngineError::Unsupported(format!(
-                "--state needs input that can be read again from a position (files or --generate); {} cannot",
+            let name = if matches!(s, Source::Stdin) {
+                "stdin".to_string()
+            } else {
                 s.name()
+            };
+            return Err(EngineError::Unsupported(format!(
+                "--state needs input that can be read again from a checkpoint's position (files or --generate); \
+                 {name} cannot be read again (write it to a file first)"
             )));
         }
         let fingerprint = checkpoint::Fingerprint {
