@@ -5,6 +5,8 @@
 //!     cargo bench --bench pipeline -- windows | sharing | baseline | reference
 //!     cargo bench --bench pipeline -- latency [RATE]   # open loop, 100k/200k/500k events/s
 //!     cargo bench --bench pipeline -- memory [N]       # bytes per windowed event and per profile
+//!     cargo bench --bench pipeline -- checkpoint [N]   # checkpoint encodings on real state, write and resume times
+//!     cargo bench --bench pipeline -- overload [RATE]  # memory while input is offered faster than it is processed
 //!
 //! No assertion on time anywhere: these print, docs/performance.md records.
 //! Under `cargo test --all-targets` (no `--bench` flag) it runs a small smoke
@@ -312,6 +314,140 @@ fn memory(n: u64) {
     }
 }
 
+/// Checkpoints on real state: a run of `n` generated events over
+/// retail.toml with `--state`, its final checkpoint decoded, then encoded
+/// with each candidate (size, encode and decode time), and the time to
+/// write one and to resume from it.
+fn checkpoint(n: u64) {
+    let dir = std::env::temp_dir().join(format!("shoal-bench-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let input = dir.with_extension("jsonl");
+    std::fs::write(&input, generated(n, (n / 10).max(100))).expect("temp file");
+    let job = || {
+        let mut job = Job::quiet(
+            spec("dataflows/retail.toml"),
+            RunOptions::default(),
+            vec![Source::File(input.clone())],
+        );
+        job.state = Some(shoal::engine::StateOptions {
+            dir: dir.clone(),
+            every: std::time::Duration::from_secs(3600),
+        });
+        job
+    };
+    let started = Instant::now();
+    run(job()).expect("run");
+    let first = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    run(job()).expect("resume");
+    let resume = started.elapsed().as_secs_f64();
+    let store = shoal::checkpoint::Store::open(&dir).expect("state dir");
+    let (_, path) = store.files().expect("files").into_iter().next().expect("a checkpoint");
+    let snap = shoal::checkpoint::decode(&std::fs::read(&path).expect("read")).expect("whole");
+    let facts: usize = snap.readers.iter().map(|r| r.facts.len()).sum();
+    println!(
+        "checkpoint: {n} events, {facts} facts held: run {first:.2} s, resume from the checkpoint (restore, nothing to read) {resume:.2} s"
+    );
+    let started = Instant::now();
+    store.write(&snap).expect("write");
+    println!(
+        "checkpoint: write (encode, fsync, rename) {:.1} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    type Codec = (
+        &'static str,
+        fn(&shoal::checkpoint::Snapshot) -> Vec<u8>,
+        fn(&[u8]) -> shoal::checkpoint::Snapshot,
+    );
+    let codecs: [Codec; 3] = [
+        (
+            "postcard",
+            |s| postcard::to_stdvec(s).expect("encodes"),
+            |b| postcard::from_bytes(b).expect("decodes"),
+        ),
+        (
+            "bincode 1",
+            |s| bincode::serialize(s).expect("encodes"),
+            |b| bincode::deserialize(b).expect("decodes"),
+        ),
+        (
+            "serde_json",
+            |s| serde_json::to_vec(s).expect("encodes"),
+            |b| serde_json::from_slice(b).expect("decodes"),
+        ),
+    ];
+    for (name, enc, dec) in codecs {
+        let started = Instant::now();
+        let bytes = enc(&snap);
+        let e = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let back = dec(&bytes);
+        let d = started.elapsed().as_secs_f64();
+        assert!(back == snap, "{name} round-trips");
+        println!(
+            "checkpoint encoding {name:>10}: {:>9} bytes ({:>5.1} per fact), encode {:>7.1} ms, decode {:>7.1} ms",
+            bytes.len(),
+            bytes.len() as f64 / facts.max(1) as f64,
+            e * 1e3,
+            d * 1e3
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&input);
+}
+
+/// Overload: lines offered open loop at `rate` per second for `seconds`
+/// (far above what one worker processes), a 1s window so the state does not
+/// grow; resident memory sampled every 250 ms stays flat because the reader
+/// is paced by the delivered frontier and the source by a bounded channel.
+fn overload(rate: u64, seconds: u64) {
+    let spec = shoal::spec::parse_spec("[[segment]]\nname = \"busy\"\nwhen = \"count('view', 1s) >= 3\"\n", 1000).expect("spec");
+    let n = rate * seconds;
+    let data = Arc::new(shoal::generate::synthetic(n, 10_000, rate, &["view"]));
+    let rss = || -> f64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    let opts = RunOptions {
+        idle: 100,
+        ..RunOptions::default()
+    };
+    let mut job = Job::quiet(spec, opts, vec![Source::Paced { data, rate: rate as f64 }]);
+    let stop = job.stop.clone();
+    job.output = Some(Arc::new(|_resume| {
+        Ok(Box::new(shoal::sink::WriteLines(Box::new(std::io::sink()))) as Box<dyn shoal::sink::Deliver>)
+    }));
+    let base = rss();
+    let sampler = std::thread::spawn(move || {
+        let mut samples = Vec::new();
+        let started = Instant::now();
+        while started.elapsed().as_secs() < seconds {
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            samples.push(rss());
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        samples
+    });
+    let started = Instant::now();
+    let summary = run(job).expect("run");
+    let elapsed = started.elapsed().as_secs_f64();
+    let samples = sampler.join().expect("sampler");
+    let (early, late) = samples.split_at(samples.len() / 2);
+    let max = |s: &[f64]| s.iter().copied().fold(0.0, f64::max) - base;
+    println!(
+        "overload @ {rate:>8}/s offered for {seconds} s: processed {:>7.0}/s ({} of {n} read), RSS above start: max {:.0} MiB in the first half, {:.0} MiB in the second",
+        summary.events_read as f64 / elapsed,
+        summary.events_read,
+        max(early),
+        max(late)
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; under `cargo test --all-targets` run a
     // small smoke pass of every section so CI keeps them working, quickly.
@@ -322,6 +458,8 @@ fn main() {
         sharing(5_000);
         throughput(5_000);
         latency(2_000, 1);
+        checkpoint(5_000);
+        overload(20_000, 1);
         return;
     }
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
@@ -337,6 +475,14 @@ fn main() {
         "baseline" => baseline(n(2_000_000)),
         "reference" => reference_vs_engine(n(1_500)),
         "memory" => memory(n(2_000_000)),
+        "checkpoint" => checkpoint(n(1_000_000)),
+        "overload" => {
+            // 1x and 10x the rate one worker sustains on this machine.
+            let rate = n(50_000);
+            overload(rate / 10, 10);
+            overload(rate, 10);
+            overload(rate * 10, 10);
+        }
         "latency" => {
             for rate in [args.get(1).and_then(|a| a.parse().ok())]
                 .into_iter()

@@ -385,8 +385,14 @@ impl Checkpointing {
                 "--state with --processes is not supported yet: run one process".into(),
             ));
         }
-        if job.kafka.is_some() {
-            return Err(EngineError::Unsupported("--state with Kafka input is not supported yet".into()));
+        let workers = match config.communication {
+            timely::CommunicationConfig::Process(n) => n,
+            _ => 1,
+        };
+        if job.kafka.is_some() && workers > 1 {
+            return Err(EngineError::Unsupported(
+                "--state with Kafka input needs --workers 1 for now (one reader makes one consistent checkpoint)".into(),
+            ));
         }
         if let Some(s) = job.sources.iter().find(|s| !s.replayable()) {
             let name = if matches!(s, Source::Stdin) {
@@ -406,7 +412,10 @@ impl Checkpointing {
             lateness: job.opts.lateness,
             dedupe_horizon: job.opts.dedupe_horizon,
             until: job.opts.until,
-            inputs: job.sources.iter().map(Source::name).collect(),
+            inputs: match &job.kafka {
+                Some(k) => k.topics.iter().map(|t| format!("kafka:{t}")).collect(),
+                None => job.sources.iter().map(Source::name).collect(),
+            },
             readers: 1,
         };
         let store = checkpoint::Store::open(&state.dir)?;
@@ -1163,7 +1172,7 @@ fn run_worker(
     };
     let position = reader.restore();
     let result = match (&job.kafka, leader) {
-        (Some(kafka), _) => crate::kafka::read(&mut reader, kafka),
+        (Some(kafka), _) => crate::kafka::read(&mut reader, kafka, position),
         (None, true) => read_lines(&mut reader, &job.sources, position),
         (None, false) => Ok(()),
     };

@@ -179,7 +179,7 @@ fn my_partitions(consumer: &BaseConsumer<Lag>, k: &KafkaInput, index: usize, pee
 }
 
 /// Reads this worker's partitions until a stop, or (bounded) their ends.
-pub fn read(reader: &mut Reader<'_>, k: &KafkaInput) -> Result<(), EngineError> {
+pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, start: Option<crate::checkpoint::Position>) -> Result<(), EngineError> {
     let (index, peers) = (reader.worker.index(), reader.worker.peers());
     let consumer: BaseConsumer<Lag> = client_config(&k.brokers, &k.options)
         .set("group.id", &k.group)
@@ -194,7 +194,7 @@ pub fn read(reader: &mut Reader<'_>, k: &KafkaInput) -> Result<(), EngineError> 
         return Ok(());
     }
     reader.feeder.external_clock();
-    let mut parts = open_partitions(&consumer, k, &mine)?;
+    let mut parts = open_partitions(&consumer, k, &mine, start)?;
     let at: HashMap<(String, i32), usize> = parts.iter().enumerate().map(|(i, p)| ((p.topic.clone(), p.partition), i)).collect();
 
     let idle = Duration::from_millis(reader.opts.idle);
@@ -256,6 +256,7 @@ pub fn read(reader: &mut Reader<'_>, k: &KafkaInput) -> Result<(), EngineError> 
         advance_clock(reader, &parts, partition_idle, idle, &last_event, tick);
         let lag = || lag_line(&consumer, &parts);
         reader.pump(!k.until_end && got < POLL_BATCH, lag);
+        reader.checkpoint_if_due(|| position(&parts));
         if last_commit.elapsed() >= COMMIT_EVERY {
             commit(&consumer, &mut parts, reader.delivered_frontier(), CommitMode::Async, &k.brokers)?;
             last_commit = Instant::now();
@@ -266,12 +267,39 @@ pub fn read(reader: &mut Reader<'_>, k: &KafkaInput) -> Result<(), EngineError> 
     } else {
         reader.finish_input();
     }
+    reader.checkpoint(position(&parts));
     commit(&consumer, &mut parts, reader.delivered_frontier(), CommitMode::Sync, &k.brokers)?;
     Ok(())
 }
 
-/// Assigns `mine` from the group's committed offsets (or the beginning).
-fn open_partitions(consumer: &BaseConsumer<Lag>, k: &KafkaInput, mine: &[(String, i32)]) -> Result<Vec<Partition>, EngineError> {
+/// Where a checkpoint finds the partitions.
+fn position(parts: &[Partition]) -> crate::checkpoint::Position {
+    crate::checkpoint::Position::Kafka(
+        parts
+            .iter()
+            .map(|p| crate::checkpoint::PartitionPosition {
+                topic: p.topic.clone(),
+                partition: p.partition,
+                next: p.next,
+                max_time: p.max_time,
+                effect: p.effect,
+            })
+            .collect(),
+    )
+}
+
+/// Assigns `mine` from a checkpoint's positions when resuming from one,
+/// otherwise from the group's committed offsets (or the beginning).
+fn open_partitions(
+    consumer: &BaseConsumer<Lag>,
+    k: &KafkaInput,
+    mine: &[(String, i32)],
+    start: Option<crate::checkpoint::Position>,
+) -> Result<Vec<Partition>, EngineError> {
+    let resumed: HashMap<(String, i32), crate::checkpoint::PartitionPosition> = match start {
+        Some(crate::checkpoint::Position::Kafka(ps)) => ps.into_iter().map(|p| ((p.topic.clone(), p.partition), p)).collect(),
+        _ => HashMap::new(),
+    };
     let mut tpl = TopicPartitionList::new();
     for (t, p) in mine {
         tpl.add_partition(t, *p);
@@ -285,8 +313,16 @@ fn open_partitions(consumer: &BaseConsumer<Lag>, k: &KafkaInput, mine: &[(String
         let (low, high) = consumer
             .fetch_watermarks(topic, *partition, Duration::from_secs(30))
             .map_err(|e| kafka_error(&k.brokers, &format!("cannot read the offsets of {topic}/{partition}"), e))?;
-        let start = match committed.find_partition(topic, *partition).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) if o >= low => o,
+        let resumed = resumed.get(&(topic.clone(), *partition));
+        let start = match (resumed, committed.find_partition(topic, *partition).map(|e| e.offset())) {
+            (Some(r), _) if r.next >= low => r.next,
+            (Some(r), _) => {
+                return Err(EngineError::Io(format!(
+                    "kafka {}: cannot resume {topic}/{partition} at offset {} from the checkpoint: the broker keeps offsets from {low} on",
+                    k.brokers, r.next
+                )))
+            }
+            (None, Some(Offset::Offset(o))) if o >= low => o,
             _ => low,
         };
         assign
@@ -297,10 +333,10 @@ fn open_partitions(consumer: &BaseConsumer<Lag>, k: &KafkaInput, mine: &[(String
             partition: *partition,
             next: start,
             end: k.until_end.then_some(high),
-            max_time: None,
+            max_time: resumed.and_then(|r| r.max_time),
             last_seen: Instant::now(),
             uncommitted: VecDeque::new(),
-            effect: 0,
+            effect: resumed.map_or(0, |r| r.effect),
             committed: start,
         });
     }
