@@ -230,7 +230,8 @@ pub fn deliver<'s>(
             // the server's model) alive after the input ends, until a stop.
             let mut keep = outs.served.as_ref().map(|_| cap.delayed(&u64::MAX));
             let mut pending: BTreeMap<u64, (Capability<u64>, Vec<NamedChange>)> = BTreeMap::new();
-            let mut awaiting: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
+            // Written ticks not yet acknowledged, with their line counts.
+            let mut awaiting: BTreeMap<u64, (Capability<u64>, u64)> = BTreeMap::new();
             // After a stop: held at the cutoff so that no reader takes the
             // ticks dropped after it for delivered.
             let mut barrier: Option<Capability<u64>> = None;
@@ -285,8 +286,9 @@ pub fn deliver<'s>(
                         }
                         continue;
                     }
+                    let before = outs.state.borrow().diffs;
                     write_tick(&mut outs, t, changes);
-                    awaiting.insert(t, cap);
+                    awaiting.insert(t, (cap, outs.state.borrow().diffs - before));
                 }
                 if all_in && frontier.is_empty() {
                     pending.clear();
@@ -294,6 +296,7 @@ pub fn deliver<'s>(
                 }
                 let unacked = outs.changes.as_mut().and_then(|c| c.unacknowledged());
                 awaiting.retain(|&t, _| unacked.is_some_and(|u| u <= t));
+                let unacked_lines = awaiting.values().map(|(_, n)| n).sum();
                 mark(
                     &outs,
                     [
@@ -301,6 +304,7 @@ pub fn deliver<'s>(
                         notes_frontier.frontier().first(),
                         awaiting.keys().next(),
                     ],
+                    unacked_lines,
                 );
                 if let Some(served) = outs.served.clone() {
                     run_commands(&mut outs, &served);
@@ -320,8 +324,8 @@ pub fn deliver<'s>(
 
 /// Records the output as of the delivered frontier: the least of the
 /// inputs' frontiers and the first unacknowledged tick (`u64::MAX` when
-/// everything is out).
-fn mark(outs: &Outputs, bounds: [Option<&u64>; 3]) {
+/// everything is out); the lines of unacknowledged ticks do not count.
+fn mark(outs: &Outputs, bounds: [Option<&u64>; 3], unacked_lines: u64) {
     let Some(cell) = &outs.delivered else { return };
     let st = outs.state.borrow();
     // Ticks before `skip_before` were out before a restart.
@@ -330,7 +334,7 @@ fn mark(outs: &Outputs, bounds: [Option<&u64>; 3]) {
         frontier,
         changes: outs.changes.as_ref().and_then(|c| c.position()),
         dead: outs.dead_letters.as_ref().and_then(|d| d.position()),
-        diffs: st.diffs,
+        diffs: st.diffs - unacked_lines,
         dead_written: st.dead_written.clone(),
     };
 }

@@ -508,3 +508,109 @@ fn an_idle_partition_stops_holding_the_clock_back() {
     assert!(summary.diffs_written > 0, "changes came out with partition 1 silent: {summary:?}");
     assert_eq!(summary.events_read, 20);
 }
+
+/// The newest checkpoint file in `state`, if any.
+fn newest_checkpoint(state: &std::path::Path) -> Option<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(state)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "shoal"))
+        .collect();
+    files.sort();
+    files.pop()
+}
+
+#[test]
+fn sigkill_with_kafka_in_and_out_repeats_only_identical_lines() {
+    use rand::{Rng, SeedableRng};
+    let (cluster, brokers) = cluster();
+    cluster.create_topic("events", 4, 3).unwrap();
+    // One partition out, so the topic's order is the order written.
+    cluster.create_topic("changes", 1, 3).unwrap();
+    let events = lines(50_000, 23);
+    produce(&brokers, "events", &events);
+    let file = run_memory(&spec(), (events.join("\n") + "\n").as_bytes(), &opts(1)).expect("file run");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let (mut kills, mut outage) = (0, false);
+    loop {
+        let before = newest_checkpoint(&state);
+        let mut child = shoal_kafka(&brokers, "killed")
+            .args([
+                "--kafka-until-end",
+                "--lateness",
+                "1h",
+                "--output-kafka",
+                "changes",
+                "--checkpoint-every",
+                "100ms",
+            ])
+            .arg("--state")
+            .arg(&state)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if rng.gen_ratio(3, 4) {
+            let started = Instant::now();
+            while newest_checkpoint(&state) == before && child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(60)
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        if kills == 5 && !outage {
+            // Every broker away while checkpoints come due, then a kill
+            // before they are back: the checkpoints written meanwhile cover
+            // only what the brokers acknowledged.
+            outage = true;
+            for broker in 1..=3 {
+                cluster.broker_down(broker).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(1500));
+            child.kill().unwrap();
+            child.wait().unwrap();
+            for broker in 1..=3 {
+                cluster.broker_up(broker).unwrap();
+            }
+            kills += 1;
+            continue;
+        }
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..200)));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            kills += 1;
+            continue;
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        // The summary counts every event and change once, across the restarts.
+        let summary: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+        assert_eq!(summary["events_read"], events.len(), "{err}");
+        assert_eq!(summary["diffs_written"], file.lines.len(), "{err}");
+        break;
+    }
+    assert!(kills >= 10 && outage, "only {kills} kills before the run finished");
+    // At least once: the topic is the file run's lines, where a restart may
+    // go back (to its checkpoint) and repeat lines exactly, never skip one.
+    let index: BTreeMap<&str, usize> = file.lines.iter().enumerate().map(|(i, l)| (l.as_str(), i)).collect();
+    let got = read_topic(&brokers, "changes", 1);
+    let (mut next, mut reached, mut repeats) = (0usize, 0usize, 0usize);
+    for line in &got {
+        let i = *index
+            .get(line.as_str())
+            .unwrap_or_else(|| panic!("a line no uninterrupted run writes: {line}"));
+        assert!(i <= reached, "line {i} skips ahead of {reached}: a change was lost");
+        if i != next {
+            assert!(i < next, "out of order at {i} after {next}");
+            repeats += next - i;
+        }
+        next = i + 1;
+        reached = reached.max(next);
+    }
+    assert_eq!(reached, file.lines.len(), "every change reached the topic");
+    assert_eq!(got.len(), file.lines.len() + repeats, "every line past the first copy is a repeat");
+    eprintln!("{kills} kills: {} lines, {repeats} of them repeats", got.len());
+}
