@@ -363,14 +363,35 @@ impl<D: Ord + Clone> Log<D> {
     /// Moves updates before `frontier` to `frontier - tick`, drops those
     /// `gone` says are gone by then, and consolidates.
     pub fn compact(&mut self, frontier: u64, tick: u64, gone: impl Fn(&D, u64) -> bool) {
-        let last = frontier.saturating_sub(tick);
-        for (_, t, _) in self.updates.iter_mut() {
-            if *t < frontier {
-                *t = last;
-            }
+        compact(&mut self.updates, frontier, tick, gone);
+    }
+}
+
+/// See [`Log::compact`].
+pub fn compact<D: Ord + Clone>(updates: &mut Vec<(D, u64, isize)>, frontier: u64, tick: u64, gone: impl Fn(&D, u64) -> bool) {
+    let last = frontier.saturating_sub(tick);
+    for (_, t, _) in updates.iter_mut() {
+        if *t < frontier {
+            *t = last;
         }
-        differential_dataflow::consolidation::consolidate_updates(&mut self.updates);
-        self.updates.retain(|(d, t, _)| *t >= frontier || !gone(d, last));
+    }
+    differential_dataflow::consolidation::consolidate_updates(updates);
+    updates.retain(|(d, t, _)| *t >= frontier || !gone(d, last));
+}
+
+/// Whether a windowed fact is gone at tick `last`: its expiry tick has
+/// passed (`windows` by stream; `None` is lifetime).
+pub fn expired(fact: &Fact, last: u64, windows: &[Option<u64>], tick: u64) -> bool {
+    let (_, stream, e, _) = fact;
+    windows[*stream as usize].is_some_and(|w| crate::clock::tick_of(e.saturating_add(w), tick) <= last)
+}
+
+impl ReaderState {
+    /// Compacts the logs at `frontier` (see [`Log::compact`]).
+    pub fn compact(&mut self, frontier: u64, tick: u64, windows: &[Option<u64>]) {
+        compact(&mut self.facts, frontier, tick, |f, last| expired(f, last, windows, tick));
+        compact(&mut self.nodes, frontier, tick, |_, _| false);
+        compact(&mut self.links, frontier, tick, |_, _| false);
     }
 }
 

@@ -375,6 +375,23 @@ pub struct Checkpointing {
     seq: std::sync::atomic::AtomicU64,
     clusters: Arc<cluster::Memory>,
     delivered: Arc<Mutex<checkpoint::Delivered>>,
+    /// Readers in this run: 1 for line input, every worker for Kafka.
+    readers_count: usize,
+    /// Several readers: the checkpoint being gathered, and the final states
+    /// of readers that stopped reading.
+    round: Mutex<Option<Round>>,
+    done: Mutex<std::collections::BTreeMap<usize, checkpoint::ReaderState>>,
+    /// The delivered frontier of the last checkpoint written.
+    written: std::sync::atomic::AtomicU64,
+    windows: Vec<Option<u64>>,
+    tick: u64,
+}
+
+/// A checkpoint of several readers at one delivered frontier, gathered as
+/// each reader comes by (see [`Reader::checkpoint_if_due`]).
+struct Round {
+    mark: checkpoint::Mark,
+    states: std::collections::BTreeMap<usize, checkpoint::ReaderState>,
 }
 
 impl Checkpointing {
@@ -389,11 +406,7 @@ impl Checkpointing {
             timely::CommunicationConfig::Process(n) => n,
             _ => 1,
         };
-        if job.kafka.is_some() && workers > 1 {
-            return Err(EngineError::Unsupported(
-                "--state with Kafka input needs --workers 1 for now (one reader makes one consistent checkpoint)".into(),
-            ));
-        }
+        let readers_count = if job.kafka.is_some() { workers } else { 1 };
         if let Some(s) = job.sources.iter().find(|s| !s.replayable()) {
             let name = if matches!(s, Source::Stdin) {
                 "stdin".to_string()
@@ -416,7 +429,7 @@ impl Checkpointing {
                 Some(k) => k.topics.iter().map(|t| format!("kafka:{t}")).collect(),
                 None => job.sources.iter().map(Source::name).collect(),
             },
-            readers: 1,
+            readers: readers_count,
         };
         let store = checkpoint::Store::open(&state.dir)?;
         let restored = store.latest(&fingerprint, |w| eprintln!("shoal: {w}"))?;
@@ -429,11 +442,18 @@ impl Checkpointing {
             restored.as_ref().map(|s| s.clusters.clone()).unwrap_or_default(),
         );
         let mark = restored.as_ref().map(|s| s.mark.clone()).unwrap_or_default();
+        let frontier = mark.frontier;
         Ok(Checkpointing {
             store,
             every: state.every,
             fingerprint,
             readers: Mutex::new(restored.as_ref().map(|s| s.readers.clone()).unwrap_or_default()),
+            readers_count,
+            round: Mutex::new(None),
+            done: Mutex::default(),
+            written: frontier.into(),
+            windows: plan.streams.iter().map(|s| s.window).collect(),
+            tick: job.opts.tick,
             seq: (restored.as_ref().map_or(0, |s| s.seq) + 1).into(),
             restored,
             clusters: Arc::new(clusters),
@@ -442,6 +462,61 @@ impl Checkpointing {
         })
     }
 
+    /// Writes a snapshot of `states` at `mark`; failures are reported.
+    fn write(&self, mark: checkpoint::Mark, readers: Vec<checkpoint::ReaderState>) -> Vec<checkpoint::ReaderState> {
+        let frontier = mark.frontier;
+        let snapshot = checkpoint::Snapshot {
+            fingerprint: self.fingerprint.clone(),
+            seq: self.seq.fetch_add(1, Ordering::SeqCst),
+            clusters: self.clusters.before(frontier),
+            mark,
+            readers,
+        };
+        match self.store.write(&snapshot) {
+            Ok(path) => {
+                tracing::debug!(path = %path.display(), frontier, "checkpoint written");
+                self.written.fetch_max(frontier, Ordering::SeqCst);
+            }
+            Err(e) => eprintln!("shoal: {e}; the last good checkpoint is kept"),
+        }
+        snapshot.readers
+    }
+
+    /// The delivered mark, once the output files are synced.
+    fn mark(&self) -> Option<checkpoint::Mark> {
+        match self.delivered.lock().expect("not poisoned").synced() {
+            Ok(mark) => Some(mark),
+            Err(e) => {
+                eprintln!("shoal: cannot sync the output before a checkpoint: {e}; the last good checkpoint is kept");
+                None
+            }
+        }
+    }
+
+    /// Several readers: writes the open round once every reader has given
+    /// its state or stopped reading.
+    fn complete_round(&self) {
+        let mut round = self.round.lock().expect("not poisoned");
+        let done = self.done.lock().expect("not poisoned");
+        let Some(r) = round.as_ref() else { return };
+        if r.states.len() + done.keys().filter(|w| !r.states.contains_key(w)).count() < self.readers_count {
+            return;
+        }
+        let Round { mark, mut states } = round.take().expect("open");
+        for (w, st) in done.iter() {
+            states.entry(*w).or_insert_with(|| {
+                let mut st = st.clone();
+                st.compact(mark.frontier, self.tick, &self.windows);
+                st
+            });
+        }
+        drop(done);
+        drop(round);
+        self.write(mark, states.into_values().collect());
+    }
+}
+
+impl Checkpointing {
     /// The restored state of the reader on `worker`, once.
     fn take_reader(&self, worker: usize) -> Option<checkpoint::ReaderState> {
         let mut readers = self.readers.lock().expect("not poisoned");
@@ -457,8 +532,6 @@ struct ReaderCheckpoints {
     /// Dead letters sent and perhaps not yet written, oldest first.
     dead: std::collections::VecDeque<String>,
     dead_sent: u64,
-    /// The delivered frontier of the last checkpoint written.
-    frontier: u64,
 }
 
 /// The differential inputs a reader feeds, at the ticks events take effect.
@@ -611,14 +684,10 @@ impl Feeder {
     /// dedupe memory and identity ticks. `None` unless [`Feeder::retain`]ed.
     pub fn checkpoint(&mut self, frontier: u64, worker: usize, position: checkpoint::Position) -> Option<checkpoint::ReaderState> {
         let tick = self.ingest.clock.tick;
-        let plan = self.plan.clone();
+        let windows: Vec<Option<u64>> = self.plan.streams.iter().map(|s| s.window).collect();
         let log = self.retained.as_mut()?;
-        // A windowed fact is gone once its expiry tick has passed.
-        log.facts.compact(frontier, tick, |(_, stream, e, _), last| {
-            plan.streams[*stream as usize]
-                .window
-                .is_some_and(|w| crate::clock::tick_of(e.saturating_add(w), tick) <= last)
-        });
+        log.facts
+            .compact(frontier, tick, |f, last| checkpoint::expired(f, last, &windows, tick));
         log.nodes.compact(frontier, tick, |_, _| false);
         log.links.compact(frontier, tick, |_, _| false);
         let mut winners: Vec<((Key, u32), (u64, Pay))> = self.winners.iter().map(|(k, v)| (*k, v.clone())).collect();
@@ -900,6 +969,11 @@ impl Reader<'_> {
         }
     }
 
+    /// Whether this run keeps checkpoints (`--state`).
+    pub fn checkpointing(&self) -> bool {
+        self.checkpoints.is_some()
+    }
+
     /// Sends a dead letter to the sink.
     pub fn dead_letter(&mut self, line: String) {
         if let Some(ck) = &mut self.checkpoints {
@@ -910,19 +984,108 @@ impl Reader<'_> {
     }
 
     /// Takes a checkpoint when one is due and the delivered frontier moved
-    /// since the last one (see [`Reader::checkpoint`]).
+    /// since the last one. With several readers (Kafka), worker 0 opens a
+    /// round at the delivered mark, every reader adds its state at that
+    /// frontier when it next comes by, and the last one writes it.
     pub fn checkpoint_if_due(&mut self, position: impl FnOnce() -> checkpoint::Position) {
-        let due = self.checkpoints.as_ref().is_some_and(|ck| {
-            ck.last.elapsed() >= ck.shared.every && ck.shared.delivered.lock().expect("not poisoned").mark.frontier > ck.frontier
-        });
-        if due {
-            self.checkpoint(position());
+        let Some(ck) = &self.checkpoints else { return };
+        let shared = ck.shared.clone();
+        let due = ck.last.elapsed() >= shared.every
+            && shared.delivered.lock().expect("not poisoned").mark.frontier > shared.written.load(Ordering::SeqCst);
+        if shared.readers_count == 1 {
+            if due {
+                self.checkpoint(position());
+            }
+            return;
+        }
+        let me = self.worker.index();
+        if due && me == 0 && shared.round.lock().expect("not poisoned").is_none() {
+            let Some(mark) = shared.mark() else { return };
+            *shared.round.lock().expect("not poisoned") = Some(Round {
+                mark,
+                states: Default::default(),
+            });
+            self.checkpoints.as_mut().expect("checked").last = Instant::now();
+        }
+        let frontier = match shared.round.lock().expect("not poisoned").as_ref() {
+            Some(r) if !r.states.contains_key(&me) => r.mark.frontier,
+            _ => return,
+        };
+        let Some(st) = self.own_state(frontier, position()) else { return };
+        if let Some(r) = shared.round.lock().expect("not poisoned").as_mut() {
+            r.states.insert(me, st);
+        }
+        shared.complete_round();
+    }
+
+    /// This reader's state at `frontier` (a copy; the logs stay).
+    fn own_state(&mut self, frontier: u64, position: checkpoint::Position) -> Option<checkpoint::ReaderState> {
+        self.advance_notes();
+        let worker = self.worker.index();
+        let ck = self.checkpoints.as_mut()?;
+        let written = ck
+            .shared
+            .delivered
+            .lock()
+            .expect("not poisoned")
+            .mark
+            .dead_written
+            .get(&worker)
+            .copied()
+            .unwrap_or(0);
+        let unwritten = ck.dead_sent.saturating_sub(written) as usize;
+        while ck.dead.len() > unwritten {
+            ck.dead.pop_front();
+        }
+        let (dead, dead_sent) = (ck.dead.iter().cloned().collect(), ck.dead_sent);
+        let lent = self.feeder.checkpoint(frontier, worker, position)?;
+        let mut st = lent.clone();
+        self.feeder.checkpointed(lent);
+        st.dead = dead;
+        st.dead_sent = dead_sent;
+        Some(st)
+    }
+
+    /// The last checkpoint of a reader that stops reading (the end of
+    /// bounded input, or a stop): with one reader, a checkpoint now; with
+    /// several, its final state is kept for every later checkpoint, and the
+    /// last reader to stop writes one with them all.
+    pub fn checkpoint_final(&mut self, position: checkpoint::Position) {
+        let Some(ck) = &self.checkpoints else { return };
+        let shared = ck.shared.clone();
+        if shared.readers_count == 1 {
+            return self.checkpoint(position);
+        }
+        let Some(mark) = shared.mark() else { return };
+        let frontier = mark.frontier.min(self.feeder.frontier());
+        let Some(st) = self.own_state(frontier, position) else { return };
+        let all = {
+            let mut done = shared.done.lock().expect("not poisoned");
+            done.insert(self.worker.index(), st);
+            done.len() == shared.readers_count
+        };
+        shared.complete_round();
+        if all {
+            let Some(mark) = shared.mark() else { return };
+            let states = shared
+                .done
+                .lock()
+                .expect("not poisoned")
+                .values()
+                .map(|st| {
+                    let mut st = st.clone();
+                    st.compact(mark.frontier, shared.tick, &shared.windows);
+                    st
+                })
+                .collect();
+            shared.write(mark, states);
         }
     }
 
     /// Writes a checkpoint at the delivered frontier with this reader at
-    /// `position` (line input: the one reader, on worker 0). A failed write
-    /// is reported and retried at the next one; the last good checkpoint stays.
+    /// `position` (one reader: line input on worker 0, or Kafka with one
+    /// worker). A failed write is reported and retried at the next one; the
+    /// last good checkpoint stays.
     pub fn checkpoint(&mut self, position: checkpoint::Position) {
         if self.checkpoints.is_none() {
             return;
@@ -932,13 +1095,7 @@ impl Reader<'_> {
         let ck = self.checkpoints.as_mut().expect("checked");
         ck.last = Instant::now();
         let shared = ck.shared.clone();
-        let mark = match shared.delivered.lock().expect("not poisoned").synced() {
-            Ok(mark) => mark,
-            Err(e) => {
-                eprintln!("shoal: cannot sync the output before a checkpoint: {e}; the last good checkpoint is kept");
-                return;
-            }
-        };
+        let Some(mark) = shared.mark() else { return };
         // Every tick before the mark is out; ticks after the reader's clock
         // hold nothing yet.
         let frontier = mark.frontier.min(self.feeder.frontier());
@@ -948,27 +1105,14 @@ impl Reader<'_> {
             ck.dead.pop_front();
         }
         let (dead, dead_sent) = (ck.dead.iter().cloned().collect(), ck.dead_sent);
+        // The logs are lent to the snapshot, not copied, and given back.
         let Some(mut reader) = self.feeder.checkpoint(frontier, worker, position) else {
             return;
         };
         reader.dead = dead;
         reader.dead_sent = dead_sent;
-        let snapshot = checkpoint::Snapshot {
-            fingerprint: shared.fingerprint.clone(),
-            seq: shared.seq.fetch_add(1, Ordering::SeqCst),
-            mark: checkpoint::Mark { frontier, ..mark },
-            readers: vec![reader],
-            clusters: shared.clusters.before(frontier),
-        };
-        match shared.store.write(&snapshot) {
-            Ok(path) => {
-                tracing::debug!(path = %path.display(), frontier, "checkpoint written");
-                self.checkpoints.as_mut().expect("checked").frontier = frontier;
-            }
-            Err(e) => eprintln!("shoal: {e}; the last good checkpoint is kept"),
-        }
-        let reader = snapshot.readers.into_iter().next().expect("one reader");
-        self.feeder.checkpointed(reader);
+        let mut readers = shared.write(checkpoint::Mark { frontier, ..mark }, vec![reader]);
+        self.feeder.checkpointed(readers.pop().expect("one reader"));
     }
 
     /// Takes up this reader's part of the checkpoint resumed from; returns
@@ -1167,7 +1311,6 @@ fn run_worker(
             last: Instant::now(),
             dead: Default::default(),
             dead_sent: 0,
-            frontier: 0,
         }),
     };
     let position = reader.restore();

@@ -191,9 +191,17 @@ pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, start: Option<crate::checkp
         .map_err(|e| kafka_error(&k.brokers, "cannot create a consumer", e))?;
     let mine = my_partitions(&consumer, k, index, peers)?;
     if mine.is_empty() {
+        reader.checkpoint_final(crate::checkpoint::Position::Kafka(Vec::new()));
         return Ok(());
     }
     reader.feeder.external_clock();
+    // With --state the checkpoint is where reading resumes; with no
+    // checkpoint yet the state is empty, so reading starts at the beginning
+    // (the group's offsets may be past events no checkpoint holds).
+    let start = match (start, reader.checkpointing()) {
+        (None, true) => Some(crate::checkpoint::Position::Kafka(Vec::new())),
+        (start, _) => start,
+    };
     let mut parts = open_partitions(&consumer, k, &mine, start)?;
     let at: HashMap<(String, i32), usize> = parts.iter().enumerate().map(|(i, p)| ((p.topic.clone(), p.partition), i)).collect();
 
@@ -267,7 +275,7 @@ pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, start: Option<crate::checkp
     } else {
         reader.finish_input();
     }
-    reader.checkpoint(position(&parts));
+    reader.checkpoint_final(position(&parts));
     commit(&consumer, &mut parts, reader.delivered_frontier(), CommitMode::Sync, &k.brokers)?;
     Ok(())
 }
@@ -288,14 +296,16 @@ fn position(parts: &[Partition]) -> crate::checkpoint::Position {
     )
 }
 
-/// Assigns `mine` from a checkpoint's positions when resuming from one,
-/// otherwise from the group's committed offsets (or the beginning).
+/// Assigns `mine` from a checkpoint's positions when resuming from one (a
+/// partition it does not name starts at the beginning), otherwise from the
+/// group's committed offsets (or the beginning).
 fn open_partitions(
     consumer: &BaseConsumer<Lag>,
     k: &KafkaInput,
     mine: &[(String, i32)],
     start: Option<crate::checkpoint::Position>,
 ) -> Result<Vec<Partition>, EngineError> {
+    let from_checkpoint = start.is_some();
     let resumed: HashMap<(String, i32), crate::checkpoint::PartitionPosition> = match start {
         Some(crate::checkpoint::Position::Kafka(ps)) => ps.into_iter().map(|p| ((p.topic.clone(), p.partition), p)).collect(),
         _ => HashMap::new(),
@@ -322,7 +332,7 @@ fn open_partitions(
                     k.brokers, r.next
                 )))
             }
-            (None, Some(Offset::Offset(o))) if o >= low => o,
+            (None, Some(Offset::Offset(o))) if o >= low && !from_checkpoint => o,
             _ => low,
         };
         assign

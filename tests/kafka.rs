@@ -522,13 +522,14 @@ fn newest_checkpoint(state: &std::path::Path) -> Option<std::path::PathBuf> {
 }
 
 #[test]
-fn sigkill_with_kafka_in_and_out_repeats_only_identical_lines() {
+fn sigkill_with_kafka_in_and_out_on_two_workers_repeats_only_identical_lines() {
     use rand::{Rng, SeedableRng};
     let (cluster, brokers) = cluster();
     cluster.create_topic("events", 4, 3).unwrap();
     // One partition out, so the topic's order is the order written.
     cluster.create_topic("changes", 1, 3).unwrap();
-    let events = lines(50_000, 23);
+    // librdkafka's mock cluster keeps a few MB per partition: stay under it.
+    let events = lines(30_000, 23);
     produce(&brokers, "events", &events);
     let file = run_memory(&spec(), (events.join("\n") + "\n").as_bytes(), &opts(1)).expect("file run");
     let dir = tempfile::tempdir().unwrap();
@@ -545,7 +546,9 @@ fn sigkill_with_kafka_in_and_out_repeats_only_identical_lines() {
                 "--output-kafka",
                 "changes",
                 "--checkpoint-every",
-                "100ms",
+                "50ms",
+                "--workers",
+                "2",
             ])
             .arg("--state")
             .arg(&state)
@@ -559,7 +562,7 @@ fn sigkill_with_kafka_in_and_out_repeats_only_identical_lines() {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        if kills == 5 && !outage {
+        if kills == 2 && !outage {
             // Every broker away while checkpoints come due, then a kill
             // before they are back: the checkpoints written meanwhile cover
             // only what the brokers acknowledged.
@@ -576,7 +579,7 @@ fn sigkill_with_kafka_in_and_out_repeats_only_identical_lines() {
             kills += 1;
             continue;
         }
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..200)));
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..100)));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
             child.wait().unwrap();
@@ -592,7 +595,7 @@ fn sigkill_with_kafka_in_and_out_repeats_only_identical_lines() {
         assert_eq!(summary["diffs_written"], file.lines.len(), "{err}");
         break;
     }
-    assert!(kills >= 10 && outage, "only {kills} kills before the run finished");
+    assert!(kills >= 5 && outage, "only {kills} kills before the run finished");
     // At least once: the topic is the file run's lines, where a restart may
     // go back (to its checkpoint) and repeat lines exactly, never skip one.
     let index: BTreeMap<&str, usize> = file.lines.iter().enumerate().map(|(i, l)| (l.as_str(), i)).collect();
