@@ -85,13 +85,14 @@ fn newest_checkpoint(state: &Path) -> Option<PathBuf> {
 fn sigkill_at_random_moments_leaves_the_output_byte_identical() {
     let data = tempfile::tempdir().unwrap();
     let input = data.path().join("events.jsonl");
-    events(&input, 75_000);
+    events(&input, 100_000);
     let (want_out, want_dead, want_summary) = reference("engagement.toml", &input);
     assert!(want_out.len() > 100_000 && !want_dead.is_empty());
 
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let args = ["--state", state.to_str().unwrap(), "--checkpoint-every", "150ms"];
+    // A checkpoint at every batch (4096 lines) at which the output moved.
+    let args = ["--state", state.to_str().unwrap(), "--checkpoint-every", "1ms"];
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let (mut kills, mut resumed_mid_run) = (0, 0);
     let summary = loop {
@@ -103,17 +104,20 @@ fn sigkill_at_random_moments_leaves_the_output_byte_identical() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        // Most kills come after the run made progress (a new checkpoint),
-        // at a random moment after it; some come at a random early moment
-        // (while resuming, or before the first checkpoint).
-        if rng.gen_ratio(3, 4) {
+        // Half the kills come after the run made progress (a new
+        // checkpoint), at a random moment up to 80 ms after it; the others
+        // at a random moment up to 250 ms after the start (while resuming,
+        // reading, or writing a checkpoint).
+        if rng.gen_ratio(1, 2) {
             let started = Instant::now();
             while newest_checkpoint(&state) == before && child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(60)
             {
                 std::thread::sleep(Duration::from_millis(10));
             }
+            std::thread::sleep(Duration::from_millis(rng.gen_range(0..80)));
+        } else {
+            std::thread::sleep(Duration::from_millis(rng.gen_range(0..250)));
         }
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..250)));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL
             child.wait().unwrap();
@@ -126,6 +130,7 @@ fn sigkill_at_random_moments_leaves_the_output_byte_identical() {
         assert!(!stderr.contains("unusable"), "no checkpoint is ever torn: {stderr}");
         break stderr.lines().last().unwrap().to_string();
     };
+    eprintln!("{kills} kills, {resumed_mid_run} resumes from a checkpoint");
     assert!(kills >= 20, "only {kills} kills before the run finished");
     assert!(resumed_mid_run >= 10, "only {resumed_mid_run} resumes from a checkpoint");
     let got_out = std::fs::read(dir.path().join("out.jsonl")).unwrap();
