@@ -3,9 +3,11 @@
 //! checkpoint of another spec refused, and a checkpoint directory that is
 //! full or read-only (a real tmpfs, mounted in a user namespace).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 
@@ -70,17 +72,6 @@ fn reference(spec_name: &str, input: &Path) -> (Vec<u8>, Vec<u8>, String) {
     )
 }
 
-fn newest_checkpoint(state: &Path) -> Option<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(state)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "shoal"))
-        .collect();
-    files.sort();
-    files.pop()
-}
-
 #[test]
 fn sigkill_at_random_moments_leaves_the_output_byte_identical() {
     let data = tempfile::tempdir().unwrap();
@@ -96,7 +87,7 @@ fn sigkill_at_random_moments_leaves_the_output_byte_identical() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let (mut kills, mut resumed_mid_run) = (0, 0);
     let summary = loop {
-        let before = newest_checkpoint(&state);
+        let before = common::newest_checkpoint(&state);
         if before.is_some() {
             resumed_mid_run += 1;
         }
@@ -109,11 +100,7 @@ fn sigkill_at_random_moments_leaves_the_output_byte_identical() {
         // at a random moment up to 250 ms after the start (while resuming,
         // reading, or writing a checkpoint).
         if rng.gen_ratio(1, 2) {
-            let started = Instant::now();
-            while newest_checkpoint(&state) == before && child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(60)
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            common::wait_for_checkpoint(&mut child, &state, &before);
             std::thread::sleep(Duration::from_millis(rng.gen_range(0..80)));
         } else {
             std::thread::sleep(Duration::from_millis(rng.gen_range(0..250)));
@@ -162,7 +149,7 @@ fn a_corrupt_newest_checkpoint_is_skipped_for_the_one_before() {
     assert!(first.status.success());
     // The newest (the end of the run) loses its last byte; the one before
     // is from the middle of the run, which is where the second run resumes.
-    let newest = newest_checkpoint(&state).unwrap();
+    let newest = common::newest_checkpoint(&state).unwrap();
     let len = std::fs::metadata(&newest).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)

@@ -4,6 +4,8 @@
 //! a broker outage mid-run loses no change; a second run resumes from the
 //! offsets the first committed; the binary stops cleanly on SIGTERM.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -509,18 +511,6 @@ fn an_idle_partition_stops_holding_the_clock_back() {
     assert_eq!(summary.events_read, 20);
 }
 
-/// The newest checkpoint file in `state`, if any.
-fn newest_checkpoint(state: &std::path::Path) -> Option<std::path::PathBuf> {
-    let mut files: Vec<_> = std::fs::read_dir(state)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "shoal"))
-        .collect();
-    files.sort();
-    files.pop()
-}
-
 #[test]
 fn sigkill_with_kafka_in_and_out_on_two_workers_repeats_only_identical_lines() {
     use rand::{Rng, SeedableRng};
@@ -537,7 +527,7 @@ fn sigkill_with_kafka_in_and_out_on_two_workers_repeats_only_identical_lines() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
     let (mut kills, mut outage) = (0, false);
     loop {
-        let before = newest_checkpoint(&state);
+        let before = common::newest_checkpoint(&state);
         let mut child = shoal_kafka(&brokers, "killed")
             .args([
                 "--kafka-until-end",
@@ -556,11 +546,7 @@ fn sigkill_with_kafka_in_and_out_on_two_workers_repeats_only_identical_lines() {
             .spawn()
             .unwrap();
         if rng.gen_ratio(3, 4) {
-            let started = Instant::now();
-            while newest_checkpoint(&state) == before && child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(60)
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            common::wait_for_checkpoint(&mut child, &state, &before);
         }
         if kills == 2 && !outage {
             // Every broker away while checkpoints come due, then a kill

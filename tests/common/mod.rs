@@ -131,3 +131,24 @@ pub fn urlencode(s: &str) -> String {
         })
         .collect()
 }
+
+/// The newest checkpoint file in a `--state` directory, if any.
+pub fn newest_checkpoint(state: &Path) -> Option<std::path::PathBuf> {
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(state)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "shoal"))
+        .collect();
+    files.sort();
+    files.pop()
+}
+
+/// Waits until `child` wrote a checkpoint newer than `before` (or ended,
+/// or a minute passed).
+pub fn wait_for_checkpoint(child: &mut Child, state: &Path, before: &Option<std::path::PathBuf>) {
+    let started = std::time::Instant::now();
+    while newest_checkpoint(state) == *before && child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
