@@ -493,6 +493,13 @@ impl Checkpointing {
         }
     }
 
+    /// A copy of a stopped reader's final state, compacted at `frontier`.
+    fn compacted(&self, st: &checkpoint::ReaderState, frontier: u64) -> checkpoint::ReaderState {
+        let mut st = st.clone();
+        st.compact(frontier, self.tick, &self.windows);
+        st
+    }
+
     /// Several readers: writes the open round once every reader has given
     /// its state or stopped reading.
     fn complete_round(&self) {
@@ -504,11 +511,7 @@ impl Checkpointing {
         }
         let Round { mark, mut states } = round.take().expect("open");
         for (w, st) in done.iter() {
-            states.entry(*w).or_insert_with(|| {
-                let mut st = st.clone();
-                st.compact(mark.frontier, self.tick, &self.windows);
-                st
-            });
+            states.entry(*w).or_insert_with(|| self.compacted(st, mark.frontier));
         }
         drop(done);
         drop(round);
@@ -1020,27 +1023,32 @@ impl Reader<'_> {
 
     /// This reader's state at `frontier` (a copy; the logs stay).
     fn own_state(&mut self, frontier: u64, position: checkpoint::Position) -> Option<checkpoint::ReaderState> {
+        let shared = self.checkpoints.as_ref()?.shared.clone();
+        let written = shared.delivered.lock().expect("not poisoned").mark.dead_written.clone();
+        let lent = self.lend_state(frontier, &written, position)?;
+        let st = lent.clone();
+        self.feeder.checkpointed(lent);
+        Some(st)
+    }
+
+    /// This reader's state at `frontier`, its logs lent (give them back
+    /// with [`Feeder::checkpointed`]), with the dead letters the sink has
+    /// not written yet (`written`: dead letters written, by reader).
+    fn lend_state(
+        &mut self,
+        frontier: u64,
+        written: &std::collections::BTreeMap<usize, u64>,
+        position: checkpoint::Position,
+    ) -> Option<checkpoint::ReaderState> {
         self.advance_notes();
         let worker = self.worker.index();
         let ck = self.checkpoints.as_mut()?;
-        let written = ck
-            .shared
-            .delivered
-            .lock()
-            .expect("not poisoned")
-            .mark
-            .dead_written
-            .get(&worker)
-            .copied()
-            .unwrap_or(0);
-        let unwritten = ck.dead_sent.saturating_sub(written) as usize;
+        let unwritten = ck.dead_sent.saturating_sub(written.get(&worker).copied().unwrap_or(0)) as usize;
         while ck.dead.len() > unwritten {
             ck.dead.pop_front();
         }
         let (dead, dead_sent) = (ck.dead.iter().cloned().collect(), ck.dead_sent);
-        let lent = self.feeder.checkpoint(frontier, worker, position)?;
-        let mut st = lent.clone();
-        self.feeder.checkpointed(lent);
+        let mut st = self.feeder.checkpoint(frontier, worker, position)?;
         st.dead = dead;
         st.dead_sent = dead_sent;
         Some(st)
@@ -1072,11 +1080,7 @@ impl Reader<'_> {
                 .lock()
                 .expect("not poisoned")
                 .values()
-                .map(|st| {
-                    let mut st = st.clone();
-                    st.compact(mark.frontier, shared.tick, &shared.windows);
-                    st
-                })
+                .map(|st| shared.compacted(st, mark.frontier))
                 .collect();
             shared.write(mark, states);
         }
@@ -1087,30 +1091,17 @@ impl Reader<'_> {
     /// worker). A failed write is reported and retried at the next one; the
     /// last good checkpoint stays.
     pub fn checkpoint(&mut self, position: checkpoint::Position) {
-        if self.checkpoints.is_none() {
-            return;
-        }
-        self.advance_notes();
-        let worker = self.worker.index();
-        let ck = self.checkpoints.as_mut().expect("checked");
+        let Some(ck) = self.checkpoints.as_mut() else { return };
         ck.last = Instant::now();
         let shared = ck.shared.clone();
         let Some(mark) = shared.mark() else { return };
         // Every tick before the mark is out; ticks after the reader's clock
         // hold nothing yet.
         let frontier = mark.frontier.min(self.feeder.frontier());
-        let written = mark.dead_written.get(&worker).copied().unwrap_or(0);
-        let unwritten = ck.dead_sent.saturating_sub(written) as usize;
-        while ck.dead.len() > unwritten {
-            ck.dead.pop_front();
-        }
-        let (dead, dead_sent) = (ck.dead.iter().cloned().collect(), ck.dead_sent);
         // The logs are lent to the snapshot, not copied, and given back.
-        let Some(mut reader) = self.feeder.checkpoint(frontier, worker, position) else {
+        let Some(reader) = self.lend_state(frontier, &mark.dead_written, position) else {
             return;
         };
-        reader.dead = dead;
-        reader.dead_sent = dead_sent;
         let mut readers = shared.write(checkpoint::Mark { frontier, ..mark }, vec![reader]);
         self.feeder.checkpointed(readers.pop().expect("one reader"));
     }
