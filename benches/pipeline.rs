@@ -22,6 +22,10 @@ use differential_dataflow::input::Input;
 use shoal::engine::{run, Job, RunOptions, Source, Summary};
 use shoal::generate::{GenOptions, Generator};
 
+/// The allocator `shoal` itself runs with (see `src/main.rs`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn generated(events: u64, users: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(events as usize * 400);
     for line in Generator::new(&GenOptions {

@@ -33,7 +33,7 @@ use crate::sink::{self, Deliver, Note, Outputs, Report, SinkState, WriteLines};
 use crate::source::Next;
 pub use crate::source::Source;
 use crate::spec::Spec;
-use crate::terms::{extract, Pay};
+use crate::terms::Pay;
 use crate::window::Fact;
 use crate::{checkpoint, cluster, identity, rfm, rules, score, terms, window};
 
@@ -609,8 +609,8 @@ pub fn build_with<'s>(
             terms = terms.concat(cluster::clusters(values, plan.clone(), memory));
         }
     }
-    let atoms = rules::atoms(terms.clone(), universe.clone(), plan.clone());
-    let members = rules::segments(atoms, universe.clone(), plan);
+    let atoms = rules::atoms(terms.clone(), plan.clone());
+    let members = rules::segments(atoms, universe.clone(), plan.clone());
     (
         Inputs {
             facts: facts_in,
@@ -750,27 +750,46 @@ impl Feeder {
     /// Reads one line (without its line ending) and feeds what it means.
     pub fn read(&mut self, line: &[u8]) -> Outcome {
         let outcome = self.ingest.read(line);
-        self.fed(outcome)
+        self.fed(outcome, None)
     }
 
     /// Feeds an event decoded elsewhere (the pre-decoded benchmarks).
     pub fn read_event(&mut self, event: crate::event::Event) -> Outcome {
         self.ingest.counters.read += 1;
         let outcome = self.ingest.accept(event);
-        self.fed(outcome)
+        self.fed(outcome, None)
     }
 
-    fn fed(&mut self, outcome: Outcome) -> Outcome {
+    /// Feeds a line decoded ahead (see `crate::decode`).
+    pub fn read_prepared(&mut self, prepared: crate::decode::Prepared) -> Outcome {
+        use crate::decode::Item;
+        match prepared.item {
+            Item::Blank => self.fed(Outcome::Blank, None),
+            Item::Bad { reason, .. } => {
+                self.ingest.counters.read += 1;
+                let outcome = self.ingest.reject(reason);
+                self.fed(outcome, None)
+            }
+            Item::Event { event, facts } => {
+                self.ingest.counters.read += 1;
+                let outcome = self.ingest.accept(*event);
+                self.fed(outcome, Some(facts))
+            }
+        }
+    }
+
+    fn fed(&mut self, outcome: Outcome, facts: Option<crate::decode::Facts>) -> Outcome {
         if let Outcome::Accepted(s) = &outcome {
             if self.until.is_none_or(|u| s.effect <= u) {
-                self.feed(s);
+                let facts = facts.unwrap_or_else(|| crate::decode::facts(&self.plan.streams, &s.event));
+                self.feed(s, facts);
             }
         }
         self.advance_inputs();
         outcome
     }
 
-    fn feed(&mut self, s: &Stamped) {
+    fn feed(&mut self, s: &Stamped, facts: crate::decode::Facts) {
         self.identities.changes(s, &mut self.node_changes, &mut self.link_changes);
         for (d, t, r) in self.node_changes.drain(..) {
             if let Some(log) = &mut self.retained {
@@ -789,13 +808,11 @@ impl Feeder {
             (None, Some(a)) => key_of(crate::event::IdKind::Anon, a),
             (None, None) => unreachable!("accepted events have an id"),
         };
-        let plan = self.plan.clone();
-        for (i, stream) in plan.streams.iter().enumerate() {
-            let Some(pay) = extract(stream, &s.event) else { continue };
+        for (stream, pay) in facts {
             if let Pay::Stamped(..) = pay {
-                self.latest(anchor, i as u32, s, pay);
+                self.latest(anchor, stream, s, pay);
             } else {
-                self.fact((anchor, i as u32, s.event.time, pay), s.effect, 1);
+                self.fact((anchor, stream, s.event.time, pay), s.effect, 1);
             }
         }
     }
@@ -810,12 +827,12 @@ impl Feeder {
     /// over all of them.
     fn latest(&mut self, anchor: Key, stream: u32, s: &Stamped, pay: Pay) {
         let rank = |p: &Pay| match p {
-            Pay::Stamped(e, text, _) => (*e, text.clone()),
+            Pay::Stamped(s) => (s.time, s.text.clone()),
             _ => unreachable!("stamped"),
         };
         // A fact carries its own event time, so a retraction cancels its fact.
         let fact = |pay: Pay| match pay {
-            Pay::Stamped(e, ..) => (anchor, stream, e, pay),
+            Pay::Stamped(ref st) => (anchor, stream, st.time, pay),
             _ => (anchor, stream, s.event.time, pay),
         };
         match self.winners.get_mut(&(anchor, stream)) {
@@ -1264,6 +1281,7 @@ fn run_worker(
     let serving = job.http.is_some();
     let memory = checkpointing.as_ref().map(|c| c.clusters.clone());
     let mut notes = timely::dataflow::InputHandleVec::new();
+    let profiling = crate::profile::Profiling::start(worker);
     let (inputs, delivered) = worker.dataflow::<u64, _, _>(|scope| {
         use timely::dataflow::operators::{Input, Probe};
         let (inputs, built) = build_with(scope, &plan, opts.tick, memory);
@@ -1324,6 +1342,12 @@ fn run_worker(
         reader.finish();
     }
     while worker.step_or_park(None) {}
+    if let Some(p) = profiling {
+        if let Some(log) = worker.logging() {
+            log.flush();
+        }
+        p.finish(worker.index());
+    }
     if !leader {
         return Ok(None);
     }
@@ -1370,7 +1394,8 @@ fn read_lines(reader: &mut Reader<'_>, sources: &[Source], start: Option<checkpo
     };
     for (index, source) in sources.iter().enumerate().skip(first) {
         let name = source.name();
-        let mut lines = if index == first { source.open_at(offset)? } else { source.open()? };
+        let lines = if index == first { source.open_at(offset)? } else { source.open()? };
+        let mut lines = lines.decode_ahead(&reader.feeder.plan.streams)?;
         if index != first {
             number = 0;
         }
@@ -1401,10 +1426,11 @@ fn read_lines(reader: &mut Reader<'_>, sources: &[Source], start: Option<checkpo
                     batch = 0;
                     reader.pump(live, String::new);
                 }
-                next @ (Next::Line | Next::Event(_)) => {
+                next @ (Next::Line | Next::Event(_) | Next::Prepared(_)) => {
                     number += 1;
                     let outcome = match next {
                         Next::Event(ev) => reader.feeder.read_event(*ev),
+                        Next::Prepared(p) => reader.feeder.read_prepared(*p),
                         _ => reader.feeder.read(&line),
                     };
                     if let Outcome::Bad(reason) = &outcome {

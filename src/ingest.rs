@@ -92,11 +92,14 @@ impl Ingest {
         self.counters.read += 1;
         match decode(line) {
             Ok(event) => self.accept(event),
-            Err(e) => {
-                self.counters.bad += 1;
-                Outcome::Bad(e.0)
-            }
+            Err(e) => self.reject(e.0),
         }
+    }
+
+    /// A line that did not decode (already counted as read).
+    pub fn reject(&mut self, reason: String) -> Outcome {
+        self.counters.bad += 1;
+        Outcome::Bad(reason)
     }
 
     /// Takes an event decoded elsewhere (already counted as read).

@@ -14,6 +14,7 @@
 pub mod checkpoint;
 pub mod clock;
 pub mod cluster;
+pub mod decode;
 pub mod engine;
 pub mod event;
 pub mod generate;
@@ -22,6 +23,7 @@ pub mod identity;
 pub mod ingest;
 pub mod kafka;
 pub mod plan;
+pub mod profile;
 pub mod rfm;
 pub mod rules;
 pub mod score;

@@ -187,6 +187,23 @@ pub enum Formula {
     Or(Box<Formula>, Box<Formula>),
 }
 
+impl Formula {
+    /// Whether the formula holds, given which atoms hold and which segments
+    /// (`in_segment`) the profile is in; `not` is the complement within the
+    /// universe, so it is only asked of profiles that exist.
+    pub fn eval(&self, atom: &dyn Fn(usize) -> bool, segment: &dyn Fn(usize) -> bool) -> bool {
+        match self {
+            Formula::True => true,
+            Formula::False => false,
+            Formula::Atom(a) => atom(*a),
+            Formula::Segment(s) => segment(*s),
+            Formula::Not(x) => !x.eval(atom, segment),
+            Formula::And(x, y) => x.eval(atom, segment) && y.eval(atom, segment),
+            Formula::Or(x, y) => x.eval(atom, segment) || y.eval(atom, segment),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct SegmentPlan {
     pub name: String,

@@ -285,22 +285,18 @@ impl Model {
     /// is false), `not` the complement within the universe, `in_segment` the
     /// memberships `reads` names.
     pub fn holds_as(&self, plan: &Plan, f: &Formula, profile: Key, reads: Reads) -> bool {
-        match f {
-            Formula::True => true,
-            Formula::False => false,
-            Formula::Atom(a) => {
-                let def = &plan.atoms[*a];
-                let slots: Vec<Value> = def.terms.iter().map(|&t| self.term_value(plan, t, profile)).collect();
-                def.holds(&slots)
-            }
-            Formula::Segment(s) => self.segments.get(*s).is_some_and(|s| match (reads, &s.engine_keys) {
+        let atom = |a: usize| {
+            let def = &plan.atoms[a];
+            let slots: Vec<Value> = def.terms.iter().map(|&t| self.term_value(plan, t, profile)).collect();
+            def.holds(&slots)
+        };
+        let segment = |s: usize| {
+            self.segments.get(s).is_some_and(|s| match (reads, &s.engine_keys) {
                 (Reads::Engine, Some(keys)) => keys.contains(&profile),
                 _ => s.keys.contains(&profile),
-            }),
-            Formula::Not(x) => !self.holds_as(plan, x, profile, reads),
-            Formula::And(x, y) => self.holds_as(plan, x, profile, reads) && self.holds_as(plan, y, profile, reads),
-            Formula::Or(x, y) => self.holds_as(plan, x, profile, reads) || self.holds_as(plan, y, profile, reads),
-        }
+            })
+        };
+        f.eval(&atom, &segment)
     }
 
     /// Why `profile` is in or out of segment `slot`: each condition of its

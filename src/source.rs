@@ -46,7 +46,7 @@ impl Source {
         }
     }
 
-    fn open_reader(&self) -> Result<Box<dyn BufRead>, EngineError> {
+    fn open_reader(&self) -> Result<Box<dyn BufRead + Send>, EngineError> {
         Ok(match self {
             Source::File(p) => Box::new(BufReader::with_capacity(
                 1 << 20,
@@ -107,6 +107,9 @@ pub enum Next {
     Line,
     /// A decoded event (from [`Source::Decoded`]).
     Event(Box<crate::event::Event>),
+    /// A line decoded ahead (see `crate::decode`); the buffer holds its
+    /// text when it is not a valid event.
+    Prepared(Box<crate::decode::Prepared>),
     /// Nothing arrived within the wait (live sources only).
     Idle,
     End,
@@ -115,9 +118,13 @@ pub enum Next {
 /// An open source.
 pub enum Lines {
     /// A byte stream and the offset of the next line in it.
-    Read(Box<dyn BufRead>, u64),
+    Read(Box<dyn BufRead + Send>, u64),
     Live(Receiver<std::io::Result<Vec<u8>>>),
     Decoded(Arc<Vec<crate::event::Event>>, usize),
+    /// A byte stream decoded by a thread of its own.
+    Ahead(crate::decode::Ahead),
+    /// A live source decoded by a thread of its own.
+    LiveAhead(Receiver<std::io::Result<crate::decode::Prepared>>),
 }
 
 impl Source {
@@ -217,7 +224,7 @@ impl Source {
     }
 }
 
-fn trim_line_ending(line: &mut Vec<u8>) {
+pub(crate) fn trim_line_ending(line: &mut Vec<u8>) {
     if line.last() == Some(&b'\n') {
         line.pop();
         if line.last() == Some(&b'\r') {
@@ -243,6 +250,28 @@ impl Lines {
                 *at += 1;
                 return Ok(Next::Event(Box::new(ev.clone())));
             }
+            Lines::Ahead(ahead) => {
+                let Some(mut prepared) = ahead.next_line()? else {
+                    return Ok(Next::End);
+                };
+                if let crate::decode::Item::Bad { text, .. } = &mut prepared.item {
+                    *buf = std::mem::take(text);
+                }
+                return Ok(Next::Prepared(Box::new(prepared)));
+            }
+            Lines::LiveAhead(rx) => {
+                return match rx.recv_timeout(wait) {
+                    Ok(prepared) => {
+                        let mut prepared = prepared?;
+                        if let crate::decode::Item::Bad { text, .. } = &mut prepared.item {
+                            *buf = std::mem::take(text);
+                        }
+                        Ok(Next::Prepared(Box::new(prepared)))
+                    }
+                    Err(RecvTimeoutError::Timeout) => Ok(Next::Idle),
+                    Err(RecvTimeoutError::Disconnected) => Ok(Next::End),
+                }
+            }
             Lines::Live(rx) => match rx.recv_timeout(wait) {
                 Ok(line) => *buf = line?,
                 Err(RecvTimeoutError::Timeout) => return Ok(Next::Idle),
@@ -253,15 +282,30 @@ impl Lines {
         Ok(Next::Line)
     }
 
+    /// Decodes a byte stream or a live source on a thread of its own, for
+    /// `streams` (see `crate::decode`); other sources stay as they are.
+    pub fn decode_ahead(self, streams: &[crate::plan::StreamDef]) -> Result<Lines, EngineError> {
+        match self {
+            Lines::Read(input, offset) => crate::decode::Ahead::spawn(input, offset, streams.to_vec())
+                .map(Lines::Ahead)
+                .map_err(|e| EngineError::Io(format!("cannot start the decoding thread: {e}"))),
+            Lines::Live(lines) => crate::decode::live(lines, streams.to_vec())
+                .map(Lines::LiveAhead)
+                .map_err(|e| EngineError::Io(format!("cannot start the decoding thread: {e}"))),
+            other => Ok(other),
+        }
+    }
+
     /// The byte offset of the next line (byte streams; 0 otherwise).
     pub fn offset(&self) -> u64 {
         match self {
             Lines::Read(_, offset) => *offset,
+            Lines::Ahead(ahead) => ahead.offset(),
             _ => 0,
         }
     }
 
     pub fn is_live(&self) -> bool {
-        matches!(self, Lines::Live(_))
+        matches!(self, Lines::Live(_) | Lines::LiveAhead(_))
     }
 }

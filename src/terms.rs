@@ -8,9 +8,11 @@
 //! fact of the merged side and every aggregate downstream corrects itself.
 
 use differential_dataflow::operators::CountTotal;
-use differential_dataflow::VecCollection;
+use differential_dataflow::{AsCollection, VecCollection};
 use serde::{Deserialize, Serialize};
 use std::rc::Rc;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::operators::core::Partition;
 
 use crate::event::Event;
 use crate::ingest::Key;
@@ -26,8 +28,23 @@ pub enum Pay {
     /// A value read at a path.
     Val(Value),
     /// A value with its event time and JSON text, for "latest wins, ties by
-    /// greatest text" (`last`, traits).
-    Stamped(u64, String, Value),
+    /// greatest text" (`last`, traits). Boxed: it is rare, and inline it
+    /// would double the size of every fact.
+    Stamped(Box<Stamp>),
+}
+
+/// A stamped value (see [`Pay::Stamped`]); ordered by time, then text.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Stamp {
+    pub time: u64,
+    pub text: String,
+    pub value: Value,
+}
+
+impl Pay {
+    pub fn stamped(time: u64, text: String, value: Value) -> Pay {
+        Pay::Stamped(Box::new(Stamp { time, text, value }))
+    }
 }
 
 /// What `stream` keeps of `ev`, if it matches.
@@ -44,12 +61,12 @@ pub fn extract(stream: &StreamDef, ev: &Event) -> Option<Pay> {
         Read::Last(p) => {
             let json = ev.get(&p.0)?;
             let v = Value::from_json(json);
-            (!v.is_missing()).then(|| Pay::Stamped(ev.time, json.to_string(), v))
+            (!v.is_missing()).then(|| Pay::stamped(ev.time, json.to_string(), v))
         }
         Read::Time => Some(Pay::Val(Value::Num(Dec::from_int(ev.time as i64)))),
         Read::Trait(name) => {
             let json = ev.traits.get(name)?;
-            Some(Pay::Stamped(ev.time, json.to_string(), Value::from_json(json)))
+            Some(Pay::stamped(ev.time, json.to_string(), Value::from_json(json)))
         }
     }
 }
@@ -138,7 +155,7 @@ fn numeric<'a>(agg: Agg, vals: impl Iterator<Item = (&'a Value, isize)>) -> Valu
 pub fn latest<'a>(facts: impl Iterator<Item = (&'a Pay, isize)>) -> Value {
     facts
         .filter_map(|(p, _)| match p {
-            Pay::Stamped(e, text, v) => Some((e, text.as_bytes(), v)),
+            Pay::Stamped(s) => Some((&s.time, s.text.as_bytes(), &s.value)),
             _ => None,
         })
         .max_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)))
@@ -164,14 +181,22 @@ pub fn terms<'s>(
     let joined = windowed.join_core(labels, |_anchor, (stream, pay), profile| Some(((*stream, *profile), pay.clone())));
     // Streams folded only by `count` need no values: differential's
     // `count_total` keeps one number per key, far cheaper than a reduce.
-    let only_counts = counted.clone();
-    let counts = joined
-        .clone()
-        .flat_map(move |(key, _pay)| only_counts[key.0 as usize].then_some(key))
+    // One pass splits the joined facts between the two (a second consumer
+    // of the join would get a copy of every fact).
+    let mut parts = joined
+        .inner
+        .partition::<CapacityContainerBuilder<Vec<_>>, _, _>(2, move |(((stream, profile), pay), t, r)| {
+            let counted = counted[stream as usize] as u64;
+            (counted, (((stream, profile), pay), t, r))
+        })
+        .into_iter()
+        .map(|s| s.as_collection());
+    let (folded, counted) = (parts.next().expect("two parts"), parts.next().expect("two parts"));
+    let counts = counted
+        .map(|(key, _pay)| key)
         .count_total()
         .map(|(key, n)| (key, vec![Value::Num(Dec::from_int(n as i64))]));
-    joined
-        .filter(move |((stream, _), _)| !counted[*stream as usize])
+    folded
         .reduce_named("Terms", move |(stream, _profile), facts, out| {
             let values = plan.folds[*stream as usize]
                 .iter()

@@ -1,0 +1,192 @@
+//! Decoding ahead of the reader, on a thread of its own.
+//!
+//! A reader's sequential work (SPEC §3: the clock, dedupe and identity
+//! follow input order) is cheap; what is expensive per line — parsing the
+//! JSON and matching it against every stream's selector and filter, reading
+//! the paths the streams keep — depends on the line alone. So for files and
+//! other byte streams read to their end, a `shoal-decode` thread does that
+//! part: it reads lines, decodes each into an [`Event`] and its facts
+//! ([`crate::terms::extract`] for every stream), and hands them over in
+//! batches through a bounded channel (so it runs at most a few batches
+//! ahead). The reader then only stamps and feeds them, in order. On two
+//! cores this takes about a third of the per-event work off the worker that
+//! reads, which is what limited a second worker (see `docs/performance.md`).
+//!
+//! Live sources (stdin) get the same, line by line, so that a line is
+//! never held back to fill a batch ([`live`]).
+//!
+//! The output is the same as decoding in place: each line keeps its number,
+//! its byte offset (checkpoints resume after the last line fed), and a line
+//! that does not decode keeps its text for the dead letter.
+
+use std::io::BufRead;
+use std::sync::mpsc::{sync_channel, Receiver};
+
+use crate::event::{decode, Event};
+use crate::plan::StreamDef;
+use crate::terms::{extract, Pay};
+
+/// Lines per batch handed to the reader.
+const BATCH: usize = 256;
+/// Batches the decoder may run ahead.
+const AHEAD: usize = 16;
+
+/// One line, decoded.
+pub enum Item {
+    /// Only whitespace: not an event, not counted.
+    Blank,
+    /// Not a valid event: why, and the line as read.
+    Bad { reason: String, text: Vec<u8> },
+    /// A valid event and what each stream it matches keeps of it.
+    Event { event: Box<Event>, facts: Facts },
+}
+
+/// `(stream, payload)` for every stream an event matches, in stream order.
+pub type Facts = Vec<(u32, Pay)>;
+
+/// What every stream keeps of `event`.
+pub fn facts(streams: &[StreamDef], event: &Event) -> Facts {
+    streams
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| extract(s, event).map(|p| (i as u32, p)))
+        .collect()
+}
+
+/// Decodes one line (with or without its line ending).
+fn prepare(mut line: Vec<u8>, streams: &[StreamDef]) -> Item {
+    crate::source::trim_line_ending(&mut line);
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Item::Blank;
+    }
+    match decode(&line) {
+        Ok(event) => Item::Event {
+            facts: facts(streams, &event),
+            event: Box::new(event),
+        },
+        Err(e) => Item::Bad { reason: e.0, text: line },
+    }
+}
+
+/// Decodes the lines of a live source (stdin, the paced benchmark source)
+/// on a thread of its own, each passed on as soon as it is decoded: live
+/// input is not held back to fill a batch. Offsets are 0 (a live source
+/// cannot be resumed).
+pub fn live(lines: Receiver<std::io::Result<Vec<u8>>>, streams: Vec<StreamDef>) -> std::io::Result<Receiver<std::io::Result<Prepared>>> {
+    let (tx, decoded) = sync_channel(BATCH * AHEAD);
+    std::thread::Builder::new().name("shoal-decode".into()).spawn(move || {
+        for line in lines {
+            let prepared = line.map(|line| Prepared {
+                item: prepare(line, &streams),
+                offset: 0,
+            });
+            if tx.send(prepared).is_err() {
+                return;
+            }
+        }
+    })?;
+    Ok(decoded)
+}
+
+/// A decoded line and the byte offset just after it.
+pub struct Prepared {
+    pub item: Item,
+    pub offset: u64,
+}
+
+/// The reader's end of a decoding thread.
+pub struct Ahead {
+    batches: Receiver<std::io::Result<Vec<Prepared>>>,
+    current: std::vec::IntoIter<Prepared>,
+    offset: u64,
+}
+
+impl Ahead {
+    /// Starts decoding `input` (positioned at byte `offset`) for `streams`.
+    pub fn spawn(mut input: Box<dyn BufRead + Send>, offset: u64, streams: Vec<StreamDef>) -> std::io::Result<Ahead> {
+        let (tx, batches) = sync_channel(AHEAD);
+        std::thread::Builder::new().name("shoal-decode".into()).spawn(move || {
+            let mut at = offset;
+            let mut batch = Vec::with_capacity(BATCH);
+            loop {
+                let mut line = Vec::new();
+                match input.read_until(b'\n', &mut line) {
+                    Ok(0) => break,
+                    Ok(n) => at += n as u64,
+                    Err(e) => {
+                        let _ = tx.send(Ok(std::mem::take(&mut batch)));
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+                let item = prepare(line, &streams);
+                batch.push(Prepared { item, offset: at });
+                if batch.len() == BATCH && tx.send(Ok(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))).is_err() {
+                    return; // the reader stopped
+                }
+            }
+            let _ = tx.send(Ok(batch));
+        })?;
+        Ok(Ahead {
+            batches,
+            current: Vec::new().into_iter(),
+            offset,
+        })
+    }
+
+    /// The next decoded line, `None` at the end of the input.
+    pub fn next_line(&mut self) -> std::io::Result<Option<Prepared>> {
+        loop {
+            if let Some(p) = self.current.next() {
+                self.offset = p.offset;
+                return Ok(Some(p));
+            }
+            match self.batches.recv() {
+                Ok(batch) => self.current = batch?.into_iter(),
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+
+    /// The byte offset just after the last line returned.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> crate::plan::Plan {
+        let text = "[[segment]]\nname = \"s\"\nwhen = \"count('Bought', 1h) >= 1 and sum('Bought', price, 1h) > 3\"\n";
+        crate::plan::Plan::new(&crate::spec::parse_spec(text, 1000).expect("spec"))
+    }
+
+    #[test]
+    fn lines_decoded_ahead_keep_their_offsets_text_and_facts() {
+        let plan = spec();
+        let good = r#"{"type":"track","event":"Bought","userId":"u1","messageId":"m1","timestamp":"2024-01-01T00:00:00Z","properties":{"price":5}}"#;
+        let input = format!("{good}\r\n   \nnot json\n{good}");
+        let reader: Box<dyn BufRead + Send> = Box::new(std::io::Cursor::new(input.clone().into_bytes()));
+        let mut ahead = Ahead::spawn(reader, 7, plan.streams.clone()).expect("thread");
+        let mut got = Vec::new();
+        while let Some(p) = ahead.next_line().expect("read") {
+            assert_eq!(ahead.offset(), p.offset);
+            got.push(p);
+        }
+        let ends: Vec<u64> = got.iter().map(|p| p.offset).collect();
+        let first = 7 + good.len() as u64 + 2;
+        assert_eq!(ends, vec![first, first + 4, first + 13, first + 13 + good.len() as u64]);
+        assert!(matches!(got[1].item, Item::Blank));
+        match &got[2].item {
+            Item::Bad { text, .. } => assert_eq!(text, b"not json"),
+            _ => panic!("a bad line"),
+        }
+        for p in [&got[0], &got[3]] {
+            let Item::Event { event, facts: f } = &p.item else { panic!("an event") };
+            assert_eq!(*f, facts(&plan.streams, event));
+            assert_eq!(f.len(), 2, "a count and a sum stream");
+        }
+    }
+}
