@@ -184,7 +184,9 @@ mod tests {
             _ => panic!("a bad line"),
         }
         for p in [&got[0], &got[3]] {
-            let Item::Event { event, facts: f } = &p.item else { panic!("an event") };
+            let Item::Event { event, facts: f } = &p.item else {
+                panic!("an event")
+            };
             assert_eq!(*f, facts(&plan.streams, event));
             assert_eq!(f.len(), 2, "a count and a sum stream");
         }

@@ -14,6 +14,9 @@ pub const SCALE: i128 = 1_000_000;
 
 /// An exact decimal number with six decimal places.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+// Aligned to 8, not 16: an i128 would make every `Value` (and every fact
+// payload) 32 bytes with padding; packed it is 24.
+#[repr(C, packed(8))]
 pub struct Dec(pub i128);
 
 impl Dec {
@@ -324,15 +327,15 @@ mod tests {
 
     #[test]
     fn parses_exactly_and_rounds_half_even() {
-        assert_eq!(d("0.1").0, 100_000);
-        assert_eq!(d("-2.5").0, -2_500_000);
-        assert_eq!(d("1e3").0, 1_000_000_000);
-        assert_eq!(d("1.5E-6").0, 2);
-        assert_eq!(d("2.5E-6").0, 2);
-        assert_eq!(d("0.0000005").0, 0);
-        assert_eq!(d("0.0000006").0, 1);
-        assert_eq!(d("0.00000051").0, 1);
-        assert_eq!(d("3.0000015").0, 3_000_002);
+        assert_eq!({ d("0.1").0 }, 100_000);
+        assert_eq!({ d("-2.5").0 }, -2_500_000);
+        assert_eq!({ d("1e3").0 }, 1_000_000_000);
+        assert_eq!({ d("1.5E-6").0 }, 2);
+        assert_eq!({ d("2.5E-6").0 }, 2);
+        assert_eq!({ d("0.0000005").0 }, 0);
+        assert_eq!({ d("0.0000006").0 }, 1);
+        assert_eq!({ d("0.00000051").0 }, 1);
+        assert_eq!({ d("3.0000015").0 }, 3_000_002);
         assert_eq!(Dec::parse("1e40"), None);
         assert_eq!(Dec::parse("abc"), None);
     }
@@ -341,7 +344,7 @@ mod tests {
     fn money_does_not_drift() {
         let sum = Value::Num(d("0.1")).arith(ArithOp::Add, &Value::Num(d("0.2")));
         assert!(sum.cmp_op(CmpOp::Eq, &Value::Num(d("0.3"))));
-        assert_eq!(d("1.5").checked_mul(d("0.000001")).unwrap().0, 2);
+        assert_eq!({ d("1.5").checked_mul(d("0.000001")).unwrap().0 }, 2);
     }
 
     #[test]
@@ -358,5 +361,17 @@ mod tests {
         assert_eq!(d("12.340").to_string(), "12.34");
         assert_eq!(d("-0.5").to_string(), "-0.5");
         assert_eq!(d("7").to_string(), "7");
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    #[test]
+    fn values_and_facts_stay_small() {
+        // Every windowed fact is held twice (window queue, arrangement):
+        // their size is most of the memory per event in a window.
+        assert_eq!(std::mem::size_of::<super::Value>(), 24);
+        assert_eq!(std::mem::size_of::<crate::terms::Pay>(), 24);
+        assert_eq!(std::mem::size_of::<crate::window::Windowed>(), 40);
     }
 }
