@@ -6,10 +6,11 @@
 //! capability for the earliest. When the input frontier reaches an expiry
 //! tick the retractions for it are released. Differential therefore never
 //! holds future updates, and the cost of a fact does not depend on how long
-//! its window is. When the input closes, retractions still queued lie beyond
+//! its window is. The queue appends in O(1) for facts in input order (see
+//! `Expiries`). When the input closes, retractions still queued lie beyond
 //! the last written tick and are dropped.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
 use differential_dataflow::hashable::Hashable;
@@ -41,7 +42,7 @@ pub fn window<'s>(
     facts
         .inner
         .unary_frontier::<CapacityContainerBuilder<Vec<(Windowed, u64, isize)>>, _, _, _>(pact, "Window", move |_cap, _info| {
-            let mut pending: BTreeMap<u64, Vec<(Windowed, isize)>> = BTreeMap::new();
+            let mut pending = Expiries::default();
             let mut held: Option<Capability<u64>> = None;
             move |(input, frontier), output| {
                 input.for_each(|cap, data| {
@@ -56,7 +57,7 @@ pub fn window<'s>(
                                     continue;
                                 }
                                 session.give((fact.clone(), t, r));
-                                pending.entry(expiry).or_default().push((fact, -r));
+                                pending.push(w, expiry, fact, -r);
                                 if held.as_ref().is_none_or(|h| *h.time() > expiry) {
                                     held = Some(cap.delayed(&expiry, 0));
                                 }
@@ -65,24 +66,79 @@ pub fn window<'s>(
                     }
                 });
                 if frontier.is_empty() {
-                    pending.clear();
+                    pending = Expiries::default();
                     held = None;
                     return;
                 }
-                while let Some(entry) = pending.first_entry() {
-                    let expiry = *entry.key();
-                    if frontier.less_than(&expiry) {
-                        break;
+                if let Some(cap) = held.as_mut() {
+                    // Every retraction is at or after the held capability:
+                    // one session carries all that are due, each at its tick.
+                    let mut due = Vec::new();
+                    pending.release(|expiry| !frontier.less_than(expiry), &mut due);
+                    if !due.is_empty() {
+                        output.session(&*cap).give_container(&mut due);
                     }
-                    let batch = entry.remove();
-                    let cap = held.as_ref().expect("a capability for every pending expiry").delayed(&expiry);
-                    output.session(&cap).give_iterator(batch.into_iter().map(|(d, r)| (d, expiry, r)));
-                }
-                match pending.keys().next() {
-                    Some(&next) => held.as_mut().expect("held").downgrade(&next),
-                    None => held = None,
+                    match pending.next() {
+                        Some(next) => cap.downgrade(&next),
+                        None => held = None,
+                    }
                 }
             }
         })
         .as_collection()
+}
+
+/// Retractions waiting for their expiry tick. Facts of one window length
+/// mostly arrive in the order of their expiry (the reader feeds in input
+/// order), so each length has a queue in arrival order and a fact is
+/// appended in O(1); one that would break a queue's order (a late event)
+/// waits in an ordered map instead.
+#[derive(Default)]
+struct Expiries {
+    /// Per window length: `(expiry, fact, diff)` in arrival order.
+    queues: Vec<(u64, Queue)>,
+    stray: BTreeMap<u64, Vec<(Windowed, isize)>>,
+}
+
+type Queue = VecDeque<(u64, Windowed, isize)>;
+
+impl Expiries {
+    fn push(&mut self, length: u64, expiry: u64, fact: Windowed, r: isize) {
+        let at = match self.queues.iter().position(|(l, _)| *l == length) {
+            Some(at) => at,
+            None => {
+                self.queues.push((length, VecDeque::new()));
+                self.queues.len() - 1
+            }
+        };
+        let queue = &mut self.queues[at].1;
+        if queue.back().is_none_or(|(last, _, _)| *last <= expiry) {
+            queue.push_back((expiry, fact, r));
+        } else {
+            self.stray.entry(expiry).or_default().push((fact, r));
+        }
+    }
+
+    /// Moves every retraction whose expiry is `due` into `out`.
+    fn release(&mut self, due: impl Fn(&u64) -> bool, out: &mut Vec<(Windowed, u64, isize)>) {
+        for (_, queue) in &mut self.queues {
+            while queue.front().is_some_and(|(expiry, _, _)| due(expiry)) {
+                let (expiry, fact, r) = queue.pop_front().expect("a front");
+                out.push((fact, expiry, r));
+            }
+        }
+        while let Some(entry) = self.stray.first_entry() {
+            let expiry = *entry.key();
+            if !due(&expiry) {
+                break;
+            }
+            out.extend(entry.remove().into_iter().map(|(fact, r)| (fact, expiry, r)));
+        }
+    }
+
+    /// The earliest expiry still waiting.
+    fn next(&self) -> Option<u64> {
+        let queued = self.queues.iter().filter_map(|(_, q)| q.front().map(|(e, _, _)| *e));
+        queued.chain(self.stray.keys().next().copied()).min()
+    }
 }
