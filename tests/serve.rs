@@ -1,9 +1,11 @@
 //! The HTTP API (SPEC §7) over a real socket, against `shoal run --http`
 //! on generated data: sizes and members agree with the diffs written up to
 //! the same tick, history with the diffs, a segment added at run time has
-//! the members the reference evaluator gives and its enters are written,
-//! removal writes exits, and bad requests get 400/404 without stopping the
-//! run, which serves until SIGTERM.
+//! the members the reference evaluator gives and its enters are written —
+//! also over terms the spec does not compute (from the events kept for
+//! `--history`), whose later lines are the reference's tick by tick —
+//! removal writes exits, a window longer than the history gets 422, and bad
+//! requests get 400/404 without stopping the run, which serves until SIGTERM.
 
 mod common;
 mod reference;
