@@ -976,17 +976,21 @@ pub struct Reader<'w> {
     pub progress: Progress,
     pub opts: RunOptions,
     pub stop: Arc<AtomicBool>,
-    /// The served model, for live counters (`/metrics`).
+    /// The served model (process 0 with `--http`).
     pub served: Option<Arc<crate::serve::Served>>,
+    /// Serving (`--http`, on every process): counters go to the sink.
+    serving: bool,
     checkpoints: Option<ReaderCheckpoints>,
 }
 
 impl Reader<'_> {
-    /// Shows this reader's counters to `/metrics`.
-    fn publish_counters(&self) {
-        if let Some(served) = &self.served {
-            let counters = self.feeder.counters().clone();
-            served.counters.lock().expect("not poisoned").insert(self.worker.index(), counters);
+    /// Shows this reader's counters to `/metrics`: sent to the sink on
+    /// worker 0 of process 0 through the dataflow, so readers of every
+    /// process count (a note per batch; notes from one worker arrive in
+    /// order).
+    fn publish_counters(&mut self) {
+        if self.serving {
+            self.notes.send(Note::Counters(self.worker.index(), self.feeder.counters().clone()));
         }
     }
 
@@ -1328,6 +1332,7 @@ fn run_worker(
         opts: opts.clone(),
         stop: job.stop.clone(),
         served,
+        serving,
         checkpoints: checkpointing.map(|shared| ReaderCheckpoints {
             shared,
             last: Instant::now(),

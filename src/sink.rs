@@ -130,6 +130,9 @@ pub enum Note {
     /// A dead letter from the reader on that worker.
     Dead(usize, String),
     Report(Report),
+    /// Serving: the counters so far of the reader on that worker (a global
+    /// index, any process), for `/metrics`.
+    Counters(usize, Counters),
 }
 
 /// What the sink saw, read by the driver after the run.
@@ -240,6 +243,11 @@ pub fn deliver<'s>(
                     for note in data.drain(..) {
                         match note {
                             Note::Dead(reader, line) => write_dead(&mut outs, reader, &line),
+                            Note::Counters(reader, counters) => {
+                                if let Some(served) = &outs.served {
+                                    served.counters.lock().expect("not poisoned").insert(reader, counters);
+                                }
+                            }
                             Note::Report(r) => {
                                 let mut st = outs.state.borrow_mut();
                                 st.counters.add(&r.counters);
