@@ -1131,6 +1131,49 @@ mod tests {
         condition_texts(source, &leaves)
     }
 
+    fn kept(t: u64) -> Kept {
+        let line = format!(r#"{{"type":"track","event":"x","userId":"u","timestamp":{t},"properties":{{"a":1}}}}"#);
+        Kept(Box::new(crate::event::decode(line.as_bytes()).expect("an event")))
+    }
+
+    #[test]
+    fn history_covers_windows_up_to_it() {
+        assert!(History::Keep(3_600_000).covers(Some(3_600_000)));
+        assert!(!History::Keep(3_600_000).covers(Some(3_600_001)));
+        assert!(!History::Keep(3_600_000).covers(None));
+        assert!(!History::Keep(0).covers(Some(1_000)));
+        assert!(History::All.covers(None));
+        assert_eq!(
+            (History::Keep(0).text(), History::Keep(7_200_000).text()),
+            ("0".into(), "2h".to_string())
+        );
+    }
+
+    #[test]
+    fn kept_events_are_dropped_after_the_history_and_due_at_window_ends() {
+        let mut r = Retained::new(History::Keep(10_000));
+        r.set_windows([3_000].into(), 0, 1_000);
+        r.keep(7, 5_000, kept(4_500), 1_000);
+        // Its history ended before it took effect: not kept.
+        r.keep(7, 20_000, kept(9_000), 1_000);
+        assert_eq!(r.count, 1);
+        assert_eq!(r.due.keys().copied().collect::<Vec<_>>(), [8_000]);
+        assert!(r.advance(7_000, 1_000).is_empty());
+        assert_eq!(r.advance(8_000, 1_000), [7]);
+        assert_eq!(r.count, 1);
+        r.advance(15_000, 1_000);
+        assert_eq!((r.count, r.by_anchor.len()), (0, 0));
+    }
+
+    #[test]
+    fn kept_events_cross_processes_intact() {
+        let k = kept(1_000);
+        let bytes = bincode::serialize(&k).expect("encodes");
+        let back: Kept = bincode::deserialize(&bytes).expect("decodes");
+        assert_eq!(back, k);
+        assert_eq!(back.0.properties.get("a"), Some(&serde_json::json!(1)));
+    }
+
     #[test]
     fn condition_texts_drop_what_joins_them() {
         assert_eq!(
