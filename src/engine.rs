@@ -164,6 +164,10 @@ pub struct Job {
 #[derive(Clone)]
 pub struct HttpOptions {
     pub addr: String,
+    /// How long the served model keeps accepted events, for segments defined
+    /// at run time over terms the spec does not compute (`--history`);
+    /// `None`: the longest window of the spec.
+    pub history: Option<crate::serve::History>,
     /// Called with the bound address once listening (e.g. to print it).
     pub on_listen: Option<Arc<dyn Fn(std::net::SocketAddr) + Send + Sync>>,
 }
@@ -322,7 +326,8 @@ pub fn run(job: Job) -> Result<Summary, EngineError> {
     let (served, server) = match (&job.http, process) {
         (Some(http), 0) => {
             let plan = Arc::new(Plan::new(&job.spec));
-            let served = crate::serve::Served::new(&job.spec, plan, job.opts.tick, job.stop.clone());
+            let history = http.history.unwrap_or_else(|| crate::serve::History::default_for(&plan));
+            let served = crate::serve::Served::new(&job.spec, plan, job.opts.tick, history, job.stop.clone());
             let listener =
                 std::net::TcpListener::bind(&http.addr).map_err(|e| EngineError::Io(format!("cannot listen on {}: {e}", http.addr)))?;
             let addr = listener.local_addr().map_err(|e| EngineError::Io(e.to_string()))?;
@@ -542,6 +547,9 @@ pub struct Inputs {
     pub facts: InputSession<u64, Fact, isize>,
     pub nodes: InputSession<u64, (Key, Label), isize>,
     pub links: InputSession<u64, (Key, Key), isize>,
+    /// Serving with `--history`: every accepted event and its anchor id,
+    /// for the served model (see `crate::serve`).
+    pub events: Option<InputSession<u64, (Key, crate::serve::Kept), isize>>,
 }
 
 impl Inputs {
@@ -550,6 +558,9 @@ impl Inputs {
             self.facts.advance_to(t);
             self.nodes.advance_to(t);
             self.links.advance_to(t);
+            if let Some(events) = &mut self.events {
+                events.advance_to(t);
+            }
         }
     }
 
@@ -557,6 +568,9 @@ impl Inputs {
         self.facts.flush();
         self.nodes.flush();
         self.links.flush();
+        if let Some(events) = &mut self.events {
+            events.flush();
+        }
     }
 }
 
@@ -616,6 +630,7 @@ pub fn build_with<'s>(
             facts: facts_in,
             nodes: nodes_in,
             links: links_in,
+            events: None,
         },
         Collections {
             members,
@@ -808,6 +823,9 @@ impl Feeder {
             (None, Some(a)) => key_of(crate::event::IdKind::Anon, a),
             (None, None) => unreachable!("accepted events have an id"),
         };
+        if let Some(events) = &mut self.inputs.events {
+            events.update_at((anchor, crate::serve::Kept(Box::new(s.event.clone()))), s.effect, 1);
+        }
         for (stream, pay) in facts {
             if let Pay::Stamped(..) = pay {
                 self.latest(anchor, stream, s, pay);
@@ -975,17 +993,21 @@ pub struct Reader<'w> {
     pub progress: Progress,
     pub opts: RunOptions,
     pub stop: Arc<AtomicBool>,
-    /// The served model, for live counters (`/metrics`).
+    /// The served model (process 0 with `--http`).
     pub served: Option<Arc<crate::serve::Served>>,
+    /// Serving (`--http`, on every process): counters go to the sink.
+    serving: bool,
     checkpoints: Option<ReaderCheckpoints>,
 }
 
 impl Reader<'_> {
-    /// Shows this reader's counters to `/metrics`.
-    fn publish_counters(&self) {
-        if let Some(served) = &self.served {
-            let counters = self.feeder.counters().clone();
-            served.counters.lock().expect("not poisoned").insert(self.worker.index(), counters);
+    /// Shows this reader's counters to `/metrics`: sent to the sink on
+    /// worker 0 of process 0 through the dataflow, so readers of every
+    /// process count (a note per batch; notes from one worker arrive in
+    /// order).
+    fn publish_counters(&mut self) {
+        if self.serving {
+            self.notes.send(Note::Counters(self.worker.index(), self.feeder.counters().clone()));
         }
     }
 
@@ -1256,6 +1278,7 @@ fn run_worker(
     let leader = worker.index() == 0;
     let state = Rc::new(RefCell::new(SinkState::default()));
     let restored = checkpointing.as_ref().and_then(|c| c.restored.as_ref());
+    let resumed_at = restored.map(|s| s.mark.frontier);
     if let Some(snap) = restored.filter(|_| leader) {
         // Ticks before the checkpoint's frontier are out already.
         let mut st = state.borrow_mut();
@@ -1279,12 +1302,19 @@ fn run_worker(
     };
     // Every worker builds the same dataflow, serving or not.
     let serving = job.http.is_some();
+    // Serving with history: accepted events go to the model too.
+    let history = job
+        .http
+        .as_ref()
+        .map(|h| h.history.unwrap_or_else(|| crate::serve::History::default_for(&plan)))
+        .is_some_and(|h| h.keeps());
     let memory = checkpointing.as_ref().map(|c| c.clusters.clone());
     let mut notes = timely::dataflow::InputHandleVec::new();
     let profiling = crate::profile::Profiling::start(worker);
     let (inputs, delivered) = worker.dataflow::<u64, _, _>(|scope| {
+        use differential_dataflow::input::Input as _;
         use timely::dataflow::operators::{Input, Probe};
-        let (inputs, built) = build_with(scope, &plan, opts.tick, memory);
+        let (mut inputs, built) = build_with(scope, &plan, opts.tick, memory);
         let notes = scope.input_from(&mut notes).container::<Vec<Note>>();
         let mut members = sink::named(built.members, built.names.clone()).map(|(s, id)| crate::serve::Upd::Member(s, id));
         if serving {
@@ -1294,6 +1324,11 @@ fn run_worker(
             let labels = built.labels.map(|(node, p)| Upd::Label(node, p));
             let nodes = built.nodes.flat_map(|(k, (seen, id, _))| seen.then_some(Upd::Node(k, id)));
             members = members.concat(terms).concat(names).concat(labels).concat(nodes);
+            if history {
+                let (events_in, events) = scope.new_collection();
+                inputs.events = Some(events_in);
+                members = members.concat(events.map(|(anchor, ev)| Upd::Event(anchor, ev)));
+            }
         }
         let (delivered, _) = sink::deliver(members, notes, outputs).probe();
 
@@ -1315,6 +1350,7 @@ fn run_worker(
         opts: opts.clone(),
         stop: job.stop.clone(),
         served,
+        serving,
         checkpoints: checkpointing.map(|shared| ReaderCheckpoints {
             shared,
             last: Instant::now(),
@@ -1323,6 +1359,10 @@ fn run_worker(
         }),
     };
     let position = reader.restore();
+    if let (Some(served), Some(frontier)) = (&reader.served, resumed_at) {
+        // The checkpoint holds facts, not events: the model's history starts here.
+        served.model.write().expect("not poisoned").retained.complete_from = frontier;
+    }
     let result = match (&job.kafka, leader) {
         (Some(kafka), _) => crate::kafka::read(&mut reader, kafka, position),
         (None, true) => read_lines(&mut reader, &job.sources, position),

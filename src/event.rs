@@ -61,8 +61,10 @@ pub enum EventType {
     Group,
 }
 
-/// One accepted event.
-#[derive(Clone, Debug, PartialEq)]
+/// One accepted event. It travels between processes only when the served
+/// model keeps history (`--history`, see `crate::serve`): objects as their
+/// JSON text.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub kind: EventType,
     /// `event` of a track, `name` of a page or screen.
@@ -93,7 +95,27 @@ impl PartialEq for Object {
     }
 }
 
+impl Serialize for Object {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.text().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Object {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Object, D::Error> {
+        Ok(Object {
+            text: Option::<String>::deserialize(d)?.map(Into::into),
+            parsed: Default::default(),
+        })
+    }
+}
+
 impl Object {
+    /// The object's JSON text as read (`None` when absent).
+    pub fn text(&self) -> Option<&str> {
+        self.text.as_deref()
+    }
+
     fn from_raw(raw: Option<&RawValue>, field: &str) -> Result<Object, BadEvent> {
         let Some(raw) = raw else { return Ok(Object::default()) };
         match raw.get().as_bytes().first() {

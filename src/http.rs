@@ -411,6 +411,11 @@ async fn metrics(State(s): St) -> Response {
         "# HELP shoal_profiles Profiles at the clock.\n# TYPE shoal_profiles gauge\nshoal_profiles {}",
         m.names.len()
     );
+    let _ = writeln!(
+        out,
+        "# HELP shoal_history_events Accepted events the served model keeps (--history).\n# TYPE shoal_history_events gauge\nshoal_history_events {}",
+        m.retained.count
+    );
     if let Some(t) = m.clock {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -14,6 +14,7 @@ use shoal::clock::{parse_duration, parse_duration_or_zero, parse_time_arg};
 use shoal::engine::{file_output, EngineError, Job, RunOptions, Source};
 use shoal::generate::GenOptions;
 use shoal::kafka::{kafka_output, KafkaInput};
+use shoal::serve::History;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 /// The dataflow allocates and frees many small batches per tick: glibc's
@@ -126,8 +127,17 @@ struct RunArgs {
     /// Serve the HTTP API and the live page on this address (e.g. 127.0.0.1:8080; port 0
     /// picks one, printed on stderr as `shoal: listening on http://ADDR`). With it, shoal
     /// keeps serving after the input ends until SIGINT/SIGTERM.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", help_heading = "Serving")]
     http: Option<String>,
+    /// How long the served model keeps the accepted events, so that a segment defined at
+    /// run time (PUT /segments/NAME) over a term the spec does not compute (another event,
+    /// filter, window, path or aggregate) starts complete: any window up to D can be
+    /// defined; `all` keeps every event (for lifetime terms: `last`, traits, `lifetime`);
+    /// `0` keeps none (such segments answer 422). The cost is memory on process 0: about
+    /// events/s × D × the size of an event (a few hundred bytes) [default: the longest
+    /// window in the spec, so any new term with a window up to it starts complete].
+    #[arg(long, value_name = "D|all", value_parser = parse_history, requires = "http", help_heading = "Serving")]
+    history: Option<History>,
     /// Keep checkpoints in this directory and resume from the newest one: run the
     /// same command again after a crash and the output file continues exactly
     /// where the checkpoint left it (cut back, then continued: exactly once).
@@ -140,6 +150,14 @@ struct RunArgs {
     /// security.protocol=SASL_SSL (repeatable).
     #[arg(long, value_name = "KEY=VALUE", value_parser = key_value, help_heading = "Kafka")]
     kafka_option: Vec<(String, String)>,
+}
+
+fn parse_history(s: &str) -> Result<History, String> {
+    match s {
+        "all" => Ok(History::All),
+        "0" => Ok(History::Keep(0)),
+        _ => parse_duration_or_zero(s).map(History::Keep),
+    }
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {
@@ -352,6 +370,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         }),
         http: args.http.clone().map(|addr| shoal::engine::HttpOptions {
             addr,
+            history: args.history,
             on_listen: Some(Arc::new(|a| eprintln!("shoal: listening on http://{a}"))),
         }),
     };

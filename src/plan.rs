@@ -287,36 +287,30 @@ impl Plan {
         plan
     }
 
-    /// Plans one more `when` over the terms this plan already computes (the
-    /// HTTP API's preview and runtime segments): a copy of the plan with the
-    /// new atoms, and the formula. `names` maps segment names to the indices
-    /// `Formula::Segment` will carry. An expression that needs a term the
-    /// plan does not compute is refused with the condition's description:
-    /// only the running dataflow's windows hold history.
-    pub fn extend(&self, e: &Expr, names: &HashMap<&str, usize>) -> Result<(Plan, Formula), String> {
+    /// Plans one more `when` over this plan (the HTTP API's preview and
+    /// runtime segments): a copy of the plan with the new streams, terms and
+    /// atoms, and the formula. `names` maps segment names to the indices
+    /// `Formula::Segment` will carry.
+    ///
+    /// Streams and terms are only ever appended, so the copy's terms from
+    /// `self.terms.len()` on are exactly those the running dataflow does not
+    /// compute; the served model computes them from the events it keeps
+    /// (`crate::serve`), reading their stream from the copy's `streams`. A
+    /// new stream's number may be that of one of this plan's virtual
+    /// streams: the dataflow's rows are read only for this plan's own terms,
+    /// by their own stream numbers, so the two never meet.
+    pub fn extend(&self, e: &Expr, names: &HashMap<&str, usize>) -> (Plan, Formula) {
         let mut p = self.clone();
         p.term_keys = p.terms.iter().enumerate().map(|(i, t)| (*t, i)).collect();
-        let (streams, terms) = (p.streams.len(), p.terms.len());
         let f = p.formula(e, names);
-        if p.streams.len() > streams || p.terms.len() > terms {
-            let what = p.terms[terms..]
-                .iter()
-                .map(|t| {
-                    let s = p.streams.get(t.stream).map(|s| format!("{:?} over {:?}", s.read, s.sel.event));
-                    let w = p.streams.get(t.stream).map(|s| match s.window {
-                        Some(ms) => format!("{ms} ms"),
-                        None => "lifetime".into(),
-                    });
-                    format!("{:?} of {} in {}", t.agg, s.unwrap_or_default(), w.unwrap_or_default())
-                })
-                .collect::<Vec<_>>()
-                .join("; ");
-            return Err(format!(
-                "this expression reads terms the running spec does not compute ({what}); \
-                 only the windows of the spec's own terms hold history"
-            ));
-        }
-        Ok((p, f))
+        (p, f)
+    }
+
+    /// The terms of `self` (an [`extend`](Plan::extend)ed copy of `base`)
+    /// that `base` does not compute, with their event streams (`None` for a
+    /// population term, which the HTTP API's checker refuses before this).
+    pub fn new_terms<'a>(&'a self, base: &Plan) -> impl Iterator<Item = (usize, Option<&'a StreamDef>, Agg)> + 'a {
+        (base.terms.len()..self.terms.len()).map(|t| (t, self.streams.get(self.terms[t].stream), self.terms[t].agg))
     }
 
     /// The virtual stream of the percentile thresholds.

@@ -15,18 +15,36 @@
 //! here, over every profile at once when it is defined, then for the
 //! profiles a tick touches; its changes are written with the spec's own.
 //! `PUT`/`DELETE` run on worker 0 (the sink owns the output) as commands.
+//!
+//! A `when` may also read terms the running plan does not compute (another
+//! selector, filter, window, path or aggregate). Those the model computes
+//! itself, from the accepted events it keeps for `--history` ([`History`]):
+//! the readers send every accepted event, stamped with the tick it takes
+//! effect, to worker 0 through the dataflow like the model's other updates,
+//! and the model keeps them by anchor id until they are older than the
+//! history. A model term of a profile is then the engine's own fold
+//! (`crate::terms::value`) over what `crate::terms::extract` keeps of the
+//! profile's events still in the term's window at the clock, so it has the
+//! engine's semantics by construction and a new segment starts complete.
+//! Model terms are computed when read (no second copy to keep in step);
+//! what changes them is a new event, an identity merge (both mark the
+//! profile touched) or an event leaving a window, which an expiry queue by
+//! tick turns into a touch at the right tick, even a tick with no update
+//! from the dataflow (the sink asks [`Model::next_due`]).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Id, IdKind};
+use crate::clock::tick_of;
+use crate::event::{Event, Id, IdKind};
 use crate::ingest::{key_of, Counters, Key};
-use crate::plan::{Formula, Plan};
+use crate::plan::{Agg, Formula, Plan, StreamDef};
 use crate::sink::membership_line;
 use crate::spec::ast::{Expr, ExprKind};
+use crate::spec::parse::format_duration;
 use crate::spec::Spec;
 use crate::value::Value;
 
@@ -43,6 +61,213 @@ pub enum Upd {
     Label(Key, Key),
     /// An id's key and its text.
     Node(Key, Id),
+    /// An accepted event (at the tick it takes effect) and its anchor id,
+    /// kept for `--history`.
+    Event(Key, Kept),
+}
+
+/// An accepted event as the model keeps it: ordered, compared and hashed by
+/// all its fields (objects by their JSON text), so the dataflow can carry
+/// and consolidate it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Kept(pub Box<Event>);
+
+impl Kept {
+    #[allow(clippy::type_complexity)]
+    fn fields(
+        &self,
+    ) -> (
+        u64,
+        u128,
+        u8,
+        &Option<String>,
+        &Option<String>,
+        &Option<String>,
+        &Option<String>,
+        [Option<&str>; 3],
+    ) {
+        let e = &self.0;
+        (
+            e.time,
+            e.key,
+            e.kind as u8,
+            &e.name,
+            &e.user_id,
+            &e.anonymous_id,
+            &e.previous_id,
+            [e.properties.text(), e.traits.text(), e.context.text()],
+        )
+    }
+}
+
+impl PartialEq for Kept {
+    fn eq(&self, other: &Self) -> bool {
+        self.fields() == other.fields()
+    }
+}
+
+impl Eq for Kept {}
+
+impl PartialOrd for Kept {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Kept {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.fields().cmp(&other.fields())
+    }
+}
+
+impl std::hash::Hash for Kept {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.fields().hash(state)
+    }
+}
+
+/// How long the served model keeps accepted events (`--history`), so that
+/// segments defined at run time over terms the spec does not compute start
+/// complete: any window up to it (`All`: `lifetime` too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum History {
+    /// Events whose every window up to this many ms has passed are dropped;
+    /// `Keep(0)` keeps none (and the readers send none).
+    Keep(u64),
+    All,
+}
+
+impl History {
+    /// The default: the longest window among the plan's streams (0 when
+    /// every stream is `lifetime` or there is none).
+    pub fn default_for(plan: &Plan) -> History {
+        History::Keep(plan.streams.iter().filter_map(|s| s.window).max().unwrap_or(0))
+    }
+
+    /// Whether any event is kept (and so sent to the model).
+    pub fn keeps(self) -> bool {
+        self != History::Keep(0)
+    }
+
+    /// Whether a term over a window of `window` ms (`None`: lifetime) can be
+    /// computed from what is kept.
+    pub fn covers(self, window: Option<u64>) -> bool {
+        match (self, window) {
+            (History::All, _) => true,
+            (History::Keep(h), Some(w)) => h > 0 && w <= h,
+            (History::Keep(_), None) => false,
+        }
+    }
+
+    /// As written on the command line.
+    pub fn text(self) -> String {
+        match self {
+            History::All => "all".into(),
+            History::Keep(0) => "0".into(),
+            History::Keep(ms) => format_duration(ms),
+        }
+    }
+}
+
+/// The events the model keeps, and what they make due.
+pub struct Retained {
+    pub history: History,
+    /// Anchor id → its events with their effect ticks, in tick order.
+    by_anchor: FxHashMap<Key, Vec<(u64, Kept)>>,
+    /// Tick → anchors with an event whose history runs out then.
+    drops: BTreeMap<u64, Vec<Key>>,
+    /// Tick → anchors with an event that leaves a model term's window then.
+    due: BTreeMap<u64, FxHashSet<Key>>,
+    /// The windows (ms) of the model terms runtime segments read.
+    windows: BTreeSet<u64>,
+    /// Events kept.
+    pub count: usize,
+    /// Events taking effect before this tick are not kept (a run resumed
+    /// from a checkpoint, which holds the dataflow's facts, not events).
+    pub complete_from: u64,
+}
+
+impl Retained {
+    fn new(history: History) -> Retained {
+        Retained {
+            history,
+            by_anchor: FxHashMap::default(),
+            drops: BTreeMap::new(),
+            due: BTreeMap::new(),
+            windows: BTreeSet::new(),
+            count: 0,
+            complete_from: 0,
+        }
+    }
+
+    /// Keeps an event taking effect at `t`, unless its history is over.
+    fn keep(&mut self, anchor: Key, t: u64, ev: Kept, tick: u64) {
+        if let History::Keep(h) = self.history {
+            let until = tick_of(ev.0.time.saturating_add(h), tick);
+            if until <= t {
+                return;
+            }
+            self.drops.entry(until).or_default().push(anchor);
+        }
+        for &w in &self.windows {
+            let expiry = tick_of(ev.0.time.saturating_add(w), tick);
+            if expiry > t {
+                self.due.entry(expiry).or_default().insert(anchor);
+            }
+        }
+        self.by_anchor.entry(anchor).or_default().push((t, ev));
+        self.count += 1;
+    }
+
+    /// At tick `t`: drops events whose history is over; returns the anchors
+    /// with an event leaving a model term's window at or before `t`.
+    fn advance(&mut self, t: u64, tick: u64) -> Vec<Key> {
+        if let History::Keep(h) = self.history {
+            while let Some(entry) = self.drops.first_entry() {
+                if *entry.key() > t {
+                    break;
+                }
+                for anchor in entry.remove() {
+                    if let Some(evs) = self.by_anchor.get_mut(&anchor) {
+                        let before = evs.len();
+                        evs.retain(|(_, ev)| tick_of(ev.0.time.saturating_add(h), tick) > t);
+                        self.count -= before - evs.len();
+                        if evs.is_empty() {
+                            self.by_anchor.remove(&anchor);
+                        }
+                    }
+                }
+            }
+        }
+        let mut anchors = Vec::new();
+        while let Some(entry) = self.due.first_entry() {
+            if *entry.key() > t {
+                break;
+            }
+            anchors.extend(entry.remove());
+        }
+        anchors
+    }
+
+    /// Sets the windows model terms read, and rebuilds the expiry queue for
+    /// them after clock `t`.
+    fn set_windows(&mut self, windows: BTreeSet<u64>, t: u64, tick: u64) {
+        if windows == self.windows {
+            return;
+        }
+        self.windows = windows;
+        self.due.clear();
+        for (anchor, evs) in &self.by_anchor {
+            for (_, ev) in evs {
+                for &w in &self.windows {
+                    let expiry = tick_of(ev.0.time.saturating_add(w), tick);
+                    if expiry > t {
+                        self.due.entry(expiry).or_default().insert(*anchor);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// How a segment of the model is evaluated.
@@ -114,6 +339,8 @@ pub struct Model {
     pub diffs: u64,
     /// Recent changes (SPEC §5 lines), for late `/stream` subscribers' rates.
     pub recent: VecDeque<(u64, String)>,
+    /// The accepted events kept for terms the plan does not compute.
+    pub retained: Retained,
 }
 
 /// A `/stream` message.
@@ -165,7 +392,7 @@ pub enum ApiError {
 }
 
 impl Served {
-    pub fn new(spec: &Spec, plan: Arc<Plan>, tick: u64, stop: Arc<std::sync::atomic::AtomicBool>) -> Arc<Served> {
+    pub fn new(spec: &Spec, plan: Arc<Plan>, tick: u64, history: History, stop: Arc<std::sync::atomic::AtomicBool>) -> Arc<Served> {
         let segments = spec
             .segments
             .iter()
@@ -197,6 +424,7 @@ impl Served {
                 nodes: FxHashMap::default(),
                 diffs: 0,
                 recent: VecDeque::new(),
+                retained: Retained::new(history),
             }),
             commands: Mutex::new(Vec::new()),
             stream: tokio::sync::broadcast::channel(4096).0,
@@ -262,8 +490,16 @@ impl Model {
     }
 
     /// The value of `term` of `plan` for `profile` (its empty value without a row).
+    /// A term `plan` has beyond the running plan's is the model's own
+    /// ([`Model::model_term`]).
     pub fn term_value(&self, plan: &Plan, term: usize, profile: Key) -> Value {
         let def = plan.terms[term];
+        if term >= self.plan.terms.len() {
+            return match plan.streams.get(def.stream) {
+                Some(stream) => self.model_term(stream, def.agg, profile),
+                None => Value::Missing,
+            };
+        }
         let pos = plan.folds[def.stream].iter().position(|&t| t == term).unwrap_or(usize::MAX);
         self.terms
             .get(&profile)
@@ -271,6 +507,73 @@ impl Model {
             .and_then(|row| row.get(pos))
             .cloned()
             .unwrap_or_else(|| def.agg.empty())
+    }
+
+    /// A term the running plan does not compute, for `profile` at the clock:
+    /// the engine's fold (`crate::terms::value`) over what `stream` keeps
+    /// (`crate::terms::extract`) of the profile's kept events that are in
+    /// effect and still in the window — as the dataflow counts a fact from
+    /// its effect tick until `tick_of(e + W)` — and its empty value without
+    /// any. Every id of the profile contributes its events, so a merge
+    /// re-keys history as the dataflow's join with the labels does.
+    pub fn model_term(&self, stream: &StreamDef, agg: Agg, profile: Key) -> Value {
+        let t = self.clock.unwrap_or(0);
+        let mut facts = Vec::new();
+        for anchor in self.ids.get(&profile).into_iter().flatten() {
+            for (effect, ev) in self.retained.by_anchor.get(anchor).into_iter().flatten() {
+                let inside = stream.window.is_none_or(|w| tick_of(ev.0.time.saturating_add(w), self.tick) > t);
+                if *effect <= t && inside {
+                    facts.extend(crate::terms::extract(stream, &ev.0));
+                }
+            }
+        }
+        if facts.is_empty() {
+            agg.empty()
+        } else {
+            crate::terms::value(agg, facts.iter().map(|p| (p, 1)))
+        }
+    }
+
+    /// Why a term over `stream` cannot be computed by the model, if it
+    /// cannot: its window is longer than the history kept, or reaches
+    /// before the checkpoint a resumed run started from.
+    fn uncomputable(&self, stream: Option<&StreamDef>) -> Option<String> {
+        let Some(stream) = stream else {
+            return Some("reads a population term, which cannot be defined at run time".into());
+        };
+        let history = self.retained.history;
+        let need = match stream.window {
+            Some(w) => format!("the events of the last {}", format_duration(w)),
+            None => "every event since the start (a lifetime term)".into(),
+        };
+        if !history.covers(stream.window) {
+            let kept = match history {
+                History::Keep(0) => "no events".to_string(),
+                History::Keep(h) => format!("{} of events", format_duration(h)),
+                History::All => "every event".to_string(),
+            };
+            let raise = stream.window.map_or("all".to_string(), format_duration);
+            return Some(format!(
+                "needs {need}, but this run keeps {kept} (--history {}): start shoal with --history {raise}{} \
+                 to define it at run time, or add it to the spec file",
+                history.text(),
+                if stream.window.is_some() { " or more" } else { "" },
+            ));
+        }
+        let from = self.retained.complete_from;
+        let clock = self.clock.unwrap_or(0);
+        if from > 0 && stream.window.is_none_or(|w| clock < from.saturating_add(w)) {
+            let show = |t: u64| crate::clock::format_time(t, self.show_ms);
+            let when = match stream.window {
+                Some(w) => format!("it can be defined from {} on", show(from.saturating_add(w))),
+                None => "a lifetime term cannot be defined in this run".into(),
+            };
+            return Some(format!(
+                "needs {need}, but this run resumed from a checkpoint at {} and keeps events only from then on: {when}",
+                show(from)
+            ));
+        }
+        None
     }
 
     /// Whether `f` holds of `profile` (a profile of the universe), reading
@@ -362,23 +665,20 @@ impl Model {
                 column: e.column,
             }
         })?;
-        let (plan, formula) = self.plan.extend(&expr, &live).map_err(|_| {
-            // Name the conditions that need a new term, as written.
+        let (plan, formula) = self.plan.extend(&expr, &live);
+        let refused = |plan: &Plan| plan.new_terms(&self.plan).find_map(|(_, stream, _)| self.uncomputable(stream));
+        if refused(&plan).is_some() {
+            // Name each condition that needs a term the model cannot compute, as written.
             let mut leaves = Vec::new();
             expr_leaves(&expr, &mut leaves);
             let texts = condition_texts(source, &leaves);
-            let missing: Vec<String> = leaves
+            let problems: Vec<String> = leaves
                 .iter()
                 .zip(texts)
-                .filter(|(leaf, _)| self.plan.extend(leaf, &live).is_err())
-                .map(|(_, text)| text)
+                .filter_map(|(leaf, text)| Some(format!("{text} {}", refused(&self.plan.extend(leaf, &live).0)?)))
                 .collect();
-            ApiError::Unprocessable(format!(
-                "{} reads a term the running spec does not compute: only the spec's own terms keep \
-                 their history in the dataflow's windows, so a segment over it could not start complete",
-                missing.join("; ")
-            ))
-        })?;
+            return Err(ApiError::Unprocessable(problems.join("; ")));
+        }
         Ok((expr, plan, formula))
     }
 
@@ -437,6 +737,7 @@ impl Model {
     pub fn apply_tick(&mut self, t: u64, updates: Vec<(Upd, isize)>) -> Vec<MemberChange> {
         let mut touched: FxHashSet<Key> = FxHashSet::default();
         let mut members = Vec::new();
+        let mut events = Vec::new();
         // Retractions first, so a replaced row or label ends up with its new value.
         let (minus, plus): (Vec<_>, Vec<_>) = updates.into_iter().partition(|(_, r)| *r < 0);
         for (u, r) in minus.into_iter().chain(plus) {
@@ -463,6 +764,8 @@ impl Model {
                     }
                 }
                 Upd::Label(node, p) => {
+                    // A merge moves the id's kept events to another profile.
+                    touched.insert(p);
                     if r > 0 {
                         self.labels.insert(node, p);
                         self.ids.entry(p).or_default().insert(node);
@@ -485,8 +788,21 @@ impl Model {
                         self.nodes.remove(&k);
                     }
                 }
+                Upd::Event(anchor, ev) => {
+                    for _ in 0..r.max(0) {
+                        events.push((anchor, ev.clone()));
+                    }
+                }
             }
         }
+        // Model terms at `t`: new events, and events leaving their windows.
+        self.clock = Some(t);
+        let mut anchors = self.retained.advance(t, self.tick);
+        for (anchor, ev) in events {
+            anchors.push(anchor);
+            self.retained.keep(anchor, t, ev, self.tick);
+        }
+        touched.extend(anchors.iter().filter_map(|a| self.labels.get(a)));
         let mut out = Vec::new();
         for (seg, id, r) in members {
             let Some(s) = self.segments.get_mut(seg).filter(|_| r != 0) else {
@@ -514,7 +830,6 @@ impl Model {
         for slot in 0..self.segments.len() {
             self.refresh(slot, &touched, &mut out);
         }
-        self.clock = Some(t);
         self.record(t, &mut out);
         out
     }
@@ -610,9 +925,30 @@ impl Model {
                 }
             },
         };
+        self.update_windows();
         let t = self.clock.unwrap_or(0);
         self.record(t, &mut out);
         (reply, result, out)
+    }
+
+    /// Schedules window expiries for the model terms runtime segments read.
+    fn update_windows(&mut self) {
+        let mut windows = BTreeSet::new();
+        for s in &self.segments {
+            if let Def::Runtime { plan, .. } = &s.def {
+                windows.extend(plan.new_terms(&self.plan).filter_map(|(_, stream, _)| stream?.window));
+            }
+        }
+        let t = self.clock.unwrap_or(0);
+        self.retained.set_windows(windows, t, self.tick);
+    }
+
+    /// The next tick after the clock at which a model term changes with no
+    /// update from the dataflow (an event leaves its window): the sink
+    /// applies that tick even if the dataflow has nothing for it.
+    pub fn next_due(&self) -> Option<u64> {
+        let clock = self.clock?;
+        self.retained.due.range(clock + 1..).next().map(|(t, _)| *t)
     }
 
     /// Re-evaluates `slot` and every runtime segment after it (they may read
@@ -789,6 +1125,49 @@ mod tests {
         let mut leaves = Vec::new();
         expr_leaves(&e, &mut leaves);
         condition_texts(source, &leaves)
+    }
+
+    fn kept(t: u64) -> Kept {
+        let line = format!(r#"{{"type":"track","event":"x","userId":"u","timestamp":{t},"properties":{{"a":1}}}}"#);
+        Kept(Box::new(crate::event::decode(line.as_bytes()).expect("an event")))
+    }
+
+    #[test]
+    fn history_covers_windows_up_to_it() {
+        assert!(History::Keep(3_600_000).covers(Some(3_600_000)));
+        assert!(!History::Keep(3_600_000).covers(Some(3_600_001)));
+        assert!(!History::Keep(3_600_000).covers(None));
+        assert!(!History::Keep(0).covers(Some(1_000)));
+        assert!(History::All.covers(None));
+        assert_eq!(
+            (History::Keep(0).text(), History::Keep(7_200_000).text()),
+            ("0".into(), "2h".to_string())
+        );
+    }
+
+    #[test]
+    fn kept_events_are_dropped_after_the_history_and_due_at_window_ends() {
+        let mut r = Retained::new(History::Keep(10_000));
+        r.set_windows([3_000].into(), 0, 1_000);
+        r.keep(7, 5_000, kept(4_500), 1_000);
+        // Its history ended before it took effect: not kept.
+        r.keep(7, 20_000, kept(9_000), 1_000);
+        assert_eq!(r.count, 1);
+        assert_eq!(r.due.keys().copied().collect::<Vec<_>>(), [8_000]);
+        assert!(r.advance(7_000, 1_000).is_empty());
+        assert_eq!(r.advance(8_000, 1_000), [7]);
+        assert_eq!(r.count, 1);
+        r.advance(15_000, 1_000);
+        assert_eq!((r.count, r.by_anchor.len()), (0, 0));
+    }
+
+    #[test]
+    fn kept_events_cross_processes_intact() {
+        let k = kept(1_000);
+        let bytes = bincode::serialize(&k).expect("encodes");
+        let back: Kept = bincode::deserialize(&bytes).expect("decodes");
+        assert_eq!(back, k);
+        assert_eq!(back.0.properties.get("a"), Some(&serde_json::json!(1)));
     }
 
     #[test]

@@ -130,6 +130,9 @@ pub enum Note {
     /// A dead letter from the reader on that worker.
     Dead(usize, String),
     Report(Report),
+    /// Serving: the counters so far of the reader on that worker (a global
+    /// index, any process), for `/metrics`.
+    Counters(usize, Counters),
 }
 
 /// What the sink saw, read by the driver after the run.
@@ -240,6 +243,11 @@ pub fn deliver<'s>(
                     for note in data.drain(..) {
                         match note {
                             Note::Dead(reader, line) => write_dead(&mut outs, reader, &line),
+                            Note::Counters(reader, counters) => {
+                                if let Some(served) = &outs.served {
+                                    served.counters.lock().expect("not poisoned").insert(reader, counters);
+                                }
+                            }
                             Note::Report(r) => {
                                 let mut st = outs.state.borrow_mut();
                                 st.counters.add(&r.counters);
@@ -268,12 +276,32 @@ pub fn deliver<'s>(
                 // notes are past it (a reader's report comes before its end).
                 let (cutoff, all_in) = (outs.state.borrow().cutoff, notes_frontier.is_empty());
                 let last = all_in.then(|| outs.state.borrow().last.unwrap_or(0));
-                while let Some(entry) = pending.first_entry() {
-                    let t = *entry.key();
+                loop {
+                    // The next tick: the dataflow's, or one at which only a
+                    // term of the served model changes (an event leaving a
+                    // window), which has no update of its own.
+                    let next = pending.keys().next().copied();
+                    let due = outs.served.as_ref().and_then(|s| s.model.read().expect("not poisoned").next_due());
+                    let Some(t) = next.into_iter().chain(due).min() else { break };
                     if frontier.less_equal(&t) || notes_frontier.less_equal(&t) {
                         break;
                     }
-                    let (cap, changes) = entry.remove();
+                    if next != Some(t) {
+                        if last.is_some_and(|l| t > l) || cutoff.is_some_and(|c| t > c) {
+                            break;
+                        }
+                        // No capability: like a command's, these lines do not hold
+                        // the delivered frontier (see docs/decisions.md).
+                        if t < outs.state.borrow().skip_before {
+                            if let Some(served) = &outs.served {
+                                served.model.write().expect("not poisoned").apply_tick(t, Vec::new());
+                            }
+                        } else {
+                            write_tick(&mut outs, t, Vec::new());
+                        }
+                        continue;
+                    }
+                    let (cap, changes) = pending.remove(&t).expect("the first pending tick");
                     if last.is_some_and(|l| t > l) || cutoff.is_some_and(|c| t > c) {
                         continue;
                     }

@@ -163,6 +163,18 @@ pub fn latest<'a>(facts: impl Iterator<Item = (&'a Pay, isize)>) -> Value {
         .unwrap_or(Value::Missing)
 }
 
+/// The value of a term over its facts (with multiplicities), for a profile
+/// with at least one fact (without any it is `agg.empty()`): the one fold
+/// of the dataflow's `Terms` reduce and of the served model's own terms
+/// (`crate::serve`), so both have the same semantics by construction.
+pub fn value<'a>(agg: Agg, facts: impl Iterator<Item = (&'a Pay, isize)>) -> Value {
+    match agg {
+        Agg::Count => Value::Num(Dec::from_int(facts.map(|(_, n)| n as i64).sum())),
+        Agg::Last => latest(facts),
+        agg => fold(agg, facts),
+    }
+}
+
 /// Re-keys windowed facts to profiles and folds every stream's terms:
 /// `((stream, profile), values)` with one value per term of the stream (in
 /// `plan.folds` order), for each profile with at least one fact.
@@ -200,11 +212,7 @@ pub fn terms<'s>(
         .reduce_named("Terms", move |(stream, _profile), facts, out| {
             let values = plan.folds[*stream as usize]
                 .iter()
-                .map(|&t| match plan.terms[t].agg {
-                    Agg::Count => Value::Num(Dec::from_int(facts.iter().map(|(_, n)| *n as i64).sum())),
-                    Agg::Last => latest(facts.iter().map(|(p, n)| (*p, *n))),
-                    agg => fold(agg, facts.iter().map(|(p, n)| (*p, *n))),
-                })
+                .map(|&t| value(plan.terms[t].agg, facts.iter().map(|(p, n)| (*p, *n))))
                 .collect();
             out.push((values, 1));
         })

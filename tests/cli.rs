@@ -291,3 +291,27 @@ fn generate_at_a_rate_piped_into_run_is_live() {
     assert_eq!(summary["events_read"], 4000);
     assert_eq!(summary["diffs_written"].as_u64().unwrap() as usize, 1 + rest.lines().count());
 }
+
+#[test]
+fn history_is_a_usage_error_without_http_and_its_help_teaches_the_cost() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), "[[segment]]\nname = \"a\"\nwhen = \"count('x', 1h) >= 1\"\n");
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "").unwrap();
+    let o = shoal()
+        .arg("run")
+        .arg(&spec)
+        .arg("--input")
+        .arg(&input)
+        .args(["--history", "2h"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--http"), "{}", stderr(&o));
+    let o = shoal().args(["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&o.stdout);
+    let history = &help[help.find("--history").expect("--history in --help")..];
+    for words in ["all", "memory on process 0", "longest window"] {
+        assert!(history.contains(words), "{words} in {history}");
+    }
+}

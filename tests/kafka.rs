@@ -605,3 +605,74 @@ fn sigkill_with_kafka_in_and_out_on_two_workers_repeats_only_identical_lines() {
     assert_eq!(got.len(), file.lines.len() + repeats, "every line past the first copy is a repeat");
     eprintln!("{kills} kills: {} lines, {repeats} of them repeats", got.len());
 }
+
+/// With `--http` over two processes, `/metrics` counts the events that
+/// every process's readers read: each reader's counters reach the server on
+/// process 0 through the dataflow.
+#[test]
+fn metrics_count_the_readers_of_every_process() {
+    let (cluster, brokers) = cluster();
+    cluster.create_topic("events", 4, 1).unwrap();
+    let events = lines(2_000, 17);
+    produce(&brokers, "events", &events);
+    let dir = tempfile::tempdir().unwrap();
+    let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let hostfile = dir.path().join("hosts");
+    std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", port(), port())).unwrap();
+    let spec = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(SPEC);
+    let args = |i: usize| -> Vec<String> {
+        [
+            spec.to_str().unwrap(),
+            "--kafka-brokers",
+            &brokers,
+            "--kafka-topic",
+            "events",
+            "--kafka-group",
+            "metrics",
+            "--kafka-until-end",
+            "--lateness",
+            "1h",
+            "--processes",
+            "2",
+            "--process",
+            &i.to_string(),
+            "--hostfile",
+            hostfile.to_str().unwrap(),
+            "--output",
+            "changes.jsonl",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    // Every process gets the same flags (the dataflow must be the same); only process 0 serves.
+    let p1 = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .arg("run")
+        .args(args(1))
+        .args(["--http", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let args0 = args(0);
+    let mut p0 = common::Shoal::start(dir.path(), &args0.iter().map(String::as_str).collect::<Vec<_>>(), false);
+    // Each process reads two of the four partitions.
+    let want = format!("shoal_events_total{{result=\"read\"}} {}\n", events.len());
+    let started = Instant::now();
+    loop {
+        let (status, metrics) = common::http(&p0.addr, "GET", "/metrics", None);
+        assert_eq!(status, 200);
+        if metrics.contains(&want) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "never {want}: {metrics}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Serving ends on a signal to every process (as any stop with several processes).
+    let pid = p1.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = p0.terminate();
+    assert!(status.success(), "{status:?}: {}", p0.stderr.lock().unwrap());
+    let o1 = p1.wait_with_output().unwrap();
+    assert!(o1.status.success(), "{}", String::from_utf8_lossy(&o1.stderr));
+}

@@ -1,9 +1,11 @@
 //! The HTTP API (SPEC §7) over a real socket, against `shoal run --http`
 //! on generated data: sizes and members agree with the diffs written up to
 //! the same tick, history with the diffs, a segment added at run time has
-//! the members the reference evaluator gives and its enters are written,
-//! removal writes exits, and bad requests get 400/404 without stopping the
-//! run, which serves until SIGTERM.
+//! the members the reference evaluator gives and its enters are written —
+//! also over terms the spec does not compute (from the events kept for
+//! `--history`), whose later lines are the reference's tick by tick —
+//! removal writes exits, a window longer than the history gets 422, and bad
+//! requests get 400/404 without stopping the run, which serves until SIGTERM.
 
 mod common;
 mod reference;
@@ -36,6 +38,10 @@ when = "count(page where context.device.type == 'mobile', 7d) >= 2"
 /// The runtime segment: terms of the spec only, a filter written anew.
 const ADDED: &str =
     "count('Product Viewed', 48h) >= 1 and count(page where context.device.type == 'mobile', 7d) >= 1 and not in_segment('carts')";
+
+/// A runtime segment over terms the spec does not compute: a `max` over a
+/// path no spec term reads, and `page` events over 3 days.
+const DEEP: &str = "max('Product Viewed', price, 24h) > 50 and count(page, 3d) >= 2";
 
 /// Generated events in `dir`, and `shoal run` of `spec` over them serving HTTP.
 fn start(dir: &Path, events: u64, spec: &str) -> Shoal {
@@ -175,16 +181,32 @@ fn api_agrees_with_the_diffs_and_the_reference() {
     assert_eq!(http(&addr, "DELETE", "/segments/nope", None).0, 404);
     assert_eq!(http(&addr, "GET", "/profiles/user:nobody-at-all", None).0, 404);
     assert_eq!(http(&addr, "POST", "/segments/preview", Some("not json")).0, 400);
-    // A term the spec does not compute has no history: 422 names the condition.
-    let unknown = r#"{"when":"count('Product Viewed', 48h) >= 1 and count('Never Seen', 1h) >= 1"}"#;
+    // A new term over a window longer than the history kept (by default
+    // the spec's longest, 7d = 1w) cannot start complete: 422 names the
+    // condition, its window, the history and the flag.
+    let unknown = r#"{"when":"count('Product Viewed', 48h) >= 1 and count('Never Seen', 30d) >= 1"}"#;
     for (method, path) in [("POST", "/segments/preview"), ("PUT", "/segments/never")] {
         let (status, body) = http(&addr, method, path, Some(unknown));
         assert_eq!(status, 422, "{body}");
         let e: Value = serde_json::from_str(&body).unwrap();
         let message = e["error"].as_str().unwrap();
-        assert!(message.starts_with("count('Never Seen', 1h) >= 1 reads a term"), "{message}");
+        assert!(
+            message.starts_with(
+                "count('Never Seen', 30d) >= 1 needs the events of the last 30d, but this run keeps 1w of events (--history 1w)"
+            ),
+            "{message}"
+        );
+        assert!(message.contains("--history 30d or more"), "{message}");
     }
     assert_eq!(http(&addr, "GET", "/segments/never/members", None).0, 404);
+    let (status, body) = http(
+        &addr,
+        "PUT",
+        "/segments/never",
+        Some(r#"{"when":"last(page, properties.path) == '/'"}"#),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("lifetime") && body.contains("--history all"), "{body}");
 
     // Preview: the reach of a definition, not added.
     let body = serde_json::json!({ "when": ADDED }).to_string();
@@ -199,10 +221,12 @@ fn api_agrees_with_the_diffs_and_the_reference() {
     let put: Value = serde_json::from_str(&put).unwrap();
     assert_eq!(put["size"], preview["size"]);
     let mut full = SPEC.to_string();
-    full.push_str(&format!(
-        "\n[[segment]]\nname = \"added\"\nwhen = {}\n",
-        serde_json::to_string(ADDED).unwrap()
-    ));
+    for (name, when) in [("added", ADDED), ("deep", DEEP)] {
+        full.push_str(&format!(
+            "\n[[segment]]\nname = \"{name}\"\nwhen = {}\n",
+            serde_json::to_string(when).unwrap()
+        ));
+    }
     std::fs::write(dir.path().join("full.toml"), &full).unwrap();
     let spec = shoal::spec::load(&dir.path().join("full.toml"), 1000).unwrap();
     let input = std::fs::read(dir.path().join("events.jsonl")).unwrap();
@@ -217,6 +241,33 @@ fn api_agrees_with_the_diffs_and_the_reference() {
         get(&addr, "/segments")["segments"][3]["size"].as_u64().unwrap() as usize,
         expected.len()
     );
+
+    // Terms the spec does not compute (a `max` over a path it does not
+    // read, a selector and window it has not), computed by the model from
+    // the events it keeps: the reference's members at the clock, at once.
+    let body = serde_json::json!({ "when": DEEP }).to_string();
+    let (status, preview) = http(&addr, "POST", "/segments/preview", Some(&body));
+    assert_eq!(status, 200, "{preview}");
+    let preview: Value = serde_json::from_str(&preview).unwrap();
+    let (status, put) = http(&addr, "PUT", "/segments/deep", Some(&body));
+    assert_eq!(status, 200, "{put}");
+    let put: Value = serde_json::from_str(&put).unwrap();
+    let deep = applied(&reference.lines.join("\n"), &clock).remove("deep").unwrap_or_default();
+    assert!(deep.len() > 5, "the new terms make members: {deep:?}");
+    assert_eq!(all_members(&addr, "deep"), deep);
+    assert_eq!(
+        (put["size"].as_u64(), preview["size"].as_u64()),
+        (Some(deep.len() as u64), Some(deep.len() as u64))
+    );
+    let out = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+    assert_eq!(applied(&out, &clock).remove("deep").unwrap_or_default(), deep);
+    // `why` shows the model's values too.
+    let someone = deep.iter().next().unwrap();
+    let profile = get(&addr, &format!("/profiles/{}", urlencode(someone)));
+    let why = profile["segments"]["deep"]["why"].as_array().unwrap();
+    assert_eq!(why.len(), 2, "{why:?}");
+    assert!(why.iter().all(|c| c["holds"] == true && c["values"][0].is_number()), "{why:?}");
+    assert_eq!(http(&addr, "DELETE", "/segments/deep", None).0, 204);
 
     // Removed: every member exits, in the output too.
     assert_eq!(http(&addr, "DELETE", "/segments/added", None).0, 204);
@@ -238,6 +289,7 @@ fn api_agrees_with_the_diffs_and_the_reference() {
         "shoal_segment_size{segment=\"viewers\"}",
         "shoal_clock_seconds",
         "shoal_clock_lag_seconds",
+        "shoal_history_events",
     ] {
         assert!(metrics.contains(name), "{name} in {metrics}");
     }
@@ -568,6 +620,7 @@ fn run_returns_only_after_the_server_closed() {
     let (tx, rx) = std::sync::mpsc::channel();
     job.http = Some(shoal::engine::HttpOptions {
         addr: "127.0.0.1:0".into(),
+        history: None,
         on_listen: Some(std::sync::Arc::new(move |a| {
             let _ = tx.send(a);
         })),
@@ -591,4 +644,213 @@ fn run_returns_only_after_the_server_closed() {
     assert!(TcpStream::connect(&addr).is_err(), "still accepting after run returned");
     let mut rest = String::new();
     stream.read_to_string(&mut rest).unwrap();
+}
+
+/// Runtime segments over terms [`LIVE_SPEC`] does not compute: events it
+/// does not select, and a `sum` over a path it does not read.
+const QUICK: &str = "count('like', 3s) >= 2";
+const SPEND: &str = "sum('buy', amount, 25s) >= 10";
+
+/// `shoal run --input - --history 30s` over live input: segments PUT
+/// mid-run over terms the spec does not compute start with exactly the
+/// reference's members at the model's clock, and from then on their lines
+/// are the reference's, tick by tick — through new events, a late event,
+/// an identity merge, and exits that only a window's end causes, at ticks
+/// when nothing else happens; a window longer than the history gets 422.
+#[test]
+fn runtime_terms_start_complete_and_follow_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("spec.toml"), LIVE_SPEC).unwrap();
+    let args = [
+        "spec.toml",
+        "--input",
+        "-",
+        "--output",
+        "out.jsonl",
+        // The clock follows the events only, as the reference's does.
+        "--idle",
+        "1h",
+        "--lateness",
+        "0s",
+        "--history",
+        "30s",
+        // The events reach the model on worker 0 through the dataflow.
+        "--workers",
+        "2",
+    ];
+    let mut shoal = Shoal::start(dir.path(), &args, true);
+    let addr = shoal.addr.clone();
+    let mut stdin = shoal.stdin.take().unwrap();
+    let mut sent = String::new();
+    let mut send = |lines: &str| {
+        stdin.write_all(lines.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        sent.push_str(lines);
+    };
+    let buy = |user: &str, amount: u64, t: u64| {
+        event(
+            "track",
+            &format!("\"event\":\"buy\",\"userId\":\"{user}\",\"properties\":{{\"amount\":{amount}}}"),
+            t,
+        )
+    };
+    let anon = |name: &str, t: u64| track(name, "x", t).replace("\"userId\":\"x\"", "\"anonymousId\":\"zz\"");
+    // Before the definitions: views and buys of four users and an
+    // anonymous visitor over 28.5 s.
+    let mut first = String::new();
+    for s in 0..20 {
+        let (user, t) = (format!("u{}", s % 4), T0 + s * 1_500);
+        first.push_str(&if s % 5 == 0 {
+            buy(&user, 3 + s, t)
+        } else {
+            track("view", &user, t)
+        });
+        if s % 6 == 0 {
+            first.push_str(&anon("view", t + 700));
+        }
+        if s == 17 {
+            // Two likes within 3 s: u1 is in `quick` at the definition.
+            first.push_str(
+                &[
+                    track("like", "u1", T0 + 26_500),
+                    anon("like", T0 + 27_000),
+                    track("like", "u1", T0 + 27_500),
+                ]
+                .concat(),
+            );
+        }
+    }
+    send(&first);
+    let clock_ms = (T0 + 19 * 1_500) / 1_000 * 1_000;
+    let clock = shoal::clock::format_time(clock_ms, false);
+    wait_for_clock(&addr, &clock);
+    assert_eq!(get(&addr, "/segments")["clock"], clock.as_str(), "the clock waits for events");
+
+    // A window longer than the history kept: 422 naming it.
+    let (status, body) = http(&addr, "PUT", "/segments/long", Some(r#"{"when":"count('view', 1m) >= 1"}"#));
+    assert_eq!(status, 422, "{body}");
+    let message = serde_json::from_str::<Value>(&body).unwrap()["error"].as_str().unwrap().to_string();
+    assert_eq!(
+        message,
+        "count('view', 1m) >= 1 needs the events of the last 1m, but this run keeps 30s of events (--history 30s): \
+         start shoal with --history 1m or more to define it at run time, or add it to the spec file"
+    );
+    let mut sizes = BTreeMap::new();
+    for (name, when) in [("quick", QUICK), ("spend", SPEND)] {
+        let body = serde_json::json!({ "when": when }).to_string();
+        let (status, put) = http(&addr, "PUT", &format!("/segments/{name}"), Some(&body));
+        assert_eq!(status, 200, "{put}");
+        sizes.insert(name, serde_json::from_str::<Value>(&put).unwrap()["size"].as_u64().unwrap());
+    }
+
+    // After: more of the same; late events (before the clock: they take
+    // effect at the next tick); likes of the anonymous visitor, who is then
+    // identified as u1 (the merge moves them); a 12 s pause in which 3 s and
+    // 25 s windows end with no event at all.
+    let mut second = String::new();
+    for s in 20..40 {
+        let (user, pause) = (format!("u{}", s % 4), if s >= 30 { 12_000 } else { 0 });
+        let t = T0 + s * 1_500 + pause;
+        second.push_str(&if s % 5 == 0 { buy(&user, s, t) } else { track("view", &user, t) });
+        if s == 22 {
+            second.push_str(&track("view", "u3", clock_ms - 2_000));
+            second.push_str(&track("like", "u3", T0 + 32_100));
+            second.push_str(&track("like", "u3", T0 + 32_400));
+            second.push_str(&anon("view", t + 100));
+        }
+        if s == 25 {
+            second.push_str(&anon("like", T0 + 38_100));
+            second.push_str(&anon("like", T0 + 38_600));
+        }
+        if s == 29 {
+            second.push_str(&track("like", "u2", T0 + 49_200));
+            second.push_str(&track("like", "u2", T0 + 49_800));
+        }
+        if s == 26 {
+            second.push_str(&event("identify", "\"userId\":\"u1\",\"anonymousId\":\"zz\"", t + 200));
+        }
+    }
+    send(&second);
+    drop(stdin);
+    let last_ms = shoal::clock::tick_of(T0 + 39 * 1_500 + 12_000, 1_000);
+    wait_for_clock(&addr, &shoal::clock::format_time(last_ms, false));
+
+    // The reference over the same lines, with the runtime segments as spec segments.
+    let mut full = LIVE_SPEC.to_string();
+    for (name, when) in [("quick", QUICK), ("spend", SPEND)] {
+        full.push_str(&format!(
+            "\n[[segment]]\nname = \"{name}\"\nwhen = {}\n",
+            serde_json::to_string(when).unwrap()
+        ));
+    }
+    std::fs::write(dir.path().join("full.toml"), &full).unwrap();
+    let spec = shoal::spec::load(&dir.path().join("full.toml"), 1000).unwrap();
+    let opts = reference::RefOptions {
+        lateness: 0,
+        ..Default::default()
+    };
+    let reference = reference::evaluate(&spec, sent.as_bytes(), &opts).lines.join("\n");
+    let out = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+    let lines_of = |text: &str, name: &str, after: bool| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.contains(&format!("\"segment\":\"{name}\"")))
+            .filter(|l| {
+                let t = serde_json::from_str::<Value>(l).unwrap()["time"].as_str().unwrap().to_string();
+                if after {
+                    t > clock
+                } else {
+                    t <= clock
+                }
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    // Tick-rounded times at which the dataflow itself has updates: effect
+    // ticks and the spec's window ends (10 s, 1 h).
+    let mut busy = BTreeSet::new();
+    for l in sent.lines() {
+        let e = serde_json::from_str::<Value>(l).unwrap()["timestamp"].as_u64().unwrap();
+        for w in [0, 10_000, 3_600_000] {
+            busy.insert(shoal::clock::format_time(shoal::clock::tick_of(e + w, 1_000), false));
+        }
+    }
+    for name in ["quick", "spend"] {
+        // At the definition: the reference's members at the clock, as enters.
+        let expected = applied(&reference, &clock).remove(name).unwrap_or_default();
+        assert!(!expected.is_empty(), "{name} has members at the definition");
+        assert_eq!(sizes[name], expected.len() as u64, "{name}");
+        assert_eq!(applied(&out, &clock).remove(name).unwrap_or_default(), expected, "{name}");
+        assert!(lines_of(&out, name, false).iter().all(|l| l.contains("enter")));
+        // From then on: the reference's lines, tick by tick.
+        let (got, want) = (lines_of(&out, name, true), lines_of(&reference, name, true));
+        assert!(want.len() >= 4, "{name}: {want:?}");
+        assert_eq!(got, want, "{name}");
+        // Some exits come only from a window's end, at a tick with no update
+        // from the dataflow.
+        let idle_exits = want
+            .iter()
+            .filter(|l| l.contains("exit"))
+            .filter(|l| !busy.contains(serde_json::from_str::<Value>(l).unwrap()["time"].as_str().unwrap()))
+            .count();
+        assert!(idle_exits > 0, "{name}: no exit at an idle tick in {want:?}");
+    }
+    assert!(
+        out.contains("\"segment\":\"quick\",\"profile\":\"anon:zz\",\"change\":\"exit\""),
+        "the merge: {out}"
+    );
+
+    // `why` and the profile: the model's terms, at the last tick.
+    let now = applied(&reference, &shoal::clock::format_time(last_ms, false));
+    for user in ["user:u0", "user:u1", "user:u2", "user:u3"] {
+        let profile = get(&addr, &format!("/profiles/{}", urlencode(user)));
+        for name in ["quick", "spend"] {
+            let member = now.get(name).is_some_and(|m| m.contains(user));
+            let answer = &profile["segments"][name];
+            assert_eq!(answer["member"], member, "{user} {name}");
+            assert_eq!(answer["why"][0]["holds"], member, "{user} {name}");
+            assert!(answer["why"][0]["values"][0].is_number(), "{answer}");
+        }
+    }
+    let status = shoal.terminate();
+    assert!(status.success(), "{status:?}");
 }
