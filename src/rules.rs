@@ -12,8 +12,10 @@
 //! `in_segment` order over those values. A change of one atom re-evaluates
 //! one profile's formulas — a handful of boolean operations — and
 //! differential emits only the memberships that changed. (Rendering each
-//! `and` as a semijoin and each `or` as a distinct union instead cost one
-//! or two arrangements per operator, about a quarter of a run's time.)
+//! `and` as a semijoin and each `or` as a distinct union instead took one
+//! or two arrangements per operator; on `retail.toml` both cost about the
+//! same instructions, and this has fewer operators and no universe-sized
+//! sets — see `docs/decisions.md`.)
 
 use differential_dataflow::VecCollection;
 use std::rc::Rc;

@@ -233,6 +233,15 @@ pub(crate) fn trim_line_ending(line: &mut Vec<u8>) {
     }
 }
 
+/// A line decoded ahead, with the text of a bad one put in `buf` (for its
+/// dead letter, as when the line is decoded in place).
+fn hand_over(mut prepared: crate::decode::Prepared, buf: &mut Vec<u8>) -> Next {
+    if let crate::decode::Item::Bad { text, .. } = &mut prepared.item {
+        *buf = std::mem::take(text);
+    }
+    Next::Prepared(Box::new(prepared))
+}
+
 impl Lines {
     /// Reads the next line into `buf`, waiting at most `wait` on a live source.
     pub fn next(&mut self, buf: &mut Vec<u8>, wait: Duration) -> std::io::Result<Next> {
@@ -251,23 +260,14 @@ impl Lines {
                 return Ok(Next::Event(Box::new(ev.clone())));
             }
             Lines::Ahead(ahead) => {
-                let Some(mut prepared) = ahead.next_line()? else {
-                    return Ok(Next::End);
-                };
-                if let crate::decode::Item::Bad { text, .. } = &mut prepared.item {
-                    *buf = std::mem::take(text);
-                }
-                return Ok(Next::Prepared(Box::new(prepared)));
+                return Ok(match ahead.next_line()? {
+                    Some(prepared) => hand_over(prepared, buf),
+                    None => Next::End,
+                });
             }
             Lines::LiveAhead(rx) => {
                 return match rx.recv_timeout(wait) {
-                    Ok(prepared) => {
-                        let mut prepared = prepared?;
-                        if let crate::decode::Item::Bad { text, .. } = &mut prepared.item {
-                            *buf = std::mem::take(text);
-                        }
-                        Ok(Next::Prepared(Box::new(prepared)))
-                    }
+                    Ok(prepared) => Ok(hand_over(prepared?, buf)),
                     Err(RecvTimeoutError::Timeout) => Ok(Next::Idle),
                     Err(RecvTimeoutError::Disconnected) => Ok(Next::End),
                 }
