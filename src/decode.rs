@@ -53,9 +53,18 @@ pub fn facts(streams: &[StreamDef], event: &Event) -> Facts {
         .collect()
 }
 
+fn trim_line_ending(line: &mut Vec<u8>) {
+    if line.last() == Some(&b'\n') {
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+    }
+}
+
 /// Decodes one line (with or without its line ending).
 fn prepare(mut line: Vec<u8>, streams: &[StreamDef]) -> Item {
-    crate::source::trim_line_ending(&mut line);
+    trim_line_ending(&mut line);
     if line.iter().all(u8::is_ascii_whitespace) {
         return Item::Blank;
     }

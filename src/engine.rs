@@ -172,6 +172,13 @@ pub struct HttpOptions {
     pub on_listen: Option<Arc<dyn Fn(std::net::SocketAddr) + Send + Sync>>,
 }
 
+impl HttpOptions {
+    /// The history kept for `plan`: as given, else its longest window.
+    pub fn history(&self, plan: &Plan) -> crate::serve::History {
+        self.history.unwrap_or_else(|| crate::serve::History::default_for(plan))
+    }
+}
+
 /// Wall-clock marks of a run: when the reader's clock made ticks final, and
 /// when the sink wrote each tick's last change.
 #[derive(Debug, Default)]
@@ -326,7 +333,7 @@ pub fn run(job: Job) -> Result<Summary, EngineError> {
     let (served, server) = match (&job.http, process) {
         (Some(http), 0) => {
             let plan = Arc::new(Plan::new(&job.spec));
-            let history = http.history.unwrap_or_else(|| crate::serve::History::default_for(&plan));
+            let history = http.history(&plan);
             let served = crate::serve::Served::new(&job.spec, plan, job.opts.tick, history, job.stop.clone());
             let listener =
                 std::net::TcpListener::bind(&http.addr).map_err(|e| EngineError::Io(format!("cannot listen on {}: {e}", http.addr)))?;
@@ -768,14 +775,7 @@ impl Feeder {
         self.fed(outcome, None)
     }
 
-    /// Feeds an event decoded elsewhere (the pre-decoded benchmarks).
-    pub fn read_event(&mut self, event: crate::event::Event) -> Outcome {
-        self.ingest.counters.read += 1;
-        let outcome = self.ingest.accept(event);
-        self.fed(outcome, None)
-    }
-
-    /// Feeds a line decoded ahead (see `crate::decode`).
+    /// Feeds a line as a source decoded it (see `crate::decode`).
     pub fn read_prepared(&mut self, prepared: crate::decode::Prepared) -> Outcome {
         use crate::decode::Item;
         match prepared.item {
@@ -1303,11 +1303,7 @@ fn run_worker(
     // Every worker builds the same dataflow, serving or not.
     let serving = job.http.is_some();
     // Serving with history: accepted events go to the model too.
-    let history = job
-        .http
-        .as_ref()
-        .map(|h| h.history.unwrap_or_else(|| crate::serve::History::default_for(&plan)))
-        .is_some_and(|h| h.keeps());
+    let history = job.http.as_ref().map(|h| h.history(&plan)).is_some_and(|h| h.keeps());
     let memory = checkpointing.as_ref().map(|c| c.clusters.clone());
     let mut notes = timely::dataflow::InputHandleVec::new();
     let profiling = crate::profile::Profiling::start(worker);
@@ -1434,8 +1430,12 @@ fn read_lines(reader: &mut Reader<'_>, sources: &[Source], start: Option<checkpo
     };
     for (index, source) in sources.iter().enumerate().skip(first) {
         let name = source.name();
-        let lines = if index == first { source.open_at(offset)? } else { source.open()? };
-        let mut lines = lines.decode_ahead(&reader.feeder.plan.streams)?;
+        let streams = &reader.feeder.plan.streams;
+        let mut lines = if index == first {
+            source.open_at(offset, streams)?
+        } else {
+            source.open(streams)?
+        };
         if index != first {
             number = 0;
         }
@@ -1466,13 +1466,9 @@ fn read_lines(reader: &mut Reader<'_>, sources: &[Source], start: Option<checkpo
                     batch = 0;
                     reader.pump(live, String::new);
                 }
-                next @ (Next::Line | Next::Event(_) | Next::Prepared(_)) => {
+                Next::Prepared(prepared) => {
                     number += 1;
-                    let outcome = match next {
-                        Next::Event(ev) => reader.feeder.read_event(*ev),
-                        Next::Prepared(p) => reader.feeder.read_prepared(*p),
-                        _ => reader.feeder.read(&line),
-                    };
+                    let outcome = reader.feeder.read_prepared(*prepared);
                     if let Outcome::Bad(reason) = &outcome {
                         reader.dead_letter(dead_letter(&name, number, reason, &line));
                     }

@@ -3,7 +3,10 @@
 //! Files, in-memory bytes and the generator are read to their end. Stdin is
 //! live: a thread reads it into a bounded channel (backpressure, not an
 //! unbounded queue) and the reader sees [`Next::Idle`] when nothing arrived
-//! for a while, so the clock can follow wall time (SPEC §3).
+//! for a while, so the clock can follow wall time (SPEC §3). Every source
+//! is opened decoded for the spec's streams ([`Lines`], `crate::decode`):
+//! the reader gets each line as an event with its facts, or as a bad line
+//! with its text.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -11,7 +14,9 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::decode::{Item, Prepared};
 use crate::engine::EngineError;
+use crate::plan::StreamDef;
 
 /// Where events come from, read one after another in order.
 #[derive(Clone, Debug)]
@@ -103,35 +108,56 @@ impl AsRef<[u8]> for SharedBytes {
 
 /// What reading a source gave.
 pub enum Next {
-    /// A line, without its line ending, is in the buffer.
-    Line,
-    /// A decoded event (from [`Source::Decoded`]).
-    Event(Box<crate::event::Event>),
-    /// A line decoded ahead (see `crate::decode`); the buffer holds its
-    /// text when it is not a valid event.
-    Prepared(Box<crate::decode::Prepared>),
+    /// A line (or a pre-decoded event), decoded with its facts (see
+    /// `crate::decode`); the buffer holds its text when it is not a valid
+    /// event.
+    Prepared(Box<Prepared>),
     /// Nothing arrived within the wait (live sources only).
     Idle,
     End,
 }
 
-/// An open source.
+/// An open source, decoded on a thread of its own (see `crate::decode`).
 pub enum Lines {
-    /// A byte stream and the offset of the next line in it.
-    Read(Box<dyn BufRead + Send>, u64),
-    Live(Receiver<std::io::Result<Vec<u8>>>),
-    Decoded(Arc<Vec<crate::event::Event>>, usize),
-    /// A byte stream decoded by a thread of its own.
+    /// A byte stream read to its end.
     Ahead(crate::decode::Ahead),
-    /// A live source decoded by a thread of its own.
-    LiveAhead(Receiver<std::io::Result<crate::decode::Prepared>>),
+    /// A live source.
+    Live(Receiver<std::io::Result<Prepared>>),
+    /// Events decoded beforehand, and the streams to extract facts for.
+    Decoded(Arc<Vec<crate::event::Event>>, usize, Vec<StreamDef>),
+}
+
+/// A source before decoding.
+enum Raw {
+    /// A byte stream and the offset of its next line.
+    Bytes(Box<dyn BufRead + Send>, u64),
+    /// Lines from a thread (stdin, the paced benchmark source).
+    Live(Receiver<std::io::Result<Vec<u8>>>),
+    Decoded(Arc<Vec<crate::event::Event>>),
 }
 
 impl Source {
-    /// Opens the source; stdin gets a reader thread.
-    pub fn open(&self) -> Result<Lines, EngineError> {
+    /// Opens the source, decoding it for `streams`; stdin gets a reader
+    /// thread.
+    pub fn open(&self, streams: &[StreamDef]) -> Result<Lines, EngineError> {
+        self.open_at(0, streams)
+    }
+
+    /// Opens the source at byte `offset` (resuming from a checkpoint),
+    /// decoding it for `streams`.
+    pub fn open_at(&self, offset: u64, streams: &[StreamDef]) -> Result<Lines, EngineError> {
+        let decoding = |e: std::io::Error| EngineError::Io(format!("cannot start the decoding thread: {e}"));
+        Ok(match self.raw_at(offset)? {
+            Raw::Bytes(input, offset) => Lines::Ahead(crate::decode::Ahead::spawn(input, offset, streams.to_vec()).map_err(decoding)?),
+            Raw::Live(lines) => Lines::Live(crate::decode::live(lines, streams.to_vec()).map_err(decoding)?),
+            Raw::Decoded(events) => Lines::Decoded(events, 0, streams.to_vec()),
+        })
+    }
+
+    /// The source's lines as they come, from the start.
+    fn raw(&self) -> Result<Raw, EngineError> {
         if let Source::Decoded(events) = self {
-            return Ok(Lines::Decoded(events.clone(), 0));
+            return Ok(Raw::Decoded(events.clone()));
         }
         if let Source::Paced { data, rate } = self {
             let (data, rate) = (data.clone(), *rate);
@@ -151,7 +177,7 @@ impl Source {
                     }
                 })
                 .map_err(|e| EngineError::Io(format!("cannot start the paced source: {e}")))?;
-            return Ok(Lines::Live(rx));
+            return Ok(Raw::Live(rx));
         }
         if let Source::Stdin = self {
             let (tx, rx) = sync_channel(1 << 14);
@@ -176,18 +202,18 @@ impl Source {
                     }
                 })
                 .map_err(|e| EngineError::Io(format!("cannot start the stdin reader: {e}")))?;
-            return Ok(Lines::Live(rx));
+            return Ok(Raw::Live(rx));
         }
-        Ok(Lines::Read(self.open_reader()?, 0))
+        Ok(Raw::Bytes(self.open_reader()?, 0))
     }
 
-    /// Opens the source at byte `offset` (resuming from a checkpoint).
-    /// Files seek; the generator and in-memory bytes skip; stdin and the
-    /// benchmark sources cannot be read again.
-    pub fn open_at(&self, offset: u64) -> Result<Lines, EngineError> {
+    /// The source's lines from byte `offset`. Files seek; the generator and
+    /// in-memory bytes skip; stdin and the benchmark sources cannot be read
+    /// again.
+    fn raw_at(&self, offset: u64) -> Result<Raw, EngineError> {
         use std::io::{Read, Seek};
         if offset == 0 {
-            return self.open();
+            return self.raw();
         }
         let cannot = |e: std::io::Error| EngineError::Io(format!("cannot resume {} at byte {offset}: {e}", self.name()));
         match self {
@@ -201,7 +227,7 @@ impl Source {
                     )));
                 }
                 f.seek(std::io::SeekFrom::Start(offset)).map_err(cannot)?;
-                Ok(Lines::Read(Box::new(BufReader::with_capacity(1 << 20, f)), offset))
+                Ok(Raw::Bytes(Box::new(BufReader::with_capacity(1 << 20, f)), offset))
             }
             Source::Bytes { .. } | Source::Generate(_) => {
                 let mut r = self.open_reader()?;
@@ -209,7 +235,7 @@ impl Source {
                 if skipped < offset {
                     return Err(cannot(std::io::ErrorKind::UnexpectedEof.into()));
                 }
-                Ok(Lines::Read(r, offset))
+                Ok(Raw::Bytes(r, offset))
             }
             _ => Err(EngineError::Unsupported(format!(
                 "{} cannot be read again from a checkpoint",
@@ -224,88 +250,50 @@ impl Source {
     }
 }
 
-pub(crate) fn trim_line_ending(line: &mut Vec<u8>) {
-    if line.last() == Some(&b'\n') {
-        line.pop();
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
-    }
-}
-
-/// A line decoded ahead, with the text of a bad one put in `buf` (for its
-/// dead letter, as when the line is decoded in place).
-fn hand_over(mut prepared: crate::decode::Prepared, buf: &mut Vec<u8>) -> Next {
-    if let crate::decode::Item::Bad { text, .. } = &mut prepared.item {
+/// A decoded line, with the text of a bad one put in `buf`.
+fn hand_over(mut prepared: Prepared, buf: &mut Vec<u8>) -> Next {
+    if let Item::Bad { text, .. } = &mut prepared.item {
         *buf = std::mem::take(text);
     }
     Next::Prepared(Box::new(prepared))
 }
 
 impl Lines {
-    /// Reads the next line into `buf`, waiting at most `wait` on a live source.
+    /// The next line, waiting at most `wait` on a live source; the text of a
+    /// line that is not a valid event is put in `buf` (for its dead letter).
     pub fn next(&mut self, buf: &mut Vec<u8>, wait: Duration) -> std::io::Result<Next> {
         buf.clear();
         match self {
-            Lines::Read(r, offset) => {
-                let n = r.read_until(b'\n', buf)?;
-                if n == 0 {
-                    return Ok(Next::End);
-                }
-                *offset += n as u64;
-            }
-            Lines::Decoded(events, at) => {
-                let Some(ev) = events.get(*at) else { return Ok(Next::End) };
-                *at += 1;
-                return Ok(Next::Event(Box::new(ev.clone())));
-            }
-            Lines::Ahead(ahead) => {
-                return Ok(match ahead.next_line()? {
-                    Some(prepared) => hand_over(prepared, buf),
-                    None => Next::End,
-                });
-            }
-            Lines::LiveAhead(rx) => {
-                return match rx.recv_timeout(wait) {
-                    Ok(prepared) => Ok(hand_over(prepared?, buf)),
-                    Err(RecvTimeoutError::Timeout) => Ok(Next::Idle),
-                    Err(RecvTimeoutError::Disconnected) => Ok(Next::End),
-                }
-            }
+            Lines::Ahead(ahead) => Ok(match ahead.next_line()? {
+                Some(prepared) => hand_over(prepared, buf),
+                None => Next::End,
+            }),
             Lines::Live(rx) => match rx.recv_timeout(wait) {
-                Ok(line) => *buf = line?,
-                Err(RecvTimeoutError::Timeout) => return Ok(Next::Idle),
-                Err(RecvTimeoutError::Disconnected) => return Ok(Next::End),
+                Ok(prepared) => Ok(hand_over(prepared?, buf)),
+                Err(RecvTimeoutError::Timeout) => Ok(Next::Idle),
+                Err(RecvTimeoutError::Disconnected) => Ok(Next::End),
             },
-        }
-        trim_line_ending(buf);
-        Ok(Next::Line)
-    }
-
-    /// Decodes a byte stream or a live source on a thread of its own, for
-    /// `streams` (see `crate::decode`); other sources stay as they are.
-    pub fn decode_ahead(self, streams: &[crate::plan::StreamDef]) -> Result<Lines, EngineError> {
-        match self {
-            Lines::Read(input, offset) => crate::decode::Ahead::spawn(input, offset, streams.to_vec())
-                .map(Lines::Ahead)
-                .map_err(|e| EngineError::Io(format!("cannot start the decoding thread: {e}"))),
-            Lines::Live(lines) => crate::decode::live(lines, streams.to_vec())
-                .map(Lines::LiveAhead)
-                .map_err(|e| EngineError::Io(format!("cannot start the decoding thread: {e}"))),
-            other => Ok(other),
+            Lines::Decoded(events, at, streams) => {
+                let Some(event) = events.get(*at) else { return Ok(Next::End) };
+                *at += 1;
+                let item = Item::Event {
+                    facts: crate::decode::facts(streams, event),
+                    event: Box::new(event.clone()),
+                };
+                Ok(Next::Prepared(Box::new(Prepared { item, offset: 0 })))
+            }
         }
     }
 
     /// The byte offset of the next line (byte streams; 0 otherwise).
     pub fn offset(&self) -> u64 {
         match self {
-            Lines::Read(_, offset) => *offset,
             Lines::Ahead(ahead) => ahead.offset(),
             _ => 0,
         }
     }
 
     pub fn is_live(&self) -> bool {
-        matches!(self, Lines::Live(_) | Lines::LiveAhead(_))
+        matches!(self, Lines::Live(_))
     }
 }
