@@ -216,25 +216,24 @@ pub fn line_key(line: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128_with_seed(line, 2)
 }
 
-/// The top-level fields, borrowed from the line; everything else is ignored.
+/// The top-level fields: scalars parsed in the one pass over the line (a
+/// `null` is absent), objects borrowed as text (see [`Object`]);
+/// everything else is ignored.
 #[derive(Deserialize, Default)]
 struct Top<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: Option<&'a RawValue>,
-    #[serde(borrow)]
-    event: Option<&'a RawValue>,
-    #[serde(borrow)]
-    name: Option<&'a RawValue>,
-    #[serde(rename = "messageId", borrow)]
-    message_id: Option<&'a RawValue>,
-    #[serde(borrow)]
-    timestamp: Option<&'a RawValue>,
-    #[serde(rename = "userId", borrow)]
-    user_id: Option<&'a RawValue>,
-    #[serde(rename = "anonymousId", borrow)]
-    anonymous_id: Option<&'a RawValue>,
-    #[serde(rename = "previousId", borrow)]
-    previous_id: Option<&'a RawValue>,
+    #[serde(rename = "type")]
+    kind: Option<Json>,
+    event: Option<Json>,
+    name: Option<Json>,
+    #[serde(rename = "messageId")]
+    message_id: Option<Json>,
+    timestamp: Option<Json>,
+    #[serde(rename = "userId")]
+    user_id: Option<Json>,
+    #[serde(rename = "anonymousId")]
+    anonymous_id: Option<Json>,
+    #[serde(rename = "previousId")]
+    previous_id: Option<Json>,
     #[serde(borrow)]
     properties: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -243,28 +242,16 @@ struct Top<'a> {
     context: Option<&'a RawValue>,
 }
 
-/// A scalar top-level field as JSON (`None` when absent or `null`).
-fn scalar(raw: Option<&RawValue>, field: &str) -> Result<Option<Json>, BadEvent> {
+fn opt_string(raw: Option<Json>, field: &str) -> Result<Option<String>, BadEvent> {
     match raw {
-        None => Ok(None),
-        Some(r) => match serde_json::from_str::<Json>(r.get()) {
-            Ok(Json::Null) => Ok(None),
-            Ok(v) => Ok(Some(v)),
-            Err(e) => bad(format!("field `{field}`: {e}")),
-        },
-    }
-}
-
-fn opt_string(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, BadEvent> {
-    match scalar(raw, field)? {
         None => Ok(None),
         Some(Json::String(s)) => Ok(Some(s)),
         Some(_) => bad(format!("field `{field}` must be a string")),
     }
 }
 
-fn opt_id(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, BadEvent> {
-    match scalar(raw, field)? {
+fn opt_id(raw: Option<Json>, field: &str) -> Result<Option<String>, BadEvent> {
+    match raw {
         None => Ok(None),
         Some(Json::String(s)) if s.is_empty() => Ok(None),
         Some(Json::String(s)) => Ok(Some(s)),
@@ -279,8 +266,8 @@ fn opt_id(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, BadEven
 /// event time stay far from `u64::MAX` and can always be written as times.
 pub const MAX_TIME: u64 = 253_402_300_799_999;
 
-fn timestamp(raw: Option<&RawValue>) -> Result<u64, BadEvent> {
-    match scalar(raw, "timestamp")? {
+fn timestamp(raw: Option<Json>) -> Result<u64, BadEvent> {
+    match raw {
         None => bad("missing `timestamp`"),
         Some(Json::String(s)) => clock::parse_time(&s).map_err(|e| BadEvent(format!("invalid `timestamp`: {e}"))),
         Some(Json::Number(n)) => match n.as_u64() {
@@ -316,7 +303,7 @@ pub fn decode(line: &[u8]) -> Result<Event, BadEvent> {
         Err(e) if e.is_syntax() || e.is_eof() => return bad(format!("not JSON: {e}")),
         Err(e) => return bad(format!("not a valid event: {e}")),
     };
-    let kind = match scalar(top.kind, "type")? {
+    let kind = match top.kind {
         Some(Json::String(t)) => match t.as_str() {
             "track" => EventType::Track,
             "page" => EventType::Page,
