@@ -262,12 +262,21 @@ impl Identities {
         }
     }
 
-    /// The node and link changes an accepted event makes.
+    /// The node and link changes an accepted event makes. Most events
+    /// change nothing (their ids are known, no sooner): that path looks
+    /// keys up and allocates nothing.
     pub fn changes(&mut self, s: &Stamped, nodes: &mut Vec<Change<(Key, Label)>>, links: &mut Vec<Change<(Key, Key)>>) {
         let t = s.effect;
-        let mut node = |ticks: &mut FxHashMap<Key, u64>, id: &Id, k: Key, ineligible: bool| {
+        let mut node = |ticks: &mut FxHashMap<Key, u64>, kind: IdKind, name: &str, k: Key, ineligible: bool| {
             if let Some(old) = earliest(ticks, k, t) {
-                let label = (ineligible, id.clone(), k);
+                let label = (
+                    ineligible,
+                    Id {
+                        kind,
+                        name: name.to_string(),
+                    },
+                    k,
+                );
                 if old != u64::MAX {
                     nodes.push(((k, label.clone()), old, -1));
                 }
@@ -275,21 +284,18 @@ impl Identities {
             }
         };
         let ev = &s.event;
-        for (kind, name) in [(IdKind::User, &ev.user_id), (IdKind::Anon, &ev.anonymous_id)] {
-            if let Some(name) = name {
-                let id = Id { kind, name: name.clone() };
-                let k = key_of(kind, name);
-                node(&mut self.named, &id, k, false);
-                node(&mut self.seen, &id, k, true);
+        let user = ev.user_id.as_deref().map(|u| (u, key_of(IdKind::User, u)));
+        let anon = ev.anonymous_id.as_deref().map(|a| (a, key_of(IdKind::Anon, a)));
+        for (kind, id) in [(IdKind::User, user), (IdKind::Anon, anon)] {
+            if let Some((name, k)) = id {
+                node(&mut self.named, kind, name, k, false);
+                node(&mut self.seen, kind, name, k, true);
             }
         }
-        for (a, b) in ev.links() {
-            let (ka, kb) = (key_of(a.kind, &a.name), key_of(b.kind, &b.name));
-            node(&mut self.seen, &a, ka, true);
-            node(&mut self.seen, &b, kb, true);
+        let mut link = |(ka, kb): (Key, Key)| {
             let pair = (ka.min(kb), ka.max(kb));
             let old = match self.links.get_mut(&pair) {
-                Some(old) if *old <= t => continue,
+                Some(old) if *old <= t => return,
                 Some(old) => Some(std::mem::replace(old, t)),
                 None => {
                     self.links.insert(pair, t);
@@ -300,6 +306,18 @@ impl Identities {
                 links.push(((x, y), t, 1));
                 if let Some(old) = old {
                     links.push(((x, y), old, -1));
+                }
+            }
+        };
+        if let (Some((_, ku)), Some((_, ka))) = (user, anon) {
+            link((ku, ka));
+        }
+        if ev.kind == crate::event::EventType::Alias {
+            if let (Some((_, ku)), Some(p)) = (user, ev.previous_id.as_deref()) {
+                for kind in [IdKind::User, IdKind::Anon] {
+                    let kp = key_of(kind, p);
+                    node(&mut self.seen, kind, p, kp, true);
+                    link((ku, kp));
                 }
             }
         }
