@@ -78,23 +78,51 @@ fn prepare(mut line: Vec<u8>, streams: &[StreamDef]) -> Item {
 }
 
 /// Decodes the lines of a live source (stdin, the paced benchmark source)
-/// on a thread of its own, each passed on as soon as it is decoded: live
-/// input is not held back to fill a batch. Offsets are 0 (a live source
+/// on a thread of its own. A line is never held back to fill a batch: the
+/// thread takes every line already waiting (up to a batch), decodes them
+/// and passes them on together, so a busy stream crosses the channel in
+/// batches and a quiet one line by line. Offsets are 0 (a live source
 /// cannot be resumed).
-pub fn live(lines: Receiver<std::io::Result<Vec<u8>>>, streams: Vec<StreamDef>) -> std::io::Result<Receiver<std::io::Result<Prepared>>> {
-    let (tx, decoded) = sync_channel(BATCH * AHEAD);
+pub fn live(lines: Receiver<std::io::Result<Vec<u8>>>, streams: Vec<StreamDef>) -> std::io::Result<Ahead> {
+    let (tx, batches) = sync_channel(AHEAD);
     std::thread::Builder::new().name("shoal-decode".into()).spawn(move || {
-        for line in lines {
-            let prepared = line.map(|line| Prepared {
-                item: prepare(line, &streams),
-                offset: 0,
-            });
-            if tx.send(prepared).is_err() {
+        while let Ok(first) = lines.recv() {
+            let mut batch = Vec::with_capacity(BATCH);
+            let mut failed = None;
+            for line in std::iter::once(first).chain(std::iter::from_fn(|| lines.try_recv().ok()).take(BATCH - 1)) {
+                match line {
+                    Ok(line) => batch.push(Prepared {
+                        item: prepare(line, &streams),
+                        offset: 0,
+                    }),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            if tx.send(Ok(batch)).is_err() {
+                return;
+            }
+            if let Some(e) = failed {
+                let _ = tx.send(Err(e));
                 return;
             }
         }
     })?;
-    Ok(decoded)
+    Ok(Ahead {
+        batches,
+        current: Vec::new().into_iter(),
+        offset: 0,
+    })
+}
+
+/// What waiting for the next line of a live source gave.
+pub enum Got {
+    Line(Prepared),
+    /// Nothing within the wait.
+    Idle,
+    End,
 }
 
 /// A decoded line and the byte offset just after it.
@@ -153,6 +181,21 @@ impl Ahead {
             match self.batches.recv() {
                 Ok(batch) => self.current = batch?.into_iter(),
                 Err(_) => return Ok(None),
+            }
+        }
+    }
+
+    /// The next decoded line of a live source, waiting at most `wait`.
+    pub fn next_within(&mut self, wait: std::time::Duration) -> std::io::Result<Got> {
+        use std::sync::mpsc::RecvTimeoutError;
+        loop {
+            if let Some(p) = self.current.next() {
+                return Ok(Got::Line(p));
+            }
+            match self.batches.recv_timeout(wait) {
+                Ok(batch) => self.current = batch?.into_iter(),
+                Err(RecvTimeoutError::Timeout) => return Ok(Got::Idle),
+                Err(RecvTimeoutError::Disconnected) => return Ok(Got::End),
             }
         }
     }

@@ -10,11 +10,11 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::decode::{Item, Prepared};
+use crate::decode::{Got, Item, Prepared};
 use crate::engine::EngineError;
 use crate::plan::StreamDef;
 
@@ -122,7 +122,7 @@ pub enum Lines {
     /// A byte stream read to its end.
     Ahead(crate::decode::Ahead),
     /// A live source.
-    Live(Receiver<std::io::Result<Prepared>>),
+    Live(crate::decode::Ahead),
     /// Events decoded beforehand, and the streams to extract facts for.
     Decoded(Arc<Vec<crate::event::Event>>, usize, Vec<StreamDef>),
 }
@@ -268,11 +268,11 @@ impl Lines {
                 Some(prepared) => hand_over(prepared, buf),
                 None => Next::End,
             }),
-            Lines::Live(rx) => match rx.recv_timeout(wait) {
-                Ok(prepared) => Ok(hand_over(prepared?, buf)),
-                Err(RecvTimeoutError::Timeout) => Ok(Next::Idle),
-                Err(RecvTimeoutError::Disconnected) => Ok(Next::End),
-            },
+            Lines::Live(live) => Ok(match live.next_within(wait)? {
+                Got::Line(prepared) => hand_over(prepared, buf),
+                Got::Idle => Next::Idle,
+                Got::End => Next::End,
+            }),
             Lines::Decoded(events, at, streams) => {
                 let Some(event) = events.get(*at) else { return Ok(Next::End) };
                 *at += 1;
