@@ -229,7 +229,7 @@ fn reference_vs_engine(n: u64) {
 /// its last change was written. Prints the achieved rate too: when shoal
 /// cannot keep up, the source is held back (bounded queue) and the rate
 /// achieved is what was measured.
-fn latency(rate: u64, seconds: u64) {
+fn latency(rate: u64, seconds: u64, tick: u64, workers: usize) {
     let names = [
         "Product Viewed",
         "Product Added",
@@ -241,10 +241,10 @@ fn latency(rate: u64, seconds: u64) {
     let data = Arc::new(shoal::generate::synthetic(n, (n / 20).max(50), rate, &names));
     let timings = Arc::new(shoal::engine::Timings::default());
     let opts = RunOptions {
-        tick: 100,
+        tick,
         lateness: 0,
-        idle: 100,
-        workers: 2,
+        idle: tick,
+        workers,
         ..RunOptions::default()
     };
     let mut job = Job::quiet(spec("dataflows/retail.toml"), opts, vec![Source::Paced { data, rate: rate as f64 }]);
@@ -262,7 +262,7 @@ fn latency(rate: u64, seconds: u64) {
             .map_or(0.0, |d| d.as_secs_f64() * 1e3)
     };
     println!(
-        "latency @ {rate:>7}/s offered: achieved {:>7.0}/s, {} diffs in {} ticks, p50 {:>6.1} ms, p99 {:>6.1} ms, max {:>6.1} ms",
+        "latency @ {rate:>7}/s offered, --tick {tick}ms, {workers} worker(s): achieved {:>7.0}/s, {} diffs in {} ticks, p50 {:>6.1} ms, p99 {:>6.1} ms, max {:>6.1} ms",
         summary.events_read as f64 / elapsed,
         summary.diffs_written,
         l.len(),
@@ -464,7 +464,7 @@ fn main() {
         windows(5_000);
         sharing(5_000);
         throughput(5_000);
-        latency(2_000, 1);
+        latency(2_000, 1, 100, 2);
         checkpoint(5_000);
         overload(20_000, 1);
         return;
@@ -491,12 +491,15 @@ fn main() {
             overload(rate * 10, 4);
         }
         "latency" => {
+            // latency [RATE [TICK_MS [WORKERS]]]
+            let tick = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(100);
+            let workers = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(2);
             for rate in [args.get(1).and_then(|a| a.parse().ok())]
                 .into_iter()
                 .flatten()
                 .chain((args.len() < 2).then_some([100_000, 200_000, 500_000]).into_iter().flatten())
             {
-                latency(rate, 10);
+                latency(rate, 10, tick, workers);
             }
         }
         _ => {
