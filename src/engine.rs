@@ -551,7 +551,10 @@ struct ReaderCheckpoints {
 
 /// The differential inputs a reader feeds, at the ticks events take effect.
 pub struct Inputs {
+    /// Facts of streams with a payload to fold.
     pub facts: InputSession<u64, Fact, isize>,
+    /// Facts of streams folded only by `count` ([`Plan::counted_streams`]).
+    pub counts: InputSession<u64, window::FactOf<()>, isize>,
     pub nodes: InputSession<u64, (Key, Label), isize>,
     pub links: InputSession<u64, (Key, Key), isize>,
     /// Serving with `--history`: every accepted event and its anchor id,
@@ -563,6 +566,7 @@ impl Inputs {
     fn advance_to(&mut self, t: u64) {
         if t > *self.facts.time() {
             self.facts.advance_to(t);
+            self.counts.advance_to(t);
             self.nodes.advance_to(t);
             self.links.advance_to(t);
             if let Some(events) = &mut self.events {
@@ -573,6 +577,7 @@ impl Inputs {
 
     fn flush(&mut self) {
         self.facts.flush();
+        self.counts.flush();
         self.nodes.flush();
         self.links.flush();
         if let Some(events) = &mut self.events {
@@ -610,13 +615,15 @@ pub fn build_with<'s>(
     memory: Option<Arc<cluster::Memory>>,
 ) -> (Inputs, Collections<'s>) {
     let (facts_in, facts) = scope.new_collection();
+    let (counts_in, counts) = scope.new_collection();
     let (nodes_in, nodes) = scope.new_collection();
     let (links_in, links) = scope.new_collection();
     let identity::Profiles { labels, names } = identity::profiles(nodes.clone(), links);
     let universe = identity::universe(names.clone());
     let lengths = Rc::new(plan.streams.iter().map(|s| s.window).collect::<Vec<_>>());
-    let windowed = window::window(facts, lengths, tick);
-    let mut terms = terms::terms(windowed, labels.clone(), plan.clone());
+    let folded = window::window(facts, lengths.clone(), tick);
+    let counted = window::window(counts, lengths, tick);
+    let mut terms = terms::terms(folded, counted, labels.clone(), plan.clone());
     if !plan.values.is_empty() {
         // Population terms: percentiles, RFM, clusters (see crate::plan).
         let values = score::values(terms.clone(), universe.clone(), plan.clone());
@@ -635,6 +642,7 @@ pub fn build_with<'s>(
     (
         Inputs {
             facts: facts_in,
+            counts: counts_in,
             nodes: nodes_in,
             links: links_in,
             events: None,
@@ -654,6 +662,8 @@ pub fn build_with<'s>(
 /// (see [`Ingest`]).
 pub struct Feeder {
     plan: Rc<Plan>,
+    /// By stream: fed to `Inputs::counts` without its payload.
+    counted: Vec<bool>,
     inputs: Inputs,
     ingest: Ingest,
     identities: Identities,
@@ -679,6 +689,7 @@ struct Retained {
 impl Feeder {
     pub fn new(plan: Rc<Plan>, inputs: Inputs, opts: &RunOptions) -> Feeder {
         Feeder {
+            counted: plan.counted_streams(),
             plan,
             inputs,
             ingest: Ingest::new(opts.tick, opts.lateness, opts.dedupe_horizon),
@@ -701,7 +712,17 @@ impl Feeder {
         if let Some(log) = &mut self.retained {
             log.facts.push(d.clone(), t, r);
         }
-        self.inputs.facts.update_at(d, t, r);
+        self.input(d, t, r);
+    }
+
+    /// Feeds a fact to the input of its stream's kind.
+    fn input(&mut self, d: Fact, t: u64, r: isize) {
+        let (anchor, stream, time, pay) = d;
+        if self.counted[stream as usize] {
+            self.inputs.counts.update_at((anchor, stream, time, ()), t, r);
+        } else {
+            self.inputs.facts.update_at((anchor, stream, time, pay), t, r);
+        }
     }
 
     /// The reader's state for a checkpoint whose delivered frontier is
@@ -748,7 +769,7 @@ impl Feeder {
         self.identities = Identities::restore(st.identities);
         self.winners = st.winners.into_iter().collect();
         for (d, t, r) in &st.facts {
-            self.inputs.facts.update_at(d.clone(), *t, *r);
+            self.input(d.clone(), *t, *r);
         }
         for (d, t, r) in &st.nodes {
             self.inputs.nodes.update_at(d.clone(), *t, *r);

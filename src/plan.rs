@@ -287,6 +287,15 @@ impl Plan {
         plan
     }
 
+    /// For each stream, whether every term that folds it is a `count`: such
+    /// streams need no payload, only a multiplicity (see `crate::terms`).
+    pub fn counted_streams(&self) -> Vec<bool> {
+        self.folds
+            .iter()
+            .map(|ts| ts.iter().all(|&t| self.terms[t].agg == Agg::Count))
+            .collect()
+    }
+
     /// Plans one more `when` over this plan (the HTTP API's preview and
     /// runtime segments): a copy of the plan with the new streams, terms and
     /// atoms, and the formula. `names` maps segment names to the indices

@@ -3,22 +3,22 @@
 //! The reader turns each event into [`Pay`]loads for the streams it matches
 //! ([`extract`]); [`window`](crate::window) bounds them in time; [`terms`]
 //! re-keys them from anchor id to profile through the identity labels and
-//! folds each term's stream in one `reduce` keyed by `(term, profile)`.
+//! folds each stream's terms in one `reduce` keyed by `(stream, profile)`,
+//! or counts them with `count_total` when every term of the stream is a
+//! `count` (those facts travel without their payload).
 //! A merge of two profiles is a change of label, so the join re-keys every
 //! fact of the merged side and every aggregate downstream corrects itself.
 
 use differential_dataflow::operators::CountTotal;
-use differential_dataflow::{AsCollection, VecCollection};
+use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
 use std::rc::Rc;
-use timely::container::CapacityContainerBuilder;
-use timely::dataflow::operators::core::Partition;
 
 use crate::event::Event;
 use crate::ingest::Key;
 use crate::plan::{Agg, Plan, Read, StreamDef};
 use crate::value::{Dec, Float, Value};
-use crate::window::Windowed;
+use crate::window::{Windowed, WindowedOf};
 
 /// What a stream keeps of one event.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -178,37 +178,24 @@ pub fn value<'a>(agg: Agg, facts: impl Iterator<Item = (&'a Pay, isize)>) -> Val
 /// Re-keys windowed facts to profiles and folds every stream's terms:
 /// `((stream, profile), values)` with one value per term of the stream (in
 /// `plan.folds` order), for each profile with at least one fact.
+///
+/// Streams folded only by `count` come as `counted`, without payloads (the
+/// reader feeds them apart, see [`Plan::counted_streams`]): differential's
+/// `count_total` keeps one number per key, far cheaper than a reduce, and a
+/// fact without a payload is cheaper to queue, arrange and join.
 pub fn terms<'s>(
-    windowed: VecCollection<'s, u64, Windowed, isize>,
+    folded: VecCollection<'s, u64, Windowed, isize>,
+    counted: VecCollection<'s, u64, WindowedOf<()>, isize>,
     labels: VecCollection<'s, u64, (Key, Key), isize>,
     plan: Rc<Plan>,
 ) -> VecCollection<'s, u64, ((u32, Key), Vec<Value>), isize> {
     let labels = labels.arrange_by_key_named("ProfileOfId");
-    let counted: Rc<Vec<bool>> = Rc::new(
-        plan.folds
-            .iter()
-            .map(|ts| ts.iter().all(|&t| plan.terms[t].agg == Agg::Count))
-            .collect(),
-    );
-    let joined = windowed.join_core(labels, |_anchor, (stream, pay), profile| Some(((*stream, *profile), pay.clone())));
-    // Streams folded only by `count` need no values: differential's
-    // `count_total` keeps one number per key, far cheaper than a reduce.
-    // One pass splits the joined facts between the two (a second consumer
-    // of the join would get a copy of every fact).
-    let mut parts = joined
-        .inner
-        .partition::<CapacityContainerBuilder<Vec<_>>, _, _>(2, move |(((stream, profile), pay), t, r)| {
-            let counted = counted[stream as usize] as u64;
-            (counted, (((stream, profile), pay), t, r))
-        })
-        .into_iter()
-        .map(|s| s.as_collection());
-    let (folded, counted) = (parts.next().expect("two parts"), parts.next().expect("two parts"));
     let counts = counted
-        .map(|(key, _pay)| key)
+        .join_core(labels.clone(), |_anchor, (stream, ()), profile| Some((*stream, *profile)))
         .count_total()
         .map(|(key, n)| (key, vec![Value::Num(Dec::from_int(n as i64))]));
     folded
+        .join_core(labels, |_anchor, (stream, pay), profile| Some(((*stream, *profile), pay.clone())))
         .reduce_named("Terms", move |(stream, _profile), facts, out| {
             let values = plan.folds[*stream as usize]
                 .iter()

@@ -19,6 +19,7 @@ use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
+use timely::ExchangeData;
 
 use crate::clock::tick_of;
 use crate::ingest::Key;
@@ -26,22 +27,29 @@ use crate::terms::Pay;
 
 /// A fact about one event as the reader emits it: the anchor id, the stream,
 /// the event's own time (for expiry) and what the stream reads of it.
-pub type Fact = (Key, u32, u64, Pay);
+pub type Fact = FactOf<Pay>;
+
+/// A fact with payload `P`: [`Pay`], or `()` for streams folded only by
+/// `count`, which need nothing but the fact's multiplicity.
+pub type FactOf<P> = (Key, u32, u64, P);
 
 /// A windowed fact: keyed by anchor id, with its stream and payload.
-pub type Windowed = (Key, (u32, Pay));
+pub type Windowed = WindowedOf<Pay>;
+
+/// A windowed fact with payload `P`.
+pub type WindowedOf<P> = (Key, (u32, P));
 
 /// Windows every fact by its stream's length (`None`: lifetime); facts whose
 /// expiry is not after their effect tick never count and are dropped.
-pub fn window<'s>(
-    facts: VecCollection<'s, u64, Fact, isize>,
+pub fn window<'s, P: ExchangeData + Clone>(
+    facts: VecCollection<'s, u64, FactOf<P>, isize>,
     lengths: Rc<Vec<Option<u64>>>,
     tick: u64,
-) -> VecCollection<'s, u64, Windowed, isize> {
-    let pact = Exchange::new(|(d, _t, _r): &(Fact, u64, isize)| d.0.hashed());
+) -> VecCollection<'s, u64, WindowedOf<P>, isize> {
+    let pact = Exchange::new(|(d, _t, _r): &(FactOf<P>, u64, isize)| d.0.hashed());
     facts
         .inner
-        .unary_frontier::<CapacityContainerBuilder<Vec<(Windowed, u64, isize)>>, _, _, _>(pact, "Window", move |_cap, _info| {
+        .unary_frontier::<CapacityContainerBuilder<Vec<(WindowedOf<P>, u64, isize)>>, _, _, _>(pact, "Window", move |_cap, _info| {
             let mut pending = Expiries::default();
             let mut held: Option<Capability<u64>> = None;
             move |(input, frontier), output| {
@@ -93,17 +101,25 @@ pub fn window<'s>(
 /// order), so each length has a queue in arrival order and a fact is
 /// appended in O(1); one that would break a queue's order (a late event)
 /// waits in an ordered map instead.
-#[derive(Default)]
-struct Expiries {
+struct Expiries<P> {
     /// Per window length: `(expiry, fact, diff)` in arrival order.
-    queues: Vec<(u64, Queue)>,
-    stray: BTreeMap<u64, Vec<(Windowed, isize)>>,
+    queues: Vec<(u64, Queue<P>)>,
+    stray: BTreeMap<u64, Vec<(WindowedOf<P>, isize)>>,
 }
 
-type Queue = VecDeque<(u64, Windowed, isize)>;
+impl<P> Default for Expiries<P> {
+    fn default() -> Self {
+        Expiries {
+            queues: Vec::new(),
+            stray: BTreeMap::new(),
+        }
+    }
+}
 
-impl Expiries {
-    fn push(&mut self, length: u64, expiry: u64, fact: Windowed, r: isize) {
+type Queue<P> = VecDeque<(u64, WindowedOf<P>, isize)>;
+
+impl<P> Expiries<P> {
+    fn push(&mut self, length: u64, expiry: u64, fact: WindowedOf<P>, r: isize) {
         let at = match self.queues.iter().position(|(l, _)| *l == length) {
             Some(at) => at,
             None => {
@@ -120,7 +136,7 @@ impl Expiries {
     }
 
     /// Moves every retraction whose expiry is `due` into `out`.
-    fn release(&mut self, due: impl Fn(&u64) -> bool, out: &mut Vec<(Windowed, u64, isize)>) {
+    fn release(&mut self, due: impl Fn(&u64) -> bool, out: &mut Vec<(WindowedOf<P>, u64, isize)>) {
         for (_, queue) in &mut self.queues {
             while queue.front().is_some_and(|(expiry, _, _)| due(expiry)) {
                 let (expiry, fact, r) = queue.pop_front().expect("a front");
