@@ -58,6 +58,10 @@ pub struct KafkaInput {
 /// Polls per batch at most.
 const POLL_BATCH: usize = 4096;
 
+/// How long the final commit retries (e.g. while the group finds its
+/// coordinator again after an outage).
+const FINAL_COMMIT_RETRY: Duration = Duration::from_secs(30);
+
 /// How often offsets are committed while running.
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
 
@@ -99,6 +103,10 @@ struct Partition {
     uncommitted: VecDeque<(i64, u64)>,
     /// The latest effect tick read so far.
     effect: u64,
+    /// The offset after the last message whose effects are delivered: what
+    /// the next commit sends.
+    ready: i64,
+    /// The offset the group last took.
     committed: i64,
 }
 
@@ -347,6 +355,7 @@ fn open_partitions(
             last_seen: Instant::now(),
             uncommitted: VecDeque::new(),
             effect: resumed.map_or(0, |r| r.effect),
+            ready: start,
             committed: start,
         });
     }
@@ -388,7 +397,11 @@ fn advance_clock(
 }
 
 /// Commits, per partition, the offset after the last message whose effects
-/// (and those of every message before it) are delivered.
+/// (and those of every message before it) are delivered. An offset counts
+/// as committed once the client took the commit (the periodic commits are
+/// asynchronous), so one it refused goes out again with the next commit. The final commit (`Sync`) retries for a
+/// while: just after a broker outage the group may still be finding its
+/// coordinator.
 fn commit(
     consumer: &BaseConsumer<Lag>,
     parts: &mut [Partition],
@@ -398,31 +411,46 @@ fn commit(
 ) -> Result<(), EngineError> {
     let mut tpl = TopicPartitionList::new();
     for p in parts.iter_mut() {
-        let mut upto = None;
         while let Some(&(offset, effect)) = p.uncommitted.front() {
             if effect >= delivered && effect != 0 {
                 break;
             }
-            upto = Some(offset);
+            p.ready = offset;
             p.uncommitted.pop_front();
         }
-        if let Some(o) = upto.filter(|&o| o > p.committed) {
-            tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(o))
+        if p.ready > p.committed {
+            tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(p.ready))
                 .map_err(|e| kafka_error(brokers, "cannot commit", e))?;
-            p.committed = o;
         }
     }
     if tpl.count() == 0 {
         return Ok(());
     }
-    match consumer.commit(&tpl, mode) {
-        Ok(()) => Ok(()),
-        // A failed commit is retried with the next one; at worst events are read again.
-        Err(e) if matches!(mode, CommitMode::Async) => {
-            tracing::warn!(error = %e, "kafka: commit failed, will retry");
-            Ok(())
+    let deadline = Instant::now()
+        + if matches!(mode, CommitMode::Sync) {
+            FINAL_COMMIT_RETRY
+        } else {
+            Duration::ZERO
+        };
+    loop {
+        match consumer.commit(&tpl, mode) {
+            Ok(()) => {
+                for p in parts.iter_mut() {
+                    p.committed = p.ready;
+                }
+                return Ok(());
+            }
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "kafka: final commit failed, retrying");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            // A failed commit is retried with the next one; at worst events are read again.
+            Err(e) if matches!(mode, CommitMode::Async) => {
+                tracing::warn!(error = %e, "kafka: commit failed, will retry");
+                return Ok(());
+            }
+            Err(e) => return Err(kafka_error(brokers, "cannot commit offsets", e)),
         }
-        Err(e) => Err(kafka_error(brokers, "cannot commit offsets", e)),
     }
 }
 

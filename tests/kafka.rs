@@ -287,6 +287,40 @@ fn a_second_run_resumes_from_the_committed_offsets() {
 }
 
 #[test]
+fn the_final_commit_waits_for_a_coordinator_that_is_not_ready() {
+    // Just after an outage the group may still be finding its coordinator:
+    // the commit at the end of a run must wait it out, not fail the run.
+    let (cluster, brokers) = cluster();
+    cluster.create_topic("events", 2, 1).unwrap();
+    let events = lines(1_000, 13);
+    produce(&brokers, "events", &events);
+    cluster.request_errors(
+        rdkafka::types::RDKafkaApiKey::OffsetCommit,
+        &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE; 8],
+    );
+    let (_, summary) = run_to_memory(kafka_job(&brokers, "events", "patient", 1, memory_output(Arc::default())));
+    assert_eq!(summary.events_read as usize, events.len());
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "patient")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..2 {
+        tpl.add_partition("events", p);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    for p in 0..2 {
+        let (_, high) = consumer.fetch_watermarks("events", p, Duration::from_secs(10)).unwrap();
+        assert_eq!(
+            committed.find_partition("events", p).unwrap().offset(),
+            Offset::Offset(high),
+            "partition {p}"
+        );
+    }
+}
+
+#[test]
 fn bad_messages_become_dead_letters_with_their_position() {
     let (cluster, brokers) = cluster();
     cluster.create_topic("events", 1, 1).unwrap();
