@@ -306,15 +306,26 @@ fn memory(n: u64) {
         let f: Vec<&str> = line.split_whitespace().collect();
         (f[1].parse().expect("rss"), f[3].parse().expect("profiles"))
     };
+    // The least-squares slope over four sizes: a single pair of sizes can
+    // straddle the doubling of a growing buffer (the window's queue) and
+    // read a step of the allocator as bytes per event.
     for (kind, what) in [("window", "event held in a 30d window"), ("profiles", "profile")] {
-        let (a, pa) = rss(kind, n / 2);
-        let (b, pb) = rss(kind, n);
-        let units = if kind == "window" { (n - n / 2) as f64 } else { (pb - pa) as f64 };
-        println!(
-            "memory: {:>6.0} bytes per {what} (peak RSS {a:.0} MiB at {} events, {b:.0} MiB at {n})",
-            (b - a) * 1024.0 * 1024.0 / units,
-            n / 2
+        let points: Vec<(f64, f64)> = (1..=4)
+            .map(|i| {
+                let size = n * i / 4;
+                let (mib, profiles) = rss(kind, size);
+                let units = if kind == "window" { size as f64 } else { profiles as f64 };
+                println!("  {kind}: {size} events, {units:.0} units: peak RSS {mib:.0} MiB");
+                (units, mib * 1024.0 * 1024.0)
+            })
+            .collect();
+        let k = points.len() as f64;
+        let (mx, my) = (
+            points.iter().map(|p| p.0).sum::<f64>() / k,
+            points.iter().map(|p| p.1).sum::<f64>() / k,
         );
+        let slope = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>() / points.iter().map(|p| (p.0 - mx).powi(2)).sum::<f64>();
+        println!("memory: {slope:>6.0} bytes per {what} (least-squares slope of peak RSS over {n}/4 .. {n} events)");
     }
 }
 
