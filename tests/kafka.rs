@@ -265,21 +265,25 @@ fn a_second_run_resumes_from_the_committed_offsets() {
     );
     assert!(!lines2.is_empty());
 
-    // The group's committed offsets are the ends of the partitions.
+    assert_committed_at_the_ends(&brokers, "resume", "events", 3);
+}
+
+/// The group's committed offsets are the ends of the topic's partitions.
+fn assert_committed_at_the_ends(brokers: &str, group: &str, topic: &str, partitions: i32) {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "resume")
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
-    for p in 0..3 {
-        tpl.add_partition("events", p);
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
     }
     let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    for p in 0..3 {
-        let (_, high) = consumer.fetch_watermarks("events", p, Duration::from_secs(10)).unwrap();
+    for p in 0..partitions {
+        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
         assert_eq!(
-            committed.find_partition("events", p).unwrap().offset(),
+            committed.find_partition(topic, p).unwrap().offset(),
             Offset::Offset(high),
             "partition {p}"
         );
@@ -300,24 +304,7 @@ fn the_final_commit_waits_for_a_coordinator_that_is_not_ready() {
     );
     let (_, summary) = run_to_memory(kafka_job(&brokers, "events", "patient", 1, memory_output(Arc::default())));
     assert_eq!(summary.events_read as usize, events.len());
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "patient")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..2 {
-        tpl.add_partition("events", p);
-    }
-    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    for p in 0..2 {
-        let (_, high) = consumer.fetch_watermarks("events", p, Duration::from_secs(10)).unwrap();
-        assert_eq!(
-            committed.find_partition("events", p).unwrap().offset(),
-            Offset::Offset(high),
-            "partition {p}"
-        );
-    }
+    assert_committed_at_the_ends(&brokers, "patient", "events", 2);
 }
 
 #[test]
