@@ -81,6 +81,9 @@ pub struct Event {
     pub context: Object,
 }
 
+/// An id borrowed from an event: its kind and name.
+pub type IdRef<'a> = (IdKind, &'a str);
+
 /// A JSON object read lazily: its text is kept and parsed the first time a
 /// term reads it, so the objects no stream looks at cost only a scan.
 #[derive(Clone, Debug, Default)]
@@ -165,17 +168,23 @@ impl Event {
 
     /// Every link the event makes, as pairs of ids.
     pub fn links(&self) -> Vec<(Id, Id)> {
-        let mut links = Vec::new();
-        if let (Some(u), Some(a)) = (&self.user_id, &self.anonymous_id) {
-            links.push((Id::user(u.clone()), Id::anon(a.clone())));
-        }
-        if self.kind == EventType::Alias {
-            if let (Some(u), Some(p)) = (&self.user_id, &self.previous_id) {
-                links.push((Id::user(u.clone()), Id::user(p.clone())));
-                links.push((Id::user(u.clone()), Id::anon(p.clone())));
-            }
-        }
-        links
+        let owned = |(kind, name): IdRef| Id {
+            kind,
+            name: name.to_string(),
+        };
+        self.link_refs().map(|(a, b)| (owned(a), owned(b))).collect()
+    }
+
+    /// [`Event::links`], borrowed from the event: the reader's identity
+    /// bookkeeping runs this for every event and allocates nothing.
+    pub fn link_refs(&self) -> impl Iterator<Item = (IdRef<'_>, IdRef<'_>)> {
+        let user = self.user_id.as_deref().map(|u| (IdKind::User, u));
+        let both = user.zip(self.anonymous_id.as_deref().map(|a| (IdKind::Anon, a)));
+        let alias = user
+            .filter(|_| self.kind == EventType::Alias)
+            .zip(self.previous_id.as_deref())
+            .map(|(u, p)| [(u, (IdKind::User, p)), (u, (IdKind::Anon, p))]);
+        both.into_iter().chain(alias.into_iter().flatten())
     }
 
     /// Reads a dotted path (`properties.x`, `context.device.type`, …).

@@ -284,10 +284,9 @@ impl Identities {
             }
         };
         let ev = &s.event;
-        let user = ev.user_id.as_deref().map(|u| (u, key_of(IdKind::User, u)));
-        let anon = ev.anonymous_id.as_deref().map(|a| (a, key_of(IdKind::Anon, a)));
-        for (kind, id) in [(IdKind::User, user), (IdKind::Anon, anon)] {
-            if let Some((name, k)) = id {
+        for (kind, name) in [(IdKind::User, &ev.user_id), (IdKind::Anon, &ev.anonymous_id)] {
+            if let Some(name) = name {
+                let k = key_of(kind, name);
                 node(&mut self.named, kind, name, k, false);
                 node(&mut self.seen, kind, name, k, true);
             }
@@ -309,17 +308,11 @@ impl Identities {
                 }
             }
         };
-        if let (Some((_, ku)), Some((_, ka))) = (user, anon) {
-            link((ku, ka));
-        }
-        if ev.kind == crate::event::EventType::Alias {
-            if let (Some((_, ku)), Some(p)) = (user, ev.previous_id.as_deref()) {
-                for kind in [IdKind::User, IdKind::Anon] {
-                    let kp = key_of(kind, p);
-                    node(&mut self.seen, kind, p, kp, true);
-                    link((ku, kp));
-                }
-            }
+        for ((kind_a, a), (kind_b, b)) in ev.link_refs() {
+            let (ka, kb) = (key_of(kind_a, a), key_of(kind_b, b));
+            node(&mut self.seen, kind_a, a, ka, true);
+            node(&mut self.seen, kind_b, b, kb, true);
+            link((ka, kb));
         }
     }
 }
