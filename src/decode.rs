@@ -173,23 +173,19 @@ impl Ahead {
 
     /// The next decoded line, `None` at the end of the input.
     pub fn next_line(&mut self) -> std::io::Result<Option<Prepared>> {
-        loop {
-            if let Some(p) = self.current.next() {
-                self.offset = p.offset;
-                return Ok(Some(p));
-            }
-            match self.batches.recv() {
-                Ok(batch) => self.current = batch?.into_iter(),
-                Err(_) => return Ok(None),
-            }
-        }
+        // A wait too long for a deadline is a plain blocking receive.
+        Ok(match self.next_within(std::time::Duration::MAX)? {
+            Got::Line(p) => Some(p),
+            Got::Idle | Got::End => None,
+        })
     }
 
-    /// The next decoded line of a live source, waiting at most `wait`.
+    /// The next decoded line, waiting at most `wait` (live sources).
     pub fn next_within(&mut self, wait: std::time::Duration) -> std::io::Result<Got> {
         use std::sync::mpsc::RecvTimeoutError;
         loop {
             if let Some(p) = self.current.next() {
+                self.offset = p.offset;
                 return Ok(Got::Line(p));
             }
             match self.batches.recv_timeout(wait) {
