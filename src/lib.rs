@@ -32,5 +32,6 @@ pub mod sink;
 pub mod source;
 pub mod spec;
 pub mod terms;
+pub mod total;
 pub mod value;
 pub mod window;

@@ -50,29 +50,28 @@ pub fn atoms<'s>(
     if plan.atoms.iter().all(|a| a.terms.len() == 1) {
         return direct;
     }
-    let gathered = terms
-        .flat_map(move |((stream, profile), values)| {
-            let mut rows = Vec::new();
-            for (&term, value) in readers.folds[stream as usize].iter().zip(values) {
-                for &(atom, slot) in &readers.readers[term] {
-                    if readers.atoms[atom].terms.len() > 1 {
-                        rows.push(((atom as u32, profile), (slot as u32, value.clone())));
-                    }
+    let slots = terms.flat_map(move |((stream, profile), values)| {
+        let mut rows = Vec::new();
+        for (&term, value) in readers.folds[stream as usize].iter().zip(values) {
+            for &(atom, slot) in &readers.readers[term] {
+                if readers.atoms[atom].terms.len() > 1 {
+                    rows.push(((atom as u32, profile), (slot as u32, value.clone())));
                 }
             }
-            rows
-        })
-        .reduce_named("Atoms", {
-            let plan = plan.clone();
-            move |(atom, _profile), slots, out| {
-                let def = &plan.atoms[*atom as usize];
-                let mut values: Vec<Value> = def.terms.iter().map(|&t| plan.terms[t].agg.empty()).collect();
-                for ((slot, value), _) in slots {
-                    values[*slot as usize] = value.clone();
-                }
-                out.push((def.holds(&values), 1));
+        }
+        rows
+    });
+    let gathered = crate::total::reduce(slots, "Atoms", {
+        let plan = plan.clone();
+        move |(atom, _profile), slots, out| {
+            let def = &plan.atoms[*atom as usize];
+            let mut values: Vec<Value> = def.terms.iter().map(|&t| plan.terms[t].agg.empty()).collect();
+            for ((slot, value), _) in slots {
+                values[*slot as usize] = value.clone();
             }
-        });
+            out.push((def.holds(&values), 1));
+        }
+    });
     direct.concat(gathered)
 }
 
@@ -91,23 +90,23 @@ pub fn segments<'s>(
         .iter()
         .map(|a| a.holds(&a.terms.iter().map(|&t| plan.terms[t].agg.empty()).collect::<Vec<_>>()))
         .collect();
-    atoms
+    let rows = atoms
         .map(|((atom, profile), holds)| (profile, (atom, holds)))
-        .concat(universe.map(|profile| (profile, (EXISTS, true))))
-        .reduce_named("Segments", move |_profile, rows, out| {
-            if rows.last().is_none_or(|((atom, _), _)| *atom != EXISTS) {
-                return;
-            }
-            let mut holds = empty_holds.clone();
-            for ((atom, value), _) in &rows[..rows.len() - 1] {
-                holds[*atom as usize] = *value;
-            }
-            let mut member = vec![false; plan.segments.len()];
-            for &s in &plan.order {
-                let is = plan.segments[s].formula.eval(&|a| holds[a], &|t| member[t]);
-                member[s] = is;
-            }
-            out.extend(member.iter().enumerate().filter(|(_, m)| **m).map(|(s, _)| (s as u32, 1)));
-        })
-        .map(|(profile, segment)| (segment, profile))
+        .concat(universe.map(|profile| (profile, (EXISTS, true))));
+    crate::total::reduce(rows, "Segments", move |_profile, rows, out| {
+        if rows.last().is_none_or(|((atom, _), _)| *atom != EXISTS) {
+            return;
+        }
+        let mut holds = empty_holds.clone();
+        for ((atom, value), _) in &rows[..rows.len() - 1] {
+            holds[*atom as usize] = *value;
+        }
+        let mut member = vec![false; plan.segments.len()];
+        for &s in &plan.order {
+            let is = plan.segments[s].formula.eval(&|a| holds[a], &|t| member[t]);
+            member[s] = is;
+        }
+        out.extend(member.iter().enumerate().filter(|(_, m)| **m).map(|(s, _)| (s as u32, 1)));
+    })
+    .map(|(profile, segment)| (segment, profile))
 }

@@ -4,12 +4,11 @@
 //! ([`extract`]); [`window`](crate::window) bounds them in time; [`terms`]
 //! re-keys them from anchor id to profile through the identity labels and
 //! folds each stream's terms in one `reduce` keyed by `(stream, profile)`,
-//! or counts them with `count_total` when every term of the stream is a
+//! or counts them when every term of the stream is a
 //! `count` (those facts travel without their payload).
 //! A merge of two profiles is a change of label, so the join re-keys every
 //! fact of the merged side and every aggregate downstream corrects itself.
 
-use differential_dataflow::operators::CountTotal;
 use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
 use std::rc::Rc;
@@ -181,7 +180,7 @@ pub fn value<'a>(agg: Agg, facts: impl Iterator<Item = (&'a Pay, isize)>) -> Val
 ///
 /// Streams folded only by `count` come as `counted`, without payloads (the
 /// reader feeds them apart, see [`Plan::counted_streams`]): differential's
-/// `count_total` keeps one number per key, far cheaper than a reduce, and a
+/// a count keeps one number per key, far cheaper than a reduce, and a
 /// fact without a payload is cheaper to queue, arrange and join.
 pub fn terms<'s>(
     folded: VecCollection<'s, u64, Windowed, isize>,
@@ -189,19 +188,19 @@ pub fn terms<'s>(
     labels: VecCollection<'s, u64, (Key, Key), isize>,
     plan: Rc<Plan>,
 ) -> VecCollection<'s, u64, ((u32, Key), Vec<Value>), isize> {
-    let labels = labels.arrange_by_key_named("ProfileOfId");
-    let counts = counted
-        .join_core(labels.clone(), |_anchor, (stream, ()), profile| Some((*stream, *profile)))
-        .count_total()
-        .map(|(key, n)| (key, vec![Value::Num(Dec::from_int(n as i64))]));
-    folded
-        .join_core(labels, |_anchor, (stream, pay), profile| Some(((*stream, *profile), pay.clone())))
-        .reduce_named("Terms", move |(stream, _profile), facts, out| {
-            let values = plan.folds[*stream as usize]
-                .iter()
-                .map(|&t| value(plan.terms[t].agg, facts.iter().map(|(p, n)| (*p, *n))))
-                .collect();
-            out.push((values, 1));
-        })
-        .concat(counts)
+    let counts = crate::total::join(counted, labels.clone(), "ProfileOfCounted", |_anchor, (stream, ()), profile| {
+        (*stream, *profile)
+    });
+    let counts = crate::total::count(counts, "CountTotal").map(|(key, n)| (key, vec![Value::Num(Dec::from_int(n as i64))]));
+    let folded = crate::total::join(folded, labels, "ProfileOfFolded", |_anchor, (stream, pay), profile| {
+        ((*stream, *profile), pay.clone())
+    });
+    crate::total::reduce(folded, "Terms", move |(stream, _profile), facts, out| {
+        let values = plan.folds[*stream as usize]
+            .iter()
+            .map(|&t| value(plan.terms[t].agg, facts.iter().map(|(p, n)| (p, *n))))
+            .collect();
+        out.push((values, 1));
+    })
+    .concat(counts)
 }

@@ -1,0 +1,544 @@
+//! Operators for totally ordered time that keep their state in hash maps.
+//!
+//! shoal's time is the tick, a `u64`: totally ordered, and an operator knows
+//! a tick is complete once its input frontier has passed it. Over such time
+//! a reduce or a join never needs a trace that can answer "as of time t" for
+//! any t: it needs the state as of the last complete tick and the updates of
+//! the next one. [`reduce`] and [`join`] keep exactly that, one hash-map
+//! entry per key, and process complete ticks in ascending order — the same
+//! specialisation differential's own `count_total` and `threshold_total`
+//! make for total orders. Their outputs are the collections `reduce` and
+//! `join_core` produce (the tests below hold them against those operators),
+//! without a batcher, spine merges or cursor navigation per update, which
+//! were most of the worker's instructions (see `docs/performance.md`).
+//!
+//! The cost is that their state is not an arrangement another operator could
+//! share; nothing in shoal shares these.
+
+use std::hash::Hash;
+
+use differential_dataflow::consolidation::consolidate;
+use differential_dataflow::hashable::Hashable;
+use differential_dataflow::{AsCollection, VecCollection};
+use rustc_hash::FxHashMap;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::{InputHandleCore, Operator};
+use timely::dataflow::operators::Capability;
+use timely::progress::frontier::MutableAntichain;
+use timely::ExchangeData;
+
+type Updates<D> = Vec<(D, u64, isize)>;
+type Output<D> = CapacityContainerBuilder<Updates<D>>;
+
+/// Updates that wait for their tick to complete.
+struct Pending<D> {
+    updates: Vec<(D, u64, isize)>,
+}
+
+impl<D> Default for Pending<D> {
+    fn default() -> Self {
+        Pending { updates: Vec::new() }
+    }
+}
+
+impl<D: Ord> Pending<D> {
+    /// Moves everything `input` holds into the pending updates, and makes
+    /// `held` a capability no later than any of them.
+    fn absorb<P>(&mut self, input: &mut InputHandleCore<u64, Vec<(D, u64, isize)>, P>, held: &mut Option<Capability<u64>>)
+    where
+        P: timely::communication::Pull<timely::dataflow::channels::Message<u64, Vec<(D, u64, isize)>>>,
+    {
+        input.for_each(|cap, data| {
+            let Some(least) = cap.least() else { return };
+            if held.as_ref().is_none_or(|h| h.time() > least) {
+                *held = cap.retain_least(0);
+            }
+            self.updates.append(data);
+        });
+    }
+
+    /// Moves the updates of every tick that all `frontiers` have passed into
+    /// `ready`, sorted by tick and then by data, and consolidated.
+    fn ready(&mut self, frontiers: &[&MutableAntichain<u64>], ready: &mut Vec<(D, u64, isize)>) {
+        let done = |t: &u64| frontiers.iter().all(|f| !f.less_equal(t));
+        if self.updates.iter().all(|(_, t, _)| done(t)) {
+            ready.append(&mut self.updates);
+        } else {
+            ready.extend(self.updates.extract_if(.., |(_, t, _)| done(t)));
+        }
+        ready.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+        let mut kept = 0;
+        for i in 0..ready.len() {
+            if kept > 0 && ready[kept - 1].1 == ready[i].1 && ready[kept - 1].0 == ready[i].0 {
+                ready[kept - 1].2 += ready[i].2;
+                continue;
+            }
+            if kept > 0 && ready[kept - 1].2 == 0 {
+                kept -= 1;
+            }
+            ready.swap(kept, i);
+            kept += 1;
+        }
+        if kept > 0 && ready[kept - 1].2 == 0 {
+            kept -= 1;
+        }
+        ready.truncate(kept);
+    }
+
+    /// The earliest pending tick.
+    fn first(&self) -> Option<u64> {
+        self.updates.iter().map(|(_, t, _)| *t).min()
+    }
+}
+
+/// Releases `held` when nothing is pending, or moves it to the earliest
+/// pending tick.
+fn hold(held: &mut Option<Capability<u64>>, next: Option<u64>) {
+    match next {
+        Some(t) => {
+            if let Some(cap) = held.as_mut() {
+                cap.downgrade(&t);
+            }
+        }
+        None => *held = None,
+    }
+}
+
+/// Hands `ready` (sorted by tick) to `on_tick` one tick at a time, through
+/// the reused buffer `run`.
+fn each_tick<D, L: FnMut(u64, &mut Vec<(D, isize)>)>(ready: &mut Vec<(D, u64, isize)>, run: &mut Vec<(D, isize)>, mut on_tick: L) {
+    let mut updates = ready.drain(..).peekable();
+    while let Some((d, t, r)) = updates.next() {
+        run.push((d, r));
+        while let Some((d, _, r)) = updates.next_if(|(_, s, _)| *s == t) {
+            run.push((d, r));
+        }
+        on_tick(t, run);
+        run.clear();
+    }
+}
+
+/// One key's accumulated input and the output last emitted for it, each
+/// sorted and consolidated.
+struct Group<V, O> {
+    input: Vec<(V, isize)>,
+    output: Vec<(O, isize)>,
+}
+
+/// Adds `diffs` (sorted, consolidated) into `into` (sorted, consolidated),
+/// keeping it so.
+fn merge_into<V: Ord + Clone>(into: &mut Vec<(V, isize)>, diffs: &[(V, isize)]) {
+    for (v, r) in diffs {
+        match into.binary_search_by(|(w, _)| w.cmp(v)) {
+            Ok(at) => {
+                into[at].1 += r;
+                if into[at].1 == 0 {
+                    into.remove(at);
+                }
+            }
+            Err(at) => into.insert(at, (v.clone(), *r)),
+        }
+    }
+}
+
+/// A unary operator that hands `on_tick` each complete tick's updates
+/// (consolidated, sorted by data), in ascending order of ticks, with the
+/// updates to emit. Updates are exchanged by `key`.
+fn by_tick<'s, D, O, F, L>(input: VecCollection<'s, u64, D, isize>, name: &str, key: F, mut on_tick: L) -> VecCollection<'s, u64, O, isize>
+where
+    D: ExchangeData + Ord,
+    O: ExchangeData,
+    F: Fn(&D) -> u64 + 'static,
+    L: FnMut(u64, &mut Vec<(D, isize)>, &mut Updates<O>) + 'static,
+{
+    let pact = Exchange::new(move |(d, _, _): &(D, u64, isize)| key(d));
+    input
+        .inner
+        .unary_frontier::<Output<O>, _, _, _>(pact, name, move |_cap, _info| {
+            let mut pending = Pending::default();
+            let mut held: Option<Capability<u64>> = None;
+            let (mut ready, mut run, mut out) = (Vec::new(), Vec::new(), Vec::new());
+            move |(input, frontier), output| {
+                pending.absorb(input, &mut held);
+                pending.ready(&[frontier], &mut ready);
+                each_tick(&mut ready, &mut run, |t, updates| on_tick(t, updates, &mut out));
+                if !out.is_empty() {
+                    let cap = held.as_ref().expect("a capability for pending updates");
+                    output.session(cap).give_container(&mut out);
+                }
+                hold(&mut held, pending.first());
+            }
+        })
+        .as_collection()
+}
+
+/// `reduce` for totally ordered time: for every key whose input changed at a
+/// tick, `logic` sees the key's accumulated input (sorted by value, with
+/// multiplicities, never empty; differential's passes references) and
+/// pushes its output; what differs from the
+/// key's previous output is emitted at that tick.
+pub fn reduce<'s, K, V, O, L>(
+    input: VecCollection<'s, u64, (K, V), isize>,
+    name: &str,
+    mut logic: L,
+) -> VecCollection<'s, u64, (K, O), isize>
+where
+    K: ExchangeData + Clone + Hashable + Hash + Ord,
+    V: ExchangeData + Clone + Ord,
+    O: ExchangeData + Clone + Ord,
+    L: FnMut(&K, &[(V, isize)], &mut Vec<(O, isize)>) + 'static,
+{
+    let mut groups: FxHashMap<K, Group<V, O>> = FxHashMap::default();
+    let mut diffs: Vec<(V, isize)> = Vec::new();
+    let mut fresh: Vec<(O, isize)> = Vec::new();
+    by_tick(
+        input,
+        name,
+        |(k, _)| k.hashed().into(),
+        move |t, updates, out| {
+            let mut updates = updates.drain(..).peekable();
+            while let Some(((key, v), r)) = updates.next() {
+                diffs.clear();
+                diffs.push((v, r));
+                while let Some(((_, v), r)) = updates.next_if(|((k, _), _)| *k == key) {
+                    diffs.push((v, r));
+                }
+                let group = groups.entry(key.clone()).or_insert_with(|| Group {
+                    input: Vec::new(),
+                    output: Vec::new(),
+                });
+                merge_into(&mut group.input, &diffs);
+                fresh.clear();
+                if !group.input.is_empty() {
+                    logic(&key, &group.input, &mut fresh);
+                    consolidate(&mut fresh);
+                }
+                if fresh != group.output {
+                    emit_change(&key, &group.output, &fresh, t, out);
+                    std::mem::swap(&mut group.output, &mut fresh);
+                }
+                if group.input.is_empty() {
+                    groups.remove(&key);
+                }
+            }
+        },
+    )
+}
+
+/// `count_total` for totally ordered time, without an arrangement: each
+/// key with its (non-zero) accumulated multiplicity.
+pub fn count<'s, K>(input: VecCollection<'s, u64, K, isize>, name: &str) -> VecCollection<'s, u64, (K, isize), isize>
+where
+    K: ExchangeData + Clone + Hashable + Hash + Ord,
+{
+    let mut counts: FxHashMap<K, isize> = FxHashMap::default();
+    by_tick(
+        input,
+        name,
+        |k| k.hashed().into(),
+        move |t, updates, out| {
+            for (key, r) in updates.drain(..) {
+                let old = counts.get(&key).copied().unwrap_or(0);
+                let new = old + r;
+                if old != 0 {
+                    out.push(((key.clone(), old), t, -1));
+                }
+                if new != 0 {
+                    out.push(((key.clone(), new), t, 1));
+                    counts.insert(key, new);
+                } else {
+                    counts.remove(&key);
+                }
+            }
+        },
+    )
+}
+
+/// Pushes `new - old` (both sorted and consolidated) for `key` at `t`.
+fn emit_change<K: Clone, O: Ord + Clone>(key: &K, old: &[(O, isize)], new: &[(O, isize)], t: u64, out: &mut Updates<(K, O)>) {
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        let order = match (old.get(i), new.get(j)) {
+            (Some(a), Some(b)) => a.0.cmp(&b.0),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            _ => std::cmp::Ordering::Greater,
+        };
+        match order {
+            std::cmp::Ordering::Less => {
+                out.push(((key.clone(), old[i].0.clone()), t, -old[i].1));
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                out.push(((key.clone(), new[j].0.clone()), t, new[j].1));
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                let r = new[j].1 - old[i].1;
+                if r != 0 {
+                    out.push(((key.clone(), new[j].0.clone()), t, r));
+                }
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+}
+
+/// One key's accumulated updates on one side of a [`join`], consolidated
+/// lazily: appended as they come, sorted and consolidated when they have
+/// doubled since the last time (amortised O(log n) per update), before they
+/// are read whole, and when their multiplicities sum to zero, which in a
+/// collection without negative multiplicities means the side is empty.
+struct Side<V> {
+    updates: Vec<(V, isize)>,
+    consolidated: usize,
+    net: isize,
+}
+
+impl<V: Ord> Side<V> {
+    fn new() -> Self {
+        Side {
+            updates: Vec::new(),
+            consolidated: 0,
+            net: 0,
+        }
+    }
+
+    /// Appends an update; small sides are kept consolidated, and a side whose
+    /// values all left is seen to be empty (and dropped) at once.
+    fn push(&mut self, v: V, r: isize) {
+        self.updates.push((v, r));
+        self.net += r;
+        if self.net == 0 || self.updates.len() <= 8 || self.updates.len() > 2 * self.consolidated {
+            self.consolidate();
+        }
+    }
+
+    fn consolidate(&mut self) {
+        consolidate(&mut self.updates);
+        self.consolidated = self.updates.len();
+    }
+}
+
+/// Appends `(v, r)` to `key`'s side, dropping the side once it is empty.
+fn update<K: Hash + Eq, V: Ord>(sides: &mut FxHashMap<K, Side<V>>, key: K, v: V, r: isize) {
+    match sides.entry(key) {
+        std::collections::hash_map::Entry::Occupied(mut e) => {
+            e.get_mut().push(v, r);
+            if e.get().updates.is_empty() {
+                e.remove();
+            }
+        }
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(Side::new()).push(v, r),
+    }
+}
+
+/// `join_core` for totally ordered time: `(k, v)` and `(k, w)` give
+/// `logic(k, v, w)` while both hold, with the product of multiplicities.
+pub fn join<'s, K, V, W, O, L>(
+    left: VecCollection<'s, u64, (K, V), isize>,
+    right: VecCollection<'s, u64, (K, W), isize>,
+    name: &str,
+    mut logic: L,
+) -> VecCollection<'s, u64, O, isize>
+where
+    K: ExchangeData + Clone + Hashable + Hash + Ord,
+    V: ExchangeData + Clone + Ord,
+    W: ExchangeData + Clone + Ord,
+    O: ExchangeData + Clone,
+    L: FnMut(&K, &V, &W) -> O + 'static,
+{
+    let by_key_v = Exchange::new(|((k, _), _, _): &((K, V), u64, isize)| k.hashed().into());
+    let by_key_w = Exchange::new(|((k, _), _, _): &((K, W), u64, isize)| k.hashed().into());
+    left.inner
+        .binary_frontier::<_, Output<O>, _, _, _, _>(right.inner, by_key_v, by_key_w, name, move |_cap, _info| {
+            let mut pending_v = Pending::default();
+            let mut pending_w = Pending::default();
+            let mut held: Option<Capability<u64>> = None;
+            let mut lefts: FxHashMap<K, Side<V>> = FxHashMap::default();
+            let mut rights: FxHashMap<K, Side<W>> = FxHashMap::default();
+            let (mut ready_v, mut ready_w, mut out) = (Vec::new(), Vec::new(), Vec::new());
+            move |(input_v, frontier_v), (input_w, frontier_w), output| {
+                pending_v.absorb(input_v, &mut held);
+                pending_w.absorb(input_w, &mut held);
+                pending_v.ready(&[frontier_v, frontier_w], &mut ready_v);
+                pending_w.ready(&[frontier_v, frontier_w], &mut ready_w);
+                let mut dv = ready_v.drain(..).peekable();
+                let mut dw = ready_w.drain(..).peekable();
+                loop {
+                    let t = match (dv.peek(), dw.peek()) {
+                        (Some(a), Some(b)) => a.1.min(b.1),
+                        (Some((_, t, _)), None) | (None, Some((_, t, _))) => *t,
+                        (None, None) => break,
+                    };
+                    // At each tick, new right-hand values meet the left as
+                    // it was; then new left-hand values meet the right as it
+                    // is now.
+                    while let Some(((k, w), _, r)) = dw.next_if(|u| u.1 == t) {
+                        if let Some(side) = lefts.get_mut(&k) {
+                            side.consolidate();
+                            out.extend(side.updates.iter().map(|(v, q)| (logic(&k, v, &w), t, q * r)));
+                        }
+                        update(&mut rights, k, w, r);
+                    }
+                    while let Some(((k, v), _, r)) = dv.next_if(|u| u.1 == t) {
+                        if let Some(side) = rights.get_mut(&k) {
+                            side.consolidate();
+                            out.extend(side.updates.iter().map(|(w, q)| (logic(&k, &v, w), t, q * r)));
+                        }
+                        update(&mut lefts, k, v, r);
+                    }
+                }
+                if !out.is_empty() {
+                    let cap = held.as_ref().expect("a capability for pending updates");
+                    output.session(cap).give_container(&mut out);
+                }
+                hold(&mut held, pending_v.first().into_iter().chain(pending_w.first()).min());
+            }
+        })
+        .as_collection()
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each operator against differential's own on random histories, with
+    //! one and two workers: the same updates must come out at the same ticks.
+
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    use differential_dataflow::consolidation::consolidate_updates;
+    use differential_dataflow::input::Input;
+    use differential_dataflow::operators::CountTotal;
+    use proptest::prelude::*;
+    use timely::dataflow::operators::Inspect;
+
+    type Update = (u8, u8, u64, isize);
+    type Out = Vec<((u8, u8, u8), u64, isize)>;
+    type Seen = Arc<Mutex<Out>>;
+
+    /// Updates `(key, value, tick, diff)` in tick order, as an input feeds them.
+    fn history() -> impl Strategy<Value = Vec<Update>> {
+        prop::collection::vec((0u8..6, 0u8..5, 0u64..12, prop_oneof![Just(1isize), Just(-1), Just(2)]), 0..80).prop_map(|mut u| {
+            u.sort_by_key(|x| x.2);
+            u
+        })
+    }
+
+    /// Runs `build` over `left` and `right` on `workers` workers and returns
+    /// the consolidated updates of the two collections it returns, ours first.
+    fn run<F>(
+        workers: usize,
+        left: Vec<Update>,
+        right: Vec<Update>,
+        build: F,
+    ) -> (Out, Out)
+    where
+        F: for<'s> Fn(
+                VecCollection<'s, u64, (u8, u8), isize>,
+                VecCollection<'s, u64, (u8, u8), isize>,
+            ) -> (
+                VecCollection<'s, u64, (u8, u8, u8), isize>,
+                VecCollection<'s, u64, (u8, u8, u8), isize>,
+            ) + Send
+            + Sync
+            + 'static,
+    {
+        let ours: Seen = Arc::default();
+        let theirs: Seen = Arc::default();
+        let (o, t) = (ours.clone(), theirs.clone());
+        timely::execute(timely::Config::process(workers), move |worker| {
+            let (o, t) = (o.clone(), t.clone());
+            let (mut l_in, mut r_in) = worker.dataflow::<u64, _, _>(|scope| {
+                let (l_in, l) = scope.new_collection();
+                let (r_in, r) = scope.new_collection();
+                let (a, b) = build(l, r);
+                a.inner.inspect(move |x| o.lock().unwrap().push(*x));
+                b.inner.inspect(move |x| t.lock().unwrap().push(*x));
+                (l_in, r_in)
+            });
+            if worker.index() == 0 {
+                for tick in 0..13 {
+                    for &(k, v, _, r) in left.iter().filter(|u| u.2 == tick) {
+                        l_in.update((k, v), r);
+                    }
+                    for &(k, v, _, r) in right.iter().filter(|u| u.2 == tick) {
+                        r_in.update((k, v), r);
+                    }
+                    l_in.advance_to(tick + 1);
+                    r_in.advance_to(tick + 1);
+                    l_in.flush();
+                    r_in.flush();
+                    worker.step();
+                }
+            }
+        })
+        .expect("timely runs");
+        let take = |s: Seen| {
+            let mut v = std::mem::take(&mut *s.lock().unwrap());
+            consolidate_updates(&mut v);
+            v
+        };
+        (take(ours), take(theirs))
+    }
+
+    /// A reduce whose output depends on every value and multiplicity.
+    fn summary(_k: &u8, input: &[(u8, isize)], out: &mut Vec<(u8, isize)>) {
+        let total: isize = input.iter().map(|(v, r)| *v as isize * r).sum();
+        out.push((input[0].0.wrapping_add(total as u8), 1));
+        if input.len() > 1 {
+            out.push((200, input.len() as isize));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn reduce_matches_differential(updates in history(), workers in 1usize..3) {
+            let (ours, theirs) = run(workers, updates, Vec::new(), |l, _r| {
+                let ours = reduce(l.clone(), "Ours", summary).map(|(k, o)| (k, o, 0));
+                let theirs = l
+                    .reduce(|k, input, out| summary(k, &input.iter().map(|(v, r)| (**v, *r)).collect::<Vec<_>>(), out))
+                    .map(|(k, o)| (k, o, 0));
+                (ours, theirs)
+            });
+            prop_assert_eq!(ours, theirs);
+        }
+
+        #[test]
+        fn count_matches_differential(updates in history(), workers in 1usize..3) {
+            let (ours, theirs) = run(workers, updates, Vec::new(), |l, _r| {
+                let ours = count(l.clone(), "Ours").map(|((k, v), n)| (k, v, n as u8));
+                let theirs = l.count_total().map(|((k, v), n)| (k, v, n as u8));
+                (ours, theirs)
+            });
+            prop_assert_eq!(ours, theirs);
+        }
+
+        #[test]
+        fn join_matches_differential(left in history(), right in history(), workers in 1usize..3) {
+            let (ours, theirs) = run(workers, left, right, |l, r| {
+                let ours = join(l.clone(), r.clone(), "Ours", |k, v, w| (*k, *v, *w));
+                let theirs = l.arrange_by_key().join_core(r.arrange_by_key(), |k, v, w| Some((*k, *v, *w)));
+                (ours, theirs)
+            });
+            prop_assert_eq!(ours, theirs);
+        }
+    }
+
+    #[test]
+    fn a_side_whose_values_all_left_is_dropped() {
+        let mut sides: FxHashMap<u8, Side<u8>> = FxHashMap::default();
+        update(&mut sides, 1, 7, 1);
+        update(&mut sides, 1, 7, -1);
+        assert!(sides.is_empty(), "an empty side must not stay behind");
+        for v in 0..100 {
+            update(&mut sides, 2, v, 1);
+        }
+        for v in 0..100 {
+            update(&mut sides, 2, v, -1);
+        }
+        assert!(sides.is_empty(), "a large side that empties must be dropped too");
+    }
+}
