@@ -429,12 +429,7 @@ mod tests {
 
     /// Runs `build` over `left` and `right` on `workers` workers and returns
     /// the consolidated updates of the two collections it returns, ours first.
-    fn run<F>(
-        workers: usize,
-        left: Vec<Update>,
-        right: Vec<Update>,
-        build: F,
-    ) -> (Out, Out)
+    fn run<F>(workers: usize, left: Vec<Update>, right: Vec<Update>, build: F) -> (Out, Out)
     where
         F: for<'s> Fn(
                 VecCollection<'s, u64, (u8, u8), isize>,
