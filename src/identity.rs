@@ -7,8 +7,9 @@
 //! `user:` before every `anon:`, then by bytes — which is the profile. Links
 //! only ever accumulate, so labels only ever shrink, which label propagation
 //! handles incrementally: a late merge re-labels just the merged component.
+//! Propagation is [`crate::total::propagate`], components kept on worker 0
+//! and merged by union, rather than differential's fixed-point iteration.
 
-use differential_dataflow::algorithms::graphs::propagate::propagate;
 use differential_dataflow::VecCollection;
 
 use crate::event::Id;
@@ -27,7 +28,7 @@ pub struct Profiles<'s> {
 /// multiplicity of its inputs, so several readers may each feed the same
 /// node or link.
 pub fn profiles<'s>(nodes: VecCollection<'s, u64, (Key, Label), isize>, links: VecCollection<'s, u64, (Key, Key), isize>) -> Profiles<'s> {
-    let eligible = propagate(links, nodes).filter(|(_, (ineligible, _, _))| !ineligible);
+    let eligible = crate::total::propagate(links, nodes, "Propagate").filter(|(_, (ineligible, _, _))| !ineligible);
     let names = eligible
         .clone()
         .flat_map(|(id, (_, name, profile))| (id == profile).then_some((profile, name)));
