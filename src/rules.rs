@@ -17,6 +17,8 @@
 //! same instructions, and this has fewer operators and no universe-sized
 //! sets — see `docs/decisions.md`.)
 
+use differential_dataflow::consolidation::consolidate;
+use differential_dataflow::hashable::Hashable;
 use differential_dataflow::VecCollection;
 use std::rc::Rc;
 
@@ -33,20 +35,38 @@ pub fn atoms<'s>(
     plan: Rc<Plan>,
 ) -> VecCollection<'s, u64, ((u32, Key), bool), isize> {
     // An atom over one term is a function of one term row: evaluate it in
-    // place. Only atoms over several terms gather their slots in a reduce.
+    // place, for the rows that left and came at a tick together, and pass on
+    // only the atoms that changed (a count going from 4 to 5 rarely flips a
+    // comparison). Only atoms over several terms gather their slots in a
+    // reduce.
     let (single, readers) = (plan.clone(), plan.clone());
-    let direct = terms.clone().flat_map(move |((stream, profile), values)| {
-        let mut rows = Vec::new();
-        for (&term, value) in single.folds[stream as usize].iter().zip(values) {
-            for &(atom, _) in &single.readers[term] {
-                let def = &single.atoms[atom];
-                if def.terms.len() == 1 {
-                    rows.push(((atom as u32, profile), def.holds(std::slice::from_ref(&value))));
+    let mut net: Vec<((u32, bool), isize)> = Vec::new();
+    let direct = crate::total::by_tick(
+        terms.clone(),
+        "Atoms",
+        |(key, _)| key.hashed(),
+        move |t, rows, out| {
+            let mut rows = rows.drain(..).peekable();
+            while let Some((((stream, profile), values), r)) = rows.next() {
+                let mut eval = |values: &[Value], r: isize| {
+                    for (&term, value) in single.folds[stream as usize].iter().zip(values) {
+                        for &(atom, _) in &single.readers[term] {
+                            let def = &single.atoms[atom];
+                            if def.terms.len() == 1 {
+                                net.push(((atom as u32, def.holds(std::slice::from_ref(value))), r));
+                            }
+                        }
+                    }
+                };
+                eval(&values, r);
+                while let Some(((_, values), r)) = rows.next_if(|((key, _), _)| *key == (stream, profile)) {
+                    eval(&values, r);
                 }
+                consolidate(&mut net);
+                out.extend(net.drain(..).map(|((atom, holds), r)| (((atom, profile), holds), t, r)));
             }
-        }
-        rows
-    });
+        },
+    );
     if plan.atoms.iter().all(|a| a.terms.len() == 1) {
         return direct;
     }
@@ -61,7 +81,7 @@ pub fn atoms<'s>(
         }
         rows
     });
-    let gathered = crate::total::reduce(slots, "Atoms", {
+    let gathered = crate::total::reduce(slots, "AtomsOfSeveral", {
         let plan = plan.clone();
         move |(atom, _profile), slots, out| {
             let def = &plan.atoms[*atom as usize];

@@ -147,7 +147,12 @@ fn merge_into<V: Ord + Clone>(into: &mut Vec<(V, isize)>, diffs: &[(V, isize)]) 
 /// updates to emit. Updates are exchanged by `key`. The shell of
 /// [`reduce`] and [`count`], and of stages that need a tick's updates
 /// together (`crate::rules`).
-pub fn by_tick<'s, D, O, F, L>(input: VecCollection<'s, u64, D, isize>, name: &str, key: F, mut on_tick: L) -> VecCollection<'s, u64, O, isize>
+pub fn by_tick<'s, D, O, F, L>(
+    input: VecCollection<'s, u64, D, isize>,
+    name: &str,
+    key: F,
+    mut on_tick: L,
+) -> VecCollection<'s, u64, O, isize>
 where
     D: ExchangeData + Ord,
     O: ExchangeData,
