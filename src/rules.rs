@@ -1,24 +1,26 @@
 //! Rules: every segment's formula, evaluated per profile.
 //!
 //! Each atom (one comparison) is evaluated per profile from the terms it
-//! reads: in place on the term's row when it reads one term, in one `reduce`
-//! keyed by `(atom, profile)` when it reads several. A profile with no row
+//! reads: where the term's rows change when it reads one term — the rows
+//! a tick retracts and inserts together, passing on only the atom values
+//! that differ — and in one `reduce` keyed by `(atom, profile)` when it
+//! reads several. A profile with no row
 //! for an atom's terms sees their empty values (`count` 0, `avg` missing,
 //! …), so the atom's value there is known in advance and need not be a row.
 //!
-//! Segments are then one `reduce` keyed by profile: its input is the
+//! Segments are then one `reduce` keyed by profile (all three are
+//! [`crate::total`] operators): its input is the
 //! profile's atom values and a mark that the profile exists (the universe),
 //! and its output the segments the profile is in, each formula evaluated in
 //! `in_segment` order over those values. A change of one atom re-evaluates
-//! one profile's formulas — a handful of boolean operations — and
-//! differential emits only the memberships that changed. (Rendering each
+//! one profile's formulas — a handful of boolean operations — and only the
+//! memberships that changed are emitted. (Rendering each
 //! `and` as a semijoin and each `or` as a distinct union instead took one
 //! or two arrangements per operator; on `retail.toml` both cost about the
 //! same instructions, and this has fewer operators and no universe-sized
 //! sets — see `docs/decisions.md`.)
 
 use differential_dataflow::consolidation::consolidate;
-use differential_dataflow::hashable::Hashable;
 use differential_dataflow::VecCollection;
 use std::rc::Rc;
 
@@ -27,6 +29,9 @@ use crate::plan::Plan;
 use crate::value::Value;
 
 type Profiles<'s> = VecCollection<'s, u64, Key, isize>;
+
+/// `((atom, profile), holds)`.
+type AtomRow = ((u32, Key), bool);
 
 /// `((atom, profile), holds)` for every atom of a profile that has a row for
 /// one of the atom's terms.
@@ -40,33 +45,21 @@ pub fn atoms<'s>(
     // comparison). Only atoms over several terms gather their slots in a
     // reduce.
     let (single, readers) = (plan.clone(), plan.clone());
-    let mut net: Vec<((u32, bool), isize)> = Vec::new();
-    let direct = crate::total::by_tick(
-        terms.clone(),
-        "Atoms",
-        |(key, _)| key.hashed(),
-        move |t, rows, out| {
-            let mut rows = rows.drain(..).peekable();
-            while let Some((((stream, profile), values), r)) = rows.next() {
-                let mut eval = |values: &[Value], r: isize| {
-                    for (&term, value) in single.folds[stream as usize].iter().zip(values) {
-                        for &(atom, _) in &single.readers[term] {
-                            let def = &single.atoms[atom];
-                            if def.terms.len() == 1 {
-                                net.push(((atom as u32, def.holds(std::slice::from_ref(value))), r));
-                            }
-                        }
+    let mut net: Vec<(AtomRow, isize)> = Vec::new();
+    let direct = crate::total::by_tick(terms.clone(), "Atoms", move |t, rows, out| {
+        for (((stream, profile), values), r) in rows.drain(..) {
+            for (&term, value) in single.folds[stream as usize].iter().zip(&values) {
+                for &(atom, _) in &single.readers[term] {
+                    let def = &single.atoms[atom];
+                    if def.terms.len() == 1 {
+                        net.push((((atom as u32, profile), def.holds(std::slice::from_ref(value))), r));
                     }
-                };
-                eval(&values, r);
-                while let Some(((_, values), r)) = rows.next_if(|((key, _), _)| *key == (stream, profile)) {
-                    eval(&values, r);
                 }
-                consolidate(&mut net);
-                out.extend(net.drain(..).map(|((atom, holds), r)| (((atom, profile), holds), t, r)));
             }
-        },
-    );
+        }
+        consolidate(&mut net);
+        out.extend(net.drain(..).map(|(atom, r)| (atom, t, r)));
+    });
     if plan.atoms.iter().all(|a| a.terms.len() == 1) {
         return direct;
     }

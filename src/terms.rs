@@ -4,8 +4,9 @@
 //! ([`extract`]); [`window`](crate::window) bounds them in time; [`terms`]
 //! re-keys them from anchor id to profile through the identity labels and
 //! folds each stream's terms in one `reduce` keyed by `(stream, profile)`,
-//! or counts them when every term of the stream is a
-//! `count` (those facts travel without their payload).
+//! or counts them when every term of the stream is a `count` (those facts
+//! travel without their payload). The joins, the reduce and the count are
+//! [`crate::total`]'s operators for totally ordered time.
 //! A merge of two profiles is a change of label, so the join re-keys every
 //! fact of the merged side and every aggregate downstream corrects itself.
 
@@ -189,7 +190,7 @@ pub fn terms<'s>(
     plan: Rc<Plan>,
 ) -> VecCollection<'s, u64, ((u32, Key), Vec<Value>), isize> {
     let counts = crate::total::join(counted, labels.clone(), "ProfileOfCounted", |_anchor, (stream, ()), profile| {
-        (*stream, *profile)
+        ((*stream, *profile), ())
     });
     let counts = crate::total::count(counts, "CountTotal").map(|(key, n)| (key, vec![Value::Num(Dec::from_int(n as i64))]));
     let folded = crate::total::join(folded, labels, "ProfileOfFolded", |_anchor, (stream, pay), profile| {
