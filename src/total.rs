@@ -161,6 +161,16 @@ impl<V, O> Default for Group<V, O> {
     }
 }
 
+/// Makes room for one more element in a vector of per-key state, growing
+/// by half rather than doubling from four: most keys hold one or two
+/// values, and with millions of keys the slack of `Vec`'s growth was a
+/// large part of the memory per profile.
+fn room<T>(v: &mut Vec<T>) {
+    if v.len() == v.capacity() {
+        v.reserve_exact((v.len() / 2).max(1));
+    }
+}
+
 /// Adds `r` to `v`'s multiplicity in `into` (sorted, consolidated), keeping
 /// it so.
 fn merge_one<V: Ord>(into: &mut Vec<(V, isize)>, v: V, r: isize) {
@@ -171,7 +181,10 @@ fn merge_one<V: Ord>(into: &mut Vec<(V, isize)>, v: V, r: isize) {
                 into.remove(at);
             }
         }
-        Err(at) => into.insert(at, (v, r)),
+        Err(at) => {
+            room(into);
+            into.insert(at, (v, r));
+        }
     }
 }
 
@@ -356,6 +369,7 @@ impl<V: Ord> Side<V> {
     /// Appends an update; small sides are kept consolidated, and a side whose
     /// values all left is seen to be empty (and dropped) at once.
     fn push(&mut self, v: V, r: isize) {
+        room(&mut self.updates);
         self.updates.push((v, r));
         self.net += r;
         if self.net == 0 || self.updates.len() <= 8 || self.updates.len() > 2 * self.consolidated {
@@ -561,6 +575,7 @@ fn add<V: PartialEq>(into: &mut Vec<(V, isize)>, v: V, r: isize) -> bool {
             false
         }
         None => {
+            room(into);
             into.push((v, r));
             false
         }
