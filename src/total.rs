@@ -107,27 +107,6 @@ fn hold(held: &mut Option<Capability<u64>>, next: Option<u64>) {
     }
 }
 
-/// Sorts `updates` by tick and then by data, and consolidates them.
-fn consolidate_by_tick<D: Ord>(updates: &mut Vec<(D, u64, isize)>) {
-    updates.sort_unstable_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
-    let mut kept = 0;
-    for i in 0..updates.len() {
-        if kept > 0 && updates[kept - 1].1 == updates[i].1 && updates[kept - 1].0 == updates[i].0 {
-            updates[kept - 1].2 += updates[i].2;
-            continue;
-        }
-        if kept > 0 && updates[kept - 1].2 == 0 {
-            kept -= 1;
-        }
-        updates.swap(kept, i);
-        kept += 1;
-    }
-    if kept > 0 && updates[kept - 1].2 == 0 {
-        kept -= 1;
-    }
-    updates.truncate(kept);
-}
-
 /// Hands `ready` (sorted by tick) to `on_tick` one tick at a time, through
 /// the reused buffer `run`.
 fn each_tick<D, L: FnMut(u64, &mut Vec<(D, isize)>)>(ready: &mut Vec<(D, u64, isize)>, run: &mut Vec<(D, isize)>, mut on_tick: L) {
@@ -396,6 +375,64 @@ fn update<K: Hash + Eq, V: Ord>(sides: &mut FxHashMap<K, Side<V>>, key: K, v: V,
     }
 }
 
+/// The two-input [`by_tick`]: each complete tick's updates of `left` and of
+/// `right` (exchanged by `key1` and `key2`; in no particular order, not
+/// consolidated) go to `on_tick` together, in ascending order of ticks. The
+/// shell of [`join`] and [`propagate`].
+fn by_tick2<'s, D1, D2, O, F1, F2, L>(
+    left: VecCollection<'s, u64, D1, isize>,
+    right: VecCollection<'s, u64, D2, isize>,
+    name: &str,
+    (key1, key2): (F1, F2),
+    mut on_tick: L,
+) -> VecCollection<'s, u64, O, isize>
+where
+    D1: ExchangeData,
+    D2: ExchangeData,
+    O: ExchangeData,
+    F1: Fn(&D1) -> u64 + 'static,
+    F2: Fn(&D2) -> u64 + 'static,
+    L: FnMut(u64, &mut Vec<(D1, isize)>, &mut Vec<(D2, isize)>, &mut Updates<O>) + 'static,
+{
+    let pact1 = Exchange::new(move |(d, _, _): &(D1, u64, isize)| key1(d));
+    let pact2 = Exchange::new(move |(d, _, _): &(D2, u64, isize)| key2(d));
+    left.inner
+        .binary_frontier::<_, Output<O>, _, _, _, _>(right.inner, pact1, pact2, name, move |_cap, _info| {
+            let (mut pending1, mut pending2) = (Pending::default(), Pending::default());
+            let mut held: Option<Capability<u64>> = None;
+            let (mut ready1, mut ready2, mut out) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut run1, mut run2) = (Vec::new(), Vec::new());
+            move |(input1, frontier1), (input2, frontier2), output| {
+                pending1.absorb(input1, &mut held);
+                pending2.absorb(input2, &mut held);
+                pending1.ready(&[frontier1, frontier2], &mut ready1);
+                pending2.ready(&[frontier1, frontier2], &mut ready2);
+                // Nearly free: updates come mostly in tick order.
+                ready1.sort_by_key(|(_, t, _)| *t);
+                ready2.sort_by_key(|(_, t, _)| *t);
+                let (mut d1, mut d2) = (ready1.drain(..).peekable(), ready2.drain(..).peekable());
+                loop {
+                    let t = match (d1.peek(), d2.peek()) {
+                        (Some(a), Some(b)) => a.1.min(b.1),
+                        (Some((_, t, _)), None) | (None, Some((_, t, _))) => *t,
+                        (None, None) => break,
+                    };
+                    run1.extend(std::iter::from_fn(|| d1.next_if(|u| u.1 == t)).map(|(d, _, r)| (d, r)));
+                    run2.extend(std::iter::from_fn(|| d2.next_if(|u| u.1 == t)).map(|(d, _, r)| (d, r)));
+                    on_tick(t, &mut run1, &mut run2, &mut out);
+                    run1.clear();
+                    run2.clear();
+                }
+                if !out.is_empty() {
+                    let cap = held.as_ref().expect("a capability for pending updates");
+                    output.session(cap).give_container(&mut out);
+                }
+                hold(&mut held, pending1.first().into_iter().chain(pending2.first()).min());
+            }
+        })
+        .as_collection()
+}
+
 /// `join_core` for totally ordered time: `(k, v)` and `(k, w)` give
 /// `logic(k, v, w)` while both hold, with the product of multiplicities.
 pub fn join<'s, K, V, W, O, L>(
@@ -411,58 +448,27 @@ where
     O: ExchangeData + Clone,
     L: FnMut(&K, &V, &W) -> O + 'static,
 {
-    let by_key_v = Exchange::new(|((k, _), _, _): &((K, V), u64, isize)| k.hashed().into());
-    let by_key_w = Exchange::new(|((k, _), _, _): &((K, W), u64, isize)| k.hashed().into());
-    left.inner
-        .binary_frontier::<_, Output<O>, _, _, _, _>(right.inner, by_key_v, by_key_w, name, move |_cap, _info| {
-            let mut pending_v = Pending::default();
-            let mut pending_w = Pending::default();
-            let mut held: Option<Capability<u64>> = None;
-            let mut lefts: FxHashMap<K, Side<V>> = FxHashMap::default();
-            let mut rights: FxHashMap<K, Side<W>> = FxHashMap::default();
-            let (mut ready_v, mut ready_w, mut out) = (Vec::new(), Vec::new(), Vec::new());
-            move |(input_v, frontier_v), (input_w, frontier_w), output| {
-                pending_v.absorb(input_v, &mut held);
-                pending_w.absorb(input_w, &mut held);
-                pending_v.ready(&[frontier_v, frontier_w], &mut ready_v);
-                pending_w.ready(&[frontier_v, frontier_w], &mut ready_w);
-                // Nearly free: updates come mostly in tick order.
-                ready_v.sort_by_key(|(_, t, _)| *t);
-                ready_w.sort_by_key(|(_, t, _)| *t);
-                let mut dv = ready_v.drain(..).peekable();
-                let mut dw = ready_w.drain(..).peekable();
-                loop {
-                    let t = match (dv.peek(), dw.peek()) {
-                        (Some(a), Some(b)) => a.1.min(b.1),
-                        (Some((_, t, _)), None) | (None, Some((_, t, _))) => *t,
-                        (None, None) => break,
-                    };
-                    // At each tick, new right-hand values meet the left as
-                    // it was; then new left-hand values meet the right as it
-                    // is now.
-                    while let Some(((k, w), _, r)) = dw.next_if(|u| u.1 == t) {
-                        if let Some(side) = lefts.get_mut(&k) {
-                            side.consolidate();
-                            out.extend(side.updates.iter().map(|(v, q)| (logic(&k, v, &w), t, q * r)));
-                        }
-                        update(&mut rights, k, w, r);
-                    }
-                    while let Some(((k, v), _, r)) = dv.next_if(|u| u.1 == t) {
-                        if let Some(side) = rights.get_mut(&k) {
-                            side.consolidate();
-                            out.extend(side.updates.iter().map(|(w, q)| (logic(&k, &v, w), t, q * r)));
-                        }
-                        update(&mut lefts, k, v, r);
-                    }
-                }
-                if !out.is_empty() {
-                    let cap = held.as_ref().expect("a capability for pending updates");
-                    output.session(cap).give_container(&mut out);
-                }
-                hold(&mut held, pending_v.first().into_iter().chain(pending_w.first()).min());
+    let mut lefts: FxHashMap<K, Side<V>> = FxHashMap::default();
+    let mut rights: FxHashMap<K, Side<W>> = FxHashMap::default();
+    let by_key = (|(k, _): &(K, V)| k.hashed().into(), |(k, _): &(K, W)| k.hashed().into());
+    by_tick2(left, right, name, by_key, move |t, dv, dw, out| {
+        // New right-hand values meet the left as it was; then new left-hand
+        // values meet the right as it is now.
+        for ((k, w), r) in dw.drain(..) {
+            if let Some(side) = lefts.get_mut(&k) {
+                side.consolidate();
+                out.extend(side.updates.iter().map(|(v, q)| (logic(&k, v, &w), t, q * r)));
             }
-        })
-        .as_collection()
+            update(&mut rights, k, w, r);
+        }
+        for ((k, v), r) in dv.drain(..) {
+            if let Some(side) = rights.get_mut(&k) {
+                side.consolidate();
+                out.extend(side.updates.iter().map(|(w, q)| (logic(&k, &v, w), t, q * r)));
+            }
+            update(&mut lefts, k, v, r);
+        }
+    })
 }
 
 /// `propagate` (label propagation) for totally ordered time over a graph
@@ -487,48 +493,20 @@ where
     N: ExchangeData + Clone + Hash + Ord,
     L: ExchangeData + Clone + Ord,
 {
-    let all_e = Exchange::new(|_: &((N, N), u64, isize)| 0);
-    let all_n = Exchange::new(|_: &((N, L), u64, isize)| 0);
-    edges
-        .inner
-        .binary_frontier::<_, Output<(N, L)>, _, _, _, _>(nodes.inner, all_e, all_n, name, move |_cap, _info| {
-            let mut pending_e = Pending::default();
-            let mut pending_n = Pending::default();
-            let mut held: Option<Capability<u64>> = None;
-            let mut graph = Graph::default();
-            let (mut ready_e, mut ready_n, mut out) = (Vec::new(), Vec::new(), Vec::new());
-            move |(input_e, frontier_e), (input_n, frontier_n), output| {
-                pending_e.absorb(input_e, &mut held);
-                pending_n.absorb(input_n, &mut held);
-                pending_e.ready(&[frontier_e, frontier_n], &mut ready_e);
-                pending_n.ready(&[frontier_e, frontier_n], &mut ready_n);
-                consolidate_by_tick(&mut ready_e);
-                consolidate_by_tick(&mut ready_n);
-                let mut de = ready_e.drain(..).peekable();
-                let mut dn = ready_n.drain(..).peekable();
-                loop {
-                    let t = match (de.peek(), dn.peek()) {
-                        (Some(a), Some(b)) => a.1.min(b.1),
-                        (Some((_, t, _)), None) | (None, Some((_, t, _))) => *t,
-                        (None, None) => break,
-                    };
-                    let mut emit = |n: &N, l: &L, r: isize| out.push(((n.clone(), l.clone()), t, r));
-                    while let Some(((n, l), _, r)) = dn.next_if(|u| u.1 == t) {
-                        graph.label(n, l, r, &mut emit);
-                    }
-                    while let Some(((a, b), _, r)) = de.next_if(|u| u.1 == t) {
-                        graph.edge(a, b, r, &mut emit);
-                    }
-                    graph.rebuild(&mut emit);
-                }
-                if !out.is_empty() {
-                    let cap = held.as_ref().expect("a capability for pending updates");
-                    output.session(cap).give_container(&mut out);
-                }
-                hold(&mut held, pending_e.first().into_iter().chain(pending_n.first()).min());
-            }
-        })
-        .as_collection()
+    let mut graph = Graph::default();
+    let everything_to_worker_0 = (|_: &(N, N)| 0, |_: &(N, L)| 0);
+    by_tick2(edges, nodes, name, everything_to_worker_0, move |t, de, dn, out| {
+        consolidate(de);
+        consolidate(dn);
+        let mut emit = |n: &N, l: &L, r: isize| out.push(((n.clone(), l.clone()), t, r));
+        for ((n, l), r) in dn.drain(..) {
+            graph.label(n, l, r, &mut emit);
+        }
+        for ((a, b), r) in de.drain(..) {
+            graph.edge(a, b, r, &mut emit);
+        }
+        graph.rebuild(&mut emit);
+    })
 }
 
 /// The state of [`propagate`]: nodes with their labels, edges and
