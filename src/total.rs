@@ -4,13 +4,16 @@
 //! a tick is complete once its input frontier has passed it. Over such time
 //! a reduce or a join never needs a trace that can answer "as of time t" for
 //! any t: it needs the state as of the last complete tick and the updates of
-//! the next one. [`reduce`] and [`join`] keep exactly that, one hash-map
-//! entry per key, and process complete ticks in ascending order — the same
-//! specialisation differential's own `count_total` and `threshold_total`
-//! make for total orders. Their outputs are the collections `reduce` and
-//! `join_core` produce (the tests below hold them against those operators),
-//! without a batcher, spine merges or cursor navigation per update, which
-//! were most of the worker's instructions (see `docs/performance.md`).
+//! the next one. [`reduce`], [`count`], [`join`] and [`propagate`] keep
+//! exactly that, one hash-map entry per key (per node for `propagate`), and
+//! process complete ticks in ascending order through two shells,
+//! [`by_tick`] and `by_tick2` — the same specialisation differential's own
+//! `count_total` and `threshold_total` make for total orders. Their outputs
+//! are the collections differential's `reduce`, `count_total`, `join_core`
+//! and `propagate` produce (the tests below hold them against those
+//! operators), without a batcher, spine merges, cursor navigation or
+//! fixed-point iteration per update, which were most of the worker's
+//! instructions (see `docs/performance.md`).
 //!
 //! The cost is that their state is not an arrangement another operator could
 //! share; nothing in shoal shares these.
@@ -34,7 +37,7 @@ type Output<D> = CapacityContainerBuilder<Updates<D>>;
 /// Updates that wait for their tick to complete, and the earliest tick
 /// among them.
 struct Pending<D> {
-    updates: Vec<(D, u64, isize)>,
+    updates: Updates<D>,
     least: Option<u64>,
 }
 
