@@ -41,6 +41,48 @@ pub enum Item {
     Event { event: Box<Event>, facts: Facts },
 }
 
+/// What the reader wants of each line: the facts of every stream, and the
+/// event's objects (`properties`, `traits`, `context`) only when it keeps
+/// whole events (the served model's history, `--history`). Otherwise they
+/// are dropped here, once the facts are read from them: freeing them is
+/// the decoding thread's work, not the reader's.
+#[derive(Clone)]
+pub struct Decoding {
+    pub streams: Vec<StreamDef>,
+    pub objects: bool,
+}
+
+impl Decoding {
+    /// Facts for `streams`, objects kept.
+    pub fn all(streams: &[StreamDef]) -> Decoding {
+        Decoding {
+            streams: streams.to_vec(),
+            objects: true,
+        }
+    }
+
+    /// The event decoded for the reader: its facts, and the event itself,
+    /// without its objects unless they are wanted.
+    pub fn item(&self, mut event: Event) -> Item {
+        let facts = facts(&self.streams, &event);
+        if !self.objects {
+            event.drop_objects();
+        }
+        Item::Event {
+            facts,
+            event: Box::new(event),
+        }
+    }
+
+    /// [`Decoding::item`] of an event decoded beforehand.
+    pub fn item_of(&self, event: &Event) -> Item {
+        Item::Event {
+            facts: facts(&self.streams, event),
+            event: Box::new(if self.objects { event.clone() } else { event.without_objects() }),
+        }
+    }
+}
+
 /// `(stream, payload)` for every stream an event matches, in stream order.
 pub type Facts = Vec<(u32, Pay)>;
 
@@ -63,16 +105,13 @@ fn trim_line_ending(line: &mut Vec<u8>) {
 }
 
 /// Decodes one line (with or without its line ending).
-fn prepare(mut line: Vec<u8>, streams: &[StreamDef]) -> Item {
+fn prepare(mut line: Vec<u8>, decoding: &Decoding) -> Item {
     trim_line_ending(&mut line);
     if line.iter().all(u8::is_ascii_whitespace) {
         return Item::Blank;
     }
     match decode(&line) {
-        Ok(event) => Item::Event {
-            facts: facts(streams, &event),
-            event: Box::new(event),
-        },
+        Ok(event) => decoding.item(event),
         Err(e) => Item::Bad { reason: e.0, text: line },
     }
 }
@@ -83,7 +122,7 @@ fn prepare(mut line: Vec<u8>, streams: &[StreamDef]) -> Item {
 /// and passes them on together, so a busy stream crosses the channel in
 /// batches and a quiet one line by line. Offsets are 0 (a live source
 /// cannot be resumed).
-pub fn live(lines: Receiver<std::io::Result<Vec<u8>>>, streams: Vec<StreamDef>) -> std::io::Result<Ahead> {
+pub fn live(lines: Receiver<std::io::Result<Vec<u8>>>, decoding: Decoding) -> std::io::Result<Ahead> {
     let (tx, batches) = sync_channel(AHEAD);
     std::thread::Builder::new().name("shoal-decode".into()).spawn(move || {
         while let Ok(first) = lines.recv() {
@@ -92,7 +131,7 @@ pub fn live(lines: Receiver<std::io::Result<Vec<u8>>>, streams: Vec<StreamDef>) 
             for line in std::iter::once(first).chain(std::iter::from_fn(|| lines.try_recv().ok()).take(BATCH - 1)) {
                 match line {
                     Ok(line) => batch.push(Prepared {
-                        item: prepare(line, &streams),
+                        item: prepare(line, &decoding),
                         offset: 0,
                     }),
                     Err(e) => {
@@ -139,8 +178,8 @@ pub struct Ahead {
 }
 
 impl Ahead {
-    /// Starts decoding `input` (positioned at byte `offset`) for `streams`.
-    pub fn spawn(mut input: Box<dyn BufRead + Send>, offset: u64, streams: Vec<StreamDef>) -> std::io::Result<Ahead> {
+    /// Starts decoding `input` (positioned at byte `offset`) as `decoding` says.
+    pub fn spawn(mut input: Box<dyn BufRead + Send>, offset: u64, decoding: Decoding) -> std::io::Result<Ahead> {
         let (tx, batches) = sync_channel(AHEAD);
         std::thread::Builder::new().name("shoal-decode".into()).spawn(move || {
             let mut at = offset;
@@ -156,7 +195,7 @@ impl Ahead {
                         return;
                     }
                 }
-                let item = prepare(line, &streams);
+                let item = prepare(line, &decoding);
                 batch.push(Prepared { item, offset: at });
                 if batch.len() == BATCH && tx.send(Ok(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))).is_err() {
                     return; // the reader stopped
@@ -217,7 +256,7 @@ mod tests {
         let good = r#"{"type":"track","event":"Bought","userId":"u1","messageId":"m1","timestamp":"2024-01-01T00:00:00Z","properties":{"price":5}}"#;
         let input = format!("{good}\r\n   \nnot json\n{good}");
         let reader: Box<dyn BufRead + Send> = Box::new(std::io::Cursor::new(input.clone().into_bytes()));
-        let mut ahead = Ahead::spawn(reader, 7, plan.streams.clone()).expect("thread");
+        let mut ahead = Ahead::spawn(reader, 7, Decoding::all(&plan.streams)).expect("thread");
         let mut got = Vec::new();
         while let Some(p) = ahead.next_line().expect("read") {
             assert_eq!(ahead.offset(), p.offset);

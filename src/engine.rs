@@ -785,6 +785,15 @@ impl Feeder {
         self.advance_inputs();
     }
 
+    /// What this reader needs decoded: every stream's facts, and the events'
+    /// objects only when it keeps whole events (the served model's history).
+    pub fn decoding(&self) -> crate::decode::Decoding {
+        crate::decode::Decoding {
+            streams: self.plan.streams.clone(),
+            objects: self.inputs.events.is_some(),
+        }
+    }
+
     /// The clock follows [`Feeder::advance_watermark`] instead of the largest event time.
     pub fn external_clock(&mut self) {
         self.ingest.external_clock = true;
@@ -1451,11 +1460,11 @@ fn read_lines(reader: &mut Reader<'_>, sources: &[Source], start: Option<checkpo
     };
     for (index, source) in sources.iter().enumerate().skip(first) {
         let name = source.name();
-        let streams = &reader.feeder.plan.streams;
+        let decoding = reader.feeder.decoding();
         let mut lines = if index == first {
-            source.open_at(offset, streams)?
+            source.open_at(offset, &decoding)?
         } else {
-            source.open(streams)?
+            source.open(&decoding)?
         };
         if index != first {
             number = 0;

@@ -242,6 +242,29 @@ impl Event {
         }
     }
 
+    /// Drops `properties`, `traits` and `context` (see [`Event::without_objects`]).
+    pub fn drop_objects(&mut self) {
+        self.properties = Object::default();
+        self.traits = Object::default();
+        self.context = Object::default();
+    }
+
+    /// A copy without `properties`, `traits` and `context`, for a reader
+    /// that needs only the event's ids and time (see
+    /// `crate::decode::Decoding`).
+    pub fn without_objects(&self) -> Event {
+        Event {
+            name: self.name.clone(),
+            user_id: self.user_id.clone(),
+            anonymous_id: self.anonymous_id.clone(),
+            previous_id: self.previous_id.clone(),
+            properties: Object::default(),
+            traits: Object::default(),
+            context: Object::default(),
+            ..*self
+        }
+    }
+
     /// The identifiers that name this event's profile (eligible ids, SPEC §2).
     pub fn named_ids(&self) -> Vec<Id> {
         let mut ids = Vec::with_capacity(2);

@@ -14,9 +14,8 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::decode::{Got, Item, Prepared};
+use crate::decode::{Decoding, Got, Item, Prepared};
 use crate::engine::EngineError;
-use crate::plan::StreamDef;
 
 /// Where events come from, read one after another in order.
 #[derive(Clone, Debug)]
@@ -123,8 +122,9 @@ pub enum Lines {
     Ahead(crate::decode::Ahead),
     /// A live source.
     Live(crate::decode::Ahead),
-    /// Events decoded beforehand, and the streams to extract facts for.
-    Decoded(Arc<Vec<crate::event::Event>>, usize, Vec<StreamDef>),
+    /// Events decoded beforehand, the next one's index, and what the reader
+    /// wants of them.
+    Decoded(Arc<Vec<crate::event::Event>>, usize, Decoding),
 }
 
 /// A source before decoding.
@@ -137,20 +137,20 @@ enum Raw {
 }
 
 impl Source {
-    /// Opens the source, decoding it for `streams`; stdin gets a reader
-    /// thread.
-    pub fn open(&self, streams: &[StreamDef]) -> Result<Lines, EngineError> {
-        self.open_at(0, streams)
+    /// Opens the source, decoding it as `decoding` says; stdin gets a
+    /// reader thread.
+    pub fn open(&self, decoding: &Decoding) -> Result<Lines, EngineError> {
+        self.open_at(0, decoding)
     }
 
     /// Opens the source at byte `offset` (resuming from a checkpoint),
-    /// decoding it for `streams`.
-    pub fn open_at(&self, offset: u64, streams: &[StreamDef]) -> Result<Lines, EngineError> {
-        let decoding = |e: std::io::Error| EngineError::Io(format!("cannot start the decoding thread: {e}"));
+    /// decoding it as `decoding` says.
+    pub fn open_at(&self, offset: u64, decoding: &Decoding) -> Result<Lines, EngineError> {
+        let failed = |e: std::io::Error| EngineError::Io(format!("cannot start the decoding thread: {e}"));
         Ok(match self.raw_at(offset)? {
-            Raw::Bytes(input, offset) => Lines::Ahead(crate::decode::Ahead::spawn(input, offset, streams.to_vec()).map_err(decoding)?),
-            Raw::Live(lines) => Lines::Live(crate::decode::live(lines, streams.to_vec()).map_err(decoding)?),
-            Raw::Decoded(events) => Lines::Decoded(events, 0, streams.to_vec()),
+            Raw::Bytes(input, offset) => Lines::Ahead(crate::decode::Ahead::spawn(input, offset, decoding.clone()).map_err(failed)?),
+            Raw::Live(lines) => Lines::Live(crate::decode::live(lines, decoding.clone()).map_err(failed)?),
+            Raw::Decoded(events) => Lines::Decoded(events, 0, decoding.clone()),
         })
     }
 
@@ -273,13 +273,10 @@ impl Lines {
                 Got::Idle => Next::Idle,
                 Got::End => Next::End,
             }),
-            Lines::Decoded(events, at, streams) => {
+            Lines::Decoded(events, at, decoding) => {
                 let Some(event) = events.get(*at) else { return Ok(Next::End) };
                 *at += 1;
-                let item = Item::Event {
-                    facts: crate::decode::facts(streams, event),
-                    event: Box::new(event.clone()),
-                };
+                let item = decoding.item_of(event);
                 Ok(Next::Prepared(Box::new(Prepared { item, offset: 0 })))
             }
         }

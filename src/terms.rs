@@ -72,7 +72,7 @@ pub fn extract(stream: &StreamDef, ev: &Event) -> Option<Pay> {
 }
 
 /// Folds a term's facts (with multiplicities) into its value.
-pub fn fold<'a>(agg: Agg, facts: impl Iterator<Item = (&'a Pay, isize)>) -> Value {
+pub fn fold<'a>(agg: Agg, facts: impl Iterator<Item = (&'a Pay, isize)> + Clone) -> Value {
     let vals = facts.filter_map(|(p, n)| match p {
         Pay::Val(v) => Some((v, n)),
         _ => None,
@@ -107,43 +107,51 @@ pub fn fold<'a>(agg: Agg, facts: impl Iterator<Item = (&'a Pay, isize)>) -> Valu
 /// exact sums, rounded once), otherwise in floating point over the values in
 /// ascending order, so the result never depends on arrival order; a result
 /// that is not finite is missing.
-fn numeric<'a>(agg: Agg, vals: impl Iterator<Item = (&'a Value, isize)>) -> Value {
+fn numeric<'a>(agg: Agg, vals: impl Iterator<Item = (&'a Value, isize)> + Clone) -> Value {
     let finite = |f: f64| if f.is_finite() { Value::Float(Float(f)) } else { Value::Missing };
     let mut n: i128 = 0;
     let mut exact = true;
     let (mut s1, mut s2): (Option<i128>, Option<i128>) = (Some(0), Some(0));
-    let mut floats: Vec<f64> = Vec::new();
-    for (v, k) in vals {
-        let Some(x) = v.as_f64() else { continue };
-        n += k as i128;
-        floats.extend(std::iter::repeat_n(x, k.max(0) as usize));
+    for (v, k) in vals.clone() {
         match v {
             Value::Num(d) => {
                 let k = k as i128;
                 s1 = s1.and_then(|s| s.checked_add(d.0.checked_mul(k)?));
                 s2 = s2.and_then(|s| s.checked_add(d.0.checked_mul(d.0)?.checked_mul(k)?));
             }
-            _ => exact = false,
+            Value::Float(_) => exact = false,
+            _ => continue,
         }
+        n += k as i128;
     }
     if n == 0 {
         return if agg == Agg::Sum { Value::Num(Dec::ZERO) } else { Value::Missing };
     }
-    floats.sort_by(|a, b| a.total_cmp(b));
-    let float_sum = || floats.iter().sum::<f64>();
+    // The values in ascending order, only when the exact sums cannot answer.
+    let floats = || {
+        let mut floats: Vec<f64> = vals
+            .clone()
+            .filter_map(|(v, k)| Some((v.as_f64()?, k)))
+            .flat_map(|(x, k)| std::iter::repeat_n(x, k.max(0) as usize))
+            .collect();
+        floats.sort_by(|a, b| a.total_cmp(b));
+        floats
+    };
+    let float_sum = |floats: &[f64]| floats.iter().sum::<f64>();
     match agg {
         Agg::Sum if exact => s1.map(|s| Value::Num(Dec(s))).unwrap_or(Value::Missing),
-        Agg::Sum => finite(float_sum()),
+        Agg::Sum => finite(float_sum(&floats())),
         Agg::Avg => match s1.filter(|_| exact) {
             Some(s) => finite(s as f64 / (crate::value::SCALE as f64 * n as f64)),
-            None => finite(float_sum() / n as f64),
+            None => finite(float_sum(&floats()) / n as f64),
         },
         _ => {
             let exact_var = (|| n.checked_mul(s2?)?.checked_sub(s1?.checked_mul(s1?)?))().filter(|_| exact);
             match exact_var {
                 Some(num) => finite(num as f64 / ((n as f64) * (n as f64) * 1e12)),
                 None => {
-                    let mean = float_sum() / n as f64;
+                    let floats = floats();
+                    let mean = float_sum(&floats) / n as f64;
                     finite(floats.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n as f64)
                 }
             }
@@ -167,7 +175,7 @@ pub fn latest<'a>(facts: impl Iterator<Item = (&'a Pay, isize)>) -> Value {
 /// with at least one fact (without any it is `agg.empty()`): the one fold
 /// of the dataflow's `Terms` reduce and of the served model's own terms
 /// (`crate::serve`), so both have the same semantics by construction.
-pub fn value<'a>(agg: Agg, facts: impl Iterator<Item = (&'a Pay, isize)>) -> Value {
+pub fn value<'a>(agg: Agg, facts: impl Iterator<Item = (&'a Pay, isize)> + Clone) -> Value {
     match agg {
         Agg::Count => Value::Num(Dec::from_int(facts.map(|(_, n)| n as i64).sum())),
         Agg::Last => latest(facts),

@@ -26,7 +26,7 @@ use differential_dataflow::{AsCollection, VecCollection};
 use rustc_hash::FxHashMap;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::generic::{InputHandleCore, Operator};
+use timely::dataflow::operators::generic::{InputHandleCore, Operator, OutputBuilderSession};
 use timely::dataflow::operators::Capability;
 use timely::progress::frontier::MutableAntichain;
 use timely::ExchangeData;
@@ -70,7 +70,12 @@ impl<D> Pending<D> {
             }
             let first = data.iter().map(|(_, t, _)| *t).min();
             self.least = self.least.into_iter().chain(first).min();
-            self.updates.append(data);
+            if self.updates.is_empty() {
+                // Take the message's buffer rather than copy it.
+                std::mem::swap(&mut self.updates, data);
+            } else {
+                self.updates.append(data);
+            }
         });
     }
 
@@ -84,7 +89,11 @@ impl<D> Pending<D> {
             return;
         }
         if self.updates.iter().all(|(_, t, _)| done(*t)) {
-            ready.append(&mut self.updates);
+            if ready.is_empty() {
+                std::mem::swap(ready, &mut self.updates);
+            } else {
+                ready.append(&mut self.updates);
+            }
         } else {
             ready.extend(self.updates.extract_if(.., |(_, t, _)| done(*t)));
         }
@@ -95,6 +104,24 @@ impl<D> Pending<D> {
     fn first(&self) -> Option<u64> {
         self.least
     }
+}
+
+/// Orders complete updates by tick. They come in runs already in tick
+/// order (one per message), which the stable sort merges; none is needed
+/// when there is one run.
+fn by_tick_order<D>(ready: &mut [(D, u64, isize)]) {
+    if !ready.is_sorted_by_key(|(_, t, _)| *t) {
+        ready.sort_by_key(|(_, t, _)| *t);
+    }
+}
+
+/// Sends `out` at `cap`, and keeps room for as many updates next time: the
+/// buffer goes to the channel, and growing a new one from nothing copied
+/// every update several times.
+fn send<O: ExchangeData>(output: &mut OutputBuilderSession<'_, u64, Output<O>>, cap: &Capability<u64>, out: &mut Updates<O>) {
+    let sent = out.len();
+    output.session(cap).give_container(out);
+    out.reserve(sent);
 }
 
 /// Releases `held` when nothing is pending, or moves it to the earliest
@@ -195,12 +222,10 @@ where
             move |(input, frontier), output| {
                 pending.absorb(input, &mut held);
                 pending.ready(&[frontier], &mut ready);
-                // Nearly free: updates come mostly in tick order.
-                ready.sort_by_key(|(_, t, _)| *t);
+                by_tick_order(&mut ready);
                 each_tick(&mut ready, &mut run, |t, updates| on_tick(t, updates, &mut out));
                 if !out.is_empty() {
-                    let cap = held.as_ref().expect("a capability for pending updates");
-                    output.session(cap).give_container(&mut out);
+                    send(output, held.as_ref().expect("a capability for pending updates"), &mut out);
                 }
                 hold(&mut held, pending.first());
             }
@@ -249,7 +274,11 @@ where
             }
             if fresh != group.output {
                 emit_change(&key, &group.output, &fresh, t, out);
-                std::mem::swap(&mut group.output, &mut fresh);
+                // Moved, not swapped: the group's vector stays as long as
+                // its output, and `fresh` keeps its room for the next key.
+                group.output.clear();
+                group.output.reserve_exact(fresh.len());
+                group.output.append(&mut fresh);
             }
             if group.input.is_empty() {
                 groups.remove(&key);
@@ -410,9 +439,8 @@ where
                 pending2.absorb(input2, &mut held);
                 pending1.ready(&[frontier1, frontier2], &mut ready1);
                 pending2.ready(&[frontier1, frontier2], &mut ready2);
-                // Nearly free: updates come mostly in tick order.
-                ready1.sort_by_key(|(_, t, _)| *t);
-                ready2.sort_by_key(|(_, t, _)| *t);
+                by_tick_order(&mut ready1);
+                by_tick_order(&mut ready2);
                 let (mut d1, mut d2) = (ready1.drain(..).peekable(), ready2.drain(..).peekable());
                 loop {
                     let t = match (d1.peek(), d2.peek()) {
@@ -427,8 +455,7 @@ where
                     run2.clear();
                 }
                 if !out.is_empty() {
-                    let cap = held.as_ref().expect("a capability for pending updates");
-                    output.session(cap).give_container(&mut out);
+                    send(output, held.as_ref().expect("a capability for pending updates"), &mut out);
                 }
                 hold(&mut held, pending1.first().into_iter().chain(pending2.first()).min());
             }
