@@ -594,8 +594,9 @@ pub struct Collections<'s> {
     pub names: VecCollection<'s, u64, (Key, crate::event::Id), isize>,
     /// Every profile that exists.
     pub universe: VecCollection<'s, u64, Key, isize>,
-    /// Term rows: `((stream, profile), the values of its terms)`.
-    pub terms: VecCollection<'s, u64, ((u32, Key), Vec<crate::value::Value>), isize>,
+    /// Term rows: `((stream, profile), the values of its terms)`, when
+    /// asked for (see [`build_with`]).
+    pub terms: Option<VecCollection<'s, u64, crate::terms::Row, isize>>,
     /// `(id, profile)` for every id of a profile.
     pub labels: VecCollection<'s, u64, (Key, Key), isize>,
     /// The identity nodes as fed.
@@ -604,15 +605,18 @@ pub struct Collections<'s> {
 
 /// Builds the dataflow of `plan` in `scope`: identity, windows, terms, rules.
 pub fn build<'s>(scope: Scope<'s, u64>, plan: &Rc<Plan>, tick: u64) -> (Inputs, Collections<'s>) {
-    build_with(scope, plan, tick, None)
+    build_with(scope, plan, tick, None, true)
 }
 
-/// [`build`], with the clusterings' models kept in (and started from) `memory`.
+/// [`build`], with the clusterings' models kept in (and started from)
+/// `memory`, and the term rows computed only when `rows` asks for them
+/// (or the plan reads them: population terms, atoms over several terms).
 pub fn build_with<'s>(
     scope: Scope<'s, u64>,
     plan: &Rc<Plan>,
     tick: u64,
     memory: Option<Arc<cluster::Memory>>,
+    rows: bool,
 ) -> (Inputs, Collections<'s>) {
     let (facts_in, facts) = scope.new_collection();
     let (counts_in, counts) = scope.new_collection();
@@ -623,21 +627,28 @@ pub fn build_with<'s>(
     let lengths = Rc::new(plan.streams.iter().map(|s| s.window).collect::<Vec<_>>());
     let folded = window::window(facts, lengths.clone(), tick);
     let counted = window::window(counts, lengths, tick);
-    let mut terms = terms::terms(folded, counted, labels.clone(), plan.clone());
-    if !plan.values.is_empty() {
+    let rows = rows || !plan.values.is_empty() || plan.atoms.iter().any(|a| a.terms.len() > 1);
+    let built = terms::terms(folded, counted, labels.clone(), plan.clone(), rows);
+    let mut atoms = built.atoms;
+    let mut terms = built.rows;
+    if let Some(rows) = terms.as_mut().filter(|_| !plan.values.is_empty()) {
         // Population terms: percentiles, RFM, clusters (see crate::plan).
-        let values = score::values(terms.clone(), universe.clone(), plan.clone());
+        let values = score::values(rows.clone(), universe.clone(), plan.clone());
         if !plan.percentiles.is_empty() {
-            terms = terms.concat(score::thresholds(values.clone(), universe.clone(), plan.clone()));
+            *rows = rows
+                .clone()
+                .concat(score::thresholds(values.clone(), universe.clone(), plan.clone()));
         }
         if plan.rfm.is_some() {
-            terms = terms.concat(rfm::rfm(values.clone(), plan.clone()));
+            *rows = rows.clone().concat(rfm::rfm(values.clone(), plan.clone()));
         }
         if plan.clusters.iter().any(Option::is_some) {
-            terms = terms.concat(cluster::clusters(values, plan.clone(), memory));
+            *rows = rows.clone().concat(cluster::clusters(values, plan.clone(), memory));
         }
     }
-    let atoms = rules::atoms(terms.clone(), plan.clone());
+    if let Some(more) = terms.clone().and_then(|rows| rules::atoms(rows, plan.clone())) {
+        atoms = atoms.concat(more);
+    }
     let members = rules::segments(atoms, universe.clone(), plan.clone());
     (
         Inputs {
@@ -1340,12 +1351,15 @@ fn run_worker(
     let (inputs, delivered) = worker.dataflow::<u64, _, _>(|scope| {
         use differential_dataflow::input::Input as _;
         use timely::dataflow::operators::{Input, Probe};
-        let (mut inputs, built) = build_with(scope, &plan, opts.tick, memory);
+        let (mut inputs, built) = build_with(scope, &plan, opts.tick, memory, serving);
         let notes = scope.input_from(&mut notes).container::<Vec<Note>>();
         let mut members = sink::named(built.members, built.names.clone()).map(|(s, id)| crate::serve::Upd::Member(s, id));
         if serving {
             use crate::serve::Upd;
-            let terms = built.terms.map(|((stream, p), values)| Upd::Term(p, stream, values));
+            let terms = built
+                .terms
+                .expect("asked for")
+                .map(|((stream, p), values)| Upd::Term(p, stream, values));
             let names = built.names.map(|(p, id)| Upd::Name(p, id));
             let labels = built.labels.map(|(node, p)| Upd::Label(node, p));
             let nodes = built.nodes.flat_map(|(k, (seen, id, _))| seen.then_some(Upd::Node(k, id)));

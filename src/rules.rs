@@ -1,10 +1,12 @@
 //! Rules: every segment's formula, evaluated per profile.
 //!
 //! Each atom (one comparison) is evaluated per profile from the terms it
-//! reads: where the term's rows change when it reads one term — the rows
-//! a tick retracts and inserts together, passing on only the atom values
-//! that differ — and in one `reduce` keyed by `(atom, profile)` when it
-//! reads several. A profile with no row
+//! reads. An atom over one term is a function of the term's row, so it is
+//! evaluated where the row changes, on its old and new values, and only a
+//! value that differs goes on ([`flips`]): inside the terms stage for
+//! event streams (no row need travel), and from the rows a tick retracts
+//! and inserts together for population streams. Atoms over several terms
+//! gather them in one `reduce` keyed by `(atom, profile)`. A profile with no row
 //! for an atom's terms sees their empty values (`count` 0, `avg` missing,
 //! …), so the atom's value there is known in advance and need not be a row.
 //!
@@ -31,38 +33,78 @@ use crate::value::Value;
 type Profiles<'s> = VecCollection<'s, u64, Key, isize>;
 
 /// `((atom, profile), holds)`.
-type AtomRow = ((u32, Key), bool);
+pub type AtomRow = ((u32, Key), bool);
 
-/// `((atom, profile), holds)` for every atom of a profile that has a row for
-/// one of the atom's terms.
-pub fn atoms<'s>(
-    terms: VecCollection<'s, u64, ((u32, Key), Vec<Value>), isize>,
-    plan: Rc<Plan>,
-) -> VecCollection<'s, u64, ((u32, Key), bool), isize> {
-    // An atom over one term is a function of one term row: evaluate it in
-    // place, for the rows that left and came at a tick together, and pass on
-    // only the atoms that changed (a count going from 4 to 5 rarely flips a
-    // comparison). Only atoms over several terms gather their slots in a
-    // reduce.
-    let (single, readers) = (plan.clone(), plan.clone());
-    let mut net: Vec<(AtomRow, isize)> = Vec::new();
-    let direct = crate::total::by_tick(terms.clone(), "Atoms", move |t, rows, out| {
-        for (((stream, profile), values), r) in rows.drain(..) {
-            for (&term, value) in single.folds[stream as usize].iter().zip(&values) {
-                for &(atom, _) in &single.readers[term] {
-                    let def = &single.atoms[atom];
-                    if def.terms.len() == 1 {
-                        net.push((((atom as u32, profile), def.holds(std::slice::from_ref(value))), r));
-                    }
+/// The rows of the atoms over one term of `stream` when a profile's row
+/// for it goes from `old` to `new` (`None`: no row): an atom has a row
+/// while its term does, and only a row whose value differs is retracted
+/// and inserted. Updates for one `(stream, profile)` are consolidated and
+/// no other key's include them (an atom reads one term, of one stream),
+/// as `crate::total::reduce_with` requires. The terms stage calls this
+/// where each event-stream term changes.
+pub fn flips(
+    plan: &Plan,
+    (stream, profile): (u32, Key),
+    old: Option<&[Value]>,
+    new: Option<&[Value]>,
+    mut push: impl FnMut(AtomRow, isize),
+) {
+    for (slot, &term) in plan.folds[stream as usize].iter().enumerate() {
+        for &(atom, _) in &plan.readers[term] {
+            let def = &plan.atoms[atom];
+            if def.terms.len() != 1 {
+                continue;
+            }
+            let holds = |values: &[Value]| def.holds(std::slice::from_ref(&values[slot]));
+            let (was, is) = (old.map(holds), new.map(holds));
+            if was != is {
+                if let Some(was) = was {
+                    push(((atom as u32, profile), was), -1);
+                }
+                if let Some(is) = is {
+                    push(((atom as u32, profile), is), 1);
                 }
             }
         }
-        consolidate(&mut net);
-        out.extend(net.drain(..).map(|(atom, r)| (atom, t, r)));
+    }
+}
+
+/// `((atom, profile), holds)` from term rows, for what the terms stage
+/// does not evaluate itself ([`flips`]): the atoms over one term of a
+/// population stream (thresholds, RFM, clusters), and the atoms over
+/// several terms. `None` when the plan has neither.
+pub fn atoms<'s>(
+    terms: VecCollection<'s, u64, ((u32, Key), Vec<Value>), isize>,
+    plan: Rc<Plan>,
+) -> Option<VecCollection<'s, u64, AtomRow, isize>> {
+    let events = plan.streams.len() as u32;
+    let population = (events as usize) < plan.folds.len();
+    let several = plan.atoms.iter().any(|a| a.terms.len() > 1);
+    let direct = population.then(|| {
+        let single = plan.clone();
+        // The rows a tick retracts and inserts together, evaluated in
+        // place: only the atom values that differ go on.
+        let mut net: Vec<(AtomRow, isize)> = Vec::new();
+        let rows = terms.clone().filter(move |((stream, _), _)| *stream >= events);
+        crate::total::by_tick(rows, "Atoms", move |t, rows, out| {
+            for (((stream, profile), values), r) in rows.drain(..) {
+                for (&term, value) in single.folds[stream as usize].iter().zip(&values) {
+                    for &(atom, _) in &single.readers[term] {
+                        let def = &single.atoms[atom];
+                        if def.terms.len() == 1 {
+                            net.push((((atom as u32, profile), def.holds(std::slice::from_ref(value))), r));
+                        }
+                    }
+                }
+            }
+            consolidate(&mut net);
+            out.extend(net.drain(..).map(|(atom, r)| (atom, t, r)));
+        })
     });
-    if plan.atoms.iter().all(|a| a.terms.len() == 1) {
+    if !several {
         return direct;
     }
+    let readers = plan.clone();
     let slots = terms.flat_map(move |((stream, profile), values)| {
         let mut rows = Vec::new();
         for (&term, value) in readers.folds[stream as usize].iter().zip(values) {
@@ -85,7 +127,10 @@ pub fn atoms<'s>(
             out.push((def.holds(&values), 1));
         }
     });
-    direct.concat(gathered)
+    Some(match direct {
+        Some(direct) => direct.concat(gathered),
+        None => gathered,
+    })
 }
 
 /// Marks a profile of the universe among its atom rows (after every atom).

@@ -183,33 +183,106 @@ pub fn value<'a>(agg: Agg, facts: impl Iterator<Item = (&'a Pay, isize)> + Clone
     }
 }
 
-/// Re-keys windowed facts to profiles and folds every stream's terms:
-/// `((stream, profile), values)` with one value per term of the stream (in
-/// `plan.folds` order), for each profile with at least one fact.
+/// A term row: `((stream, profile), values)`, one value per term of the
+/// stream in `plan.folds` order.
+pub type Row = ((u32, Key), Vec<Value>);
+
+/// What the terms stage gives.
+pub struct Terms<'s> {
+    /// `((atom, profile), holds)` for every atom over one event-stream term
+    /// (see [`crate::rules::flips`]), evaluated where the term changes.
+    pub atoms: VecCollection<'s, u64, crate::rules::AtomRow, isize>,
+    /// The term rows, when asked for (serving, population terms and atoms
+    /// over several terms read them).
+    pub rows: Option<VecCollection<'s, u64, Row, isize>>,
+}
+
+/// One change the terms stage emits: a term row, or an atom's row.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum Change {
+    Row(Row),
+    Atom(crate::rules::AtomRow),
+}
+
+/// Re-keys windowed facts to profiles and folds every stream's terms: a
+/// row `((stream, profile), values)` for each profile with at least one
+/// fact. The atoms over one term are evaluated right there, on the row's
+/// old and new values, and only those that flip go on: a count going from
+/// 4 to 5 rarely flips a comparison, and the rows themselves (two per
+/// change, each a vector) are emitted only when `rows` asks for them.
 ///
 /// Streams folded only by `count` come as `counted`, without payloads (the
-/// reader feeds them apart, see [`Plan::counted_streams`]): differential's
-/// a count keeps one number per key, far cheaper than a reduce, and a
-/// fact without a payload is cheaper to queue, arrange and join.
+/// reader feeds them apart, see [`Plan::counted_streams`]): a count keeps
+/// one number per key, far cheaper than a reduce, and a fact without a
+/// payload is cheaper to queue and join.
 pub fn terms<'s>(
     folded: VecCollection<'s, u64, Windowed, isize>,
     counted: VecCollection<'s, u64, WindowedOf<()>, isize>,
     labels: VecCollection<'s, u64, (Key, Key), isize>,
     plan: Rc<Plan>,
-) -> VecCollection<'s, u64, ((u32, Key), Vec<Value>), isize> {
+    rows: bool,
+) -> Terms<'s> {
     let counts = crate::total::join(counted, labels.clone(), "ProfileOfCounted", |_anchor, (stream, ()), profile| {
         ((*stream, *profile), ())
     });
-    let counts = crate::total::count(counts, "CountTotal").map(|(key, n)| (key, vec![Value::Num(Dec::from_int(n as i64))]));
+    let counts = crate::total::count_with(counts, "CountTotal", {
+        let plan = plan.clone();
+        move |&(stream, profile), old, new, out| {
+            let value = |n: isize| (n != 0).then(|| [Value::Num(Dec::from_int(n as i64))]);
+            changed(
+                &plan,
+                (stream, profile),
+                value(old).as_ref().map(|v| &v[..]),
+                value(new).as_ref().map(|v| &v[..]),
+                rows,
+                out,
+            );
+        }
+    });
     let folded = crate::total::join(folded, labels, "ProfileOfFolded", |_anchor, (stream, pay), profile| {
         ((*stream, *profile), pay.clone())
     });
-    crate::total::reduce(folded, "Terms", move |(stream, _profile), facts, out| {
-        let values = plan.folds[*stream as usize]
-            .iter()
-            .map(|&t| value(plan.terms[t].agg, facts.iter().map(|(p, n)| (p, *n))))
-            .collect();
-        out.push((values, 1));
-    })
-    .concat(counts)
+    let folds = plan.clone();
+    let folded = crate::total::reduce_with(
+        folded,
+        "Terms",
+        move |(stream, _profile), facts, out| {
+            let values = folds.folds[*stream as usize]
+                .iter()
+                .map(|&t| value(folds.terms[t].agg, facts.iter().map(|(p, n)| (p, *n))))
+                .collect();
+            out.push((values, 1));
+        },
+        move |&key, old, new, out| {
+            changed(&plan, key, first(old), first(new), rows, out);
+        },
+    );
+    let changes = counts.concat(folded);
+    Terms {
+        atoms: changes.clone().flat_map(|c| match c {
+            Change::Atom(a) => Some(a),
+            Change::Row(_) => None,
+        }),
+        rows: rows.then(|| {
+            changes.flat_map(|c| match c {
+                Change::Row(r) => Some(r),
+                Change::Atom(_) => None,
+            })
+        }),
+    }
+}
+
+/// The values of a reduce's output row, if any.
+fn first(rows: &[(Vec<Value>, isize)]) -> Option<&[Value]> {
+    rows.first().map(|(v, _)| &v[..])
+}
+
+/// What a profile's row for a stream going from `old` to `new` (`None`:
+/// no row) emits: the atoms it flips, and the rows when asked for.
+fn changed(plan: &Plan, key: (u32, Key), old: Option<&[Value]>, new: Option<&[Value]>, rows: bool, out: &mut Vec<(Change, isize)>) {
+    if rows {
+        out.extend(old.map(|v| (Change::Row((key, v.to_vec())), -1)));
+        out.extend(new.map(|v| (Change::Row((key, v.to_vec())), 1)));
+    }
+    crate::rules::flips(plan, key, old, new, |atom, r| out.push((Change::Atom(atom), r)));
 }

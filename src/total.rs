@@ -238,20 +238,41 @@ where
 /// multiplicities, never empty; differential's passes references) and
 /// pushes its output; what differs from the
 /// key's previous output is emitted at that tick.
-pub fn reduce<'s, K, V, O, L>(
-    input: VecCollection<'s, u64, (K, V), isize>,
-    name: &str,
-    mut logic: L,
-) -> VecCollection<'s, u64, (K, O), isize>
+pub fn reduce<'s, K, V, O, L>(input: VecCollection<'s, u64, (K, V), isize>, name: &str, logic: L) -> VecCollection<'s, u64, (K, O), isize>
 where
     K: ExchangeData + Clone + Hashable + Hash + Ord,
     V: ExchangeData + Clone + Ord,
     O: ExchangeData + Clone + Ord,
     L: FnMut(&K, &[(V, isize)], &mut Vec<(O, isize)>) + 'static,
 {
+    reduce_with(input, name, logic, emit_change)
+}
+
+/// [`reduce`], with what a changed key emits up to `emit`: it sees the
+/// key's previous and new output (each sorted and consolidated, empty for
+/// none; they differ) and pushes updates at that tick. They must be
+/// consolidated, and distinct from any other key's (as they are when they
+/// include the key).
+/// A stage that only needs a function of the output's change (the atoms a
+/// term's new value flips, `crate::terms`) emits that instead of the rows.
+pub fn reduce_with<'s, K, V, O, X, L, E>(
+    input: VecCollection<'s, u64, (K, V), isize>,
+    name: &str,
+    mut logic: L,
+    mut emit: E,
+) -> VecCollection<'s, u64, X, isize>
+where
+    K: ExchangeData + Clone + Hashable + Hash + Ord,
+    V: ExchangeData + Clone + Ord,
+    O: ExchangeData + Clone + Ord,
+    X: ExchangeData,
+    L: FnMut(&K, &[(V, isize)], &mut Vec<(O, isize)>) + 'static,
+    E: FnMut(&K, &[(O, isize)], &[(O, isize)], &mut Vec<(X, isize)>) + 'static,
+{
     let mut groups: FxHashMap<K, Group<V, O>> = FxHashMap::default();
     let mut touched: Vec<K> = Vec::new();
     let mut fresh: Vec<(O, isize)> = Vec::new();
+    let mut changes: Vec<(X, isize)> = Vec::new();
     by_tick(input, name, move |t, updates, out| {
         for ((key, v), r) in updates.drain(..) {
             let group = match groups.get_mut(&key) {
@@ -273,7 +294,7 @@ where
                 consolidate(&mut fresh);
             }
             if fresh != group.output {
-                emit_change(&key, &group.output, &fresh, t, out);
+                emit(&key, &group.output, &fresh, &mut changes);
                 // Moved, not swapped: the group's vector stays as long as
                 // its output, and `fresh` keeps its room for the next key.
                 group.output.clear();
@@ -284,7 +305,13 @@ where
                 groups.remove(&key);
             }
         }
+        stamp(&mut changes, t, out);
     })
+}
+
+/// Moves a tick's `changes` to `out` at `t`.
+fn stamp<X>(changes: &mut Vec<(X, isize)>, t: u64, out: &mut Updates<X>) {
+    out.extend(changes.drain(..).map(|(x, r)| (x, t, r)));
 }
 
 /// `count_total` for totally ordered time, without an arrangement: each
@@ -294,9 +321,29 @@ pub fn count<'s, K>(input: VecCollection<'s, u64, (K, ()), isize>, name: &str) -
 where
     K: ExchangeData + Clone + Hashable + Hash + Ord,
 {
+    count_with(input, name, |key, old, new, out| {
+        if old != 0 {
+            out.push(((key.clone(), old), -1));
+        }
+        if new != 0 {
+            out.push(((key.clone(), new), 1));
+        }
+    })
+}
+
+/// [`count`], with what a changed key emits up to `emit`: it sees the
+/// key's previous and new count (0 for none; they differ) and pushes
+/// updates at that tick, as [`reduce_with`] requires them.
+pub fn count_with<'s, K, X, E>(input: VecCollection<'s, u64, (K, ()), isize>, name: &str, mut emit: E) -> VecCollection<'s, u64, X, isize>
+where
+    K: ExchangeData + Clone + Hashable + Hash + Ord,
+    X: ExchangeData,
+    E: FnMut(&K, isize, isize, &mut Vec<(X, isize)>) + 'static,
+{
     // By key: the count, and the count before this tick if it changed.
     let mut counts: FxHashMap<K, (isize, Option<isize>)> = FxHashMap::default();
     let mut touched: Vec<K> = Vec::new();
+    let mut changes: Vec<(X, isize)> = Vec::new();
     by_tick(input, name, move |t, updates, out| {
         for ((key, ()), r) in updates.drain(..) {
             let count = match counts.get_mut(&key) {
@@ -316,19 +363,15 @@ where
                 counts.remove(&key);
             }
             if old != new {
-                if old != 0 {
-                    out.push(((key.clone(), old), t, -1));
-                }
-                if new != 0 {
-                    out.push(((key, new), t, 1));
-                }
+                emit(&key, old, new, &mut changes);
             }
         }
+        stamp(&mut changes, t, out);
     })
 }
 
-/// Pushes `new - old` (both sorted and consolidated) for `key` at `t`.
-fn emit_change<K: Clone, O: Ord + Clone>(key: &K, old: &[(O, isize)], new: &[(O, isize)], t: u64, out: &mut Updates<(K, O)>) {
+/// Pushes `new - old` (both sorted and consolidated) for `key`.
+fn emit_change<K: Clone, O: Ord + Clone>(key: &K, old: &[(O, isize)], new: &[(O, isize)], out: &mut Vec<((K, O), isize)>) {
     let (mut i, mut j) = (0, 0);
     while i < old.len() || j < new.len() {
         let order = match (old.get(i), new.get(j)) {
@@ -338,17 +381,17 @@ fn emit_change<K: Clone, O: Ord + Clone>(key: &K, old: &[(O, isize)], new: &[(O,
         };
         match order {
             std::cmp::Ordering::Less => {
-                out.push(((key.clone(), old[i].0.clone()), t, -old[i].1));
+                out.push(((key.clone(), old[i].0.clone()), -old[i].1));
                 i += 1;
             }
             std::cmp::Ordering::Greater => {
-                out.push(((key.clone(), new[j].0.clone()), t, new[j].1));
+                out.push(((key.clone(), new[j].0.clone()), new[j].1));
                 j += 1;
             }
             std::cmp::Ordering::Equal => {
                 let r = new[j].1 - old[i].1;
                 if r != 0 {
-                    out.push(((key.clone(), new[j].0.clone()), t, r));
+                    out.push(((key.clone(), new[j].0.clone()), r));
                 }
                 i += 1;
                 j += 1;
