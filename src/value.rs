@@ -29,6 +29,40 @@ impl Dec {
     /// Parses a JSON number's text exactly, rounding beyond six decimal
     /// places half-even. `None` when it does not fit.
     pub fn parse(text: &str) -> Option<Dec> {
+        Dec::parse_plain(text).or_else(|| Dec::parse_general(text))
+    }
+
+    /// The common case — at most 18 integer digits and 6 decimals, no
+    /// exponent — in one pass, without allocating; `None` leaves the text
+    /// to [`Dec::parse_general`] (a unit test holds both to the same
+    /// answers).
+    fn parse_plain(text: &str) -> Option<Dec> {
+        let bytes = text.as_bytes();
+        let (neg, bytes) = match bytes.first()? {
+            b'-' => (true, &bytes[1..]),
+            _ => (false, bytes),
+        };
+        let (int, frac) = match bytes.iter().position(|&b| b == b'.') {
+            Some(i) if i + 1 < bytes.len() => (&bytes[..i], &bytes[i + 1..]),
+            Some(_) => return None,
+            None => (bytes, &bytes[..0]),
+        };
+        if int.is_empty() || int.len() > 18 || frac.len() > 6 {
+            return None;
+        }
+        let mut units: i128 = 0;
+        for &b in int.iter().chain(frac) {
+            if !b.is_ascii_digit() {
+                return None;
+            }
+            units = units * 10 + (b - b'0') as i128;
+        }
+        units *= 10i128.pow(6 - frac.len() as u32);
+        Some(Dec(if neg { -units } else { units }))
+    }
+
+    /// Any number's text: exponents, long mantissas, rounding.
+    fn parse_general(text: &str) -> Option<Dec> {
         let (neg, rest) = match text.as_bytes().first()? {
             b'-' => (true, &text[1..]),
             b'+' => (false, &text[1..]),
@@ -178,8 +212,8 @@ impl Value {
         match v {
             serde_json::Value::Bool(b) => Value::Bool(*b),
             serde_json::Value::Number(n) => {
-                let text = n.to_string();
-                match Dec::parse(&text) {
+                let text = n.as_str();
+                match Dec::parse(text) {
                     Some(d) => Value::Num(d),
                     None => text.parse::<f64>().map(|f| Value::Float(Float(f))).unwrap_or(Value::Missing),
                 }
@@ -320,6 +354,33 @@ impl Value {
 mod tests {
     use super::*;
     use crate::spec::ast::{ArithOp, CmpOp};
+
+    proptest::proptest! {
+        /// The one-pass reading answers only where the general one agrees.
+        #[test]
+        fn plain_parsing_agrees_with_the_general(text in "[-+]?[0-9]{0,21}(\\.[0-9]{0,8})?([eE][-+]?[0-9]{1,2})?") {
+            if let Some(plain) = Dec::parse_plain(&text) {
+                proptest::prop_assert_eq!(Some(plain), Dec::parse_general(&text), "{}", text);
+            }
+        }
+    }
+
+    #[test]
+    fn plain_parsing_reads_what_it_should() {
+        for (text, units) in [
+            ("0", 0),
+            ("-0", 0),
+            ("007", 7_000_000),
+            ("12.5", 12_500_000),
+            ("-3.000001", -3_000_001),
+            ("999999999999999999.999999", 999_999_999_999_999_999_999_999),
+        ] {
+            assert_eq!(Dec::parse_plain(text), Some(Dec(units)), "{text}");
+        }
+        for text in ["1.", ".5", "1e3", "1.0000001", "1234567890123456789", "+1", "", "-"] {
+            assert_eq!(Dec::parse_plain(text), None, "{text}");
+        }
+    }
 
     fn d(s: &str) -> Dec {
         Dec::parse(s).unwrap()
