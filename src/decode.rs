@@ -105,14 +105,17 @@ fn trim_line_ending(line: &mut Vec<u8>) {
 }
 
 /// Decodes one line (with or without its line ending).
-fn prepare(mut line: Vec<u8>, decoding: &Decoding) -> Item {
-    trim_line_ending(&mut line);
+fn prepare(line: &mut Vec<u8>, decoding: &Decoding) -> Item {
+    trim_line_ending(line);
     if line.iter().all(u8::is_ascii_whitespace) {
         return Item::Blank;
     }
-    match decode(&line) {
+    match decode(line) {
         Ok(event) => decoding.item(event),
-        Err(e) => Item::Bad { reason: e.0, text: line },
+        Err(e) => Item::Bad {
+            reason: e.0,
+            text: line.clone(),
+        },
     }
 }
 
@@ -130,8 +133,8 @@ pub fn live(lines: Receiver<std::io::Result<Vec<u8>>>, decoding: Decoding) -> st
             let mut failed = None;
             for line in std::iter::once(first).chain(std::iter::from_fn(|| lines.try_recv().ok()).take(BATCH - 1)) {
                 match line {
-                    Ok(line) => batch.push(Prepared {
-                        item: prepare(line, &decoding),
+                    Ok(mut line) => batch.push(Prepared {
+                        item: prepare(&mut line, &decoding),
                         offset: 0,
                     }),
                     Err(e) => {
@@ -184,8 +187,10 @@ impl Ahead {
         std::thread::Builder::new().name("shoal-decode".into()).spawn(move || {
             let mut at = offset;
             let mut batch = Vec::with_capacity(BATCH);
+            // One buffer for every line: only a bad line's text is kept.
+            let mut line = Vec::new();
             loop {
-                let mut line = Vec::new();
+                line.clear();
                 match input.read_until(b'\n', &mut line) {
                     Ok(0) => break,
                     Ok(n) => at += n as u64,
@@ -195,7 +200,7 @@ impl Ahead {
                         return;
                     }
                 }
-                let item = prepare(line, &decoding);
+                let item = prepare(&mut line, &decoding);
                 batch.push(Prepared { item, offset: at });
                 if batch.len() == BATCH && tx.send(Ok(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))).is_err() {
                     return; // the reader stopped

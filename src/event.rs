@@ -11,6 +11,7 @@ use serde_json::{Map, Value as Json};
 use std::fmt;
 
 use crate::clock;
+use crate::value::Value;
 
 /// The kind of an identifier: every `user:` id sorts before every `anon:` id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -160,6 +161,27 @@ impl Object {
     /// The value of the top-level field `key`; of repeated keys the last
     /// counts, as in a parsed map.
     pub fn get(&self, key: &str) -> Option<&Json> {
+        let (field, raw) = self.field(key)?;
+        Some(field.parsed.get_or_init(|| serde_json::from_str(raw).unwrap_or(Json::Null)))
+    }
+
+    /// `Value::from_json` of [`Object::get`], read straight from the
+    /// field's text when it is a scalar that needs no unescaping (nearly
+    /// every value a stream reads), without building its JSON.
+    pub fn value(&self, key: &str) -> Option<Value> {
+        let (field, raw) = self.field(key)?;
+        Some(match raw.as_bytes()[0] {
+            b'"' if !raw.contains('\\') => Value::Str(raw[1..raw.len() - 1].to_string()),
+            b'-' | b'0'..=b'9' => Value::from_number(raw),
+            b't' => Value::Bool(true),
+            b'f' => Value::Bool(false),
+            b'n' | b'[' | b'{' => Value::Missing,
+            _ => Value::from_json(field.parsed.get_or_init(|| serde_json::from_str(raw).unwrap_or(Json::Null))),
+        })
+    }
+
+    /// The top-level field `key` (the last, when repeated) and its value's text.
+    fn field(&self, key: &str) -> Option<(&Field, &str)> {
         let text = self.text.as_deref()?;
         let fields = self.fields.get_or_init(|| index(text));
         let field = fields.iter().rev().find(|f| match &f.key {
@@ -167,11 +189,7 @@ impl Object {
             FieldKey::Owned(k) => &**k == key,
         })?;
         let (a, b) = field.value;
-        Some(
-            field
-                .parsed
-                .get_or_init(|| serde_json::from_str(&text[a as usize..b as usize]).unwrap_or(Json::Null)),
-        )
+        Some((field, &text[a as usize..b as usize]))
     }
 }
 
@@ -296,6 +314,20 @@ impl Event {
             .zip(self.previous_id.as_deref())
             .map(|(u, p)| [(u, (IdKind::User, p)), (u, (IdKind::Anon, p))]);
         both.into_iter().chain(alias.into_iter().flatten())
+    }
+
+    /// `Value::from_json` of [`Event::get`]: a field of `properties`,
+    /// `traits` or `context` is read from its text (see [`Object::value`]).
+    pub fn value(&self, path: &[String]) -> Option<Value> {
+        match path {
+            [root, key] => match root.as_str() {
+                "properties" => self.properties.value(key),
+                "traits" => self.traits.value(key),
+                "context" => self.context.value(key),
+                _ => None,
+            },
+            _ => self.get(path).map(Value::from_json),
+        }
     }
 
     /// Reads a dotted path (`properties.x`, `context.device.type`, …).
@@ -502,6 +534,22 @@ mod tests {
         assert_eq!(e.get(&path(&["properties", "o", "p", "q"])), Some(&serde_json::json!("deep")));
         assert_eq!(e.get(&path(&["properties", "n"])).map(|n| n.to_string()), Some("1.50".to_string()));
         assert_eq!(e.traits.get("a"), None);
+    }
+
+    #[test]
+    fn reads_values_as_from_parsed_json() {
+        let e = decode(
+            br#"{"type":"track","event":"x","userId":"u","timestamp":0,"properties":{"a":1,"s":"x\"y","t":"plain","a\u0062":[1,{"c":null}],"n":1.50,"e":-2.5e3,"big":123456789012345678901234567890123,"f":false,"z":null,"a":2,"o":{"p":{"q":"deep"}}}}"#,
+        )
+        .unwrap();
+        let path = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for key in ["a", "s", "t", "ab", "n", "e", "big", "f", "z", "o", "missing"] {
+            let p = path(&["properties", key]);
+            assert_eq!(e.value(&p), e.get(&p).map(Value::from_json), "key {key:?}");
+        }
+        assert_eq!(e.value(&path(&["properties", "t"])), Some(Value::Str("plain".into())));
+        assert_eq!(e.value(&path(&["properties", "o", "p", "q"])), Some(Value::Str("deep".into())));
+        assert_eq!(e.value(&path(&["traits", "a"])), None);
     }
 
     #[test]

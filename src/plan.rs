@@ -109,6 +109,15 @@ impl Calc {
             Calc::Arith(op, a, b) => a.eval(slots).arith(*op, &b.eval(slots)),
         }
     }
+
+    /// The value of a literal or a slot, borrowed (nothing to compute).
+    fn borrowed<'a>(&'a self, slots: &'a [Value]) -> Option<&'a Value> {
+        match self {
+            Calc::Lit(v) => Some(v),
+            Calc::Slot(i) => Some(&slots[*i]),
+            _ => None,
+        }
+    }
 }
 
 /// One comparison over terms.
@@ -125,7 +134,11 @@ pub struct AtomDef {
 
 impl AtomDef {
     pub fn holds(&self, slots: &[Value]) -> bool {
-        self.lhs.eval(slots).cmp_op(self.op, &self.rhs.eval(slots))
+        // Most atoms compare a term with a literal: no value need be cloned.
+        match (self.lhs.borrowed(slots), self.rhs.borrowed(slots)) {
+            (Some(a), Some(b)) => a.cmp_op(self.op, b),
+            _ => self.lhs.eval(slots).cmp_op(self.op, &self.rhs.eval(slots)),
+        }
     }
 }
 
@@ -714,7 +727,7 @@ pub fn matches(sel: &Selector, ev: &Event) -> bool {
 /// Evaluates a `where` filter over one event.
 pub fn filter_value(e: &Expr, ev: &Event) -> Value {
     match &e.kind {
-        ExprKind::Path(p) => ev.get(&p.0).map(Value::from_json).unwrap_or(Value::Missing),
+        ExprKind::Path(p) => ev.value(&p.0).unwrap_or(Value::Missing),
         ExprKind::Num(d) => Value::Num(*d),
         ExprKind::Str(s) => Value::Str(s.clone()),
         ExprKind::Bool(b) => Value::Bool(*b),

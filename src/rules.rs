@@ -151,15 +151,18 @@ pub fn segments<'s>(
     let rows = atoms
         .map(|((atom, profile), holds)| (profile, (atom, holds)))
         .concat(universe.map(|profile| (profile, (EXISTS, true))));
+    // Reused for every profile: which atoms hold, which segments it is in.
+    let (mut holds, mut member) = (Vec::new(), Vec::new());
     crate::total::reduce(rows, "Segments", move |_profile, rows, out| {
         if rows.last().is_none_or(|((atom, _), _)| *atom != EXISTS) {
             return;
         }
-        let mut holds = empty_holds.clone();
+        holds.clone_from(&empty_holds);
         for ((atom, value), _) in &rows[..rows.len() - 1] {
             holds[*atom as usize] = *value;
         }
-        let mut member = vec![false; plan.segments.len()];
+        member.clear();
+        member.resize(plan.segments.len(), false);
         for &s in &plan.order {
             let is = plan.segments[s].formula.eval(&|a| holds[a], &|t| member[t]);
             member[s] = is;

@@ -55,7 +55,7 @@ pub fn extract(stream: &StreamDef, ev: &Event) -> Option<Pay> {
     match &stream.read {
         Read::Unit => Some(Pay::Unit),
         Read::Value(p) => {
-            let v = ev.get(&p.0).map(Value::from_json).unwrap_or(Value::Missing);
+            let v = ev.value(&p.0).unwrap_or(Value::Missing);
             (!v.is_missing()).then_some(Pay::Val(v))
         }
         Read::Last(p) => {

@@ -211,15 +211,17 @@ impl Value {
     pub fn from_json(v: &serde_json::Value) -> Value {
         match v {
             serde_json::Value::Bool(b) => Value::Bool(*b),
-            serde_json::Value::Number(n) => {
-                let text = n.as_str();
-                match Dec::parse(text) {
-                    Some(d) => Value::Num(d),
-                    None => text.parse::<f64>().map(|f| Value::Float(Float(f))).unwrap_or(Value::Missing),
-                }
-            }
+            serde_json::Value::Number(n) => Value::from_number(n.as_str()),
             serde_json::Value::String(s) => Value::Str(s.clone()),
             _ => Value::Missing,
+        }
+    }
+
+    /// The value of a JSON number's text: exact when it fits a [`Dec`].
+    pub fn from_number(text: &str) -> Value {
+        match Dec::parse(text) {
+            Some(d) => Value::Num(d),
+            None => text.parse::<f64>().map(|f| Value::Float(Float(f))).unwrap_or(Value::Missing),
         }
     }
 
