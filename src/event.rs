@@ -368,24 +368,28 @@ pub fn line_key(line: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128_with_seed(line, 2)
 }
 
-/// The top-level fields: scalars parsed in the one pass over the line (a
-/// `null` is absent), objects borrowed as text (see [`Object`]);
-/// everything else is ignored.
+/// The top-level fields, each borrowed as its JSON text (a `null` is
+/// absent): scalars are read from it below, without building JSON values
+/// (a string is borrowed unless it has escapes to undo), and objects are
+/// kept as text (see [`Object`]); everything else is ignored.
 #[derive(Deserialize, Default)]
 struct Top<'a> {
-    #[serde(rename = "type")]
-    kind: Option<Json>,
-    event: Option<Json>,
-    name: Option<Json>,
-    #[serde(rename = "messageId")]
-    message_id: Option<Json>,
-    timestamp: Option<Json>,
-    #[serde(rename = "userId")]
-    user_id: Option<Json>,
-    #[serde(rename = "anonymousId")]
-    anonymous_id: Option<Json>,
-    #[serde(rename = "previousId")]
-    previous_id: Option<Json>,
+    #[serde(rename = "type", borrow)]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow)]
+    event: Option<&'a RawValue>,
+    #[serde(borrow)]
+    name: Option<&'a RawValue>,
+    #[serde(rename = "messageId", borrow)]
+    message_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    timestamp: Option<&'a RawValue>,
+    #[serde(rename = "userId", borrow)]
+    user_id: Option<&'a RawValue>,
+    #[serde(rename = "anonymousId", borrow)]
+    anonymous_id: Option<&'a RawValue>,
+    #[serde(rename = "previousId", borrow)]
+    previous_id: Option<&'a RawValue>,
     #[serde(borrow)]
     properties: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -394,21 +398,44 @@ struct Top<'a> {
     context: Option<&'a RawValue>,
 }
 
-fn opt_string(raw: Option<Json>, field: &str) -> Result<Option<String>, BadEvent> {
-    match raw {
-        None => Ok(None),
-        Some(Json::String(s)) => Ok(Some(s)),
-        Some(_) => bad(format!("field `{field}` must be a string")),
+/// The text of a JSON string (`None` if `raw` is not one), unescaped only
+/// when it has escapes.
+fn string_of(raw: &RawValue) -> Option<std::borrow::Cow<'_, str>> {
+    let s = raw.get();
+    if !s.starts_with('"') {
+        None
+    } else if !s.contains('\\') {
+        Some(s[1..s.len() - 1].into())
+    } else {
+        serde_json::from_str::<String>(s).ok().map(Into::into)
     }
 }
 
-fn opt_id(raw: Option<Json>, field: &str) -> Result<Option<String>, BadEvent> {
-    match raw {
+/// The text of a JSON number (`None` if `raw` is not one), as written.
+fn number_of(raw: &RawValue) -> Option<&str> {
+    let s = raw.get();
+    s.starts_with(|c: char| c == '-' || c.is_ascii_digit()).then_some(s)
+}
+
+fn opt_str<'a>(raw: Option<&'a RawValue>, field: &str) -> Result<Option<std::borrow::Cow<'a, str>>, BadEvent> {
+    match raw.map(|r| string_of(r).ok_or(())) {
         None => Ok(None),
-        Some(Json::String(s)) if s.is_empty() => Ok(None),
-        Some(Json::String(s)) => Ok(Some(s)),
-        Some(Json::Number(n)) => Ok(Some(n.to_string())),
-        Some(_) => bad(format!("field `{field}` must be a string or a number")),
+        Some(Ok(s)) => Ok(Some(s)),
+        Some(Err(())) => bad(format!("field `{field}` must be a string")),
+    }
+}
+
+fn opt_string(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, BadEvent> {
+    Ok(opt_str(raw, field)?.map(|s| s.into_owned()))
+}
+
+fn opt_id(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, BadEvent> {
+    let Some(raw) = raw else { return Ok(None) };
+    match (string_of(raw), number_of(raw)) {
+        (Some(s), _) if s.is_empty() => Ok(None),
+        (Some(s), _) => Ok(Some(s.into_owned())),
+        (None, Some(n)) => Ok(Some(n.to_string())),
+        (None, None) => bad(format!("field `{field}` must be a string or a number")),
     }
 }
 
@@ -418,18 +445,18 @@ fn opt_id(raw: Option<Json>, field: &str) -> Result<Option<String>, BadEvent> {
 /// event time stay far from `u64::MAX` and can always be written as times.
 pub const MAX_TIME: u64 = 253_402_300_799_999;
 
-fn timestamp(raw: Option<Json>) -> Result<u64, BadEvent> {
-    match raw {
-        None => bad("missing `timestamp`"),
-        Some(Json::String(s)) => clock::parse_time(&s).map_err(|e| BadEvent(format!("invalid `timestamp`: {e}"))),
-        Some(Json::Number(n)) => match n.as_u64() {
-            Some(ms) if ms <= MAX_TIME => Ok(ms),
-            Some(ms) => bad(format!("invalid `timestamp`: {ms} is after 9999-12-31T23:59:59.999Z")),
-            None => bad(format!(
+fn timestamp(raw: Option<&RawValue>) -> Result<u64, BadEvent> {
+    let Some(raw) = raw else { return bad("missing `timestamp`") };
+    match (string_of(raw), number_of(raw)) {
+        (Some(s), _) => clock::parse_time(&s).map_err(|e| BadEvent(format!("invalid `timestamp`: {e}"))),
+        (None, Some(n)) => match n.parse::<u64>() {
+            Ok(ms) if ms <= MAX_TIME => Ok(ms),
+            Ok(ms) => bad(format!("invalid `timestamp`: {ms} is after 9999-12-31T23:59:59.999Z")),
+            Err(_) => bad(format!(
                 "invalid `timestamp`: {n} is not a non-negative integer of epoch milliseconds"
             )),
         },
-        Some(_) => bad("invalid `timestamp`: must be an RFC 3339 string or epoch milliseconds"),
+        (None, None) => bad("invalid `timestamp`: must be an RFC 3339 string or epoch milliseconds"),
     }
 }
 
@@ -455,8 +482,8 @@ pub fn decode(line: &[u8]) -> Result<Event, BadEvent> {
         Err(e) if e.is_syntax() || e.is_eof() => return bad(format!("not JSON: {e}")),
         Err(e) => return bad(format!("not a valid event: {e}")),
     };
-    let kind = match top.kind {
-        Some(Json::String(t)) => match t.as_str() {
+    let kind = match opt_str(top.kind, "type")? {
+        Some(t) => match &*t {
             "track" => EventType::Track,
             "page" => EventType::Page,
             "screen" => EventType::Screen,
@@ -466,12 +493,11 @@ pub fn decode(line: &[u8]) -> Result<Event, BadEvent> {
             other => return bad(format!("unknown `type` {other:?}")),
         },
         None => return bad("missing `type`"),
-        Some(_) => return bad("field `type` must be a string"),
     };
     let time = timestamp(top.timestamp)?;
     let event_name = opt_string(top.event, "event")?;
     let page_name = opt_string(top.name, "name")?;
-    let message_id = opt_string(top.message_id, "messageId")?;
+    let message_id = opt_str(top.message_id, "messageId")?;
     let user_id = opt_id(top.user_id, "userId")?;
     let anonymous_id = opt_id(top.anonymous_id, "anonymousId")?;
     let previous_id = opt_id(top.previous_id, "previousId")?;
@@ -588,6 +614,85 @@ mod tests {
         ] {
             let err = decode(line).unwrap_err();
             assert!(err.0.contains(why), "{err} should mention {why}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Each top-level scalar, whatever JSON it holds, decodes as the
+        /// parsed JSON reads: a string (escaped or not) or, for ids, a
+        /// number's text; `null` is absent; anything else is refused.
+        #[test]
+        fn scalars_read_as_parsed_json_would(
+            field in proptest::sample::select(vec!["type", "event", "name", "messageId", "userId", "anonymousId", "timestamp"]),
+            value in proptest::sample::select(vec![
+                r#""track""#, r#""tr\u0061ck""#, r#""""#, r#""a\"b""#, "7", "-1.50", "1e3", "0", "null", "true", "[1]", r#"{"a":1}"#,
+                r#""2024-01-01T00:00:00Z""#, "1704067200000",
+            ]),
+        ) {
+            let mut fields = vec![("type", r#""track""#), ("event", r#""e""#), ("userId", r#""u""#), ("timestamp", "0")];
+            fields.retain(|(k, _)| *k != field);
+            fields.push((field, value));
+            let line = format!("{{{}}}", fields.iter().map(|(k, v)| format!("{k:?}:{v}")).collect::<Vec<_>>().join(","));
+            let json: Json = serde_json::from_str(value).unwrap();
+            let text = |j: &Json| match j {
+                Json::String(s) => Some(s.clone()),
+                _ => None,
+            };
+            let got = decode(line.as_bytes());
+            match (field, &json) {
+                (_, Json::Null) if field == "type" || field == "timestamp" => proptest::prop_assert!(got.is_err()),
+                ("userId", _) => {
+                    let id = match &json {
+                        Json::String(s) if s.is_empty() => None,
+                        Json::String(s) => Some(s.clone()),
+                        // A number's text as written (`1e3`, not `1e+3`).
+                        Json::Number(_) => Some(value.to_string()),
+                        Json::Null => None,
+                        _ => return Err(proptest::test_runner::TestCaseError::reject("not an id")),
+                    };
+                    match id {
+                        Some(id) => proptest::prop_assert_eq!(got.unwrap().user_id, Some(id)),
+                        None => proptest::prop_assert!(got.is_err(), "no identifier"),
+                    }
+                }
+                ("anonymousId", _) => {
+                    let id = match &json {
+                        Json::String(s) if !s.is_empty() => Some(s.clone()),
+                        Json::Number(_) => Some(value.to_string()),
+                        Json::String(_) | Json::Null => None,
+                        _ => return Err(proptest::test_runner::TestCaseError::reject("not an id")),
+                    };
+                    proptest::prop_assert_eq!(got.unwrap().anonymous_id, id);
+                }
+                ("event", _) => match (&json, text(&json)) {
+                    (Json::Null, _) => proptest::prop_assert!(got.is_err(), "a track needs its event"),
+                    (_, Some(e)) => proptest::prop_assert_eq!(got.unwrap().name, Some(e)),
+                    (_, None) => proptest::prop_assert!(got.unwrap_err().0.contains("`event` must be a string")),
+                },
+                ("type", _) => match text(&json) {
+                    Some(t) if t == "track" => proptest::prop_assert_eq!(got.unwrap().kind, EventType::Track),
+                    Some(_) => proptest::prop_assert!(got.unwrap_err().0.contains("unknown `type`")),
+                    None => proptest::prop_assert!(got.unwrap_err().0.contains("`type` must be a string")),
+                },
+                ("timestamp", _) => {
+                    let want = match &json {
+                        Json::String(s) => clock::parse_time(s).ok(),
+                        Json::Number(n) => n.as_u64(),
+                        _ => None,
+                    };
+                    proptest::prop_assert_eq!(got.ok().map(|e| e.time), want);
+                }
+                ("messageId", _) => match text(&json) {
+                    Some(m) => proptest::prop_assert_eq!(got.unwrap().key, message_key(&m)),
+                    None if json.is_null() => proptest::prop_assert_eq!(got.unwrap().key, line_key(line.as_bytes())),
+                    None => proptest::prop_assert!(got.is_err()),
+                },
+                // A page's name, type-checked on every event.
+                _ => match (&json, text(&json)) {
+                    (Json::Null, _) | (_, Some(_)) => proptest::prop_assert!(got.is_ok()),
+                    _ => proptest::prop_assert!(got.unwrap_err().0.contains("`name` must be a string")),
+                },
+            }
         }
     }
 
