@@ -70,12 +70,7 @@ impl<D> Pending<D> {
             }
             let first = data.iter().map(|(_, t, _)| *t).min();
             self.least = self.least.into_iter().chain(first).min();
-            if self.updates.is_empty() {
-                // Take the message's buffer rather than copy it.
-                std::mem::swap(&mut self.updates, data);
-            } else {
-                self.updates.append(data);
-            }
+            self.updates.append(data);
         });
     }
 
