@@ -70,7 +70,18 @@ fn key_of(line: &str) -> String {
 }
 
 fn produce(brokers: &str, topic: &str, lines: &[String]) {
-    let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", brokers).create().expect("producer");
+    produce_batched(brokers, topic, lines, 10_000);
+}
+
+/// Produces `lines` in message sets of at most `batch` messages. The mock
+/// broker answers a fetch with one message set per partition, so small sets
+/// and a slow broker pace a reader whatever its speed.
+fn produce_batched(brokers: &str, topic: &str, lines: &[String], batch: usize) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("batch.num.messages", batch.to_string())
+        .create()
+        .expect("producer");
     for l in lines {
         let key = key_of(l);
         let mut record = BaseRecord::to(topic).key(&key).payload(l);
@@ -541,7 +552,13 @@ fn sigkill_with_kafka_in_and_out_on_two_workers_repeats_only_identical_lines() {
     cluster.create_topic("changes", 1, 3).unwrap();
     // librdkafka's mock cluster keeps a few MB per partition: stay under it.
     let events = lines(30_000, 23);
-    produce(&brokers, "events", &events);
+    produce_batched(&brokers, "events", &events, 100);
+    // Paced input: 100 events per partition per 10 ms round trip, under a second
+    // for the whole input, so every life ends before the input does however
+    // fast the engine gets (a fast engine once finished it in its first life).
+    for broker in 1..=3 {
+        cluster.broker_round_trip_time(broker, Duration::from_millis(10)).unwrap();
+    }
     let file = run_memory(&spec(), (events.join("\n") + "\n").as_bytes(), &opts(1)).expect("file run");
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
@@ -586,9 +603,8 @@ fn sigkill_with_kafka_in_and_out_on_two_workers_repeats_only_identical_lines() {
             kills += 1;
             continue;
         }
-        // Short: each life must leave most of the input for the next ones,
-        // however fast the engine gets.
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..30)));
+        // Short: each life must leave most of the input for the next ones.
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..150)));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
             child.wait().unwrap();
