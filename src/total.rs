@@ -415,13 +415,20 @@ impl<V: Ord> Side<V> {
         }
     }
 
-    /// Appends an update; small sides are kept consolidated, and a side whose
-    /// values all left is seen to be empty (and dropped) at once.
+    /// Appends an update; small sides are kept consolidated (by inserting
+    /// in place: sorting the whole side again on every push was most of a
+    /// join's work), and a side whose values all left is seen to be empty
+    /// (and dropped) at once.
     fn push(&mut self, v: V, r: isize) {
+        self.net += r;
+        if self.consolidated == self.updates.len() && self.updates.len() < 8 {
+            merge_one(&mut self.updates, v, r);
+            self.consolidated = self.updates.len();
+            return;
+        }
         room(&mut self.updates);
         self.updates.push((v, r));
-        self.net += r;
-        if self.net == 0 || self.updates.len() <= 8 || self.updates.len() > 2 * self.consolidated {
+        if self.net == 0 || self.updates.len() > 2 * self.consolidated {
             self.consolidate();
         }
     }
