@@ -439,16 +439,32 @@ impl<V: Ord> Side<V> {
     }
 }
 
-/// Appends `(v, r)` to `key`'s side, dropping the side once it is empty.
-fn update<K: Hash + Eq, V: Ord>(sides: &mut FxHashMap<K, Side<V>>, key: K, v: V, r: isize) {
-    match sides.entry(key) {
-        std::collections::hash_map::Entry::Occupied(mut e) => {
-            e.get_mut().push(v, r);
-            if e.get().updates.is_empty() {
-                e.remove();
-            }
+/// Both sides of one key of a [`join`], in one hash-map entry: an update
+/// reads the other side and appends to its own with a single lookup.
+struct Both<V, W> {
+    left: Side<V>,
+    right: Side<W>,
+}
+
+impl<V: Ord, W: Ord> Default for Both<V, W> {
+    fn default() -> Self {
+        Both {
+            left: Side::new(),
+            right: Side::new(),
         }
-        std::collections::hash_map::Entry::Vacant(e) => e.insert(Side::new()).push(v, r),
+    }
+}
+
+impl<V, W> Both<V, W> {
+    fn is_empty(&self) -> bool {
+        self.left.updates.is_empty() && self.right.updates.is_empty()
+    }
+}
+
+/// Drops `key`'s entry once both its sides are empty.
+fn settle<K: Hash + Eq, V, W>(sides: &mut FxHashMap<K, Both<V, W>>, key: &K) {
+    if sides.get(key).is_some_and(Both::is_empty) {
+        sides.remove(key);
     }
 }
 
@@ -523,25 +539,32 @@ where
     O: ExchangeData + Clone,
     L: FnMut(&K, &V, &W) -> O + 'static,
 {
-    let mut lefts: FxHashMap<K, Side<V>> = FxHashMap::default();
-    let mut rights: FxHashMap<K, Side<W>> = FxHashMap::default();
+    let mut sides: FxHashMap<K, Both<V, W>> = FxHashMap::default();
     let by_key = (|(k, _): &(K, V)| k.hashed().into(), |(k, _): &(K, W)| k.hashed().into());
     by_tick2(left, right, name, by_key, move |t, dv, dw, out| {
         // New right-hand values meet the left as it was; then new left-hand
         // values meet the right as it is now.
         for ((k, w), r) in dw.drain(..) {
-            if let Some(side) = lefts.get_mut(&k) {
-                side.consolidate();
-                out.extend(side.updates.iter().map(|(v, q)| (logic(&k, v, &w), t, q * r)));
+            let both = sides.entry(k.clone()).or_default();
+            if !both.left.updates.is_empty() {
+                both.left.consolidate();
+                out.extend(both.left.updates.iter().map(|(v, q)| (logic(&k, v, &w), t, q * r)));
             }
-            update(&mut rights, k, w, r);
+            both.right.push(w, r);
+            if both.right.updates.is_empty() {
+                settle(&mut sides, &k);
+            }
         }
         for ((k, v), r) in dv.drain(..) {
-            if let Some(side) = rights.get_mut(&k) {
-                side.consolidate();
-                out.extend(side.updates.iter().map(|(w, q)| (logic(&k, &v, w), t, q * r)));
+            let both = sides.entry(k.clone()).or_default();
+            if !both.right.updates.is_empty() {
+                both.right.consolidate();
+                out.extend(both.right.updates.iter().map(|(w, q)| (logic(&k, &v, w), t, q * r)));
             }
-            update(&mut lefts, k, v, r);
+            both.left.push(v, r);
+            if both.left.updates.is_empty() {
+                settle(&mut sides, &k);
+            }
         }
     })
 }
@@ -911,17 +934,20 @@ mod tests {
     }
 
     #[test]
-    fn a_side_whose_values_all_left_is_dropped() {
-        let mut sides: FxHashMap<u8, Side<u8>> = FxHashMap::default();
-        update(&mut sides, 1, 7, 1);
-        update(&mut sides, 1, 7, -1);
-        assert!(sides.is_empty(), "an empty side must not stay behind");
+    fn a_key_whose_values_all_left_is_dropped() {
+        let mut sides: FxHashMap<u8, Both<u8, u8>> = FxHashMap::default();
+        let mut push = |k: u8, v: u8, r: isize| {
+            sides.entry(k).or_default().left.push(v, r);
+            settle(&mut sides, &k);
+            sides.len()
+        };
+        push(1, 7, 1);
+        assert_eq!(push(1, 7, -1), 0, "an empty key must not stay behind");
         for v in 0..100 {
-            update(&mut sides, 2, v, 1);
+            push(2, v, 1);
         }
-        for v in 0..100 {
-            update(&mut sides, 2, v, -1);
-        }
-        assert!(sides.is_empty(), "a large side that empties must be dropped too");
+        let left: Vec<usize> = (0..100).map(|v| push(2, v, -1)).collect();
+        assert_eq!(left[98], 1, "a key with values left stays");
+        assert_eq!(left[99], 0, "a large side that empties must be dropped too");
     }
 }
