@@ -1209,14 +1209,17 @@ impl Reader<'_> {
 
     /// Hands what was read to the dataflow and keeps at most about two
     /// batches beyond what was delivered; `live` waits until the batch is
-    /// out, so changes follow events promptly.
+    /// out, so changes follow events promptly. While it waits the worker
+    /// parks when it has nothing to do (woken by the others' messages):
+    /// spinning took its share of a core from the decoding thread and the
+    /// other workers.
     pub fn pump(&mut self, live: bool, extra: impl FnOnce() -> String) {
         self.progress.tick(&self.feeder, self.opts.tick, extra);
         self.publish_counters();
         self.advance_notes();
         let frontier = self.feeder.frontier();
         while self.delivered.less_than(&self.in_flight) && !self.stopping() {
-            self.worker.step();
+            self.worker.step_or_park(Some(Duration::from_millis(1)));
         }
         self.in_flight = frontier;
         self.worker.step();
