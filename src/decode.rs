@@ -24,6 +24,7 @@ use std::sync::mpsc::{sync_channel, Receiver};
 
 use crate::event::{decode, Event};
 use crate::plan::StreamDef;
+use crate::source::read_line;
 use crate::terms::{extract, Pay};
 
 /// Lines per batch handed to the reader.
@@ -191,7 +192,7 @@ impl Ahead {
             let mut line = Vec::new();
             loop {
                 line.clear();
-                match input.read_until(b'\n', &mut line) {
+                match read_line(&mut input, &mut line) {
                     Ok(0) => break,
                     Ok(n) => at += n as u64,
                     Err(e) => {

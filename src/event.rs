@@ -171,7 +171,7 @@ impl Object {
     pub fn value(&self, key: &str) -> Option<Value> {
         let (field, raw) = self.field(key)?;
         Some(match raw.as_bytes()[0] {
-            b'"' if !raw.contains('\\') => Value::Str(raw[1..raw.len() - 1].to_string()),
+            b'"' if memchr::memchr(b'\\', raw.as_bytes()).is_none() => Value::Str(raw[1..raw.len() - 1].to_string()),
             b'-' | b'0'..=b'9' => Value::from_number(raw),
             b't' => Value::Bool(true),
             b'f' => Value::Bool(false),
@@ -404,7 +404,7 @@ fn string_of(raw: &RawValue) -> Option<std::borrow::Cow<'_, str>> {
     let s = raw.get();
     if !s.starts_with('"') {
         None
-    } else if !s.contains('\\') {
+    } else if memchr::memchr(b'\\', s.as_bytes()).is_none() {
         Some(s[1..s.len() - 1].into())
     } else {
         serde_json::from_str::<String>(s).ok().map(Into::into)
