@@ -7,7 +7,7 @@
 //! `user:` before every `anon:`, then by bytes — which is the profile. Links
 //! only ever accumulate, so labels only ever shrink, which label propagation
 //! handles incrementally: a late merge re-labels just the merged component.
-//! Propagation is [`crate::total::propagate`], components kept on worker 0
+//! Propagation is [`crate::total::propagate`], components kept on the last worker
 //! and merged by union, rather than differential's fixed-point iteration.
 
 use differential_dataflow::VecCollection;

@@ -573,7 +573,7 @@ where
 /// whose edges come in both directions: every node in a component with at
 /// least one label gets the least label of the component.
 ///
-/// The graph lives on worker 0 as components with their members (union by
+/// The graph lives on the last worker (worker 0 reads and writes) as components with their members (union by
 /// size): an edge between two components merges the smaller into the larger
 /// and relabels the members whose least label changed; a new label relabels
 /// its component if it is less. Only removals — an edge or label whose
@@ -592,8 +592,10 @@ where
     L: ExchangeData + Clone + Ord,
 {
     let mut graph = Graph::default();
-    let everything_to_worker_0 = (|_: &(N, N)| 0, |_: &(N, L)| 0);
-    by_tick2(edges, nodes, name, everything_to_worker_0, move |t, de, dn, out| {
+    // The last worker: worker 0 reads the input and writes the output.
+    let last = edges.inner.scope().peers() as u64 - 1;
+    let everything_to_the_last_worker = (move |_: &(N, N)| last, move |_: &(N, L)| last);
+    by_tick2(edges, nodes, name, everything_to_the_last_worker, move |t, de, dn, out| {
         consolidate(de);
         consolidate(dn);
         let mut emit = |n: &N, l: &L, r: isize| out.push(((n.clone(), l.clone()), t, r));
