@@ -48,8 +48,14 @@ type NamedChange = (Upd, isize);
 pub trait Deliver {
     /// Queues one line; `key` is the profile id (Kafka's message key).
     fn send(&mut self, tick: u64, key: &str, line: &str) -> Result<(), String>;
-    /// Called after the last line of a tick: files flush here.
+    /// Called after the last line of a tick.
     fn end_tick(&mut self, tick: u64) -> Result<(), String>;
+    /// Called when the sink has written all it can for now (the end of
+    /// its activation), before it records the delivered frontier: files
+    /// flush here. Once a tick, a file run made a write call per tick.
+    fn flush(&mut self) -> Result<(), String> {
+        Ok(())
+    }
     /// The earliest tick with lines sent but not yet acknowledged.
     fn unacknowledged(&mut self) -> Option<u64> {
         None
@@ -65,8 +71,8 @@ pub trait Deliver {
     }
 }
 
-/// Lines to a regular file: flushed at the end of each tick, with the
-/// file's length known for checkpoints.
+/// Lines to a regular file: flushed whenever the sink has written what it
+/// could, with the file's length known for checkpoints.
 pub struct FileLines {
     out: std::io::BufWriter<std::fs::File>,
     len: u64,
@@ -89,6 +95,10 @@ impl Deliver for FileLines {
     }
 
     fn end_tick(&mut self, _tick: u64) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
         self.out.flush().map_err(|e| e.to_string())
     }
 
@@ -110,6 +120,10 @@ impl Deliver for WriteLines {
     }
 
     fn end_tick(&mut self, _tick: u64) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
         self.0.flush().map_err(|e| e.to_string())
     }
 }
@@ -256,6 +270,8 @@ pub fn deliver<'s>(
             // After a stop: held at the cutoff so that no reader takes the
             // ticks dropped after it for delivered.
             let mut barrier: Option<Capability<u64>> = None;
+            // Ticks written since the last flush.
+            let mut written: Vec<u64> = Vec::new();
             move |(changes, frontier), (notes, notes_frontier), _output| {
                 notes.for_each(|cap, data| {
                     for note in data.drain(..) {
@@ -334,8 +350,10 @@ pub fn deliver<'s>(
                     }
                     let before = outs.state.borrow().diffs;
                     write_tick(&mut outs, t, changes);
+                    written.push(t);
                     awaiting.insert(t, (cap, outs.state.borrow().diffs - before));
                 }
+                flush(&mut outs, &mut written);
                 if all_in && frontier.is_empty() {
                     pending.clear();
                     barrier = None;
@@ -354,6 +372,7 @@ pub fn deliver<'s>(
                 );
                 if let Some(served) = outs.served.clone() {
                     run_commands(&mut outs, &served);
+                    flush(&mut outs, &mut written);
                     if served.stop.load(std::sync::atomic::Ordering::SeqCst) {
                         keep = None;
                     }
@@ -389,7 +408,7 @@ fn write_dead(outs: &mut Outputs, reader: usize, line: &str) {
     let mut st = outs.state.borrow_mut();
     *st.dead_written.entry(reader).or_default() += 1;
     if let (Some(d), None) = (outs.dead_letters.as_mut(), &st.error) {
-        if let Err(e) = d.send(0, "", line).and_then(|()| d.end_tick(0)) {
+        if let Err(e) = d.send(0, "", line) {
             st.error = Some(format!("cannot write dead letters: {e}"));
         }
     }
@@ -466,9 +485,28 @@ fn send_lines(outs: &mut Outputs, t: u64, lines: &[(String, String)]) {
     if let Err(e) = out.end_tick(t) {
         st.error = Some(format!("cannot write output: {e}"));
     }
-    if let Some(timings) = &outs.timings {
-        timings.written.lock().expect("not poisoned").push((t, std::time::Instant::now()));
+}
+
+/// Flushes both outputs (see [`Deliver::flush`]); the ticks `written`
+/// since the last flush are out now (the latency benchmark's mark).
+fn flush(outs: &mut Outputs, written: &mut Vec<u64>) {
+    let mut st = outs.state.borrow_mut();
+    for (out, what) in [(&mut outs.changes, "output"), (&mut outs.dead_letters, "dead letters")] {
+        if let (Some(out), None) = (out.as_mut(), &st.error) {
+            if let Err(e) = out.flush() {
+                st.error = Some(format!("cannot write {what}: {e}"));
+            }
+        }
     }
+    if let Some(timings) = &outs.timings {
+        let now = std::time::Instant::now();
+        timings
+            .written
+            .lock()
+            .expect("not poisoned")
+            .extend(written.iter().map(|&t| (t, now)));
+    }
+    written.clear();
 }
 
 /// Counts profile changes by tick, on worker 0.
