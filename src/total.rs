@@ -573,10 +573,11 @@ where
 /// whose edges come in both directions: every node in a component with at
 /// least one label gets the least label of the component.
 ///
-/// The graph lives on the last worker (worker 0 reads and writes) as components with their members (union by
-/// size): an edge between two components merges the smaller into the larger
-/// and relabels the members whose least label changed; a new label relabels
-/// its component if it is less. Only removals — an edge or label whose
+/// The graph lives on the last worker (worker 0 reads and writes) as
+/// components with their members (union by size): an edge between two
+/// components merges the smaller into the larger and relabels the members
+/// whose least label changed; a new label relabels its component if it is
+/// less. Only removals — an edge or label whose
 /// multiplicity drops to zero, which shoal's inputs produce only when an id
 /// is seen earlier than before, and then cancel within a tick — rebuild a
 /// component by a search of its edges. Differential's `propagate` iterates
