@@ -42,7 +42,7 @@ use crate::clock::tick_of;
 use crate::event::{Event, Id, IdKind};
 use crate::ingest::{key_of, Counters, Key};
 use crate::plan::{Agg, Formula, Plan, StreamDef};
-use crate::sink::membership_line_at;
+use crate::sink::membership_line;
 use crate::spec::ast::{Expr, ExprKind};
 use crate::spec::parse::format_duration;
 use crate::spec::Spec;
@@ -855,7 +855,7 @@ impl Model {
         let time = crate::clock::format_time(t, self.show_ms);
         changes
             .iter()
-            .map(|(slot, _, id, enter)| membership_line_at(&time, &self.segments[*slot].name, id, *enter))
+            .map(|(slot, _, id, enter)| membership_line(&time, &self.segments[*slot].name, id, *enter))
             .collect()
     }
 

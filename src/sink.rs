@@ -177,14 +177,10 @@ impl SinkState {
     }
 }
 
-/// One membership line, keys in SPEC order.
-pub fn membership_line(time: u64, show_ms: bool, segment: &str, profile: &str, enter: bool) -> String {
-    membership_line_at(&format_time(time, show_ms), segment, profile, enter)
-}
-
-/// [`membership_line`] with the time already formatted: a tick's lines
-/// share it, and formatting it once per line was a third of the sink's work.
-pub fn membership_line_at(time: &str, segment: &str, profile: &str, enter: bool) -> String {
+/// One membership line, keys in SPEC order, at `time` as [`format_time`]
+/// writes it: a tick's lines share it, and formatting it once per line was
+/// a third of the sink's work.
+pub fn membership_line(time: &str, segment: &str, profile: &str, enter: bool) -> String {
     let mut line = String::with_capacity(64 + time.len() + segment.len() + profile.len());
     line.push_str("{\"time\":\"");
     line.push_str(time);
@@ -461,7 +457,7 @@ fn write_tick(outs: &mut Outputs, t: u64, mut changes: Vec<NamedChange>) {
     let lines: Vec<(String, String)> = lines
         .into_iter()
         .map(|(seg, profile, enter)| {
-            let line = membership_line_at(&time, &outs.segments[seg as usize], &profile, enter);
+            let line = membership_line(&time, &outs.segments[seg as usize], &profile, enter);
             (profile, line)
         })
         .collect();
@@ -532,11 +528,11 @@ mod tests {
         /// written for, whatever characters they hold, in SPEC's key order.
         #[test]
         fn lines_read_back_as_written(segment in "\\PC*|[\"\\\\\u{0}-\u{1f}a]{0,6}", profile in "\\PC*|[\"\\\\\u{0}-\u{1f}a]{0,6}", enter: bool, t in 0u64..4_000_000_000_000) {
-            let line = membership_line(t, true, &segment, &profile, enter);
+            let time = format_time(t, true);
+            let line = membership_line(&time, &segment, &profile, enter);
             let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
             prop_assert_eq!(v["segment"].as_str(), Some(segment.as_str()));
             prop_assert_eq!(v["profile"].as_str(), Some(profile.as_str()));
-            let time = format_time(t, true);
             prop_assert_eq!(v["time"].as_str(), Some(time.as_str()));
             prop_assert_eq!(v["change"].as_str(), Some(if enter { "enter" } else { "exit" }));
             let keys = ["\"time\":", "\"segment\":", "\"profile\":", "\"change\":"];
