@@ -113,9 +113,6 @@ pub fn memory_output(buf: Arc<Mutex<Vec<u8>>>) -> OpenOutput {
             b.push(b'\n');
             Ok(())
         }
-        fn end_tick(&mut self, _tick: u64) -> Result<(), String> {
-            Ok(())
-        }
         fn position(&self) -> Option<u64> {
             Some(self.0.lock().expect("not poisoned").len() as u64)
         }

@@ -48,11 +48,14 @@ type NamedChange = (Upd, isize);
 pub trait Deliver {
     /// Queues one line; `key` is the profile id (Kafka's message key).
     fn send(&mut self, tick: u64, key: &str, line: &str) -> Result<(), String>;
-    /// Called after the last line of a tick.
-    fn end_tick(&mut self, tick: u64) -> Result<(), String>;
+    /// Called after the last line of a tick (Kafka hands the tick's lines
+    /// to its producer here).
+    fn end_tick(&mut self, _tick: u64) -> Result<(), String> {
+        Ok(())
+    }
     /// Called when the sink has written all it can for now (the end of
     /// its activation), before it records the delivered frontier: files
-    /// flush here. Once a tick, a file run made a write call per tick.
+    /// flush here, not per tick, which cost a write call per tick.
     fn flush(&mut self) -> Result<(), String> {
         Ok(())
     }
@@ -94,10 +97,6 @@ impl Deliver for FileLines {
         writeln!(self.out, "{line}").map_err(|e| e.to_string())
     }
 
-    fn end_tick(&mut self, _tick: u64) -> Result<(), String> {
-        Ok(())
-    }
-
     fn flush(&mut self) -> Result<(), String> {
         self.out.flush().map_err(|e| e.to_string())
     }
@@ -117,10 +116,6 @@ pub struct WriteLines(pub Box<dyn Write>);
 impl Deliver for WriteLines {
     fn send(&mut self, _tick: u64, _key: &str, line: &str) -> Result<(), String> {
         writeln!(self.0, "{line}").map_err(|e| e.to_string())
-    }
-
-    fn end_tick(&mut self, _tick: u64) -> Result<(), String> {
-        Ok(())
     }
 
     fn flush(&mut self) -> Result<(), String> {
