@@ -621,11 +621,8 @@ pub fn build_with<'s>(
     let (links_in, links) = scope.new_collection();
     let identity::Profiles { labels, names } = identity::profiles(nodes.clone(), links);
     let universe = identity::universe(names.clone());
-    let lengths = Rc::new(plan.streams.iter().map(|s| s.window).collect::<Vec<_>>());
-    let folded = window::window(facts, lengths.clone(), tick);
-    let counted = window::window(counts, lengths, tick);
     let rows = rows || !plan.values.is_empty() || plan.atoms.iter().any(|a| a.terms.len() > 1);
-    let built = terms::terms(folded, counted, labels.clone(), plan.clone(), rows);
+    let built = terms::terms((facts, counts), labels.clone(), plan.clone(), (tick, rows));
     let mut atoms = built.atoms;
     let mut terms = built.rows;
     if let Some(rows) = terms.as_mut().filter(|_| !plan.values.is_empty()) {

@@ -18,7 +18,7 @@ use crate::event::Event;
 use crate::ingest::Key;
 use crate::plan::{Agg, Plan, Read, StreamDef};
 use crate::value::{Dec, Float, Value};
-use crate::window::{Windowed, WindowedOf};
+use crate::window::{profile_of, Fact, FactOf};
 
 /// What a stream keeps of one event.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -216,15 +216,19 @@ enum Change {
 /// one number per key, far cheaper than a reduce, and a fact without a
 /// payload is cheaper to queue and join.
 pub fn terms<'s>(
-    folded: VecCollection<'s, u64, Windowed, isize>,
-    counted: VecCollection<'s, u64, WindowedOf<()>, isize>,
+    (folded, counted): (VecCollection<'s, u64, Fact, isize>, VecCollection<'s, u64, FactOf<()>, isize>),
     labels: VecCollection<'s, u64, (Key, Key), isize>,
     plan: Rc<Plan>,
-    rows: bool,
+    (tick, rows): (u64, bool),
 ) -> Terms<'s> {
-    let counts = crate::total::join(counted, labels.clone(), "ProfileOfCounted", |_anchor, (stream, ()), profile| {
-        ((*stream, *profile), ())
-    });
+    let windows = (Rc::new(plan.streams.iter().map(|s| s.window).collect::<Vec<_>>()), tick);
+    let counts = profile_of(
+        counted,
+        windows.clone(),
+        labels.clone(),
+        "ProfileOfCounted",
+        |_anchor, (stream, ()), profile| ((*stream, *profile), ()),
+    );
     let counts = crate::total::count_with(counts, "CountTotal", {
         let plan = plan.clone();
         move |&(stream, profile), old, new, out| {
@@ -239,7 +243,7 @@ pub fn terms<'s>(
             );
         }
     });
-    let folded = crate::total::join(folded, labels, "ProfileOfFolded", |_anchor, (stream, pay), profile| {
+    let folded = profile_of(folded, windows, labels, "ProfileOfFolded", |_anchor, (stream, pay), profile| {
         ((*stream, *profile), pay.clone())
     });
     let folds = plan.clone();

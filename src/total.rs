@@ -31,8 +31,36 @@ use timely::dataflow::operators::Capability;
 use timely::progress::frontier::MutableAntichain;
 use timely::ExchangeData;
 
-type Updates<D> = Vec<(D, u64, isize)>;
+pub type Updates<D> = Vec<(D, u64, isize)>;
 type Output<D> = CapacityContainerBuilder<Updates<D>>;
+
+/// What an operator's input goes through before its updates wait for their
+/// tick: [`Direct`] passes them on; a window (`crate::window`) passes each
+/// fact on and holds its retraction until the input reaches its expiry.
+/// A stage holds updates only at ticks later than the input capability
+/// they came with, so the operator's held capability covers them.
+pub trait Stage<D0, D> {
+    /// Turns updates as they arrive into the operator's input, taking them
+    /// out of `data`.
+    fn admit(&mut self, data: &mut Vec<(D0, u64, isize)>, into: &mut Updates<D>);
+    /// Adds the updates held for ticks the input's `frontier` has reached.
+    fn release(&mut self, frontier: &MutableAntichain<u64>, into: &mut Updates<D>);
+    /// The earliest tick of an update still held.
+    fn next(&self) -> Option<u64>;
+}
+
+/// The stage that passes updates on as they are.
+pub struct Direct;
+
+impl<D> Stage<D, D> for Direct {
+    fn admit(&mut self, data: &mut Vec<(D, u64, isize)>, into: &mut Updates<D>) {
+        into.append(data);
+    }
+    fn release(&mut self, _frontier: &MutableAntichain<u64>, _into: &mut Updates<D>) {}
+    fn next(&self) -> Option<u64> {
+        None
+    }
+}
 
 /// Updates that wait for their tick to complete, and the earliest tick
 /// among them.
@@ -59,19 +87,37 @@ fn bound(frontiers: &[&MutableAntichain<u64>]) -> Option<u64> {
 impl<D> Pending<D> {
     /// Moves everything `input` holds into the pending updates, and makes
     /// `held` a capability no later than any of them.
-    fn absorb<P>(&mut self, input: &mut InputHandleCore<u64, Vec<(D, u64, isize)>, P>, held: &mut Option<Capability<u64>>)
-    where
-        P: timely::communication::Pull<timely::dataflow::channels::Message<u64, Vec<(D, u64, isize)>>>,
+    fn absorb<D0, S, P>(
+        &mut self,
+        input: &mut InputHandleCore<u64, Vec<(D0, u64, isize)>, P>,
+        held: &mut Option<Capability<u64>>,
+        stage: &mut S,
+    ) where
+        S: Stage<D0, D>,
+        P: timely::communication::Pull<timely::dataflow::channels::Message<u64, Vec<(D0, u64, isize)>>>,
     {
         input.for_each(|cap, data| {
             let Some(least) = cap.least() else { return };
             if held.as_ref().is_none_or(|h| h.time() > least) {
                 *held = cap.retain_least(0);
             }
-            let first = data.iter().map(|(_, t, _)| *t).min();
-            self.least = self.least.into_iter().chain(first).min();
-            self.updates.append(data);
+            let from = self.updates.len();
+            stage.admit(data, &mut self.updates);
+            self.noted(from);
         });
+    }
+
+    /// Takes note of the updates added from `from` on.
+    fn noted(&mut self, from: usize) {
+        let first = self.updates[from..].iter().map(|(_, t, _)| *t).min();
+        self.least = self.least.into_iter().chain(first).min();
+    }
+
+    /// Adds what `stage` holds that its input's `frontier` has reached.
+    fn release<D0, S: Stage<D0, D>>(&mut self, stage: &mut S, frontier: &MutableAntichain<u64>) {
+        let from = self.updates.len();
+        stage.release(frontier, &mut self.updates);
+        self.noted(from);
     }
 
     /// Moves the updates of every tick that all `frontiers` have passed into
@@ -215,7 +261,7 @@ where
             let mut held: Option<Capability<u64>> = None;
             let (mut ready, mut run, mut out) = (Vec::new(), Vec::new(), Vec::new());
             move |(input, frontier), output| {
-                pending.absorb(input, &mut held);
+                pending.absorb(input, &mut held, &mut Direct);
                 pending.ready(&[frontier], &mut ready);
                 by_tick_order(&mut ready);
                 each_tick(&mut ready, &mut run, |t, updates| on_tick(t, updates, &mut out));
@@ -468,26 +514,29 @@ fn settle<K: Hash + Eq, V, W>(sides: &mut FxHashMap<K, Both<V, W>>, key: &K) {
     }
 }
 
-/// The two-input [`by_tick`]: each complete tick's updates of `left` and of
-/// `right` (exchanged by `key1` and `key2`; in no particular order, not
-/// consolidated) go to `on_tick` together, in ascending order of ticks. The
-/// shell of [`join`] and [`propagate`].
-fn by_tick2<'s, D1, D2, O, F1, F2, L>(
-    left: VecCollection<'s, u64, D1, isize>,
+/// The two-input [`by_tick`]: each complete tick's updates of `left` (as
+/// its `stage` passes them on) and of `right` (exchanged by `key1` and
+/// `key2`; in no particular order, not consolidated) go to `on_tick`
+/// together, in ascending order of ticks. The shell of [`join`],
+/// [`join_staged`] and [`propagate`].
+fn by_tick2<'s, D0, D1, D2, O, S, F1, F2, L>(
+    (left, mut stage): (VecCollection<'s, u64, D0, isize>, S),
     right: VecCollection<'s, u64, D2, isize>,
     name: &str,
     (key1, key2): (F1, F2),
     mut on_tick: L,
 ) -> VecCollection<'s, u64, O, isize>
 where
-    D1: ExchangeData,
+    D0: ExchangeData,
+    D1: 'static,
     D2: ExchangeData,
     O: ExchangeData,
-    F1: Fn(&D1) -> u64 + 'static,
+    S: Stage<D0, D1> + 'static,
+    F1: Fn(&D0) -> u64 + 'static,
     F2: Fn(&D2) -> u64 + 'static,
     L: FnMut(u64, &mut Vec<(D1, isize)>, &mut Vec<(D2, isize)>, &mut Updates<O>) + 'static,
 {
-    let pact1 = Exchange::new(move |(d, _, _): &(D1, u64, isize)| key1(d));
+    let pact1 = Exchange::new(move |(d, _, _): &(D0, u64, isize)| key1(d));
     let pact2 = Exchange::new(move |(d, _, _): &(D2, u64, isize)| key2(d));
     left.inner
         .binary_frontier::<_, Output<O>, _, _, _, _>(right.inner, pact1, pact2, name, move |_cap, _info| {
@@ -496,8 +545,9 @@ where
             let (mut ready1, mut ready2, mut out) = (Vec::new(), Vec::new(), Vec::new());
             let (mut run1, mut run2) = (Vec::new(), Vec::new());
             move |(input1, frontier1), (input2, frontier2), output| {
-                pending1.absorb(input1, &mut held);
-                pending2.absorb(input2, &mut held);
+                pending1.absorb(input1, &mut held, &mut stage);
+                pending2.absorb(input2, &mut held, &mut Direct);
+                pending1.release(&mut stage, frontier1);
                 pending1.ready(&[frontier1, frontier2], &mut ready1);
                 pending2.ready(&[frontier1, frontier2], &mut ready2);
                 by_tick_order(&mut ready1);
@@ -518,7 +568,10 @@ where
                 if !out.is_empty() {
                     send(output, held.as_ref().expect("a capability for pending updates"), &mut out);
                 }
-                hold(&mut held, pending1.first().into_iter().chain(pending2.first()).min());
+                hold(
+                    &mut held,
+                    [pending1.first(), pending2.first(), stage.next()].into_iter().flatten().min(),
+                );
             }
         })
         .as_collection()
@@ -530,7 +583,7 @@ pub fn join<'s, K, V, W, O, L>(
     left: VecCollection<'s, u64, (K, V), isize>,
     right: VecCollection<'s, u64, (K, W), isize>,
     name: &str,
-    mut logic: L,
+    logic: L,
 ) -> VecCollection<'s, u64, O, isize>
 where
     K: ExchangeData + Clone + Hashable + Hash + Ord,
@@ -539,8 +592,31 @@ where
     O: ExchangeData + Clone,
     L: FnMut(&K, &V, &W) -> O + 'static,
 {
+    join_staged((left, Direct), |(k, _): &(K, V)| k.hashed().into(), right, name, logic)
+}
+
+/// [`join`], with the left input going through `stage` first, in the same
+/// operator (a window, see `crate::window`); `key` is the hash of the key
+/// an arriving left update will have.
+pub fn join_staged<'s, D0, S, H, K, V, W, O, L>(
+    left: (VecCollection<'s, u64, D0, isize>, S),
+    key: H,
+    right: VecCollection<'s, u64, (K, W), isize>,
+    name: &str,
+    mut logic: L,
+) -> VecCollection<'s, u64, O, isize>
+where
+    D0: ExchangeData,
+    S: Stage<D0, (K, V)> + 'static,
+    H: Fn(&D0) -> u64 + 'static,
+    K: ExchangeData + Clone + Hashable + Hash + Ord,
+    V: ExchangeData + Clone + Ord,
+    W: ExchangeData + Clone + Ord,
+    O: ExchangeData + Clone,
+    L: FnMut(&K, &V, &W) -> O + 'static,
+{
     let mut sides: FxHashMap<K, Both<V, W>> = FxHashMap::default();
-    let by_key = (|(k, _): &(K, V)| k.hashed().into(), |(k, _): &(K, W)| k.hashed().into());
+    let by_key = (key, |(k, _): &(K, W)| k.hashed().into());
     by_tick2(left, right, name, by_key, move |t, dv, dw, out| {
         // New right-hand values meet the left as it was; then new left-hand
         // values meet the right as it is now.
@@ -596,18 +672,24 @@ where
     // The last worker: worker 0 reads the input and writes the output.
     let last = edges.inner.scope().peers() as u64 - 1;
     let everything_to_the_last_worker = (move |_: &(N, N)| last, move |_: &(N, L)| last);
-    by_tick2(edges, nodes, name, everything_to_the_last_worker, move |t, de, dn, out| {
-        consolidate(de);
-        consolidate(dn);
-        let mut emit = |n: &N, l: &L, r: isize| out.push(((n.clone(), l.clone()), t, r));
-        for ((n, l), r) in dn.drain(..) {
-            graph.label(n, l, r, &mut emit);
-        }
-        for ((a, b), r) in de.drain(..) {
-            graph.edge(a, b, r, &mut emit);
-        }
-        graph.rebuild(&mut emit);
-    })
+    by_tick2(
+        (edges, Direct),
+        nodes,
+        name,
+        everything_to_the_last_worker,
+        move |t, de, dn, out| {
+            consolidate(de);
+            consolidate(dn);
+            let mut emit = |n: &N, l: &L, r: isize| out.push(((n.clone(), l.clone()), t, r));
+            for ((n, l), r) in dn.drain(..) {
+                graph.label(n, l, r, &mut emit);
+            }
+            for ((a, b), r) in de.drain(..) {
+                graph.edge(a, b, r, &mut emit);
+            }
+            graph.rebuild(&mut emit);
+        },
+    )
 }
 
 /// The state of [`propagate`]: nodes with their labels, edges and

@@ -14,16 +14,14 @@ use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
 use differential_dataflow::hashable::Hashable;
-use differential_dataflow::{AsCollection, VecCollection};
-use timely::container::CapacityContainerBuilder;
-use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::Capability;
+use differential_dataflow::VecCollection;
+use timely::progress::frontier::MutableAntichain;
 use timely::ExchangeData;
 
 use crate::clock::tick_of;
 use crate::ingest::Key;
 use crate::terms::Pay;
+use crate::total::{Stage, Updates};
 
 /// A fact about one event as the reader emits it: the anchor id, the stream,
 /// the event's own time (for expiry) and what the stream reads of it.
@@ -39,61 +37,72 @@ pub type Windowed = WindowedOf<Pay>;
 /// A windowed fact with payload `P`.
 pub type WindowedOf<P> = (Key, (u32, P));
 
-/// Windows every fact by its stream's length (`None`: lifetime); facts whose
-/// expiry is not after their effect tick never count and are dropped.
-pub fn window<'s, P: ExchangeData + Clone>(
+/// Windows every fact by its stream's length (`None`: lifetime; facts whose
+/// expiry is not after their effect tick never count and are dropped) and
+/// re-keys it from its anchor to the anchor's profile, in one operator:
+/// a join with `labels` (anchor → profile) whose left input is windowed
+/// first. Both are keyed by anchor, so the windowed facts need no channel
+/// and no buffer of their own before the join; the join's output is
+/// `logic(anchor, (stream, payload), profile)`.
+pub fn profile_of<'s, P, O, L>(
     facts: VecCollection<'s, u64, FactOf<P>, isize>,
+    (lengths, tick): (Rc<Vec<Option<u64>>>, u64),
+    labels: VecCollection<'s, u64, (Key, Key), isize>,
+    name: &str,
+    logic: L,
+) -> VecCollection<'s, u64, O, isize>
+where
+    P: ExchangeData + Clone + Ord,
+    O: ExchangeData + Clone,
+    L: FnMut(&Key, &(u32, P), &Key) -> O + 'static,
+{
+    let window = Window {
+        lengths,
+        tick,
+        expiries: Expiries::default(),
+    };
+    let anchor = |(id, _, _, _): &FactOf<P>| id.hashed().into();
+    crate::total::join_staged((facts, window), anchor, labels, name, logic)
+}
+
+/// The window as a stage of the join: passes each fact on at its effect
+/// tick and holds its retraction until the input reaches its expiry tick.
+struct Window<P> {
     lengths: Rc<Vec<Option<u64>>>,
     tick: u64,
-) -> VecCollection<'s, u64, WindowedOf<P>, isize> {
-    let pact = Exchange::new(|(d, _t, _r): &(FactOf<P>, u64, isize)| d.0.hashed());
-    facts
-        .inner
-        .unary_frontier::<CapacityContainerBuilder<Vec<(WindowedOf<P>, u64, isize)>>, _, _, _>(pact, "Window", move |_cap, _info| {
-            let mut pending = Expiries::default();
-            let mut held: Option<Capability<u64>> = None;
-            move |(input, frontier), output| {
-                input.for_each(|cap, data| {
-                    let mut session = output.session(&cap);
-                    for ((id, stream, e, pay), t, r) in data.drain(..) {
-                        let fact = (id, (stream, pay));
-                        match lengths[stream as usize] {
-                            None => session.give((fact, t, r)),
-                            Some(w) => {
-                                let expiry = tick_of(e.saturating_add(w), tick);
-                                if expiry <= t {
-                                    continue;
-                                }
-                                session.give((fact.clone(), t, r));
-                                pending.push(w, expiry, fact, -r);
-                                if held.as_ref().is_none_or(|h| *h.time() > expiry) {
-                                    held = Some(cap.delayed(&expiry, 0));
-                                }
-                            }
-                        }
+    expiries: Expiries<P>,
+}
+
+impl<P: Clone> Stage<FactOf<P>, WindowedOf<P>> for Window<P> {
+    fn admit(&mut self, data: &mut Vec<(FactOf<P>, u64, isize)>, into: &mut Updates<WindowedOf<P>>) {
+        for ((id, stream, e, pay), t, r) in data.drain(..) {
+            let fact = (id, (stream, pay));
+            match self.lengths[stream as usize] {
+                None => into.push((fact, t, r)),
+                Some(w) => {
+                    let expiry = tick_of(e.saturating_add(w), self.tick);
+                    if expiry <= t {
+                        continue;
                     }
-                });
-                if frontier.is_empty() {
-                    pending = Expiries::default();
-                    held = None;
-                    return;
-                }
-                if let Some(cap) = held.as_mut() {
-                    // Every retraction is at or after the held capability:
-                    // one session carries all that are due, each at its tick.
-                    let mut due = Vec::new();
-                    pending.release(|expiry| !frontier.less_than(expiry), &mut due);
-                    if !due.is_empty() {
-                        output.session(&*cap).give_container(&mut due);
-                    }
-                    match pending.next() {
-                        Some(next) => cap.downgrade(&next),
-                        None => held = None,
-                    }
+                    into.push((fact.clone(), t, r));
+                    self.expiries.push(w, expiry, fact, -r);
                 }
             }
-        })
-        .as_collection()
+        }
+    }
+
+    fn release(&mut self, frontier: &MutableAntichain<u64>, into: &mut Updates<WindowedOf<P>>) {
+        if frontier.is_empty() {
+            // Past the last tick: nothing is written after it.
+            self.expiries = Expiries::default();
+        } else {
+            self.expiries.release(|expiry| !frontier.less_than(expiry), into);
+        }
+    }
+
+    fn next(&self) -> Option<u64> {
+        self.expiries.next()
+    }
 }
 
 /// Retractions waiting for their expiry tick. Facts of one window length
