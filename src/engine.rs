@@ -669,6 +669,8 @@ pub struct Feeder {
     plan: Rc<Plan>,
     /// By stream: fed to `Inputs::counts` without its payload.
     counted: Vec<bool>,
+    /// How lines read here are decoded (decoding threads get a copy).
+    decoding: crate::decode::Decoding,
     inputs: Inputs,
     ingest: Ingest,
     identities: Identities,
@@ -695,6 +697,7 @@ impl Feeder {
     pub fn new(plan: Rc<Plan>, inputs: Inputs, opts: &RunOptions) -> Feeder {
         Feeder {
             counted: plan.counted_streams(),
+            decoding: crate::decode::Decoding::new(&plan.streams, inputs.events.is_some()),
             plan,
             inputs,
             ingest: Ingest::new(opts.tick, opts.lateness, opts.dedupe_horizon),
@@ -793,10 +796,7 @@ impl Feeder {
     /// What this reader needs decoded: every stream's facts, and the events'
     /// objects only when it keeps whole events (the served model's history).
     pub fn decoding(&self) -> crate::decode::Decoding {
-        crate::decode::Decoding {
-            streams: self.plan.streams.clone(),
-            objects: self.inputs.events.is_some(),
-        }
+        self.decoding.clone()
     }
 
     /// The clock follows [`Feeder::advance_watermark`] instead of the largest event time.
@@ -831,7 +831,7 @@ impl Feeder {
     fn fed(&mut self, outcome: Outcome, facts: Option<crate::decode::Facts>) -> Outcome {
         if let Outcome::Accepted(s) = &outcome {
             if self.until.is_none_or(|u| s.effect <= u) {
-                let facts = facts.unwrap_or_else(|| crate::decode::facts(&self.plan.streams, &s.event));
+                let facts = facts.unwrap_or_else(|| self.decoding.facts(&s.event));
                 self.feed(s, facts);
             }
         }

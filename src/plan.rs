@@ -204,7 +204,10 @@ impl Formula {
     /// Whether the formula holds, given which atoms hold and which segments
     /// (`in_segment`) the profile is in; `not` is the complement within the
     /// universe, so it is only asked of profiles that exist.
-    pub fn eval(&self, atom: &dyn Fn(usize) -> bool, segment: &dyn Fn(usize) -> bool) -> bool {
+    ///
+    /// Generic rather than over `dyn Fn`: every changed profile evaluates
+    /// every segment, and an indirect call per leaf was most of the walk.
+    pub fn eval<A: Fn(usize) -> bool, S: Fn(usize) -> bool>(&self, atom: &A, segment: &S) -> bool {
         match self {
             Formula::True => true,
             Formula::False => false,
@@ -722,6 +725,56 @@ pub fn matches(sel: &Selector, ev: &Event) -> bool {
         EventSel::Screen(n) => ev.kind == EventType::Screen && n.as_ref().is_none_or(|n| ev.name.as_deref() == Some(n.as_str())),
     };
     kind_ok && sel.filter.as_ref().is_none_or(|f| filter_value(f, ev) == Value::Bool(true))
+}
+
+/// The streams an event may match, by its type and name — what a selector
+/// checks before its filter — so that an event is matched against those
+/// alone: most streams select one track or page name, and checking every
+/// stream's selector for every event was a tenth of the decoding thread.
+#[derive(Clone, Debug, Default)]
+pub struct Selectors {
+    /// Streams of every event but a group (`EventSel::Any`).
+    any: Vec<u32>,
+    /// By event type: the streams of every event of the type, and of each name.
+    kinds: HashMap<EventType, (Vec<u32>, HashMap<String, Vec<u32>>)>,
+}
+
+impl Selectors {
+    pub fn new(streams: &[StreamDef]) -> Selectors {
+        let mut selectors = Selectors::default();
+        for (i, stream) in streams.iter().enumerate() {
+            let i = i as u32;
+            let mut of = |kind: EventType, name: Option<&String>| {
+                let (all, named) = selectors.kinds.entry(kind).or_default();
+                match name {
+                    None => all.push(i),
+                    Some(n) => named.entry(n.clone()).or_default().push(i),
+                }
+            };
+            match &stream.sel.event {
+                EventSel::Any => selectors.any.push(i),
+                EventSel::Identify => of(EventType::Identify, None),
+                EventSel::Track(n) => of(EventType::Track, Some(n)),
+                EventSel::Page(n) => of(EventType::Page, n.as_ref()),
+                EventSel::Screen(n) => of(EventType::Screen, n.as_ref()),
+            }
+        }
+        selectors
+    }
+
+    /// Calls `each` with every stream whose selector can match `ev`, in
+    /// no particular order (each at most once).
+    pub fn candidates(&self, ev: &Event, mut each: impl FnMut(u32)) {
+        if ev.kind != EventType::Group {
+            self.any.iter().for_each(|&i| each(i));
+        }
+        if let Some((all, named)) = self.kinds.get(&ev.kind) {
+            all.iter().for_each(|&i| each(i));
+            if let Some(streams) = ev.name.as_deref().and_then(|n| named.get(n)) {
+                streams.iter().for_each(|&i| each(i));
+            }
+        }
+    }
 }
 
 /// Evaluates a `where` filter over one event.
