@@ -193,59 +193,136 @@ impl Object {
     }
 }
 
+/// A top-level field of an object as the parser lends it: the key (borrowed
+/// unless it had escapes to undo) and the value's text.
+type Lent<'a> = (KeyText<'a>, &'a RawValue);
+
+enum KeyText<'a> {
+    Borrowed(&'a str),
+    Owned(String),
+}
+
+/// An object's fields as the parser lends them, or `None` for a value
+/// that is not an object (so that decoding names the field, as it does for
+/// a field read as raw text).
+struct Lending<'a>(Option<Vec<Lent<'a>>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Lending<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Lending<'a>, D::Error> {
+        use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct Key;
+        impl<'de> DeserializeSeed<'de> for Key {
+            type Value = KeyText<'de>;
+            fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<KeyText<'de>, D::Error> {
+                d.deserialize_str(self)
+            }
+        }
+        impl<'de> Visitor<'de> for Key {
+            type Value = KeyText<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<KeyText<'de>, E> {
+                Ok(KeyText::Borrowed(s))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<KeyText<'de>, E> {
+                Ok(KeyText::Owned(s.to_string()))
+            }
+        }
+        struct Fields<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Fields<'a> {
+            type Value = Lending<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Lending<'a>, A::Error> {
+                let mut fields = Vec::with_capacity(8);
+                while let Some(key) = m.next_key_seed(Key)? {
+                    fields.push((key, m.next_value()?));
+                }
+                Ok(Lending(Some(fields)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<Lending<'a>, A::Error> {
+                while s.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Lending(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Lending<'a>, E> {
+                Ok(Lending(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Lending<'a>, E> {
+                Ok(Lending(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Lending<'a>, E> {
+                Ok(Lending(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Lending<'a>, E> {
+                Ok(Lending(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Lending<'a>, E> {
+                Ok(Lending(None))
+            }
+            fn visit_unit<E>(self) -> Result<Lending<'a>, E> {
+                Ok(Lending(None))
+            }
+        }
+        d.deserialize_any(Fields(std::marker::PhantomData))
+    }
+}
+
+/// The fields lent by the parser of `text` (which holds every key and
+/// value they borrow), as spans of `text`.
+fn spans(text: &str, lent: Vec<Lent<'_>>) -> Vec<Field> {
+    let offset = |s: &str| (s.as_ptr() as usize - text.as_ptr() as usize) as u32;
+    lent.into_iter()
+        .map(|(key, raw)| {
+            let start = offset(raw.get());
+            Field {
+                key: match key {
+                    KeyText::Borrowed(k) => FieldKey::At(offset(k), offset(k) + k.len() as u32),
+                    KeyText::Owned(k) => FieldKey::Owned(k.into()),
+                },
+                value: (start, start + raw.get().len() as u32),
+                parsed: Default::default(),
+            }
+        })
+        .collect()
+}
+
 /// Where every top-level field of the object `text` lies (empty if `text`
 /// is not an object, which decoding has already ruled out).
 fn index(text: &str) -> Vec<Field> {
-    use serde::de::{DeserializeSeed, MapAccess, Visitor};
-    let offset = |s: &str| (s.as_ptr() as usize - text.as_ptr() as usize) as u32;
-    struct Key;
-    enum KeyText<'a> {
-        Borrowed(&'a str),
-        Owned(String),
+    match serde_json::from_str::<Lending>(text) {
+        Ok(Lending(Some(lent))) => spans(text, lent),
+        _ => Vec::new(),
     }
-    impl<'de> DeserializeSeed<'de> for Key {
-        type Value = KeyText<'de>;
-        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<KeyText<'de>, D::Error> {
-            d.deserialize_str(self)
-        }
+}
+
+/// The object whose fields were lent by the one pass over `line`, found in
+/// it: from the `{` before the first key to the `}` after the last value,
+/// with nothing but JSON whitespace between. `None` when that cannot be
+/// read off the fields (no field, or a first key with escapes); the caller
+/// then reads the object's text apart.
+fn lent_object(line: &str, lent: Vec<Lent<'_>>) -> Option<Object> {
+    let at = |s: &str| s.as_ptr() as usize - line.as_ptr() as usize;
+    let (Some((KeyText::Borrowed(first), _)), Some((_, last))) = (lent.first(), lent.last()) else {
+        return None;
+    };
+    let space = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    let bytes = line.as_bytes();
+    // The key's opening quote, then whitespace back to the brace.
+    let before = &bytes[..at(first) - 1];
+    let open = before.len() - 1 - before.iter().rev().position(|b| !space(b))?;
+    let after = at(last.get()) + last.get().len();
+    let close = after + bytes[after..].iter().position(|b| !space(b))?;
+    if bytes[open] != b'{' || bytes[close] != b'}' {
+        return None;
     }
-    impl<'de> Visitor<'de> for Key {
-        type Value = KeyText<'de>;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a key")
-        }
-        fn visit_borrowed_str<E>(self, s: &'de str) -> Result<KeyText<'de>, E> {
-            Ok(KeyText::Borrowed(s))
-        }
-        fn visit_str<E>(self, s: &str) -> Result<KeyText<'de>, E> {
-            Ok(KeyText::Owned(s.to_string()))
-        }
-    }
-    struct Fields<'a>(&'a dyn Fn(&str) -> u32);
-    impl<'de> Visitor<'de> for Fields<'_> {
-        type Value = Vec<Field>;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("an object")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Vec<Field>, A::Error> {
-            let mut fields = Vec::new();
-            while let Some(key) = m.next_key_seed(Key)? {
-                let raw: &RawValue = m.next_value()?;
-                let start = (self.0)(raw.get());
-                fields.push(Field {
-                    key: match key {
-                        KeyText::Borrowed(k) => FieldKey::At((self.0)(k), (self.0)(k) + k.len() as u32),
-                        KeyText::Owned(k) => FieldKey::Owned(k.into()),
-                    },
-                    value: (start, start + raw.get().len() as u32),
-                    parsed: Default::default(),
-                });
-            }
-            Ok(fields)
-        }
-    }
-    let mut d = serde_json::Deserializer::from_str(text);
-    serde::Deserializer::deserialize_map(&mut d, Fields(&offset)).unwrap_or_default()
+    let text = &line[open..=close];
+    let fields = spans(text, lent);
+    Some(Object {
+        text: Some(text.into()),
+        fields: fields.into(),
+    })
 }
 
 impl Event {
@@ -390,8 +467,9 @@ struct Top<'a> {
     anonymous_id: Option<&'a RawValue>,
     #[serde(rename = "previousId", borrow)]
     previous_id: Option<&'a RawValue>,
+    /// Indexed in this one pass: nearly every event's `properties` is read.
     #[serde(borrow)]
-    properties: Option<&'a RawValue>,
+    properties: Option<Lending<'a>>,
     #[serde(borrow)]
     traits: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -460,6 +538,16 @@ fn timestamp(raw: Option<&RawValue>) -> Result<u64, BadEvent> {
     }
 }
 
+/// The text of `properties` in a line already decoded once.
+fn properties_of(text: &str) -> Option<&RawValue> {
+    #[derive(Deserialize)]
+    struct Properties<'a> {
+        #[serde(borrow)]
+        properties: Option<&'a RawValue>,
+    }
+    serde_json::from_str::<Properties>(text).ok().and_then(|p| p.properties)
+}
+
 /// Decodes one line (without its line ending). Blank lines are the caller's
 /// business: they are skipped before decoding.
 pub fn decode(line: &[u8]) -> Result<Event, BadEvent> {
@@ -501,7 +589,14 @@ pub fn decode(line: &[u8]) -> Result<Event, BadEvent> {
     let user_id = opt_id(top.user_id, "userId")?;
     let anonymous_id = opt_id(top.anonymous_id, "anonymousId")?;
     let previous_id = opt_id(top.previous_id, "previousId")?;
-    let properties = Object::from_raw(top.properties, "properties")?;
+    let properties = match top.properties {
+        None => Object::default(),
+        Some(Lending(None)) => return bad("field `properties` must be an object"),
+        Some(Lending(Some(lent))) => match lent_object(text, lent) {
+            Some(object) => object,
+            None => Object::from_raw(properties_of(text), "properties")?,
+        },
+    };
     let traits = Object::from_raw(top.traits, "traits")?;
     let context = Object::from_raw(top.context, "context")?;
     let name = match kind {
@@ -618,6 +713,34 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// `properties`, indexed in the one pass over the line, keeps its
+        /// text exactly and reads every field as the parsed object does,
+        /// whatever the spacing, escaped keys, nesting or emptiness.
+        #[test]
+        fn properties_read_in_one_pass_keep_text_and_fields(
+            fields in proptest::collection::vec((
+                proptest::sample::select(vec!["a", "b", "dwell_ms", "a\\u0062", "q\\\"k", "", "é"]),
+                proptest::sample::select(vec!["1", "-2.50", "\"x\"", "\"y\\\"z\"", "null", "true", "[1,{\"c\":[]}]", "{\"p\":{\"q\":\"deep\"}}", "{}"]),
+            ), 0..6),
+            gaps in proptest::collection::vec(proptest::sample::select(vec!["", " ", "\n\t ", "\r\n"]), 4),
+            after in proptest::sample::select(vec!["", ",\"traits\":{\"t\":1}", ",\"x\":\"}\""]),
+        ) {
+            let body = fields
+                .iter()
+                .map(|(k, v)| format!("{}\"{k}\"{}:{}{v}{}", gaps[0], gaps[1], gaps[2], gaps[3]))
+                .collect::<Vec<_>>()
+                .join(",");
+            let object = format!("{{{body}{}}}", gaps[0]);
+            let line = format!(r#"{{"type":"track","event":"e","userId":"u","timestamp":0,"properties":{}{object}{}{after}}}"#, gaps[1], gaps[2]);
+            let e = decode(line.as_bytes()).expect("a valid event");
+            let parsed: Map<String, Json> = serde_json::from_str(&object).expect("valid JSON");
+            proptest::prop_assert_eq!(e.properties.text(), Some(object.trim()));
+            proptest::prop_assert_eq!(e.properties.map(), parsed.clone());
+            for key in parsed.keys().map(String::as_str).chain(["missing"]) {
+                proptest::prop_assert_eq!(e.properties.get(key), parsed.get(key), "key {:?}", key);
+            }
+        }
+
         /// Each top-level scalar, whatever JSON it holds, decodes as the
         /// parsed JSON reads: a string (escaped or not) or, for ids, a
         /// number's text; `null` is absent; anything else is refused.

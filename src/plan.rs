@@ -727,6 +727,9 @@ pub fn matches(sel: &Selector, ev: &Event) -> bool {
     kind_ok && sel.filter.as_ref().is_none_or(|f| filter_value(f, ev) == Value::Bool(true))
 }
 
+/// Streams by the event name their selector takes.
+type ByName = HashMap<String, Vec<u32>>;
+
 /// The streams an event may match, by its type and name — what a selector
 /// checks before its filter — so that an event is matched against those
 /// alone: most streams select one track or page name, and checking every
@@ -736,7 +739,7 @@ pub struct Selectors {
     /// Streams of every event but a group (`EventSel::Any`).
     any: Vec<u32>,
     /// By event type: the streams of every event of the type, and of each name.
-    kinds: HashMap<EventType, (Vec<u32>, HashMap<String, Vec<u32>>)>,
+    kinds: HashMap<EventType, (Vec<u32>, ByName)>,
 }
 
 impl Selectors {

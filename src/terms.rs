@@ -18,7 +18,7 @@ use crate::event::Event;
 use crate::ingest::Key;
 use crate::plan::{Agg, Plan, Read, StreamDef};
 use crate::value::{Dec, Float, Value};
-use crate::window::{profile_of, Fact, FactOf};
+use crate::window::{profile_of, Facts};
 
 /// What a stream keeps of one event.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -216,7 +216,7 @@ enum Change {
 /// one number per key, far cheaper than a reduce, and a fact without a
 /// payload is cheaper to queue and join.
 pub fn terms<'s>(
-    (folded, counted): (VecCollection<'s, u64, Fact, isize>, VecCollection<'s, u64, FactOf<()>, isize>),
+    (folded, counted): (Facts<'s, Pay>, Facts<'s, ()>),
     labels: VecCollection<'s, u64, (Key, Key), isize>,
     plan: Rc<Plan>,
     (tick, rows): (u64, bool),

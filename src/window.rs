@@ -31,6 +31,9 @@ pub type Fact = FactOf<Pay>;
 /// `count`, which need nothing but the fact's multiplicity.
 pub type FactOf<P> = (Key, u32, u64, P);
 
+/// A collection of facts with payload `P`, as a reader feeds them.
+pub type Facts<'s, P> = VecCollection<'s, u64, FactOf<P>, isize>;
+
 /// A windowed fact: keyed by anchor id, with its stream and payload.
 pub type Windowed = WindowedOf<Pay>;
 
@@ -45,7 +48,7 @@ pub type WindowedOf<P> = (Key, (u32, P));
 /// and no buffer of their own before the join; the join's output is
 /// `logic(anchor, (stream, payload), profile)`.
 pub fn profile_of<'s, P, O, L>(
-    facts: VecCollection<'s, u64, FactOf<P>, isize>,
+    facts: Facts<'s, P>,
     (lengths, tick): (Rc<Vec<Option<u64>>>, u64),
     labels: VecCollection<'s, u64, (Key, Key), isize>,
     name: &str,
@@ -61,7 +64,7 @@ where
         tick,
         expiries: Expiries::default(),
     };
-    let anchor = |(id, _, _, _): &FactOf<P>| id.hashed().into();
+    let anchor = |(id, _, _, _): &FactOf<P>| id.hashed();
     crate::total::join_staged((facts, window), anchor, labels, name, logic)
 }
 
