@@ -5,6 +5,7 @@
 //! fields are type-checked; `properties`, `traits` and `context` are kept as
 //! JSON objects and read by dotted path when a term asks for them.
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value as Json};
@@ -69,14 +70,14 @@ pub enum EventType {
 pub struct Event {
     pub kind: EventType,
     /// `event` of a track, `name` of a page or screen.
-    pub name: Option<String>,
+    pub name: Option<CompactString>,
     /// Event time in epoch milliseconds.
     pub time: u64,
     /// The dedupe key: a 128-bit hash of `messageId`, or of the line's bytes.
     pub key: u128,
-    pub user_id: Option<String>,
-    pub anonymous_id: Option<String>,
-    pub previous_id: Option<String>,
+    pub user_id: Option<CompactString>,
+    pub anonymous_id: Option<CompactString>,
+    pub previous_id: Option<CompactString>,
     pub properties: Object,
     pub traits: Object,
     pub context: Object,
@@ -503,16 +504,16 @@ fn opt_str<'a>(raw: Option<&'a RawValue>, field: &str) -> Result<Option<std::bor
     }
 }
 
-fn opt_string(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, BadEvent> {
-    Ok(opt_str(raw, field)?.map(|s| s.into_owned()))
+fn opt_string(raw: Option<&RawValue>, field: &str) -> Result<Option<CompactString>, BadEvent> {
+    Ok(opt_str(raw, field)?.map(CompactString::from))
 }
 
-fn opt_id(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, BadEvent> {
+fn opt_id(raw: Option<&RawValue>, field: &str) -> Result<Option<CompactString>, BadEvent> {
     let Some(raw) = raw else { return Ok(None) };
     match (string_of(raw), number_of(raw)) {
         (Some(s), _) if s.is_empty() => Ok(None),
-        (Some(s), _) => Ok(Some(s.into_owned())),
-        (None, Some(n)) => Ok(Some(n.to_string())),
+        (Some(s), _) => Ok(Some(CompactString::from(s))),
+        (None, Some(n)) => Ok(Some(CompactString::from(n))),
         (None, None) => bad(format!("field `{field}` must be a string or a number")),
     }
 }
@@ -774,7 +775,7 @@ mod tests {
                         _ => return Err(proptest::test_runner::TestCaseError::reject("not an id")),
                     };
                     match id {
-                        Some(id) => proptest::prop_assert_eq!(got.unwrap().user_id, Some(id)),
+                        Some(id) => proptest::prop_assert_eq!(got.unwrap().user_id.map(|s| s.to_string()), Some(id)),
                         None => proptest::prop_assert!(got.is_err(), "no identifier"),
                     }
                 }
@@ -785,11 +786,11 @@ mod tests {
                         Json::String(_) | Json::Null => None,
                         _ => return Err(proptest::test_runner::TestCaseError::reject("not an id")),
                     };
-                    proptest::prop_assert_eq!(got.unwrap().anonymous_id, id);
+                    proptest::prop_assert_eq!(got.unwrap().anonymous_id.map(|s| s.to_string()), id);
                 }
                 ("event", _) => match (&json, text(&json)) {
                     (Json::Null, _) => proptest::prop_assert!(got.is_err(), "a track needs its event"),
-                    (_, Some(e)) => proptest::prop_assert_eq!(got.unwrap().name, Some(e)),
+                    (_, Some(e)) => proptest::prop_assert_eq!(got.unwrap().name.map(|s| s.to_string()), Some(e)),
                     (_, None) => proptest::prop_assert!(got.unwrap_err().0.contains("`event` must be a string")),
                 },
                 ("type", _) => match text(&json) {

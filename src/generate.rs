@@ -1397,7 +1397,7 @@ mod tests {
                         continue;
                     }
                     let key = match e.kind {
-                        crate::event::EventType::Track => e.name.clone().unwrap(),
+                        crate::event::EventType::Track => e.name.clone().unwrap().to_string(),
                         k => format!("{k:?}"),
                     };
                     *types.entry(key).or_default() += 1;
@@ -1473,7 +1473,7 @@ mod tests {
             if let Ok(e) = crate::event::decode(line.as_bytes()) {
                 let ua = e.context.get("userAgent").and_then(|u| u.as_str()).unwrap_or("");
                 if ua.contains("bot") {
-                    per_bot.entry(e.anonymous_id.clone().unwrap()).or_default().push(e.time);
+                    per_bot.entry(e.anonymous_id.clone().unwrap().to_string()).or_default().push(e.time);
                 }
             }
         }

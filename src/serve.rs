@@ -32,6 +32,7 @@
 //! tick turns into a touch at the right tick, even a tick with no update
 //! from the dataflow (the sink asks [`Model::next_due`]).
 
+use compact_str::CompactString;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -80,10 +81,10 @@ impl Kept {
         u64,
         u128,
         u8,
-        &Option<String>,
-        &Option<String>,
-        &Option<String>,
-        &Option<String>,
+        &Option<CompactString>,
+        &Option<CompactString>,
+        &Option<CompactString>,
+        &Option<CompactString>,
         [Option<&str>; 3],
     ) {
         let e = &self.0;
