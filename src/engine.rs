@@ -822,7 +822,7 @@ impl Feeder {
             }
             Item::Event { event, facts } => {
                 self.ingest.counters.read += 1;
-                let outcome = self.ingest.accept(*event);
+                let outcome = self.ingest.accept(event);
                 self.fed(outcome, Some(facts))
             }
         }
@@ -859,7 +859,7 @@ impl Feeder {
             (None, None) => unreachable!("accepted events have an id"),
         };
         if let Some(events) = &mut self.inputs.events {
-            events.update_at((anchor, crate::serve::Kept(Box::new(s.event.clone()))), s.effect, 1);
+            events.update_at((anchor, crate::serve::Kept(s.event.clone())), s.effect, 1);
         }
         for (stream, pay) in facts {
             if let Pay::Stamped(..) = pay {

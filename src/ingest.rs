@@ -23,7 +23,9 @@ use crate::event::{decode, Event, EventType, Id, IdKind};
 /// An accepted event with the tick at which it takes effect.
 #[derive(Clone, Debug)]
 pub struct Stamped {
-    pub event: Event,
+    /// Boxed as decoded: an event is a few hundred bytes, moved from the
+    /// decoding thread to the output without being copied.
+    pub event: Box<Event>,
     pub effect: u64,
     pub late: bool,
 }
@@ -36,7 +38,7 @@ pub enum Outcome {
     /// `group`: valid, then dropped.
     Ignored,
     Duplicate,
-    Accepted(Box<Stamped>),
+    Accepted(Stamped),
 }
 
 /// Counters for the summary line and metrics.
@@ -124,7 +126,7 @@ impl Ingest {
         }
         self.counters.read += 1;
         match decode(line) {
-            Ok(event) => self.accept(event),
+            Ok(event) => self.accept(Box::new(event)),
             Err(e) => self.reject(e.0),
         }
     }
@@ -136,7 +138,7 @@ impl Ingest {
     }
 
     /// Takes an event decoded elsewhere (already counted as read).
-    pub fn accept(&mut self, event: Event) -> Outcome {
+    pub fn accept(&mut self, event: Box<Event>) -> Outcome {
         if event.kind == EventType::Group {
             self.counters.ignored += 1;
             return Outcome::Ignored;
@@ -159,7 +161,7 @@ impl Ingest {
         } else if self.clock.observe(event.time) {
             self.forget_passed();
         }
-        Outcome::Accepted(Box::new(Stamped { event, effect, late }))
+        Outcome::Accepted(Stamped { event, effect, late })
     }
 
     /// Moves the clock to `t` without an event (live input gone idle).
@@ -418,7 +420,7 @@ mod tests {
     fn identity_changes_move_earlier_once() {
         let mut ids = Identities::default();
         let ev = |t: u64| Stamped {
-            event: decode(format!(r#"{{"type":"identify","userId":"u","anonymousId":"a","timestamp":{t}}}"#).as_bytes()).unwrap(),
+            event: Box::new(decode(format!(r#"{{"type":"identify","userId":"u","anonymousId":"a","timestamp":{t}}}"#).as_bytes()).unwrap()),
             effect: t,
             late: false,
         };

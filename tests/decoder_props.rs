@@ -337,7 +337,7 @@ proptest! {
         let mut ingest = Ingest::new(1000, 0, 3_600_000);
         match (decode(&line), read_one(&mut ingest, &line)) {
             (Ok(event), Outcome::Accepted(s)) => {
-                prop_assert_eq!(&s.event, &event);
+                prop_assert_eq!(&*s.event, &event);
                 // What the dataflow reads of an accepted event.
                 let _ = (event.anchor(), event.links());
                 let _ = event.get(&["properties".into(), "a".into()]);
