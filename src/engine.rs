@@ -9,7 +9,7 @@
 //! the event takes effect, plus a stream of notes (dead letters, and a
 //! report at the end) for the sink. Readers advance their inputs with their
 //! clock, a batch of lines at a time (never a round trip per tick), and keep
-//! at most a couple of batches beyond what the output has *delivered*, so a
+//! at most a few batches beyond what the output has *delivered*, so a
 //! slow output slows the input instead of growing a queue. The dataflow's
 //! frontier is the least of the readers' clocks; a worker with nothing to
 //! read closes its inputs at once and runs its share of the dataflow.
@@ -315,6 +315,8 @@ pub fn run_memory(spec: &Spec, input: &[u8], opts: &RunOptions) -> Result<Memory
 
 /// Lines read between flushes of the inputs.
 const BATCH: usize = 4096;
+/// Batches a reader may read beyond the frontier it must see delivered.
+const LEAD: usize = 4;
 
 /// Live input is handed to the dataflow at least this often while it flows.
 const LIVE_PUMP: Duration = Duration::from_millis(5);
@@ -1025,6 +1027,8 @@ pub struct Reader<'w> {
     notes: timely::dataflow::InputHandleVec<u64, Note>,
     delivered: timely::dataflow::ProbeHandle<u64>,
     in_flight: u64,
+    /// The reader's frontier at its last few pumps, oldest first.
+    pumped: std::collections::VecDeque<u64>,
     pub progress: Progress,
     pub opts: RunOptions,
     pub stop: Arc<AtomicBool>,
@@ -1201,9 +1205,12 @@ impl Reader<'_> {
         self.stop.load(Ordering::SeqCst)
     }
 
-    /// Hands what was read to the dataflow and keeps at most about two
+    /// Hands what was read to the dataflow and keeps at most [`LEAD`] + 1
     /// batches beyond what was delivered; `live` waits until the batch is
-    /// out, so changes follow events promptly. While it waits the worker
+    /// out, so changes follow events promptly. (With a lead of one batch,
+    /// the reading worker waited for each batch's ticks to be written
+    /// before reading on, while the other worker had nothing to do: four
+    /// are 6% faster on 2 workers, see `docs/performance.md`.) While it waits the worker
     /// parks when it has nothing to do (woken by the others' messages):
     /// spinning took its share of a core from the decoding thread and the
     /// other workers.
@@ -1215,7 +1222,14 @@ impl Reader<'_> {
         while self.delivered.less_than(&self.in_flight) && !self.stopping() {
             self.worker.step_or_park(Some(Duration::from_millis(1)));
         }
-        self.in_flight = frontier;
+        if live {
+            self.in_flight = frontier;
+        } else {
+            self.pumped.push_back(frontier);
+            if self.pumped.len() > LEAD {
+                self.in_flight = self.pumped.pop_front().expect("pumped");
+            }
+        }
         self.worker.step();
         if live {
             while self.delivered.less_than(&self.in_flight) && !self.stopping() {
@@ -1383,6 +1397,7 @@ fn run_worker(
         notes,
         delivered,
         in_flight: 0,
+        pumped: std::collections::VecDeque::new(),
         progress: Progress::new(),
         opts: opts.clone(),
         stop: job.stop.clone(),
