@@ -1,14 +1,16 @@
 //! Windows: facts that enter at their tick and leave at `tick_of(e + W)`.
 //!
 //! A window is not a timer and not a pending update in differential's input:
-//! the [`window`] operator passes each fact on at its effect tick and keeps
-//! the matching retraction in a queue keyed by expiry tick, holding one
-//! capability for the earliest. When the input frontier reaches an expiry
-//! tick the retractions for it are released. Differential therefore never
-//! holds future updates, and the cost of a fact does not depend on how long
-//! its window is. The queue appends in O(1) for facts in input order (see
-//! `Expiries`). When the input closes, retractions still queued lie beyond
-//! the last written tick and are dropped.
+//! it is the first stage of the join that re-keys facts to profiles
+//! ([`profile_of`]), which passes each fact on at its effect tick and keeps
+//! the matching retraction in a queue keyed by expiry tick, under the
+//! operator's capability. When the facts' frontier reaches an expiry tick
+//! the retractions for it join the updates waiting for that tick.
+//! Differential therefore never holds future updates, and the cost of a
+//! fact does not depend on how long its window is. The queue appends in
+//! O(1) for facts in input order (see `Expiries`). When the input closes,
+//! retractions still queued lie beyond the last written tick and are
+//! dropped.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
@@ -168,5 +170,111 @@ impl<P> Expiries<P> {
     fn next(&self) -> Option<u64> {
         let queued = self.queues.iter().filter_map(|(_, q)| q.front().map(|(e, _, _)| *e));
         queued.chain(self.stray.keys().next().copied()).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fused window and join against differential's `join_core` over
+    //! the same facts with their retractions fed explicitly at expiry.
+
+    use std::sync::{Arc, Mutex};
+
+    use differential_dataflow::consolidation::consolidate_updates;
+    use differential_dataflow::input::Input;
+    use proptest::prelude::*;
+    use timely::dataflow::operators::{Inspect, Probe};
+
+    use super::*;
+
+    type Out = Vec<((u64, u32, u8, u64), u64, isize)>;
+
+    proptest! {
+        #[test]
+        fn profile_of_matches_a_join_over_explicit_retractions(
+            // (anchor, stream, event time in ms, payload, tick it is fed at)
+            facts in prop::collection::vec((0u64..5, 0u32..3, 0u64..20_000, 0u8..3, 0u64..20), 0..40),
+            // (anchor, profile, tick, enters or leaves)
+            labels in prop::collection::vec((0u64..5, 10u64..13, 0u64..20, any::<bool>()), 0..12),
+            workers in 1usize..3,
+        ) {
+            const TICK: u64 = 1_000;
+            // Lengths: 2.5s, 7s, lifetime; ticks run 0..25, the last 5 without input.
+            let lengths = vec![Some(2_500), Some(7_000), None];
+            let ours: Arc<Mutex<Out>> = Arc::default();
+            let theirs: Arc<Mutex<Out>> = Arc::default();
+            let (o, t) = (ours.clone(), theirs.clone());
+            timely::execute(timely::Config::process(workers), move |worker| {
+                let (o, t) = (o.clone(), t.clone());
+                let (mut f_in, mut w_in, mut l_in, probe) = worker.dataflow::<u64, _, _>(|scope| {
+                    let (f_in, facts) = scope.new_collection::<FactOf<u8>, isize>();
+                    let (w_in, windowed) = scope.new_collection::<WindowedOf<u8>, isize>();
+                    let (l_in, labels) = scope.new_collection::<(Key, Key), isize>();
+                    let fused = profile_of(facts, (Rc::new(lengths.clone()), TICK), labels.clone(), "Ours", |a, (s, p), q| (*a, *s, *p, *q));
+                    let reference = windowed
+                        .arrange_by_key()
+                        .join_core(labels.arrange_by_key(), |a, (s, p), q| Some((*a, *s, *p, *q)));
+                    let probe = fused.inner.inspect(move |x| o.lock().unwrap().push(*x)).probe().0;
+                    reference.inner.inspect(move |x| t.lock().unwrap().push(*x));
+                    (f_in, w_in, l_in, probe)
+                });
+                if worker.index() == 0 {
+                    // Labels hold a set: each (anchor, profile) enters or leaves once.
+                    let mut held = std::collections::BTreeSet::new();
+                    for tick in 0..25u64 {
+                        let now = tick * TICK;
+                        for &(a, s, e, p, _) in facts.iter().filter(|f| f.4 == tick) {
+                            // A fact takes effect no sooner than its own tick.
+                            let effect = now.max(tick_of(e, TICK));
+                            f_in.update_at((a, s, e, p), effect, 1);
+                            let expiry = lengths[s as usize].map(|w| tick_of(e + w, TICK));
+                            if expiry.is_none_or(|x| x > effect) {
+                                w_in.update_at((a, (s, p)), effect, 1);
+                                if let Some(x) = expiry {
+                                    w_in.update_at((a, (s, p)), x, -1);
+                                }
+                            }
+                        }
+                        for &(a, q, _, enter) in labels.iter().filter(|l| l.2 == tick) {
+                            if enter && held.insert((a, q)) {
+                                l_in.update_at((a, q), now, 1);
+                            } else if !enter && held.remove(&(a, q)) {
+                                l_in.update_at((a, q), now, -1);
+                            }
+                        }
+                        for input in [&mut f_in as &mut dyn Advance, &mut w_in, &mut l_in] {
+                            input.advance(now + TICK);
+                        }
+                        worker.step();
+                    }
+                    // As a reader does before it closes its inputs: every
+                    // worker sees the last frontier (retractions queued past
+                    // it are dropped when the inputs close).
+                    worker.step_while(|| probe.less_than(&(25 * TICK)));
+                }
+            })
+            .expect("timely runs");
+            let take = |s: Arc<Mutex<Out>>| {
+                let mut v = std::mem::take(&mut *s.lock().unwrap());
+                // Only ticks both have finished: the reference's retractions
+                // past the last tick are never released by the window.
+                v.retain(|(_, t, _)| *t < 25 * TICK);
+                consolidate_updates(&mut v);
+                v
+            };
+            prop_assert_eq!(take(ours), take(theirs));
+        }
+    }
+
+    /// Advances and flushes an input session of any record type.
+    trait Advance {
+        fn advance(&mut self, to: u64);
+    }
+
+    impl<D: differential_dataflow::Data> Advance for differential_dataflow::input::InputSession<u64, D, isize> {
+        fn advance(&mut self, to: u64) {
+            self.advance_to(to);
+            self.flush();
+        }
     }
 }
