@@ -69,8 +69,8 @@ impl Decoding {
         Decoding::new(streams, true)
     }
 
-    /// [`facts`] of `event`, checking only the streams whose selector can
-    /// match it (in stream order, as [`facts`] gives them).
+    /// What every stream keeps of `event`, in stream order, checking only
+    /// the streams whose selector can match it.
     pub fn facts(&self, event: &Event) -> Facts {
         let mut facts = Facts::new();
         self.selectors.candidates(event, |i| {
@@ -106,16 +106,6 @@ impl Decoding {
 
 /// `(stream, payload)` for every stream an event matches, in stream order.
 pub type Facts = Vec<(u32, Pay)>;
-
-/// What every stream keeps of `event`: the definition, checking every
-/// stream ([`Decoding::facts`] checks only those that can match).
-pub fn facts(streams: &[StreamDef], event: &Event) -> Facts {
-    streams
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| extract(s, event).map(|p| (i as u32, p)))
-        .collect()
-}
 
 fn trim_line_ending(line: &mut Vec<u8>) {
     if line.last() == Some(&b'\n') {
@@ -271,6 +261,16 @@ impl Ahead {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What every stream keeps of `event`: the definition, checking every
+    /// stream.
+    fn facts(streams: &[StreamDef], event: &Event) -> Facts {
+        streams
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| extract(s, event).map(|p| (i as u32, p)))
+            .collect()
+    }
 
     #[test]
     fn facts_from_the_candidate_streams_are_the_facts_of_every_stream() {
