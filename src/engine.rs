@@ -1210,10 +1210,10 @@ impl Reader<'_> {
     /// out, so changes follow events promptly. (With a lead of one batch,
     /// the reading worker waited for each batch's ticks to be written
     /// before reading on, while the other worker had nothing to do: four
-    /// are 6% faster on 2 workers, see `docs/performance.md`.) While it waits the worker
-    /// parks when it has nothing to do (woken by the others' messages):
-    /// spinning took its share of a core from the decoding thread and the
-    /// other workers.
+    /// are 6% faster on 2 workers, see `docs/performance.md`.) While it
+    /// waits the worker parks when it has nothing to do (woken by the
+    /// others' messages): spinning took its share of a core from the
+    /// decoding thread and the other workers.
     pub fn pump(&mut self, live: bool, extra: impl FnOnce() -> String) {
         self.progress.tick(&self.feeder, self.opts.tick, extra);
         self.publish_counters();
