@@ -10,11 +10,12 @@
 //! for an atom's terms sees their empty values (`count` 0, `avg` missing,
 //! …), so the atom's value there is known in advance and need not be a row.
 //!
-//! Segments are then one `reduce` keyed by profile (all three are
-//! [`crate::total`] operators): its input is the
-//! profile's atom values and a mark that the profile exists (the universe),
-//! and its output the segments the profile is in, each formula evaluated in
-//! `in_segment` order over those values. A change of one atom re-evaluates
+//! Segments are then one operator keyed by profile (all three are built on
+//! [`crate::total`]'s shells): its inputs are the profile's atom values and
+//! the universe, its state per profile three bit sets (atoms with a row,
+//! their values, the segments it is in), and its output the segments the
+//! profile is in, each formula evaluated in `in_segment` order over those
+//! values. A change of one atom re-evaluates
 //! one profile's formulas — a handful of boolean operations — and only the
 //! memberships that changed are emitted. (Rendering each
 //! `and` as a semijoin and each `or` as a distinct union instead took one
@@ -40,7 +41,7 @@ pub type AtomRow = ((u32, Key), bool);
 /// while its term does, and only a row whose value differs is retracted
 /// and inserted. Updates for one `(stream, profile)` are consolidated and
 /// no other key's include them (an atom reads one term, of one stream),
-/// as `crate::total::reduce_with` requires. The terms stage calls this
+/// as `crate::total::fold_with` requires. The terms stage calls this
 /// where each event-stream term changes.
 pub fn flips(
     plan: &Plan,
@@ -133,41 +134,258 @@ pub fn atoms<'s>(
     })
 }
 
-/// Marks a profile of the universe among its atom rows (after every atom).
-const EXISTS: u32 = u32::MAX;
+/// One profile's state in `Segments`: whether it exists (its universe
+/// multiplicity), and three bit sets of `words` words each, side by side:
+/// the atoms with a row, their values, and the segments it is in. Inline
+/// up to 64 atoms and 64 segments, so a profile is one hash-map entry with
+/// no allocation of its own.
+#[derive(Default)]
+struct Held {
+    exists: isize,
+    touched: bool,
+    bits: smallvec::SmallVec<[u64; 3]>,
+}
+
+impl Held {
+    /// `p`'s state, new if it has none, noted as touched at this tick.
+    fn of<'a>(held: &'a mut rustc_hash::FxHashMap<Key, Held>, touched: &mut Vec<Key>, p: Key, words: usize) -> &'a mut Held {
+        let h = held.entry(p).or_insert_with(|| Held {
+            bits: smallvec::smallvec![0; 3 * words],
+            ..Held::default()
+        });
+        if !h.touched {
+            h.touched = true;
+            touched.push(p);
+        }
+        h
+    }
+}
+
+/// Whether bit `i` of `words` is set.
+fn bit(words: &[u64], i: usize) -> bool {
+    words[i / 64] >> (i % 64) & 1 == 1
+}
+
+fn set(words: &mut [u64], i: usize, to: bool) {
+    let mask = 1 << (i % 64);
+    if to {
+        words[i / 64] |= mask;
+    } else {
+        words[i / 64] &= !mask;
+    }
+}
 
 /// The members of every segment, as `(segment, profile)`, from the atom
-/// values [`atoms`] gives.
+/// values [`atoms`] gives and the universe: one operator keyed by profile
+/// that keeps each profile's atom values and memberships as bit sets
+/// ([`Held`]). A tick's changed profiles evaluate every formula in
+/// `in_segment` order, an atom without a row taking its value over empty
+/// terms, and only memberships that changed are emitted. A profile that
+/// does not exist is in no segment.
+///
+/// Each atom of a profile has at most one row at a complete tick (one term
+/// row, or one reduce, is its only source), so a tick's updates are
+/// consolidated, its retractions applied before its insertions, and a row
+/// is a bit, not a multiset.
 pub fn segments<'s>(
     atoms: VecCollection<'s, u64, ((u32, Key), bool), isize>,
     universe: Profiles<'s>,
     plan: Rc<Plan>,
 ) -> VecCollection<'s, u64, (u32, Key), isize> {
-    let empty_holds: Vec<bool> = plan
-        .atoms
-        .iter()
-        .map(|a| a.holds(&a.terms.iter().map(|&t| plan.terms[t].agg.empty()).collect::<Vec<_>>()))
-        .collect();
-    let rows = atoms
-        .map(|((atom, profile), holds)| (profile, (atom, holds)))
-        .concat(universe.map(|profile| (profile, (EXISTS, true))));
+    use differential_dataflow::hashable::Hashable;
+    let words = plan.atoms.len().max(plan.segments.len()).div_ceil(64).max(1);
+    let mut empty = vec![0u64; words];
+    for (i, a) in plan.atoms.iter().enumerate() {
+        set(
+            &mut empty,
+            i,
+            a.holds(&a.terms.iter().map(|&t| plan.terms[t].agg.empty()).collect::<Vec<_>>()),
+        );
+    }
+    let mut held: rustc_hash::FxHashMap<Key, Held> = Default::default();
+    let mut touched: Vec<Key> = Vec::new();
     // Reused for every profile: which atoms hold, which segments it is in.
-    let (mut holds, mut member) = (Vec::new(), Vec::new());
-    crate::total::reduce(rows, "Segments", move |_profile, rows, out| {
-        if rows.last().is_none_or(|((atom, _), _)| *atom != EXISTS) {
-            return;
+    let (mut holds, mut member) = (vec![0u64; words], vec![0u64; words]);
+    let by_profile = (|((_, p), _): &AtomRow| p.hashed(), |p: &Key| p.hashed());
+    crate::total::by_tick2(
+        (atoms, crate::total::Direct),
+        universe,
+        "Segments",
+        by_profile,
+        move |t, rows, exists, out| {
+            for &(p, r) in exists.iter() {
+                Held::of(&mut held, &mut touched, p, words).exists += r;
+            }
+            // Consolidated, then retractions first: a changed atom's old row
+            // goes before its new one.
+            consolidate(rows);
+            rows.sort_unstable_by_key(|(_, r)| *r);
+            for &(((atom, p), value), r) in rows.iter() {
+                let h = Held::of(&mut held, &mut touched, p, words);
+                let (present, values) = h.bits.split_at_mut(words);
+                let a = atom as usize;
+                if r < 0 {
+                    debug_assert!(bit(present, a) && bit(values, a) == value, "a retracted atom row is held");
+                    set(present, a, false);
+                } else {
+                    debug_assert!(!bit(present, a), "one row per atom and profile");
+                    set(present, a, true);
+                    set(values, a, value);
+                }
+            }
+            for p in touched.drain(..) {
+                let h = held.get_mut(&p).expect("a touched profile");
+                h.touched = false;
+                let (present, rest) = h.bits.split_at_mut(words);
+                let (values, was) = rest.split_at_mut(words);
+                member.iter_mut().for_each(|w| *w = 0);
+                if h.exists > 0 {
+                    for (i, w) in holds.iter_mut().enumerate() {
+                        *w = present[i] & values[i] | !present[i] & empty[i];
+                    }
+                    for &s in &plan.order {
+                        let is = plan.segments[s].formula.eval(&|a| bit(&holds, a), &|s| bit(&member, s));
+                        set(&mut member, s, is);
+                    }
+                }
+                for (i, (old, new)) in was.iter().zip(&member).enumerate() {
+                    let mut changed = old ^ new;
+                    while changed != 0 {
+                        let s = i * 64 + changed.trailing_zeros() as usize;
+                        changed &= changed - 1;
+                        out.push(((s as u32, p), t, if bit(&member, s) { 1 } else { -1 }));
+                    }
+                }
+                was.copy_from_slice(&member);
+                if h.exists <= 0 && present.iter().all(|w| *w == 0) {
+                    debug_assert!(h.exists == 0, "a profile leaves the universe once");
+                    held.remove(&p);
+                }
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    //! `segments` against memberships recomputed from scratch at every tick.
+
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::{Arc, Mutex};
+
+    use differential_dataflow::consolidation::consolidate_updates;
+    use differential_dataflow::input::Input;
+    use proptest::prelude::*;
+    use timely::dataflow::operators::Inspect;
+
+    use super::*;
+
+    const SPEC: &str = r#"
+[[segment]]
+name = "a"
+when = "count('A', 1h) >= 2 or count('B', 1h) == 0"
+[[segment]]
+name = "b"
+when = "in_segment('a') and not count('C', 1h) >= 1"
+[[segment]]
+name = "c"
+when = "not in_segment('b') or sum('A', x, 1h) > 3"
+"#;
+
+    fn plan() -> Plan {
+        Plan::new(&crate::spec::parse_spec(SPEC, 1000).expect("a valid spec"))
+    }
+
+    type Out = Vec<((u32, Key), u64, isize)>;
+
+    /// The members at the end of every tick from the atom rows and the
+    /// universe as they stand then: the definition, from scratch.
+    fn naive(plan: &Plan, rows: &BTreeMap<(u32, Key), bool>, universe: &BTreeSet<Key>) -> BTreeSet<(u32, Key)> {
+        let mut members = BTreeSet::new();
+        for &p in universe {
+            let holds = |a: usize| {
+                let atom = &plan.atoms[a];
+                rows.get(&(a as u32, p))
+                    .copied()
+                    .unwrap_or_else(|| atom.holds(&atom.terms.iter().map(|&t| plan.terms[t].agg.empty()).collect::<Vec<_>>()))
+            };
+            let mut member = vec![false; plan.segments.len()];
+            for &s in &plan.order {
+                member[s] = plan.segments[s].formula.eval(&holds, &|t| member[t]);
+                if member[s] {
+                    members.insert((s as u32, p));
+                }
+            }
         }
-        holds.clone_from(&empty_holds);
-        for ((atom, value), _) in &rows[..rows.len() - 1] {
-            holds[*atom as usize] = *value;
+        members
+    }
+
+    proptest! {
+        #[test]
+        fn segments_match_a_recomputation_at_every_tick(
+            // (tick, atom, profile, new value: None removes the row)
+            changes in prop::collection::vec((0u64..12, 0u32..4, 0u64..5, prop::option::of(any::<bool>())), 0..60),
+            // (tick, profile, enters or leaves)
+            moves in prop::collection::vec((0u64..12, 0u64..5, any::<bool>()), 0..20),
+            workers in 1usize..3,
+        ) {
+            let plan = plan();
+            prop_assume!(plan.atoms.len() == 4);
+            // Both inputs as updates, and the expected members at each tick.
+            let (mut rows, mut universe) = (BTreeMap::new(), BTreeSet::new());
+            let (mut atom_updates, mut universe_updates) = (Vec::new(), Vec::new());
+            let mut expected: Out = Vec::new();
+            let mut before = BTreeSet::new();
+            for tick in 0..12u64 {
+                for &(_, a, p, to) in changes.iter().filter(|c| c.0 == tick) {
+                    let was = rows.get(&(a, p)).copied();
+                    if was != to {
+                        atom_updates.extend(was.map(|w| (((a, p), w), tick, -1)));
+                        atom_updates.extend(to.map(|v| (((a, p), v), tick, 1)));
+                        match to {
+                            Some(v) => rows.insert((a, p), v),
+                            None => rows.remove(&(a, p)),
+                        };
+                    }
+                }
+                for &(_, p, enter) in moves.iter().filter(|m| m.0 == tick) {
+                    if enter && universe.insert(p) {
+                        universe_updates.push((p, tick, 1));
+                    } else if !enter && universe.remove(&p) {
+                        universe_updates.push((p, tick, -1));
+                    }
+                }
+                let now = naive(&plan, &rows, &universe);
+                expected.extend(before.difference(&now).map(|m| (*m, tick, -1)));
+                expected.extend(now.difference(&before).map(|m| (*m, tick, 1)));
+                before = now;
+            }
+            consolidate_updates(&mut expected);
+            let got: Arc<Mutex<Out>> = Arc::default();
+            let g = got.clone();
+            timely::execute(timely::Config::process(workers), move |worker| {
+                let (g, plan) = (g.clone(), Rc::new(self::plan()));
+                let (mut a_in, mut u_in) = worker.dataflow::<u64, _, _>(|scope| {
+                    let (a_in, atoms) = scope.new_collection();
+                    let (u_in, universe) = scope.new_collection();
+                    segments(atoms, universe, plan).inner.inspect(move |x| g.lock().unwrap().push(*x));
+                    (a_in, u_in)
+                });
+                if worker.index() == 0 {
+                    for &(d, t, r) in &atom_updates {
+                        a_in.update_at(d, t, r);
+                    }
+                    for &(d, t, r) in &universe_updates {
+                        u_in.update_at(d, t, r);
+                    }
+                }
+                a_in.advance_to(12);
+                u_in.advance_to(12);
+            })
+            .expect("timely runs");
+            let mut got = std::mem::take(&mut *got.lock().unwrap());
+            consolidate_updates(&mut got);
+            prop_assert_eq!(got, expected);
         }
-        member.clear();
-        member.resize(plan.segments.len(), false);
-        for &s in &plan.order {
-            let is = plan.segments[s].formula.eval(&|a| holds[a], &|t| member[t]);
-            member[s] = is;
-        }
-        out.extend(member.iter().enumerate().filter(|(_, m)| **m).map(|(s, _)| (s as u32, 1)));
-    })
-    .map(|(profile, segment)| (segment, profile))
+    }
 }

@@ -519,7 +519,7 @@ fn settle<K: Hash + Eq, V, W>(sides: &mut FxHashMap<K, Both<V, W>>, key: &K) {
 /// `key2`; in no particular order, not consolidated) go to `on_tick`
 /// together, in ascending order of ticks. The shell of [`join`],
 /// [`join_staged`] and [`propagate`].
-fn by_tick2<'s, D0, D1, D2, O, S, F1, F2, L>(
+pub(crate) fn by_tick2<'s, D0, D1, D2, O, S, F1, F2, L>(
     (left, mut stage): (VecCollection<'s, u64, D0, isize>, S),
     right: VecCollection<'s, u64, D2, isize>,
     name: &str,
