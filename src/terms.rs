@@ -247,18 +247,17 @@ pub fn terms<'s>(
         ((*stream, *profile), pay.clone())
     });
     let folds = plan.clone();
-    let folded = crate::total::reduce_with(
+    let folded = crate::total::fold_with(
         folded,
         "Terms",
-        move |(stream, _profile), facts, out| {
-            let values = folds.folds[*stream as usize]
+        move |(stream, _profile), facts| -> Values {
+            folds.folds[*stream as usize]
                 .iter()
                 .map(|&t| value(folds.terms[t].agg, facts.iter().map(|(p, n)| (p, *n))))
-                .collect();
-            out.push((values, 1));
+                .collect()
         },
         move |&key, old, new, out| {
-            changed(&plan, key, first(old), first(new), rows, out);
+            changed(&plan, key, old.map(|v| &v[..]), new.map(|v| &v[..]), rows, out);
         },
     );
     let changes = counts.concat(folded);
@@ -276,10 +275,9 @@ pub fn terms<'s>(
     }
 }
 
-/// The values of a reduce's output row, if any.
-fn first(rows: &[(Vec<Value>, isize)]) -> Option<&[Value]> {
-    rows.first().map(|(v, _)| &v[..])
-}
+/// A stream's term values for one profile, in `plan.folds` order: inline
+/// for a stream with one term, as most are.
+type Values = smallvec::SmallVec<[Value; 1]>;
 
 /// What a profile's row for a stream going from `old` to `new` (`None`:
 /// no row) emits: the atoms it flips, and the rows when asked for.

@@ -350,6 +350,71 @@ where
     })
 }
 
+/// One key's accumulated input (sorted, consolidated) and the value it
+/// last folded to, in [`fold_with`].
+struct Folded<V, O> {
+    input: Vec<(V, isize)>,
+    output: Option<O>,
+    /// Whether the input changed at the tick being processed.
+    touched: bool,
+}
+
+/// [`reduce_with`] for a reduction to exactly one value per key (with a
+/// multiplicity of one): `logic` folds a key's accumulated input (sorted by
+/// value, with multiplicities, never empty) into its value, and for every
+/// key whose value changed at a tick `emit` sees the old and new value
+/// (`None`: no input) and pushes updates at that tick, consolidated and
+/// distinct from any other key's. The value is kept as it is, not as a
+/// one-row vector of rows (`crate::terms` folds every term this way).
+pub fn fold_with<'s, K, V, O, X, L, E>(
+    input: VecCollection<'s, u64, (K, V), isize>,
+    name: &str,
+    mut logic: L,
+    mut emit: E,
+) -> VecCollection<'s, u64, X, isize>
+where
+    K: ExchangeData + Clone + Hashable + Hash + Ord,
+    V: ExchangeData + Clone + Ord,
+    O: PartialEq + 'static,
+    X: ExchangeData,
+    L: FnMut(&K, &[(V, isize)]) -> O + 'static,
+    E: FnMut(&K, Option<&O>, Option<&O>, &mut Vec<(X, isize)>) + 'static,
+{
+    let mut groups: FxHashMap<K, Folded<V, O>> = FxHashMap::default();
+    let mut touched: Vec<K> = Vec::new();
+    let mut changes: Vec<(X, isize)> = Vec::new();
+    by_tick(input, name, move |t, updates, out| {
+        for ((key, v), r) in updates.drain(..) {
+            let group = match groups.get_mut(&key) {
+                Some(group) => group,
+                None => groups.entry(key.clone()).or_insert(Folded {
+                    input: Vec::new(),
+                    output: None,
+                    touched: false,
+                }),
+            };
+            if !group.touched {
+                group.touched = true;
+                touched.push(key);
+            }
+            merge_one(&mut group.input, v, r);
+        }
+        for key in touched.drain(..) {
+            let group = groups.get_mut(&key).expect("a touched group");
+            group.touched = false;
+            let fresh = (!group.input.is_empty()).then(|| logic(&key, &group.input));
+            if fresh != group.output {
+                emit(&key, group.output.as_ref(), fresh.as_ref(), &mut changes);
+                group.output = fresh;
+            }
+            if group.input.is_empty() {
+                groups.remove(&key);
+            }
+        }
+        stamp(&mut changes, t, out);
+    })
+}
+
 /// Moves a tick's `changes` to `out` at `t`.
 fn stamp<X>(changes: &mut Vec<(X, isize)>, t: u64, out: &mut Updates<X>) {
     out.extend(changes.drain(..).map(|(x, r)| (x, t, r)));
@@ -979,6 +1044,26 @@ mod tests {
                 let ours = reduce(l.clone(), "Ours", summary).map(|(k, o)| (k, o, 0));
                 let theirs = l
                     .reduce(|k, input, out| summary(k, &input.iter().map(|(v, r)| (**v, *r)).collect::<Vec<_>>(), out))
+                    .map(|(k, o)| (k, o, 0));
+                (ours, theirs)
+            });
+            prop_assert_eq!(ours, theirs);
+        }
+
+        #[test]
+        fn fold_matches_differential(updates in history(), workers in 1usize..3) {
+            // One value per key, emitted as differential's reduce emits rows.
+            let fold = |input: &[(u8, isize)]| {
+                let total: isize = input.iter().map(|(v, r)| *v as isize * r).sum();
+                input[0].0.wrapping_add(total as u8)
+            };
+            let (ours, theirs) = run(workers, updates, Vec::new(), move |l, _r| {
+                let ours = fold_with(l.clone(), "Ours", move |_k, input| fold(input), |k, old, new, out| {
+                    out.extend(old.map(|o| ((*k, *o, 0), -1)));
+                    out.extend(new.map(|n| ((*k, *n, 0), 1)));
+                });
+                let theirs = l
+                    .reduce(move |_k, input, out| out.push((fold(&input.iter().map(|(v, r)| (**v, *r)).collect::<Vec<_>>()), 1)))
                     .map(|(k, o)| (k, o, 0));
                 (ours, theirs)
             });
