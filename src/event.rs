@@ -172,7 +172,7 @@ impl Object {
     pub fn value(&self, key: &str) -> Option<Value> {
         let (field, raw) = self.field(key)?;
         Some(match raw.as_bytes()[0] {
-            b'"' if memchr::memchr(b'\\', raw.as_bytes()).is_none() => Value::Str(raw[1..raw.len() - 1].to_string()),
+            b'"' if memchr::memchr(b'\\', raw.as_bytes()).is_none() => Value::Str(raw[1..raw.len() - 1].into()),
             b'-' | b'0'..=b'9' => Value::from_number(raw),
             b't' => Value::Bool(true),
             b'f' => Value::Bool(false),

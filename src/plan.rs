@@ -564,7 +564,7 @@ impl Plan {
         };
         match &e.kind {
             ExprKind::Num(d) => Calc::Lit(Value::Num(*d)),
-            ExprKind::Str(s) => Calc::Lit(Value::Str(s.clone())),
+            ExprKind::Str(s) => Calc::Lit(Value::Str(s.as_str().into())),
             ExprKind::Dur(ms) => Calc::Lit(Value::Dur(*ms as i64)),
             ExprKind::Bool(b) => Calc::Lit(Value::Bool(*b)),
             ExprKind::Neg(a) => Calc::Neg(Box::new(self.calc(a, terms))),
@@ -785,7 +785,7 @@ pub fn filter_value(e: &Expr, ev: &Event) -> Value {
     match &e.kind {
         ExprKind::Path(p) => ev.value(&p.0).unwrap_or(Value::Missing),
         ExprKind::Num(d) => Value::Num(*d),
-        ExprKind::Str(s) => Value::Str(s.clone()),
+        ExprKind::Str(s) => Value::Str(s.as_str().into()),
         ExprKind::Bool(b) => Value::Bool(*b),
         ExprKind::Dur(d) => Value::Dur(*d as i64),
         ExprKind::Neg(a) => filter_value(a, ev).neg(),

@@ -68,7 +68,7 @@ pub fn rfm<'s>(values: Values<'s>, plan: Rc<Plan>) -> Terms<'s> {
                 let row = plan.folds[stream]
                     .iter()
                     .map(|&t| match plan.terms[t].agg {
-                        Agg::Derived(3) => Value::Str(segment.clone()),
+                        Agg::Derived(3) => Value::Str(segment.as_str().into()),
                         Agg::Derived(i) if i < 3 => Value::Num(Dec::from_int(s[i as usize] as i64)),
                         _ => Value::Missing,
                     })

@@ -479,7 +479,7 @@ pub fn value_json(v: &Value) -> serde_json::Value {
         Value::Bool(b) => (*b).into(),
         Value::Num(d) => serde_json::from_str(&d.to_string()).unwrap_or(serde_json::Value::Null),
         Value::Float(f) => serde_json::Number::from_f64(f.0).map_or(serde_json::Value::Null, Into::into),
-        Value::Str(s) => s.clone().into(),
+        Value::Str(s) => s.as_str().into(),
         Value::Dur(ms) => (*ms).into(),
     }
 }

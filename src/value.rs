@@ -200,7 +200,7 @@ pub enum Value {
     Bool(bool),
     Num(Dec),
     Float(Float),
-    Str(String),
+    Str(compact_str::CompactString),
     /// A duration in milliseconds (only from literals).
     Dur(i64),
 }
@@ -212,7 +212,7 @@ impl Value {
         match v {
             serde_json::Value::Bool(b) => Value::Bool(*b),
             serde_json::Value::Number(n) => Value::from_number(n.as_str()),
-            serde_json::Value::String(s) => Value::Str(s.clone()),
+            serde_json::Value::String(s) => Value::Str(s.as_str().into()),
             _ => Value::Missing,
         }
     }

@@ -518,7 +518,7 @@ fn globals_at(spec: &Spec, profiles: &BTreeMap<Id, Vec<&Event>>, t: u64, models:
         }
         for ((profile, _), s) in scored.into_iter().zip(scores) {
             let num = |x: usize| Value::Num(Dec::from_int(x as i64));
-            let segment = Value::Str(rfm.grid[s[0] - 1][s[1] - 1].clone());
+            let segment = Value::Str(rfm.grid[s[0] - 1][s[1] - 1].as_str().into());
             g.rfm.insert(profile, [num(s[0]), num(s[1]), num(s[2]), segment]);
         }
     }
@@ -721,7 +721,7 @@ impl<'a> Ctx<'a> {
     fn eval(&mut self, expr: &Expr, ev: Option<&Event>) -> Value {
         match &expr.kind {
             ExprKind::Num(d) => Value::Num(*d),
-            ExprKind::Str(s) => Value::Str(s.clone()),
+            ExprKind::Str(s) => Value::Str(s.as_str().into()),
             ExprKind::Dur(ms) => Value::Dur(*ms as i64),
             ExprKind::Bool(b) => Value::Bool(*b),
             ExprKind::Path(p) => ev.map(|e| path_value(e, p)).unwrap_or(Value::Missing),
@@ -823,7 +823,7 @@ fn aggregate(kind: AggKind, evs: &[&Event], path: Option<&Path>) -> Value {
                 Value::Bool(b) => DistinctKey::Bool(b),
                 Value::Num(d) => DistinctKey::Num(d),
                 Value::Float(f) => DistinctKey::Float(f.0.to_bits()),
-                Value::Str(s) => DistinctKey::Str(s),
+                Value::Str(s) => DistinctKey::Str(s.to_string()),
                 _ => continue,
             };
             seen.insert(key);
