@@ -204,10 +204,8 @@ pub fn named<'s>(
     members: VecCollection<'s, u64, (u32, Key), isize>,
     names: VecCollection<'s, u64, (Key, Id), isize>,
 ) -> VecCollection<'s, u64, (u32, Id), isize> {
-    let by_profile = members
-        .map(|(segment, profile)| (profile, segment))
-        .arrange_by_key_named("MembersByProfile");
-    by_profile.join_core(names.arrange_by_key_named("Names"), |_, segment, id| Some((*segment, id.clone())))
+    let by_profile = members.map(|(segment, profile)| (profile, segment));
+    crate::total::join(by_profile, names, "Names", |_, segment, id| (*segment, id.clone()))
 }
 
 /// How [`deliver`] writes.
