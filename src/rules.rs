@@ -28,7 +28,7 @@ use differential_dataflow::VecCollection;
 use std::rc::Rc;
 
 use crate::ingest::Key;
-use crate::plan::Plan;
+use crate::plan::{Formula, Plan};
 use crate::value::Value;
 
 type Profiles<'s> = VecCollection<'s, u64, Key, isize>;
@@ -135,22 +135,24 @@ pub fn atoms<'s>(
 }
 
 /// One profile's state in `Segments`: whether it exists (its universe
-/// multiplicity), and three bit sets of `words` words each, side by side:
-/// the atoms with a row, their values, and the segments it is in. Inline
-/// up to 64 atoms and 64 segments, so a profile is one hash-map entry with
-/// no allocation of its own.
+/// multiplicity) and whether that changed at this tick, and four bit sets
+/// of `words` words each, side by side: the atoms with a row, their
+/// values, the segments it is in, and the atoms updated at this tick.
+/// Inline up to 64 atoms and 64 segments, so a profile is one hash-map
+/// entry with no allocation of its own.
 #[derive(Default)]
 struct Held {
     exists: isize,
     touched: bool,
-    bits: smallvec::SmallVec<[u64; 3]>,
+    moved: bool,
+    bits: smallvec::SmallVec<[u64; 4]>,
 }
 
 impl Held {
     /// `p`'s state, new if it has none, noted as touched at this tick.
     fn of<'a>(held: &'a mut rustc_hash::FxHashMap<Key, Held>, touched: &mut Vec<Key>, p: Key, words: usize) -> &'a mut Held {
         let h = held.entry(p).or_insert_with(|| Held {
-            bits: smallvec::smallvec![0; 3 * words],
+            bits: smallvec::smallvec![0; 4 * words],
             ..Held::default()
         });
         if !h.touched {
@@ -166,6 +168,30 @@ fn bit(words: &[u64], i: usize) -> bool {
     words[i / 64] >> (i % 64) & 1 == 1
 }
 
+/// Whether `a` and `b` share a set bit.
+fn meet(a: &[u64], b: &[u64]) -> bool {
+    a.iter().zip(b).any(|(x, y)| x & y != 0)
+}
+
+/// What a formula reads: `(atoms, segments)` as bit sets of `words` words.
+fn reads(f: &Formula, words: usize) -> (Vec<u64>, Vec<u64>) {
+    fn walk(f: &Formula, atoms: &mut [u64], segments: &mut [u64]) {
+        match f {
+            Formula::True | Formula::False => {}
+            Formula::Atom(a) => set(atoms, *a, true),
+            Formula::Segment(s) => set(segments, *s, true),
+            Formula::Not(x) => walk(x, atoms, segments),
+            Formula::And(x, y) | Formula::Or(x, y) => {
+                walk(x, atoms, segments);
+                walk(y, atoms, segments);
+            }
+        }
+    }
+    let (mut atoms, mut segments) = (vec![0; words], vec![0; words]);
+    walk(f, &mut atoms, &mut segments);
+    (atoms, segments)
+}
+
 fn set(words: &mut [u64], i: usize, to: bool) {
     let mask = 1 << (i % 64);
     if to {
@@ -178,10 +204,12 @@ fn set(words: &mut [u64], i: usize, to: bool) {
 /// The members of every segment, as `(segment, profile)`, from the atom
 /// values [`atoms`] gives and the universe: one operator keyed by profile
 /// that keeps each profile's atom values and memberships as bit sets
-/// ([`Held`]). A tick's changed profiles evaluate every formula in
-/// `in_segment` order, an atom without a row taking its value over empty
-/// terms, and only memberships that changed are emitted. A profile that
-/// does not exist is in no segment.
+/// ([`Held`]). A tick's changed profiles evaluate, in `in_segment` order,
+/// the formulas that read an atom updated at the tick or a segment whose
+/// membership just changed (all of them when the profile enters the
+/// universe), an atom without a row taking its value over empty terms, and
+/// only memberships that changed are emitted. A profile that does not
+/// exist is in no segment.
 ///
 /// Each atom of a profile has at most one row at a complete tick (one term
 /// row, or one reduce, is its only source), so a tick's updates are
@@ -202,10 +230,12 @@ pub fn segments<'s>(
             a.holds(&a.terms.iter().map(|&t| plan.terms[t].agg.empty()).collect::<Vec<_>>()),
         );
     }
+    let reads: Vec<_> = plan.segments.iter().map(|s| reads(&s.formula, words)).collect();
     let mut held: rustc_hash::FxHashMap<Key, Held> = Default::default();
     let mut touched: Vec<Key> = Vec::new();
-    // Reused for every profile: which atoms hold, which segments it is in.
-    let (mut holds, mut member) = (vec![0u64; words], vec![0u64; words]);
+    // Reused for every profile: which atoms hold, which segments it is in,
+    // which memberships changed.
+    let (mut holds, mut member, mut flipped) = (vec![0u64; words], vec![0u64; words], vec![0u64; words]);
     let by_profile = (|((_, p), _): &AtomRow| p.hashed(), |p: &Key| p.hashed());
     crate::total::by_tick2(
         (atoms, crate::total::Direct),
@@ -214,7 +244,9 @@ pub fn segments<'s>(
         by_profile,
         move |t, rows, exists, out| {
             for &(p, r) in exists.iter() {
-                Held::of(&mut held, &mut touched, p, words).exists += r;
+                let h = Held::of(&mut held, &mut touched, p, words);
+                h.exists += r;
+                h.moved = true;
             }
             // Consolidated, then retractions first: a changed atom's old row
             // goes before its new one.
@@ -222,8 +254,10 @@ pub fn segments<'s>(
             rows.sort_unstable_by_key(|(_, r)| *r);
             for &(((atom, p), value), r) in rows.iter() {
                 let h = Held::of(&mut held, &mut touched, p, words);
-                let (present, values) = h.bits.split_at_mut(words);
+                let (present, rest) = h.bits.split_at_mut(words);
+                let (values, rest) = rest.split_at_mut(words);
                 let a = atom as usize;
+                set(&mut rest[words..], a, true);
                 if r < 0 {
                     debug_assert!(bit(present, a) && bit(values, a) == value, "a retracted atom row is held");
                     set(present, a, false);
@@ -237,17 +271,32 @@ pub fn segments<'s>(
                 let h = held.get_mut(&p).expect("a touched profile");
                 h.touched = false;
                 let (present, rest) = h.bits.split_at_mut(words);
-                let (values, was) = rest.split_at_mut(words);
+                let (values, rest) = rest.split_at_mut(words);
+                let (was, dirty) = rest.split_at_mut(words);
                 member.iter_mut().for_each(|w| *w = 0);
                 if h.exists > 0 {
                     for (i, w) in holds.iter_mut().enumerate() {
                         *w = present[i] & values[i] | !present[i] & empty[i];
                     }
+                    // A formula whose reads did not change keeps its value.
+                    let all = h.moved;
+                    if !all {
+                        member.copy_from_slice(was);
+                    }
+                    flipped.iter_mut().for_each(|w| *w = 0);
                     for &s in &plan.order {
-                        let is = plan.segments[s].formula.eval(&|a| bit(&holds, a), &|s| bit(&member, s));
-                        set(&mut member, s, is);
+                        let (atoms, segments) = &reads[s];
+                        if all || meet(dirty, atoms) || meet(&flipped, segments) {
+                            let is = plan.segments[s].formula.eval(&|a| bit(&holds, a), &|s| bit(&member, s));
+                            if is != bit(&member, s) {
+                                set(&mut member, s, is);
+                                set(&mut flipped, s, true);
+                            }
+                        }
                     }
                 }
+                h.moved = false;
+                dirty.iter_mut().for_each(|w| *w = 0);
                 for (i, (old, new)) in was.iter().zip(&member).enumerate() {
                     let mut changed = old ^ new;
                     while changed != 0 {
