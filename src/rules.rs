@@ -341,8 +341,22 @@ name = "c"
 when = "not in_segment('b') or sum('A', x, 1h) > 3"
 "#;
 
-    fn plan() -> Plan {
-        Plan::new(&crate::spec::parse_spec(SPEC, 1000).expect("a valid spec"))
+    /// A chain of 70 segments over 70 atoms, so the bit sets take two words.
+    fn wide() -> String {
+        (0..70)
+            .map(|i| {
+                let when = match i {
+                    0 => "count('A', 1h) >= 100".to_string(),
+                    i if i % 3 == 0 => format!("not in_segment('s{}') and count('B', 1h) >= {i}", i - 1),
+                    i => format!("count('A', 1h) >= {i} or in_segment('s{}')", i - 1),
+                };
+                format!("[[segment]]\nname = \"s{i}\"\nwhen = \"{when}\"\n")
+            })
+            .collect()
+    }
+
+    fn plan(spec: &str) -> Plan {
+        Plan::new(&crate::spec::parse_spec(spec, 1000).expect("a valid spec"))
     }
 
     type Out = Vec<((u32, Key), u64, isize)>;
@@ -369,17 +383,38 @@ when = "not in_segment('b') or sum('A', x, 1h) > 3"
         members
     }
 
+    /// An atom's row: (tick, atom, profile, new value: `None` removes it).
+    type AtomChange = (u64, u32, u64, Option<bool>);
+    /// A profile entering or leaving the universe: (tick, profile, enters).
+    type Move = (u64, u64, bool);
+
     proptest! {
         #[test]
         fn segments_match_a_recomputation_at_every_tick(
-            // (tick, atom, profile, new value: None removes the row)
             changes in prop::collection::vec((0u64..12, 0u32..4, 0u64..5, prop::option::of(any::<bool>())), 0..60),
-            // (tick, profile, enters or leaves)
             moves in prop::collection::vec((0u64..12, 0u64..5, any::<bool>()), 0..20),
             workers in 1usize..3,
         ) {
-            let plan = plan();
-            prop_assume!(plan.atoms.len() == 4);
+            check(SPEC, changes, moves, workers)?;
+        }
+
+        #[test]
+        fn segments_past_64_atoms_and_segments_match_a_recomputation(
+            changes in prop::collection::vec((0u64..12, 0u32..70, 0u64..3, prop::option::of(any::<bool>())), 0..150),
+            moves in prop::collection::vec((0u64..12, 0u64..3, any::<bool>()), 0..10),
+        ) {
+            check(&wide(), changes, moves, 1)?;
+        }
+    }
+
+    /// Feeds `changes` and `moves` to `segments` over `spec` on `workers`
+    /// workers, and holds the output against the members recomputed at
+    /// every tick.
+    fn check(spec: &str, changes: Vec<AtomChange>, moves: Vec<Move>, workers: usize) -> Result<(), TestCaseError> {
+        {
+            let plan = plan(spec);
+            let atoms = plan.atoms.len() as u32;
+            prop_assert!(changes.iter().all(|c| c.1 < atoms), "{} atoms", atoms);
             // Both inputs as updates, and the expected members at each tick.
             let (mut rows, mut universe) = (BTreeMap::new(), BTreeSet::new());
             let (mut atom_updates, mut universe_updates) = (Vec::new(), Vec::new());
@@ -411,9 +446,9 @@ when = "not in_segment('b') or sum('A', x, 1h) > 3"
             }
             consolidate_updates(&mut expected);
             let got: Arc<Mutex<Out>> = Arc::default();
-            let g = got.clone();
+            let (g, spec) = (got.clone(), spec.to_string());
             timely::execute(timely::Config::process(workers), move |worker| {
-                let (g, plan) = (g.clone(), Rc::new(self::plan()));
+                let (g, plan) = (g.clone(), Rc::new(self::plan(&spec)));
                 let (mut a_in, mut u_in) = worker.dataflow::<u64, _, _>(|scope| {
                     let (a_in, atoms) = scope.new_collection();
                     let (u_in, universe) = scope.new_collection();
@@ -436,5 +471,6 @@ when = "not in_segment('b') or sum('A', x, 1h) > 3"
             consolidate_updates(&mut got);
             prop_assert_eq!(got, expected);
         }
+        Ok(())
     }
 }
