@@ -27,7 +27,7 @@ use serde::Serialize;
 use timely::dataflow::Scope;
 
 use crate::clock::format_time;
-use crate::ingest::{dead_letter, key_of, Change, Counters, Identities, Ingest, Key, Label, Outcome, Stamped};
+use crate::ingest::{dead_letter, Change, Counters, Identities, Ingest, Key, Label, Outcome, Stamped};
 use crate::plan::Plan;
 use crate::sink::{self, Deliver, Note, Outputs, Report, SinkState, WriteLines};
 use crate::source::Next;
@@ -842,7 +842,7 @@ impl Feeder {
     }
 
     fn feed(&mut self, s: &Stamped, facts: crate::decode::Facts) {
-        self.identities.changes(s, &mut self.node_changes, &mut self.link_changes);
+        let anchor = self.identities.changes(s, &mut self.node_changes, &mut self.link_changes);
         for (d, t, r) in self.node_changes.drain(..) {
             if let Some(log) = &mut self.retained {
                 log.nodes.push(d.clone(), t, r);
@@ -855,11 +855,6 @@ impl Feeder {
             }
             self.inputs.links.update_at(d, t, r);
         }
-        let anchor = match (&s.event.user_id, &s.event.anonymous_id) {
-            (Some(u), _) => key_of(crate::event::IdKind::User, u),
-            (None, Some(a)) => key_of(crate::event::IdKind::Anon, a),
-            (None, None) => unreachable!("accepted events have an id"),
-        };
         if let Some(events) = &mut self.inputs.events {
             events.update_at((anchor, crate::serve::Kept(s.event.clone())), s.effect, 1);
         }

@@ -292,10 +292,13 @@ impl Identities {
         }
     }
 
-    /// The node and link changes an accepted event makes. Most events
-    /// change nothing (their ids are known, no sooner): that path looks
-    /// keys up and allocates nothing.
-    pub fn changes(&mut self, s: &Stamped, nodes: &mut Vec<Change<(Key, Label)>>, links: &mut Vec<Change<(Key, Key)>>) {
+    /// The node and link changes an accepted event makes, and its anchor's
+    /// key (its `userId`'s, else its `anonymousId`'s). Most events change
+    /// nothing (their ids are known, no sooner): that path hashes each id
+    /// once, looks keys up and allocates nothing. The links are those of
+    /// `Event::link_refs`, whose ends other than the event's own ids are
+    /// nodes too.
+    pub fn changes(&mut self, s: &Stamped, nodes: &mut Vec<Change<(Key, Label)>>, links: &mut Vec<Change<(Key, Key)>>) -> Key {
         let t = s.effect;
         let mut node = |ticks: &mut FxHashMap<Key, u64>, kind: IdKind, name: &str, k: Key, ineligible: bool| {
             if let Some(old) = earliest(ticks, k, t) {
@@ -314,9 +317,10 @@ impl Identities {
             }
         };
         let ev = &s.event;
-        for (kind, name) in [(IdKind::User, &ev.user_id), (IdKind::Anon, &ev.anonymous_id)] {
-            if let Some(name) = name {
-                let k = key_of(kind, name);
+        let user = ev.user_id.as_deref().map(|u| (u, key_of(IdKind::User, u)));
+        let anon = ev.anonymous_id.as_deref().map(|a| (a, key_of(IdKind::Anon, a)));
+        for (kind, id) in [(IdKind::User, user), (IdKind::Anon, anon)] {
+            if let Some((name, k)) = id {
                 node(&mut self.named, kind, name, k, false);
                 node(&mut self.seen, kind, name, k, true);
             }
@@ -338,11 +342,19 @@ impl Identities {
                 }
             }
         };
-        for ((kind_a, a), (kind_b, b)) in ev.link_refs() {
-            let (ka, kb) = (key_of(kind_a, a), key_of(kind_b, b));
-            node(&mut self.seen, kind_a, a, ka, true);
-            node(&mut self.seen, kind_b, b, kb, true);
-            link((ka, kb));
+        if let (Some((_, ku)), Some((_, ka))) = (user, anon) {
+            link((ku, ka));
+        }
+        if let (EventType::Alias, Some((_, ku)), Some(previous)) = (ev.kind, user, ev.previous_id.as_deref()) {
+            for kind in [IdKind::User, IdKind::Anon] {
+                let kp = key_of(kind, previous);
+                node(&mut self.seen, kind, previous, kp, true);
+                link((ku, kp));
+            }
+        }
+        match (user, anon) {
+            (Some((_, k)), _) | (None, Some((_, k))) => k,
+            (None, None) => unreachable!("accepted events have an id"),
         }
     }
 }
