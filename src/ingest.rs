@@ -143,13 +143,20 @@ impl Ingest {
             self.counters.ignored += 1;
             return Outcome::Ignored;
         }
-        if let Some(&first) = self.remembered.get(&event.key) {
-            if self.clock.now.is_none_or(|now| now <= first.saturating_add(self.horizon)) {
-                self.counters.duplicates += 1;
-                return Outcome::Duplicate;
+        // One lookup: a key remembered within the horizon is a duplicate,
+        // otherwise it is remembered from this event on.
+        match self.remembered.entry(event.key) {
+            std::collections::hash_map::Entry::Occupied(mut first) => {
+                if self.clock.now.is_none_or(|now| now <= first.get().saturating_add(self.horizon)) {
+                    self.counters.duplicates += 1;
+                    return Outcome::Duplicate;
+                }
+                first.insert(event.time);
+            }
+            std::collections::hash_map::Entry::Vacant(new) => {
+                new.insert(event.time);
             }
         }
-        self.remembered.insert(event.key, event.time);
         self.forget.push(event.time.saturating_add(self.horizon), event.key);
         let (effect, late) = self.clock.effect_tick(event.time);
         self.counters.accepted += 1;
@@ -207,8 +214,10 @@ impl Ingest {
     fn forget_passed(&mut self) {
         let Some(now) = self.clock.now else { return };
         while let Some((until, key)) = self.forget.pop_before(now) {
-            if self.remembered.get(&key).is_some_and(|&t| t.saturating_add(self.horizon) == until) {
-                self.remembered.remove(&key);
+            if let std::collections::hash_map::Entry::Occupied(first) = self.remembered.entry(key) {
+                if first.get().saturating_add(self.horizon) == until {
+                    first.remove();
+                }
             }
         }
     }
