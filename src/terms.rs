@@ -111,13 +111,17 @@ fn numeric<'a>(agg: Agg, vals: impl Iterator<Item = (&'a Value, isize)> + Clone)
     let finite = |f: f64| if f.is_finite() { Value::Float(Float(f)) } else { Value::Missing };
     let mut n: i128 = 0;
     let mut exact = true;
+    // The sum of squares only for `var`: an i128 product per value.
+    let squares = agg == Agg::Var;
     let (mut s1, mut s2): (Option<i128>, Option<i128>) = (Some(0), Some(0));
     for (v, k) in vals.clone() {
         match v {
             Value::Num(d) => {
                 let k = k as i128;
                 s1 = s1.and_then(|s| s.checked_add(d.0.checked_mul(k)?));
-                s2 = s2.and_then(|s| s.checked_add(d.0.checked_mul(d.0)?.checked_mul(k)?));
+                if squares {
+                    s2 = s2.and_then(|s| s.checked_add(d.0.checked_mul(d.0)?.checked_mul(k)?));
+                }
             }
             Value::Float(_) => exact = false,
             _ => continue,
