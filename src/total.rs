@@ -261,6 +261,9 @@ where
             let mut held: Option<Capability<u64>> = None;
             let (mut ready, mut run, mut out) = (Vec::new(), Vec::new(), Vec::new());
             move |(input, frontier), output| {
+                // What waited is taken before new input joins it: the ready
+                // updates are then usually all of it, moved without a scan.
+                pending.ready(&[frontier], &mut ready);
                 pending.absorb(input, &mut held, &mut Direct);
                 pending.ready(&[frontier], &mut ready);
                 by_tick_order(&mut ready);
@@ -610,6 +613,11 @@ where
             let (mut ready1, mut ready2, mut out) = (Vec::new(), Vec::new(), Vec::new());
             let (mut run1, mut run2) = (Vec::new(), Vec::new());
             move |(input1, frontier1), (input2, frontier2), output| {
+                // What waited is taken before new input joins it (see `by_tick`):
+                // one input's frontier often trails the other's by a step, so
+                // the updates that waited are ready and the new ones are not.
+                pending1.ready(&[frontier1, frontier2], &mut ready1);
+                pending2.ready(&[frontier1, frontier2], &mut ready2);
                 pending1.absorb(input1, &mut held, &mut stage);
                 pending2.absorb(input2, &mut held, &mut Direct);
                 pending1.release(&mut stage, frontier1);
