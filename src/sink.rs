@@ -360,8 +360,7 @@ pub fn deliver<'s>(
                     unacked_lines,
                 );
                 if let Some(served) = outs.served.clone() {
-                    run_commands(&mut outs, &served);
-                    flush(&mut outs, &mut written);
+                    run_commands(&mut outs, &served, &mut written);
                     if served.stop.load(std::sync::atomic::Ordering::SeqCst) {
                         keep = None;
                     }
@@ -404,9 +403,12 @@ fn write_dead(outs: &mut Outputs, reader: usize, line: &str) {
 }
 
 /// Runs the runtime definitions queued by the HTTP server, at the clock:
-/// their changes are written (stamped with the clock) and answered.
-fn run_commands(outs: &mut Outputs, served: &Served) {
+/// their changes are written (stamped with the clock) and flushed, and only
+/// then answered, so a client that reads the output after its answer finds
+/// them there.
+fn run_commands(outs: &mut Outputs, served: &Served, written: &mut Vec<u64>) {
     let commands = std::mem::take(&mut *served.commands.lock().expect("not poisoned"));
+    let mut answers = Vec::with_capacity(commands.len());
     for command in commands {
         let (reply, result, lines) = {
             let mut model = served.model.write().expect("not poisoned");
@@ -420,6 +422,10 @@ fn run_commands(outs: &mut Outputs, served: &Served) {
             (reply, result, lines)
         };
         served.publish(&lines.into_iter().map(|(_, l)| l).collect::<Vec<_>>());
+        answers.push((reply, result));
+    }
+    flush(outs, written);
+    for (reply, result) in answers {
         let _ = reply.send(result);
     }
 }
