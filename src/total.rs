@@ -192,22 +192,43 @@ fn each_tick<D, L: FnMut(u64, &mut Vec<(D, isize)>)>(ready: &mut Vec<(D, u64, is
     }
 }
 
-/// One key's accumulated input and the output last emitted for it, each
-/// sorted and consolidated.
-struct Group<V, O> {
+/// One key's accumulated input (sorted, consolidated) and the output last
+/// emitted for it: rows for [`reduce_with`], one value for [`fold_with`].
+struct Group<V, S> {
     input: Vec<(V, isize)>,
-    output: Vec<(O, isize)>,
+    output: S,
     /// Whether the input changed at the tick being processed.
     touched: bool,
 }
 
-impl<V, O> Default for Group<V, O> {
+impl<V, S: Default> Default for Group<V, S> {
     fn default() -> Self {
         Group {
             input: Vec::new(),
-            output: Vec::new(),
+            output: S::default(),
             touched: false,
         }
+    }
+}
+
+/// Merges a tick's updates into their keys' inputs, and lists each key
+/// whose input they touched once in `touched`.
+fn gather<K, V, S>(groups: &mut FxHashMap<K, Group<V, S>>, touched: &mut Vec<K>, updates: &mut Vec<((K, V), isize)>)
+where
+    K: Clone + Hash + Eq,
+    V: Ord,
+    S: Default,
+{
+    for ((key, v), r) in updates.drain(..) {
+        let group = match groups.get_mut(&key) {
+            Some(group) => group,
+            None => groups.entry(key.clone()).or_default(),
+        };
+        if !group.touched {
+            group.touched = true;
+            touched.push(key);
+        }
+        merge_one(&mut group.input, v, r);
     }
 }
 
@@ -313,22 +334,12 @@ where
     L: FnMut(&K, &[(V, isize)], &mut Vec<(O, isize)>) + 'static,
     E: FnMut(&K, &[(O, isize)], &[(O, isize)], &mut Vec<(X, isize)>) + 'static,
 {
-    let mut groups: FxHashMap<K, Group<V, O>> = FxHashMap::default();
+    let mut groups: FxHashMap<K, Group<V, Vec<(O, isize)>>> = FxHashMap::default();
     let mut touched: Vec<K> = Vec::new();
     let mut fresh: Vec<(O, isize)> = Vec::new();
     let mut changes: Vec<(X, isize)> = Vec::new();
     by_tick(input, name, move |t, updates, out| {
-        for ((key, v), r) in updates.drain(..) {
-            let group = match groups.get_mut(&key) {
-                Some(group) => group,
-                None => groups.entry(key.clone()).or_default(),
-            };
-            if !group.touched {
-                group.touched = true;
-                touched.push(key);
-            }
-            merge_one(&mut group.input, v, r);
-        }
+        gather(&mut groups, &mut touched, updates);
         for key in touched.drain(..) {
             let group = groups.get_mut(&key).expect("a touched group");
             group.touched = false;
@@ -353,15 +364,6 @@ where
     })
 }
 
-/// One key's accumulated input (sorted, consolidated) and the value it
-/// last folded to, in [`fold_with`].
-struct Folded<V, O> {
-    input: Vec<(V, isize)>,
-    output: Option<O>,
-    /// Whether the input changed at the tick being processed.
-    touched: bool,
-}
-
 /// [`reduce_with`] for a reduction to exactly one value per key (with a
 /// multiplicity of one): `logic` folds a key's accumulated input (sorted by
 /// value, with multiplicities, never empty) into its value, and for every
@@ -383,25 +385,11 @@ where
     L: FnMut(&K, &[(V, isize)]) -> O + 'static,
     E: FnMut(&K, Option<&O>, Option<&O>, &mut Vec<(X, isize)>) + 'static,
 {
-    let mut groups: FxHashMap<K, Folded<V, O>> = FxHashMap::default();
+    let mut groups: FxHashMap<K, Group<V, Option<O>>> = FxHashMap::default();
     let mut touched: Vec<K> = Vec::new();
     let mut changes: Vec<(X, isize)> = Vec::new();
     by_tick(input, name, move |t, updates, out| {
-        for ((key, v), r) in updates.drain(..) {
-            let group = match groups.get_mut(&key) {
-                Some(group) => group,
-                None => groups.entry(key.clone()).or_insert(Folded {
-                    input: Vec::new(),
-                    output: None,
-                    touched: false,
-                }),
-            };
-            if !group.touched {
-                group.touched = true;
-                touched.push(key);
-            }
-            merge_one(&mut group.input, v, r);
-        }
+        gather(&mut groups, &mut touched, updates);
         for key in touched.drain(..) {
             let group = groups.get_mut(&key).expect("a touched group");
             group.touched = false;
