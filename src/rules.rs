@@ -411,66 +411,64 @@ when = "not in_segment('b') or sum('A', x, 1h) > 3"
     /// workers, and holds the output against the members recomputed at
     /// every tick.
     fn check(spec: &str, changes: Vec<AtomChange>, moves: Vec<Move>, workers: usize) -> Result<(), TestCaseError> {
-        {
-            let plan = plan(spec);
-            let atoms = plan.atoms.len() as u32;
-            prop_assert!(changes.iter().all(|c| c.1 < atoms), "{} atoms", atoms);
-            // Both inputs as updates, and the expected members at each tick.
-            let (mut rows, mut universe) = (BTreeMap::new(), BTreeSet::new());
-            let (mut atom_updates, mut universe_updates) = (Vec::new(), Vec::new());
-            let mut expected: Out = Vec::new();
-            let mut before = BTreeSet::new();
-            for tick in 0..12u64 {
-                for &(_, a, p, to) in changes.iter().filter(|c| c.0 == tick) {
-                    let was = rows.get(&(a, p)).copied();
-                    if was != to {
-                        atom_updates.extend(was.map(|w| (((a, p), w), tick, -1)));
-                        atom_updates.extend(to.map(|v| (((a, p), v), tick, 1)));
-                        match to {
-                            Some(v) => rows.insert((a, p), v),
-                            None => rows.remove(&(a, p)),
-                        };
-                    }
+        let plan = plan(spec);
+        let atoms = plan.atoms.len() as u32;
+        prop_assert!(changes.iter().all(|c| c.1 < atoms), "{} atoms", atoms);
+        // Both inputs as updates, and the expected members at each tick.
+        let (mut rows, mut universe) = (BTreeMap::new(), BTreeSet::new());
+        let (mut atom_updates, mut universe_updates) = (Vec::new(), Vec::new());
+        let mut expected: Out = Vec::new();
+        let mut before = BTreeSet::new();
+        for tick in 0..12u64 {
+            for &(_, a, p, to) in changes.iter().filter(|c| c.0 == tick) {
+                let was = rows.get(&(a, p)).copied();
+                if was != to {
+                    atom_updates.extend(was.map(|w| (((a, p), w), tick, -1)));
+                    atom_updates.extend(to.map(|v| (((a, p), v), tick, 1)));
+                    match to {
+                        Some(v) => rows.insert((a, p), v),
+                        None => rows.remove(&(a, p)),
+                    };
                 }
-                for &(_, p, enter) in moves.iter().filter(|m| m.0 == tick) {
-                    if enter && universe.insert(p) {
-                        universe_updates.push((p, tick, 1));
-                    } else if !enter && universe.remove(&p) {
-                        universe_updates.push((p, tick, -1));
-                    }
-                }
-                let now = naive(&plan, &rows, &universe);
-                expected.extend(before.difference(&now).map(|m| (*m, tick, -1)));
-                expected.extend(now.difference(&before).map(|m| (*m, tick, 1)));
-                before = now;
             }
-            consolidate_updates(&mut expected);
-            let got: Arc<Mutex<Out>> = Arc::default();
-            let (g, spec) = (got.clone(), spec.to_string());
-            timely::execute(timely::Config::process(workers), move |worker| {
-                let (g, plan) = (g.clone(), Rc::new(self::plan(&spec)));
-                let (mut a_in, mut u_in) = worker.dataflow::<u64, _, _>(|scope| {
-                    let (a_in, atoms) = scope.new_collection();
-                    let (u_in, universe) = scope.new_collection();
-                    segments(atoms, universe, plan).inner.inspect(move |x| g.lock().unwrap().push(*x));
-                    (a_in, u_in)
-                });
-                if worker.index() == 0 {
-                    for &(d, t, r) in &atom_updates {
-                        a_in.update_at(d, t, r);
-                    }
-                    for &(d, t, r) in &universe_updates {
-                        u_in.update_at(d, t, r);
-                    }
+            for &(_, p, enter) in moves.iter().filter(|m| m.0 == tick) {
+                if enter && universe.insert(p) {
+                    universe_updates.push((p, tick, 1));
+                } else if !enter && universe.remove(&p) {
+                    universe_updates.push((p, tick, -1));
                 }
-                a_in.advance_to(12);
-                u_in.advance_to(12);
-            })
-            .expect("timely runs");
-            let mut got = std::mem::take(&mut *got.lock().unwrap());
-            consolidate_updates(&mut got);
-            prop_assert_eq!(got, expected);
+            }
+            let now = naive(&plan, &rows, &universe);
+            expected.extend(before.difference(&now).map(|m| (*m, tick, -1)));
+            expected.extend(now.difference(&before).map(|m| (*m, tick, 1)));
+            before = now;
         }
+        consolidate_updates(&mut expected);
+        let got: Arc<Mutex<Out>> = Arc::default();
+        let (g, spec) = (got.clone(), spec.to_string());
+        timely::execute(timely::Config::process(workers), move |worker| {
+            let (g, plan) = (g.clone(), Rc::new(self::plan(&spec)));
+            let (mut a_in, mut u_in) = worker.dataflow::<u64, _, _>(|scope| {
+                let (a_in, atoms) = scope.new_collection();
+                let (u_in, universe) = scope.new_collection();
+                segments(atoms, universe, plan).inner.inspect(move |x| g.lock().unwrap().push(*x));
+                (a_in, u_in)
+            });
+            if worker.index() == 0 {
+                for &(d, t, r) in &atom_updates {
+                    a_in.update_at(d, t, r);
+                }
+                for &(d, t, r) in &universe_updates {
+                    u_in.update_at(d, t, r);
+                }
+            }
+            a_in.advance_to(12);
+            u_in.advance_to(12);
+        })
+        .expect("timely runs");
+        let mut got = std::mem::take(&mut *got.lock().unwrap());
+        consolidate_updates(&mut got);
+        prop_assert_eq!(got, expected);
         Ok(())
     }
 }
