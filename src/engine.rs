@@ -390,19 +390,11 @@ pub struct Checkpointing {
     readers_count: usize,
     /// Several readers: the checkpoint being gathered, and the final states
     /// of readers that stopped reading.
-    round: Mutex<Option<Round>>,
-    done: Mutex<std::collections::BTreeMap<usize, checkpoint::ReaderState>>,
+    rounds: Mutex<checkpoint::Rounds>,
     /// The delivered frontier of the last checkpoint written.
     written: std::sync::atomic::AtomicU64,
     windows: Vec<Option<u64>>,
     tick: u64,
-}
-
-/// A checkpoint of several readers at one delivered frontier, gathered as
-/// each reader comes by (see [`Reader::checkpoint_if_due`]).
-struct Round {
-    mark: checkpoint::Mark,
-    states: std::collections::BTreeMap<usize, checkpoint::ReaderState>,
 }
 
 impl Checkpointing {
@@ -460,8 +452,7 @@ impl Checkpointing {
             fingerprint,
             readers: Mutex::new(restored.as_ref().map(|s| s.readers.clone()).unwrap_or_default()),
             readers_count,
-            round: Mutex::new(None),
-            done: Mutex::default(),
+            rounds: Mutex::new(checkpoint::Rounds::new(readers_count)),
             written: frontier.into(),
             windows: plan.streams.iter().map(|s| s.window).collect(),
             tick: job.opts.tick,
@@ -514,19 +505,14 @@ impl Checkpointing {
     /// Several readers: writes the open round once every reader has given
     /// its state or stopped reading.
     fn complete_round(&self) {
-        let mut round = self.round.lock().expect("not poisoned");
-        let done = self.done.lock().expect("not poisoned");
-        let Some(r) = round.as_ref() else { return };
-        if r.states.len() + done.keys().filter(|w| !r.states.contains_key(w)).count() < self.readers_count {
-            return;
+        let complete = self
+            .rounds
+            .lock()
+            .expect("not poisoned")
+            .complete(|st, frontier| self.compacted(st, frontier));
+        if let Some((mark, states)) = complete {
+            self.write(mark, states);
         }
-        let Round { mark, mut states } = round.take().expect("open");
-        for (w, st) in done.iter() {
-            states.entry(*w).or_insert_with(|| self.compacted(st, mark.frontier));
-        }
-        drop(done);
-        drop(round);
-        self.write(mark, states.into_values().collect());
     }
 }
 
@@ -1075,22 +1061,17 @@ impl Reader<'_> {
             return;
         }
         let me = self.worker.index();
-        if due && me == 0 && shared.round.lock().expect("not poisoned").is_none() {
+        if due && me == 0 {
             let Some(mark) = shared.mark() else { return };
-            *shared.round.lock().expect("not poisoned") = Some(Round {
-                mark,
-                states: Default::default(),
-            });
-            self.checkpoints.as_mut().expect("checked").last = Instant::now();
+            if shared.rounds.lock().expect("not poisoned").open(mark) {
+                self.checkpoints.as_mut().expect("checked").last = Instant::now();
+            }
         }
-        let frontier = match shared.round.lock().expect("not poisoned").as_ref() {
-            Some(r) if !r.states.contains_key(&me) => r.mark.frontier,
-            _ => return,
+        let Some(frontier) = shared.rounds.lock().expect("not poisoned").owed_by(me) else {
+            return;
         };
         let Some(st) = self.own_state(frontier, position()) else { return };
-        if let Some(r) = shared.round.lock().expect("not poisoned").as_mut() {
-            r.states.insert(me, st);
-        }
+        shared.rounds.lock().expect("not poisoned").give(me, st);
         shared.complete_round();
     }
 
@@ -1138,24 +1119,25 @@ impl Reader<'_> {
             return self.checkpoint(position);
         }
         let Some(mark) = shared.mark() else { return };
-        let frontier = mark.frontier.min(self.feeder.frontier());
+        // Taken after the mark: a round opened since is at the mark or later.
+        let frontier = shared
+            .rounds
+            .lock()
+            .expect("not poisoned")
+            .final_frontier(mark.frontier.min(self.feeder.frontier()));
         let Some(st) = self.own_state(frontier, position) else { return };
-        let all = {
-            let mut done = shared.done.lock().expect("not poisoned");
-            done.insert(self.worker.index(), st);
-            done.len() == shared.readers_count
-        };
+        let all = shared.rounds.lock().expect("not poisoned").stop(self.worker.index(), frontier, st);
         shared.complete_round();
         if all {
             let Some(mark) = shared.mark() else { return };
-            let states = shared
-                .done
+            let finals = shared
+                .rounds
                 .lock()
                 .expect("not poisoned")
-                .values()
-                .map(|st| shared.compacted(st, mark.frontier))
-                .collect();
-            shared.write(mark, states);
+                .finals(&mark, |st, frontier| shared.compacted(st, frontier));
+            if let Some(states) = finals {
+                shared.write(mark, states);
+            }
         }
     }
 
