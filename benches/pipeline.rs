@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use differential_dataflow::input::Input;
-use shoal::engine::{run, Job, RunOptions, Source, Summary};
 use shoal::generate::{GenOptions, Generator};
+use shoal::run::engine::{run, Job, RunOptions, Source, Summary};
 
 /// The allocator `shoal` itself runs with (see `src/main.rs`).
 #[global_allocator]
@@ -91,7 +91,10 @@ fn throughput(n: u64) {
             s.profiles
         );
     }
-    let decoded: Vec<_> = data.split(|b| *b == b'\n').filter_map(|l| shoal::event::decode(l).ok()).collect();
+    let decoded: Vec<_> = data
+        .split(|b| *b == b'\n')
+        .filter_map(|l| shoal::ingest::event::decode(l).ok())
+        .collect();
     let decoded = Arc::new(decoded);
     for workers in [1, 2] {
         let (secs, _) = timed(&retail, Source::Decoded(decoded.clone()), workers);
@@ -239,7 +242,7 @@ fn latency(rate: u64, seconds: u64, tick: u64, workers: usize) {
     ];
     let n = rate * seconds;
     let data = Arc::new(shoal::generate::synthetic(n, (n / 20).max(50), rate, &names));
-    let timings = Arc::new(shoal::engine::Timings::default());
+    let timings = Arc::new(shoal::run::engine::Timings::default());
     let opts = RunOptions {
         tick,
         lateness: 0,
@@ -249,7 +252,7 @@ fn latency(rate: u64, seconds: u64, tick: u64, workers: usize) {
     };
     let mut job = Job::quiet(spec("dataflows/retail.toml"), opts, vec![Source::Paced { data, rate: rate as f64 }]);
     job.output = Some(Arc::new(|_resume| {
-        Ok(Box::new(shoal::sink::WriteLines(Box::new(std::io::sink()))) as Box<dyn shoal::sink::Deliver>)
+        Ok(Box::new(shoal::output::sink::WriteLines(Box::new(std::io::sink()))) as Box<dyn shoal::output::sink::Deliver>)
     }));
     job.timings = Some(timings.clone());
     let started = Instant::now();
@@ -346,7 +349,7 @@ fn checkpoint(n: u64) {
             RunOptions::default(),
             vec![Source::File(input.clone())],
         );
-        job.state = Some(shoal::engine::StateOptions {
+        job.state = Some(shoal::run::engine::StateOptions {
             dir: dir.clone(),
             every: std::time::Duration::from_secs(3600),
         });
@@ -358,9 +361,9 @@ fn checkpoint(n: u64) {
     let started = Instant::now();
     run(job()).expect("resume");
     let resume = started.elapsed().as_secs_f64();
-    let store = shoal::checkpoint::Store::open(&dir).expect("state dir");
+    let store = shoal::run::checkpoint::Store::open(&dir).expect("state dir");
     let (_, path) = store.files().expect("files").into_iter().next().expect("a checkpoint");
-    let snap = shoal::checkpoint::decode(&std::fs::read(&path).expect("read")).expect("whole");
+    let snap = shoal::run::checkpoint::decode(&std::fs::read(&path).expect("read")).expect("whole");
     let facts: usize = snap.readers.iter().map(|r| r.facts.len()).sum();
     println!(
         "checkpoint: {n} events, {facts} facts held: run {first:.2} s, resume from the checkpoint (restore, nothing to read) {resume:.2} s"
@@ -373,8 +376,8 @@ fn checkpoint(n: u64) {
     );
     type Codec = (
         &'static str,
-        fn(&shoal::checkpoint::Snapshot) -> Vec<u8>,
-        fn(&[u8]) -> shoal::checkpoint::Snapshot,
+        fn(&shoal::run::checkpoint::Snapshot) -> Vec<u8>,
+        fn(&[u8]) -> shoal::run::checkpoint::Snapshot,
     );
     let codecs: [Codec; 3] = [
         (
@@ -440,7 +443,7 @@ fn overload(rate: u64, seconds: u64) {
     let mut job = Job::quiet(spec, opts, vec![Source::Paced { data, rate: rate as f64 }]);
     let stop = job.stop.clone();
     job.output = Some(Arc::new(|_resume| {
-        Ok(Box::new(shoal::sink::WriteLines(Box::new(std::io::sink()))) as Box<dyn shoal::sink::Deliver>)
+        Ok(Box::new(shoal::output::sink::WriteLines(Box::new(std::io::sink()))) as Box<dyn shoal::output::sink::Deliver>)
     }));
     let base = rss();
     let sampler = std::thread::spawn(move || {

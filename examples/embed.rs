@@ -8,8 +8,8 @@
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
-use shoal::engine::{build, Feeder, RunOptions};
 use shoal::plan::Plan;
+use shoal::run::engine::{build, Feeder, RunOptions};
 
 const SPEC: &str = r#"
 [[segment]]
@@ -34,7 +34,7 @@ fn main() {
         let (inputs, probe) = worker.dataflow::<u64, _, _>(|scope| {
             let (inputs, collections) = build(scope, &plan, opts.tick);
             // Members carry profile keys; `named` joins them with the profiles' ids.
-            let (probe, _) = shoal::sink::named(collections.members, collections.names)
+            let (probe, _) = shoal::output::sink::named(collections.members, collections.names)
                 .consolidate()
                 .inspect(move |((segment, profile), tick, diff)| seen.lock().unwrap().push((*tick, *segment, profile.to_string(), *diff)))
                 .probe();
@@ -63,7 +63,7 @@ fn main() {
         worker.step_while(|| probe.less_than(&end));
         println!(
             "clock ended at {:?}; {} events accepted",
-            last.map(|t| shoal::clock::format_time(t, false)),
+            last.map(|t| shoal::core::clock::format_time(t, false)),
             feeder.counters().accepted
         );
     })
@@ -75,7 +75,7 @@ fn main() {
     for (tick, segment, profile, diff) in diffs.iter().take(10) {
         println!(
             "{} {:>8} {:<24} {}",
-            shoal::clock::format_time(*tick, false),
+            shoal::core::clock::format_time(*tick, false),
             segments[*segment as usize],
             profile,
             if *diff > 0 { "enter" } else { "exit" }

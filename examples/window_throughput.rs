@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use shoal::engine::{run, Job, RunOptions, Source};
+use shoal::run::engine::{run, Job, RunOptions, Source};
 
 fn main() {
     let mut args = std::env::args().skip(1);

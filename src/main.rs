@@ -10,11 +10,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use shoal::clock::{parse_duration, parse_duration_or_zero, parse_time_arg};
-use shoal::engine::{file_output, EngineError, Job, RunOptions, Source};
+use shoal::core::clock::{parse_duration, parse_duration_or_zero, parse_time_arg};
 use shoal::generate::GenOptions;
-use shoal::kafka::{kafka_output, KafkaInput};
-use shoal::serve::History;
+use shoal::io::kafka::{kafka_output, KafkaInput};
+use shoal::run::engine::{file_output, EngineError, Job, RunOptions, Source};
+use shoal::serve::model::History;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 /// The dataflow allocates and frees many small batches per tick: glibc's
@@ -364,17 +364,17 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             args.dead_letter.clone().unwrap_or_else(|| PathBuf::from("/dev/stderr")),
         )),
         timely: timely_config(&args)?,
-        state: args.state.clone().map(|dir| shoal::engine::StateOptions {
+        state: args.state.clone().map(|dir| shoal::run::engine::StateOptions {
             dir,
             every: std::time::Duration::from_millis(args.checkpoint_every),
         }),
-        http: args.http.clone().map(|addr| shoal::engine::HttpOptions {
+        http: args.http.clone().map(|addr| shoal::run::engine::HttpOptions {
             addr,
             history: args.history,
             on_listen: Some(Arc::new(|a| eprintln!("shoal: listening on http://{a}"))),
         }),
     };
-    let summary = shoal::engine::run(job).map_err(|e| match e {
+    let summary = shoal::run::engine::run(job).map_err(|e| match e {
         EngineError::Unsupported(_) | EngineError::Refused(_) => usage(e),
         _ => Failure(1, e.into()),
     })?;

@@ -8,8 +8,8 @@
 // PROPTEST_CASES=N runs N cases per property; without it, 256.
 
 use proptest::prelude::*;
-use shoal::event::{decode, Event};
-use shoal::ingest::{dead_letter, Ingest, Outcome};
+use shoal::ingest::event::{decode, Event};
+use shoal::ingest::stamp::{dead_letter, Ingest, Outcome};
 
 /// Reads `line` through a fresh ingest stage and checks the bookkeeping:
 /// a non-blank line is counted once as read and once as exactly one fate, and
@@ -18,7 +18,7 @@ fn read_one(ingest: &mut Ingest, line: &[u8]) -> Outcome {
     let before = ingest.counters.clone();
     let outcome = ingest.read(line);
     let c = &ingest.counters;
-    let fates = |c: &shoal::ingest::Counters| c.accepted + c.bad + c.duplicates + c.ignored;
+    let fates = |c: &shoal::ingest::stamp::Counters| c.accepted + c.bad + c.duplicates + c.ignored;
     match &outcome {
         Outcome::Blank => {
             assert!(line.iter().all(u8::is_ascii_whitespace));

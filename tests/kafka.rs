@@ -18,9 +18,9 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use shoal::engine::{memory_output, run, run_memory, Job, RunOptions, Summary};
 use shoal::generate::{GenOptions, Generator};
-use shoal::kafka::{kafka_output, KafkaInput};
+use shoal::io::kafka::{kafka_output, KafkaInput};
+use shoal::run::engine::{memory_output, run, run_memory, Job, RunOptions, Summary};
 
 const SPEC: &str = "dataflows/retail.toml";
 
@@ -52,7 +52,7 @@ fn in_time_order(lines: Vec<String>) -> Vec<String> {
     let mut keyed: Vec<(u64, String)> = lines
         .into_iter()
         .map(|l| {
-            if let Ok(e) = shoal::event::decode(l.as_bytes()) {
+            if let Ok(e) = shoal::ingest::event::decode(l.as_bytes()) {
                 at = e.time;
             }
             (at, l)
@@ -107,7 +107,7 @@ fn opts(workers: usize) -> RunOptions {
     }
 }
 
-fn kafka_job(brokers: &str, topic: &str, group: &str, workers: usize, output: shoal::engine::OpenOutput) -> Job {
+fn kafka_job(brokers: &str, topic: &str, group: &str, workers: usize, output: shoal::run::engine::OpenOutput) -> Job {
     let mut job = Job::quiet(spec(), opts(workers), Vec::new());
     job.kafka = Some(KafkaInput {
         brokers: brokers.to_string(),

@@ -7,7 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use reference::{evaluate, evaluate_sparse, RefOptions};
-use shoal::clock::{parse_duration_or_zero, parse_time_arg};
+use shoal::core::clock::{parse_duration_or_zero, parse_time_arg};
 
 fn cases() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/conformance");

@@ -28,9 +28,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use reference::{evaluate_sample, evaluate_sparse, RefOptions, RefOutput};
-use shoal::clock::parse_time_arg;
-use shoal::event::{decode, EventType, Id, IdKind};
+use shoal::core::clock::parse_time_arg;
 use shoal::generate::{write_all, GenOptions};
+use shoal::ingest::event::{decode, EventType, Id, IdKind};
 use shoal::spec::Spec;
 
 fn manifest(path: &str) -> PathBuf {

@@ -535,15 +535,15 @@ fn stream_sends_exactly_the_lines_written() {
         stdin.flush().unwrap();
     };
     batch(0, 20);
-    wait_for_clock(&addr, &shoal::clock::format_time((T0 + 19 * 1_500) / 1_000 * 1_000, false));
+    wait_for_clock(&addr, &shoal::core::clock::format_time((T0 + 19 * 1_500) / 1_000 * 1_000, false));
     // A segment added at run time: its enters are written and streamed too.
     let (status, body) = http(&addr, "PUT", "/segments/keen", Some(r#"{"when":"count('view', 10s) >= 1"}"#));
     assert_eq!(status, 200, "{body}");
     batch(20, 40);
     drop(stdin);
     // End of input: every tick up to the last event's is written.
-    let last = shoal::clock::tick_of(T0 + 39 * 1_500, 1_000);
-    wait_for_clock(&addr, &shoal::clock::format_time(last, false));
+    let last = shoal::core::clock::tick_of(T0 + 39 * 1_500, 1_000);
+    wait_for_clock(&addr, &shoal::core::clock::format_time(last, false));
 
     // SIGTERM: the stream ends, the process exits 0, the port is closed.
     let status = shoal.terminate();
@@ -590,7 +590,7 @@ fn a_merged_id_answers_404_with_its_profile() {
         false,
     );
     let addr = shoal.addr.clone();
-    wait_for_clock(&addr, &shoal::clock::format_time(T0 + 5_000, false));
+    wait_for_clock(&addr, &shoal::core::clock::format_time(T0 + 5_000, false));
 
     let profile = get(&addr, "/profiles/user%3Au1");
     assert_eq!(profile["ids"], serde_json::json!(["anon:zz", "user:u1"]));
@@ -612,13 +612,13 @@ fn a_merged_id_answers_404_with_its_profile() {
 fn run_returns_only_after_the_server_closed() {
     let spec = shoal::spec::parse_spec(LIVE_SPEC, 1_000).unwrap();
     let input = [track("view", "a", T0), track("view", "a", T0 + 1_000)].concat();
-    let sources = vec![shoal::source::Source::Bytes {
+    let sources = vec![shoal::io::source::Source::Bytes {
         name: "input".into(),
         data: std::sync::Arc::new(input.into_bytes()),
     }];
-    let mut job = shoal::engine::Job::quiet(spec, shoal::engine::RunOptions::default(), sources);
+    let mut job = shoal::run::engine::Job::quiet(spec, shoal::run::engine::RunOptions::default(), sources);
     let (tx, rx) = std::sync::mpsc::channel();
-    job.http = Some(shoal::engine::HttpOptions {
+    job.http = Some(shoal::run::engine::HttpOptions {
         addr: "127.0.0.1:0".into(),
         history: None,
         on_listen: Some(std::sync::Arc::new(move |a| {
@@ -628,10 +628,10 @@ fn run_returns_only_after_the_server_closed() {
     let stop = job.stop.clone();
     let (done_tx, done) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = done_tx.send(shoal::engine::run(job).map_err(|e| e.to_string()));
+        let _ = done_tx.send(shoal::run::engine::run(job).map_err(|e| e.to_string()));
     });
     let addr = rx.recv_timeout(Duration::from_secs(60)).unwrap().to_string();
-    wait_for_clock(&addr, &shoal::clock::format_time(T0 + 1_000, false));
+    wait_for_clock(&addr, &shoal::core::clock::format_time(T0 + 1_000, false));
     let mut stream = subscribe(&addr);
 
     // The input has ended; the run serves until stopped.
@@ -722,7 +722,7 @@ fn runtime_terms_start_complete_and_follow_the_reference() {
     }
     send(&first);
     let clock_ms = (T0 + 19 * 1_500) / 1_000 * 1_000;
-    let clock = shoal::clock::format_time(clock_ms, false);
+    let clock = shoal::core::clock::format_time(clock_ms, false);
     wait_for_clock(&addr, &clock);
     assert_eq!(get(&addr, "/segments")["clock"], clock.as_str(), "the clock waits for events");
 
@@ -772,8 +772,8 @@ fn runtime_terms_start_complete_and_follow_the_reference() {
     }
     send(&second);
     drop(stdin);
-    let last_ms = shoal::clock::tick_of(T0 + 39 * 1_500 + 12_000, 1_000);
-    wait_for_clock(&addr, &shoal::clock::format_time(last_ms, false));
+    let last_ms = shoal::core::clock::tick_of(T0 + 39 * 1_500 + 12_000, 1_000);
+    wait_for_clock(&addr, &shoal::core::clock::format_time(last_ms, false));
 
     // The reference over the same lines, with the runtime segments as spec segments.
     let mut full = LIVE_SPEC.to_string();
@@ -811,7 +811,7 @@ fn runtime_terms_start_complete_and_follow_the_reference() {
     for l in sent.lines() {
         let e = serde_json::from_str::<Value>(l).unwrap()["timestamp"].as_u64().unwrap();
         for w in [0, 10_000, 3_600_000] {
-            busy.insert(shoal::clock::format_time(shoal::clock::tick_of(e + w, 1_000), false));
+            busy.insert(shoal::core::clock::format_time(shoal::core::clock::tick_of(e + w, 1_000), false));
         }
     }
     for name in ["quick", "spend"] {
@@ -840,7 +840,7 @@ fn runtime_terms_start_complete_and_follow_the_reference() {
     );
 
     // `why` and the profile: the model's terms, at the last tick.
-    let now = applied(&reference, &shoal::clock::format_time(last_ms, false));
+    let now = applied(&reference, &shoal::core::clock::format_time(last_ms, false));
     for user in ["user:u0", "user:u1", "user:u2", "user:u3"] {
         let profile = get(&addr, &format!("/profiles/{}", urlencode(user)));
         for name in ["quick", "spend"] {

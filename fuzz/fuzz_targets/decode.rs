@@ -5,9 +5,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shoal::clock::format_time;
-use shoal::event::decode;
-use shoal::ingest::{dead_letter, Identities, Ingest, Outcome};
+use shoal::core::clock::format_time;
+use shoal::ingest::event::decode;
+use shoal::ingest::stamp::{dead_letter, Identities, Ingest, Outcome};
 
 fuzz_target!(|data: &[u8]| {
     // The whole input as one line, straight to the decoder.
@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
 });
 
 /// Reads an accepted event the way the dataflow does.
-fn touch(event: &shoal::event::Event) {
+fn touch(event: &shoal::ingest::event::Event) {
     let _ = event.anchor();
     let _ = event.named_ids();
     let _ = event.links();

@@ -4,7 +4,7 @@
 //! (`crate::plan`) turns them into shared terms, atoms and set formulas; the
 //! test suite's reference evaluator interprets them directly.
 
-use crate::value::Dec;
+use crate::core::value::Dec;
 
 /// A 1-based position inside a `when` (or `expr`) source string.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -476,7 +476,7 @@ impl<'t> Loader<'t> {
         if lifetime_ok && s.value == "lifetime" {
             return;
         }
-        match crate::clock::parse_duration(&s.value) {
+        match crate::core::clock::parse_duration(&s.value) {
             Ok(ms) if self.tick_ms > 0 && !ms.is_multiple_of(self.tick_ms) => self.error(
                 at,
                 format!(
@@ -618,7 +618,7 @@ impl<'t> Loader<'t> {
             self.duration(&w, "window", true);
             ok &= self.errors.len() == errors;
             if w.value != "lifetime" {
-                if let Ok(ms) = crate::clock::parse_duration(&w.value) {
+                if let Ok(ms) = crate::core::clock::parse_duration(&w.value) {
                     window = ast::Window::Dur(ms);
                 }
             }
@@ -748,7 +748,7 @@ impl<'t> Loader<'t> {
         }
         if let Some(r) = self.string(t, "refresh", BLOCK, header, true) {
             self.duration(&r, "refresh", false);
-            def.refresh = crate::clock::parse_duration(&r.value).unwrap_or(0);
+            def.refresh = crate::core::clock::parse_duration(&r.value).unwrap_or(0);
         }
         let mut maps = Vec::new();
         match t.get("features") {

@@ -15,8 +15,8 @@
 
 use super::ast::{AggKind, ArithOp, CmpOp, EventSel, Expr, ExprKind, Path, Pos, RfmField, Selector, Window};
 use super::SpecError;
-use crate::clock::parse_duration;
-use crate::value::Dec;
+use crate::core::clock::parse_duration;
+use crate::core::value::Dec;
 
 /// Parses one `when` (or score `expr`, or clustering feature) expression.
 pub fn parse_when(src: &str) -> Result<Expr, SpecError> {

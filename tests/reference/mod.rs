@@ -2,8 +2,8 @@
 //!
 //! It is held against the dataflow engine in property tests, so it must be
 //! obviously right rather than fast, and share nothing with the engine: it
-//! uses only the decoder (`shoal::event`), the `when` syntax tree
-//! (`shoal::spec`), scalar arithmetic (`shoal::value`) and the two pure clock
+//! uses only the decoder (`shoal::ingest::event`), the `when` syntax tree
+//! (`shoal::spec`), scalar arithmetic (`shoal::core::value`) and the two pure clock
 //! helpers `tick_of` and `format_time`. Everything else (the clock, dedupe,
 //! lateness, identity resolution, windows, aggregates, the output diff) is
 //! rewritten here straight from the SPEC's words.
@@ -33,7 +33,7 @@
 //! model: it is trained at the first tick with a population and then at
 //! every tick that is a multiple of `refresh` whose population differs from
 //! the one it was last trained on. The model itself (standardize, k-means++,
-//! numbering) is `shoal::cluster::Model`, a pure function of the population
+//! numbering) is `shoal::dataflow::cluster::Model`, a pure function of the population
 //! that has its own tests (tests/scoring.rs holds it against an independent
 //! k-means); what is checked here is when it is trained and how profiles
 //! follow it.
@@ -43,12 +43,12 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::Value as Json;
-use shoal::clock::{format_time, tick_of};
-use shoal::cluster::Model;
-use shoal::event::{decode, Event, EventType, Id};
+use shoal::core::clock::{format_time, tick_of};
+use shoal::core::value::{Dec, Value};
+use shoal::dataflow::cluster::Model;
+use shoal::ingest::event::{decode, Event, EventType, Id};
 use shoal::spec::ast::{AggKind, CmpOp, EventSel, Expr, ExprKind, Path, RfmField, Selector, Window};
 use shoal::spec::Spec;
-use shoal::value::{Dec, Value};
 
 /// How the run is clocked and bounded; all in milliseconds.
 #[derive(Clone, Debug)]
@@ -608,7 +608,7 @@ fn truthy(v: &Value) -> bool {
 
 fn float(f: f64) -> Value {
     if f.is_finite() {
-        Value::Float(shoal::value::Float(f))
+        Value::Float(shoal::core::value::Float(f))
     } else {
         Value::Missing
     }
@@ -846,7 +846,7 @@ fn aggregate(kind: AggKind, evs: &[&Event], path: Option<&Path>) -> Value {
         },
         AggKind::Avg if n == 0 => Value::Missing,
         AggKind::Avg => match exact_sum {
-            Some(s) => float(s as f64 / (shoal::value::SCALE as f64 * n as f64)),
+            Some(s) => float(s as f64 / (shoal::core::value::SCALE as f64 * n as f64)),
             None => float(floats.iter().sum::<f64>() / n as f64),
         },
         AggKind::Min | AggKind::Max => {

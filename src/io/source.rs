@@ -4,7 +4,7 @@
 //! live: a thread reads it into a bounded channel (backpressure, not an
 //! unbounded queue) and the reader sees [`Next::Idle`] when nothing arrived
 //! for a while, so the clock can follow wall time (SPEC §3). Every source
-//! is opened decoded for the spec's streams ([`Lines`], `crate::decode`):
+//! is opened decoded for the spec's streams ([`Lines`], `crate::ingest::decode`):
 //! the reader gets each line as an event with its facts, or as a bad line
 //! with its text.
 
@@ -14,8 +14,8 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::decode::{Decoding, Got, Item, Prepared};
-use crate::engine::EngineError;
+use crate::ingest::decode::{Decoding, Got, Item, Prepared};
+use crate::run::engine::EngineError;
 
 /// Where events come from, read one after another in order.
 #[derive(Clone, Debug)]
@@ -29,7 +29,7 @@ pub enum Source {
     /// The built-in traffic generator (`run --generate N`).
     Generate(crate::generate::GenOptions),
     /// Events decoded beforehand (benchmarks that leave parsing out).
-    Decoded(Arc<Vec<crate::event::Event>>),
+    Decoded(Arc<Vec<crate::ingest::event::Event>>),
     /// Lines offered live at a fixed rate per second, open loop (the
     /// latency benchmark): line `i` is offered at `i / rate` seconds.
     Paced {
@@ -108,7 +108,7 @@ impl AsRef<[u8]> for SharedBytes {
 /// What reading a source gave.
 pub enum Next {
     /// A line (or a pre-decoded event), decoded with its facts (see
-    /// `crate::decode`); the buffer holds its text when it is not a valid
+    /// `crate::ingest::decode`); the buffer holds its text when it is not a valid
     /// event.
     Prepared(Box<Prepared>),
     /// Nothing arrived within the wait (live sources only).
@@ -116,15 +116,15 @@ pub enum Next {
     End,
 }
 
-/// An open source, decoded on a thread of its own (see `crate::decode`).
+/// An open source, decoded on a thread of its own (see `crate::ingest::decode`).
 pub enum Lines {
     /// A byte stream read to its end.
-    Ahead(crate::decode::Ahead),
+    Ahead(crate::ingest::decode::Ahead),
     /// A live source.
-    Live(crate::decode::Ahead),
+    Live(crate::ingest::decode::Ahead),
     /// Events decoded beforehand, the next one's index, and what the reader
     /// wants of them.
-    Decoded(Arc<Vec<crate::event::Event>>, usize, Decoding),
+    Decoded(Arc<Vec<crate::ingest::event::Event>>, usize, Decoding),
 }
 
 /// A source before decoding.
@@ -133,7 +133,7 @@ enum Raw {
     Bytes(Box<dyn BufRead + Send>, u64),
     /// Lines from a thread (stdin, the paced benchmark source).
     Live(Receiver<std::io::Result<Vec<u8>>>),
-    Decoded(Arc<Vec<crate::event::Event>>),
+    Decoded(Arc<Vec<crate::ingest::event::Event>>),
 }
 
 impl Source {
@@ -148,8 +148,10 @@ impl Source {
     pub fn open_at(&self, offset: u64, decoding: &Decoding) -> Result<Lines, EngineError> {
         let failed = |e: std::io::Error| EngineError::Io(format!("cannot start the decoding thread: {e}"));
         Ok(match self.raw_at(offset)? {
-            Raw::Bytes(input, offset) => Lines::Ahead(crate::decode::Ahead::spawn(input, offset, decoding.clone()).map_err(failed)?),
-            Raw::Live(lines) => Lines::Live(crate::decode::live(lines, decoding.clone()).map_err(failed)?),
+            Raw::Bytes(input, offset) => {
+                Lines::Ahead(crate::ingest::decode::Ahead::spawn(input, offset, decoding.clone()).map_err(failed)?)
+            }
+            Raw::Live(lines) => Lines::Live(crate::ingest::decode::live(lines, decoding.clone()).map_err(failed)?),
             Raw::Decoded(events) => Lines::Decoded(events, 0, decoding.clone()),
         })
     }

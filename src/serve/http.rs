@@ -28,9 +28,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value as Json_};
 
-use crate::clock::{format_time, parse_duration, parse_time_arg};
-use crate::engine::EngineError;
-use crate::serve::{parse_id, value_json, ApiError, Command, Def, Model, Served};
+use crate::core::clock::{format_time, parse_duration, parse_time_arg};
+use crate::run::engine::EngineError;
+use crate::serve::model::{parse_id, value_json, ApiError, Command, Def, Model, Served};
 
 /// The live page: one static file, no build step.
 pub const PAGE: &str = include_str!("page.html");
@@ -327,7 +327,7 @@ async fn preview(State(s): St, body: Bytes) -> Result<Json<Json_>, ApiError> {
 }
 
 /// Queues a command for worker 0 and waits for its answer.
-async fn command(s: &Served, make: impl FnOnce(crate::serve::Reply) -> Command) -> Result<usize, ApiError> {
+async fn command(s: &Served, make: impl FnOnce(crate::serve::model::Reply) -> Command) -> Result<usize, ApiError> {
     if s.stop.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(ApiError::Bad("shoal is stopping".into()));
     }

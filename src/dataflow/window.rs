@@ -20,10 +20,10 @@ use differential_dataflow::VecCollection;
 use timely::progress::frontier::MutableAntichain;
 use timely::ExchangeData;
 
-use crate::clock::tick_of;
-use crate::ingest::Key;
-use crate::terms::Pay;
-use crate::total::{Stage, Updates};
+use crate::core::clock::tick_of;
+use crate::dataflow::terms::Pay;
+use crate::dataflow::total::{Stage, Updates};
+use crate::ingest::stamp::Key;
 
 /// A fact about one event as the reader emits it: the anchor id, the stream,
 /// the event's own time (for expiry) and what the stream reads of it.
@@ -67,7 +67,7 @@ where
         expiries: Expiries::default(),
     };
     let anchor = |(id, _, _, _): &FactOf<P>| id.hashed();
-    crate::total::join_staged((facts, window), anchor, labels, name, logic)
+    crate::dataflow::total::join_staged((facts, window), anchor, labels, name, logic)
 }
 
 /// The window as a stage of the join: passes each fact on at its effect

@@ -6,7 +6,7 @@
 //! the paths the streams keep — depends on the line alone. So for files and
 //! other byte streams read to their end, a `shoal-decode` thread does that
 //! part: it reads lines, decodes each into an [`Event`] and its facts
-//! ([`crate::terms::extract`] for every stream), and hands them over in
+//! ([`crate::dataflow::terms::extract`] for every stream), and hands them over in
 //! batches through a bounded channel (so it runs at most a few batches
 //! ahead). The reader then only stamps and feeds them, in order. On two
 //! cores this takes about a third of the per-event work off the worker that
@@ -22,10 +22,10 @@
 use std::io::BufRead;
 use std::sync::mpsc::{sync_channel, Receiver};
 
-use crate::event::{decode, Event};
+use crate::dataflow::terms::{extract, Pay};
+use crate::ingest::event::{decode, Event};
+use crate::io::source::read_line;
 use crate::plan::{Selectors, StreamDef};
-use crate::source::read_line;
-use crate::terms::{extract, Pay};
 
 /// Lines per batch handed to the reader.
 const BATCH: usize = 256;
@@ -276,10 +276,10 @@ mod tests {
     fn facts_from_the_candidate_streams_are_the_facts_of_every_stream() {
         // Every bundled dataflow, over generated traffic of every kind.
         let specs = [
-            include_str!("../dataflows/retail.toml"),
-            include_str!("../dataflows/engagement.toml"),
-            include_str!("../dataflows/saas_leads.toml"),
-            include_str!("../dataflows/email_lifecycle.toml"),
+            include_str!("../../dataflows/retail.toml"),
+            include_str!("../../dataflows/engagement.toml"),
+            include_str!("../../dataflows/saas_leads.toml"),
+            include_str!("../../dataflows/email_lifecycle.toml"),
         ];
         let mut generator = crate::generate::Generator::new(&crate::generate::GenOptions {
             users: 300,

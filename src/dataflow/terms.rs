@@ -1,12 +1,12 @@
 //! Terms: one aggregate value per profile, maintained incrementally.
 //!
 //! The reader turns each event into [`Pay`]loads for the streams it matches
-//! ([`extract`]); [`window`](crate::window) bounds them in time; [`terms`]
+//! ([`extract`]); [`window`](crate::dataflow::window) bounds them in time; [`terms`]
 //! re-keys them from anchor id to profile through the identity labels and
 //! folds each stream's terms in one `reduce` keyed by `(stream, profile)`,
 //! or counts them when every term of the stream is a `count` (those facts
 //! travel without their payload). The joins, the reduce and the count are
-//! [`crate::total`]'s operators for totally ordered time.
+//! [`crate::dataflow::total`]'s operators for totally ordered time.
 //! A merge of two profiles is a change of label, so the join re-keys every
 //! fact of the merged side and every aggregate downstream corrects itself.
 
@@ -14,11 +14,11 @@ use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
 use std::rc::Rc;
 
-use crate::event::Event;
-use crate::ingest::Key;
+use crate::core::value::{Dec, Float, Value};
+use crate::dataflow::window::{profile_of, Facts};
+use crate::ingest::event::Event;
+use crate::ingest::stamp::Key;
 use crate::plan::{Agg, Plan, Read, StreamDef};
-use crate::value::{Dec, Float, Value};
-use crate::window::{profile_of, Facts};
 
 /// What a stream keeps of one event.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -146,7 +146,7 @@ fn numeric<'a>(agg: Agg, vals: impl Iterator<Item = (&'a Value, isize)> + Clone)
         Agg::Sum if exact => s1.map(|s| Value::Num(Dec(s))).unwrap_or(Value::Missing),
         Agg::Sum => finite(float_sum(&floats())),
         Agg::Avg => match s1.filter(|_| exact) {
-            Some(s) => finite(s as f64 / (crate::value::SCALE as f64 * n as f64)),
+            Some(s) => finite(s as f64 / (crate::core::value::SCALE as f64 * n as f64)),
             None => finite(float_sum(&floats()) / n as f64),
         },
         _ => {
@@ -178,7 +178,7 @@ pub fn latest<'a>(facts: impl Iterator<Item = (&'a Pay, isize)>) -> Value {
 /// The value of a term over its facts (with multiplicities), for a profile
 /// with at least one fact (without any it is `agg.empty()`): the one fold
 /// of the dataflow's `Terms` reduce and of the served model's own terms
-/// (`crate::serve`), so both have the same semantics by construction.
+/// (`crate::serve::model`), so both have the same semantics by construction.
 pub fn value<'a>(agg: Agg, facts: impl Iterator<Item = (&'a Pay, isize)> + Clone) -> Value {
     match agg {
         Agg::Count => Value::Num(Dec::from_int(facts.map(|(_, n)| n as i64).sum())),
@@ -194,8 +194,8 @@ pub type Row = ((u32, Key), Vec<Value>);
 /// What the terms stage gives.
 pub struct Terms<'s> {
     /// `((atom, profile), holds)` for every atom over one event-stream term
-    /// (see [`crate::rules::flips`]), evaluated where the term changes.
-    pub atoms: VecCollection<'s, u64, crate::rules::AtomRow, isize>,
+    /// (see [`crate::dataflow::rules::flips`]), evaluated where the term changes.
+    pub atoms: VecCollection<'s, u64, crate::dataflow::rules::AtomRow, isize>,
     /// The term rows, when asked for (serving, population terms and atoms
     /// over several terms read them).
     pub rows: Option<VecCollection<'s, u64, Row, isize>>,
@@ -205,7 +205,7 @@ pub struct Terms<'s> {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum Change {
     Row(Row),
-    Atom(crate::rules::AtomRow),
+    Atom(crate::dataflow::rules::AtomRow),
 }
 
 /// Re-keys windowed facts to profiles and folds every stream's terms: a
@@ -233,7 +233,7 @@ pub fn terms<'s>(
         "ProfileOfCounted",
         |_anchor, (stream, ()), profile| ((*stream, *profile), ()),
     );
-    let counts = crate::total::count_with(counts, "CountTotal", {
+    let counts = crate::dataflow::total::count_with(counts, "CountTotal", {
         let plan = plan.clone();
         move |&(stream, profile), old, new, out| {
             let value = |n: isize| (n != 0).then(|| [Value::Num(Dec::from_int(n as i64))]);
@@ -251,7 +251,7 @@ pub fn terms<'s>(
         ((*stream, *profile), pay.clone())
     });
     let folds = plan.clone();
-    let folded = crate::total::fold_with(
+    let folded = crate::dataflow::total::fold_with(
         folded,
         "Terms",
         move |(stream, _profile), facts| -> Values {
@@ -290,5 +290,5 @@ fn changed(plan: &Plan, key: (u32, Key), old: Option<&[Value]>, new: Option<&[Va
         out.extend(old.map(|v| (Change::Row((key, v.to_vec())), -1)));
         out.extend(new.map(|v| (Change::Row((key, v.to_vec())), 1)));
     }
-    crate::rules::flips(plan, key, old, new, |atom, r| out.push((Change::Atom(atom), r)));
+    crate::dataflow::rules::flips(plan, key, old, new, |atom, r| out.push((Change::Atom(atom), r)));
 }

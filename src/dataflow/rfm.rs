@@ -12,10 +12,10 @@
 
 use std::rc::Rc;
 
-use crate::ingest::Key;
+use crate::core::value::{Dec, Float, Value};
+use crate::dataflow::score::{Terms, Values};
+use crate::ingest::stamp::Key;
 use crate::plan::{Agg, Plan};
-use crate::score::{Terms, Values};
-use crate::value::{Dec, Float, Value};
 
 /// The rank score 1–5 of every value: `1 + floor(5 * smaller / n)` with
 /// `smaller` the number of values strictly less and `n` all of them. A value

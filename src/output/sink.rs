@@ -36,10 +36,10 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
-use crate::clock::format_time;
-use crate::event::Id;
-use crate::ingest::{Counters, Key};
-use crate::serve::{Served, Upd};
+use crate::core::clock::format_time;
+use crate::ingest::event::Id;
+use crate::ingest::stamp::{Counters, Key};
+use crate::serve::model::{Served, Upd};
 
 /// A change of a named membership, or (when serving) of the served model.
 type NamedChange = (Upd, isize);
@@ -205,7 +205,7 @@ pub fn named<'s>(
     names: VecCollection<'s, u64, (Key, Id), isize>,
 ) -> VecCollection<'s, u64, (u32, Id), isize> {
     let by_profile = members.map(|(segment, profile)| (profile, segment));
-    crate::total::join(by_profile, names, "Names", |_, segment, id| (*segment, id.clone()))
+    crate::dataflow::total::join(by_profile, names, "Names", |_, segment, id| (*segment, id.clone()))
 }
 
 /// How [`deliver`] writes.
@@ -217,13 +217,13 @@ pub struct Outputs {
     pub dead_letters: Option<Box<dyn Deliver>>,
     pub state: Rc<RefCell<SinkState>>,
     /// Marks when each tick is written (the latency benchmark).
-    pub timings: Option<std::sync::Arc<crate::engine::Timings>>,
+    pub timings: Option<std::sync::Arc<crate::run::engine::Timings>>,
     /// The served model (worker 0 with `--http`): each written tick is
     /// applied to it, runtime definitions run here, and the dataflow is kept
     /// alive until the stop flag.
     pub served: Option<std::sync::Arc<Served>>,
     /// With checkpoints: where the output as of the delivered frontier is recorded.
-    pub delivered: Option<std::sync::Arc<std::sync::Mutex<crate::checkpoint::Delivered>>>,
+    pub delivered: Option<std::sync::Arc<std::sync::Mutex<crate::run::checkpoint::Delivered>>>,
 }
 
 /// Writes memberships and dead letters on worker 0 and sums the reports;
@@ -383,7 +383,7 @@ fn mark(outs: &Outputs, bounds: [Option<&u64>; 3], unacked_lines: u64) {
     let st = outs.state.borrow();
     // Ticks before `skip_before` were out before a restart.
     let frontier = bounds.into_iter().flatten().copied().min().unwrap_or(u64::MAX).max(st.skip_before);
-    cell.lock().expect("not poisoned").mark = crate::checkpoint::Mark {
+    cell.lock().expect("not poisoned").mark = crate::run::checkpoint::Mark {
         frontier,
         changes: outs.changes.as_ref().and_then(|c| c.position()),
         dead: outs.dead_letters.as_ref().and_then(|d| d.position()),

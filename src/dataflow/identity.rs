@@ -7,13 +7,13 @@
 //! `user:` before every `anon:`, then by bytes — which is the profile. Links
 //! only ever accumulate, so labels only ever shrink, which label propagation
 //! handles incrementally: a late merge re-labels just the merged component.
-//! Propagation is [`crate::total::propagate`], components kept on the last worker
+//! Propagation is [`crate::dataflow::total::propagate`], components kept on the last worker
 //! and merged by union, rather than differential's fixed-point iteration.
 
 use differential_dataflow::VecCollection;
 
-use crate::event::Id;
-use crate::ingest::{Key, Label};
+use crate::ingest::event::Id;
+use crate::ingest::stamp::{Key, Label};
 
 /// The result of identity resolution.
 pub struct Profiles<'s> {
@@ -28,7 +28,7 @@ pub struct Profiles<'s> {
 /// multiplicity of its inputs, so several readers may each feed the same
 /// node or link.
 pub fn profiles<'s>(nodes: VecCollection<'s, u64, (Key, Label), isize>, links: VecCollection<'s, u64, (Key, Key), isize>) -> Profiles<'s> {
-    let eligible = crate::total::propagate(links, nodes, "Propagate").filter(|(_, (ineligible, _, _))| !ineligible);
+    let eligible = crate::dataflow::total::propagate(links, nodes, "Propagate").filter(|(_, (ineligible, _, _))| !ineligible);
     let names = eligible
         .clone()
         .flat_map(|(id, (_, name, profile))| (id == profile).then_some((profile, name)));

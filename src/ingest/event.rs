@@ -11,8 +11,8 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value as Json};
 use std::fmt;
 
-use crate::clock;
-use crate::value::Value;
+use crate::core::clock;
+use crate::core::value::Value;
 
 /// The kind of an identifier: every `user:` id sorts before every `anon:` id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -64,7 +64,7 @@ pub enum EventType {
 }
 
 /// One accepted event. It travels between processes only when the served
-/// model keeps history (`--history`, see `crate::serve`): objects as their
+/// model keeps history (`--history`, see `crate::serve::model`): objects as their
 /// JSON text.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
@@ -347,7 +347,7 @@ impl Event {
 
     /// A copy without `properties`, `traits` and `context`, for a reader
     /// that needs only the event's ids and time (see
-    /// `crate::decode::Decoding`).
+    /// `crate::ingest::decode::Decoding`).
     pub fn without_objects(&self) -> Event {
         Event {
             name: self.name.clone(),

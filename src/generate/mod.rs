@@ -1387,7 +1387,7 @@ mod tests {
                 Ok(Value::Object(_)) => {}
                 _ => not_json += 1,
             }
-            match crate::event::decode(line.as_bytes()) {
+            match crate::ingest::event::decode(line.as_bytes()) {
                 Err(_) => bad += 1,
                 Ok(e) => {
                     let v: Value = serde_json::from_str(&line).unwrap();
@@ -1397,14 +1397,14 @@ mod tests {
                         continue;
                     }
                     let key = match e.kind {
-                        crate::event::EventType::Track => e.name.clone().unwrap().to_string(),
+                        crate::ingest::event::EventType::Track => e.name.clone().unwrap().to_string(),
                         k => format!("{k:?}"),
                     };
                     *types.entry(key).or_default() += 1;
-                    if e.user_id.is_some() && e.anonymous_id.is_some() && e.kind == crate::event::EventType::Identify {
+                    if e.user_id.is_some() && e.anonymous_id.is_some() && e.kind == crate::ingest::event::EventType::Identify {
                         links += 1;
                     }
-                    if e.kind == crate::event::EventType::Alias {
+                    if e.kind == crate::ingest::event::EventType::Alias {
                         aliases += 1;
                         assert!(e.previous_id.as_deref().unwrap().starts_with("anon-"));
                     }
@@ -1470,7 +1470,7 @@ mod tests {
         // Every bot session: 20+ page views within about a minute.
         let mut per_bot: std::collections::HashMap<String, Vec<u64>> = Default::default();
         for line in Generator::new(&opts(500, 50_000, 5)) {
-            if let Ok(e) = crate::event::decode(line.as_bytes()) {
+            if let Ok(e) = crate::ingest::event::decode(line.as_bytes()) {
                 let ua = e.context.get("userAgent").and_then(|u| u.as_str()).unwrap_or("");
                 if ua.contains("bot") {
                     per_bot.entry(e.anonymous_id.clone().unwrap().to_string()).or_default().push(e.time);

@@ -19,9 +19,9 @@ use std::rc::Rc;
 
 use differential_dataflow::VecCollection;
 
-use crate::ingest::Key;
+use crate::core::value::{Float, Value};
+use crate::ingest::stamp::Key;
 use crate::plan::{Agg, Plan};
-use crate::value::{Float, Value};
 
 /// `((stream, profile), values)`: rows of term values, event or virtual.
 pub type Terms<'s> = VecCollection<'s, u64, ((u32, Key), Vec<Value>), isize>;

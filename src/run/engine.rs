@@ -26,16 +26,17 @@ use differential_dataflow::VecCollection;
 use serde::Serialize;
 use timely::dataflow::Scope;
 
-use crate::clock::format_time;
-use crate::ingest::{dead_letter, Change, Counters, Identities, Ingest, Key, Label, Outcome, Stamped};
+use crate::core::clock::format_time;
+use crate::dataflow::terms::Pay;
+use crate::dataflow::window::Fact;
+use crate::dataflow::{cluster, identity, rfm, rules, score, terms, window};
+use crate::ingest::stamp::{dead_letter, Change, Counters, Identities, Ingest, Key, Label, Outcome, Stamped};
+use crate::io::source::Next;
+pub use crate::io::source::Source;
+use crate::output::sink::{self, Deliver, Note, Outputs, Report, SinkState, WriteLines};
 use crate::plan::Plan;
-use crate::sink::{self, Deliver, Note, Outputs, Report, SinkState, WriteLines};
-use crate::source::Next;
-pub use crate::source::Source;
+use crate::run::checkpoint;
 use crate::spec::Spec;
-use crate::terms::Pay;
-use crate::window::Fact;
-use crate::{checkpoint, cluster, identity, rfm, rules, score, terms, window};
 
 /// How a run is clocked and bounded (all durations and times in ms).
 #[derive(Clone, Debug)]
@@ -144,7 +145,7 @@ pub struct Job {
     pub dead_letters: Option<OpenOutput>,
     pub timely: timely::Config,
     /// Kafka input, read by every worker (instead of `sources`).
-    pub kafka: Option<crate::kafka::KafkaInput>,
+    pub kafka: Option<crate::io::kafka::KafkaInput>,
     /// Set (by a signal handler) to stop: readers stop reading, what is
     /// final is delivered and committed, nothing else is written.
     pub stop: Arc<AtomicBool>,
@@ -164,15 +165,15 @@ pub struct HttpOptions {
     /// How long the served model keeps accepted events, for segments defined
     /// at run time over terms the spec does not compute (`--history`);
     /// `None`: the longest window of the spec.
-    pub history: Option<crate::serve::History>,
+    pub history: Option<crate::serve::model::History>,
     /// Called with the bound address once listening (e.g. to print it).
     pub on_listen: Option<Arc<dyn Fn(std::net::SocketAddr) + Send + Sync>>,
 }
 
 impl HttpOptions {
     /// The history kept for `plan`: as given, else its longest window.
-    pub fn history(&self, plan: &Plan) -> crate::serve::History {
-        self.history.unwrap_or_else(|| crate::serve::History::default_for(plan))
+    pub fn history(&self, plan: &Plan) -> crate::serve::model::History {
+        self.history.unwrap_or_else(|| crate::serve::model::History::default_for(plan))
     }
 }
 
@@ -333,11 +334,11 @@ pub fn run(job: Job) -> Result<Summary, EngineError> {
         (Some(http), 0) => {
             let plan = Arc::new(Plan::new(&job.spec));
             let history = http.history(&plan);
-            let served = crate::serve::Served::new(&job.spec, plan, job.opts.tick, history, job.stop.clone());
+            let served = crate::serve::model::Served::new(&job.spec, plan, job.opts.tick, history, job.stop.clone());
             let listener =
                 std::net::TcpListener::bind(&http.addr).map_err(|e| EngineError::Io(format!("cannot listen on {}: {e}", http.addr)))?;
             let addr = listener.local_addr().map_err(|e| EngineError::Io(e.to_string()))?;
-            let server = crate::http::spawn(listener, served.clone())?;
+            let server = crate::serve::http::spawn(listener, served.clone())?;
             if let Some(f) = &http.on_listen {
                 f(addr);
             }
@@ -543,8 +544,8 @@ pub struct Inputs {
     pub nodes: InputSession<u64, (Key, Label), isize>,
     pub links: InputSession<u64, (Key, Key), isize>,
     /// Serving with `--history`: every accepted event and its anchor id,
-    /// for the served model (see `crate::serve`).
-    pub events: Option<InputSession<u64, (Key, crate::serve::Kept), isize>>,
+    /// for the served model (see `crate::serve::model`).
+    pub events: Option<InputSession<u64, (Key, crate::serve::model::Kept), isize>>,
 }
 
 impl Inputs {
@@ -576,12 +577,12 @@ pub struct Collections<'s> {
     /// `(segment index, profile)` for every member of every segment.
     pub members: VecCollection<'s, u64, (u32, Key), isize>,
     /// `(profile, its id)` for every profile.
-    pub names: VecCollection<'s, u64, (Key, crate::event::Id), isize>,
+    pub names: VecCollection<'s, u64, (Key, crate::ingest::event::Id), isize>,
     /// Every profile that exists.
     pub universe: VecCollection<'s, u64, Key, isize>,
     /// Term rows: `((stream, profile), the values of its terms)`, when
     /// asked for (see [`build_with`]).
-    pub terms: Option<VecCollection<'s, u64, crate::terms::Row, isize>>,
+    pub terms: Option<VecCollection<'s, u64, crate::dataflow::terms::Row, isize>>,
     /// `(id, profile)` for every id of a profile.
     pub labels: VecCollection<'s, u64, (Key, Key), isize>,
     /// The identity nodes as fed.
@@ -658,7 +659,7 @@ pub struct Feeder {
     /// By stream: fed to `Inputs::counts` without its payload.
     counted: Vec<bool>,
     /// How lines read here are decoded (decoding threads get a copy).
-    decoding: crate::decode::Decoding,
+    decoding: crate::ingest::decode::Decoding,
     inputs: Inputs,
     ingest: Ingest,
     identities: Identities,
@@ -685,7 +686,7 @@ impl Feeder {
     pub fn new(plan: Rc<Plan>, inputs: Inputs, opts: &RunOptions) -> Feeder {
         Feeder {
             counted: plan.counted_streams(),
-            decoding: crate::decode::Decoding::new(&plan.streams, inputs.events.is_some()),
+            decoding: crate::ingest::decode::Decoding::new(&plan.streams, inputs.events.is_some()),
             plan,
             inputs,
             ingest: Ingest::new(opts.tick, opts.lateness, opts.dedupe_horizon),
@@ -783,7 +784,7 @@ impl Feeder {
 
     /// What this reader needs decoded: every stream's facts, and the events'
     /// objects only when it keeps whole events (the served model's history).
-    pub fn decoding(&self) -> crate::decode::Decoding {
+    pub fn decoding(&self) -> crate::ingest::decode::Decoding {
         self.decoding.clone()
     }
 
@@ -798,9 +799,9 @@ impl Feeder {
         self.fed(outcome, None)
     }
 
-    /// Feeds a line as a source decoded it (see `crate::decode`).
-    pub fn read_prepared(&mut self, prepared: crate::decode::Prepared) -> Outcome {
-        use crate::decode::Item;
+    /// Feeds a line as a source decoded it (see `crate::ingest::decode`).
+    pub fn read_prepared(&mut self, prepared: crate::ingest::decode::Prepared) -> Outcome {
+        use crate::ingest::decode::Item;
         match prepared.item {
             Item::Blank => self.fed(Outcome::Blank, None),
             Item::Bad { reason, .. } => {
@@ -816,7 +817,7 @@ impl Feeder {
         }
     }
 
-    fn fed(&mut self, outcome: Outcome, facts: Option<crate::decode::Facts>) -> Outcome {
+    fn fed(&mut self, outcome: Outcome, facts: Option<crate::ingest::decode::Facts>) -> Outcome {
         if let Outcome::Accepted(s) = &outcome {
             if self.until.is_none_or(|u| s.effect <= u) {
                 let facts = facts.unwrap_or_else(|| self.decoding.facts(&s.event));
@@ -827,7 +828,7 @@ impl Feeder {
         outcome
     }
 
-    fn feed(&mut self, s: &Stamped, facts: crate::decode::Facts) {
+    fn feed(&mut self, s: &Stamped, facts: crate::ingest::decode::Facts) {
         let anchor = self.identities.changes(s, &mut self.node_changes, &mut self.link_changes);
         for (d, t, r) in self.node_changes.drain(..) {
             if let Some(log) = &mut self.retained {
@@ -842,7 +843,7 @@ impl Feeder {
             self.inputs.links.update_at(d, t, r);
         }
         if let Some(events) = &mut self.inputs.events {
-            events.update_at((anchor, crate::serve::Kept(s.event.clone())), s.effect, 1);
+            events.update_at((anchor, crate::serve::model::Kept(s.event.clone())), s.effect, 1);
         }
         for (stream, pay) in facts {
             if let Pay::Stamped(..) = pay {
@@ -1014,7 +1015,7 @@ pub struct Reader<'w> {
     pub opts: RunOptions,
     pub stop: Arc<AtomicBool>,
     /// The served model (process 0 with `--http`).
-    pub served: Option<Arc<crate::serve::Served>>,
+    pub served: Option<Arc<crate::serve::model::Served>>,
     /// Serving (`--http`, on every process): counters go to the sink.
     serving: bool,
     checkpoints: Option<ReaderCheckpoints>,
@@ -1299,7 +1300,7 @@ impl Reader<'_> {
 fn run_worker(
     worker: &mut timely::worker::Worker,
     job: &Job,
-    served: Option<Arc<crate::serve::Served>>,
+    served: Option<Arc<crate::serve::model::Served>>,
     checkpointing: Option<Arc<Checkpointing>>,
 ) -> Result<Option<Summary>, EngineError> {
     let plan = Rc::new(Plan::new(&job.spec));
@@ -1335,15 +1336,15 @@ fn run_worker(
     let history = job.http.as_ref().map(|h| h.history(&plan)).is_some_and(|h| h.keeps());
     let memory = checkpointing.as_ref().map(|c| c.clusters.clone());
     let mut notes = timely::dataflow::InputHandleVec::new();
-    let profiling = crate::profile::Profiling::start(worker);
+    let profiling = crate::run::profile::Profiling::start(worker);
     let (inputs, delivered) = worker.dataflow::<u64, _, _>(|scope| {
         use differential_dataflow::input::Input as _;
         use timely::dataflow::operators::{Input, Probe};
         let (mut inputs, built) = build_with(scope, &plan, opts.tick, memory, serving);
         let notes = scope.input_from(&mut notes).container::<Vec<Note>>();
-        let mut members = sink::named(built.members, built.names.clone()).map(|(s, id)| crate::serve::Upd::Member(s, id));
+        let mut members = sink::named(built.members, built.names.clone()).map(|(s, id)| crate::serve::model::Upd::Member(s, id));
         if serving {
-            use crate::serve::Upd;
+            use crate::serve::model::Upd;
             let terms = built
                 .terms
                 .expect("asked for")
@@ -1393,7 +1394,7 @@ fn run_worker(
         served.model.write().expect("not poisoned").retained.complete_from = frontier;
     }
     let result = match (&job.kafka, leader) {
-        (Some(kafka), _) => crate::kafka::read(&mut reader, kafka, position),
+        (Some(kafka), _) => crate::io::kafka::read(&mut reader, kafka, position),
         (None, true) => read_lines(&mut reader, &job.sources, position),
         (None, false) => Ok(()),
     };
@@ -1456,7 +1457,7 @@ fn read_lines(reader: &mut Reader<'_>, sources: &[Source], start: Option<checkpo
         Some(checkpoint::Position::Lines { source, offset, line }) => (source, offset, line),
         _ => (0, 0, 0),
     };
-    let at = |source: usize, lines: &crate::source::Lines, line: u64| checkpoint::Position::Lines {
+    let at = |source: usize, lines: &crate::io::source::Lines, line: u64| checkpoint::Position::Lines {
         source,
         offset: lines.offset(),
         line,

@@ -31,10 +31,10 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 
-use crate::ingest::Key;
+use crate::core::value::{Dec, Float, Value};
+use crate::dataflow::score::{Terms, Values};
+use crate::ingest::stamp::Key;
 use crate::plan::{ClusterPlan, Plan};
-use crate::score::{Terms, Values};
-use crate::value::{Dec, Float, Value};
 
 /// k-means++ restarts per training; the one with the least inertia wins.
 pub const RESTARTS: usize = 3;

@@ -434,7 +434,7 @@ mod size_tests {
         // Every windowed fact is held twice (window queue, arrangement):
         // their size is most of the memory per event in a window.
         assert_eq!(std::mem::size_of::<super::Value>(), 24);
-        assert_eq!(std::mem::size_of::<crate::terms::Pay>(), 24);
-        assert_eq!(std::mem::size_of::<crate::window::Windowed>(), 40);
+        assert_eq!(std::mem::size_of::<crate::dataflow::terms::Pay>(), 24);
+        assert_eq!(std::mem::size_of::<crate::dataflow::window::Windowed>(), 40);
     }
 }

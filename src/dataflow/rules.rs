@@ -11,7 +11,7 @@
 //! …), so the atom's value there is known in advance and need not be a row.
 //!
 //! Segments are then one operator keyed by profile (all three are built on
-//! [`crate::total`]'s shells): its inputs are the profile's atom values and
+//! [`crate::dataflow::total`]'s shells): its inputs are the profile's atom values and
 //! the universe, its state per profile three bit sets (atoms with a row,
 //! their values, the segments it is in), and its output the segments the
 //! profile is in, each formula evaluated in `in_segment` order over those
@@ -27,9 +27,9 @@ use differential_dataflow::consolidation::consolidate;
 use differential_dataflow::VecCollection;
 use std::rc::Rc;
 
-use crate::ingest::Key;
+use crate::core::value::Value;
+use crate::ingest::stamp::Key;
 use crate::plan::{Formula, Plan};
-use crate::value::Value;
 
 type Profiles<'s> = VecCollection<'s, u64, Key, isize>;
 
@@ -41,7 +41,7 @@ pub type AtomRow = ((u32, Key), bool);
 /// while its term does, and only a row whose value differs is retracted
 /// and inserted. Updates for one `(stream, profile)` are consolidated and
 /// no other key's include them (an atom reads one term, of one stream),
-/// as `crate::total::fold_with` requires. The terms stage calls this
+/// as `crate::dataflow::total::fold_with` requires. The terms stage calls this
 /// where each event-stream term changes.
 pub fn flips(
     plan: &Plan,
@@ -87,7 +87,7 @@ pub fn atoms<'s>(
         // place: only the atom values that differ go on.
         let mut net: Vec<(AtomRow, isize)> = Vec::new();
         let rows = terms.clone().filter(move |((stream, _), _)| *stream >= events);
-        crate::total::by_tick(rows, "Atoms", move |t, rows, out| {
+        crate::dataflow::total::by_tick(rows, "Atoms", move |t, rows, out| {
             for (((stream, profile), values), r) in rows.drain(..) {
                 for (&term, value) in single.folds[stream as usize].iter().zip(&values) {
                     for &(atom, _) in &single.readers[term] {
@@ -117,7 +117,7 @@ pub fn atoms<'s>(
         }
         rows
     });
-    let gathered = crate::total::reduce(slots, "AtomsOfSeveral", {
+    let gathered = crate::dataflow::total::reduce(slots, "AtomsOfSeveral", {
         let plan = plan.clone();
         move |(atom, _profile), slots, out| {
             let def = &plan.atoms[*atom as usize];
@@ -237,8 +237,8 @@ pub fn segments<'s>(
     // which memberships changed.
     let (mut holds, mut member, mut flipped) = (vec![0u64; words], vec![0u64; words], vec![0u64; words]);
     let by_profile = (|((_, p), _): &AtomRow| p.hashed(), |p: &Key| p.hashed());
-    crate::total::by_tick2(
-        (atoms, crate::total::Direct),
+    crate::dataflow::total::by_tick2(
+        (atoms, crate::dataflow::total::Direct),
         universe,
         "Segments",
         by_profile,

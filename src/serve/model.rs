@@ -1,6 +1,6 @@
 //! The served state behind `--http` (SPEC §7): a model of the run at its
 //! last final tick, kept by the sink on worker 0 and read by the HTTP
-//! server (see `crate::http`).
+//! server (see `crate::serve::http`).
 //!
 //! The sink applies each tick once it is final, under one write lock: the
 //! membership changes it writes, and — only when serving — the tick's
@@ -23,7 +23,7 @@
 //! effect, to worker 0 through the dataflow like the model's other updates,
 //! and the model keeps them by anchor id until they are older than the
 //! history. A model term of a profile is then the engine's own fold
-//! (`crate::terms::value`) over what `crate::terms::extract` keeps of the
+//! (`crate::dataflow::terms::value`) over what `crate::dataflow::terms::extract` keeps of the
 //! profile's events still in the term's window at the clock, so it has the
 //! engine's semantics by construction and a new segment starts complete.
 //! Model terms are computed when read (no second copy to keep in step);
@@ -39,15 +39,15 @@ use std::sync::{Arc, Mutex, RwLock};
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 
-use crate::clock::tick_of;
-use crate::event::{Event, Id, IdKind};
-use crate::ingest::{key_of, Counters, Key};
+use crate::core::clock::tick_of;
+use crate::core::value::Value;
+use crate::ingest::event::{Event, Id, IdKind};
+use crate::ingest::stamp::{key_of, Counters, Key};
+use crate::output::sink::membership_line;
 use crate::plan::{Agg, Formula, Plan, StreamDef};
-use crate::sink::membership_line;
 use crate::spec::ast::{Expr, ExprKind};
 use crate::spec::parse::format_duration;
 use crate::spec::Spec;
-use crate::value::Value;
 
 /// What the sink applies to the model besides memberships (only when serving).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -358,7 +358,7 @@ pub struct Served {
     pub counters: Mutex<FxHashMap<usize, Counters>>,
     pub stop: Arc<std::sync::atomic::AtomicBool>,
     /// Set when the run is over: the server stops accepting, `/stream`
-    /// subscriptions end, answers in flight finish (see `crate::http`).
+    /// subscriptions end, answers in flight finish (see `crate::serve::http`).
     pub closing: tokio::sync::watch::Sender<bool>,
 }
 
@@ -511,8 +511,8 @@ impl Model {
     }
 
     /// A term the running plan does not compute, for `profile` at the clock:
-    /// the engine's fold (`crate::terms::value`) over what `stream` keeps
-    /// (`crate::terms::extract`) of the profile's kept events that are in
+    /// the engine's fold (`crate::dataflow::terms::value`) over what `stream` keeps
+    /// (`crate::dataflow::terms::extract`) of the profile's kept events that are in
     /// effect and still in the window — as the dataflow counts a fact from
     /// its effect tick until `tick_of(e + W)` — and its empty value without
     /// any. Every id of the profile contributes its events, so a merge
@@ -524,14 +524,14 @@ impl Model {
             for (effect, ev) in self.retained.by_anchor.get(anchor).into_iter().flatten() {
                 let inside = stream.window.is_none_or(|w| tick_of(ev.0.time.saturating_add(w), self.tick) > t);
                 if *effect <= t && inside {
-                    facts.extend(crate::terms::extract(stream, &ev.0));
+                    facts.extend(crate::dataflow::terms::extract(stream, &ev.0));
                 }
             }
         }
         if facts.is_empty() {
             agg.empty()
         } else {
-            crate::terms::value(agg, facts.iter().map(|p| (p, 1)))
+            crate::dataflow::terms::value(agg, facts.iter().map(|p| (p, 1)))
         }
     }
 
@@ -564,7 +564,7 @@ impl Model {
         let from = self.retained.complete_from;
         let clock = self.clock.unwrap_or(0);
         if from > 0 && stream.window.is_none_or(|w| clock < from.saturating_add(w)) {
-            let show = |t: u64| crate::clock::format_time(t, self.show_ms);
+            let show = |t: u64| crate::core::clock::format_time(t, self.show_ms);
             let when = match stream.window {
                 Some(w) => format!("it can be defined from {} on", show(from.saturating_add(w))),
                 None => "a lifetime term cannot be defined in this run".into(),
@@ -584,7 +584,7 @@ impl Model {
     }
 
     /// Whether `f` holds of `profile`, with the same semantics as the
-    /// dataflow (`crate::rules`): an atom over the term values (a term
+    /// dataflow (`crate::dataflow::rules`): an atom over the term values (a term
     /// without a row has its empty value; a comparison with a missing side
     /// is false), `not` the complement within the universe, `in_segment` the
     /// memberships `reads` names.
@@ -853,7 +853,7 @@ impl Model {
 
     /// The SPEC §5 lines of `changes` at tick `t`.
     pub fn lines(&self, t: u64, changes: &[MemberChange]) -> Vec<String> {
-        let time = crate::clock::format_time(t, self.show_ms);
+        let time = crate::core::clock::format_time(t, self.show_ms);
         changes
             .iter()
             .map(|(slot, _, id, enter)| membership_line(&time, &self.segments[*slot].name, id, *enter))
@@ -1131,7 +1131,7 @@ mod tests {
 
     fn kept(t: u64) -> Kept {
         let line = format!(r#"{{"type":"track","event":"x","userId":"u","timestamp":{t},"properties":{{"a":1}}}}"#);
-        Kept(Box::new(crate::event::decode(line.as_bytes()).expect("an event")))
+        Kept(Box::new(crate::ingest::event::decode(line.as_bytes()).expect("an event")))
     }
 
     #[test]

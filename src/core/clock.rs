@@ -179,7 +179,7 @@ mod tests {
     fn ticks_after_the_last_event_time_can_be_written() {
         // Found with fuzz/decode: an event at 9999-12-31T23:59:59.999Z takes
         // effect at the next tick, in the year 10000, and the sink panicked.
-        let last = crate::event::MAX_TIME;
+        let last = crate::ingest::event::MAX_TIME;
         assert_eq!(format_time(last, true), "9999-12-31T23:59:59.999Z");
         assert_eq!(format_time(tick_of(last, 1000), false), "10000-01-01T00:00:00Z");
         assert_eq!(format_time(tick_of(last, 604_800_000), false), "10000-01-06T00:00:00Z");
@@ -187,7 +187,7 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn formats_as_format_would(ms in 0..=tick_of(crate::event::MAX_TIME, 604_800_000), show_ms: bool) {
+        fn formats_as_format_would(ms in 0..=tick_of(crate::ingest::event::MAX_TIME, 604_800_000), show_ms: bool) {
             let t = OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).unwrap();
             let (y, mo, d, h, mi, s) = (t.year(), t.month() as u8, t.day(), t.hour(), t.minute(), t.second());
             let expected = if show_ms {

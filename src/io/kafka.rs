@@ -36,9 +36,9 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::Serialize;
 
-use crate::engine::{EngineError, Reader};
-use crate::ingest::Outcome;
-use crate::sink::Deliver;
+use crate::ingest::stamp::Outcome;
+use crate::output::sink::Deliver;
+use crate::run::engine::{EngineError, Reader};
 
 /// Kafka input settings (the `--kafka-*` flags).
 #[derive(Clone, Debug)]
@@ -187,7 +187,7 @@ fn my_partitions(consumer: &BaseConsumer<Lag>, k: &KafkaInput, index: usize, pee
 }
 
 /// Reads this worker's partitions until a stop, or (bounded) their ends.
-pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, start: Option<crate::checkpoint::Position>) -> Result<(), EngineError> {
+pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, start: Option<crate::run::checkpoint::Position>) -> Result<(), EngineError> {
     let (index, peers) = (reader.worker.index(), reader.worker.peers());
     let consumer: BaseConsumer<Lag> = client_config(&k.brokers, &k.options)
         .set("group.id", &k.group)
@@ -199,7 +199,7 @@ pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, start: Option<crate::checkp
         .map_err(|e| kafka_error(&k.brokers, "cannot create a consumer", e))?;
     let mine = my_partitions(&consumer, k, index, peers)?;
     if mine.is_empty() {
-        reader.checkpoint_final(crate::checkpoint::Position::Kafka(Vec::new()));
+        reader.checkpoint_final(crate::run::checkpoint::Position::Kafka(Vec::new()));
         return Ok(());
     }
     reader.feeder.external_clock();
@@ -207,7 +207,7 @@ pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, start: Option<crate::checkp
     // checkpoint yet the state is empty, so reading starts at the beginning
     // (the group's offsets may be past events no checkpoint holds).
     let start = match (start, reader.checkpointing()) {
-        (None, true) => Some(crate::checkpoint::Position::Kafka(Vec::new())),
+        (None, true) => Some(crate::run::checkpoint::Position::Kafka(Vec::new())),
         (start, _) => start,
     };
     let mut parts = open_partitions(&consumer, k, &mine, start)?;
@@ -289,11 +289,11 @@ pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, start: Option<crate::checkp
 }
 
 /// Where a checkpoint finds the partitions.
-fn position(parts: &[Partition]) -> crate::checkpoint::Position {
-    crate::checkpoint::Position::Kafka(
+fn position(parts: &[Partition]) -> crate::run::checkpoint::Position {
+    crate::run::checkpoint::Position::Kafka(
         parts
             .iter()
-            .map(|p| crate::checkpoint::PartitionPosition {
+            .map(|p| crate::run::checkpoint::PartitionPosition {
                 topic: p.topic.clone(),
                 partition: p.partition,
                 next: p.next,
@@ -311,11 +311,11 @@ fn open_partitions(
     consumer: &BaseConsumer<Lag>,
     k: &KafkaInput,
     mine: &[(String, i32)],
-    start: Option<crate::checkpoint::Position>,
+    start: Option<crate::run::checkpoint::Position>,
 ) -> Result<Vec<Partition>, EngineError> {
     let from_checkpoint = start.is_some();
-    let resumed: HashMap<(String, i32), crate::checkpoint::PartitionPosition> = match start {
-        Some(crate::checkpoint::Position::Kafka(ps)) => ps.into_iter().map(|p| ((p.topic.clone(), p.partition), p)).collect(),
+    let resumed: HashMap<(String, i32), crate::run::checkpoint::PartitionPosition> = match start {
+        Some(crate::run::checkpoint::Position::Kafka(ps)) => ps.into_iter().map(|p| ((p.topic.clone(), p.partition), p)).collect(),
         _ => HashMap::new(),
     };
     let mut tpl = TopicPartitionList::new();
@@ -598,6 +598,6 @@ impl Drop for KafkaSink {
 }
 
 /// An output that opens a [`KafkaSink`] on worker 0.
-pub fn kafka_output(brokers: String, topic: String, options: Vec<(String, String)>) -> crate::engine::OpenOutput {
+pub fn kafka_output(brokers: String, topic: String, options: Vec<(String, String)>) -> crate::run::engine::OpenOutput {
     Arc::new(move |_resume| -> Result<Box<dyn Deliver>, EngineError> { Ok(Box::new(KafkaSink::new(&brokers, &topic, &options)?)) })
 }

@@ -10,7 +10,7 @@
 //!   profiles for which it holds.
 //!
 //! What is left of a segment is a [`Formula`] of atoms and other segments
-//! under `and` / `or` / `not`, which `crate::rules` renders as set operators.
+//! under `and` / `or` / `not`, which `crate::dataflow::rules` renders as set operators.
 //! `since(sel) OP D` becomes a formula over `count(sel, D or D+1ms) >= 1`.
 //!
 //! Scoring (SPEC §4) adds terms computed over the whole population:
@@ -21,15 +21,15 @@
 //!   profile of the universe: a percentile's argument, the R/F/M metrics, a
 //!   clustering's features;
 //! - **population terms** (`Agg::Derived`): `percentile`, `rfm.*` and
-//!   `cluster.*`, produced by `crate::score`, `crate::rfm` and
-//!   `crate::cluster` from the profile values as rows of *virtual streams*
+//!   `cluster.*`, produced by `crate::dataflow::score`, `crate::dataflow::rfm` and
+//!   `crate::dataflow::cluster` from the profile values as rows of *virtual streams*
 //!   numbered after the event streams, so atoms read them like any term.
 use std::collections::HashMap;
 
-use crate::event::{Event, EventType};
+use crate::core::value::{Dec, Value};
+use crate::ingest::event::{Event, EventType};
 use crate::spec::ast::{AggKind, ArithOp, CmpOp, EventSel, Expr, ExprKind, Path, RfmField, Selector, Window};
 use crate::spec::Spec;
-use crate::value::{Dec, Value};
 
 /// What a stream keeps of each matching event.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -304,7 +304,7 @@ impl Plan {
     }
 
     /// For each stream, whether every term that folds it is a `count`: such
-    /// streams need no payload, only a multiplicity (see `crate::terms`).
+    /// streams need no payload, only a multiplicity (see `crate::dataflow::terms`).
     pub fn counted_streams(&self) -> Vec<bool> {
         self.folds
             .iter()
@@ -320,7 +320,7 @@ impl Plan {
     /// Streams and terms are only ever appended, so the copy's terms from
     /// `self.terms.len()` on are exactly those the running dataflow does not
     /// compute; the served model computes them from the events it keeps
-    /// (`crate::serve`), reading their stream from the copy's `streams`. A
+    /// (`crate::serve::model`), reading their stream from the copy's `streams`. A
     /// new stream's number may be that of one of this plan's virtual
     /// streams: the dataflow's rows are read only for this plan's own terms,
     /// by their own stream numbers, so the two never meet.

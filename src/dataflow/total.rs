@@ -35,7 +35,7 @@ pub type Updates<D> = Vec<(D, u64, isize)>;
 type Output<D> = CapacityContainerBuilder<Updates<D>>;
 
 /// What an operator's input goes through before its updates wait for their
-/// tick: [`Direct`] passes them on; a window (`crate::window`) passes each
+/// tick: [`Direct`] passes them on; a window (`crate::dataflow::window`) passes each
 /// fact on and holds its retraction until the input reaches its expiry.
 /// A stage holds updates only at ticks later than the input capability
 /// they came with, so the operator's held capability covers them.
@@ -266,7 +266,7 @@ fn merge_one<V: Ord>(into: &mut Vec<(V, isize)>, v: V, r: isize) {
 /// keeps its state in anyway, which costs less than sorting them (a sort
 /// by data was a fifth of all instructions). The shell of [`reduce`] and
 /// [`count`], and of stages that need a tick's updates of a key together
-/// (`crate::rules`).
+/// (`crate::dataflow::rules`).
 pub fn by_tick<'s, K, V, O, L>(input: VecCollection<'s, u64, (K, V), isize>, name: &str, mut on_tick: L) -> VecCollection<'s, u64, O, isize>
 where
     K: ExchangeData + Hashable + Ord,
@@ -319,7 +319,7 @@ where
 /// consolidated, and distinct from any other key's (as they are when they
 /// include the key).
 /// A stage that only needs a function of the output's change (the atoms a
-/// term's new value flips, `crate::terms`) emits that instead of the rows.
+/// term's new value flips, `crate::dataflow::terms`) emits that instead of the rows.
 pub fn reduce_with<'s, K, V, O, X, L, E>(
     input: VecCollection<'s, u64, (K, V), isize>,
     name: &str,
@@ -370,7 +370,7 @@ where
 /// key whose value changed at a tick `emit` sees the old and new value
 /// (`None`: no input) and pushes updates at that tick, consolidated and
 /// distinct from any other key's. The value is kept as it is, not as a
-/// one-row vector of rows (`crate::terms` folds every term this way).
+/// one-row vector of rows (`crate::dataflow::terms` folds every term this way).
 pub fn fold_with<'s, K, V, O, X, L, E>(
     input: VecCollection<'s, u64, (K, V), isize>,
     name: &str,
@@ -657,7 +657,7 @@ where
 }
 
 /// [`join`], with the left input going through `stage` first, in the same
-/// operator (a window, see `crate::window`); `key` is the hash of the key
+/// operator (a window, see `crate::dataflow::window`); `key` is the hash of the key
 /// an arriving left update will have.
 pub fn join_staged<'s, D0, S, H, K, V, W, O, L>(
     left: (VecCollection<'s, u64, D0, isize>, S),

@@ -38,9 +38,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::ingest::{Counters, Key, Label};
-use crate::terms::Pay;
-use crate::window::Fact;
+use crate::dataflow::terms::Pay;
+use crate::dataflow::window::Fact;
+use crate::ingest::stamp::{Counters, Key, Label};
 
 /// The on-disk format; a checkpoint of another format is refused.
 pub const FORMAT: u32 = 1;
@@ -141,7 +141,7 @@ pub struct PartitionPosition {
     pub effect: u64,
 }
 
-/// The sequential state of [`crate::ingest::Ingest`].
+/// The sequential state of [`crate::ingest::stamp::Ingest`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IngestState {
     pub max_time: Option<u64>,
@@ -151,7 +151,7 @@ pub struct IngestState {
     pub counters: Counters,
 }
 
-/// The identity ticks of [`crate::ingest::Identities`].
+/// The identity ticks of [`crate::ingest::stamp::Identities`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdentityState {
     pub seen: Vec<(Key, u64)>,
@@ -184,7 +184,7 @@ pub struct Snapshot {
     pub mark: Mark,
     pub readers: Vec<ReaderState>,
     /// Per clustering of the plan: its model as of the last delivered tick.
-    pub clusters: Vec<Option<crate::cluster::Model>>,
+    pub clusters: Vec<Option<crate::dataflow::cluster::Model>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -383,7 +383,7 @@ pub fn compact<D: Ord + Clone>(updates: &mut Vec<(D, u64, isize)>, frontier: u64
 /// passed (`windows` by stream; `None` is lifetime).
 pub fn expired(fact: &Fact, last: u64, windows: &[Option<u64>], tick: u64) -> bool {
     let (_, stream, e, _) = fact;
-    windows[*stream as usize].is_some_and(|w| crate::clock::tick_of(e.saturating_add(w), tick) <= last)
+    windows[*stream as usize].is_some_and(|w| crate::core::clock::tick_of(e.saturating_add(w), tick) <= last)
 }
 
 impl ReaderState {

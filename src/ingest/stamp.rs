@@ -17,8 +17,8 @@ use rustc_hash::FxHashMap;
 
 use serde::Serialize;
 
-use crate::clock::{tick_of, Clock};
-use crate::event::{decode, Event, EventType, Id, IdKind};
+use crate::core::clock::{tick_of, Clock};
+use crate::ingest::event::{decode, Event, EventType, Id, IdKind};
 
 /// An accepted event with the tick at which it takes effect.
 #[derive(Clone, Debug)]
@@ -187,10 +187,10 @@ impl Ingest {
     }
 
     /// The state a checkpoint keeps (see `checkpoint`).
-    pub fn state(&self) -> crate::checkpoint::IngestState {
+    pub fn state(&self) -> crate::run::checkpoint::IngestState {
         let mut remembered: Vec<(u128, u64)> = self.remembered.iter().map(|(k, t)| (*k, *t)).collect();
         remembered.sort_unstable();
-        crate::checkpoint::IngestState {
+        crate::run::checkpoint::IngestState {
             max_time: self.clock.max_time,
             now: self.clock.now,
             remembered,
@@ -199,7 +199,7 @@ impl Ingest {
     }
 
     /// Takes up the state of a checkpoint.
-    pub fn restore(&mut self, st: crate::checkpoint::IngestState) {
+    pub fn restore(&mut self, st: crate::run::checkpoint::IngestState) {
         self.clock.max_time = st.max_time;
         self.clock.now = st.now;
         self.counters = st.counters;
@@ -279,13 +279,13 @@ fn earliest(ticks: &mut FxHashMap<Key, u64>, k: Key, t: u64) -> Option<u64> {
 
 impl Identities {
     /// The state a checkpoint keeps.
-    pub fn state(&self) -> crate::checkpoint::IdentityState {
+    pub fn state(&self) -> crate::run::checkpoint::IdentityState {
         fn sorted<K: Ord + Copy>(m: &FxHashMap<K, u64>) -> Vec<(K, u64)> {
             let mut v: Vec<(K, u64)> = m.iter().map(|(k, t)| (*k, *t)).collect();
             v.sort_unstable();
             v
         }
-        crate::checkpoint::IdentityState {
+        crate::run::checkpoint::IdentityState {
             seen: sorted(&self.seen),
             named: sorted(&self.named),
             links: sorted(&self.links),
@@ -293,7 +293,7 @@ impl Identities {
     }
 
     /// Takes up the state of a checkpoint.
-    pub fn restore(st: crate::checkpoint::IdentityState) -> Identities {
+    pub fn restore(st: crate::run::checkpoint::IdentityState) -> Identities {
         Identities {
             seen: st.seen.into_iter().collect(),
             named: st.named.into_iter().collect(),

@@ -1,0 +1,4 @@
+//! core
+
+pub mod clock;
+pub mod value;

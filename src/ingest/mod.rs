@@ -1,0 +1,5 @@
+//! ingest
+
+pub mod decode;
+pub mod event;
+pub mod stamp;

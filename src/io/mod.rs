@@ -1,0 +1,4 @@
+//! io
+
+pub mod kafka;
+pub mod source;

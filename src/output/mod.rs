@@ -1,0 +1,3 @@
+//! output
+
+pub mod sink;

@@ -1,0 +1,5 @@
+//! run
+
+pub mod checkpoint;
+pub mod engine;
+pub mod profile;

@@ -1,0 +1,4 @@
+//! serve
+
+pub mod http;
+pub mod model;
