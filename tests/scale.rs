@@ -29,8 +29,9 @@ use std::time::{Duration, Instant};
 
 use reference::{evaluate_sample, evaluate_sparse, RefOptions, RefOutput};
 use shoal::core::clock::parse_time_arg;
+use shoal::core::id::{Id, IdKind};
 use shoal::generate::{write_all, GenOptions};
-use shoal::ingest::event::{decode, EventType, Id, IdKind};
+use shoal::ingest::event::{decode, EventType};
 use shoal::spec::Spec;
 
 fn manifest(path: &str) -> PathBuf {

@@ -9,6 +9,12 @@
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+/// The latest event time there is: 9999-12-31T23:59:59.999Z, the last
+/// instant RFC 3339 can write. Later epoch milliseconds are refused like any
+/// other bad time, so ticks, lateness and window expiries computed from an
+/// event time stay far from `u64::MAX` and can always be written as times.
+pub const MAX_TIME: u64 = 253_402_300_799_999;
+
 /// Parses an RFC 3339 time (offsets allowed) to epoch milliseconds,
 /// truncating anything finer. Times before 1970 are refused.
 pub fn parse_time(s: &str) -> Result<u64, String> {
@@ -30,7 +36,7 @@ pub fn parse_time_arg(s: &str) -> Result<u64, String> {
 
 /// Formats a tick as SPEC §5 wants: UTC with `Z`, milliseconds only when
 /// `show_ms` (the tick is under a second). A tick rounded up past the last
-/// event time (`event::MAX_TIME`, the end of 9999) has a five-digit year
+/// event time (`MAX_TIME`, the end of 9999) has a five-digit year
 /// (`time`'s `large-dates`, good to the year 999999).
 ///
 /// The digits are written directly: through `format!` this was 2,700
@@ -179,7 +185,7 @@ mod tests {
     fn ticks_after_the_last_event_time_can_be_written() {
         // Found with fuzz/decode: an event at 9999-12-31T23:59:59.999Z takes
         // effect at the next tick, in the year 10000, and the sink panicked.
-        let last = crate::ingest::event::MAX_TIME;
+        let last = crate::core::clock::MAX_TIME;
         assert_eq!(format_time(last, true), "9999-12-31T23:59:59.999Z");
         assert_eq!(format_time(tick_of(last, 1000), false), "10000-01-01T00:00:00Z");
         assert_eq!(format_time(tick_of(last, 604_800_000), false), "10000-01-06T00:00:00Z");
@@ -187,7 +193,7 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn formats_as_format_would(ms in 0..=tick_of(crate::ingest::event::MAX_TIME, 604_800_000), show_ms: bool) {
+        fn formats_as_format_would(ms in 0..=tick_of(crate::core::clock::MAX_TIME, 604_800_000), show_ms: bool) {
             let t = OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).unwrap();
             let (y, mo, d, h, mi, s) = (t.year(), t.month() as u8, t.day(), t.hour(), t.minute(), t.second());
             let expected = if show_ms {

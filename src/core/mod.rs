@@ -1,4 +1,6 @@
 //! core
 
 pub mod clock;
+pub mod fact;
+pub mod id;
 pub mod value;

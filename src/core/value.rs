@@ -253,8 +253,8 @@ impl Value {
     /// `self OP other` for `+ - * /` with SPEC §4's rules: exact over exact
     /// numbers, float as soon as a float is involved, `/` always float,
     /// missing on a missing operand, a wrong type, `x / 0` or overflow.
-    pub fn arith(&self, op: crate::spec::ast::ArithOp, other: &Value) -> Value {
-        use crate::spec::ast::ArithOp::*;
+    pub fn arith(&self, op: crate::core::value::ArithOp, other: &Value) -> Value {
+        use crate::core::value::ArithOp::*;
         match (self, other) {
             (Value::Num(a), Value::Num(b)) => match op {
                 Add => a.checked_add(*b).map(Value::Num).unwrap_or(Value::Missing),
@@ -336,8 +336,8 @@ impl Value {
 
     /// `self OP other`, false whenever either side is missing or the kinds
     /// differ (`!=` too).
-    pub fn cmp_op(&self, op: crate::spec::ast::CmpOp, other: &Value) -> bool {
-        use crate::spec::ast::CmpOp::*;
+    pub fn cmp_op(&self, op: crate::core::value::CmpOp, other: &Value) -> bool {
+        use crate::core::value::CmpOp::*;
         match self.compare(other) {
             None => false,
             Some(o) => match op {
@@ -350,6 +350,26 @@ impl Value {
             },
         }
     }
+}
+
+/// An arithmetic operator of the `when` language.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ArithOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A comparison of the `when` language.
+pub enum CmpOp {
+    Ge,
+    Gt,
+    Le,
+    Lt,
+    Eq,
+    Ne,
 }
 
 #[cfg(test)]
@@ -434,7 +454,7 @@ mod size_tests {
         // Every windowed fact is held twice (window queue, arrangement):
         // their size is most of the memory per event in a window.
         assert_eq!(std::mem::size_of::<super::Value>(), 24);
-        assert_eq!(std::mem::size_of::<crate::dataflow::terms::Pay>(), 24);
-        assert_eq!(std::mem::size_of::<crate::dataflow::window::Windowed>(), 40);
+        assert_eq!(std::mem::size_of::<crate::core::fact::Pay>(), 24);
+        assert_eq!(std::mem::size_of::<crate::core::fact::Windowed>(), 40);
     }
 }

@@ -31,9 +31,9 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 
+use crate::core::id::Key;
 use crate::core::value::{Dec, Float, Value};
 use crate::dataflow::score::{Terms, Values};
-use crate::ingest::stamp::Key;
 use crate::plan::{ClusterPlan, Plan};
 
 /// k-means++ restarts per training; the one with the least inertia wins.

@@ -12,8 +12,8 @@
 
 use differential_dataflow::VecCollection;
 
-use crate::ingest::event::Id;
-use crate::ingest::stamp::{Key, Label};
+use crate::core::id::Id;
+use crate::core::id::{Key, Label};
 
 /// The result of identity resolution.
 pub struct Profiles<'s> {

@@ -12,9 +12,9 @@
 
 use std::rc::Rc;
 
+use crate::core::id::Key;
 use crate::core::value::{Dec, Float, Value};
 use crate::dataflow::score::{Terms, Values};
-use crate::ingest::stamp::Key;
 use crate::plan::{Agg, Plan};
 
 /// The rank score 1–5 of every value: `1 + floor(5 * smaller / n)` with

@@ -27,8 +27,8 @@ use differential_dataflow::consolidation::consolidate;
 use differential_dataflow::VecCollection;
 use std::rc::Rc;
 
+use crate::core::id::Key;
 use crate::core::value::Value;
-use crate::ingest::stamp::Key;
 use crate::plan::{Formula, Plan};
 
 type Profiles<'s> = VecCollection<'s, u64, Key, isize>;

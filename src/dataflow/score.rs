@@ -19,8 +19,8 @@ use std::rc::Rc;
 
 use differential_dataflow::VecCollection;
 
+use crate::core::id::Key;
 use crate::core::value::{Float, Value};
-use crate::ingest::stamp::Key;
 use crate::plan::{Agg, Plan};
 
 /// `((stream, profile), values)`: rows of term values, event or virtual.

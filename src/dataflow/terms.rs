@@ -14,62 +14,11 @@ use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
 use std::rc::Rc;
 
+use crate::core::fact::Pay;
+use crate::core::id::Key;
 use crate::core::value::{Dec, Float, Value};
 use crate::dataflow::window::{profile_of, Facts};
-use crate::ingest::event::Event;
-use crate::ingest::stamp::Key;
-use crate::plan::{Agg, Plan, Read, StreamDef};
-
-/// What a stream keeps of one event.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Pay {
-    /// That it happened.
-    Unit,
-    /// A value read at a path.
-    Val(Value),
-    /// A value with its event time and JSON text, for "latest wins, ties by
-    /// greatest text" (`last`, traits). Boxed: it is rare, and inline it
-    /// would double the size of every fact.
-    Stamped(Box<Stamp>),
-}
-
-/// A stamped value (see [`Pay::Stamped`]); ordered by time, then text.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Stamp {
-    pub time: u64,
-    pub text: String,
-    pub value: Value,
-}
-
-impl Pay {
-    pub fn stamped(time: u64, text: String, value: Value) -> Pay {
-        Pay::Stamped(Box::new(Stamp { time, text, value }))
-    }
-}
-
-/// What `stream` keeps of `ev`, if it matches.
-pub fn extract(stream: &StreamDef, ev: &Event) -> Option<Pay> {
-    if !crate::plan::matches(&stream.sel, ev) {
-        return None;
-    }
-    match &stream.read {
-        Read::Unit => Some(Pay::Unit),
-        Read::Value(p) => {
-            let v = ev.value(&p.0).unwrap_or(Value::Missing);
-            (!v.is_missing()).then_some(Pay::Val(v))
-        }
-        Read::Last(p) => {
-            let json = ev.get(&p.0)?;
-            let v = Value::from_json(json);
-            (!v.is_missing()).then(|| Pay::stamped(ev.time, json.to_string(), v))
-        }
-        Read::Time => Some(Pay::Val(Value::Num(Dec::from_int(ev.time as i64)))),
-        Read::Trait(name) => {
-            let json = ev.traits.get(name)?;
-            Some(Pay::stamped(ev.time, json.to_string(), Value::from_json(json)))
-        }
-    }
-}
+use crate::plan::{Agg, Plan};
 
 /// Folds a term's facts (with multiplicities) into its value.
 pub fn fold<'a>(agg: Agg, facts: impl Iterator<Item = (&'a Pay, isize)> + Clone) -> Value {

@@ -21,26 +21,13 @@ use timely::progress::frontier::MutableAntichain;
 use timely::ExchangeData;
 
 use crate::core::clock::tick_of;
-use crate::dataflow::terms::Pay;
+use crate::core::fact::FactOf;
+use crate::core::fact::WindowedOf;
+use crate::core::id::Key;
 use crate::dataflow::total::{Stage, Updates};
-use crate::ingest::stamp::Key;
-
-/// A fact about one event as the reader emits it: the anchor id, the stream,
-/// the event's own time (for expiry) and what the stream reads of it.
-pub type Fact = FactOf<Pay>;
-
-/// A fact with payload `P`: [`Pay`], or `()` for streams folded only by
-/// `count`, which need nothing but the fact's multiplicity.
-pub type FactOf<P> = (Key, u32, u64, P);
 
 /// A collection of facts with payload `P`, as a reader feeds them.
 pub type Facts<'s, P> = VecCollection<'s, u64, FactOf<P>, isize>;
-
-/// A windowed fact: keyed by anchor id, with its stream and payload.
-pub type Windowed = WindowedOf<Pay>;
-
-/// A windowed fact with payload `P`.
-pub type WindowedOf<P> = (Key, (u32, P));
 
 /// Windows every fact by its stream's length (`None`: lifetime; facts whose
 /// expiry is not after their effect tick never count and are dropped) and
@@ -177,6 +164,8 @@ impl<P> Expiries<P> {
 mod tests {
     //! The fused window and join against differential's `join_core` over
     //! the same facts with their retractions fed explicitly at expiry.
+
+    use crate::core::fact::{FactOf, WindowedOf};
 
     use std::sync::{Arc, Mutex};
 

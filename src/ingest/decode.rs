@@ -6,7 +6,7 @@
 //! the paths the streams keep — depends on the line alone. So for files and
 //! other byte streams read to their end, a `shoal-decode` thread does that
 //! part: it reads lines, decodes each into an [`Event`] and its facts
-//! ([`crate::dataflow::terms::extract`] for every stream), and hands them over in
+//! ([`crate::ingest::select::extract`] for every stream), and hands them over in
 //! batches through a bounded channel (so it runs at most a few batches
 //! ahead). The reader then only stamps and feeds them, in order. On two
 //! cores this takes about a third of the per-event work off the worker that
@@ -22,10 +22,12 @@
 use std::io::BufRead;
 use std::sync::mpsc::{sync_channel, Receiver};
 
-use crate::dataflow::terms::{extract, Pay};
+use crate::core::fact::Pay;
 use crate::ingest::event::{decode, Event};
-use crate::io::source::read_line;
-use crate::plan::{Selectors, StreamDef};
+use crate::ingest::lines::read_line;
+use crate::ingest::select::extract;
+use crate::ingest::select::Selectors;
+use crate::plan::StreamDef;
 
 /// Lines per batch handed to the reader.
 const BATCH: usize = 256;

@@ -12,46 +12,10 @@ use serde_json::{Map, Value as Json};
 use std::fmt;
 
 use crate::core::clock;
+use crate::core::clock::MAX_TIME;
+use crate::core::id::Id;
+use crate::core::id::IdKind;
 use crate::core::value::Value;
-
-/// The kind of an identifier: every `user:` id sorts before every `anon:` id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum IdKind {
-    User,
-    Anon,
-}
-
-/// A typed identifier, `user:<userId>` or `anon:<anonymousId>`. Its `Ord` is
-/// the eligibility order of SPEC §2 (user before anon, then UTF-8 bytes).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Id {
-    pub kind: IdKind,
-    pub name: String,
-}
-
-impl Id {
-    pub fn user(name: impl Into<String>) -> Id {
-        Id {
-            kind: IdKind::User,
-            name: name.into(),
-        }
-    }
-    pub fn anon(name: impl Into<String>) -> Id {
-        Id {
-            kind: IdKind::Anon,
-            name: name.into(),
-        }
-    }
-}
-
-impl fmt::Display for Id {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.kind {
-            IdKind::User => write!(f, "user:{}", self.name),
-            IdKind::Anon => write!(f, "anon:{}", self.name),
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EventType {
@@ -518,12 +482,6 @@ fn opt_id(raw: Option<&RawValue>, field: &str) -> Result<Option<CompactString>, 
     }
 }
 
-/// The latest event time there is: 9999-12-31T23:59:59.999Z, the last
-/// instant RFC 3339 can write. Later epoch milliseconds are refused like any
-/// other bad time, so ticks, lateness and window expiries computed from an
-/// event time stay far from `u64::MAX` and can always be written as times.
-pub const MAX_TIME: u64 = 253_402_300_799_999;
-
 fn timestamp(raw: Option<&RawValue>) -> Result<u64, BadEvent> {
     let Some(raw) = raw else { return bad("missing `timestamp`") };
     match (string_of(raw), number_of(raw)) {
@@ -633,9 +591,71 @@ pub fn decode(line: &[u8]) -> Result<Event, BadEvent> {
     })
 }
 
+/// An accepted event as the model keeps it: ordered, compared and hashed by
+/// all its fields (objects by their JSON text), so the dataflow can carry
+/// and consolidate it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Kept(pub Box<Event>);
+
+impl Kept {
+    #[allow(clippy::type_complexity)]
+    fn fields(
+        &self,
+    ) -> (
+        u64,
+        u128,
+        u8,
+        &Option<CompactString>,
+        &Option<CompactString>,
+        &Option<CompactString>,
+        &Option<CompactString>,
+        [Option<&str>; 3],
+    ) {
+        let e = &self.0;
+        (
+            e.time,
+            e.key,
+            e.kind as u8,
+            &e.name,
+            &e.user_id,
+            &e.anonymous_id,
+            &e.previous_id,
+            [e.properties.text(), e.traits.text(), e.context.text()],
+        )
+    }
+}
+
+impl PartialEq for Kept {
+    fn eq(&self, other: &Self) -> bool {
+        self.fields() == other.fields()
+    }
+}
+
+impl Eq for Kept {}
+
+impl PartialOrd for Kept {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Kept {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.fields().cmp(&other.fields())
+    }
+}
+
+impl std::hash::Hash for Kept {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.fields().hash(state)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::clock::MAX_TIME;
+    use crate::core::id::Id;
 
     #[test]
     fn reads_fields_as_a_parsed_object_would() {

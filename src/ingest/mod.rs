@@ -2,4 +2,6 @@
 
 pub mod decode;
 pub mod event;
+pub mod lines;
+pub mod select;
 pub mod stamp;

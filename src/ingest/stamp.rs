@@ -18,7 +18,11 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::core::clock::{tick_of, Clock};
-use crate::ingest::event::{decode, Event, EventType, Id, IdKind};
+use crate::core::id::key_of;
+use crate::core::id::Key;
+use crate::core::id::Label;
+use crate::core::id::{Id, IdKind};
+use crate::ingest::event::{decode, Event, EventType};
 
 /// An accepted event with the tick at which it takes effect.
 #[derive(Clone, Debug)]
@@ -234,27 +238,6 @@ impl Ingest {
         })
     }
 }
-
-/// A profile or id key inside the dataflow: the 64-bit xxh3 hash of the id,
-/// so every reader — one per Kafka partition owner, on any worker of any
-/// process — names an id the same way without sharing a table. Ids travel
-/// beside their keys in identity labels, and the output looks names up in
-/// the dataflow's `names` collection (see `identity`). Two ids collide with
-/// probability about n²/2⁶⁵ (≈3·10⁻⁸ for a million ids); see docs/decisions.md.
-pub type Key = u64;
-
-/// The key of an id.
-pub fn key_of(kind: IdKind, name: &str) -> Key {
-    let seed = match kind {
-        IdKind::User => 1,
-        IdKind::Anon => 2,
-    };
-    xxhash_rust::xxh3::xxh3_64_with_seed(name.as_bytes(), seed)
-}
-
-/// A node's label in identity resolution: `(not eligible, id, key)`; the
-/// least label of a component is its profile.
-pub type Label = (bool, Id, Key);
 
 /// Tracks the earliest tick at which each id and link exists, so identity
 /// updates go in once per id and move earlier when an event out of order

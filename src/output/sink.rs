@@ -37,12 +37,33 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
 use crate::core::clock::format_time;
-use crate::ingest::event::Id;
-use crate::ingest::stamp::{Counters, Key};
-use crate::serve::model::{Served, Upd};
+use crate::core::id::Id;
+use crate::core::id::Key;
+use crate::core::value::Value;
+use crate::ingest::event::Kept;
+use crate::ingest::stamp::Counters;
+use crate::serve::model::Served;
 
 /// A change of a named membership, or (when serving) of the served model.
 type NamedChange = (Upd, isize);
+
+/// What the sink applies to the model besides memberships (only when serving).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Upd {
+    /// A membership of a spec segment.
+    Member(u32, Id),
+    /// A term row: `(profile, stream)` and the values of the stream's terms.
+    Term(Key, u32, Vec<Value>),
+    /// A profile and its id.
+    Name(Key, Id),
+    /// An id (node) and its profile.
+    Label(Key, Key),
+    /// An id's key and its text.
+    Node(Key, Id),
+    /// An accepted event (at the tick it takes effect) and its anchor id,
+    /// kept for `--history`.
+    Event(Key, Kept),
+}
 
 /// Where lines go: a file, memory, or a Kafka topic.
 pub trait Deliver {

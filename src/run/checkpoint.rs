@@ -38,9 +38,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::dataflow::terms::Pay;
-use crate::dataflow::window::Fact;
-use crate::ingest::stamp::{Counters, Key, Label};
+use crate::core::fact::Fact;
+use crate::core::fact::Pay;
+use crate::core::id::{Key, Label};
+use crate::ingest::stamp::Counters;
 
 /// The on-disk format; a checkpoint of another format is refused.
 pub const FORMAT: u32 = 1;

@@ -27,10 +27,12 @@ use serde::Serialize;
 use timely::dataflow::Scope;
 
 use crate::core::clock::format_time;
-use crate::dataflow::terms::Pay;
-use crate::dataflow::window::Fact;
-use crate::dataflow::{cluster, identity, rfm, rules, score, terms, window};
-use crate::ingest::stamp::{dead_letter, Change, Counters, Identities, Ingest, Key, Label, Outcome, Stamped};
+use crate::core::fact::Fact;
+use crate::core::fact::FactOf;
+use crate::core::fact::Pay;
+use crate::core::id::{Key, Label};
+use crate::dataflow::{cluster, identity, rfm, rules, score, terms};
+use crate::ingest::stamp::{dead_letter, Change, Counters, Identities, Ingest, Outcome, Stamped};
 use crate::io::source::Next;
 pub use crate::io::source::Source;
 use crate::output::sink::{self, Deliver, Note, Outputs, Report, SinkState, WriteLines};
@@ -540,12 +542,12 @@ pub struct Inputs {
     /// Facts of streams with a payload to fold.
     pub facts: InputSession<u64, Fact, isize>,
     /// Facts of streams folded only by `count` ([`Plan::counted_streams`]).
-    pub counts: InputSession<u64, window::FactOf<()>, isize>,
+    pub counts: InputSession<u64, FactOf<()>, isize>,
     pub nodes: InputSession<u64, (Key, Label), isize>,
     pub links: InputSession<u64, (Key, Key), isize>,
     /// Serving with `--history`: every accepted event and its anchor id,
     /// for the served model (see `crate::serve::model`).
-    pub events: Option<InputSession<u64, (Key, crate::serve::model::Kept), isize>>,
+    pub events: Option<InputSession<u64, (Key, crate::ingest::event::Kept), isize>>,
 }
 
 impl Inputs {
@@ -577,7 +579,7 @@ pub struct Collections<'s> {
     /// `(segment index, profile)` for every member of every segment.
     pub members: VecCollection<'s, u64, (u32, Key), isize>,
     /// `(profile, its id)` for every profile.
-    pub names: VecCollection<'s, u64, (Key, crate::ingest::event::Id), isize>,
+    pub names: VecCollection<'s, u64, (Key, crate::core::id::Id), isize>,
     /// Every profile that exists.
     pub universe: VecCollection<'s, u64, Key, isize>,
     /// Term rows: `((stream, profile), the values of its terms)`, when
@@ -843,7 +845,7 @@ impl Feeder {
             self.inputs.links.update_at(d, t, r);
         }
         if let Some(events) = &mut self.inputs.events {
-            events.update_at((anchor, crate::serve::model::Kept(s.event.clone())), s.effect, 1);
+            events.update_at((anchor, crate::ingest::event::Kept(s.event.clone())), s.effect, 1);
         }
         for (stream, pay) in facts {
             if let Pay::Stamped(..) = pay {
@@ -1342,9 +1344,9 @@ fn run_worker(
         use timely::dataflow::operators::{Input, Probe};
         let (mut inputs, built) = build_with(scope, &plan, opts.tick, memory, serving);
         let notes = scope.input_from(&mut notes).container::<Vec<Note>>();
-        let mut members = sink::named(built.members, built.names.clone()).map(|(s, id)| crate::serve::model::Upd::Member(s, id));
+        let mut members = sink::named(built.members, built.names.clone()).map(|(s, id)| crate::output::sink::Upd::Member(s, id));
         if serving {
-            use crate::serve::model::Upd;
+            use crate::output::sink::Upd;
             let terms = built
                 .terms
                 .expect("asked for")

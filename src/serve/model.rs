@@ -23,7 +23,7 @@
 //! effect, to worker 0 through the dataflow like the model's other updates,
 //! and the model keeps them by anchor id until they are older than the
 //! history. A model term of a profile is then the engine's own fold
-//! (`crate::dataflow::terms::value`) over what `crate::dataflow::terms::extract` keeps of the
+//! (`crate::dataflow::terms::value`) over what `crate::ingest::select::extract` keeps of the
 //! profile's events still in the term's window at the clock, so it has the
 //! engine's semantics by construction and a new segment starts complete.
 //! Model terms are computed when read (no second copy to keep in step);
@@ -32,100 +32,23 @@
 //! tick turns into a touch at the right tick, even a tick with no update
 //! from the dataflow (the sink asks [`Model::next_due`]).
 
-use compact_str::CompactString;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 
 use rustc_hash::{FxHashMap, FxHashSet};
-use serde::{Deserialize, Serialize};
 
 use crate::core::clock::tick_of;
+use crate::core::id::{key_of, Key};
+use crate::core::id::{Id, IdKind};
 use crate::core::value::Value;
-use crate::ingest::event::{Event, Id, IdKind};
-use crate::ingest::stamp::{key_of, Counters, Key};
+use crate::ingest::event::Kept;
+use crate::ingest::stamp::Counters;
 use crate::output::sink::membership_line;
+use crate::output::sink::Upd;
 use crate::plan::{Agg, Formula, Plan, StreamDef};
 use crate::spec::ast::{Expr, ExprKind};
 use crate::spec::parse::format_duration;
 use crate::spec::Spec;
-
-/// What the sink applies to the model besides memberships (only when serving).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Upd {
-    /// A membership of a spec segment.
-    Member(u32, Id),
-    /// A term row: `(profile, stream)` and the values of the stream's terms.
-    Term(Key, u32, Vec<Value>),
-    /// A profile and its id.
-    Name(Key, Id),
-    /// An id (node) and its profile.
-    Label(Key, Key),
-    /// An id's key and its text.
-    Node(Key, Id),
-    /// An accepted event (at the tick it takes effect) and its anchor id,
-    /// kept for `--history`.
-    Event(Key, Kept),
-}
-
-/// An accepted event as the model keeps it: ordered, compared and hashed by
-/// all its fields (objects by their JSON text), so the dataflow can carry
-/// and consolidate it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Kept(pub Box<Event>);
-
-impl Kept {
-    #[allow(clippy::type_complexity)]
-    fn fields(
-        &self,
-    ) -> (
-        u64,
-        u128,
-        u8,
-        &Option<CompactString>,
-        &Option<CompactString>,
-        &Option<CompactString>,
-        &Option<CompactString>,
-        [Option<&str>; 3],
-    ) {
-        let e = &self.0;
-        (
-            e.time,
-            e.key,
-            e.kind as u8,
-            &e.name,
-            &e.user_id,
-            &e.anonymous_id,
-            &e.previous_id,
-            [e.properties.text(), e.traits.text(), e.context.text()],
-        )
-    }
-}
-
-impl PartialEq for Kept {
-    fn eq(&self, other: &Self) -> bool {
-        self.fields() == other.fields()
-    }
-}
-
-impl Eq for Kept {}
-
-impl PartialOrd for Kept {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Kept {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.fields().cmp(&other.fields())
-    }
-}
-
-impl std::hash::Hash for Kept {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.fields().hash(state)
-    }
-}
 
 /// How long the served model keeps accepted events (`--history`), so that
 /// segments defined at run time over terms the spec does not compute start
@@ -512,7 +435,7 @@ impl Model {
 
     /// A term the running plan does not compute, for `profile` at the clock:
     /// the engine's fold (`crate::dataflow::terms::value`) over what `stream` keeps
-    /// (`crate::dataflow::terms::extract`) of the profile's kept events that are in
+    /// (`crate::ingest::select::extract`) of the profile's kept events that are in
     /// effect and still in the window — as the dataflow counts a fact from
     /// its effect tick until `tick_of(e + W)` — and its empty value without
     /// any. Every id of the profile contributes its events, so a merge
@@ -524,7 +447,7 @@ impl Model {
             for (effect, ev) in self.retained.by_anchor.get(anchor).into_iter().flatten() {
                 let inside = stream.window.is_none_or(|w| tick_of(ev.0.time.saturating_add(w), self.tick) > t);
                 if *effect <= t && inside {
-                    facts.extend(crate::dataflow::terms::extract(stream, &ev.0));
+                    facts.extend(crate::ingest::select::extract(stream, &ev.0));
                 }
             }
         }
@@ -1121,6 +1044,7 @@ fn depths(t: &str) -> Vec<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ingest::event::Kept;
 
     fn texts(source: &str) -> Vec<String> {
         let e = crate::spec::compile_when(source, 1000, &|_| true).expect("a valid when");

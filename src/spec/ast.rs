@@ -5,6 +5,7 @@
 //! test suite's reference evaluator interprets them directly.
 
 use crate::core::value::Dec;
+pub use crate::core::value::{ArithOp, CmpOp};
 
 /// A 1-based position inside a `when` (or `expr`) source string.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -60,24 +61,6 @@ pub enum ExprKind {
     Score(String),
     Rfm(RfmField),
     Cluster(String),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ArithOp {
-    Add,
-    Sub,
-    Mul,
-    Div,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum CmpOp {
-    Ge,
-    Gt,
-    Le,
-    Lt,
-    Eq,
-    Ne,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

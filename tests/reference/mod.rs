@@ -44,9 +44,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::Value as Json;
 use shoal::core::clock::{format_time, tick_of};
+use shoal::core::id::Id;
 use shoal::core::value::{Dec, Value};
 use shoal::dataflow::cluster::Model;
-use shoal::ingest::event::{decode, Event, EventType, Id};
+use shoal::ingest::event::{decode, Event, EventType};
 use shoal::spec::ast::{AggKind, CmpOp, EventSel, Expr, ExprKind, Path, RfmField, Selector, Window};
 use shoal::spec::Spec;
 
