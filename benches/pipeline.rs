@@ -242,7 +242,7 @@ fn latency(rate: u64, seconds: u64, tick: u64, workers: usize) {
     ];
     let n = rate * seconds;
     let data = Arc::new(shoal::generate::synthetic(n, (n / 20).max(50), rate, &names));
-    let timings = Arc::new(shoal::run::engine::Timings::default());
+    let timings = Arc::new(shoal::output::sink::Timings::default());
     let opts = RunOptions {
         tick,
         lateness: 0,
@@ -252,7 +252,7 @@ fn latency(rate: u64, seconds: u64, tick: u64, workers: usize) {
     };
     let mut job = Job::quiet(spec("dataflows/retail.toml"), opts, vec![Source::Paced { data, rate: rate as f64 }]);
     job.output = Some(Arc::new(|_resume| {
-        Ok(Box::new(shoal::output::sink::WriteLines(Box::new(std::io::sink()))) as Box<dyn shoal::output::sink::Deliver>)
+        Ok(Box::new(shoal::output::deliver::WriteLines(Box::new(std::io::sink()))) as Box<dyn shoal::output::deliver::Deliver>)
     }));
     job.timings = Some(timings.clone());
     let started = Instant::now();
@@ -443,7 +443,7 @@ fn overload(rate: u64, seconds: u64) {
     let mut job = Job::quiet(spec, opts, vec![Source::Paced { data, rate: rate as f64 }]);
     let stop = job.stop.clone();
     job.output = Some(Arc::new(|_resume| {
-        Ok(Box::new(shoal::output::sink::WriteLines(Box::new(std::io::sink()))) as Box<dyn shoal::output::sink::Deliver>)
+        Ok(Box::new(shoal::output::deliver::WriteLines(Box::new(std::io::sink()))) as Box<dyn shoal::output::deliver::Deliver>)
     }));
     let base = rss();
     let sampler = std::thread::spawn(move || {

@@ -34,7 +34,7 @@ fn main() {
         let (inputs, probe) = worker.dataflow::<u64, _, _>(|scope| {
             let (inputs, collections) = build(scope, &plan, opts.tick);
             // Members carry profile keys; `named` joins them with the profiles' ids.
-            let (probe, _) = shoal::output::sink::named(collections.members, collections.names)
+            let (probe, _) = shoal::dataflow::identity::named(collections.members, collections.names)
                 .consolidate()
                 .inspect(move |((segment, profile), tick, diff)| seen.lock().unwrap().push((*tick, *segment, profile.to_string(), *diff)))
                 .probe();

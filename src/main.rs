@@ -13,7 +13,8 @@ use clap::{Args, Parser, Subcommand};
 use shoal::core::clock::{parse_duration, parse_duration_or_zero, parse_time_arg};
 use shoal::generate::GenOptions;
 use shoal::io::kafka::{kafka_output, KafkaInput};
-use shoal::run::engine::{file_output, EngineError, Job, RunOptions, Source};
+use shoal::output::deliver::file_output;
+use shoal::run::engine::{EngineError, Job, RunOptions, Source};
 use shoal::serve::model::History;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
@@ -375,7 +376,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         }),
     };
     let summary = shoal::run::engine::run(job).map_err(|e| match e {
-        EngineError::Unsupported(_) | EngineError::Refused(_) => usage(e),
+        EngineError::Unsupported(_) | EngineError::Refused(_) | EngineError::Input(shoal::io::Error::Unsupported(_)) => usage(e),
         _ => Failure(1, e.into()),
     })?;
     if args.process == 0 {

@@ -20,7 +20,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use shoal::generate::{GenOptions, Generator};
 use shoal::io::kafka::{kafka_output, KafkaInput};
-use shoal::run::engine::{memory_output, run, run_memory, Job, RunOptions, Summary};
+use shoal::output::deliver::memory_output;
+use shoal::run::engine::{run, run_memory, Job, RunOptions, Summary};
 
 const SPEC: &str = "dataflows/retail.toml";
 
@@ -107,7 +108,7 @@ fn opts(workers: usize) -> RunOptions {
     }
 }
 
-fn kafka_job(brokers: &str, topic: &str, group: &str, workers: usize, output: shoal::run::engine::OpenOutput) -> Job {
+fn kafka_job(brokers: &str, topic: &str, group: &str, workers: usize, output: shoal::output::deliver::OpenOutput) -> Job {
     let mut job = Job::quiet(spec(), opts(workers), Vec::new());
     job.kafka = Some(KafkaInput {
         brokers: brokers.to_string(),

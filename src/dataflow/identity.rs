@@ -40,3 +40,12 @@ pub fn profiles<'s>(nodes: VecCollection<'s, u64, (Key, Label), isize>, links: V
 pub fn universe<'s>(names: VecCollection<'s, u64, (Key, Id), isize>) -> VecCollection<'s, u64, Key, isize> {
     names.map(|(profile, _)| profile)
 }
+
+/// Names the profiles of `(segment, profile)` memberships.
+pub fn named<'s>(
+    members: VecCollection<'s, u64, (u32, Key), isize>,
+    names: VecCollection<'s, u64, (Key, Id), isize>,
+) -> VecCollection<'s, u64, (u32, Id), isize> {
+    let by_profile = members.map(|(segment, profile)| (profile, segment));
+    crate::dataflow::total::join(by_profile, names, "Names", |_, segment, id| (*segment, id.clone()))
+}

@@ -15,13 +15,10 @@ use std::collections::BinaryHeap;
 
 use rustc_hash::FxHashMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::core::clock::{tick_of, Clock};
-use crate::core::id::key_of;
-use crate::core::id::Key;
-use crate::core::id::Label;
-use crate::core::id::{Id, IdKind};
+use crate::core::id::{key_of, Id, IdKind, Key, Label};
 use crate::ingest::event::{decode, Event, EventType};
 
 /// An accepted event with the tick at which it takes effect.
@@ -46,7 +43,7 @@ pub enum Outcome {
 }
 
 /// Counters for the summary line and metrics.
-#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Counters {
     pub read: u64,
     pub accepted: u64,
@@ -191,10 +188,10 @@ impl Ingest {
     }
 
     /// The state a checkpoint keeps (see `checkpoint`).
-    pub fn state(&self) -> crate::run::checkpoint::IngestState {
+    pub fn state(&self) -> crate::ingest::stamp::IngestState {
         let mut remembered: Vec<(u128, u64)> = self.remembered.iter().map(|(k, t)| (*k, *t)).collect();
         remembered.sort_unstable();
-        crate::run::checkpoint::IngestState {
+        crate::ingest::stamp::IngestState {
             max_time: self.clock.max_time,
             now: self.clock.now,
             remembered,
@@ -203,7 +200,7 @@ impl Ingest {
     }
 
     /// Takes up the state of a checkpoint.
-    pub fn restore(&mut self, st: crate::run::checkpoint::IngestState) {
+    pub fn restore(&mut self, st: crate::ingest::stamp::IngestState) {
         self.clock.max_time = st.max_time;
         self.clock.now = st.now;
         self.counters = st.counters;
@@ -262,13 +259,13 @@ fn earliest(ticks: &mut FxHashMap<Key, u64>, k: Key, t: u64) -> Option<u64> {
 
 impl Identities {
     /// The state a checkpoint keeps.
-    pub fn state(&self) -> crate::run::checkpoint::IdentityState {
+    pub fn state(&self) -> crate::ingest::stamp::IdentityState {
         fn sorted<K: Ord + Copy>(m: &FxHashMap<K, u64>) -> Vec<(K, u64)> {
             let mut v: Vec<(K, u64)> = m.iter().map(|(k, t)| (*k, *t)).collect();
             v.sort_unstable();
             v
         }
-        crate::run::checkpoint::IdentityState {
+        crate::ingest::stamp::IdentityState {
             seen: sorted(&self.seen),
             named: sorted(&self.named),
             links: sorted(&self.links),
@@ -276,7 +273,7 @@ impl Identities {
     }
 
     /// Takes up the state of a checkpoint.
-    pub fn restore(st: crate::run::checkpoint::IdentityState) -> Identities {
+    pub fn restore(st: crate::ingest::stamp::IdentityState) -> Identities {
         Identities {
             seen: st.seen.into_iter().collect(),
             named: st.named.into_iter().collect(),
@@ -368,6 +365,24 @@ pub fn dead_letter(source: &str, line: u64, reason: &str, text: &[u8]) -> String
         text: &text,
     })
     .expect("serializable")
+}
+
+/// The sequential state of [`Ingest`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngestState {
+    pub max_time: Option<u64>,
+    pub now: Option<u64>,
+    /// Dedupe memory: key and first time.
+    pub remembered: Vec<(u128, u64)>,
+    pub counters: Counters,
+}
+
+/// The identity ticks of [`Identities`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityState {
+    pub seen: Vec<(Key, u64)>,
+    pub named: Vec<(Key, u64)>,
+    pub links: Vec<((Key, Key), u64)>,
 }
 
 #[cfg(test)]

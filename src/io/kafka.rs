@@ -36,9 +36,9 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::Serialize;
 
-use crate::ingest::stamp::Outcome;
-use crate::output::sink::Deliver;
-use crate::run::engine::{EngineError, Reader};
+use crate::io::Error;
+use crate::output::deliver::Deliver;
+use crate::output::deliver::OpenError;
 
 /// Kafka input settings (the `--kafka-*` flags).
 #[derive(Clone, Debug)]
@@ -56,19 +56,19 @@ pub struct KafkaInput {
 }
 
 /// Polls per batch at most.
-const POLL_BATCH: usize = 4096;
+pub const POLL_BATCH: usize = 4096;
 
 /// How long the final commit retries (e.g. while the group finds its
 /// coordinator again after an outage).
-const FINAL_COMMIT_RETRY: Duration = Duration::from_secs(30);
+pub const FINAL_COMMIT_RETRY: Duration = Duration::from_secs(30);
 
 /// How often offsets are committed while running.
-const COMMIT_EVERY: Duration = Duration::from_secs(1);
+pub const COMMIT_EVERY: Duration = Duration::from_secs(1);
 
 /// The consumer's context: keeps the brokers' latest high watermarks from
 /// librdkafka's statistics, for the lag shown while running.
 #[derive(Default)]
-struct Lag {
+pub struct Lag {
     high: Mutex<HashMap<(String, i32), i64>>,
 }
 
@@ -88,35 +88,35 @@ impl ClientContext for Lag {
 impl ConsumerContext for Lag {}
 
 /// One partition as its reader sees it.
-struct Partition {
-    topic: String,
-    partition: i32,
+pub struct Partition {
+    pub topic: String,
+    pub partition: i32,
     /// The offset of the next message to read.
-    next: i64,
+    pub next: i64,
     /// The end offset as of the start (bounded runs).
-    end: Option<i64>,
+    pub end: Option<i64>,
     /// The largest accepted event time read.
-    max_time: Option<u64>,
+    pub max_time: Option<u64>,
     /// When the last message came (or the reader started).
-    last_seen: Instant,
+    pub last_seen: Instant,
     /// (offset after the message, latest effect tick up to it), not yet committed.
-    uncommitted: VecDeque<(i64, u64)>,
+    pub uncommitted: VecDeque<(i64, u64)>,
     /// The latest effect tick read so far.
-    effect: u64,
+    pub effect: u64,
     /// The offset after the last message whose effects are delivered: what
     /// the next commit sends.
-    ready: i64,
+    pub ready: i64,
     /// The offset the group last took.
-    committed: i64,
+    pub committed: i64,
 }
 
 impl Partition {
-    fn done(&self) -> bool {
+    pub fn done(&self) -> bool {
         self.end.is_some_and(|e| self.next >= e)
     }
 }
 
-fn client_config(brokers: &str, options: &[(String, String)]) -> ClientConfig {
+pub fn client_config(brokers: &str, options: &[(String, String)]) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers);
     for (k, v) in options {
@@ -125,8 +125,12 @@ fn client_config(brokers: &str, options: &[(String, String)]) -> ClientConfig {
     c
 }
 
-fn kafka_error(brokers: &str, what: &str, e: KafkaError) -> EngineError {
-    EngineError::Io(format!("kafka {brokers}: {what}: {e}"))
+pub fn kafka_error(brokers: &str, what: &str, e: KafkaError) -> Error {
+    Error::Kafka {
+        brokers: brokers.to_string(),
+        what: what.to_string(),
+        source: e,
+    }
 }
 
 /// The dead-letter line of a bad message.
@@ -153,26 +157,27 @@ pub fn dead_letter(topic: &str, partition: i32, offset: i64, reason: &str, paylo
 }
 
 /// This worker's share of the partitions of `topics`.
-fn my_partitions(consumer: &BaseConsumer<Lag>, k: &KafkaInput, index: usize, peers: usize) -> Result<Vec<(String, i32)>, EngineError> {
+pub fn my_partitions(consumer: &BaseConsumer<Lag>, k: &KafkaInput, index: usize, peers: usize) -> Result<Vec<(String, i32)>, Error> {
     let mut all = Vec::new();
     for topic in &k.topics {
         let meta = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(30))
             .map_err(|e| kafka_error(&k.brokers, &format!("cannot read the metadata of topic {topic}"), e))?;
-        let t = meta
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .ok_or_else(|| EngineError::Io(format!("kafka {}: no topic {topic}", k.brokers)))?;
+        let t = meta.topics().iter().find(|t| t.name() == topic).ok_or_else(|| Error::Topic {
+            brokers: k.brokers.clone(),
+            what: format!("no topic {topic}"),
+        })?;
         if let Some(err) = t.error() {
-            return Err(EngineError::Io(format!(
-                "kafka {}: topic {topic}: {}",
-                k.brokers,
-                RDKafkaErrorCode::from(err)
-            )));
+            return Err(Error::Topic {
+                brokers: k.brokers.clone(),
+                what: format!("topic {topic}: {}", RDKafkaErrorCode::from(err)),
+            });
         }
         if t.partitions().is_empty() {
-            return Err(EngineError::Io(format!("kafka {}: topic {topic} has no partitions", k.brokers)));
+            return Err(Error::Topic {
+                brokers: k.brokers.clone(),
+                what: format!("topic {topic} has no partitions"),
+            });
         }
         let mut ps: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
         ps.sort();
@@ -186,114 +191,12 @@ fn my_partitions(consumer: &BaseConsumer<Lag>, k: &KafkaInput, index: usize, pee
         .collect())
 }
 
-/// Reads this worker's partitions until a stop, or (bounded) their ends.
-pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, start: Option<crate::run::checkpoint::Position>) -> Result<(), EngineError> {
-    let (index, peers) = (reader.worker.index(), reader.worker.peers());
-    let consumer: BaseConsumer<Lag> = client_config(&k.brokers, &k.options)
-        .set("group.id", &k.group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("statistics.interval.ms", "2000")
-        .create_with_context(Lag::default())
-        .map_err(|e| kafka_error(&k.brokers, "cannot create a consumer", e))?;
-    let mine = my_partitions(&consumer, k, index, peers)?;
-    if mine.is_empty() {
-        reader.checkpoint_final(crate::run::checkpoint::Position::Kafka(Vec::new()));
-        return Ok(());
-    }
-    reader.feeder.external_clock();
-    // With --state the checkpoint is where reading resumes; with no
-    // checkpoint yet the state is empty, so reading starts at the beginning
-    // (the group's offsets may be past events no checkpoint holds).
-    let start = match (start, reader.checkpointing()) {
-        (None, true) => Some(crate::run::checkpoint::Position::Kafka(Vec::new())),
-        (start, _) => start,
-    };
-    let mut parts = open_partitions(&consumer, k, &mine, start)?;
-    let at: HashMap<(String, i32), usize> = parts.iter().enumerate().map(|(i, p)| ((p.topic.clone(), p.partition), i)).collect();
-
-    let idle = Duration::from_millis(reader.opts.idle);
-    let partition_idle = Duration::from_millis(k.partition_idle);
-    let tick = reader.opts.tick;
-    let mut last_event = (Instant::now(), None::<u64>);
-    let mut last_commit = Instant::now();
-    loop {
-        if reader.stopping() || (k.until_end && parts.iter().all(Partition::done)) {
-            break;
-        }
-        // Poll a batch: the first message may wait a little, the rest are
-        // already fetched and come at once.
-        let mut got = 0;
-        while got < POLL_BATCH {
-            let wait = if got == 0 { Duration::from_millis(20) } else { Duration::ZERO };
-            let Some(polled) = consumer.poll(wait) else { break };
-            let msg = match polled {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "kafka: consumer error (retrying)");
-                    break;
-                }
-            };
-            got += 1;
-            let Some(&i) = at.get(&(msg.topic().to_string(), msg.partition())) else {
-                continue;
-            };
-            let p = &mut parts[i];
-            if msg.offset() < p.next || p.done() {
-                continue;
-            }
-            p.next = msg.offset() + 1;
-            p.last_seen = Instant::now();
-            let payload = msg.payload().unwrap_or_default();
-            let payload = payload.strip_suffix(b"\n").unwrap_or(payload);
-            let outcome = reader.feeder.read(payload);
-            match &outcome {
-                Outcome::Accepted(s) => {
-                    p.max_time = p.max_time.max(Some(s.event.time));
-                    if reader.opts.until.is_none_or(|u| s.effect <= u) {
-                        p.effect = p.effect.max(s.effect);
-                    }
-                    last_event = (Instant::now(), reader.feeder.now());
-                }
-                Outcome::Bad(reason) => {
-                    p.effect = p.effect.max(reader.feeder.frontier());
-                    let line = dead_letter(&p.topic, p.partition, msg.offset(), reason, payload);
-                    reader.dead_letter(line);
-                }
-                Outcome::Blank | Outcome::Ignored | Outcome::Duplicate => {}
-            }
-            if p.uncommitted.back().is_some_and(|&(_, e)| e == p.effect) {
-                p.uncommitted.back_mut().expect("non-empty").0 = p.next;
-            } else {
-                p.uncommitted.push_back((p.next, p.effect));
-            }
-        }
-        advance_clock(reader, &parts, partition_idle, idle, &last_event, tick);
-        let lag = || lag_line(&consumer, &parts);
-        reader.pump(!k.until_end && got < POLL_BATCH, lag);
-        reader.checkpoint_if_due(|| position(&parts));
-        if last_commit.elapsed() >= COMMIT_EVERY {
-            commit(&consumer, &mut parts, reader.delivered_frontier(), CommitMode::Async, &k.brokers)?;
-            last_commit = Instant::now();
-        }
-    }
-    if reader.stopping() {
-        reader.settle();
-    } else {
-        reader.finish_input();
-    }
-    reader.checkpoint_final(position(&parts));
-    commit(&consumer, &mut parts, reader.delivered_frontier(), CommitMode::Sync, &k.brokers)?;
-    Ok(())
-}
-
 /// Where a checkpoint finds the partitions.
-fn position(parts: &[Partition]) -> crate::run::checkpoint::Position {
-    crate::run::checkpoint::Position::Kafka(
+pub fn position(parts: &[Partition]) -> crate::io::Position {
+    crate::io::Position::Kafka(
         parts
             .iter()
-            .map(|p| crate::run::checkpoint::PartitionPosition {
+            .map(|p| crate::io::PartitionPosition {
                 topic: p.topic.clone(),
                 partition: p.partition,
                 next: p.next,
@@ -307,15 +210,15 @@ fn position(parts: &[Partition]) -> crate::run::checkpoint::Position {
 /// Assigns `mine` from a checkpoint's positions when resuming from one (a
 /// partition it does not name starts at the beginning), otherwise from the
 /// group's committed offsets (or the beginning).
-fn open_partitions(
+pub fn open_partitions(
     consumer: &BaseConsumer<Lag>,
     k: &KafkaInput,
     mine: &[(String, i32)],
-    start: Option<crate::run::checkpoint::Position>,
-) -> Result<Vec<Partition>, EngineError> {
+    start: Option<crate::io::Position>,
+) -> Result<Vec<Partition>, Error> {
     let from_checkpoint = start.is_some();
-    let resumed: HashMap<(String, i32), crate::run::checkpoint::PartitionPosition> = match start {
-        Some(crate::run::checkpoint::Position::Kafka(ps)) => ps.into_iter().map(|p| ((p.topic.clone(), p.partition), p)).collect(),
+    let resumed: HashMap<(String, i32), crate::io::PartitionPosition> = match start {
+        Some(crate::io::Position::Kafka(ps)) => ps.into_iter().map(|p| ((p.topic.clone(), p.partition), p)).collect(),
         _ => HashMap::new(),
     };
     let mut tpl = TopicPartitionList::new();
@@ -335,10 +238,13 @@ fn open_partitions(
         let start = match (resumed, committed.find_partition(topic, *partition).map(|e| e.offset())) {
             (Some(r), _) if r.next >= low => r.next,
             (Some(r), _) => {
-                return Err(EngineError::Io(format!(
-                    "kafka {}: cannot resume {topic}/{partition} at offset {} from the checkpoint: the broker keeps offsets from {low} on",
-                    k.brokers, r.next
-                )))
+                return Err(Error::Topic {
+                    brokers: k.brokers.clone(),
+                    what: format!(
+                        "cannot resume {topic}/{partition} at offset {} from the checkpoint: the broker keeps offsets from {low} on",
+                        r.next
+                    ),
+                })
             }
             (None, Some(Offset::Offset(o))) if o >= low && !from_checkpoint => o,
             _ => low,
@@ -366,49 +272,13 @@ fn open_partitions(
     Ok(parts)
 }
 
-/// Moves the reader's clock: the least over its partitions of their largest
-/// event time (a quiet or finished partition does not hold it back), minus
-/// the lateness; when every partition is quiet for `idle`, by wall time.
-fn advance_clock(
-    reader: &mut Reader<'_>,
-    parts: &[Partition],
-    partition_idle: Duration,
-    idle: Duration,
-    last_event: &(Instant, Option<u64>),
-    tick: u64,
-) {
-    let active = |p: &&Partition| !p.done() && p.last_seen.elapsed() < partition_idle;
-    let holding: Vec<Option<u64>> = parts.iter().filter(active).map(|p| p.max_time).collect();
-    let watermark = if holding.is_empty() {
-        parts.iter().filter_map(|p| p.max_time).max()
-    } else if holding.iter().all(Option::is_some) {
-        holding.into_iter().flatten().min()
-    } else {
-        None // an active partition has not shown an event yet
-    };
-    if let Some(w) = watermark {
-        reader.feeder.advance_watermark(w);
-    }
-    let (at, now) = *last_event;
-    let quiet = parts.iter().all(|p| p.last_seen.elapsed() >= idle);
-    if let Some(now) = now.filter(|_| quiet && at.elapsed() >= idle) {
-        reader.feeder.advance_clock(now + (at.elapsed().as_millis() as u64 / tick) * tick);
-    }
-}
-
 /// Commits, per partition, the offset after the last message whose effects
 /// (and those of every message before it) are delivered. An offset counts
 /// as committed once the client took the commit (the periodic commits are
 /// asynchronous), so one it refused goes out again with the next commit. The final commit (`Sync`) retries for a
 /// while: just after a broker outage the group may still be finding its
 /// coordinator.
-fn commit(
-    consumer: &BaseConsumer<Lag>,
-    parts: &mut [Partition],
-    delivered: u64,
-    mode: CommitMode,
-    brokers: &str,
-) -> Result<(), EngineError> {
+pub fn commit(consumer: &BaseConsumer<Lag>, parts: &mut [Partition], delivered: u64, mode: CommitMode, brokers: &str) -> Result<(), Error> {
     let mut tpl = TopicPartitionList::new();
     for p in parts.iter_mut() {
         while let Some(&(offset, effect)) = p.uncommitted.front() {
@@ -455,7 +325,7 @@ fn commit(
 }
 
 /// Per-partition lag for the progress line: `topic/p:lag`.
-fn lag_line(consumer: &BaseConsumer<Lag>, parts: &[Partition]) -> String {
+pub fn lag_line(consumer: &BaseConsumer<Lag>, parts: &[Partition]) -> String {
     let high = consumer.context().high.lock().expect("not poisoned");
     let lags: Vec<String> = parts
         .iter()
@@ -520,7 +390,7 @@ pub struct KafkaSink {
 }
 
 impl KafkaSink {
-    pub fn new(brokers: &str, topic: &str, options: &[(String, String)]) -> Result<KafkaSink, EngineError> {
+    pub fn new(brokers: &str, topic: &str, options: &[(String, String)]) -> Result<KafkaSink, Error> {
         let producer = client_config(brokers, options)
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -558,7 +428,7 @@ impl KafkaSink {
 }
 
 impl Deliver for KafkaSink {
-    fn send(&mut self, tick: u64, key: &str, line: &str) -> Result<(), String> {
+    fn send(&mut self, tick: u64, key: &str, line: &str) -> std::io::Result<()> {
         *self
             .producer
             .context()
@@ -572,7 +442,7 @@ impl Deliver for KafkaSink {
         Ok(())
     }
 
-    fn end_tick(&mut self, _tick: u64) -> Result<(), String> {
+    fn end_tick(&mut self, _tick: u64) -> std::io::Result<()> {
         self.push();
         Ok(())
     }
@@ -598,6 +468,9 @@ impl Drop for KafkaSink {
 }
 
 /// An output that opens a [`KafkaSink`] on worker 0.
-pub fn kafka_output(brokers: String, topic: String, options: Vec<(String, String)>) -> crate::run::engine::OpenOutput {
-    Arc::new(move |_resume| -> Result<Box<dyn Deliver>, EngineError> { Ok(Box::new(KafkaSink::new(&brokers, &topic, &options)?)) })
+pub fn kafka_output(brokers: String, topic: String, options: Vec<(String, String)>) -> crate::output::deliver::OpenOutput {
+    Arc::new(move |_resume| -> Result<Box<dyn Deliver>, OpenError> {
+        let sink = KafkaSink::new(&brokers, &topic, &options).map_err(|e| OpenError::Other(Box::new(e)))?;
+        Ok(Box::new(sink))
+    })
 }

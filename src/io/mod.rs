@@ -2,3 +2,64 @@
 
 pub mod kafka;
 pub mod source;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a reader is in its input.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Position {
+    /// Line sources: the source's index, the byte offset in it of the next
+    /// line, and the number of lines read from it.
+    Lines { source: usize, offset: u64, line: u64 },
+    /// Kafka: per partition, the next offset and the largest event time read.
+    Kafka(Vec<PartitionPosition>),
+}
+
+/// A Kafka partition's place: the next offset, and the largest event time
+/// and latest effect tick read from it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionPosition {
+    pub topic: String,
+    pub partition: i32,
+    pub next: i64,
+    pub max_time: Option<u64>,
+    pub effect: u64,
+}
+
+/// Why an input or a Kafka client cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file, stream or thread of an input failed.
+    #[error("cannot {what}: {source}")]
+    Input {
+        /// What was being done, naming the input (`read events.jsonl`).
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An input that cannot do what the run asks of it.
+    #[error("{0}")]
+    Unsupported(String),
+    /// An input that no longer matches a checkpoint's position.
+    #[error("{0}")]
+    Changed(String),
+    /// A Kafka client call failed.
+    #[error("kafka {brokers}: {what}: {source}")]
+    Kafka {
+        brokers: String,
+        what: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// A topic or partition the run needs is not as it must be.
+    #[error("kafka {brokers}: {what}")]
+    Topic { brokers: String, what: String },
+}
+
+impl Error {
+    /// An input failure: `what` names the action and the input.
+    pub fn input(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Input { what, source }
+    }
+}

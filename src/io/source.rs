@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crate::ingest::decode::{Decoding, Got, Item, Prepared};
 use crate::ingest::lines::read_line;
-use crate::run::engine::EngineError;
+use crate::io::Error;
 
 /// Where events come from, read one after another in order.
 #[derive(Clone, Debug)]
@@ -51,11 +51,11 @@ impl Source {
         }
     }
 
-    fn open_reader(&self) -> Result<Box<dyn BufRead + Send>, EngineError> {
+    fn open_reader(&self) -> Result<Box<dyn BufRead + Send>, Error> {
         Ok(match self {
             Source::File(p) => Box::new(BufReader::with_capacity(
                 1 << 20,
-                std::fs::File::open(p).map_err(|e| EngineError::Io(format!("cannot read {}: {e}", p.display())))?,
+                std::fs::File::open(p).map_err(Error::input(format!("read {}", p.display())))?,
             )),
             Source::Stdin => Box::new(BufReader::with_capacity(1 << 20, std::io::stdin())),
             Source::Decoded(_) | Source::Paced { .. } => unreachable!("not read as a byte stream"),
@@ -140,14 +140,14 @@ enum Raw {
 impl Source {
     /// Opens the source, decoding it as `decoding` says; stdin gets a
     /// reader thread.
-    pub fn open(&self, decoding: &Decoding) -> Result<Lines, EngineError> {
+    pub fn open(&self, decoding: &Decoding) -> Result<Lines, Error> {
         self.open_at(0, decoding)
     }
 
     /// Opens the source at byte `offset` (resuming from a checkpoint),
     /// decoding it as `decoding` says.
-    pub fn open_at(&self, offset: u64, decoding: &Decoding) -> Result<Lines, EngineError> {
-        let failed = |e: std::io::Error| EngineError::Io(format!("cannot start the decoding thread: {e}"));
+    pub fn open_at(&self, offset: u64, decoding: &Decoding) -> Result<Lines, Error> {
+        let failed = Error::input("start the decoding thread");
         Ok(match self.raw_at(offset)? {
             Raw::Bytes(input, offset) => {
                 Lines::Ahead(crate::ingest::decode::Ahead::spawn(input, offset, decoding.clone()).map_err(failed)?)
@@ -158,7 +158,7 @@ impl Source {
     }
 
     /// The source's lines as they come, from the start.
-    fn raw(&self) -> Result<Raw, EngineError> {
+    fn raw(&self) -> Result<Raw, Error> {
         if let Source::Decoded(events) = self {
             return Ok(Raw::Decoded(events.clone()));
         }
@@ -179,7 +179,7 @@ impl Source {
                         }
                     }
                 })
-                .map_err(|e| EngineError::Io(format!("cannot start the paced source: {e}")))?;
+                .map_err(Error::input("start the paced source"))?;
             return Ok(Raw::Live(rx));
         }
         if let Source::Stdin = self {
@@ -204,7 +204,7 @@ impl Source {
                         }
                     }
                 })
-                .map_err(|e| EngineError::Io(format!("cannot start the stdin reader: {e}")))?;
+                .map_err(Error::input("start the stdin reader"))?;
             return Ok(Raw::Live(rx));
         }
         Ok(Raw::Bytes(self.open_reader()?, 0))
@@ -213,18 +213,18 @@ impl Source {
     /// The source's lines from byte `offset`. Files seek; the generator and
     /// in-memory bytes skip; stdin and the benchmark sources cannot be read
     /// again.
-    fn raw_at(&self, offset: u64) -> Result<Raw, EngineError> {
+    fn raw_at(&self, offset: u64) -> Result<Raw, Error> {
         use std::io::{Read, Seek};
         if offset == 0 {
             return self.raw();
         }
-        let cannot = |e: std::io::Error| EngineError::Io(format!("cannot resume {} at byte {offset}: {e}", self.name()));
+        let cannot = |e: std::io::Error| Error::input(format!("resume {} at byte {offset}", self.name()))(e);
         match self {
             Source::File(p) => {
-                let mut f = std::fs::File::open(p).map_err(|e| EngineError::Io(format!("cannot read {}: {e}", p.display())))?;
+                let mut f = std::fs::File::open(p).map_err(Error::input(format!("read {}", p.display())))?;
                 let len = f.metadata().map_err(cannot)?.len();
                 if len < offset {
-                    return Err(EngineError::Io(format!(
+                    return Err(Error::Changed(format!(
                         "cannot resume {} at byte {offset}: it is only {len} bytes long now (was it replaced?)",
                         p.display()
                     )));
@@ -240,7 +240,7 @@ impl Source {
                 }
                 Ok(Raw::Bytes(r, offset))
             }
-            _ => Err(EngineError::Unsupported(format!(
+            _ => Err(Error::Unsupported(format!(
                 "{} cannot be read again from a checkpoint",
                 self.name()
             ))),

@@ -1,3 +1,4 @@
 //! output
 
+pub mod deliver;
 pub mod sink;

@@ -24,7 +24,6 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -42,7 +41,10 @@ use crate::core::id::Key;
 use crate::core::value::Value;
 use crate::ingest::event::Kept;
 use crate::ingest::stamp::Counters;
+use crate::output::deliver::Deliver;
 use crate::serve::model::Served;
+use std::sync::Mutex;
+use std::time::Instant;
 
 /// A change of a named membership, or (when serving) of the served model.
 type NamedChange = (Upd, isize);
@@ -63,85 +65,6 @@ pub enum Upd {
     /// An accepted event (at the tick it takes effect) and its anchor id,
     /// kept for `--history`.
     Event(Key, Kept),
-}
-
-/// Where lines go: a file, memory, or a Kafka topic.
-pub trait Deliver {
-    /// Queues one line; `key` is the profile id (Kafka's message key).
-    fn send(&mut self, tick: u64, key: &str, line: &str) -> Result<(), String>;
-    /// Called after the last line of a tick (Kafka hands the tick's lines
-    /// to its producer here).
-    fn end_tick(&mut self, _tick: u64) -> Result<(), String> {
-        Ok(())
-    }
-    /// Called when the sink has written all it can for now (the end of
-    /// its activation), before it records the delivered frontier: files
-    /// flush here, not per tick, which cost a write call per tick.
-    fn flush(&mut self) -> Result<(), String> {
-        Ok(())
-    }
-    /// The earliest tick with lines sent but not yet acknowledged.
-    fn unacknowledged(&mut self) -> Option<u64> {
-        None
-    }
-    /// Bytes written so far, when the output is a file that a restart can
-    /// cut back to this length (see `checkpoint`).
-    fn position(&self) -> Option<u64> {
-        None
-    }
-    /// The file written to, if any (to fsync before a checkpoint).
-    fn file(&self) -> Option<&std::fs::File> {
-        None
-    }
-}
-
-/// Lines to a regular file: flushed whenever the sink has written what it
-/// could, with the file's length known for checkpoints.
-pub struct FileLines {
-    out: std::io::BufWriter<std::fs::File>,
-    len: u64,
-}
-
-impl FileLines {
-    /// Continues `file`, which is `len` bytes long, at its end.
-    pub fn new(file: std::fs::File, len: u64) -> FileLines {
-        FileLines {
-            out: std::io::BufWriter::with_capacity(1 << 16, file),
-            len,
-        }
-    }
-}
-
-impl Deliver for FileLines {
-    fn send(&mut self, _tick: u64, _key: &str, line: &str) -> Result<(), String> {
-        self.len += line.len() as u64 + 1;
-        writeln!(self.out, "{line}").map_err(|e| e.to_string())
-    }
-
-    fn flush(&mut self) -> Result<(), String> {
-        self.out.flush().map_err(|e| e.to_string())
-    }
-
-    fn position(&self) -> Option<u64> {
-        Some(self.len)
-    }
-
-    fn file(&self) -> Option<&std::fs::File> {
-        Some(self.out.get_ref())
-    }
-}
-
-/// Lines to a writer, acknowledged once flushed.
-pub struct WriteLines(pub Box<dyn Write>);
-
-impl Deliver for WriteLines {
-    fn send(&mut self, _tick: u64, _key: &str, line: &str) -> Result<(), String> {
-        writeln!(self.0, "{line}").map_err(|e| e.to_string())
-    }
-
-    fn flush(&mut self) -> Result<(), String> {
-        self.0.flush().map_err(|e| e.to_string())
-    }
 }
 
 /// What one reader saw, sent once at its end.
@@ -220,13 +143,63 @@ fn push_json_str(line: &mut String, s: &str) {
     }
 }
 
-/// Names the profiles of `(segment, profile)` memberships.
-pub fn named<'s>(
-    members: VecCollection<'s, u64, (u32, Key), isize>,
-    names: VecCollection<'s, u64, (Key, Id), isize>,
-) -> VecCollection<'s, u64, (u32, Id), isize> {
-    let by_profile = members.map(|(segment, profile)| (profile, segment));
-    crate::dataflow::total::join(by_profile, names, "Names", |_, segment, id| (*segment, id.clone()))
+/// The output as of the checkpoint's delivered frontier.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mark {
+    /// Every tick before it is written and acknowledged.
+    pub frontier: u64,
+    /// Byte length of the output file (`None`: not a regular file).
+    pub changes: Option<u64>,
+    /// Byte length of the dead-letter file.
+    pub dead: Option<u64>,
+    /// Lines written so far.
+    pub diffs: u64,
+    /// Dead letters written so far, by reader (worker index).
+    pub dead_written: BTreeMap<usize, u64>,
+}
+
+/// The latest [`Mark`] the sink recorded, and handles of its output files
+/// to fsync before a checkpoint that counts their bytes is written.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    pub mark: Mark,
+    pub files: Vec<std::fs::File>,
+}
+
+impl Delivered {
+    /// The mark, once the bytes it counts are on disk.
+    pub fn synced(&self) -> std::io::Result<Mark> {
+        for f in &self.files {
+            f.sync_data()?;
+        }
+        Ok(self.mark.clone())
+    }
+}
+
+/// Wall-clock marks of a run: when the reader's clock made ticks final, and
+/// when the sink wrote each tick's last change.
+#[derive(Debug, Default)]
+pub struct Timings {
+    /// `(frontier, when)`: every tick before `frontier` was final at `when`.
+    pub finals: Mutex<Vec<(u64, Instant)>>,
+    /// `(tick, when)`: the tick's changes were written (and flushed) at `when`.
+    pub written: Mutex<Vec<(u64, Instant)>>,
+}
+
+impl Timings {
+    /// For each written tick, the time from its becoming final to its last
+    /// change written.
+    pub fn latencies(&self) -> Vec<Duration> {
+        let finals = self.finals.lock().expect("not poisoned");
+        let written = self.written.lock().expect("not poisoned");
+        written
+            .iter()
+            .filter_map(|&(t, at)| {
+                let i = finals.partition_point(|&(f, _)| f <= t);
+                finals.get(i).map(|&(_, final_at)| at.saturating_duration_since(final_at))
+            })
+            .collect()
+    }
 }
 
 /// How [`deliver`] writes.
@@ -238,13 +211,13 @@ pub struct Outputs {
     pub dead_letters: Option<Box<dyn Deliver>>,
     pub state: Rc<RefCell<SinkState>>,
     /// Marks when each tick is written (the latency benchmark).
-    pub timings: Option<std::sync::Arc<crate::run::engine::Timings>>,
+    pub timings: Option<std::sync::Arc<crate::output::sink::Timings>>,
     /// The served model (worker 0 with `--http`): each written tick is
     /// applied to it, runtime definitions run here, and the dataflow is kept
     /// alive until the stop flag.
     pub served: Option<std::sync::Arc<Served>>,
     /// With checkpoints: where the output as of the delivered frontier is recorded.
-    pub delivered: Option<std::sync::Arc<std::sync::Mutex<crate::run::checkpoint::Delivered>>>,
+    pub delivered: Option<std::sync::Arc<std::sync::Mutex<crate::output::sink::Delivered>>>,
 }
 
 /// Writes memberships and dead letters on worker 0 and sums the reports;
@@ -404,7 +377,7 @@ fn mark(outs: &Outputs, bounds: [Option<&u64>; 3], unacked_lines: u64) {
     let st = outs.state.borrow();
     // Ticks before `skip_before` were out before a restart.
     let frontier = bounds.into_iter().flatten().copied().min().unwrap_or(u64::MAX).max(st.skip_before);
-    cell.lock().expect("not poisoned").mark = crate::run::checkpoint::Mark {
+    cell.lock().expect("not poisoned").mark = crate::output::sink::Mark {
         frontier,
         changes: outs.changes.as_ref().and_then(|c| c.position()),
         dead: outs.dead_letters.as_ref().and_then(|d| d.position()),

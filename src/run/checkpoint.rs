@@ -38,10 +38,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::core::fact::Fact;
-use crate::core::fact::Pay;
+use crate::core::fact::{Fact, Pay};
 use crate::core::id::{Key, Label};
-use crate::ingest::stamp::Counters;
+use crate::ingest::stamp::{IdentityState, IngestState};
+use crate::io::Position;
+use crate::output::sink::Mark;
 
 /// The on-disk format; a checkpoint of another format is refused.
 pub const FORMAT: u32 = 1;
@@ -88,76 +89,6 @@ impl Fingerprint {
         }
         (!what.is_empty()).then(|| what.join(", "))
     }
-}
-
-/// The output as of the checkpoint's delivered frontier.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Mark {
-    /// Every tick before it is written and acknowledged.
-    pub frontier: u64,
-    /// Byte length of the output file (`None`: not a regular file).
-    pub changes: Option<u64>,
-    /// Byte length of the dead-letter file.
-    pub dead: Option<u64>,
-    /// Lines written so far.
-    pub diffs: u64,
-    /// Dead letters written so far, by reader (worker index).
-    pub dead_written: BTreeMap<usize, u64>,
-}
-
-/// The latest [`Mark`] the sink recorded, and handles of its output files
-/// to fsync before a checkpoint that counts their bytes is written.
-#[derive(Debug, Default)]
-pub struct Delivered {
-    pub mark: Mark,
-    pub files: Vec<std::fs::File>,
-}
-
-impl Delivered {
-    /// The mark, once the bytes it counts are on disk.
-    pub fn synced(&self) -> std::io::Result<Mark> {
-        for f in &self.files {
-            f.sync_data()?;
-        }
-        Ok(self.mark.clone())
-    }
-}
-
-/// Where a reader is in its input.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Position {
-    /// Line sources: the source's index, the byte offset in it of the next
-    /// line, and the number of lines read from it.
-    Lines { source: usize, offset: u64, line: u64 },
-    /// Kafka: per partition, the next offset and the largest event time read.
-    Kafka(Vec<PartitionPosition>),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PartitionPosition {
-    pub topic: String,
-    pub partition: i32,
-    pub next: i64,
-    pub max_time: Option<u64>,
-    pub effect: u64,
-}
-
-/// The sequential state of [`crate::ingest::stamp::Ingest`].
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IngestState {
-    pub max_time: Option<u64>,
-    pub now: Option<u64>,
-    /// Dedupe memory: key and first time.
-    pub remembered: Vec<(u128, u64)>,
-    pub counters: Counters,
-}
-
-/// The identity ticks of [`crate::ingest::stamp::Identities`].
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IdentityState {
-    pub seen: Vec<(Key, u64)>,
-    pub named: Vec<(Key, u64)>,
-    pub links: Vec<((Key, Key), u64)>,
 }
 
 /// One reader's part of a checkpoint.
@@ -510,6 +441,8 @@ impl Rounds {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::Position;
+    use crate::output::sink::Mark;
 
     fn snapshot() -> Snapshot {
         Snapshot {

@@ -35,7 +35,10 @@ use crate::dataflow::{cluster, identity, rfm, rules, score, terms};
 use crate::ingest::stamp::{dead_letter, Change, Counters, Identities, Ingest, Outcome, Stamped};
 use crate::io::source::Next;
 pub use crate::io::source::Source;
-use crate::output::sink::{self, Deliver, Note, Outputs, Report, SinkState, WriteLines};
+use crate::output::deliver::memory_output;
+use crate::output::deliver::OpenOutput;
+use crate::output::sink::Timings;
+use crate::output::sink::{self, Note, Outputs, Report, SinkState};
 use crate::plan::Plan;
 use crate::run::checkpoint;
 use crate::spec::Spec;
@@ -64,70 +67,6 @@ impl Default for RunOptions {
             workers: 1,
         }
     }
-}
-
-/// Opens an output on worker 0 (called once, inside the worker): afresh
-/// with `None`, or continuing after a restart with `Some(length)`, the
-/// length it had at the checkpoint.
-pub type OpenOutput = Arc<dyn Fn(Option<u64>) -> Result<Box<dyn Deliver>, EngineError> + Send + Sync>;
-
-/// An output that opens (creating or truncating) a file, or stdout for `-`.
-/// Resuming, a regular file is cut back to the checkpoint's length and
-/// continued (exactly once); anything else is continued (at least once).
-pub fn file_output(path: PathBuf) -> OpenOutput {
-    Arc::new(move |resume| -> Result<Box<dyn Deliver>, EngineError> {
-        if path.as_os_str() == "-" {
-            return Ok(Box::new(WriteLines(Box::new(std::io::BufWriter::new(std::io::stdout())))));
-        }
-        let cannot = |e: std::io::Error| EngineError::Io(format!("cannot write {}: {e}", path.display()));
-        let f = match resume {
-            None => std::fs::File::create(&path).map_err(cannot)?,
-            Some(_) => std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(cannot)?,
-        };
-        let meta = f.metadata().map_err(cannot)?;
-        if !meta.is_file() {
-            return Ok(Box::new(WriteLines(Box::new(std::io::BufWriter::with_capacity(1 << 16, f)))));
-        }
-        let len = match resume {
-            None => 0,
-            Some(len) if meta.len() < len => {
-                return Err(EngineError::Io(format!(
-                    "cannot continue {}: it is {} bytes, shorter than the {len} bytes the checkpoint wrote (was it changed?)",
-                    path.display(),
-                    meta.len()
-                )))
-            }
-            Some(len) => {
-                f.set_len(len).map_err(cannot)?;
-                len
-            }
-        };
-        Ok(Box::new(sink::FileLines::new(f, len)))
-    })
-}
-
-/// An output collecting lines in memory (cut back like a file on resume).
-pub fn memory_output(buf: Arc<Mutex<Vec<u8>>>) -> OpenOutput {
-    struct Mem(Arc<Mutex<Vec<u8>>>);
-    impl Deliver for Mem {
-        fn send(&mut self, _tick: u64, _key: &str, line: &str) -> Result<(), String> {
-            let mut b = self.0.lock().expect("not poisoned");
-            b.extend_from_slice(line.as_bytes());
-            b.push(b'\n');
-            Ok(())
-        }
-        fn position(&self) -> Option<u64> {
-            Some(self.0.lock().expect("not poisoned").len() as u64)
-        }
-    }
-    Arc::new(move |resume| -> Result<Box<dyn Deliver>, EngineError> {
-        let mut b = buf.lock().expect("not poisoned");
-        match resume {
-            Some(len) => b.truncate(len as usize),
-            None => b.clear(),
-        }
-        Ok(Box::new(Mem(buf.clone())))
-    })
 }
 
 /// Checkpoints (`--state DIR`, `--checkpoint-every`); see `checkpoint`.
@@ -179,32 +118,6 @@ impl HttpOptions {
     }
 }
 
-/// Wall-clock marks of a run: when the reader's clock made ticks final, and
-/// when the sink wrote each tick's last change.
-#[derive(Debug, Default)]
-pub struct Timings {
-    /// `(frontier, when)`: every tick before `frontier` was final at `when`.
-    pub finals: Mutex<Vec<(u64, Instant)>>,
-    /// `(tick, when)`: the tick's changes were written (and flushed) at `when`.
-    pub written: Mutex<Vec<(u64, Instant)>>,
-}
-
-impl Timings {
-    /// For each written tick, the time from its becoming final to its last
-    /// change written.
-    pub fn latencies(&self) -> Vec<Duration> {
-        let finals = self.finals.lock().expect("not poisoned");
-        let written = self.written.lock().expect("not poisoned");
-        written
-            .iter()
-            .filter_map(|&(t, at)| {
-                let i = finals.partition_point(|&(f, _)| f <= t);
-                finals.get(i).map(|&(_, final_at)| at.saturating_duration_since(final_at))
-            })
-            .collect()
-    }
-}
-
 impl Job {
     /// A job that writes nothing (benchmarks, embedding), with `opts.workers`
     /// threads in this process.
@@ -245,24 +158,44 @@ pub struct Summary {
     pub clock: Option<String>,
 }
 
+/// Why a run failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// Options that cannot go together, or input that cannot do what they ask (exit 2).
     #[error("{0}")]
     Unsupported(String),
-    #[error("{0}")]
-    Io(String),
     #[error("timely: {0}")]
     Timely(String),
     /// A checkpoint that cannot be used for this run (exit 2).
     #[error("{0}")]
     Refused(String),
+    /// The state directory failed.
+    #[error(transparent)]
+    Checkpoint(checkpoint::CheckpointError),
+    /// An input (a file, stdin, Kafka) failed.
+    #[error(transparent)]
+    Input(#[from] crate::io::Error),
+    /// An output cannot be opened.
+    #[error(transparent)]
+    Output(#[from] crate::output::deliver::OpenError),
+    /// Writing the output failed; what was written before stays.
+    #[error("{0}")]
+    Write(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the HTTP server: {0}")]
+    Server(#[source] std::io::Error),
 }
 
 impl From<checkpoint::CheckpointError> for EngineError {
     fn from(e: checkpoint::CheckpointError) -> Self {
         match e {
             checkpoint::CheckpointError::Refused(m) => EngineError::Refused(m),
-            e => EngineError::Io(e.to_string()),
+            e => EngineError::Checkpoint(e),
         }
     }
 }
@@ -337,10 +270,12 @@ pub fn run(job: Job) -> Result<Summary, EngineError> {
             let plan = Arc::new(Plan::new(&job.spec));
             let history = http.history(&plan);
             let served = crate::serve::model::Served::new(&job.spec, plan, job.opts.tick, history, job.stop.clone());
-            let listener =
-                std::net::TcpListener::bind(&http.addr).map_err(|e| EngineError::Io(format!("cannot listen on {}: {e}", http.addr)))?;
-            let addr = listener.local_addr().map_err(|e| EngineError::Io(e.to_string()))?;
-            let server = crate::serve::http::spawn(listener, served.clone())?;
+            let listener = std::net::TcpListener::bind(&http.addr).map_err(|source| EngineError::Listen {
+                addr: http.addr.clone(),
+                source,
+            })?;
+            let addr = listener.local_addr().map_err(EngineError::Server)?;
+            let server = crate::serve::http::spawn(listener, served.clone()).map_err(EngineError::Server)?;
             if let Some(f) = &http.on_listen {
                 f(addr);
             }
@@ -388,7 +323,7 @@ pub struct Checkpointing {
     readers: Mutex<Vec<checkpoint::ReaderState>>,
     seq: std::sync::atomic::AtomicU64,
     clusters: Arc<cluster::Memory>,
-    delivered: Arc<Mutex<checkpoint::Delivered>>,
+    delivered: Arc<Mutex<crate::output::sink::Delivered>>,
     /// Readers in this run: 1 for line input, every worker for Kafka.
     readers_count: usize,
     /// Several readers: the checkpoint being gathered, and the final states
@@ -463,12 +398,12 @@ impl Checkpointing {
             restored,
             clusters: Arc::new(clusters),
             // Until the sink says more, what the checkpoint had is out.
-            delivered: Arc::new(Mutex::new(checkpoint::Delivered { mark, files: Vec::new() })),
+            delivered: Arc::new(Mutex::new(crate::output::sink::Delivered { mark, files: Vec::new() })),
         })
     }
 
     /// Writes a snapshot of `states` at `mark`; failures are reported.
-    fn write(&self, mark: checkpoint::Mark, readers: Vec<checkpoint::ReaderState>) -> Vec<checkpoint::ReaderState> {
+    fn write(&self, mark: crate::output::sink::Mark, readers: Vec<checkpoint::ReaderState>) -> Vec<checkpoint::ReaderState> {
         let frontier = mark.frontier;
         let snapshot = checkpoint::Snapshot {
             fingerprint: self.fingerprint.clone(),
@@ -488,7 +423,7 @@ impl Checkpointing {
     }
 
     /// The delivered mark, once the output files are synced.
-    fn mark(&self) -> Option<checkpoint::Mark> {
+    fn mark(&self) -> Option<crate::output::sink::Mark> {
         match self.delivered.lock().expect("not poisoned").synced() {
             Ok(mark) => Some(mark),
             Err(e) => {
@@ -727,7 +662,7 @@ impl Feeder {
     /// The reader's state for a checkpoint whose delivered frontier is
     /// `frontier`: its logs compacted there (see `checkpoint`), its clock,
     /// dedupe memory and identity ticks. `None` unless [`Feeder::retain`]ed.
-    pub fn checkpoint(&mut self, frontier: u64, worker: usize, position: checkpoint::Position) -> Option<checkpoint::ReaderState> {
+    pub fn checkpoint(&mut self, frontier: u64, worker: usize, position: crate::io::Position) -> Option<checkpoint::ReaderState> {
         let tick = self.ingest.clock.tick;
         let windows: Vec<Option<u64>> = self.plan.streams.iter().map(|s| s.window).collect();
         let log = self.retained.as_mut()?;
@@ -1052,7 +987,7 @@ impl Reader<'_> {
     /// since the last one. With several readers (Kafka), worker 0 opens a
     /// round at the delivered mark, every reader adds its state at that
     /// frontier when it next comes by, and the last one writes it.
-    pub fn checkpoint_if_due(&mut self, position: impl FnOnce() -> checkpoint::Position) {
+    pub fn checkpoint_if_due(&mut self, position: impl FnOnce() -> crate::io::Position) {
         let Some(ck) = &self.checkpoints else { return };
         let shared = ck.shared.clone();
         let due = ck.last.elapsed() >= shared.every
@@ -1079,7 +1014,7 @@ impl Reader<'_> {
     }
 
     /// This reader's state at `frontier` (a copy; the logs stay).
-    fn own_state(&mut self, frontier: u64, position: checkpoint::Position) -> Option<checkpoint::ReaderState> {
+    fn own_state(&mut self, frontier: u64, position: crate::io::Position) -> Option<checkpoint::ReaderState> {
         let shared = self.checkpoints.as_ref()?.shared.clone();
         let written = shared.delivered.lock().expect("not poisoned").mark.dead_written.clone();
         let lent = self.lend_state(frontier, &written, position)?;
@@ -1095,7 +1030,7 @@ impl Reader<'_> {
         &mut self,
         frontier: u64,
         written: &std::collections::BTreeMap<usize, u64>,
-        position: checkpoint::Position,
+        position: crate::io::Position,
     ) -> Option<checkpoint::ReaderState> {
         self.advance_notes();
         let worker = self.worker.index();
@@ -1115,7 +1050,7 @@ impl Reader<'_> {
     /// bounded input, or a stop): with one reader, a checkpoint now; with
     /// several, its final state is kept for every later checkpoint, and the
     /// last reader to stop writes one with them all.
-    pub fn checkpoint_final(&mut self, position: checkpoint::Position) {
+    pub fn checkpoint_final(&mut self, position: crate::io::Position) {
         let Some(ck) = &self.checkpoints else { return };
         let shared = ck.shared.clone();
         if shared.readers_count == 1 {
@@ -1148,7 +1083,7 @@ impl Reader<'_> {
     /// `position` (one reader: line input on worker 0, or Kafka with one
     /// worker). A failed write is reported and retried at the next one; the
     /// last good checkpoint stays.
-    pub fn checkpoint(&mut self, position: checkpoint::Position) {
+    pub fn checkpoint(&mut self, position: crate::io::Position) {
         let Some(ck) = self.checkpoints.as_mut() else { return };
         ck.last = Instant::now();
         let shared = ck.shared.clone();
@@ -1160,13 +1095,13 @@ impl Reader<'_> {
         let Some(reader) = self.lend_state(frontier, &mark.dead_written, position) else {
             return;
         };
-        let mut readers = shared.write(checkpoint::Mark { frontier, ..mark }, vec![reader]);
+        let mut readers = shared.write(crate::output::sink::Mark { frontier, ..mark }, vec![reader]);
         self.feeder.checkpointed(readers.pop().expect("one reader"));
     }
 
     /// Takes up this reader's part of the checkpoint resumed from; returns
     /// its input position.
-    fn restore(&mut self) -> Option<checkpoint::Position> {
+    fn restore(&mut self) -> Option<crate::io::Position> {
         let worker = self.worker.index();
         let st = self.checkpoints.as_ref()?.shared.take_reader(worker)?;
         let (dead, dead_sent, position) = (st.dead.clone(), st.dead_sent, st.position.clone());
@@ -1344,7 +1279,7 @@ fn run_worker(
         use timely::dataflow::operators::{Input, Probe};
         let (mut inputs, built) = build_with(scope, &plan, opts.tick, memory, serving);
         let notes = scope.input_from(&mut notes).container::<Vec<Note>>();
-        let mut members = sink::named(built.members, built.names.clone()).map(|(s, id)| crate::output::sink::Upd::Member(s, id));
+        let mut members = identity::named(built.members, built.names.clone()).map(|(s, id)| crate::output::sink::Upd::Member(s, id));
         if serving {
             use crate::output::sink::Upd;
             let terms = built
@@ -1396,7 +1331,7 @@ fn run_worker(
         served.model.write().expect("not poisoned").retained.complete_from = frontier;
     }
     let result = match (&job.kafka, leader) {
-        (Some(kafka), _) => crate::io::kafka::read(&mut reader, kafka, position),
+        (Some(kafka), _) => crate::run::kafka::read(&mut reader, kafka, position),
         (None, true) => read_lines(&mut reader, &job.sources, position),
         (None, false) => Ok(()),
     };
@@ -1425,7 +1360,7 @@ fn run_worker(
     }
     let st = state.borrow();
     if let Some(e) = &st.error {
-        return Err(EngineError::Io(e.clone()));
+        return Err(EngineError::Write(e.clone()));
     }
     let Counters {
         read,
@@ -1450,16 +1385,16 @@ fn run_worker(
 
 /// Reads the line sources in order (worker 0 of process 0), from `start`
 /// when resuming; checkpoints as it goes, at a stop, and at the end.
-fn read_lines(reader: &mut Reader<'_>, sources: &[Source], start: Option<checkpoint::Position>) -> Result<(), EngineError> {
+fn read_lines(reader: &mut Reader<'_>, sources: &[Source], start: Option<crate::io::Position>) -> Result<(), EngineError> {
     let mut line = Vec::new();
     let opts = reader.opts.clone();
     let tick = Duration::from_millis(opts.tick);
     let idle = Duration::from_millis(opts.idle);
     let (first, offset, mut number) = match start {
-        Some(checkpoint::Position::Lines { source, offset, line }) => (source, offset, line),
+        Some(crate::io::Position::Lines { source, offset, line }) => (source, offset, line),
         _ => (0, 0, 0),
     };
-    let at = |source: usize, lines: &crate::io::source::Lines, line: u64| checkpoint::Position::Lines {
+    let at = |source: usize, lines: &crate::io::source::Lines, line: u64| crate::io::Position::Lines {
         source,
         offset: lines.offset(),
         line,
@@ -1489,7 +1424,7 @@ fn read_lines(reader: &mut Reader<'_>, sources: &[Source], start: Option<checkpo
             let wait = if batch > 0 { Duration::from_millis(20) } else { tick.min(idle) };
             let next = lines
                 .next(&mut line, wait)
-                .map_err(|e| EngineError::Io(format!("cannot read {name}: {e}")))?;
+                .map_err(crate::io::Error::input(format!("read {name}")))?;
             match next {
                 Next::End => break,
                 Next::Idle => {
@@ -1528,7 +1463,7 @@ fn read_lines(reader: &mut Reader<'_>, sources: &[Source], start: Option<checkpo
         // The end: everything delivered, then a checkpoint past the input,
         // so that running the same command again writes nothing more.
         reader.finish_input();
-        reader.checkpoint(checkpoint::Position::Lines {
+        reader.checkpoint(crate::io::Position::Lines {
             source: sources.len(),
             offset: 0,
             line: 0,

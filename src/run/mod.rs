@@ -2,4 +2,5 @@
 
 pub mod checkpoint;
 pub mod engine;
+pub mod kafka;
 pub mod profile;

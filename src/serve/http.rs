@@ -29,7 +29,6 @@ use serde::Deserialize;
 use serde_json::{json, Value as Json_};
 
 use crate::core::clock::{format_time, parse_duration, parse_time_arg};
-use crate::run::engine::EngineError;
 use crate::serve::model::{parse_id, value_json, ApiError, Command, Def, Model, Served};
 
 /// The live page: one static file, no build step.
@@ -75,41 +74,35 @@ impl Drop for Server {
 
 /// Serves on `listener` from a thread of its own until the returned
 /// [`Server`] is shut down.
-pub fn spawn(listener: std::net::TcpListener, served: Arc<Served>) -> Result<Server, EngineError> {
-    listener.set_nonblocking(true).map_err(|e| EngineError::Io(e.to_string()))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| EngineError::Io(format!("cannot start the HTTP server: {e}")))?;
+pub fn spawn(listener: std::net::TcpListener, served: Arc<Served>) -> std::io::Result<Server> {
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let state = served.clone();
-    let thread = std::thread::Builder::new()
-        .name("shoal-http".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!("cannot serve HTTP: {e}");
-                        return;
-                    }
-                };
-                let (mut graceful, mut deadline) = (state.closing.subscribe(), state.closing.subscribe());
-                let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
-                    let _ = graceful.wait_for(|c| *c).await;
-                });
-                tokio::select! {
-                    r = server => if let Err(e) = r {
-                        tracing::error!("HTTP server: {e}");
-                    },
-                    _ = async move {
-                        let _ = deadline.wait_for(|c| *c).await;
-                        tokio::time::sleep(GRACE).await;
-                    } => tracing::warn!("HTTP connections still open {GRACE:?} after the end of the run were dropped"),
+    let thread = std::thread::Builder::new().name("shoal-http".into()).spawn(move || {
+        runtime.block_on(async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("cannot serve HTTP: {e}");
+                    return;
                 }
-            })
-            // Dropping the runtime here cancels what is left of its tasks.
+            };
+            let (mut graceful, mut deadline) = (state.closing.subscribe(), state.closing.subscribe());
+            let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+                let _ = graceful.wait_for(|c| *c).await;
+            });
+            tokio::select! {
+                r = server => if let Err(e) = r {
+                    tracing::error!("HTTP server: {e}");
+                },
+                _ = async move {
+                    let _ = deadline.wait_for(|c| *c).await;
+                    tokio::time::sleep(GRACE).await;
+                } => tracing::warn!("HTTP connections still open {GRACE:?} after the end of the run were dropped"),
+            }
         })
-        .map_err(|e| EngineError::Io(format!("cannot start the HTTP server: {e}")))?;
+        // Dropping the runtime here cancels what is left of its tasks.
+    })?;
     Ok(Server {
         served,
         thread: Some(thread),
