@@ -42,7 +42,6 @@ use crate::core::value::Value;
 use crate::ingest::event::Kept;
 use crate::ingest::stamp::Counters;
 use crate::output::deliver::Deliver;
-use crate::serve::model::Served;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -202,6 +201,31 @@ impl Timings {
     }
 }
 
+/// An observer of the output: the served model, with `--http`. The sink
+/// hands it every tick it writes and asks it for the lines; the observer
+/// may have lines of its own (a term leaving a window, requests from
+/// outside), which the sink writes at their ticks. The sink knows nothing
+/// else of it, and the observer nothing of the sink.
+pub trait Observer: Send + Sync {
+    /// The next tick at which the observer has changes of its own.
+    fn next_due(&self) -> Option<u64>;
+    /// A tick delivered before a restart (its changes consolidated): seen,
+    /// not written.
+    fn replay(&self, t: u64, changes: Vec<(Upd, isize)>);
+    /// A tick's consolidated changes: the observer applies them and calls
+    /// `write` with the tick's lines, `(profile, line)`, while it holds its
+    /// state, so that whoever reads it finds it and the output agree.
+    fn tick(&self, t: u64, changes: Vec<(Upd, isize)>, write: &mut dyn FnMut(&[(String, String)]));
+    /// Runs the requests that came from outside, at the observer's clock,
+    /// writing their lines through `write(tick, lines)`; returns their
+    /// answers, which the sink sends once those lines are flushed.
+    fn run_requests(&self, write: &mut dyn FnMut(u64, &[(String, String)])) -> Vec<Box<dyn FnOnce() + Send>>;
+    /// A reader's counters so far (by worker index, any process).
+    fn counters(&self, reader: usize, counters: Counters);
+    /// Whether the run should end (serving keeps it alive until then).
+    fn stopped(&self) -> bool;
+}
+
 /// How [`deliver`] writes.
 pub struct Outputs {
     /// Segment names, in spec order.
@@ -212,10 +236,10 @@ pub struct Outputs {
     pub state: Rc<RefCell<SinkState>>,
     /// Marks when each tick is written (the latency benchmark).
     pub timings: Option<std::sync::Arc<crate::output::sink::Timings>>,
-    /// The served model (worker 0 with `--http`): each written tick is
-    /// applied to it, runtime definitions run here, and the dataflow is kept
-    /// alive until the stop flag.
-    pub served: Option<std::sync::Arc<Served>>,
+    /// The served model (worker 0 with `--http`): each written tick goes
+    /// to it, its requests run here, and the dataflow is kept alive until it
+    /// says stop.
+    pub observer: Option<std::sync::Arc<dyn Observer>>,
     /// With checkpoints: where the output as of the delivered frontier is recorded.
     pub delivered: Option<std::sync::Arc<std::sync::Mutex<crate::output::sink::Delivered>>>,
 }
@@ -246,7 +270,7 @@ pub fn deliver<'s>(
             let activator = scope.activator_for(info.address.clone());
             // Serving: a capability no tick reaches keeps the dataflow (and
             // the server's model) alive after the input ends, until a stop.
-            let mut keep = outs.served.as_ref().map(|_| cap.delayed(&u64::MAX));
+            let mut keep = outs.observer.as_ref().map(|_| cap.delayed(&u64::MAX));
             let mut pending: BTreeMap<u64, (Capability<u64>, Vec<NamedChange>)> = BTreeMap::new();
             // Written ticks not yet acknowledged, with their line counts.
             let mut awaiting: BTreeMap<u64, (Capability<u64>, u64)> = BTreeMap::new();
@@ -261,8 +285,8 @@ pub fn deliver<'s>(
                         match note {
                             Note::Dead(reader, line) => write_dead(&mut outs, reader, &line),
                             Note::Counters(reader, counters) => {
-                                if let Some(served) = &outs.served {
-                                    served.counters.lock().expect("not poisoned").insert(reader, counters);
+                                if let Some(observer) = &outs.observer {
+                                    observer.counters(reader, counters);
                                 }
                             }
                             Note::Report(r) => {
@@ -298,7 +322,7 @@ pub fn deliver<'s>(
                     // term of the served model changes (an event leaving a
                     // window), which has no update of its own.
                     let next = pending.keys().next().copied();
-                    let due = outs.served.as_ref().and_then(|s| s.model.read().expect("not poisoned").next_due());
+                    let due = outs.observer.as_ref().and_then(|o| o.next_due());
                     let Some(t) = next.into_iter().chain(due).min() else { break };
                     if frontier.less_equal(&t) || notes_frontier.less_equal(&t) {
                         break;
@@ -310,8 +334,8 @@ pub fn deliver<'s>(
                         // No capability: like a command's, these lines do not hold
                         // the delivered frontier (see docs/decisions.md).
                         if t < outs.state.borrow().skip_before {
-                            if let Some(served) = &outs.served {
-                                served.model.write().expect("not poisoned").apply_tick(t, Vec::new());
+                            if let Some(observer) = &outs.observer {
+                                observer.replay(t, Vec::new());
                             }
                         } else {
                             write_tick(&mut outs, t, Vec::new());
@@ -324,10 +348,10 @@ pub fn deliver<'s>(
                     }
                     if t < outs.state.borrow().skip_before {
                         // Out before a restart: only the served model sees it.
-                        if let Some(served) = &outs.served {
+                        if let Some(observer) = &outs.observer {
                             let mut changes = changes;
                             differential_dataflow::consolidation::consolidate(&mut changes);
-                            served.model.write().expect("not poisoned").apply_tick(t, changes);
+                            observer.replay(t, changes);
                         }
                         continue;
                     }
@@ -353,9 +377,9 @@ pub fn deliver<'s>(
                     ],
                     unacked_lines,
                 );
-                if let Some(served) = outs.served.clone() {
-                    run_commands(&mut outs, &served, &mut written);
-                    if served.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Some(observer) = outs.observer.clone() {
+                    run_requests(&mut outs, observer.as_ref(), &mut written);
+                    if observer.stopped() {
                         keep = None;
                     }
                 }
@@ -396,45 +420,22 @@ fn write_dead(outs: &mut Outputs, reader: usize, line: &str) {
     }
 }
 
-/// Runs the runtime definitions queued by the HTTP server, at the clock:
-/// their changes are written (stamped with the clock) and flushed, and only
-/// then answered, so a client that reads the output after its answer finds
-/// them there.
-fn run_commands(outs: &mut Outputs, served: &Served, written: &mut Vec<u64>) {
-    let commands = std::mem::take(&mut *served.commands.lock().expect("not poisoned"));
-    let mut answers = Vec::with_capacity(commands.len());
-    for command in commands {
-        let (reply, result, lines) = {
-            let mut model = served.model.write().expect("not poisoned");
-            let (reply, result, changes) = model.run(command);
-            let t = model.clock.unwrap_or(0);
-            let lines: Vec<(String, String)> = model.lines(t, &changes).into_iter().zip(changes).map(|(l, c)| (c.2, l)).collect();
-            // Written under the lock: a reader sees the model and the output agree.
-            if !lines.is_empty() {
-                send_lines(outs, t, &lines);
-            }
-            (reply, result, lines)
-        };
-        served.publish(&lines.into_iter().map(|(_, l)| l).collect::<Vec<_>>());
-        answers.push((reply, result));
-    }
+/// Runs the observer's requests (runtime definitions over HTTP): their
+/// changes are written (stamped with its clock) and flushed, and only then
+/// answered, so a client that reads the output after its answer finds them
+/// there.
+fn run_requests(outs: &mut Outputs, observer: &dyn Observer, written: &mut Vec<u64>) {
+    let answers = observer.run_requests(&mut |t, lines| send_lines(outs, t, lines));
     flush(outs, written);
-    for (reply, result) in answers {
-        let _ = reply.send(result);
+    for answer in answers {
+        answer();
     }
 }
 
 fn write_tick(outs: &mut Outputs, t: u64, mut changes: Vec<NamedChange>) {
     differential_dataflow::consolidation::consolidate(&mut changes);
-    if let Some(served) = outs.served.clone() {
-        let lines = {
-            let mut model = served.model.write().expect("not poisoned");
-            let changes = model.apply_tick(t, changes);
-            let lines: Vec<(String, String)> = model.lines(t, &changes).into_iter().zip(changes).map(|(l, c)| (c.2, l)).collect();
-            send_lines(outs, t, &lines);
-            lines
-        };
-        served.publish(&lines.into_iter().map(|(_, l)| l).collect::<Vec<_>>());
+    if let Some(observer) = outs.observer.clone() {
+        observer.tick(t, changes, &mut |lines| send_lines(outs, t, lines));
         return;
     }
     let mut lines: Vec<(u32, String, bool)> = changes

@@ -1264,7 +1264,10 @@ fn run_worker(
         dead_letters: open(&job.dead_letters, restored.map(|s| s.mark.dead.unwrap_or(0)))?,
         state: state.clone(),
         timings: job.timings.clone(),
-        served: served.clone().filter(|_| leader),
+        observer: served
+            .clone()
+            .filter(|_| leader)
+            .map(|s| s as Arc<dyn crate::output::sink::Observer>),
         delivered: checkpointing.as_ref().filter(|_| leader).map(|c| c.delivered.clone()),
     };
     // Every worker builds the same dataflow, serving or not.

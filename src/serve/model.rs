@@ -44,6 +44,7 @@ use crate::core::value::Value;
 use crate::ingest::event::Kept;
 use crate::ingest::stamp::Counters;
 use crate::output::sink::membership_line;
+use crate::output::sink::Observer;
 use crate::output::sink::Upd;
 use crate::plan::{Agg, Formula, Plan, StreamDef};
 use crate::spec::ast::{Expr, ExprKind};
@@ -374,6 +375,58 @@ impl Served {
                 let _ = self.stream.send(Arc::from(l.as_str()));
             }
         }
+    }
+}
+
+impl Observer for Served {
+    fn next_due(&self) -> Option<u64> {
+        self.model.read().expect("not poisoned").next_due()
+    }
+
+    fn replay(&self, t: u64, changes: Vec<(Upd, isize)>) {
+        self.model.write().expect("not poisoned").apply_tick(t, changes);
+    }
+
+    fn tick(&self, t: u64, changes: Vec<(Upd, isize)>, write: &mut dyn FnMut(&[(String, String)])) {
+        let lines = {
+            let mut model = self.model.write().expect("not poisoned");
+            let changes = model.apply_tick(t, changes);
+            let lines: Vec<(String, String)> = model.lines(t, &changes).into_iter().zip(changes).map(|(l, c)| (c.2, l)).collect();
+            write(&lines);
+            lines
+        };
+        self.publish(&lines.into_iter().map(|(_, l)| l).collect::<Vec<_>>());
+    }
+
+    fn run_requests(&self, write: &mut dyn FnMut(u64, &[(String, String)])) -> Vec<Box<dyn FnOnce() + Send>> {
+        let commands = std::mem::take(&mut *self.commands.lock().expect("not poisoned"));
+        let mut answers: Vec<Box<dyn FnOnce() + Send>> = Vec::with_capacity(commands.len());
+        for command in commands {
+            let (reply, result, lines) = {
+                let mut model = self.model.write().expect("not poisoned");
+                let (reply, result, changes) = model.run(command);
+                let t = model.clock.unwrap_or(0);
+                let lines: Vec<(String, String)> = model.lines(t, &changes).into_iter().zip(changes).map(|(l, c)| (c.2, l)).collect();
+                // Written under the lock: a reader sees the model and the output agree.
+                if !lines.is_empty() {
+                    write(t, &lines);
+                }
+                (reply, result, lines)
+            };
+            self.publish(&lines.into_iter().map(|(_, l)| l).collect::<Vec<_>>());
+            answers.push(Box::new(move || {
+                let _ = reply.send(result);
+            }));
+        }
+        answers
+    }
+
+    fn counters(&self, reader: usize, counters: Counters) {
+        self.counters.lock().expect("not poisoned").insert(reader, counters);
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
