@@ -20,7 +20,8 @@ use std::time::Instant;
 
 use differential_dataflow::input::Input;
 use shoal::generate::{GenOptions, Generator};
-use shoal::run::engine::{run, Job, RunOptions, Source, Summary};
+use shoal::io::source::Source;
+use shoal::run::{run, Job, RunOptions, Summary};
 
 /// The allocator `shoal` itself runs with (see `src/main.rs`).
 #[global_allocator]
@@ -349,7 +350,7 @@ fn checkpoint(n: u64) {
             RunOptions::default(),
             vec![Source::File(input.clone())],
         );
-        job.state = Some(shoal::run::engine::StateOptions {
+        job.state = Some(shoal::run::StateOptions {
             dir: dir.clone(),
             every: std::time::Duration::from_secs(3600),
         });

@@ -8,8 +8,10 @@
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
+use shoal::dataflow::build;
 use shoal::plan::Plan;
-use shoal::run::engine::{build, Feeder, RunOptions};
+use shoal::run::feeder::Feeder;
+use shoal::run::RunOptions;
 
 const SPEC: &str = r#"
 [[segment]]

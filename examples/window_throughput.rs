@@ -11,7 +11,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use shoal::run::engine::{run, Job, RunOptions, Source};
+use shoal::io::source::Source;
+use shoal::run::{run, Job, RunOptions};
 
 fn main() {
     let mut args = std::env::args().skip(1);

@@ -13,8 +13,9 @@ use clap::{Args, Parser, Subcommand};
 use shoal::core::clock::{parse_duration, parse_duration_or_zero, parse_time_arg};
 use shoal::generate::GenOptions;
 use shoal::io::kafka::{kafka_output, KafkaInput};
+use shoal::io::source::Source;
 use shoal::output::deliver::file_output;
-use shoal::run::engine::{EngineError, Job, RunOptions, Source};
+use shoal::run::{EngineError, Job, RunOptions};
 use shoal::serve::model::History;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
@@ -365,17 +366,17 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             args.dead_letter.clone().unwrap_or_else(|| PathBuf::from("/dev/stderr")),
         )),
         timely: timely_config(&args)?,
-        state: args.state.clone().map(|dir| shoal::run::engine::StateOptions {
+        state: args.state.clone().map(|dir| shoal::run::StateOptions {
             dir,
             every: std::time::Duration::from_millis(args.checkpoint_every),
         }),
-        http: args.http.clone().map(|addr| shoal::run::engine::HttpOptions {
+        http: args.http.clone().map(|addr| shoal::run::HttpOptions {
             addr,
             history: args.history,
             on_listen: Some(Arc::new(|a| eprintln!("shoal: listening on http://{a}"))),
         }),
     };
-    let summary = shoal::run::engine::run(job).map_err(|e| match e {
+    let summary = shoal::run::run(job).map_err(|e| match e {
         EngineError::Unsupported(_) | EngineError::Refused(_) | EngineError::Input(shoal::io::Error::Unsupported(_)) => usage(e),
         _ => Failure(1, e.into()),
     })?;

@@ -21,7 +21,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use shoal::generate::{GenOptions, Generator};
 use shoal::io::kafka::{kafka_output, KafkaInput};
 use shoal::output::deliver::memory_output;
-use shoal::run::engine::{run, run_memory, Job, RunOptions, Summary};
+use shoal::run::{run, run_memory, Job, RunOptions, Summary};
 
 const SPEC: &str = "dataflows/retail.toml";
 

@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use reference::{evaluate, RefOptions};
 use shoal::core::clock::format_time;
 use shoal::dataflow::cluster::Model;
-use shoal::run::engine::{run_memory, RunOptions};
+use shoal::run::{run_memory, RunOptions};
 
 const BASE: u64 = 1_704_067_200_000; // 2024-01-01T00:00:00Z
 

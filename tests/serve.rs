@@ -616,9 +616,9 @@ fn run_returns_only_after_the_server_closed() {
         name: "input".into(),
         data: std::sync::Arc::new(input.into_bytes()),
     }];
-    let mut job = shoal::run::engine::Job::quiet(spec, shoal::run::engine::RunOptions::default(), sources);
+    let mut job = shoal::run::Job::quiet(spec, shoal::run::RunOptions::default(), sources);
     let (tx, rx) = std::sync::mpsc::channel();
-    job.http = Some(shoal::run::engine::HttpOptions {
+    job.http = Some(shoal::run::HttpOptions {
         addr: "127.0.0.1:0".into(),
         history: None,
         on_listen: Some(std::sync::Arc::new(move |a| {
@@ -628,7 +628,7 @@ fn run_returns_only_after_the_server_closed() {
     let stop = job.stop.clone();
     let (done_tx, done) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = done_tx.send(shoal::run::engine::run(job).map_err(|e| e.to_string()));
+        let _ = done_tx.send(shoal::run::run(job).map_err(|e| e.to_string()));
     });
     let addr = rx.recv_timeout(Duration::from_secs(60)).unwrap().to_string();
     wait_for_clock(&addr, &shoal::core::clock::format_time(T0 + 1_000, false));

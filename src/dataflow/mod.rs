@@ -1,4 +1,14 @@
-//! dataflow
+//! Everything inside timely workers: from the facts and identity updates
+//! readers feed to the memberships of every segment.
+//!
+//! [`build`] shows the whole graph. Identity ([`identity`]) resolves ids to
+//! profiles as connected components; [`window`] bounds facts in time and
+//! re-keys them to profiles; [`terms`] folds them into one value per term
+//! and profile; [`score`], [`rfm`] and [`cluster`] compute the population
+//! terms (percentiles, RFM scores, k-means clusters); [`rules`] turns the
+//! atoms of `when` expressions into memberships. [`total`] holds the
+//! operators for totally ordered time (hash maps per key, measured against
+//! and held to differential's own) that these stages are made of.
 
 pub mod cluster;
 pub mod identity;
@@ -8,3 +18,131 @@ pub mod score;
 pub mod terms;
 pub mod total;
 pub mod window;
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use differential_dataflow::input::{Input, InputSession};
+use differential_dataflow::VecCollection;
+use timely::dataflow::Scope;
+
+use crate::core::fact::{Fact, FactOf};
+use crate::core::id::{Key, Label};
+use crate::plan::Plan;
+
+/// The differential inputs a reader feeds, at the ticks events take effect.
+pub struct Inputs {
+    /// Facts of streams with a payload to fold.
+    pub facts: InputSession<u64, Fact, isize>,
+    /// Facts of streams folded only by `count` ([`Plan::counted_streams`]).
+    pub counts: InputSession<u64, FactOf<()>, isize>,
+    pub nodes: InputSession<u64, (Key, Label), isize>,
+    pub links: InputSession<u64, (Key, Key), isize>,
+    /// Serving with `--history`: every accepted event and its anchor id,
+    /// for the served model (see `crate::serve::model`).
+    pub events: Option<InputSession<u64, (Key, crate::ingest::event::Kept), isize>>,
+}
+
+impl Inputs {
+    pub(crate) fn advance_to(&mut self, t: u64) {
+        if t > *self.facts.time() {
+            self.facts.advance_to(t);
+            self.counts.advance_to(t);
+            self.nodes.advance_to(t);
+            self.links.advance_to(t);
+            if let Some(events) = &mut self.events {
+                events.advance_to(t);
+            }
+        }
+    }
+
+    pub(crate) fn flush(&mut self) {
+        self.facts.flush();
+        self.counts.flush();
+        self.nodes.flush();
+        self.links.flush();
+        if let Some(events) = &mut self.events {
+            events.flush();
+        }
+    }
+}
+
+/// The collections a spec maintains.
+pub struct Collections<'s> {
+    /// `(segment index, profile)` for every member of every segment.
+    pub members: VecCollection<'s, u64, (u32, Key), isize>,
+    /// `(profile, its id)` for every profile.
+    pub names: VecCollection<'s, u64, (Key, crate::core::id::Id), isize>,
+    /// Every profile that exists.
+    pub universe: VecCollection<'s, u64, Key, isize>,
+    /// Term rows: `((stream, profile), the values of its terms)`, when
+    /// asked for (see [`build_with`]).
+    pub terms: Option<VecCollection<'s, u64, crate::dataflow::terms::Row, isize>>,
+    /// `(id, profile)` for every id of a profile.
+    pub labels: VecCollection<'s, u64, (Key, Key), isize>,
+    /// The identity nodes as fed.
+    pub nodes: VecCollection<'s, u64, (Key, Label), isize>,
+}
+
+/// Builds the dataflow of `plan` in `scope`: identity, windows, terms, rules.
+pub fn build<'s>(scope: Scope<'s, u64>, plan: &Rc<Plan>, tick: u64) -> (Inputs, Collections<'s>) {
+    build_with(scope, plan, tick, None, true)
+}
+
+/// [`build`], with the clusterings' models kept in (and started from)
+/// `memory`, and the term rows computed only when `rows` asks for them
+/// (or the plan reads them: population terms, atoms over several terms).
+pub fn build_with<'s>(
+    scope: Scope<'s, u64>,
+    plan: &Rc<Plan>,
+    tick: u64,
+    memory: Option<Arc<cluster::Memory>>,
+    rows: bool,
+) -> (Inputs, Collections<'s>) {
+    let (facts_in, facts) = scope.new_collection();
+    let (counts_in, counts) = scope.new_collection();
+    let (nodes_in, nodes) = scope.new_collection();
+    let (links_in, links) = scope.new_collection();
+    let identity::Profiles { labels, names } = identity::profiles(nodes.clone(), links);
+    let universe = identity::universe(names.clone());
+    let rows = rows || !plan.values.is_empty() || plan.atoms.iter().any(|a| a.terms.len() > 1);
+    let built = terms::terms((facts, counts), labels.clone(), plan.clone(), (tick, rows));
+    let mut atoms = built.atoms;
+    let mut terms = built.rows;
+    if let Some(rows) = terms.as_mut().filter(|_| !plan.values.is_empty()) {
+        // Population terms: percentiles, RFM, clusters (see crate::plan).
+        let values = score::values(rows.clone(), universe.clone(), plan.clone());
+        if !plan.percentiles.is_empty() {
+            *rows = rows
+                .clone()
+                .concat(score::thresholds(values.clone(), universe.clone(), plan.clone()));
+        }
+        if plan.rfm.is_some() {
+            *rows = rows.clone().concat(rfm::rfm(values.clone(), plan.clone()));
+        }
+        if plan.clusters.iter().any(Option::is_some) {
+            *rows = rows.clone().concat(cluster::clusters(values, plan.clone(), memory));
+        }
+    }
+    if let Some(more) = terms.clone().and_then(|rows| rules::atoms(rows, plan.clone())) {
+        atoms = atoms.concat(more);
+    }
+    let members = rules::segments(atoms, universe.clone(), plan.clone());
+    (
+        Inputs {
+            facts: facts_in,
+            counts: counts_in,
+            nodes: nodes_in,
+            links: links_in,
+            events: None,
+        },
+        Collections {
+            members,
+            names,
+            universe,
+            terms,
+            labels,
+            nodes,
+        },
+    )
+}

@@ -129,7 +129,7 @@ pub fn kafka_error(brokers: &str, what: &str, e: KafkaError) -> Error {
     Error::Kafka {
         brokers: brokers.to_string(),
         what: what.to_string(),
-        source: e,
+        source: Box::new(e),
     }
 }
 

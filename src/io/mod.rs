@@ -1,4 +1,8 @@
-//! io
+//! The outside world's ends: line sources ([`source`]: files, stdin, the
+//! generator, read ahead on a decoding thread) and Kafka ([`kafka`]: the
+//! client settings, partitions dealt to workers, offsets, and the producer
+//! that delivers changes). A reader's [`Position`] in its input is what a
+//! checkpoint stores to resume it.
 
 pub mod kafka;
 pub mod source;
@@ -49,7 +53,7 @@ pub enum Error {
         brokers: String,
         what: String,
         #[source]
-        source: rdkafka::error::KafkaError,
+        source: Box<rdkafka::error::KafkaError>,
     },
     /// A topic or partition the run needs is not as it must be.
     #[error("kafka {brokers}: {what}")]

@@ -201,6 +201,12 @@ impl Timings {
     }
 }
 
+/// A line to write, after the profile it is about (Kafka's message key).
+pub type ProfileLine = (String, String);
+
+/// An answer to a request, sent once the request's lines are flushed.
+pub type Answer = Box<dyn FnOnce() + Send>;
+
 /// An observer of the output: the served model, with `--http`. The sink
 /// hands it every tick it writes and asks it for the lines; the observer
 /// may have lines of its own (a term leaving a window, requests from
@@ -215,11 +221,11 @@ pub trait Observer: Send + Sync {
     /// A tick's consolidated changes: the observer applies them and calls
     /// `write` with the tick's lines, `(profile, line)`, while it holds its
     /// state, so that whoever reads it finds it and the output agree.
-    fn tick(&self, t: u64, changes: Vec<(Upd, isize)>, write: &mut dyn FnMut(&[(String, String)]));
+    fn tick(&self, t: u64, changes: Vec<(Upd, isize)>, write: &mut dyn FnMut(&[ProfileLine]));
     /// Runs the requests that came from outside, at the observer's clock,
     /// writing their lines through `write(tick, lines)`; returns their
     /// answers, which the sink sends once those lines are flushed.
-    fn run_requests(&self, write: &mut dyn FnMut(u64, &[(String, String)])) -> Vec<Box<dyn FnOnce() + Send>>;
+    fn run_requests(&self, write: &mut dyn FnMut(u64, &[ProfileLine])) -> Vec<Answer>;
     /// A reader's counters so far (by worker index, any process).
     fn counters(&self, reader: usize, counters: Counters);
     /// Whether the run should end (serving keeps it alive until then).

@@ -13,7 +13,7 @@ use crate::io::kafka::{
     COMMIT_EVERY, POLL_BATCH,
 };
 use crate::io::Position;
-use crate::run::engine::{EngineError, Reader};
+use crate::run::{EngineError, Reader};
 
 /// Reads this worker's partitions until a stop, or (bounded) their ends.
 pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, start: Option<Position>) -> Result<(), EngineError> {

@@ -1,6 +1,191 @@
-//! run
+//! A run: a [`Job`] on timely workers, from its inputs to its summary.
+//!
+//! [`run`] starts the workers (and the HTTP server, on process 0); each
+//! worker ([`worker`]) builds the dataflow, wires the sink and runs its
+//! reader ([`reader`]) over line sources ([`lines`]) or Kafka partitions
+//! ([`kafka`]). A reader's [`feeder`] hands stamped events to the
+//! dataflow's inputs; [`checkpointing`] and [`checkpoint`] make the run
+//! durable; [`progress`] and [`profile`] report on it.
+//!
+//! Readers feed the dataflow. File input, stdin and the generator are read
+//! in order by one reader, on worker 0 of process 0; Kafka partitions are
+//! spread over every worker of every process, each worker reading its own
+//! (see [`kafka`]). A reader runs a [`feeder::Feeder`]: its own `Ingest` (dedupe,
+//! clock, lateness) that feeds three differential inputs — facts for the
+//! windowed streams, identity nodes and identity links — each at the tick
+//! the event takes effect, plus a stream of notes (dead letters, and a
+//! report at the end) for the sink. Readers advance their inputs with their
+//! clock, a batch of lines at a time (never a round trip per tick), and keep
+//! at most a few batches beyond what the output has *delivered*, so a
+//! slow output slows the input instead of growing a queue. The dataflow's
+//! frontier is the least of the readers' clocks; a worker with nothing to
+//! read closes its inputs at once and runs its share of the dataflow.
 
 pub mod checkpoint;
-pub mod engine;
+pub mod checkpointing;
+pub mod feeder;
+pub mod job;
 pub mod kafka;
+pub mod lines;
 pub mod profile;
+pub mod progress;
+pub mod reader;
+pub mod worker;
+
+use std::sync::{Arc, Mutex};
+
+use crate::io::source::Source;
+use crate::output::deliver::memory_output;
+use crate::plan::Plan;
+use crate::run::checkpointing::Checkpointing;
+use crate::run::reader::Reader;
+use crate::run::worker::run_worker;
+use crate::spec::Spec;
+
+pub use crate::run::job::{HttpOptions, Job, RunOptions, StateOptions, Summary};
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Options that cannot go together, or input that cannot do what they ask (exit 2).
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("timely: {0}")]
+    Timely(String),
+    /// A checkpoint that cannot be used for this run (exit 2).
+    #[error("{0}")]
+    Refused(String),
+    /// The state directory failed.
+    #[error(transparent)]
+    Checkpoint(checkpoint::CheckpointError),
+    /// An input (a file, stdin, Kafka) failed.
+    #[error(transparent)]
+    Input(#[from] crate::io::Error),
+    /// An output cannot be opened.
+    #[error(transparent)]
+    Output(#[from] crate::output::deliver::OpenError),
+    /// Writing the output failed; what was written before stays.
+    #[error("{0}")]
+    Write(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the HTTP server: {0}")]
+    Server(#[source] std::io::Error),
+}
+
+impl From<checkpoint::CheckpointError> for EngineError {
+    fn from(e: checkpoint::CheckpointError) -> Self {
+        match e {
+            checkpoint::CheckpointError::Refused(m) => EngineError::Refused(m),
+            e => EngineError::Checkpoint(e),
+        }
+    }
+}
+
+/// What a run over in-memory input produced.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryOutput {
+    /// SPEC §5 lines, in output order, without line endings.
+    pub lines: Vec<String>,
+    /// Dead-letter JSON lines.
+    pub dead_letters: Vec<String>,
+    pub summary: Summary,
+}
+
+/// Runs `spec` over `input` (JSON lines) with `opts.workers` threads and
+/// returns everything it wrote.
+pub fn run_memory(spec: &Spec, input: &[u8], opts: &RunOptions) -> Result<MemoryOutput, EngineError> {
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let dead = Arc::new(Mutex::new(Vec::new()));
+    let job = Job {
+        spec: spec.clone(),
+        opts: opts.clone(),
+        sources: vec![Source::Bytes {
+            name: "input".into(),
+            data: Arc::new(input.to_vec()),
+        }],
+        output: Some(memory_output(out.clone())),
+        dead_letters: Some(memory_output(dead.clone())),
+        timely: if opts.workers <= 1 {
+            timely::Config::thread()
+        } else {
+            timely::Config::process(opts.workers)
+        },
+        kafka: None,
+        stop: Arc::default(),
+        timings: None,
+        http: None,
+        state: None,
+    };
+    let summary = run(job)?;
+    let lines = |b: &Arc<Mutex<Vec<u8>>>| {
+        String::from_utf8_lossy(&b.lock().expect("not poisoned"))
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    Ok(MemoryOutput {
+        lines: lines(&out),
+        dead_letters: lines(&dead),
+        summary,
+    })
+}
+
+/// Runs a job to the end of its input; the summary comes from worker 0.
+pub fn run(job: Job) -> Result<Summary, EngineError> {
+    let config = job.timely.clone();
+    let process = match &config.communication {
+        timely::CommunicationConfig::Cluster { process, .. } => *process,
+        _ => 0,
+    };
+    // Only process 0 serves: it holds worker 0, where the output is written.
+    let (served, server) = match (&job.http, process) {
+        (Some(http), 0) => {
+            let plan = Arc::new(Plan::new(&job.spec));
+            let history = http.history(&plan);
+            let served = crate::serve::model::Served::new(&job.spec, plan, job.opts.tick, history, job.stop.clone());
+            let listener = std::net::TcpListener::bind(&http.addr).map_err(|source| EngineError::Listen {
+                addr: http.addr.clone(),
+                source,
+            })?;
+            let addr = listener.local_addr().map_err(EngineError::Server)?;
+            let server = crate::serve::http::spawn(listener, served.clone()).map_err(EngineError::Server)?;
+            if let Some(f) = &http.on_listen {
+                f(addr);
+            }
+            (Some(served), Some(server))
+        }
+        _ => (None, None),
+    };
+    let checkpointing = match &job.state {
+        Some(state) => Some(Arc::new(Checkpointing::open(&job, state, &config)?)),
+        None => None,
+    };
+    let job = Arc::new(job);
+    let guards = timely::execute(config, move |worker| {
+        run_worker(worker, &job, served.clone(), checkpointing.clone())
+    })
+    .map_err(EngineError::Timely)?;
+    let mut summary = None;
+    let mut error = None;
+    for r in guards.join() {
+        match r.map_err(EngineError::Timely)? {
+            Ok(Some(s)) => summary = Some(s),
+            Ok(None) => {}
+            Err(e) => error = error.or(Some(e)),
+        }
+    }
+    // The run is over: close the HTTP server and wait for it (dropping it
+    // on an early return does the same).
+    if let Some(server) = server {
+        server.shutdown();
+    }
+    match error {
+        Some(e) => Err(e),
+        None => Ok(summary.unwrap_or_default()),
+    }
+}

@@ -1,4 +1,7 @@
-//! serve
+//! The served model and the HTTP API (SPEC §7): [`model`] keeps the
+//! memberships, terms and profiles as the sink writes them (it observes the
+//! sink through `crate::output::sink::Observer`) and runs segments defined
+//! at run time; [`http`] serves it with axum.
 
 pub mod http;
 pub mod model;

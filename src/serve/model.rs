@@ -44,8 +44,8 @@ use crate::core::value::Value;
 use crate::ingest::event::Kept;
 use crate::ingest::stamp::Counters;
 use crate::output::sink::membership_line;
-use crate::output::sink::Observer;
 use crate::output::sink::Upd;
+use crate::output::sink::{Answer, Observer, ProfileLine};
 use crate::plan::{Agg, Formula, Plan, StreamDef};
 use crate::spec::ast::{Expr, ExprKind};
 use crate::spec::parse::format_duration;
@@ -387,7 +387,7 @@ impl Observer for Served {
         self.model.write().expect("not poisoned").apply_tick(t, changes);
     }
 
-    fn tick(&self, t: u64, changes: Vec<(Upd, isize)>, write: &mut dyn FnMut(&[(String, String)])) {
+    fn tick(&self, t: u64, changes: Vec<(Upd, isize)>, write: &mut dyn FnMut(&[ProfileLine])) {
         let lines = {
             let mut model = self.model.write().expect("not poisoned");
             let changes = model.apply_tick(t, changes);
@@ -398,9 +398,9 @@ impl Observer for Served {
         self.publish(&lines.into_iter().map(|(_, l)| l).collect::<Vec<_>>());
     }
 
-    fn run_requests(&self, write: &mut dyn FnMut(u64, &[(String, String)])) -> Vec<Box<dyn FnOnce() + Send>> {
+    fn run_requests(&self, write: &mut dyn FnMut(u64, &[ProfileLine])) -> Vec<Answer> {
         let commands = std::mem::take(&mut *self.commands.lock().expect("not poisoned"));
-        let mut answers: Vec<Box<dyn FnOnce() + Send>> = Vec::with_capacity(commands.len());
+        let mut answers: Vec<Answer> = Vec::with_capacity(commands.len());
         for command in commands {
             let (reply, result, lines) = {
                 let mut model = self.model.write().expect("not poisoned");

@@ -1,0 +1,311 @@
+//! The sequential front of one reader: it stamps events (dedupe, clock,
+//! lateness), resolves their ids to identity updates and feeds the
+//! dataflow's inputs at the ticks the events take effect.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::core::fact::{Fact, Pay};
+use crate::core::id::{Key, Label};
+use crate::dataflow::Inputs;
+use crate::ingest::stamp::{Change, Counters, Identities, Ingest, Outcome, Stamped};
+use crate::output::sink::Timings;
+use crate::plan::Plan;
+use crate::run::checkpoint;
+use crate::run::job::RunOptions;
+
+/// Reads events and feeds the inputs: the sequential front of one reader
+/// (see [`Ingest`]).
+pub struct Feeder {
+    pub(crate) plan: Rc<Plan>,
+    /// By stream: fed to `Inputs::counts` without its payload.
+    pub(crate) counted: Vec<bool>,
+    /// How lines read here are decoded (decoding threads get a copy).
+    pub(crate) decoding: crate::ingest::decode::Decoding,
+    pub(crate) inputs: Inputs,
+    pub(crate) ingest: Ingest,
+    pub(crate) identities: Identities,
+    pub(crate) until: Option<u64>,
+    /// For lifetime "latest value" streams: the fact fed last that still wins.
+    pub(crate) winners: rustc_hash::FxHashMap<(Key, u32), (u64, Pay)>,
+    pub(crate) node_changes: Vec<Change<(Key, Label)>>,
+    pub(crate) link_changes: Vec<Change<(Key, Key)>>,
+    /// Marks when ticks become final (the latency benchmark).
+    pub timings: Option<Arc<Timings>>,
+    /// With `--state`: every update fed, for checkpoints.
+    pub(crate) retained: Option<Retained>,
+}
+
+/// The updates a reader fed, compacted at each checkpoint (see `checkpoint`).
+#[derive(Default)]
+pub(crate) struct Retained {
+    pub(crate) facts: checkpoint::Log<Fact>,
+    pub(crate) nodes: checkpoint::Log<(Key, Label)>,
+    pub(crate) links: checkpoint::Log<(Key, Key)>,
+}
+
+impl Feeder {
+    pub fn new(plan: Rc<Plan>, inputs: Inputs, opts: &RunOptions) -> Feeder {
+        Feeder {
+            counted: plan.counted_streams(),
+            decoding: crate::ingest::decode::Decoding::new(&plan.streams, inputs.events.is_some()),
+            plan,
+            inputs,
+            ingest: Ingest::new(opts.tick, opts.lateness, opts.dedupe_horizon),
+            identities: Identities::default(),
+            until: opts.until,
+            winners: Default::default(),
+            node_changes: Vec::new(),
+            link_changes: Vec::new(),
+            timings: None,
+            retained: None,
+        }
+    }
+
+    /// Keeps every update fed, so that [`Feeder::checkpoint`] can save them.
+    pub fn retain(&mut self) {
+        self.retained.get_or_insert_with(Retained::default);
+    }
+
+    pub(crate) fn fact(&mut self, d: Fact, t: u64, r: isize) {
+        if let Some(log) = &mut self.retained {
+            log.facts.push(d.clone(), t, r);
+        }
+        self.input(d, t, r);
+    }
+
+    /// Feeds a fact to the input of its stream's kind.
+    pub(crate) fn input(&mut self, d: Fact, t: u64, r: isize) {
+        let (anchor, stream, time, pay) = d;
+        if self.counted[stream as usize] {
+            self.inputs.counts.update_at((anchor, stream, time, ()), t, r);
+        } else {
+            self.inputs.facts.update_at((anchor, stream, time, pay), t, r);
+        }
+    }
+
+    /// The reader's state for a checkpoint whose delivered frontier is
+    /// `frontier`: its logs compacted there (see `checkpoint`), its clock,
+    /// dedupe memory and identity ticks. `None` unless [`Feeder::retain`]ed.
+    pub fn checkpoint(&mut self, frontier: u64, worker: usize, position: crate::io::Position) -> Option<checkpoint::ReaderState> {
+        let tick = self.ingest.clock.tick;
+        let windows: Vec<Option<u64>> = self.plan.streams.iter().map(|s| s.window).collect();
+        let log = self.retained.as_mut()?;
+        log.facts
+            .compact(frontier, tick, |f, last| checkpoint::expired(f, last, &windows, tick));
+        log.nodes.compact(frontier, tick, |_, _| false);
+        log.links.compact(frontier, tick, |_, _| false);
+        let mut winners: Vec<((Key, u32), (u64, Pay))> = self.winners.iter().map(|(k, v)| (*k, v.clone())).collect();
+        winners.sort();
+        Some(checkpoint::ReaderState {
+            worker,
+            ingest: self.ingest.state(),
+            identities: self.identities.state(),
+            winners,
+            // Lent to the checkpoint, and given back by `Feeder::checkpointed`.
+            facts: std::mem::take(&mut log.facts.updates),
+            nodes: std::mem::take(&mut log.nodes.updates),
+            links: std::mem::take(&mut log.links.updates),
+            dead: Vec::new(),
+            dead_sent: 0,
+            position,
+        })
+    }
+
+    /// Takes back the logs lent to a checkpoint by [`Feeder::checkpoint`].
+    pub fn checkpointed(&mut self, st: checkpoint::ReaderState) {
+        if let Some(log) = &mut self.retained {
+            log.facts.updates = st.facts;
+            log.nodes.updates = st.nodes;
+            log.links.updates = st.links;
+        }
+    }
+
+    /// Takes up a reader's checkpointed state: feeds its updates at their
+    /// ticks and moves the inputs to its clock.
+    pub fn restore(&mut self, st: checkpoint::ReaderState) {
+        self.ingest.restore(st.ingest);
+        self.identities = Identities::restore(st.identities);
+        self.winners = st.winners.into_iter().collect();
+        for (d, t, r) in &st.facts {
+            self.input(d.clone(), *t, *r);
+        }
+        for (d, t, r) in &st.nodes {
+            self.inputs.nodes.update_at(d.clone(), *t, *r);
+        }
+        for (d, t, r) in &st.links {
+            self.inputs.links.update_at(*d, *t, *r);
+        }
+        if let Some(log) = &mut self.retained {
+            log.facts.updates = st.facts;
+            log.nodes.updates = st.nodes;
+            log.links.updates = st.links;
+        }
+        self.advance_inputs();
+    }
+
+    /// What this reader needs decoded: every stream's facts, and the events'
+    /// objects only when it keeps whole events (the served model's history).
+    pub fn decoding(&self) -> crate::ingest::decode::Decoding {
+        self.decoding.clone()
+    }
+
+    /// The clock follows [`Feeder::advance_watermark`] instead of the largest event time.
+    pub fn external_clock(&mut self) {
+        self.ingest.external_clock = true;
+    }
+
+    /// Reads one line (without its line ending) and feeds what it means.
+    pub fn read(&mut self, line: &[u8]) -> Outcome {
+        let outcome = self.ingest.read(line);
+        self.fed(outcome, None)
+    }
+
+    /// Feeds a line as a source decoded it (see `crate::ingest::decode`).
+    pub fn read_prepared(&mut self, prepared: crate::ingest::decode::Prepared) -> Outcome {
+        use crate::ingest::decode::Item;
+        match prepared.item {
+            Item::Blank => self.fed(Outcome::Blank, None),
+            Item::Bad { reason, .. } => {
+                self.ingest.counters.read += 1;
+                let outcome = self.ingest.reject(reason);
+                self.fed(outcome, None)
+            }
+            Item::Event { event, facts } => {
+                self.ingest.counters.read += 1;
+                let outcome = self.ingest.accept(event);
+                self.fed(outcome, Some(facts))
+            }
+        }
+    }
+
+    pub(crate) fn fed(&mut self, outcome: Outcome, facts: Option<crate::ingest::decode::Facts>) -> Outcome {
+        if let Outcome::Accepted(s) = &outcome {
+            if self.until.is_none_or(|u| s.effect <= u) {
+                let facts = facts.unwrap_or_else(|| self.decoding.facts(&s.event));
+                self.feed(s, facts);
+            }
+        }
+        self.advance_inputs();
+        outcome
+    }
+
+    pub(crate) fn feed(&mut self, s: &Stamped, facts: crate::ingest::decode::Facts) {
+        let anchor = self.identities.changes(s, &mut self.node_changes, &mut self.link_changes);
+        for (d, t, r) in self.node_changes.drain(..) {
+            if let Some(log) = &mut self.retained {
+                log.nodes.push(d.clone(), t, r);
+            }
+            self.inputs.nodes.update_at(d, t, r);
+        }
+        for (d, t, r) in self.link_changes.drain(..) {
+            if let Some(log) = &mut self.retained {
+                log.links.push(d, t, r);
+            }
+            self.inputs.links.update_at(d, t, r);
+        }
+        if let Some(events) = &mut self.inputs.events {
+            events.update_at((anchor, crate::ingest::event::Kept(s.event.clone())), s.effect, 1);
+        }
+        for (stream, pay) in facts {
+            if let Pay::Stamped(..) = pay {
+                self.latest(anchor, stream, s, pay);
+            } else {
+                self.fact((anchor, stream, s.event.time, pay), s.effect, 1);
+            }
+        }
+    }
+
+    /// Feeds a stamped fact of a lifetime "latest value" stream, keeping only
+    /// the facts that can still win: one per anchor and stream once effects
+    /// arrive in order. A newer value retracts the one it beats at its own
+    /// effect tick; one that can never win (older, and effective no sooner)
+    /// is not fed at all; one effective sooner than the current winner (read
+    /// out of order) is fed as it is, and the term's fold takes the max.
+    /// Several readers each keep their own winners; the fold takes the max
+    /// over all of them.
+    pub(crate) fn latest(&mut self, anchor: Key, stream: u32, s: &Stamped, pay: Pay) {
+        let rank = |p: &Pay| match p {
+            Pay::Stamped(s) => (s.time, s.text.clone()),
+            _ => unreachable!("stamped"),
+        };
+        // A fact carries its own event time, so a retraction cancels its fact.
+        let fact = |pay: Pay| match pay {
+            Pay::Stamped(ref st) => (anchor, stream, st.time, pay),
+            _ => (anchor, stream, s.event.time, pay),
+        };
+        match self.winners.get_mut(&(anchor, stream)) {
+            Some((eff, best)) if s.effect >= *eff => {
+                if rank(&pay) > rank(best) {
+                    let old = std::mem::replace(best, pay.clone());
+                    *eff = s.effect;
+                    self.fact(fact(old), s.effect, -1);
+                    self.fact(fact(pay), s.effect, 1);
+                }
+            }
+            Some(_) => self.fact(fact(pay), s.effect, 1),
+            None => {
+                self.winners.insert((anchor, stream), (s.effect, pay.clone()));
+                self.fact(fact(pay), s.effect, 1);
+            }
+        }
+    }
+
+    /// Moves the inputs with the clock, but never past `until`: ticks after
+    /// it are never final, so nothing after it is computed or written.
+    pub(crate) fn advance_inputs(&mut self) {
+        let tick = self.ingest.clock.tick;
+        let frontier = self.ingest.clock.frontier();
+        self.advance_inputs_to(self.until.map_or(frontier, |u| frontier.min(u / tick * tick + tick)));
+    }
+
+    pub(crate) fn advance_inputs_to(&mut self, frontier: u64) {
+        if let Some(timings) = self.timings.as_ref().filter(|_| frontier > *self.inputs.facts.time()) {
+            timings.finals.lock().expect("not poisoned").push((frontier, Instant::now()));
+        }
+        self.inputs.advance_to(frontier);
+    }
+
+    /// Moves the clock to `t` with no event (live input gone idle).
+    pub fn advance_clock(&mut self, t: u64) {
+        self.ingest.advance_clock(t);
+        self.advance_inputs();
+    }
+
+    /// Moves the clock by an event-time watermark (see [`Ingest::advance_watermark`]).
+    pub fn advance_watermark(&mut self, w: u64) {
+        self.ingest.advance_watermark(w);
+        self.advance_inputs();
+    }
+
+    /// The clock `now`, once an event was accepted.
+    pub fn now(&self) -> Option<u64> {
+        self.ingest.clock.now
+    }
+
+    /// Hands buffered updates to the dataflow.
+    pub fn flush(&mut self) {
+        self.inputs.flush();
+    }
+
+    /// The first tick not yet final: everything before it may be computed.
+    pub fn frontier(&self) -> u64 {
+        *self.inputs.facts.time()
+    }
+
+    /// Ends bounded input: the clock moves to the last tick (SPEC §3) and the
+    /// inputs to just past it. Returns the last tick, if any event counted.
+    pub fn finish(&mut self) -> Option<u64> {
+        let last = self.ingest.final_tick(self.until);
+        if let Some(t) = last {
+            self.advance_inputs_to(t + self.ingest.clock.tick);
+        }
+        self.flush();
+        last
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.ingest.counters
+    }
+}
