@@ -14,6 +14,7 @@ use differential_dataflow::VecCollection;
 
 use crate::core::id::Id;
 use crate::core::id::{Key, Label};
+use crate::dataflow::total::TotalOps;
 
 /// The result of identity resolution.
 pub struct Profiles<'s> {
@@ -47,5 +48,5 @@ pub fn named<'s>(
     names: VecCollection<'s, u64, (Key, Id), isize>,
 ) -> VecCollection<'s, u64, (u32, Id), isize> {
     let by_profile = members.map(|(segment, profile)| (profile, segment));
-    crate::dataflow::total::join(by_profile, names, "Names", |_, segment, id| (*segment, id.clone()))
+    by_profile.join_total(names, "Names", |_, segment, id| (*segment, id.clone()))
 }

@@ -29,6 +29,7 @@ use std::rc::Rc;
 
 use crate::core::id::Key;
 use crate::core::value::Value;
+use crate::dataflow::total::{binary_by_tick, TotalOps};
 use crate::plan::{Formula, Plan};
 
 type Profiles<'s> = VecCollection<'s, u64, Key, isize>;
@@ -87,7 +88,7 @@ pub fn atoms<'s>(
         // place: only the atom values that differ go on.
         let mut net: Vec<(AtomRow, isize)> = Vec::new();
         let rows = terms.clone().filter(move |((stream, _), _)| *stream >= events);
-        crate::dataflow::total::by_tick(rows, "Atoms", move |t, rows, out| {
+        rows.by_tick("Atoms", move |t, rows, out| {
             for (((stream, profile), values), r) in rows.drain(..) {
                 for (&term, value) in single.folds[stream as usize].iter().zip(&values) {
                     for &(atom, _) in &single.readers[term] {
@@ -117,7 +118,7 @@ pub fn atoms<'s>(
         }
         rows
     });
-    let gathered = crate::dataflow::total::reduce(slots, "AtomsOfSeveral", {
+    let gathered = slots.reduce_total("AtomsOfSeveral", {
         let plan = plan.clone();
         move |(atom, _profile), slots, out| {
             let def = &plan.atoms[*atom as usize];
@@ -237,82 +238,76 @@ pub fn segments<'s>(
     // which memberships changed.
     let (mut holds, mut member, mut flipped) = (vec![0u64; words], vec![0u64; words], vec![0u64; words]);
     let by_profile = (|((_, p), _): &AtomRow| p.hashed(), |p: &Key| p.hashed());
-    crate::dataflow::total::by_tick2(
-        (atoms, crate::dataflow::total::Direct),
-        universe,
-        "Segments",
-        by_profile,
-        move |t, rows, exists, out| {
-            for &(p, r) in exists.iter() {
-                let h = Held::of(&mut held, &mut touched, p, words);
-                h.exists += r;
-                h.moved = true;
+    binary_by_tick(atoms, universe, "Segments", by_profile, move |t, rows, exists, out| {
+        for &(p, r) in exists.iter() {
+            let h = Held::of(&mut held, &mut touched, p, words);
+            h.exists += r;
+            h.moved = true;
+        }
+        // Consolidated, then retractions first: a changed atom's old row
+        // goes before its new one.
+        consolidate(rows);
+        rows.sort_unstable_by_key(|(_, r)| *r);
+        for &(((atom, p), value), r) in rows.iter() {
+            let h = Held::of(&mut held, &mut touched, p, words);
+            let (present, rest) = h.bits.split_at_mut(words);
+            let (values, rest) = rest.split_at_mut(words);
+            let a = atom as usize;
+            set(&mut rest[words..], a, true);
+            if r < 0 {
+                debug_assert!(bit(present, a) && bit(values, a) == value, "a retracted atom row is held");
+                set(present, a, false);
+            } else {
+                debug_assert!(!bit(present, a), "one row per atom and profile");
+                set(present, a, true);
+                set(values, a, value);
             }
-            // Consolidated, then retractions first: a changed atom's old row
-            // goes before its new one.
-            consolidate(rows);
-            rows.sort_unstable_by_key(|(_, r)| *r);
-            for &(((atom, p), value), r) in rows.iter() {
-                let h = Held::of(&mut held, &mut touched, p, words);
-                let (present, rest) = h.bits.split_at_mut(words);
-                let (values, rest) = rest.split_at_mut(words);
-                let a = atom as usize;
-                set(&mut rest[words..], a, true);
-                if r < 0 {
-                    debug_assert!(bit(present, a) && bit(values, a) == value, "a retracted atom row is held");
-                    set(present, a, false);
-                } else {
-                    debug_assert!(!bit(present, a), "one row per atom and profile");
-                    set(present, a, true);
-                    set(values, a, value);
+        }
+        for p in touched.drain(..) {
+            let h = held.get_mut(&p).expect("a touched profile");
+            h.touched = false;
+            let (present, rest) = h.bits.split_at_mut(words);
+            let (values, rest) = rest.split_at_mut(words);
+            let (was, dirty) = rest.split_at_mut(words);
+            member.iter_mut().for_each(|w| *w = 0);
+            if h.exists > 0 {
+                for (i, w) in holds.iter_mut().enumerate() {
+                    *w = present[i] & values[i] | !present[i] & empty[i];
                 }
-            }
-            for p in touched.drain(..) {
-                let h = held.get_mut(&p).expect("a touched profile");
-                h.touched = false;
-                let (present, rest) = h.bits.split_at_mut(words);
-                let (values, rest) = rest.split_at_mut(words);
-                let (was, dirty) = rest.split_at_mut(words);
-                member.iter_mut().for_each(|w| *w = 0);
-                if h.exists > 0 {
-                    for (i, w) in holds.iter_mut().enumerate() {
-                        *w = present[i] & values[i] | !present[i] & empty[i];
-                    }
-                    // A formula whose reads did not change keeps its value.
-                    let all = h.moved;
-                    if !all {
-                        member.copy_from_slice(was);
-                    }
-                    flipped.iter_mut().for_each(|w| *w = 0);
-                    for &s in &plan.order {
-                        let (atoms, segments) = &reads[s];
-                        if all || meet(dirty, atoms) || meet(&flipped, segments) {
-                            let is = plan.segments[s].formula.eval(&|a| bit(&holds, a), &|s| bit(&member, s));
-                            if is != bit(&member, s) {
-                                set(&mut member, s, is);
-                                set(&mut flipped, s, true);
-                            }
+                // A formula whose reads did not change keeps its value.
+                let all = h.moved;
+                if !all {
+                    member.copy_from_slice(was);
+                }
+                flipped.iter_mut().for_each(|w| *w = 0);
+                for &s in &plan.order {
+                    let (atoms, segments) = &reads[s];
+                    if all || meet(dirty, atoms) || meet(&flipped, segments) {
+                        let is = plan.segments[s].formula.eval(&|a| bit(&holds, a), &|s| bit(&member, s));
+                        if is != bit(&member, s) {
+                            set(&mut member, s, is);
+                            set(&mut flipped, s, true);
                         }
                     }
                 }
-                h.moved = false;
-                dirty.iter_mut().for_each(|w| *w = 0);
-                for (i, (old, new)) in was.iter().zip(&member).enumerate() {
-                    let mut changed = old ^ new;
-                    while changed != 0 {
-                        let s = i * 64 + changed.trailing_zeros() as usize;
-                        changed &= changed - 1;
-                        out.push(((s as u32, p), t, if bit(&member, s) { 1 } else { -1 }));
-                    }
-                }
-                was.copy_from_slice(&member);
-                if h.exists <= 0 && present.iter().all(|w| *w == 0) {
-                    debug_assert!(h.exists == 0, "a profile leaves the universe once");
-                    held.remove(&p);
+            }
+            h.moved = false;
+            dirty.iter_mut().for_each(|w| *w = 0);
+            for (i, (old, new)) in was.iter().zip(&member).enumerate() {
+                let mut changed = old ^ new;
+                while changed != 0 {
+                    let s = i * 64 + changed.trailing_zeros() as usize;
+                    changed &= changed - 1;
+                    out.push(((s as u32, p), t, if bit(&member, s) { 1 } else { -1 }));
                 }
             }
-        },
-    )
+            was.copy_from_slice(&member);
+            if h.exists <= 0 && present.iter().all(|w| *w == 0) {
+                debug_assert!(h.exists == 0, "a profile leaves the universe once");
+                held.remove(&p);
+            }
+        }
+    })
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use std::rc::Rc;
 use crate::core::fact::Pay;
 use crate::core::id::Key;
 use crate::core::value::{Dec, Float, Value};
+use crate::dataflow::total::{CountTotalOps, TotalOps};
 use crate::dataflow::window::{profile_of, Facts};
 use crate::plan::{Agg, Plan};
 
@@ -182,7 +183,7 @@ pub fn terms<'s>(
         "ProfileOfCounted",
         |_anchor, (stream, ()), profile| ((*stream, *profile), ()),
     );
-    let counts = crate::dataflow::total::count_with(counts, "CountTotal", {
+    let counts = counts.count_total_with("CountTotal", {
         let plan = plan.clone();
         move |&(stream, profile), old, new, out| {
             let value = |n: isize| (n != 0).then(|| [Value::Num(Dec::from_int(n as i64))]);
@@ -200,8 +201,7 @@ pub fn terms<'s>(
         ((*stream, *profile), pay.clone())
     });
     let folds = plan.clone();
-    let folded = crate::dataflow::total::fold_with(
-        folded,
+    let folded = folded.fold_total(
         "Terms",
         move |(stream, _profile), facts| -> Values {
             folds.folds[*stream as usize]

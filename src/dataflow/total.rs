@@ -17,6 +17,12 @@
 //!
 //! The cost is that their state is not an arrangement another operator could
 //! share; nothing in shoal shares these.
+//!
+//! Stages use them as methods of collections ([`TotalOps`],
+//! [`CountTotalOps`]), or [`binary_by_tick`] for a binary operator of their
+//! own. A [`Stage`] is what an operator's input passes through before it
+//! waits for its tick: the window is one (`crate::dataflow::window`), fused
+//! into the join that re-keys facts to profiles ([`join_staged`]).
 
 use std::hash::Hash;
 
@@ -575,7 +581,7 @@ fn settle<K: Hash + Eq, V, W>(sides: &mut FxHashMap<K, Both<V, W>>, key: &K) {
 /// `key2`; in no particular order, not consolidated) go to `on_tick`
 /// together, in ascending order of ticks. The shell of [`join`],
 /// [`join_staged`] and [`propagate`].
-pub(crate) fn by_tick2<'s, D0, D1, D2, O, S, F1, F2, L>(
+fn by_tick2<'s, D0, D1, D2, O, S, F1, F2, L>(
     (left, mut stage): (VecCollection<'s, u64, D0, isize>, S),
     right: VecCollection<'s, u64, D2, isize>,
     name: &str,
@@ -927,6 +933,125 @@ impl<N: Clone + Hash + Eq, L: Clone + Ord> Graph<N, L> {
             }
         }
     }
+}
+
+/// This module's operators as methods of collections, the way differential
+/// offers `count_total` and `threshold_total`: a stage reads
+/// `facts.fold_total("Terms", logic, emit)`, one named operator after
+/// another, not calls into this module. Each method is the free function
+/// of the same family; their docs hold the details.
+pub trait TotalOps<'s, K, V> {
+    /// [`by_tick`]: `on_tick` sees each complete tick's updates, once.
+    fn by_tick<O, L>(self, name: &str, on_tick: L) -> VecCollection<'s, u64, O, isize>
+    where
+        O: ExchangeData,
+        L: FnMut(u64, &mut Vec<((K, V), isize)>, &mut Updates<O>) + 'static;
+
+    /// [`reduce`]: each changed key's output from its whole input.
+    fn reduce_total<O, L>(self, name: &str, logic: L) -> VecCollection<'s, u64, (K, O), isize>
+    where
+        O: ExchangeData + Clone + Ord,
+        L: FnMut(&K, &[(V, isize)], &mut Vec<(O, isize)>) + 'static;
+
+    /// [`fold_with`]: one value per key, and what its change emits.
+    fn fold_total<O, X, L, E>(self, name: &str, logic: L, emit: E) -> VecCollection<'s, u64, X, isize>
+    where
+        O: PartialEq + 'static,
+        X: ExchangeData,
+        L: FnMut(&K, &[(V, isize)]) -> O + 'static,
+        E: FnMut(&K, Option<&O>, Option<&O>, &mut Vec<(X, isize)>) + 'static;
+
+    /// [`join`]: every pair of a key's values on both sides.
+    fn join_total<W, O, L>(self, right: VecCollection<'s, u64, (K, W), isize>, name: &str, logic: L) -> VecCollection<'s, u64, O, isize>
+    where
+        W: ExchangeData + Clone + Ord,
+        O: ExchangeData + Clone,
+        L: FnMut(&K, &V, &W) -> O + 'static;
+}
+
+impl<'s, K, V> TotalOps<'s, K, V> for VecCollection<'s, u64, (K, V), isize>
+where
+    K: ExchangeData + Clone + Hashable + Hash + Ord,
+    V: ExchangeData + Clone + Ord,
+{
+    fn by_tick<O, L>(self, name: &str, on_tick: L) -> VecCollection<'s, u64, O, isize>
+    where
+        O: ExchangeData,
+        L: FnMut(u64, &mut Vec<((K, V), isize)>, &mut Updates<O>) + 'static,
+    {
+        by_tick(self, name, on_tick)
+    }
+
+    fn reduce_total<O, L>(self, name: &str, logic: L) -> VecCollection<'s, u64, (K, O), isize>
+    where
+        O: ExchangeData + Clone + Ord,
+        L: FnMut(&K, &[(V, isize)], &mut Vec<(O, isize)>) + 'static,
+    {
+        reduce(self, name, logic)
+    }
+
+    fn fold_total<O, X, L, E>(self, name: &str, logic: L, emit: E) -> VecCollection<'s, u64, X, isize>
+    where
+        O: PartialEq + 'static,
+        X: ExchangeData,
+        L: FnMut(&K, &[(V, isize)]) -> O + 'static,
+        E: FnMut(&K, Option<&O>, Option<&O>, &mut Vec<(X, isize)>) + 'static,
+    {
+        fold_with(self, name, logic, emit)
+    }
+
+    fn join_total<W, O, L>(self, right: VecCollection<'s, u64, (K, W), isize>, name: &str, logic: L) -> VecCollection<'s, u64, O, isize>
+    where
+        W: ExchangeData + Clone + Ord,
+        O: ExchangeData + Clone,
+        L: FnMut(&K, &V, &W) -> O + 'static,
+    {
+        join(self, right, name, logic)
+    }
+}
+
+/// [`count_with`] as a method of collections of keys: the count of each
+/// changed key, and what its change emits.
+pub trait CountTotalOps<'s, K> {
+    fn count_total_with<X, E>(self, name: &str, emit: E) -> VecCollection<'s, u64, X, isize>
+    where
+        X: ExchangeData,
+        E: FnMut(&K, isize, isize, &mut Vec<(X, isize)>) + 'static;
+}
+
+impl<'s, K> CountTotalOps<'s, K> for VecCollection<'s, u64, (K, ()), isize>
+where
+    K: ExchangeData + Clone + Hashable + Hash + Ord,
+{
+    fn count_total_with<X, E>(self, name: &str, emit: E) -> VecCollection<'s, u64, X, isize>
+    where
+        X: ExchangeData,
+        E: FnMut(&K, isize, isize, &mut Vec<(X, isize)>) + 'static,
+    {
+        count_with(self, name, emit)
+    }
+}
+
+/// A binary operator over ticks: `on_tick` sees each complete tick's
+/// updates of both inputs, exchanged by `keys` so that one worker sees all
+/// of a key. [`TotalOps`] covers the common shapes; this is for a stage
+/// whose logic is its own (memberships from atoms and the universe).
+pub fn binary_by_tick<'s, D1, D2, O, F1, F2, L>(
+    left: VecCollection<'s, u64, D1, isize>,
+    right: VecCollection<'s, u64, D2, isize>,
+    name: &str,
+    keys: (F1, F2),
+    on_tick: L,
+) -> VecCollection<'s, u64, O, isize>
+where
+    D1: ExchangeData,
+    D2: ExchangeData,
+    O: ExchangeData,
+    F1: Fn(&D1) -> u64 + 'static,
+    F2: Fn(&D2) -> u64 + 'static,
+    L: FnMut(u64, &mut Vec<(D1, isize)>, &mut Vec<(D2, isize)>, &mut Updates<O>) + 'static,
+{
+    by_tick2((left, Direct), right, name, keys, on_tick)
 }
 
 #[cfg(test)]
