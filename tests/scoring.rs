@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use reference::{evaluate, RefOptions};
 use shoal::core::clock::format_time;
-use shoal::dataflow::cluster::Model;
+use shoal::dataflow::cluster::KMeans;
 use shoal::run::{run_memory, RunOptions};
 
 const BASE: u64 = 1_704_067_200_000; // 2024-01-01T00:00:00Z
@@ -419,7 +419,7 @@ fn clustering_inertia_against_kmeans_with_restarts() {
         ("many", 5000, 8, 0.8, 4),
     ] {
         let points = population(n, k, spread, seed);
-        let model = Model::fit(&points, k, 7, None);
+        let model = KMeans::fit(&points, k, 7, None);
         let ours = model.inertia(&points);
         let z = zscores(&points);
         let mut rng = ChaCha8Rng::seed_from_u64(1234);

@@ -2,7 +2,7 @@
 //! every `refresh` of event time, with a profile's cluster following its
 //! features at once.
 //!
-//! The model ([`Model`]) is a pure function of the population — the
+//! The model ([`KMeans`]) is a pure function of the population — the
 //! multiset of feature vectors of the profiles that have all features — and
 //! of the previous model (for the numbering): features are standardized by
 //! z-score over the population, k-means++ starts are drawn from a ChaCha RNG
@@ -33,7 +33,7 @@ use timely::dataflow::operators::Capability;
 
 use crate::core::id::Key;
 use crate::core::value::{Dec, Float, Value};
-use crate::dataflow::score::{Terms, Values};
+use crate::dataflow::score::{Rows, Values};
 use crate::plan::{ClusterPlan, Plan};
 
 /// k-means++ restarts per training; the one with the least inertia wins.
@@ -43,7 +43,7 @@ pub const MAX_ITERATIONS: usize = 100;
 
 /// A trained clustering.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Model {
+pub struct KMeans {
     /// Per feature: the population mean and standard deviation (1 when the
     /// feature is constant).
     pub mean: Vec<f64>,
@@ -136,10 +136,10 @@ pub fn kmeans(points: &[Vec<f64>], k: usize, rng: &mut ChaCha8Rng) -> (Vec<Vec<f
     (centroids, inertia)
 }
 
-impl Model {
+impl KMeans {
     /// Trains on a population (any order; at least one point, all of the
     /// same length), numbering clusters after `previous`.
-    pub fn fit(points: &[Vec<f64>], k: usize, seed: u64, previous: Option<&Model>) -> Model {
+    pub fn fit(points: &[Vec<f64>], k: usize, seed: u64, previous: Option<&KMeans>) -> KMeans {
         let mut points: Vec<Vec<f64>> = points.iter().map(|x| x.iter().map(|v| v + 0.0).collect()).collect();
         points.sort_by(|a, b| {
             a.iter()
@@ -207,7 +207,7 @@ impl Model {
                     .collect()
             }
         };
-        Model {
+        KMeans {
             mean,
             scale,
             centroids,
@@ -250,13 +250,13 @@ pub fn standardize(x: &[f64], mean: &[f64], scale: &[f64]) -> Vec<f64> {
 #[derive(Debug, Default)]
 pub struct Memory {
     /// Per clustering of the plan: its models by the tick they were trained at.
-    pub trained: Vec<std::sync::Mutex<BTreeMap<u64, Model>>>,
+    pub trained: Vec<std::sync::Mutex<BTreeMap<u64, KMeans>>>,
     /// Per clustering: the model to start from.
-    pub restored: Vec<Option<Model>>,
+    pub restored: Vec<Option<KMeans>>,
 }
 
 impl Memory {
-    pub fn new(clusterings: usize, restored: Vec<Option<Model>>) -> Memory {
+    pub fn new(clusterings: usize, restored: Vec<Option<KMeans>>) -> Memory {
         Memory {
             trained: (0..clusterings).map(|_| Default::default()).collect(),
             restored: if restored.is_empty() { vec![None; clusterings] } else { restored },
@@ -264,7 +264,7 @@ impl Memory {
     }
 
     /// Each clustering's model as of the ticks before `frontier`; older ones are forgotten.
-    pub fn before(&self, frontier: u64) -> Vec<Option<Model>> {
+    pub fn before(&self, frontier: u64) -> Vec<Option<KMeans>> {
         self.trained
             .iter()
             .zip(&self.restored)
@@ -282,7 +282,7 @@ impl Memory {
 
 /// The rows of every clustering's stream: `cluster.NAME` of every profile
 /// that has all the features.
-pub fn clusters<'s>(values: Values<'s>, plan: Rc<Plan>, memory: Option<std::sync::Arc<Memory>>) -> Terms<'s> {
+pub fn clusters<'s>(values: Values<'s>, plan: Rc<Plan>, memory: Option<std::sync::Arc<Memory>>) -> Rows<'s> {
     let scope = values.scope();
     let mut out = Vec::new();
     for (c, def) in plan.clusters.iter().enumerate() {
@@ -318,7 +318,7 @@ fn cluster<'s>(
             let mut rows: BTreeMap<Key, Vec<(Vec<Float>, isize)>> = BTreeMap::new();
             let mut points: BTreeMap<Key, Vec<f64>> = BTreeMap::new();
             let mut assigned: BTreeMap<Key, u32> = BTreeMap::new();
-            let mut model: Option<Model> = memory.as_ref().and_then(|m| m.restored[index].clone());
+            let mut model: Option<KMeans> = memory.as_ref().and_then(|m| m.restored[index].clone());
             // The population changed since the model was trained.
             let mut dirty = false;
             let mut refresh_at: Option<u64> = None;
@@ -371,7 +371,7 @@ fn cluster<'s>(
                     let train = !points.is_empty() && dirty && (model.is_none() || refresh_point);
                     if train {
                         let population: Vec<Vec<f64>> = points.values().cloned().collect();
-                        let fitted = Model::fit(&population, def.k, def.seed, model.as_ref());
+                        let fitted = KMeans::fit(&population, def.k, def.seed, model.as_ref());
                         if let Some(memory) = &memory {
                             memory.trained[index].lock().expect("not poisoned").insert(t, fitted.clone());
                         }
@@ -436,23 +436,23 @@ mod tests {
         let pts: Vec<Vec<f64>> = (0..40).map(|i| vec![(i % 7) as f64, (i * i % 11) as f64]).collect();
         let mut rev = pts.clone();
         rev.reverse();
-        assert_eq!(Model::fit(&pts, 3, 7, None), Model::fit(&rev, 3, 7, None));
+        assert_eq!(KMeans::fit(&pts, 3, 7, None), KMeans::fit(&rev, 3, 7, None));
     }
 
     #[test]
     fn numbers_follow_the_nearest_old_centroid() {
         let blob = |cx: f64, cy: f64| (0..10).map(move |i| vec![cx + (i % 3) as f64 * 0.1, cy + (i % 4) as f64 * 0.1]);
         let pts: Vec<Vec<f64>> = blob(0.0, 0.0).chain(blob(10.0, 0.0)).chain(blob(0.0, 10.0)).collect();
-        let m1 = Model::fit(&pts, 3, 1, None);
+        let m1 = KMeans::fit(&pts, 3, 1, None);
         // Same blobs, shifted a little, trained with another seed: the
         // numbers stay with the blobs.
         let moved: Vec<Vec<f64>> = pts.iter().map(|x| vec![x[0] + 0.5, x[1] + 0.5]).collect();
-        let m2 = Model::fit(&moved, 3, 99, Some(&m1));
+        let m2 = KMeans::fit(&moved, 3, 99, Some(&m1));
         for x in &pts {
             assert_eq!(m1.assign(x), m2.assign(&[x[0] + 0.5, x[1] + 0.5]));
         }
         // fewer distinct points than k: fewer centroids
-        let m = Model::fit(&[vec![1.0], vec![1.0]], 4, 0, None);
+        let m = KMeans::fit(&[vec![1.0], vec![1.0]], 4, 0, None);
         assert_eq!(m.centroids.len(), 1);
     }
 }

@@ -14,7 +14,7 @@ use std::rc::Rc;
 
 use crate::core::id::Key;
 use crate::core::value::{Dec, Float, Value};
-use crate::dataflow::score::{Terms, Values};
+use crate::dataflow::score::{Rows, Values};
 use crate::plan::{Agg, Plan};
 
 /// The rank score 1–5 of every value: `1 + floor(5 * smaller / n)` with
@@ -52,7 +52,7 @@ pub fn score_all(metrics: &[(Key, [Value; 3])]) -> Vec<[u8; 3]> {
 
 /// The rows of the RFM stream: `rfm.r`, `rfm.f`, `rfm.m`, `rfm.segment` of
 /// every profile with a purchase in the window.
-pub fn rfm<'s>(values: Values<'s>, plan: Rc<Plan>) -> Terms<'s> {
+pub fn rfm<'s>(values: Values<'s>, plan: Rc<Plan>) -> Rows<'s> {
     let def = plan.rfm.clone().expect("an RFM plan");
     let v = def.value as u32;
     let scored = values.flat_map(move |((value, profile), m)| {

@@ -24,14 +24,14 @@ use crate::core::value::{Float, Value};
 use crate::plan::{Agg, Plan};
 
 /// `((stream, profile), values)`: rows of term values, event or virtual.
-pub type Terms<'s> = VecCollection<'s, u64, ((u32, Key), Vec<Value>), isize>;
+pub type Rows<'s> = VecCollection<'s, u64, ((u32, Key), Vec<Value>), isize>;
 
 /// `((value, profile), values)` for every profile value of the plan and every
 /// profile of the universe.
 pub type Values<'s> = VecCollection<'s, u64, ((u32, Key), Vec<Value>), isize>;
 
 /// Every profile value of `plan` for every profile of `universe`.
-pub fn values<'s>(terms: Terms<'s>, universe: VecCollection<'s, u64, Key, isize>, plan: Rc<Plan>) -> Values<'s> {
+pub fn values<'s>(terms: Rows<'s>, universe: VecCollection<'s, u64, Key, isize>, plan: Rc<Plan>) -> Values<'s> {
     let readers = plan.clone();
     let rows = terms.flat_map(move |((stream, profile), values)| {
         let mut rows = Vec::new();
@@ -72,7 +72,7 @@ pub fn nearest_rank(p: f64, n: u64) -> u64 {
 /// The rows of the thresholds stream: every profile of the universe gets
 /// the current value of every percentile (missing when no profile has a
 /// number for it).
-pub fn thresholds<'s>(values: Values<'s>, universe: VecCollection<'s, u64, Key, isize>, plan: Rc<Plan>) -> Terms<'s> {
+pub fn thresholds<'s>(values: Values<'s>, universe: VecCollection<'s, u64, Key, isize>, plan: Rc<Plan>) -> Rows<'s> {
     let wanted = plan.clone();
     let numbers = values.flat_map(move |((v, _profile), vals)| {
         let x = vals[0].as_f64().map(|x| Float(x + 0.0)); // -0 is 0

@@ -203,7 +203,7 @@ pub fn terms<'s>(
     let folds = plan.clone();
     let folded = folded.fold_total(
         "Terms",
-        move |(stream, _profile), facts| -> Values {
+        move |(stream, _profile), facts| -> TermValues {
             folds.folds[*stream as usize]
                 .iter()
                 .map(|&t| value(folds.terms[t].agg, facts.iter().map(|(p, n)| (p, *n))))
@@ -230,7 +230,7 @@ pub fn terms<'s>(
 
 /// A stream's term values for one profile, in `plan.folds` order: inline
 /// for a stream with one term, as most are.
-type Values = smallvec::SmallVec<[Value; 1]>;
+type TermValues = smallvec::SmallVec<[Value; 1]>;
 
 /// What a profile's row for a stream going from `old` to `new` (`None`:
 /// no row) emits: the atoms it flips, and the rows when asked for.

@@ -48,7 +48,7 @@ where
     O: ExchangeData + Clone,
     L: FnMut(&Key, &(u32, P), &Key) -> O + 'static,
 {
-    let window = Window {
+    let window = WindowStage {
         lengths,
         tick,
         expiries: Expiries::default(),
@@ -59,13 +59,13 @@ where
 
 /// The window as a stage of the join: passes each fact on at its effect
 /// tick and holds its retraction until the input reaches its expiry tick.
-struct Window<P> {
+struct WindowStage<P> {
     lengths: Rc<Vec<Option<u64>>>,
     tick: u64,
     expiries: Expiries<P>,
 }
 
-impl<P: Clone> Stage<FactOf<P>, WindowedOf<P>> for Window<P> {
+impl<P: Clone> Stage<FactOf<P>, WindowedOf<P>> for WindowStage<P> {
     fn admit(&mut self, data: &mut Vec<(FactOf<P>, u64, isize)>, into: &mut Updates<WindowedOf<P>>) {
         for ((id, stream, e, pay), t, r) in data.drain(..) {
             let fact = (id, (stream, pay));

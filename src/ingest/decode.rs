@@ -41,7 +41,7 @@ pub enum Item {
     /// Not a valid event: why, and the line as read.
     Bad { reason: String, text: Vec<u8> },
     /// A valid event and what each stream it matches keeps of it.
-    Event { event: Box<Event>, facts: Facts },
+    Event { event: Box<Event>, facts: StreamPays },
 }
 
 /// What the reader wants of each line: the facts of every stream, and the
@@ -73,8 +73,8 @@ impl Decoding {
 
     /// What every stream keeps of `event`, in stream order, checking only
     /// the streams whose selector can match it.
-    pub fn facts(&self, event: &Event) -> Facts {
-        let mut facts = Facts::new();
+    pub fn facts(&self, event: &Event) -> StreamPays {
+        let mut facts = StreamPays::new();
         self.selectors.candidates(event, |i| {
             if let Some(pay) = extract(&self.streams[i as usize], event) {
                 facts.push((i, pay));
@@ -107,7 +107,7 @@ impl Decoding {
 }
 
 /// `(stream, payload)` for every stream an event matches, in stream order.
-pub type Facts = Vec<(u32, Pay)>;
+pub type StreamPays = Vec<(u32, Pay)>;
 
 fn trim_line_ending(line: &mut Vec<u8>) {
     if line.last() == Some(&b'\n') {
@@ -266,7 +266,7 @@ mod tests {
 
     /// What every stream keeps of `event`: the definition, checking every
     /// stream.
-    fn facts(streams: &[StreamDef], event: &Event) -> Facts {
+    fn facts(streams: &[StreamDef], event: &Event) -> StreamPays {
         streams
             .iter()
             .enumerate()

@@ -116,7 +116,7 @@ pub struct Snapshot {
     pub mark: Mark,
     pub readers: Vec<ReaderState>,
     /// Per clustering of the plan: its model as of the last delivered tick.
-    pub clusters: Vec<Option<crate::dataflow::cluster::Model>>,
+    pub clusters: Vec<Option<crate::dataflow::cluster::KMeans>>,
 }
 
 #[derive(Debug, thiserror::Error)]

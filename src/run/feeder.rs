@@ -34,12 +34,12 @@ pub struct Feeder {
     /// Marks when ticks become final (the latency benchmark).
     pub timings: Option<Arc<Timings>>,
     /// With `--state`: every update fed, for checkpoints.
-    pub(crate) retained: Option<Retained>,
+    pub(crate) log: Option<FedLog>,
 }
 
 /// The updates a reader fed, compacted at each checkpoint (see `checkpoint`).
 #[derive(Default)]
-pub(crate) struct Retained {
+pub(crate) struct FedLog {
     pub(crate) facts: checkpoint::Log<Fact>,
     pub(crate) nodes: checkpoint::Log<(Key, Label)>,
     pub(crate) links: checkpoint::Log<(Key, Key)>,
@@ -59,17 +59,17 @@ impl Feeder {
             node_changes: Vec::new(),
             link_changes: Vec::new(),
             timings: None,
-            retained: None,
+            log: None,
         }
     }
 
     /// Keeps every update fed, so that [`Feeder::checkpoint`] can save them.
     pub fn retain(&mut self) {
-        self.retained.get_or_insert_with(Retained::default);
+        self.log.get_or_insert_with(FedLog::default);
     }
 
     pub(crate) fn fact(&mut self, d: Fact, t: u64, r: isize) {
-        if let Some(log) = &mut self.retained {
+        if let Some(log) = &mut self.log {
             log.facts.push(d.clone(), t, r);
         }
         self.input(d, t, r);
@@ -91,7 +91,7 @@ impl Feeder {
     pub fn checkpoint(&mut self, frontier: u64, worker: usize, position: crate::io::Position) -> Option<checkpoint::ReaderState> {
         let tick = self.ingest.clock.tick;
         let windows: Vec<Option<u64>> = self.plan.streams.iter().map(|s| s.window).collect();
-        let log = self.retained.as_mut()?;
+        let log = self.log.as_mut()?;
         log.facts
             .compact(frontier, tick, |f, last| checkpoint::expired(f, last, &windows, tick));
         log.nodes.compact(frontier, tick, |_, _| false);
@@ -115,7 +115,7 @@ impl Feeder {
 
     /// Takes back the logs lent to a checkpoint by [`Feeder::checkpoint`].
     pub fn checkpointed(&mut self, st: checkpoint::ReaderState) {
-        if let Some(log) = &mut self.retained {
+        if let Some(log) = &mut self.log {
             log.facts.updates = st.facts;
             log.nodes.updates = st.nodes;
             log.links.updates = st.links;
@@ -137,7 +137,7 @@ impl Feeder {
         for (d, t, r) in &st.links {
             self.inputs.links.update_at(*d, *t, *r);
         }
-        if let Some(log) = &mut self.retained {
+        if let Some(log) = &mut self.log {
             log.facts.updates = st.facts;
             log.nodes.updates = st.nodes;
             log.links.updates = st.links;
@@ -180,7 +180,7 @@ impl Feeder {
         }
     }
 
-    pub(crate) fn fed(&mut self, outcome: Outcome, facts: Option<crate::ingest::decode::Facts>) -> Outcome {
+    pub(crate) fn fed(&mut self, outcome: Outcome, facts: Option<crate::ingest::decode::StreamPays>) -> Outcome {
         if let Outcome::Accepted(s) = &outcome {
             if self.until.is_none_or(|u| s.effect <= u) {
                 let facts = facts.unwrap_or_else(|| self.decoding.facts(&s.event));
@@ -191,16 +191,16 @@ impl Feeder {
         outcome
     }
 
-    pub(crate) fn feed(&mut self, s: &Stamped, facts: crate::ingest::decode::Facts) {
+    pub(crate) fn feed(&mut self, s: &Stamped, facts: crate::ingest::decode::StreamPays) {
         let anchor = self.identities.changes(s, &mut self.node_changes, &mut self.link_changes);
         for (d, t, r) in self.node_changes.drain(..) {
-            if let Some(log) = &mut self.retained {
+            if let Some(log) = &mut self.log {
                 log.nodes.push(d.clone(), t, r);
             }
             self.inputs.nodes.update_at(d, t, r);
         }
         for (d, t, r) in self.link_changes.drain(..) {
-            if let Some(log) = &mut self.retained {
+            if let Some(log) = &mut self.log {
                 log.links.push(d, t, r);
             }
             self.inputs.links.update_at(d, t, r);

@@ -33,7 +33,7 @@
 //! model: it is trained at the first tick with a population and then at
 //! every tick that is a multiple of `refresh` whose population differs from
 //! the one it was last trained on. The model itself (standardize, k-means++,
-//! numbering) is `shoal::dataflow::cluster::Model`, a pure function of the population
+//! numbering) is `shoal::dataflow::cluster::KMeans`, a pure function of the population
 //! that has its own tests (tests/scoring.rs holds it against an independent
 //! k-means); what is checked here is when it is trained and how profiles
 //! follow it.
@@ -46,7 +46,7 @@ use serde_json::Value as Json;
 use shoal::core::clock::{format_time, tick_of};
 use shoal::core::id::Id;
 use shoal::core::value::{Dec, Value};
-use shoal::dataflow::cluster::Model;
+use shoal::dataflow::cluster::KMeans;
 use shoal::ingest::event::{decode, Event, EventType};
 use shoal::spec::ast::{AggKind, CmpOp, EventSel, Expr, ExprKind, Path, RfmField, Selector, Window};
 use shoal::spec::Spec;
@@ -412,7 +412,7 @@ type Population = BTreeMap<String, Vec<f64>>;
 
 /// Each clustering's model and the population it was trained on.
 pub struct Models {
-    models: Vec<Option<(Model, Population)>>,
+    models: Vec<Option<(KMeans, Population)>>,
 }
 
 impl Models {
@@ -543,7 +543,7 @@ fn globals_at(spec: &Spec, profiles: &BTreeMap<Id, Vec<&Event>>, t: u64, models:
         };
         if due && !population.is_empty() {
             let points: Vec<Vec<f64>> = population.values().cloned().collect();
-            let model = Model::fit(&points, def.k, def.seed, slot.as_ref().map(|(m, _)| m));
+            let model = KMeans::fit(&points, def.k, def.seed, slot.as_ref().map(|(m, _)| m));
             *slot = Some((model, population.clone()));
         }
         if let Some((model, _)) = slot {
