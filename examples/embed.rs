@@ -78,7 +78,7 @@ fn main() {
         println!(
             "{} {:>8} {:<24} {}",
             shoal::core::clock::format_time(*tick, false),
-            segments[*segment as usize],
+            segments[segment.index()],
             profile,
             if *diff > 0 { "enter" } else { "exit" }
         );

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::core::id::Key;
+use crate::core::id::{Key, StreamId};
 use crate::core::value::Value;
 
 /// What a stream keeps of one event.
@@ -40,10 +40,10 @@ pub type Fact = FactOf<Pay>;
 
 /// A fact with payload `P`: [`Pay`], or `()` for streams folded only by
 /// `count`, which need nothing but the fact's multiplicity.
-pub type FactOf<P> = (Key, u32, u64, P);
+pub type FactOf<P> = (Key, StreamId, u64, P);
 
 /// A windowed fact: keyed by anchor id, with its stream and payload.
 pub type Windowed = WindowedOf<Pay>;
 
 /// A windowed fact with payload `P`.
-pub type WindowedOf<P> = (Key, (u32, P));
+pub type WindowedOf<P> = (Key, (StreamId, P));

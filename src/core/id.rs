@@ -64,3 +64,46 @@ pub fn key_of(kind: IdKind, name: &str) -> Key {
 /// A node's label in identity resolution: `(not eligible, id, key)`; the
 /// least label of a component is its profile.
 pub type Label = (bool, Id, Key);
+
+/// Numbers the plan gives its parts. Each travels beside a profile key in
+/// the dataflow (`(StreamId, Key)` is a stream's row of a profile,
+/// `(AtomId, Key)` an atom's, `(SegmentId, Key)` a membership), so each has
+/// its own type: one cannot be read as another. Serialized as the number.
+macro_rules! plan_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub u32);
+
+        impl $name {
+            /// Its place in the plan's list.
+            pub fn index(self) -> usize {
+                self.0 as usize
+            }
+
+            pub fn of(index: usize) -> $name {
+                $name(index as u32)
+            }
+        }
+    };
+}
+
+plan_id!(
+    /// A stream of the plan: event streams first, then the virtual streams
+    /// of population terms (scores, RFM, clusters).
+    StreamId
+);
+plan_id!(
+    /// An atom of the plan: one comparison over terms, shared by segments.
+    AtomId
+);
+plan_id!(
+    /// A segment of the spec, in spec order (the order of output lines).
+    SegmentId
+);
+plan_id!(
+    /// A profile value of the plan: an input of percentiles, RFM or
+    /// clusters, computed for every profile.
+    ValueId
+);

@@ -32,6 +32,8 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 
 use crate::core::id::Key;
+use crate::core::id::StreamId;
+use crate::core::id::ValueId;
 use crate::core::value::{Dec, Float, Value};
 use crate::dataflow::score::{Rows, Values};
 use crate::plan::{ClusterPlan, Plan};
@@ -287,12 +289,12 @@ pub fn clusters<'s>(values: Values<'s>, plan: Rc<Plan>, memory: Option<std::sync
     let mut out = Vec::new();
     for (c, def) in plan.clusters.iter().enumerate() {
         let Some(def) = def.clone() else { continue };
-        let v = def.value as u32;
+        let v = ValueId::of(def.value);
         let features = values.clone().flat_map(move |((value, profile), vals)| {
             let xs: Option<Vec<Float>> = vals.iter().map(|x| x.as_f64().map(|f| Float(f + 0.0))).collect();
             xs.filter(|_| value == v).map(|xs| (profile, xs))
         });
-        let stream = plan.cluster_stream(c) as u32;
+        let stream = StreamId::of(plan.cluster_stream(c));
         out.push(cluster(features, def, c, memory.clone()).map(move |(p, n)| ((stream, p), vec![Value::Num(Dec::from_int(n as i64))])));
     }
     differential_dataflow::collection::concatenate(scope, out)

@@ -13,6 +13,7 @@
 use differential_dataflow::VecCollection;
 
 use crate::core::id::Id;
+use crate::core::id::SegmentId;
 use crate::core::id::{Key, Label};
 use crate::dataflow::total::TotalOps;
 
@@ -44,9 +45,9 @@ pub fn universe<'s>(names: VecCollection<'s, u64, (Key, Id), isize>) -> VecColle
 
 /// Names the profiles of `(segment, profile)` memberships.
 pub fn named<'s>(
-    members: VecCollection<'s, u64, (u32, Key), isize>,
+    members: VecCollection<'s, u64, (SegmentId, Key), isize>,
     names: VecCollection<'s, u64, (Key, Id), isize>,
-) -> VecCollection<'s, u64, (u32, Id), isize> {
+) -> VecCollection<'s, u64, (SegmentId, Id), isize> {
     let by_profile = members.map(|(segment, profile)| (profile, segment));
     by_profile.join_total(names, "Names", |_, segment, id| (*segment, id.clone()))
 }

@@ -27,6 +27,7 @@ use differential_dataflow::VecCollection;
 use timely::dataflow::Scope;
 
 use crate::core::fact::{Fact, FactOf};
+use crate::core::id::SegmentId;
 use crate::core::id::{Key, Label};
 use crate::plan::Plan;
 
@@ -70,7 +71,7 @@ impl Inputs {
 /// The collections a spec maintains.
 pub struct Collections<'s> {
     /// `(segment index, profile)` for every member of every segment.
-    pub members: VecCollection<'s, u64, (u32, Key), isize>,
+    pub members: VecCollection<'s, u64, (SegmentId, Key), isize>,
     /// `(profile, its id)` for every profile.
     pub names: VecCollection<'s, u64, (Key, crate::core::id::Id), isize>,
     /// Every profile that exists.

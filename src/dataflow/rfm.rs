@@ -13,6 +13,8 @@
 use std::rc::Rc;
 
 use crate::core::id::Key;
+use crate::core::id::StreamId;
+use crate::core::id::ValueId;
 use crate::core::value::{Dec, Float, Value};
 use crate::dataflow::score::{Rows, Values};
 use crate::plan::{Agg, Plan};
@@ -54,7 +56,7 @@ pub fn score_all(metrics: &[(Key, [Value; 3])]) -> Vec<[u8; 3]> {
 /// every profile with a purchase in the window.
 pub fn rfm<'s>(values: Values<'s>, plan: Rc<Plan>) -> Rows<'s> {
     let def = plan.rfm.clone().expect("an RFM plan");
-    let v = def.value as u32;
+    let v = ValueId::of(def.value);
     let scored = values.flat_map(move |((value, profile), m)| {
         let buys = value == v && matches!(&m[1], Value::Num(d) if d.0 > 0);
         buys.then(|| ((), (profile, [m[0].clone(), m[1].clone(), m[2].clone()])))
@@ -76,7 +78,7 @@ pub fn rfm<'s>(values: Values<'s>, plan: Rc<Plan>) -> Rows<'s> {
                 out.push(((*profile, row), 1));
             }
         })
-        .map(move |((), (profile, row))| ((stream as u32, profile), row))
+        .map(move |((), (profile, row))| ((StreamId::of(stream), profile), row))
 }
 
 #[cfg(test)]

@@ -27,7 +27,10 @@ use differential_dataflow::consolidation::consolidate;
 use differential_dataflow::VecCollection;
 use std::rc::Rc;
 
+use crate::core::id::AtomId;
 use crate::core::id::Key;
+use crate::core::id::SegmentId;
+use crate::core::id::StreamId;
 use crate::core::value::Value;
 use crate::dataflow::total::{binary_by_tick, TotalOps};
 use crate::plan::{Formula, Plan};
@@ -35,7 +38,7 @@ use crate::plan::{Formula, Plan};
 type Profiles<'s> = VecCollection<'s, u64, Key, isize>;
 
 /// `((atom, profile), holds)`.
-pub type AtomRow = ((u32, Key), bool);
+pub type AtomRow = ((AtomId, Key), bool);
 
 /// The rows of the atoms over one term of `stream` when a profile's row
 /// for it goes from `old` to `new` (`None`: no row): an atom has a row
@@ -46,12 +49,12 @@ pub type AtomRow = ((u32, Key), bool);
 /// where each event-stream term changes.
 pub fn flips(
     plan: &Plan,
-    (stream, profile): (u32, Key),
+    (stream, profile): (StreamId, Key),
     old: Option<&[Value]>,
     new: Option<&[Value]>,
     mut push: impl FnMut(AtomRow, isize),
 ) {
-    for (slot, &term) in plan.folds[stream as usize].iter().enumerate() {
+    for (slot, &term) in plan.folds[stream.index()].iter().enumerate() {
         for &(atom, _) in &plan.readers[term] {
             let def = &plan.atoms[atom];
             if def.terms.len() != 1 {
@@ -61,10 +64,10 @@ pub fn flips(
             let (was, is) = (old.map(holds), new.map(holds));
             if was != is {
                 if let Some(was) = was {
-                    push(((atom as u32, profile), was), -1);
+                    push(((AtomId::of(atom), profile), was), -1);
                 }
                 if let Some(is) = is {
-                    push(((atom as u32, profile), is), 1);
+                    push(((AtomId::of(atom), profile), is), 1);
                 }
             }
         }
@@ -76,25 +79,25 @@ pub fn flips(
 /// population stream (thresholds, RFM, clusters), and the atoms over
 /// several terms. `None` when the plan has neither.
 pub fn atoms<'s>(
-    terms: VecCollection<'s, u64, ((u32, Key), Vec<Value>), isize>,
+    terms: VecCollection<'s, u64, ((StreamId, Key), Vec<Value>), isize>,
     plan: Rc<Plan>,
 ) -> Option<VecCollection<'s, u64, AtomRow, isize>> {
-    let events = plan.streams.len() as u32;
-    let population = (events as usize) < plan.folds.len();
+    let events = plan.streams.len();
+    let population = events < plan.folds.len();
     let several = plan.atoms.iter().any(|a| a.terms.len() > 1);
     let direct = population.then(|| {
         let single = plan.clone();
         // The rows a tick retracts and inserts together, evaluated in
         // place: only the atom values that differ go on.
         let mut net: Vec<(AtomRow, isize)> = Vec::new();
-        let rows = terms.clone().filter(move |((stream, _), _)| *stream >= events);
+        let rows = terms.clone().filter(move |((stream, _), _)| stream.index() >= events);
         rows.by_tick("Atoms", move |t, rows, out| {
             for (((stream, profile), values), r) in rows.drain(..) {
-                for (&term, value) in single.folds[stream as usize].iter().zip(&values) {
+                for (&term, value) in single.folds[stream.index()].iter().zip(&values) {
                     for &(atom, _) in &single.readers[term] {
                         let def = &single.atoms[atom];
                         if def.terms.len() == 1 {
-                            net.push((((atom as u32, profile), def.holds(std::slice::from_ref(value))), r));
+                            net.push((((AtomId::of(atom), profile), def.holds(std::slice::from_ref(value))), r));
                         }
                     }
                 }
@@ -109,10 +112,10 @@ pub fn atoms<'s>(
     let readers = plan.clone();
     let slots = terms.flat_map(move |((stream, profile), values)| {
         let mut rows = Vec::new();
-        for (&term, value) in readers.folds[stream as usize].iter().zip(values) {
+        for (&term, value) in readers.folds[stream.index()].iter().zip(values) {
             for &(atom, slot) in &readers.readers[term] {
                 if readers.atoms[atom].terms.len() > 1 {
-                    rows.push(((atom as u32, profile), (slot as u32, value.clone())));
+                    rows.push(((AtomId::of(atom), profile), (slot as u32, value.clone())));
                 }
             }
         }
@@ -121,7 +124,7 @@ pub fn atoms<'s>(
     let gathered = slots.reduce_total("AtomsOfSeveral", {
         let plan = plan.clone();
         move |(atom, _profile), slots, out| {
-            let def = &plan.atoms[*atom as usize];
+            let def = &plan.atoms[atom.index()];
             let mut values: Vec<Value> = def.terms.iter().map(|&t| plan.terms[t].agg.empty()).collect();
             for ((slot, value), _) in slots {
                 values[*slot as usize] = value.clone();
@@ -217,10 +220,10 @@ fn set(words: &mut [u64], i: usize, to: bool) {
 /// consolidated, its retractions applied before its insertions, and a row
 /// is a bit, not a multiset.
 pub fn segments<'s>(
-    atoms: VecCollection<'s, u64, ((u32, Key), bool), isize>,
+    atoms: VecCollection<'s, u64, AtomRow, isize>,
     universe: Profiles<'s>,
     plan: Rc<Plan>,
-) -> VecCollection<'s, u64, (u32, Key), isize> {
+) -> VecCollection<'s, u64, (SegmentId, Key), isize> {
     use differential_dataflow::hashable::Hashable;
     let words = plan.atoms.len().max(plan.segments.len()).div_ceil(64).max(1);
     let mut empty = vec![0u64; words];
@@ -252,7 +255,7 @@ pub fn segments<'s>(
             let h = Held::of(&mut held, &mut touched, p, words);
             let (present, rest) = h.bits.split_at_mut(words);
             let (values, rest) = rest.split_at_mut(words);
-            let a = atom as usize;
+            let a = atom.index();
             set(&mut rest[words..], a, true);
             if r < 0 {
                 debug_assert!(bit(present, a) && bit(values, a) == value, "a retracted atom row is held");
@@ -298,7 +301,7 @@ pub fn segments<'s>(
                 while changed != 0 {
                     let s = i * 64 + changed.trailing_zeros() as usize;
                     changed &= changed - 1;
-                    out.push(((s as u32, p), t, if bit(&member, s) { 1 } else { -1 }));
+                    out.push(((SegmentId::of(s), p), t, if bit(&member, s) { 1 } else { -1 }));
                 }
             }
             was.copy_from_slice(&member);
@@ -354,16 +357,16 @@ when = "not in_segment('b') or sum('A', x, 1h) > 3"
         Plan::new(&crate::spec::parse_spec(spec, 1000).expect("a valid spec"))
     }
 
-    type Out = Vec<((u32, Key), u64, isize)>;
+    type Out = Vec<((SegmentId, Key), u64, isize)>;
 
     /// The members at the end of every tick from the atom rows and the
     /// universe as they stand then: the definition, from scratch.
-    fn naive(plan: &Plan, rows: &BTreeMap<(u32, Key), bool>, universe: &BTreeSet<Key>) -> BTreeSet<(u32, Key)> {
+    fn naive(plan: &Plan, rows: &BTreeMap<(AtomId, Key), bool>, universe: &BTreeSet<Key>) -> BTreeSet<(SegmentId, Key)> {
         let mut members = BTreeSet::new();
         for &p in universe {
             let holds = |a: usize| {
                 let atom = &plan.atoms[a];
-                rows.get(&(a as u32, p))
+                rows.get(&(AtomId::of(a), p))
                     .copied()
                     .unwrap_or_else(|| atom.holds(&atom.terms.iter().map(|&t| plan.terms[t].agg.empty()).collect::<Vec<_>>()))
             };
@@ -371,7 +374,7 @@ when = "not in_segment('b') or sum('A', x, 1h) > 3"
             for &s in &plan.order {
                 member[s] = plan.segments[s].formula.eval(&holds, &|t| member[t]);
                 if member[s] {
-                    members.insert((s as u32, p));
+                    members.insert((SegmentId::of(s), p));
                 }
             }
         }
@@ -416,6 +419,7 @@ when = "not in_segment('b') or sum('A', x, 1h) > 3"
         let mut before = BTreeSet::new();
         for tick in 0..12u64 {
             for &(_, a, p, to) in changes.iter().filter(|c| c.0 == tick) {
+                let a = AtomId(a);
                 let was = rows.get(&(a, p)).copied();
                 if was != to {
                     atom_updates.extend(was.map(|w| (((a, p), w), tick, -1)));

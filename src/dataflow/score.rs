@@ -20,35 +20,37 @@ use std::rc::Rc;
 use differential_dataflow::VecCollection;
 
 use crate::core::id::Key;
+use crate::core::id::StreamId;
+use crate::core::id::ValueId;
 use crate::core::value::{Float, Value};
 use crate::plan::{Agg, Plan};
 
 /// `((stream, profile), values)`: rows of term values, event or virtual.
-pub type Rows<'s> = VecCollection<'s, u64, ((u32, Key), Vec<Value>), isize>;
+pub type Rows<'s> = VecCollection<'s, u64, ((StreamId, Key), Vec<Value>), isize>;
 
 /// `((value, profile), values)` for every profile value of the plan and every
 /// profile of the universe.
-pub type Values<'s> = VecCollection<'s, u64, ((u32, Key), Vec<Value>), isize>;
+pub type Values<'s> = VecCollection<'s, u64, ((ValueId, Key), Vec<Value>), isize>;
 
 /// Every profile value of `plan` for every profile of `universe`.
 pub fn values<'s>(terms: Rows<'s>, universe: VecCollection<'s, u64, Key, isize>, plan: Rc<Plan>) -> Values<'s> {
     let readers = plan.clone();
     let rows = terms.flat_map(move |((stream, profile), values)| {
         let mut rows = Vec::new();
-        if readers.is_event_stream(stream as usize) {
-            for (&term, value) in readers.folds[stream as usize].iter().zip(values) {
+        if readers.is_event_stream(stream.index()) {
+            for (&term, value) in readers.folds[stream.index()].iter().zip(values) {
                 for &(v, slot) in &readers.value_readers[term] {
-                    rows.push(((v as u32, profile), Some((slot as u32, value.clone()))));
+                    rows.push(((ValueId::of(v), profile), Some((slot as u32, value.clone()))));
                 }
             }
         }
         rows
     });
-    let n = plan.values.len() as u32;
-    let members = universe.flat_map(move |p| (0..n).map(move |v| ((v, p), None)));
+    let n = plan.values.len();
+    let members = universe.flat_map(move |p| (0..n).map(move |v| ((ValueId::of(v), p), None)));
     rows.concat(members)
         .reduce_named("ProfileValues", move |(v, _profile), input, out| {
-            let def = &plan.values[*v as usize];
+            let def = &plan.values[v.index()];
             let mut slots: Vec<Value> = def.terms.iter().map(|&t| plan.terms[t].agg.empty()).collect();
             let mut member = false;
             for (row, _) in input {
@@ -80,7 +82,7 @@ pub fn thresholds<'s>(values: Values<'s>, universe: VecCollection<'s, u64, Key, 
             .percentiles
             .iter()
             .enumerate()
-            .filter(move |(_, q)| q.value == v as usize)
+            .filter(move |(_, q)| q.value == v.index())
             .filter_map(move |(i, _)| x.map(|x| (i as u32, x)))
             .collect::<Vec<_>>()
     });
@@ -116,7 +118,7 @@ pub fn thresholds<'s>(values: Values<'s>, universe: VecCollection<'s, u64, Key, 
             .collect::<Vec<_>>();
         out.push((values, 1));
     });
-    let stream = stream as u32;
+    let stream = StreamId::of(stream);
     universe
         .map(|p| ((), p))
         .join_map(row, move |_, p, values| ((stream, *p), values.clone()))

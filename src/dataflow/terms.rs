@@ -16,6 +16,7 @@ use std::rc::Rc;
 
 use crate::core::fact::Pay;
 use crate::core::id::Key;
+use crate::core::id::StreamId;
 use crate::core::value::{Dec, Float, Value};
 use crate::dataflow::total::{CountTotalOps, TotalOps};
 use crate::dataflow::window::{profile_of, Facts};
@@ -139,7 +140,7 @@ pub fn value<'a>(agg: Agg, facts: impl Iterator<Item = (&'a Pay, isize)> + Clone
 
 /// A term row: `((stream, profile), values)`, one value per term of the
 /// stream in `plan.folds` order.
-pub type Row = ((u32, Key), Vec<Value>);
+pub type Row = ((StreamId, Key), Vec<Value>);
 
 /// What the terms stage gives.
 pub struct Terms<'s> {
@@ -204,7 +205,7 @@ pub fn terms<'s>(
     let folded = folded.fold_total(
         "Terms",
         move |(stream, _profile), facts| -> TermValues {
-            folds.folds[*stream as usize]
+            folds.folds[stream.index()]
                 .iter()
                 .map(|&t| value(folds.terms[t].agg, facts.iter().map(|(p, n)| (p, *n))))
                 .collect()
@@ -234,7 +235,7 @@ type TermValues = smallvec::SmallVec<[Value; 1]>;
 
 /// What a profile's row for a stream going from `old` to `new` (`None`:
 /// no row) emits: the atoms it flips, and the rows when asked for.
-fn changed(plan: &Plan, key: (u32, Key), old: Option<&[Value]>, new: Option<&[Value]>, rows: bool, out: &mut Vec<(Change, isize)>) {
+fn changed(plan: &Plan, key: (StreamId, Key), old: Option<&[Value]>, new: Option<&[Value]>, rows: bool, out: &mut Vec<(Change, isize)>) {
     if rows {
         out.extend(old.map(|v| (Change::Row((key, v.to_vec())), -1)));
         out.extend(new.map(|v| (Change::Row((key, v.to_vec())), 1)));

@@ -24,6 +24,7 @@ use crate::core::clock::tick_of;
 use crate::core::fact::FactOf;
 use crate::core::fact::WindowedOf;
 use crate::core::id::Key;
+use crate::core::id::StreamId;
 use crate::dataflow::total::{Stage, Updates};
 
 /// A collection of facts with payload `P`, as a reader feeds them.
@@ -46,7 +47,7 @@ pub fn profile_of<'s, P, O, L>(
 where
     P: ExchangeData + Clone + Ord,
     O: ExchangeData + Clone,
-    L: FnMut(&Key, &(u32, P), &Key) -> O + 'static,
+    L: FnMut(&Key, &(StreamId, P), &Key) -> O + 'static,
 {
     let window = WindowStage {
         lengths,
@@ -69,7 +70,7 @@ impl<P: Clone> Stage<FactOf<P>, WindowedOf<P>> for WindowStage<P> {
     fn admit(&mut self, data: &mut Vec<(FactOf<P>, u64, isize)>, into: &mut Updates<WindowedOf<P>>) {
         for ((id, stream, e, pay), t, r) in data.drain(..) {
             let fact = (id, (stream, pay));
-            match self.lengths[stream as usize] {
+            match self.lengths[stream.index()] {
                 None => into.push((fact, t, r)),
                 Some(w) => {
                     let expiry = tick_of(e.saturating_add(w), self.tick);
@@ -176,7 +177,7 @@ mod tests {
 
     use super::*;
 
-    type Out = Vec<((u64, u32, u8, u64), u64, isize)>;
+    type Out = Vec<((u64, StreamId, u8, u64), u64, isize)>;
 
     proptest! {
         #[test]
@@ -215,12 +216,12 @@ mod tests {
                         for &(a, s, e, p, _) in facts.iter().filter(|f| f.4 == tick) {
                             // A fact takes effect no sooner than its own tick.
                             let effect = now.max(tick_of(e, TICK));
-                            f_in.update_at((a, s, e, p), effect, 1);
+                            f_in.update_at((a, StreamId(s), e, p), effect, 1);
                             let expiry = lengths[s as usize].map(|w| tick_of(e + w, TICK));
                             if expiry.is_none_or(|x| x > effect) {
-                                w_in.update_at((a, (s, p)), effect, 1);
+                                w_in.update_at((a, (StreamId(s), p)), effect, 1);
                                 if let Some(x) = expiry {
-                                    w_in.update_at((a, (s, p)), x, -1);
+                                    w_in.update_at((a, (StreamId(s), p)), x, -1);
                                 }
                             }
                         }

@@ -23,6 +23,7 @@ use std::io::BufRead;
 use std::sync::mpsc::{sync_channel, Receiver};
 
 use crate::core::fact::Pay;
+use crate::core::id::StreamId;
 use crate::ingest::event::{decode, Event};
 use crate::ingest::lines::read_line;
 use crate::ingest::select::extract;
@@ -76,7 +77,7 @@ impl Decoding {
     pub fn facts(&self, event: &Event) -> StreamPays {
         let mut facts = StreamPays::new();
         self.selectors.candidates(event, |i| {
-            if let Some(pay) = extract(&self.streams[i as usize], event) {
+            if let Some(pay) = extract(&self.streams[i.index()], event) {
                 facts.push((i, pay));
             }
         });
@@ -107,7 +108,7 @@ impl Decoding {
 }
 
 /// `(stream, payload)` for every stream an event matches, in stream order.
-pub type StreamPays = Vec<(u32, Pay)>;
+pub type StreamPays = Vec<(StreamId, Pay)>;
 
 fn trim_line_ending(line: &mut Vec<u8>) {
     if line.last() == Some(&b'\n') {
@@ -263,6 +264,7 @@ impl Ahead {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::id::StreamId;
 
     /// What every stream keeps of `event`: the definition, checking every
     /// stream.
@@ -270,7 +272,7 @@ mod tests {
         streams
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| extract(s, event).map(|p| (i as u32, p)))
+            .filter_map(|(i, s)| extract(s, event).map(|p| (StreamId::of(i), p)))
             .collect()
     }
 

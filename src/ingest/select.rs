@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use crate::core::fact::Pay;
+use crate::core::id::StreamId;
 use crate::core::value::{Dec, Value};
 use crate::ingest::event::{Event, EventType};
 use crate::plan::{Read, StreamDef};
@@ -48,7 +49,7 @@ pub fn matches(sel: &Selector, ev: &Event) -> bool {
 }
 
 /// Streams by the event name their selector takes.
-type ByName = HashMap<String, Vec<u32>>;
+type ByName = HashMap<String, Vec<StreamId>>;
 
 /// The streams an event may match, by its type and name — what a selector
 /// checks before its filter — so that an event is matched against those
@@ -57,16 +58,16 @@ type ByName = HashMap<String, Vec<u32>>;
 #[derive(Clone, Debug, Default)]
 pub struct Selectors {
     /// Streams of every event but a group (`EventSel::Any`).
-    any: Vec<u32>,
+    any: Vec<StreamId>,
     /// By event type: the streams of every event of the type, and of each name.
-    kinds: HashMap<EventType, (Vec<u32>, ByName)>,
+    kinds: HashMap<EventType, (Vec<StreamId>, ByName)>,
 }
 
 impl Selectors {
     pub fn new(streams: &[StreamDef]) -> Selectors {
         let mut selectors = Selectors::default();
         for (i, stream) in streams.iter().enumerate() {
-            let i = i as u32;
+            let i = StreamId::of(i);
             let mut of = |kind: EventType, name: Option<&String>| {
                 let (all, named) = selectors.kinds.entry(kind).or_default();
                 match name {
@@ -87,7 +88,7 @@ impl Selectors {
 
     /// Calls `each` with every stream whose selector can match `ev`, in
     /// no particular order (each at most once).
-    pub fn candidates(&self, ev: &Event, mut each: impl FnMut(u32)) {
+    pub fn candidates(&self, ev: &Event, mut each: impl FnMut(StreamId)) {
         if ev.kind != EventType::Group {
             self.any.iter().for_each(|&i| each(i));
         }

@@ -38,6 +38,8 @@ use timely::dataflow::StreamVec;
 use crate::core::clock::format_time;
 use crate::core::id::Id;
 use crate::core::id::Key;
+use crate::core::id::SegmentId;
+use crate::core::id::StreamId;
 use crate::core::value::Value;
 use crate::ingest::event::Kept;
 use crate::ingest::stamp::Counters;
@@ -52,9 +54,9 @@ type NamedChange = (Upd, isize);
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Upd {
     /// A membership of a spec segment.
-    Member(u32, Id),
+    Member(SegmentId, Id),
     /// A term row: `(profile, stream)` and the values of the stream's terms.
-    Term(Key, u32, Vec<Value>),
+    Term(Key, StreamId, Vec<Value>),
     /// A profile and its id.
     Name(Key, Id),
     /// An id (node) and its profile.
@@ -444,7 +446,7 @@ fn write_tick(outs: &mut Outputs, t: u64, mut changes: Vec<NamedChange>) {
         observer.tick(t, changes, &mut |lines| send_lines(outs, t, lines));
         return;
     }
-    let mut lines: Vec<(u32, String, bool)> = changes
+    let mut lines: Vec<(SegmentId, String, bool)> = changes
         .into_iter()
         .filter(|(_, r)| *r != 0)
         .filter_map(|(u, r)| match u {
@@ -457,7 +459,7 @@ fn write_tick(outs: &mut Outputs, t: u64, mut changes: Vec<NamedChange>) {
     let lines: Vec<(String, String)> = lines
         .into_iter()
         .map(|(seg, profile, enter)| {
-            let line = membership_line(&time, &outs.segments[seg as usize], &profile, enter);
+            let line = membership_line(&time, &outs.segments[seg.index()], &profile, enter);
             (profile, line)
         })
         .collect();

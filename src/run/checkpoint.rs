@@ -39,6 +39,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::core::fact::{Fact, Pay};
+use crate::core::id::StreamId;
 use crate::core::id::{Key, Label};
 use crate::ingest::stamp::{IdentityState, IngestState};
 use crate::io::Position;
@@ -97,7 +98,7 @@ pub struct ReaderState {
     pub worker: usize,
     pub ingest: IngestState,
     pub identities: IdentityState,
-    pub winners: Vec<((Key, u32), (u64, Pay))>,
+    pub winners: Vec<((Key, StreamId), (u64, Pay))>,
     pub facts: Vec<(Fact, u64, isize)>,
     pub nodes: Vec<((Key, Label), u64, isize)>,
     pub links: Vec<((Key, Key), u64, isize)>,
@@ -315,7 +316,7 @@ pub fn compact<D: Ord + Clone>(updates: &mut Vec<(D, u64, isize)>, frontier: u64
 /// passed (`windows` by stream; `None` is lifetime).
 pub fn expired(fact: &Fact, last: u64, windows: &[Option<u64>], tick: u64) -> bool {
     let (_, stream, e, _) = fact;
-    windows[*stream as usize].is_some_and(|w| crate::core::clock::tick_of(e.saturating_add(w), tick) <= last)
+    windows[stream.index()].is_some_and(|w| crate::core::clock::tick_of(e.saturating_add(w), tick) <= last)
 }
 
 impl ReaderState {
@@ -463,7 +464,7 @@ mod tests {
                 ingest: IngestState::default(),
                 identities: IdentityState::default(),
                 winners: vec![],
-                facts: vec![((1, 0, 5, Pay::Unit), 1000, 1)],
+                facts: vec![((1, StreamId(0), 5, Pay::Unit), 1000, 1)],
                 nodes: vec![],
                 links: vec![],
                 dead: vec!["x".into()],
@@ -482,7 +483,7 @@ mod tests {
     fn reader(worker: usize, facts: &[(u64, u64)]) -> ReaderState {
         let mut st = snapshot().readers.pop().unwrap();
         st.worker = worker;
-        st.facts = facts.iter().map(|&(e, t)| ((1, 0, e, Pay::Unit), t, 1)).collect();
+        st.facts = facts.iter().map(|&(e, t)| ((1, StreamId(0), e, Pay::Unit), t, 1)).collect();
         st
     }
 

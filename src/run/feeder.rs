@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::core::fact::{Fact, Pay};
+use crate::core::id::StreamId;
 use crate::core::id::{Key, Label};
 use crate::dataflow::Inputs;
 use crate::ingest::stamp::{Change, Counters, Identities, Ingest, Outcome, Stamped};
@@ -28,7 +29,7 @@ pub struct Feeder {
     pub(crate) identities: Identities,
     pub(crate) until: Option<u64>,
     /// For lifetime "latest value" streams: the fact fed last that still wins.
-    pub(crate) winners: rustc_hash::FxHashMap<(Key, u32), (u64, Pay)>,
+    pub(crate) winners: rustc_hash::FxHashMap<(Key, StreamId), (u64, Pay)>,
     pub(crate) node_changes: Vec<Change<(Key, Label)>>,
     pub(crate) link_changes: Vec<Change<(Key, Key)>>,
     /// Marks when ticks become final (the latency benchmark).
@@ -78,7 +79,7 @@ impl Feeder {
     /// Feeds a fact to the input of its stream's kind.
     pub(crate) fn input(&mut self, d: Fact, t: u64, r: isize) {
         let (anchor, stream, time, pay) = d;
-        if self.counted[stream as usize] {
+        if self.counted[stream.index()] {
             self.inputs.counts.update_at((anchor, stream, time, ()), t, r);
         } else {
             self.inputs.facts.update_at((anchor, stream, time, pay), t, r);
@@ -96,7 +97,7 @@ impl Feeder {
             .compact(frontier, tick, |f, last| checkpoint::expired(f, last, &windows, tick));
         log.nodes.compact(frontier, tick, |_, _| false);
         log.links.compact(frontier, tick, |_, _| false);
-        let mut winners: Vec<((Key, u32), (u64, Pay))> = self.winners.iter().map(|(k, v)| (*k, v.clone())).collect();
+        let mut winners: Vec<((Key, StreamId), (u64, Pay))> = self.winners.iter().map(|(k, v)| (*k, v.clone())).collect();
         winners.sort();
         Some(checkpoint::ReaderState {
             worker,
@@ -225,7 +226,7 @@ impl Feeder {
     /// out of order) is fed as it is, and the term's fold takes the max.
     /// Several readers each keep their own winners; the fold takes the max
     /// over all of them.
-    pub(crate) fn latest(&mut self, anchor: Key, stream: u32, s: &Stamped, pay: Pay) {
+    pub(crate) fn latest(&mut self, anchor: Key, stream: StreamId, s: &Stamped, pay: Pay) {
         let rank = |p: &Pay| match p {
             Pay::Stamped(s) => (s.time, s.text.clone()),
             _ => unreachable!("stamped"),

@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::core::clock::tick_of;
+use crate::core::id::StreamId;
 use crate::core::id::{key_of, Key};
 use crate::core::id::{Id, IdKind};
 use crate::core::value::Value;
@@ -252,7 +253,7 @@ pub struct Model {
     pub plan: Arc<Plan>,
     pub segments: Vec<SegState>,
     /// Profile → stream → the stream's term values.
-    pub terms: FxHashMap<Key, FxHashMap<u32, Vec<Value>>>,
+    pub terms: FxHashMap<Key, FxHashMap<StreamId, Vec<Value>>>,
     /// Profiles and their ids.
     pub names: FxHashMap<Key, Id>,
     /// Id key → profile.
@@ -480,7 +481,7 @@ impl Model {
         let pos = plan.folds[def.stream].iter().position(|&t| t == term).unwrap_or(usize::MAX);
         self.terms
             .get(&profile)
-            .and_then(|rows| rows.get(&(def.stream as u32)))
+            .and_then(|rows| rows.get(&StreamId::of(def.stream)))
             .and_then(|row| row.get(pos))
             .cloned()
             .unwrap_or_else(|| def.agg.empty())
@@ -719,7 +720,7 @@ impl Model {
         let (minus, plus): (Vec<_>, Vec<_>) = updates.into_iter().partition(|(_, r)| *r < 0);
         for (u, r) in minus.into_iter().chain(plus) {
             match u {
-                Upd::Member(seg, id) => members.push((seg as usize, id, r)),
+                Upd::Member(seg, id) => members.push((seg.index(), id, r)),
                 Upd::Term(p, stream, values) => {
                     touched.insert(p);
                     let rows = self.terms.entry(p).or_default();
