@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::core::id::{Key, StreamId};
+use crate::core::id::{AtomId, Key, StreamId};
 use crate::core::value::Value;
 
 /// What a stream keeps of one event.
@@ -47,3 +47,7 @@ pub type Windowed = WindowedOf<Pay>;
 
 /// A windowed fact with payload `P`.
 pub type WindowedOf<P> = (Key, (StreamId, P));
+
+/// An atom's row for a profile: `((atom, profile), holds)`. A profile has
+/// a row for an atom while it has one for the atom's terms.
+pub type AtomRow = ((AtomId, Key), bool);

@@ -3,7 +3,7 @@
 //! Each atom (one comparison) is evaluated per profile from the terms it
 //! reads. An atom over one term is a function of the term's row, so it is
 //! evaluated where the row changes, on its old and new values, and only a
-//! value that differs goes on ([`flips`]): inside the terms stage for
+//! value that differs goes on ([`Plan::flips`]): inside the terms stage for
 //! event streams (no row need travel), and from the rows a tick retracts
 //! and inserts together for population streams. Atoms over several terms
 //! gather them in one `reduce` keyed by `(atom, profile)`. A profile with no row
@@ -27,6 +27,7 @@ use differential_dataflow::consolidation::consolidate;
 use differential_dataflow::VecCollection;
 use std::rc::Rc;
 
+use crate::core::fact::AtomRow;
 use crate::core::id::AtomId;
 use crate::core::id::Key;
 use crate::core::id::SegmentId;
@@ -37,45 +38,8 @@ use crate::plan::{Formula, Plan};
 
 type Profiles<'s> = VecCollection<'s, u64, Key, isize>;
 
-/// `((atom, profile), holds)`.
-pub type AtomRow = ((AtomId, Key), bool);
-
-/// The rows of the atoms over one term of `stream` when a profile's row
-/// for it goes from `old` to `new` (`None`: no row): an atom has a row
-/// while its term does, and only a row whose value differs is retracted
-/// and inserted. Updates for one `(stream, profile)` are consolidated and
-/// no other key's include them (an atom reads one term, of one stream),
-/// as `crate::dataflow::total::fold_with` requires. The terms stage calls this
-/// where each event-stream term changes.
-pub fn flips(
-    plan: &Plan,
-    (stream, profile): (StreamId, Key),
-    old: Option<&[Value]>,
-    new: Option<&[Value]>,
-    mut push: impl FnMut(AtomRow, isize),
-) {
-    for (slot, &term) in plan.folds[stream.index()].iter().enumerate() {
-        for &(atom, _) in &plan.readers[term] {
-            let def = &plan.atoms[atom];
-            if def.terms.len() != 1 {
-                continue;
-            }
-            let holds = |values: &[Value]| def.holds(std::slice::from_ref(&values[slot]));
-            let (was, is) = (old.map(holds), new.map(holds));
-            if was != is {
-                if let Some(was) = was {
-                    push(((AtomId::of(atom), profile), was), -1);
-                }
-                if let Some(is) = is {
-                    push(((AtomId::of(atom), profile), is), 1);
-                }
-            }
-        }
-    }
-}
-
 /// `((atom, profile), holds)` from term rows, for what the terms stage
-/// does not evaluate itself ([`flips`]): the atoms over one term of a
+/// does not evaluate itself ([`Plan::flips`]): the atoms over one term of a
 /// population stream (thresholds, RFM, clusters), and the atoms over
 /// several terms. `None` when the plan has neither.
 pub fn atoms<'s>(

@@ -14,6 +14,7 @@ use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
 use std::rc::Rc;
 
+use crate::core::fact::AtomRow;
 use crate::core::fact::Pay;
 use crate::core::id::Key;
 use crate::core::id::StreamId;
@@ -145,8 +146,8 @@ pub type Row = ((StreamId, Key), Vec<Value>);
 /// What the terms stage gives.
 pub struct Terms<'s> {
     /// `((atom, profile), holds)` for every atom over one event-stream term
-    /// (see [`crate::dataflow::rules::flips`]), evaluated where the term changes.
-    pub atoms: VecCollection<'s, u64, crate::dataflow::rules::AtomRow, isize>,
+    /// (see [`Plan::flips`]), evaluated where the term changes.
+    pub atoms: VecCollection<'s, u64, AtomRow, isize>,
     /// The term rows, when asked for (serving, population terms and atoms
     /// over several terms read them).
     pub rows: Option<VecCollection<'s, u64, Row, isize>>,
@@ -156,7 +157,7 @@ pub struct Terms<'s> {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum Change {
     Row(Row),
-    Atom(crate::dataflow::rules::AtomRow),
+    Atom(AtomRow),
 }
 
 /// Re-keys windowed facts to profiles and folds every stream's terms: a
@@ -240,5 +241,5 @@ fn changed(plan: &Plan, key: (StreamId, Key), old: Option<&[Value]>, new: Option
         out.extend(old.map(|v| (Change::Row((key, v.to_vec())), -1)));
         out.extend(new.map(|v| (Change::Row((key, v.to_vec())), 1)));
     }
-    crate::dataflow::rules::flips(plan, key, old, new, |atom, r| out.push((Change::Atom(atom), r)));
+    plan.flips(key, old, new, |atom, r| out.push((Change::Atom(atom), r)));
 }

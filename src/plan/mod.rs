@@ -26,6 +26,8 @@
 //!   numbered after the event streams, so atoms read them like any term.
 use std::collections::HashMap;
 
+use crate::core::fact::AtomRow;
+use crate::core::id::{AtomId, Key, StreamId};
 use crate::core::value::{Dec, Value};
 use crate::spec::ast::{AggKind, ArithOp, CmpOp, EventSel, Expr, ExprKind, Path, RfmField, Selector, Window};
 use crate::spec::Spec;
@@ -258,6 +260,40 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The rows of the atoms over one term of `stream` when a profile's row
+    /// for it goes from `old` to `new` (`None`: no row): an atom has a row
+    /// while its term does, and only a row whose value differs is retracted
+    /// and inserted. Updates for one `(stream, profile)` are consolidated and
+    /// no other key's include them (an atom reads one term, of one stream),
+    /// as the terms stage's fold requires: it calls this where each event-stream
+    /// term changes (`crate::dataflow::terms`).
+    pub fn flips(
+        &self,
+        (stream, profile): (StreamId, Key),
+        old: Option<&[Value]>,
+        new: Option<&[Value]>,
+        mut push: impl FnMut(AtomRow, isize),
+    ) {
+        for (slot, &term) in self.folds[stream.index()].iter().enumerate() {
+            for &(atom, _) in &self.readers[term] {
+                let def = &self.atoms[atom];
+                if def.terms.len() != 1 {
+                    continue;
+                }
+                let holds = |values: &[Value]| def.holds(std::slice::from_ref(&values[slot]));
+                let (was, is) = (old.map(holds), new.map(holds));
+                if was != is {
+                    if let Some(was) = was {
+                        push(((AtomId::of(atom), profile), was), -1);
+                    }
+                    if let Some(is) = is {
+                        push(((AtomId::of(atom), profile), is), 1);
+                    }
+                }
+            }
+        }
+    }
+
     pub fn new(spec: &Spec) -> Plan {
         let mut plan = Plan {
             scores: spec.scores.iter().map(|s| (s.name.clone(), s.expr.clone())).collect(),
