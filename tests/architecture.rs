@@ -45,36 +45,80 @@ fn module_of(src: &Path, file: &Path) -> Option<(String, String)> {
     }
 }
 
-/// The code of a file without comments and without its unit tests.
+/// The code of a file without comments and without its unit-test modules
+/// (`#[cfg(test)] mod … { … }`, wherever they are).
 fn code(text: &str) -> String {
-    let text = match text.find("#[cfg(test)]\nmod ") {
-        Some(i) => &text[..i],
-        None => text,
-    };
-    text.lines()
+    let lines: Vec<&str> = text
+        .lines()
         .map(|l| match l.find("//") {
             // A `//` inside a string literal ("http://…") is rare here;
             // a line whose `//` follows a quote is kept whole.
             Some(i) if !l[..i].contains('"') => &l[..i],
             _ => l,
         })
-        .collect::<Vec<_>>()
-        .join("\n")
+        .collect();
+    let text = lines.join("\n");
+    let mut out = String::new();
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("#[cfg(test)]") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i..];
+        let is_mod = after["#[cfg(test)]".len()..].trim_start().starts_with("mod ");
+        let Some(open) = after.find('{').filter(|_| is_mod) else {
+            out.push_str("#[cfg(test)]");
+            rest = &after["#[cfg(test)]".len()..];
+            continue;
+        };
+        let mut depth = 0usize;
+        let mut end = after.len();
+        for (j, c) in after[open..].char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = open + j + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
-/// Every `crate::a::b` in `code`, as `(a, b)` (`b` empty for `crate::a`).
+/// Every `crate::a::b` in `code`, as `(a, b)` (`b` empty for `crate::a`);
+/// a group `crate::a::{b, c::d}` gives `(a, b)` and `(a, c)`.
 fn references(code: &str) -> Vec<(String, String)> {
+    let word = |s: &str| s.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect::<String>();
     let mut out = Vec::new();
     let mut rest = code;
     while let Some(i) = rest.find("crate::") {
         let after = &rest[i + "crate::".len()..];
-        let word = |s: &str| s.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect::<String>();
         let first = word(after);
-        let second = after[first.len()..].strip_prefix("::").map(word).unwrap_or_default();
-        out.push((first, second));
+        let tail = &after[first.len()..];
+        match tail.strip_prefix("::") {
+            Some(group) if group.starts_with('{') => {
+                let inner = &group[1..group.find('}').unwrap_or(group.len())];
+                for item in inner.split(',') {
+                    out.push((first.clone(), word(item.trim())));
+                }
+            }
+            Some(more) => out.push((first.clone(), word(more))),
+            None => out.push((first.clone(), String::new())),
+        }
         rest = after;
     }
     out
+}
+
+/// Whether `name` is a module of `stage` (a file or folder in it), not an
+/// item its `mod.rs` declares.
+fn is_module(src: &Path, stage: &str, name: &str) -> bool {
+    src.join(stage).join(format!("{name}.rs")).exists() || src.join(stage).join(name).join("mod.rs").exists()
 }
 
 fn files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -115,25 +159,70 @@ fn imports_only_go_down_the_stages_and_never_in_a_cycle() {
         if code.contains("crate::{") {
             problems.push(format!("{name}: a grouped `crate::{{…}}` import; name each stage's path"));
         }
+        let mut refs = references(&code);
+        // `super::` from a stage's mod.rs, or `super::super::` from one of
+        // its modules, is the crate root: read it as `crate::`.
+        let root = if module == "mod" { "super::" } else { "super::super::" };
+        refs.extend(
+            references(&code.replace(root, "crate::").replace("crate::crate::", "crate::"))
+                .into_iter()
+                .filter(|r| !references(&code).contains(r)),
+        );
         let mine_edges = edges.entry((stage.clone(), module.clone())).or_default();
-        for (to, sub) in references(&code) {
+        for (to, sub) in refs {
             match rank.get(to.as_str()) {
                 Some(&theirs) if theirs > mine => {
                     problems.push(format!("{name}: {stage} imports {to}::{sub}, a later stage"));
                 }
-                Some(_) if to == stage && !sub.is_empty() && sub != module.split('/').next().unwrap_or("") => {
-                    mine_edges.insert(sub);
+                Some(_) if to == stage && !sub.is_empty() => {
+                    // A module, or an item of the stage's mod.rs.
+                    let target = if is_module(&src, &stage, &sub) { sub } else { "mod".to_string() };
+                    if target != module {
+                        mine_edges.insert(target);
+                    }
                 }
                 Some(_) => {}
+                None if to.is_empty() => {}
                 None => problems.push(format!("{name}: crate::{to} is not a stage")),
             }
         }
-        // `super::x` inside a stage's module is an edge to its sibling x.
-        for (i, _) in code.match_indices("super::") {
-            let after = &code[i + "super::".len()..];
-            let word: String = after.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-            if !word.is_empty() && word.chars().next().is_some_and(|c| c.is_lowercase()) && word != module {
-                mine_edges.insert(word);
+        // A stage's mod.rs may name its modules by relative paths (`check::x`).
+        if module == "mod" {
+            let dir = src.join(&stage);
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let child = entry.unwrap().path();
+                let name = child.file_stem().unwrap().to_string_lossy().into_owned();
+                let relative = format!("{name}::");
+                let used = code.match_indices(&relative).any(|(i, _)| {
+                    let before = code[..i].chars().next_back();
+                    !before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':')
+                });
+                if name != "mod" && used && is_module(&src, &stage, &name) {
+                    mine_edges.insert(name);
+                }
+            }
+        }
+        // `super::x` inside a stage's module is its sibling x, or an item
+        // of the stage's mod.rs.
+        if module != "mod" {
+            for (i, _) in code.match_indices("super::") {
+                let after = &code[i + "super::".len()..];
+                if after.starts_with("super::") {
+                    continue;
+                }
+                let names: Vec<String> = match after.strip_prefix('{') {
+                    Some(group) => group[..group.find('}').unwrap_or(group.len())]
+                        .split(',')
+                        .map(|w| w.trim().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect())
+                        .collect(),
+                    None => vec![after.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect()],
+                };
+                for word in names.into_iter().filter(|w: &String| !w.is_empty()) {
+                    let target = if is_module(&src, &stage, &word) { word } else { "mod".to_string() };
+                    if target != module {
+                        mine_edges.insert(target);
+                    }
+                }
             }
         }
     }
@@ -188,7 +277,17 @@ fn the_checker_finds_an_upward_import_and_a_cycle() {
         references("use crate::run::job::Job;\nlet x = crate::core::value::Value::Missing;"),
         vec![("run".to_string(), "job".to_string()), ("core".to_string(), "value".to_string())]
     );
-    assert_eq!(code("use a; // crate::run\n#[cfg(test)]\nmod tests { use crate::run; }"), "use a; ");
+    assert_eq!(
+        code("use a; // crate::run\n#[cfg(test)]\nmod tests { use crate::run; }\nuse b;"),
+        "use a; \n\nuse b;"
+    );
+    assert_eq!(
+        references("use crate::run::{job::Job, EngineError};"),
+        vec![
+            ("run".to_string(), "job".to_string()),
+            ("run".to_string(), "EngineError".to_string())
+        ]
+    );
     let mut edges = BTreeMap::new();
     edges.insert(("x".to_string(), "a".to_string()), BTreeSet::from(["b".to_string()]));
     edges.insert(("x".to_string(), "b".to_string()), BTreeSet::from(["a".to_string()]));

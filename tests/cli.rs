@@ -88,6 +88,23 @@ fn a_missing_input_exits_1_naming_it() {
 }
 
 #[test]
+fn an_output_that_cannot_be_written_exits_1_naming_it_once() {
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("dataflows/retail.toml");
+    let o = shoal()
+        .arg("run")
+        .arg(&spec)
+        .args(["--generate", "100", "--output", "/no/such/dir/changes.jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("cannot write /no/such/dir/changes.jsonl: "), "{err}");
+    // The OS's reason once: the typed error carries it in its message, not
+    // again as a cause that the report would repeat.
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+}
+
+#[test]
 fn stdin_is_read_when_piped_and_bad_lines_never_stop_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(dir.path(), "[[segment]]\nname = \"seen\"\nwhen = \"count(any, lifetime) >= 1\"\n");

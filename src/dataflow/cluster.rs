@@ -248,7 +248,7 @@ pub fn standardize(x: &[f64], mean: &[f64], scale: &[f64]) -> Vec<f64> {
 
 /// The models trained, kept for checkpoints: a model's numbering depends on
 /// the models before it, so a restart takes up the model as of its
-/// checkpoint instead of training afresh (see `checkpoint`).
+/// checkpoint instead of training afresh (see `crate::run::checkpoint`).
 #[derive(Debug, Default)]
 pub struct Memory {
     /// Per clustering of the plan: its models by the tick they were trained at.

@@ -1,7 +1,7 @@
 //! Terms: one aggregate value per profile, maintained incrementally.
 //!
 //! The reader turns each event into [`Pay`]loads for the streams it matches
-//! ([`extract`]); [`window`](crate::dataflow::window) bounds them in time; [`terms`]
+//! ([`crate::ingest::select::extract`]); [`window`](crate::dataflow::window) bounds them in time; [`terms`]
 //! re-keys them from anchor id to profile through the identity labels and
 //! folds each stream's terms in one `reduce` keyed by `(stream, profile)`,
 //! or counts them when every term of the stream is a `count` (those facts

@@ -187,7 +187,7 @@ impl Ingest {
         }
     }
 
-    /// The state a checkpoint keeps (see `checkpoint`).
+    /// The state a checkpoint keeps (see `crate::run::checkpoint`).
     pub fn state(&self) -> crate::ingest::stamp::IngestState {
         let mut remembered: Vec<(u128, u64)> = self.remembered.iter().map(|(k, t)| (*k, *t)).collect();
         remembered.sort_unstable();

@@ -5,7 +5,8 @@
 //! order, dealt out round-robin over the global worker indexes, so none is
 //! read twice and none skipped. Each worker assigns its partitions to its own
 //! `BaseConsumer` (no group rebalancing: the deal is fixed by the cluster's
-//! shape) and polls in batches. Each worker runs its own [`Feeder`]: its clock
+//! shape) and polls in batches (the loop is `crate::run::kafka::read`).
+//! Each worker runs its own feeder (`crate::run::feeder`): its clock
 //! follows the *watermark* of its partitions — the least over them of the
 //! largest event time read — minus the lateness; a partition with nothing
 //! new for `--kafka-partition-idle` stops holding it back, and when all are
@@ -129,7 +130,7 @@ pub fn kafka_error(brokers: &str, what: &str, e: KafkaError) -> Error {
     Error::Kafka {
         brokers: brokers.to_string(),
         what: what.to_string(),
-        source: Box::new(e),
+        error: Box::new(e),
     }
 }
 

@@ -30,16 +30,17 @@ pub struct PartitionPosition {
     pub effect: u64,
 }
 
-/// Why an input or a Kafka client cannot be used.
+/// Why an input or a Kafka client cannot be used. Each message names the
+/// input and ends with the underlying error's own (it is not a separate
+/// `source`, which `main`'s report would print a second time).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file, stream or thread of an input failed.
-    #[error("cannot {what}: {source}")]
+    #[error("cannot {what}: {error}")]
     Input {
         /// What was being done, naming the input (`read events.jsonl`).
         what: String,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// An input that cannot do what the run asks of it.
     #[error("{0}")]
@@ -48,12 +49,11 @@ pub enum Error {
     #[error("{0}")]
     Changed(String),
     /// A Kafka client call failed.
-    #[error("kafka {brokers}: {what}: {source}")]
+    #[error("kafka {brokers}: {what}: {error}")]
     Kafka {
         brokers: String,
         what: String,
-        #[source]
-        source: Box<rdkafka::error::KafkaError>,
+        error: Box<rdkafka::error::KafkaError>,
     },
     /// A topic or partition the run needs is not as it must be.
     #[error("kafka {brokers}: {what}")]
@@ -64,6 +64,6 @@ impl Error {
     /// An input failure: `what` names the action and the input.
     pub fn input(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
         let what = what.into();
-        move |source| Error::Input { what, source }
+        move |error| Error::Input { what, error }
     }
 }

@@ -9,12 +9,8 @@ use std::sync::{Arc, Mutex};
 /// Why an output cannot be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("cannot write {path}: {source}")]
-    File {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot write {path}: {error}")]
+    File { path: String, error: std::io::Error },
     /// A file shorter than the checkpoint that resumes it says.
     #[error("cannot continue {path}: it is {len} bytes, shorter than the {want} bytes the checkpoint wrote (was it changed?)")]
     Shorter { path: String, len: u64, want: u64 },
@@ -43,7 +39,7 @@ pub trait Deliver {
         None
     }
     /// Bytes written so far, when the output is a file that a restart can
-    /// cut back to this length (see `checkpoint`).
+    /// cut back to this length (see `crate::run::checkpoint`).
     fn position(&self) -> Option<u64> {
         None
     }
@@ -117,7 +113,7 @@ pub fn file_output(path: PathBuf) -> OpenOutput {
         }
         let cannot = |e: std::io::Error| OpenError::File {
             path: path.display().to_string(),
-            source: e,
+            error: e,
         };
         let f = match resume {
             None => std::fs::File::create(&path).map_err(cannot)?,

@@ -356,9 +356,15 @@ impl Rounds {
         }
     }
 
-    /// Opens a round at `mark` unless one is open; returns whether it did.
+    /// Whether a round is open.
+    pub fn is_open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Opens a round at `mark` unless one is open, or a stopped reader's
+    /// state was taken past it; returns whether it did.
     pub fn open(&mut self, mark: Mark) -> bool {
-        if self.open.is_some() {
+        if self.open.is_some() || self.stopped.values().any(|(taken, _)| *taken > mark.frontier) {
             return false;
         }
         self.open = Some((mark, BTreeMap::new()));
@@ -531,6 +537,14 @@ mod tests {
         assert_eq!(states[1], compacted(&full, 30_000));
         assert!(rounds.stop(0, 30_000, reader(0, &[])));
         assert_eq!(rounds.finals(&mark(40_000), compacted).unwrap()[1], compacted(&full, 40_000));
+    }
+
+    #[test]
+    fn no_round_opens_before_a_stopped_readers_frontier() {
+        let mut rounds = Rounds::new(2);
+        rounds.stop(1, 20_000, reader(1, &[(14_000, 15_000)]));
+        assert!(!rounds.open(mark(10_000)), "a mark read before reader 1 stopped");
+        assert!(rounds.open(mark(20_000)));
     }
 
     #[test]

@@ -9,35 +9,38 @@ use crate::dataflow::cluster;
 use crate::io::source::Source;
 use crate::plan::Plan;
 use crate::run::checkpoint;
+use crate::run::error::EngineError;
 use crate::run::job::{Job, StateOptions};
-use crate::run::EngineError;
 
 /// A run's checkpoints, shared by the workers of this process.
 pub struct Checkpointing {
-    pub(crate) store: checkpoint::Store,
-    pub(crate) every: Duration,
-    pub(crate) fingerprint: checkpoint::Fingerprint,
+    pub(super) store: checkpoint::Store,
+    pub(super) every: Duration,
+    pub(super) fingerprint: checkpoint::Fingerprint,
     /// The checkpoint resumed from.
-    pub(crate) restored: Option<checkpoint::Snapshot>,
+    pub(super) restored: Option<checkpoint::Snapshot>,
     /// Each reader's part of it, taken by the reader.
-    pub(crate) readers: Mutex<Vec<checkpoint::ReaderState>>,
-    pub(crate) seq: std::sync::atomic::AtomicU64,
-    pub(crate) clusters: Arc<cluster::Memory>,
-    pub(crate) delivered: Arc<Mutex<crate::output::sink::Delivered>>,
+    pub(super) readers: Mutex<Vec<checkpoint::ReaderState>>,
+    pub(super) seq: std::sync::atomic::AtomicU64,
+    pub(super) clusters: Arc<cluster::Memory>,
+    pub(super) delivered: Arc<Mutex<crate::output::sink::Delivered>>,
     /// Readers in this run: 1 for line input, every worker for Kafka.
-    pub(crate) readers_count: usize,
+    pub(super) readers_count: usize,
     /// Several readers: the checkpoint being gathered, and the final states
     /// of readers that stopped reading.
-    pub(crate) rounds: Mutex<checkpoint::Rounds>,
+    pub(super) rounds: Mutex<checkpoint::Rounds>,
     /// The delivered frontier of the last checkpoint written.
-    pub(crate) written: std::sync::atomic::AtomicU64,
-    pub(crate) windows: Vec<Option<u64>>,
-    pub(crate) tick: u64,
+    pub(super) written: std::sync::atomic::AtomicU64,
+    /// Held while a checkpoint is numbered and written, so that numbers
+    /// follow frontiers.
+    pub(super) writing: Mutex<()>,
+    pub(super) windows: Vec<Option<u64>>,
+    pub(super) tick: u64,
 }
 
 impl Checkpointing {
     /// Opens the state directory and reads the newest usable checkpoint.
-    pub(crate) fn open(job: &Job, state: &StateOptions, config: &timely::Config) -> Result<Checkpointing, EngineError> {
+    pub(super) fn open(job: &Job, state: &StateOptions, config: &timely::Config) -> Result<Checkpointing, EngineError> {
         if let timely::CommunicationConfig::Cluster { .. } = config.communication {
             return Err(EngineError::Unsupported(
                 "--state with --processes is not supported yet: run one process".into(),
@@ -92,6 +95,7 @@ impl Checkpointing {
             readers_count,
             rounds: Mutex::new(checkpoint::Rounds::new(readers_count)),
             written: frontier.into(),
+            writing: Mutex::new(()),
             windows: plan.streams.iter().map(|s| s.window).collect(),
             tick: job.opts.tick,
             seq: (restored.as_ref().map_or(0, |s| s.seq) + 1).into(),
@@ -102,9 +106,17 @@ impl Checkpointing {
         })
     }
 
-    /// Writes a snapshot of `states` at `mark`; failures are reported.
-    pub(crate) fn write(&self, mark: crate::output::sink::Mark, readers: Vec<checkpoint::ReaderState>) -> Vec<checkpoint::ReaderState> {
+    /// Writes a snapshot of `states` at `mark`; failures are reported. One
+    /// older than a checkpoint already written (a round completed while the
+    /// last reader wrote the final one) is skipped: the newest number must
+    /// be the newest frontier, which a restart resumes from.
+    pub(super) fn write(&self, mark: crate::output::sink::Mark, readers: Vec<checkpoint::ReaderState>) -> Vec<checkpoint::ReaderState> {
         let frontier = mark.frontier;
+        let _one = self.writing.lock().expect("not poisoned");
+        if frontier < self.written.load(Ordering::SeqCst) {
+            tracing::debug!(frontier, "a checkpoint older than the last one written; skipped");
+            return readers;
+        }
         let snapshot = checkpoint::Snapshot {
             fingerprint: self.fingerprint.clone(),
             seq: self.seq.fetch_add(1, Ordering::SeqCst),
@@ -123,7 +135,7 @@ impl Checkpointing {
     }
 
     /// The delivered mark, once the output files are synced.
-    pub(crate) fn mark(&self) -> Option<crate::output::sink::Mark> {
+    pub(super) fn mark(&self) -> Option<crate::output::sink::Mark> {
         match self.delivered.lock().expect("not poisoned").synced() {
             Ok(mark) => Some(mark),
             Err(e) => {
@@ -134,7 +146,7 @@ impl Checkpointing {
     }
 
     /// A copy of a stopped reader's final state, compacted at `frontier`.
-    pub(crate) fn compacted(&self, st: &checkpoint::ReaderState, frontier: u64) -> checkpoint::ReaderState {
+    pub(super) fn compacted(&self, st: &checkpoint::ReaderState, frontier: u64) -> checkpoint::ReaderState {
         let mut st = st.clone();
         st.compact(frontier, self.tick, &self.windows);
         st
@@ -142,7 +154,7 @@ impl Checkpointing {
 
     /// Several readers: writes the open round once every reader has given
     /// its state or stopped reading.
-    pub(crate) fn complete_round(&self) {
+    pub(super) fn complete_round(&self) {
         let complete = self
             .rounds
             .lock()
@@ -156,7 +168,7 @@ impl Checkpointing {
 
 impl Checkpointing {
     /// The restored state of the reader on `worker`, once.
-    pub(crate) fn take_reader(&self, worker: usize) -> Option<checkpoint::ReaderState> {
+    pub(super) fn take_reader(&self, worker: usize) -> Option<checkpoint::ReaderState> {
         let mut readers = self.readers.lock().expect("not poisoned");
         let i = readers.iter().position(|r| r.worker == worker)?;
         Some(readers.swap_remove(i))

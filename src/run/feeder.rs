@@ -19,31 +19,31 @@ use crate::run::job::RunOptions;
 /// Reads events and feeds the inputs: the sequential front of one reader
 /// (see [`Ingest`]).
 pub struct Feeder {
-    pub(crate) plan: Rc<Plan>,
+    plan: Rc<Plan>,
     /// By stream: fed to `Inputs::counts` without its payload.
-    pub(crate) counted: Vec<bool>,
+    counted: Vec<bool>,
     /// How lines read here are decoded (decoding threads get a copy).
-    pub(crate) decoding: crate::ingest::decode::Decoding,
-    pub(crate) inputs: Inputs,
-    pub(crate) ingest: Ingest,
-    pub(crate) identities: Identities,
-    pub(crate) until: Option<u64>,
+    decoding: crate::ingest::decode::Decoding,
+    inputs: Inputs,
+    ingest: Ingest,
+    identities: Identities,
+    until: Option<u64>,
     /// For lifetime "latest value" streams: the fact fed last that still wins.
-    pub(crate) winners: rustc_hash::FxHashMap<(Key, StreamId), (u64, Pay)>,
-    pub(crate) node_changes: Vec<Change<(Key, Label)>>,
-    pub(crate) link_changes: Vec<Change<(Key, Key)>>,
+    winners: rustc_hash::FxHashMap<(Key, StreamId), (u64, Pay)>,
+    node_changes: Vec<Change<(Key, Label)>>,
+    link_changes: Vec<Change<(Key, Key)>>,
     /// Marks when ticks become final (the latency benchmark).
     pub timings: Option<Arc<Timings>>,
     /// With `--state`: every update fed, for checkpoints.
-    pub(crate) log: Option<FedLog>,
+    log: Option<FedLog>,
 }
 
-/// The updates a reader fed, compacted at each checkpoint (see `checkpoint`).
+/// The updates a reader fed, compacted at each checkpoint (see `crate::run::checkpoint`).
 #[derive(Default)]
-pub(crate) struct FedLog {
-    pub(crate) facts: checkpoint::Log<Fact>,
-    pub(crate) nodes: checkpoint::Log<(Key, Label)>,
-    pub(crate) links: checkpoint::Log<(Key, Key)>,
+pub(super) struct FedLog {
+    facts: checkpoint::Log<Fact>,
+    nodes: checkpoint::Log<(Key, Label)>,
+    links: checkpoint::Log<(Key, Key)>,
 }
 
 impl Feeder {
@@ -69,7 +69,7 @@ impl Feeder {
         self.log.get_or_insert_with(FedLog::default);
     }
 
-    pub(crate) fn fact(&mut self, d: Fact, t: u64, r: isize) {
+    pub(super) fn fact(&mut self, d: Fact, t: u64, r: isize) {
         if let Some(log) = &mut self.log {
             log.facts.push(d.clone(), t, r);
         }
@@ -77,7 +77,7 @@ impl Feeder {
     }
 
     /// Feeds a fact to the input of its stream's kind.
-    pub(crate) fn input(&mut self, d: Fact, t: u64, r: isize) {
+    pub(super) fn input(&mut self, d: Fact, t: u64, r: isize) {
         let (anchor, stream, time, pay) = d;
         if self.counted[stream.index()] {
             self.inputs.counts.update_at((anchor, stream, time, ()), t, r);
@@ -87,7 +87,7 @@ impl Feeder {
     }
 
     /// The reader's state for a checkpoint whose delivered frontier is
-    /// `frontier`: its logs compacted there (see `checkpoint`), its clock,
+    /// `frontier`: its logs compacted there (see `crate::run::checkpoint`), its clock,
     /// dedupe memory and identity ticks. `None` unless [`Feeder::retain`]ed.
     pub fn checkpoint(&mut self, frontier: u64, worker: usize, position: crate::io::Position) -> Option<checkpoint::ReaderState> {
         let tick = self.ingest.clock.tick;
@@ -181,7 +181,7 @@ impl Feeder {
         }
     }
 
-    pub(crate) fn fed(&mut self, outcome: Outcome, facts: Option<crate::ingest::decode::StreamPays>) -> Outcome {
+    pub(super) fn fed(&mut self, outcome: Outcome, facts: Option<crate::ingest::decode::StreamPays>) -> Outcome {
         if let Outcome::Accepted(s) = &outcome {
             if self.until.is_none_or(|u| s.effect <= u) {
                 let facts = facts.unwrap_or_else(|| self.decoding.facts(&s.event));
@@ -192,7 +192,7 @@ impl Feeder {
         outcome
     }
 
-    pub(crate) fn feed(&mut self, s: &Stamped, facts: crate::ingest::decode::StreamPays) {
+    pub(super) fn feed(&mut self, s: &Stamped, facts: crate::ingest::decode::StreamPays) {
         let anchor = self.identities.changes(s, &mut self.node_changes, &mut self.link_changes);
         for (d, t, r) in self.node_changes.drain(..) {
             if let Some(log) = &mut self.log {
@@ -226,7 +226,7 @@ impl Feeder {
     /// out of order) is fed as it is, and the term's fold takes the max.
     /// Several readers each keep their own winners; the fold takes the max
     /// over all of them.
-    pub(crate) fn latest(&mut self, anchor: Key, stream: StreamId, s: &Stamped, pay: Pay) {
+    pub(super) fn latest(&mut self, anchor: Key, stream: StreamId, s: &Stamped, pay: Pay) {
         let rank = |p: &Pay| match p {
             Pay::Stamped(s) => (s.time, s.text.clone()),
             _ => unreachable!("stamped"),
@@ -255,13 +255,13 @@ impl Feeder {
 
     /// Moves the inputs with the clock, but never past `until`: ticks after
     /// it are never final, so nothing after it is computed or written.
-    pub(crate) fn advance_inputs(&mut self) {
+    pub(super) fn advance_inputs(&mut self) {
         let tick = self.ingest.clock.tick;
         let frontier = self.ingest.clock.frontier();
         self.advance_inputs_to(self.until.map_or(frontier, |u| frontier.min(u / tick * tick + tick)));
     }
 
-    pub(crate) fn advance_inputs_to(&mut self, frontier: u64) {
+    pub(super) fn advance_inputs_to(&mut self, frontier: u64) {
         if let Some(timings) = self.timings.as_ref().filter(|_| frontier > *self.inputs.facts.time()) {
             timings.finals.lock().expect("not poisoned").push((frontier, Instant::now()));
         }

@@ -40,7 +40,7 @@ impl Default for RunOptions {
     }
 }
 
-/// Checkpoints (`--state DIR`, `--checkpoint-every`); see `checkpoint`.
+/// Checkpoints (`--state DIR`, `--checkpoint-every`); see `crate::run::checkpoint`.
 #[derive(Clone, Debug)]
 pub struct StateOptions {
     pub dir: PathBuf,

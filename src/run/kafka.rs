@@ -13,7 +13,8 @@ use crate::io::kafka::{
     COMMIT_EVERY, POLL_BATCH,
 };
 use crate::io::Position;
-use crate::run::{EngineError, Reader};
+use crate::run::error::EngineError;
+use crate::run::reader::Reader;
 
 /// Reads this worker's partitions until a stop, or (bounded) their ends.
 pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, start: Option<Position>) -> Result<(), EngineError> {

@@ -5,12 +5,12 @@ use std::time::{Duration, Instant};
 
 use crate::ingest::stamp::{dead_letter, Outcome};
 use crate::io::source::{Next, Source};
+use crate::run::error::EngineError;
 use crate::run::reader::{Reader, BATCH, LIVE_PUMP};
-use crate::run::EngineError;
 
 /// Reads the line sources in order (worker 0 of process 0), from `start`
 /// when resuming; checkpoints as it goes, at a stop, and at the end.
-pub(crate) fn read_lines(reader: &mut Reader<'_>, sources: &[Source], start: Option<crate::io::Position>) -> Result<(), EngineError> {
+pub(super) fn read_lines(reader: &mut Reader<'_>, sources: &[Source], start: Option<crate::io::Position>) -> Result<(), EngineError> {
     let mut line = Vec::new();
     let opts = reader.opts.clone();
     let tick = Duration::from_millis(opts.tick);

@@ -23,6 +23,7 @@
 
 pub mod checkpoint;
 pub mod checkpointing;
+pub mod error;
 pub mod feeder;
 pub mod job;
 pub mod kafka;
@@ -38,53 +39,11 @@ use crate::io::source::Source;
 use crate::output::deliver::memory_output;
 use crate::plan::Plan;
 use crate::run::checkpointing::Checkpointing;
-use crate::run::reader::Reader;
 use crate::run::worker::run_worker;
 use crate::spec::Spec;
 
+pub use crate::run::error::EngineError;
 pub use crate::run::job::{HttpOptions, Job, RunOptions, StateOptions, Summary};
-
-/// Why a run failed.
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    /// Options that cannot go together, or input that cannot do what they ask (exit 2).
-    #[error("{0}")]
-    Unsupported(String),
-    #[error("timely: {0}")]
-    Timely(String),
-    /// A checkpoint that cannot be used for this run (exit 2).
-    #[error("{0}")]
-    Refused(String),
-    /// The state directory failed.
-    #[error(transparent)]
-    Checkpoint(checkpoint::CheckpointError),
-    /// An input (a file, stdin, Kafka) failed.
-    #[error(transparent)]
-    Input(#[from] crate::io::Error),
-    /// An output cannot be opened.
-    #[error(transparent)]
-    Output(#[from] crate::output::deliver::OpenError),
-    /// Writing the output failed; what was written before stays.
-    #[error("{0}")]
-    Write(String),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot start the HTTP server: {0}")]
-    Server(#[source] std::io::Error),
-}
-
-impl From<checkpoint::CheckpointError> for EngineError {
-    fn from(e: checkpoint::CheckpointError) -> Self {
-        match e {
-            checkpoint::CheckpointError::Refused(m) => EngineError::Refused(m),
-            e => EngineError::Checkpoint(e),
-        }
-    }
-}
 
 /// What a run over in-memory input produced.
 #[derive(Clone, Debug, Default)]
@@ -148,9 +107,9 @@ pub fn run(job: Job) -> Result<Summary, EngineError> {
             let plan = Arc::new(Plan::new(&job.spec));
             let history = http.history(&plan);
             let served = crate::serve::model::Served::new(&job.spec, plan, job.opts.tick, history, job.stop.clone());
-            let listener = std::net::TcpListener::bind(&http.addr).map_err(|source| EngineError::Listen {
+            let listener = std::net::TcpListener::bind(&http.addr).map_err(|error| EngineError::Listen {
                 addr: http.addr.clone(),
-                source,
+                error,
             })?;
             let addr = listener.local_addr().map_err(EngineError::Server)?;
             let server = crate::serve::http::spawn(listener, served.clone()).map_err(EngineError::Server)?;

@@ -8,10 +8,10 @@ use crate::run::feeder::Feeder;
 /// Progress on long runs: a line on stderr every few seconds when it is a
 /// terminal, and a `tracing` event (`RUST_LOG=info`) otherwise.
 pub struct Progress {
-    pub(crate) started: Instant,
-    pub(crate) last: Instant,
-    pub(crate) terminal: bool,
-    pub(crate) shown: bool,
+    started: Instant,
+    last: Instant,
+    terminal: bool,
+    shown: bool,
 }
 
 impl Progress {
@@ -46,7 +46,7 @@ impl Progress {
         }
     }
 
-    pub(crate) fn done(&self) {
+    pub(super) fn done(&self) {
         if self.terminal && self.shown {
             eprintln!();
         }

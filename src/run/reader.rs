@@ -13,20 +13,20 @@ use crate::run::job::RunOptions;
 use crate::run::progress::Progress;
 
 /// Lines read between flushes of the inputs.
-pub(crate) const BATCH: usize = 4096;
+pub(super) const BATCH: usize = 4096;
 /// Batches a reader may read beyond the frontier it must see delivered.
-pub(crate) const LEAD: usize = 4;
+pub(super) const LEAD: usize = 4;
 
 /// Live input is handed to the dataflow at least this often while it flows.
-pub(crate) const LIVE_PUMP: Duration = Duration::from_millis(5);
+pub(super) const LIVE_PUMP: Duration = Duration::from_millis(5);
 
 /// One reader's side of checkpointing.
-pub(crate) struct ReaderCheckpoints {
-    pub(crate) shared: Arc<Checkpointing>,
-    pub(crate) last: Instant,
+pub(super) struct ReaderCheckpoints {
+    pub(super) shared: Arc<Checkpointing>,
+    pub(super) last: Instant,
     /// Dead letters sent and perhaps not yet written, oldest first.
-    pub(crate) dead: std::collections::VecDeque<String>,
-    pub(crate) dead_sent: u64,
+    pub(super) dead: std::collections::VecDeque<String>,
+    pub(super) dead_sent: u64,
 }
 
 /// One reader's side of the run: its feeder, its notes to the sink, and
@@ -34,19 +34,19 @@ pub(crate) struct ReaderCheckpoints {
 pub struct Reader<'w> {
     pub worker: &'w mut timely::worker::Worker,
     pub feeder: Feeder,
-    pub(crate) notes: timely::dataflow::InputHandleVec<u64, Note>,
-    pub(crate) delivered: timely::dataflow::ProbeHandle<u64>,
-    pub(crate) in_flight: u64,
+    pub(super) notes: timely::dataflow::InputHandleVec<u64, Note>,
+    pub(super) delivered: timely::dataflow::ProbeHandle<u64>,
+    pub(super) in_flight: u64,
     /// The reader's frontier at its last few pumps, oldest first.
-    pub(crate) pumped: std::collections::VecDeque<u64>,
+    pub(super) pumped: std::collections::VecDeque<u64>,
     pub progress: Progress,
     pub opts: RunOptions,
     pub stop: Arc<AtomicBool>,
     /// The served model (process 0 with `--http`).
     pub served: Option<Arc<crate::serve::model::Served>>,
     /// Serving (`--http`, on every process): counters go to the sink.
-    pub(crate) serving: bool,
-    pub(crate) checkpoints: Option<ReaderCheckpoints>,
+    pub(super) serving: bool,
+    pub(super) checkpoints: Option<ReaderCheckpoints>,
 }
 
 impl Reader<'_> {
@@ -54,7 +54,7 @@ impl Reader<'_> {
     /// worker 0 of process 0 through the dataflow, so readers of every
     /// process count (a note per batch; notes from one worker arrive in
     /// order).
-    pub(crate) fn publish_counters(&mut self) {
+    pub(super) fn publish_counters(&mut self) {
         if self.serving {
             self.notes.send(Note::Counters(self.worker.index(), self.feeder.counters().clone()));
         }
@@ -91,9 +91,14 @@ impl Reader<'_> {
         }
         let me = self.worker.index();
         if due && me == 0 {
-            let Some(mark) = shared.mark() else { return };
-            if shared.rounds.lock().expect("not poisoned").open(mark) {
-                self.checkpoints.as_mut().expect("checked").last = Instant::now();
+            // The mark is read under the rounds' lock: a reader that stops
+            // meanwhile takes its final state no later than this round.
+            let mut rounds = shared.rounds.lock().expect("not poisoned");
+            if !rounds.is_open() {
+                let Some(mark) = shared.mark() else { return };
+                if rounds.open(mark) {
+                    self.checkpoints.as_mut().expect("checked").last = Instant::now();
+                }
             }
         }
         let Some(frontier) = shared.rounds.lock().expect("not poisoned").owed_by(me) else {
@@ -105,7 +110,7 @@ impl Reader<'_> {
     }
 
     /// This reader's state at `frontier` (a copy; the logs stay).
-    pub(crate) fn own_state(&mut self, frontier: u64, position: crate::io::Position) -> Option<checkpoint::ReaderState> {
+    pub(super) fn own_state(&mut self, frontier: u64, position: crate::io::Position) -> Option<checkpoint::ReaderState> {
         let shared = self.checkpoints.as_ref()?.shared.clone();
         let written = shared.delivered.lock().expect("not poisoned").mark.dead_written.clone();
         let lent = self.lend_state(frontier, &written, position)?;
@@ -117,7 +122,7 @@ impl Reader<'_> {
     /// This reader's state at `frontier`, its logs lent (give them back
     /// with [`Feeder::checkpointed`]), with the dead letters the sink has
     /// not written yet (`written`: dead letters written, by reader).
-    pub(crate) fn lend_state(
+    pub(super) fn lend_state(
         &mut self,
         frontier: u64,
         written: &std::collections::BTreeMap<usize, u64>,
@@ -147,13 +152,13 @@ impl Reader<'_> {
         if shared.readers_count == 1 {
             return self.checkpoint(position);
         }
-        let Some(mark) = shared.mark() else { return };
-        // Taken after the mark: a round opened since is at the mark or later.
-        let frontier = shared
-            .rounds
-            .lock()
-            .expect("not poisoned")
-            .final_frontier(mark.frontier.min(self.feeder.frontier()));
+        // Under the rounds' lock, where rounds open: no later than the open
+        // round, and a round opened later has a later mark.
+        let frontier = {
+            let rounds = shared.rounds.lock().expect("not poisoned");
+            let Some(mark) = shared.mark() else { return };
+            rounds.final_frontier(mark.frontier.min(self.feeder.frontier()))
+        };
         let Some(st) = self.own_state(frontier, position) else { return };
         let all = shared.rounds.lock().expect("not poisoned").stop(self.worker.index(), frontier, st);
         shared.complete_round();
@@ -192,7 +197,7 @@ impl Reader<'_> {
 
     /// Takes up this reader's part of the checkpoint resumed from; returns
     /// its input position.
-    pub(crate) fn restore(&mut self) -> Option<crate::io::Position> {
+    pub(super) fn restore(&mut self) -> Option<crate::io::Position> {
         let worker = self.worker.index();
         let st = self.checkpoints.as_ref()?.shared.take_reader(worker)?;
         let (dead, dead_sent, position) = (st.dead.clone(), st.dead_sent, st.position.clone());
@@ -296,7 +301,7 @@ impl Reader<'_> {
     }
 
     /// Hands buffered updates and notes to the dataflow, notes at the clock.
-    pub(crate) fn advance_notes(&mut self) {
+    pub(super) fn advance_notes(&mut self) {
         self.feeder.flush();
         let frontier = self.feeder.frontier();
         if frontier > *self.notes.time() {
@@ -305,7 +310,7 @@ impl Reader<'_> {
         self.notes.flush();
     }
 
-    pub(crate) fn report(&mut self, last: Option<u64>, stopped: bool) {
+    pub(super) fn report(&mut self, last: Option<u64>, stopped: bool) {
         self.publish_counters();
         self.advance_notes();
         self.notes.send(Note::Report(Report {

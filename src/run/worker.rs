@@ -15,14 +15,14 @@ use crate::output::deliver::OpenOutput;
 use crate::output::sink::{self, Note, Outputs, SinkState};
 use crate::plan::Plan;
 use crate::run::checkpointing::Checkpointing;
+use crate::run::error::EngineError;
 use crate::run::feeder::Feeder;
 use crate::run::job::{Job, Summary};
 use crate::run::lines::read_lines;
 use crate::run::progress::Progress;
 use crate::run::reader::{Reader, ReaderCheckpoints};
-use crate::run::EngineError;
 
-pub(crate) fn run_worker(
+pub(super) fn run_worker(
     worker: &mut timely::worker::Worker,
     job: &Job,
     served: Option<Arc<crate::serve::model::Served>>,
@@ -118,8 +118,7 @@ pub(crate) fn run_worker(
     };
     let position = reader.restore();
     if let (Some(served), Some(frontier)) = (&reader.served, resumed_at) {
-        // The checkpoint holds facts, not events: the model's history starts here.
-        served.model.write().expect("not poisoned").retained.complete_from = frontier;
+        served.resumed_at(frontier);
     }
     let result = match (&job.kafka, leader) {
         (Some(kafka), _) => crate::run::kafka::read(&mut reader, kafka, position),

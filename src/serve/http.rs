@@ -7,7 +7,7 @@
 //! command is a pure function of the model, and a panic in a handler stays
 //! in its task.
 //!
-//! The server ends with the run: `engine::run` shuts the returned
+//! The server ends with the run: `crate::run::run` shuts the returned
 //! [`Server`] down once the workers are done (after SIGINT/SIGTERM when
 //! serving) and joins its thread, so `run` returns only when the port is
 //! closed. Shutdown is graceful: no new connection is accepted, `/stream`

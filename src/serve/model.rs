@@ -369,6 +369,12 @@ impl Served {
         c
     }
 
+    /// The run resumed from a checkpoint at `frontier`. A checkpoint holds
+    /// facts, not events: the model's history of events starts here.
+    pub fn resumed_at(&self, frontier: u64) {
+        self.model.write().expect("not poisoned").retained.complete_from = frontier;
+    }
+
     /// Sends written lines to `/stream` subscribers.
     pub fn publish(&self, lines: &[String]) {
         if self.stream.receiver_count() > 0 {

@@ -27,8 +27,8 @@
 //! ([`crate::spec::parse_spec`]) maps them to the TOML file.
 
 use super::ast::{ArithOp, CmpOp, Expr, ExprKind, Path, Pos, Selector, Window};
+use super::def::{Segment, Spec, SpecError};
 use super::parse::{format_duration, quote};
-use super::{Segment, Spec, SpecError};
 
 /// What an expression must produce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

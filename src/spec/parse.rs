@@ -14,7 +14,7 @@
 //! can still read a property called `count`.
 
 use super::ast::{AggKind, ArithOp, CmpOp, EventSel, Expr, ExprKind, Path, Pos, RfmField, Selector, Window};
-use super::SpecError;
+use super::def::SpecError;
 use crate::core::clock::parse_duration;
 use crate::core::value::Dec;
 

@@ -1,0 +1,97 @@
+//! What a spec defines, once loaded and checked: segments, scores, RFM,
+//! clusterings, and the errors that point into the file.
+
+use crate::spec::ast::{self, Expr};
+
+/// One `[[segment]]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Segment {
+    pub name: String,
+    pub description: Option<String>,
+    pub when: Expr,
+    /// The `when` text as written, for messages and the API's `why`.
+    pub source: String,
+}
+
+/// One `[[score]]`: a named number per profile, read as `score.NAME`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScoreDef {
+    pub name: String,
+    pub expr: Expr,
+    pub source: String,
+}
+
+/// The `[rfm]` block (SPEC §4 "RFM").
+#[derive(Clone, Debug, PartialEq)]
+pub struct RfmDef {
+    /// The `track` event that is a purchase.
+    pub purchase: String,
+    /// Where the revenue of a purchase is read.
+    pub revenue: ast::Path,
+    pub window: ast::Window,
+    /// `rfm.segment` of each (R score, F score): `grid[r - 1][f - 1]`; the
+    /// SPEC's table unless the spec gives a `map`.
+    pub grid: Vec<Vec<String>>,
+}
+
+/// The SPEC §4 RFM table, `[r - 1][f - 1]`.
+pub fn default_rfm_grid() -> Vec<Vec<String>> {
+    const ROWS: [[&str; 5]; 5] = [
+        ["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"],
+        ["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"],
+        [
+            "about_to_sleep",
+            "about_to_sleep",
+            "need_attention",
+            "loyal_customers",
+            "loyal_customers",
+        ],
+        [
+            "promising",
+            "potential_loyalists",
+            "potential_loyalists",
+            "loyal_customers",
+            "loyal_customers",
+        ],
+        [
+            "new_customers",
+            "potential_loyalists",
+            "potential_loyalists",
+            "champions",
+            "champions",
+        ],
+    ];
+    ROWS.iter().map(|r| r.iter().map(|s| s.to_string()).collect()).collect()
+}
+
+/// One `[[clustering]]` (SPEC §4 "Clustering"), read as `cluster.NAME`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusteringDef {
+    pub name: String,
+    pub k: usize,
+    /// Numeric expressions per profile, checked like a score's `expr`.
+    pub features: Vec<Expr>,
+    /// The features as written.
+    pub sources: Vec<String>,
+    /// Milliseconds of event time between refreshes of the centroids.
+    pub refresh: u64,
+    pub seed: u64,
+}
+
+/// A checked spec.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Spec {
+    pub segments: Vec<Segment>,
+    pub scores: Vec<ScoreDef>,
+    pub rfm: Option<RfmDef>,
+    pub clusterings: Vec<ClusteringDef>,
+}
+
+/// An error in a spec, at a 1-based line and column of the TOML file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{line}:{column}: {message}")]
+pub struct SpecError {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
