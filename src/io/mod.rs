@@ -61,9 +61,9 @@ pub enum Error {
 }
 
 impl Error {
-    /// An input failure: `what` names the action and the input.
-    pub fn input(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
-        let what = what.into();
-        move |error| Error::Input { what, error }
+    /// An input failure: `what` names the action and the input, and is
+    /// only called on failure (reading a line must not format a message).
+    pub fn input(what: impl FnOnce() -> String) -> impl FnOnce(std::io::Error) -> Error {
+        move |error| Error::Input { what: what(), error }
     }
 }

@@ -55,7 +55,7 @@ impl Source {
         Ok(match self {
             Source::File(p) => Box::new(BufReader::with_capacity(
                 1 << 20,
-                std::fs::File::open(p).map_err(Error::input(format!("read {}", p.display())))?,
+                std::fs::File::open(p).map_err(Error::input(|| format!("read {}", p.display())))?,
             )),
             Source::Stdin => Box::new(BufReader::with_capacity(1 << 20, std::io::stdin())),
             Source::Decoded(_) | Source::Paced { .. } => unreachable!("not read as a byte stream"),
@@ -147,7 +147,7 @@ impl Source {
     /// Opens the source at byte `offset` (resuming from a checkpoint),
     /// decoding it as `decoding` says.
     pub fn open_at(&self, offset: u64, decoding: &Decoding) -> Result<Lines, Error> {
-        let failed = Error::input("start the decoding thread");
+        let failed = Error::input(|| "start the decoding thread".into());
         Ok(match self.raw_at(offset)? {
             Raw::Bytes(input, offset) => {
                 Lines::Ahead(crate::ingest::decode::Ahead::spawn(input, offset, decoding.clone()).map_err(failed)?)
@@ -179,7 +179,7 @@ impl Source {
                         }
                     }
                 })
-                .map_err(Error::input("start the paced source"))?;
+                .map_err(Error::input(|| "start the paced source".into()))?;
             return Ok(Raw::Live(rx));
         }
         if let Source::Stdin = self {
@@ -204,7 +204,7 @@ impl Source {
                         }
                     }
                 })
-                .map_err(Error::input("start the stdin reader"))?;
+                .map_err(Error::input(|| "start the stdin reader".into()))?;
             return Ok(Raw::Live(rx));
         }
         Ok(Raw::Bytes(self.open_reader()?, 0))
@@ -218,10 +218,10 @@ impl Source {
         if offset == 0 {
             return self.raw();
         }
-        let cannot = |e: std::io::Error| Error::input(format!("resume {} at byte {offset}", self.name()))(e);
+        let cannot = |e: std::io::Error| Error::input(|| format!("resume {} at byte {offset}", self.name()))(e);
         match self {
             Source::File(p) => {
-                let mut f = std::fs::File::open(p).map_err(Error::input(format!("read {}", p.display())))?;
+                let mut f = std::fs::File::open(p).map_err(Error::input(|| format!("read {}", p.display())))?;
                 let len = f.metadata().map_err(cannot)?.len();
                 if len < offset {
                     return Err(Error::Changed(format!(

@@ -49,7 +49,7 @@ pub(super) fn read_lines(reader: &mut Reader<'_>, sources: &[Source], start: Opt
             let wait = if batch > 0 { Duration::from_millis(20) } else { tick.min(idle) };
             let next = lines
                 .next(&mut line, wait)
-                .map_err(crate::io::Error::input(format!("read {name}")))?;
+                .map_err(crate::io::Error::input(|| format!("read {name}")))?;
             match next {
                 Next::End => break,
                 Next::Idle => {
