@@ -93,27 +93,71 @@ pub struct Partition {
     pub topic: String,
     pub partition: i32,
     /// The offset of the next message to read.
-    pub next: i64,
+    next: i64,
     /// The end offset as of the start (bounded runs).
-    pub end: Option<i64>,
+    end: Option<i64>,
     /// The largest accepted event time read.
-    pub max_time: Option<u64>,
+    max_time: Option<u64>,
     /// When the last message came (or the reader started).
-    pub last_seen: Instant,
+    last_seen: Instant,
     /// (offset after the message, latest effect tick up to it), not yet committed.
-    pub uncommitted: VecDeque<(i64, u64)>,
+    uncommitted: VecDeque<(i64, u64)>,
     /// The latest effect tick read so far.
-    pub effect: u64,
+    effect: u64,
     /// The offset after the last message whose effects are delivered: what
     /// the next commit sends.
-    pub ready: i64,
+    ready: i64,
     /// The offset the group last took.
-    pub committed: i64,
+    committed: i64,
 }
 
 impl Partition {
+    /// Read to its end offset (bounded runs).
     pub fn done(&self) -> bool {
         self.end.is_some_and(|e| self.next >= e)
+    }
+
+    /// Takes the message at `offset`, unless it was read already (a
+    /// redelivery) or the partition is done; returns whether it did.
+    pub fn take(&mut self, offset: i64) -> bool {
+        if offset < self.next || self.done() {
+            return false;
+        }
+        self.next = offset + 1;
+        self.last_seen = Instant::now();
+        true
+    }
+
+    /// The message just taken was an event of `time` that takes effect at
+    /// `effect` (`None`: after `--until`, it never does).
+    pub fn accepted(&mut self, time: u64, effect: Option<u64>) {
+        self.max_time = self.max_time.max(Some(time));
+        self.effect = self.effect.max(effect.unwrap_or(0));
+    }
+
+    /// The message just taken was bad: its dead letter goes out with the
+    /// tick the reader is at.
+    pub fn refused(&mut self, frontier: u64) {
+        self.effect = self.effect.max(frontier);
+    }
+
+    /// Records the message just taken as read and not yet committed: the
+    /// offset after it can be committed once its effects are delivered.
+    pub fn read(&mut self) {
+        match self.uncommitted.back_mut() {
+            Some(last) if last.1 == self.effect => last.0 = self.next,
+            _ => self.uncommitted.push_back((self.next, self.effect)),
+        }
+    }
+
+    /// The largest accepted event time read.
+    pub fn max_time(&self) -> Option<u64> {
+        self.max_time
+    }
+
+    /// How long since the last message (or the start).
+    pub fn quiet_for(&self) -> Duration {
+        self.last_seen.elapsed()
     }
 }
 

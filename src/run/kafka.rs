@@ -70,34 +70,25 @@ pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, start: Option<Position>) ->
                 continue;
             };
             let p = &mut parts[i];
-            if msg.offset() < p.next || p.done() {
+            if !p.take(msg.offset()) {
                 continue;
             }
-            p.next = msg.offset() + 1;
-            p.last_seen = Instant::now();
             let payload = msg.payload().unwrap_or_default();
             let payload = payload.strip_suffix(b"\n").unwrap_or(payload);
             let outcome = reader.feeder.read(payload);
             match &outcome {
                 Outcome::Accepted(s) => {
-                    p.max_time = p.max_time.max(Some(s.event.time));
-                    if reader.opts.until.is_none_or(|u| s.effect <= u) {
-                        p.effect = p.effect.max(s.effect);
-                    }
+                    p.accepted(s.event.time, reader.opts.until.is_none_or(|u| s.effect <= u).then_some(s.effect));
                     last_event = (Instant::now(), reader.feeder.now());
                 }
                 Outcome::Bad(reason) => {
-                    p.effect = p.effect.max(reader.feeder.frontier());
+                    p.refused(reader.feeder.frontier());
                     let line = dead_letter(&p.topic, p.partition, msg.offset(), reason, payload);
                     reader.dead_letter(line);
                 }
                 Outcome::Blank | Outcome::Ignored | Outcome::Duplicate => {}
             }
-            if p.uncommitted.back().is_some_and(|&(_, e)| e == p.effect) {
-                p.uncommitted.back_mut().expect("non-empty").0 = p.next;
-            } else {
-                p.uncommitted.push_back((p.next, p.effect));
-            }
+            p.read();
         }
         advance_clock(reader, &parts, partition_idle, idle, &last_event, tick);
         let lag = || lag_line(&consumer, &parts);
@@ -129,10 +120,10 @@ fn advance_clock(
     last_event: &(Instant, Option<u64>),
     tick: u64,
 ) {
-    let active = |p: &&Partition| !p.done() && p.last_seen.elapsed() < partition_idle;
-    let holding: Vec<Option<u64>> = parts.iter().filter(active).map(|p| p.max_time).collect();
+    let active = |p: &&Partition| !p.done() && p.quiet_for() < partition_idle;
+    let holding: Vec<Option<u64>> = parts.iter().filter(active).map(Partition::max_time).collect();
     let watermark = if holding.is_empty() {
-        parts.iter().filter_map(|p| p.max_time).max()
+        parts.iter().filter_map(Partition::max_time).max()
     } else if holding.iter().all(Option::is_some) {
         holding.into_iter().flatten().min()
     } else {
@@ -142,7 +133,7 @@ fn advance_clock(
         reader.feeder.advance_watermark(w);
     }
     let (at, now) = *last_event;
-    let quiet = parts.iter().all(|p| p.last_seen.elapsed() >= idle);
+    let quiet = parts.iter().all(|p| p.quiet_for() >= idle);
     if let Some(now) = now.filter(|_| quiet && at.elapsed() >= idle) {
         reader.feeder.advance_clock(now + (at.elapsed().as_millis() as u64 / tick) * tick);
     }
