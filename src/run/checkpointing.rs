@@ -28,12 +28,12 @@ pub struct Checkpointing {
     pub(super) readers_count: usize,
     /// Several readers: the checkpoint being gathered, and the final states
     /// of readers that stopped reading.
-    pub(super) rounds: Mutex<checkpoint::Rounds>,
+    rounds: Mutex<checkpoint::Rounds>,
     /// The delivered frontier of the last checkpoint written.
-    pub(super) written: std::sync::atomic::AtomicU64,
+    written: std::sync::atomic::AtomicU64,
     /// Held while a checkpoint is numbered and written, so that numbers
     /// follow frontiers.
-    pub(super) writing: Mutex<()>,
+    writing: Mutex<()>,
     pub(super) windows: Vec<Option<u64>>,
     pub(super) tick: u64,
 }
@@ -150,6 +150,64 @@ impl Checkpointing {
         let mut st = st.clone();
         st.compact(frontier, self.tick, &self.windows);
         st
+    }
+
+    /// Whether the delivered frontier moved past the last checkpoint written.
+    pub(super) fn delivered_past_written(&self) -> bool {
+        self.delivered.lock().expect("not poisoned").mark.frontier > self.written.load(Ordering::SeqCst)
+    }
+
+    /// Several readers (worker 0, when one is due): opens a round at the
+    /// delivered mark unless one is open; returns whether it did. The mark
+    /// is read under the rounds' lock, so a reader that stops meanwhile
+    /// takes its final state no later than this round.
+    pub(super) fn open_round(&self) -> bool {
+        let mut rounds = self.rounds.lock().expect("not poisoned");
+        if rounds.is_open() {
+            return false;
+        }
+        self.mark().is_some_and(|mark| rounds.open(mark))
+    }
+
+    /// The frontier at which `reader` owes the open round its state.
+    pub(super) fn owed_by(&self, reader: usize) -> Option<u64> {
+        self.rounds.lock().expect("not poisoned").owed_by(reader)
+    }
+
+    /// Takes `reader`'s state for the open round, and writes the round if
+    /// it was the last one owed.
+    pub(super) fn give(&self, reader: usize, st: checkpoint::ReaderState) {
+        self.rounds.lock().expect("not poisoned").give(reader, st);
+        self.complete_round();
+    }
+
+    /// The frontier a stopping reader, whose clock is at `own`, takes its
+    /// final state at: the delivered mark's (or its own, if behind), no
+    /// later than the open round's. Read under the rounds' lock, where
+    /// rounds open: a round opened later has a later mark.
+    pub(super) fn final_frontier(&self, own: u64) -> Option<u64> {
+        let rounds = self.rounds.lock().expect("not poisoned");
+        let mark = self.mark()?;
+        Some(rounds.final_frontier(mark.frontier.min(own)))
+    }
+
+    /// Keeps a stopped reader's final state, taken at `frontier`; writes
+    /// the open round if it was waiting for it, and the last checkpoint
+    /// once every reader has stopped.
+    pub(super) fn stopped(&self, reader: usize, frontier: u64, st: checkpoint::ReaderState) {
+        let all = self.rounds.lock().expect("not poisoned").stop(reader, frontier, st);
+        self.complete_round();
+        if all {
+            let Some(mark) = self.mark() else { return };
+            let finals = self
+                .rounds
+                .lock()
+                .expect("not poisoned")
+                .finals(&mark, |st, frontier| self.compacted(st, frontier));
+            if let Some(states) = finals {
+                self.write(mark, states);
+            }
+        }
     }
 
     /// Several readers: writes the open round once every reader has given

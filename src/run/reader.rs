@@ -81,8 +81,7 @@ impl Reader<'_> {
     pub fn checkpoint_if_due(&mut self, position: impl FnOnce() -> crate::io::Position) {
         let Some(ck) = &self.checkpoints else { return };
         let shared = ck.shared.clone();
-        let due = ck.last.elapsed() >= shared.every
-            && shared.delivered.lock().expect("not poisoned").mark.frontier > shared.written.load(Ordering::SeqCst);
+        let due = ck.last.elapsed() >= shared.every && shared.delivered_past_written();
         if shared.readers_count == 1 {
             if due {
                 self.checkpoint(position());
@@ -90,23 +89,12 @@ impl Reader<'_> {
             return;
         }
         let me = self.worker.index();
-        if due && me == 0 {
-            // The mark is read under the rounds' lock: a reader that stops
-            // meanwhile takes its final state no later than this round.
-            let mut rounds = shared.rounds.lock().expect("not poisoned");
-            if !rounds.is_open() {
-                let Some(mark) = shared.mark() else { return };
-                if rounds.open(mark) {
-                    self.checkpoints.as_mut().expect("checked").last = Instant::now();
-                }
-            }
+        if due && me == 0 && shared.open_round() {
+            self.checkpoints.as_mut().expect("checked").last = Instant::now();
         }
-        let Some(frontier) = shared.rounds.lock().expect("not poisoned").owed_by(me) else {
-            return;
-        };
+        let Some(frontier) = shared.owed_by(me) else { return };
         let Some(st) = self.own_state(frontier, position()) else { return };
-        shared.rounds.lock().expect("not poisoned").give(me, st);
-        shared.complete_round();
+        shared.give(me, st);
     }
 
     /// This reader's state at `frontier` (a copy; the logs stay).
@@ -152,27 +140,11 @@ impl Reader<'_> {
         if shared.readers_count == 1 {
             return self.checkpoint(position);
         }
-        // Under the rounds' lock, where rounds open: no later than the open
-        // round, and a round opened later has a later mark.
-        let frontier = {
-            let rounds = shared.rounds.lock().expect("not poisoned");
-            let Some(mark) = shared.mark() else { return };
-            rounds.final_frontier(mark.frontier.min(self.feeder.frontier()))
+        let Some(frontier) = shared.final_frontier(self.feeder.frontier()) else {
+            return;
         };
         let Some(st) = self.own_state(frontier, position) else { return };
-        let all = shared.rounds.lock().expect("not poisoned").stop(self.worker.index(), frontier, st);
-        shared.complete_round();
-        if all {
-            let Some(mark) = shared.mark() else { return };
-            let finals = shared
-                .rounds
-                .lock()
-                .expect("not poisoned")
-                .finals(&mark, |st, frontier| shared.compacted(st, frontier));
-            if let Some(states) = finals {
-                shared.write(mark, states);
-            }
-        }
+        shared.stopped(self.worker.index(), frontier, st);
     }
 
     /// Writes a checkpoint at the delivered frontier with this reader at
