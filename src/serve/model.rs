@@ -376,9 +376,9 @@ impl Served {
     }
 
     /// Sends written lines to `/stream` subscribers.
-    pub fn publish(&self, lines: &[String]) {
+    pub fn publish(&self, lines: &[ProfileLine]) {
         if self.stream.receiver_count() > 0 {
-            for l in lines {
+            for (_, l) in lines {
                 let _ = self.stream.send(Arc::from(l.as_str()));
             }
         }
@@ -398,11 +398,11 @@ impl Observer for Served {
         let lines = {
             let mut model = self.model.write().expect("not poisoned");
             let changes = model.apply_tick(t, changes);
-            let lines: Vec<(String, String)> = model.lines(t, &changes).into_iter().zip(changes).map(|(l, c)| (c.2, l)).collect();
+            let lines = model.lines(t, changes);
             write(&lines);
             lines
         };
-        self.publish(&lines.into_iter().map(|(_, l)| l).collect::<Vec<_>>());
+        self.publish(&lines);
     }
 
     fn run_requests(&self, write: &mut dyn FnMut(u64, &[ProfileLine])) -> Vec<Answer> {
@@ -413,14 +413,14 @@ impl Observer for Served {
                 let mut model = self.model.write().expect("not poisoned");
                 let (reply, result, changes) = model.run(command);
                 let t = model.clock.unwrap_or(0);
-                let lines: Vec<(String, String)> = model.lines(t, &changes).into_iter().zip(changes).map(|(l, c)| (c.2, l)).collect();
+                let lines = model.lines(t, changes);
                 // Written under the lock: a reader sees the model and the output agree.
                 if !lines.is_empty() {
                     write(t, &lines);
                 }
                 (reply, result, lines)
             };
-            self.publish(&lines.into_iter().map(|(_, l)| l).collect::<Vec<_>>());
+            self.publish(&lines);
             answers.push(Box::new(move || {
                 let _ = reply.send(result);
             }));
@@ -834,12 +834,15 @@ impl Model {
         }
     }
 
-    /// The SPEC §5 lines of `changes` at tick `t`.
-    pub fn lines(&self, t: u64, changes: &[MemberChange]) -> Vec<String> {
+    /// The SPEC §5 lines of `changes` at tick `t`, each after its profile.
+    pub fn lines(&self, t: u64, changes: Vec<MemberChange>) -> Vec<ProfileLine> {
         let time = crate::core::clock::format_time(t, self.show_ms);
         changes
-            .iter()
-            .map(|(slot, _, id, enter)| membership_line(&time, &self.segments[*slot].name, id, *enter))
+            .into_iter()
+            .map(|(slot, _, id, enter)| {
+                let line = membership_line(&time, &self.segments[slot].name, &id, enter);
+                (id, line)
+            })
             .collect()
     }
 
