@@ -12,10 +12,13 @@ use clap::{Args, Parser, Subcommand};
 
 use shoal::core::clock::{parse_duration, parse_duration_or_zero, parse_time_arg};
 use shoal::generate::GenOptions;
+use shoal::io::intake::Intake;
 use shoal::io::kafka::{kafka_output, KafkaInput};
 use shoal::io::source::Source;
-use shoal::output::deliver::file_output;
+use shoal::io::webhook::{webhook_output, Format, WebhookOptions};
+use shoal::output::deliver::{file_output, tee_output};
 use shoal::run::{EngineError, Job, RunOptions};
+use shoal::serve::events::EventsIn;
 use shoal::serve::model::History;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
@@ -124,8 +127,32 @@ struct RunArgs {
     kafka_partition_idle: u64,
     /// Write membership changes to this Kafka topic (key: profile id, value: the JSON line),
     /// with an idempotent producer that retries until the broker takes them.
-    #[arg(long, value_name = "TOPIC", help_heading = "Kafka", conflicts_with = "output")]
+    #[arg(long, value_name = "TOPIC", help_heading = "Kafka", conflicts_with_all = ["output", "output_webhook"])]
     output_kafka: Option<String>,
+    /// POST membership changes to this URL (repeatable), one request per tick (at most 500
+    /// lines each), in order, at least once: retried with backoff on errors, 408, 429
+    /// (honouring Retry-After) and 5xx, while input waits. Each request carries an
+    /// Idempotency-Key that is the same on a retry and after a restart. Credentials in the URL
+    /// (http://KEY:@host/v1/batch) go as HTTP Basic authentication. Without --output, changes
+    /// go only to the webhooks.
+    #[arg(long, value_name = "URL", help_heading = "Webhooks")]
+    output_webhook: Vec<String>,
+    /// The body of webhook requests: `ndjson` (the change lines) or `segment` (a Segment
+    /// /v1/batch of `Segment Entered` / `Segment Exited` track events, for any receiver of
+    /// Segment's API, including another shoal).
+    #[arg(long, value_name = "FORMAT", default_value = "ndjson", value_parser = ["ndjson", "segment"], help_heading = "Webhooks")]
+    webhook_format: String,
+    /// Sign webhook requests: `X-Shoal-Signature: sha256=<hex HMAC-SHA256 of the body>` keyed
+    /// with the file's first line.
+    #[arg(long, value_name = "FILE", requires = "output_webhook", help_heading = "Webhooks")]
+    webhook_secret_file: Option<PathBuf>,
+    /// Where requests a webhook refused for good (a 4xx other than 408 and 429) go, as JSON
+    /// lines with the answer [default: stderr].
+    #[arg(long, value_name = "FILE", requires = "output_webhook", help_heading = "Webhooks")]
+    webhook_dead_letter: Option<PathBuf>,
+    /// How long one webhook request may take before it is retried.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "D", help_heading = "Webhooks")]
+    webhook_timeout: u64,
     /// Serve the HTTP API and the live page on this address (e.g. 127.0.0.1:8080; port 0
     /// picks one, printed on stderr as `shoal: listening on http://ADDR`). With it, shoal
     /// keeps serving after the input ends until SIGINT/SIGTERM.
@@ -140,6 +167,14 @@ struct RunArgs {
     /// window in the spec, so any new term with a window up to it starts complete].
     #[arg(long, value_name = "D|all", value_parser = parse_history, requires = "http", help_heading = "Serving")]
     history: Option<History>,
+    /// Take events over HTTP on the --http server: Segment's tracking API (POST /v1/track,
+    /// /v1/identify, /v1/page, /v1/screen, /v1/alias, /v1/group, /v1/batch), so Segment's and
+    /// RudderStack's libraries send to shoal by pointing their host at it. The file holds the
+    /// write keys, one a line; a client sends its key as the HTTP Basic user name. The run
+    /// then reads HTTP instead of files and stdin, live until SIGINT/SIGTERM. With --state a
+    /// request is answered only once its events are on disk (DIR/http-log).
+    #[arg(long, value_name = "FILE", requires = "http", conflicts_with_all = ["inputs", "generate"], help_heading = "Events over HTTP")]
+    write_key_file: Option<PathBuf>,
     /// Keep checkpoints in this directory and resume from the newest one: run the
     /// same command again after a crash and the output file continues exactly
     /// where the checkpoint left it (cut back, then continued: exactly once).
@@ -152,6 +187,37 @@ struct RunArgs {
     /// security.protocol=SASL_SSL (repeatable).
     #[arg(long, value_name = "KEY=VALUE", value_parser = key_value, help_heading = "Kafka")]
     kafka_option: Vec<(String, String)>,
+}
+
+fn webhook_options(args: &RunArgs) -> Result<WebhookOptions, Failure> {
+    for url in &args.output_webhook {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(usage(anyhow::anyhow!("--output-webhook {url}: not an http:// or https:// URL")));
+        }
+    }
+    let secret = match &args.webhook_secret_file {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read the webhook secret {}", f.display()))
+                .map_err(|e| Failure(1, e))?;
+            let first = text.lines().next().unwrap_or_default().trim().to_string();
+            if first.is_empty() {
+                return Err(usage(anyhow::anyhow!("{} holds no secret on its first line", f.display())));
+            }
+            Some(first.into_bytes())
+        }
+        None => None,
+    };
+    Ok(WebhookOptions {
+        format: if args.webhook_format == "segment" {
+            Format::Segment
+        } else {
+            Format::Ndjson
+        },
+        secret,
+        dead_letter: args.webhook_dead_letter.clone(),
+        timeout: std::time::Duration::from_millis(args.webhook_timeout),
+    })
 }
 
 fn parse_history(s: &str) -> Result<History, String> {
@@ -311,6 +377,29 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             ..GenOptions::default()
         }));
     }
+    let events = match &args.write_key_file {
+        Some(file) => {
+            if !args.kafka_topic.is_empty() {
+                return Err(usage(anyhow::anyhow!(
+                    "--write-key-file with --kafka-topic is not supported yet: read HTTP or Kafka"
+                )));
+            }
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the write keys {}", file.display()))
+                .map_err(|e| Failure(1, e))?;
+            let keys = EventsIn::keys_of(&text);
+            if keys.is_empty() {
+                return Err(usage(anyhow::anyhow!("{} holds no write key (one a line)", file.display())));
+            }
+            let intake = match &args.state {
+                Some(dir) => Intake::durable(&dir.join("http-log")).map_err(|e| Failure(1, e.into()))?,
+                None => Intake::memory(),
+            };
+            sources.push(Source::Http(intake.clone()));
+            Some(Arc::new(EventsIn::new(keys, intake)))
+        }
+        None => None,
+    };
     if sources.is_empty() && args.kafka_topic.is_empty() {
         if std::io::stdin().is_terminal() {
             return Err(usage(anyhow::anyhow!(
@@ -345,7 +434,15 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     });
     let output = match &args.output_kafka {
         Some(topic) => kafka_output(brokers, topic.clone(), args.kafka_option.clone()),
-        None => file_output(args.output.clone().unwrap_or_else(|| PathBuf::from("-"))),
+        None => {
+            let mut outputs = Vec::new();
+            if args.output.is_some() || args.output_webhook.is_empty() {
+                outputs.push(file_output(args.output.clone().unwrap_or_else(|| PathBuf::from("-"))));
+            }
+            let hooks = webhook_options(&args)?;
+            outputs.extend(args.output_webhook.iter().map(|url| webhook_output(url.clone(), hooks.clone())));
+            tee_output(outputs)
+        }
     };
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [SIGINT, SIGTERM] {
@@ -373,6 +470,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         http: args.http.clone().map(|addr| shoal::run::HttpOptions {
             addr,
             history: args.history,
+            events: events.clone(),
             on_listen: Some(Arc::new(|a| eprintln!("shoal: listening on http://{a}"))),
         }),
     };

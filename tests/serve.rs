@@ -621,6 +621,7 @@ fn run_returns_only_after_the_server_closed() {
     job.http = Some(shoal::run::HttpOptions {
         addr: "127.0.0.1:0".into(),
         history: None,
+        events: None,
         on_listen: Some(std::sync::Arc::new(move |a| {
             let _ = tx.send(a);
         })),

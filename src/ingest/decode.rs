@@ -134,28 +134,62 @@ fn prepare(line: &mut Vec<u8>, decoding: &Decoding) -> Item {
     }
 }
 
-/// Decodes the lines of a live source (stdin, the paced benchmark source)
-/// on a thread of its own. A line is never held back to fill a batch: the
-/// thread takes every line already waiting (up to a batch), decodes them
-/// and passes them on together, so a busy stream crosses the channel in
-/// batches and a quiet one line by line. Offsets are 0 (a live source
-/// cannot be resumed).
-pub fn live(lines: Receiver<std::io::Result<Vec<u8>>>, decoding: Decoding) -> std::io::Result<Ahead> {
+/// A line of a live source: its text, the offset just after it (0 when
+/// the source cannot be resumed) and, for events that came over HTTP,
+/// where they came from.
+#[derive(Clone, Debug, Default)]
+pub struct LiveLine {
+    pub text: Vec<u8>,
+    pub offset: u64,
+    pub place: Option<Place>,
+}
+
+impl LiveLine {
+    /// A line of a source that cannot be resumed.
+    pub fn of(text: Vec<u8>) -> LiveLine {
+        LiveLine {
+            text,
+            offset: 0,
+            place: None,
+        }
+    }
+}
+
+/// Where an event that came over HTTP came from: its request's receive
+/// time (ms) and its index in the request, the position its dead letter
+/// names (SPEC §8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Place {
+    pub received: u64,
+    pub index: u32,
+}
+
+/// Decodes the lines of a live source (stdin, HTTP, the paced benchmark
+/// source) on a thread of its own. A line is never held back to fill a
+/// batch: the thread takes every batch of lines already waiting (up to
+/// [`BATCH`] lines), decodes them and passes them on together, so a busy
+/// stream crosses the channel in batches and a quiet one line by line.
+pub fn live(lines: Receiver<std::io::Result<Vec<LiveLine>>>, decoding: Decoding) -> std::io::Result<Ahead> {
     let (tx, batches) = sync_channel(AHEAD);
     std::thread::Builder::new().name("shoal-decode".into()).spawn(move || {
         while let Ok(first) = lines.recv() {
             let mut batch = Vec::with_capacity(BATCH);
             let mut failed = None;
-            for line in std::iter::once(first).chain(std::iter::from_fn(|| lines.try_recv().ok()).take(BATCH - 1)) {
-                match line {
-                    Ok(mut line) => batch.push(Prepared {
-                        item: prepare(&mut line, &decoding),
-                        offset: 0,
-                    }),
+            let mut next = Some(first);
+            while let Some(got) = next.take() {
+                match got {
+                    Ok(got) => batch.extend(got.into_iter().map(|mut line| Prepared {
+                        item: prepare(&mut line.text, &decoding),
+                        offset: line.offset,
+                        place: line.place,
+                    })),
                     Err(e) => {
                         failed = Some(e);
                         break;
                     }
+                }
+                if batch.len() < BATCH {
+                    next = lines.try_recv().ok();
                 }
             }
             if tx.send(Ok(batch)).is_err() {
@@ -186,6 +220,8 @@ pub enum Got {
 pub struct Prepared {
     pub item: Item,
     pub offset: u64,
+    /// Where an event that came over HTTP came from.
+    pub place: Option<Place>,
 }
 
 /// The reader's end of a decoding thread.
@@ -216,7 +252,11 @@ impl Ahead {
                     }
                 }
                 let item = prepare(&mut line, &decoding);
-                batch.push(Prepared { item, offset: at });
+                batch.push(Prepared {
+                    item,
+                    offset: at,
+                    place: None,
+                });
                 if batch.len() == BATCH && tx.send(Ok(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))).is_err() {
                     return; // the reader stopped
                 }
@@ -258,6 +298,13 @@ impl Ahead {
     /// The byte offset just after the last line returned.
     pub fn offset(&self) -> u64 {
         self.offset
+    }
+
+    /// A live source's offset (0 until a line was read): after resuming,
+    /// the offset it was opened at.
+    pub fn resumed_at(mut self, offset: u64) -> Ahead {
+        self.offset = offset;
+        self
     }
 }
 

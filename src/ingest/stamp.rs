@@ -367,6 +367,28 @@ pub fn dead_letter(source: &str, line: u64, reason: &str, text: &[u8]) -> String
     .expect("serializable")
 }
 
+/// The dead letter of an event that came over HTTP: its position is its
+/// request's receive time and its index in the request (SPEC §8).
+pub fn dead_letter_at(place: crate::ingest::decode::Place, reason: &str, text: &[u8]) -> String {
+    #[derive(Serialize)]
+    struct Dead<'a> {
+        source: &'a str,
+        received: String,
+        index: u32,
+        reason: &'a str,
+        text: &'a str,
+    }
+    let text = String::from_utf8_lossy(&text[..text.len().min(4096)]);
+    serde_json::to_string(&Dead {
+        source: "http",
+        received: crate::core::clock::format_time(place.received, true),
+        index: place.index,
+        reason,
+        text: &text,
+    })
+    .expect("serializable")
+}
+
 /// The sequential state of [`Ingest`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IngestState {

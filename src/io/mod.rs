@@ -4,8 +4,10 @@
 //! that delivers changes). A reader's [`Position`] in its input is what a
 //! checkpoint stores to resume it.
 
+pub mod intake;
 pub mod kafka;
 pub mod source;
+pub mod webhook;
 
 use serde::{Deserialize, Serialize};
 

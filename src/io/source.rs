@@ -14,7 +14,7 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::ingest::decode::{Decoding, Got, Item, Prepared};
+use crate::ingest::decode::{Decoding, Got, Item, LiveLine, Prepared};
 use crate::ingest::lines::read_line;
 use crate::io::Error;
 
@@ -37,6 +37,9 @@ pub enum Source {
         data: Arc<Vec<u8>>,
         rate: f64,
     },
+    /// Events sent over HTTP (`/v1/…`, SPEC §8): live, and resumable from a
+    /// checkpoint when the intake keeps a log (see `crate::io::intake`).
+    Http(Arc<crate::io::intake::Intake>),
 }
 
 impl Source {
@@ -48,6 +51,7 @@ impl Source {
             Source::Generate(g) => format!("generate(seed {})", g.seed),
             Source::Decoded(_) => "decoded".to_string(),
             Source::Paced { rate, .. } => format!("paced({rate}/s)"),
+            Source::Http(_) => "http".to_string(),
         }
     }
 
@@ -58,7 +62,7 @@ impl Source {
                 std::fs::File::open(p).map_err(Error::input(|| format!("read {}", p.display())))?,
             )),
             Source::Stdin => Box::new(BufReader::with_capacity(1 << 20, std::io::stdin())),
-            Source::Decoded(_) | Source::Paced { .. } => unreachable!("not read as a byte stream"),
+            Source::Decoded(_) | Source::Paced { .. } | Source::Http(_) => unreachable!("not read as a byte stream"),
             Source::Bytes { data, .. } => Box::new(std::io::Cursor::new(SharedBytes(data.clone()))),
             Source::Generate(g) => Box::new(BufReader::with_capacity(
                 1 << 16,
@@ -132,8 +136,9 @@ pub enum Lines {
 enum Raw {
     /// A byte stream and the offset of its next line.
     Bytes(Box<dyn BufRead + Send>, u64),
-    /// Lines from a thread (stdin, the paced benchmark source).
-    Live(Receiver<std::io::Result<Vec<u8>>>),
+    /// Lines from a thread (stdin, HTTP, the paced benchmark source), and
+    /// the offset they start at.
+    Live(Receiver<std::io::Result<Vec<LiveLine>>>, u64),
     Decoded(Arc<Vec<crate::ingest::event::Event>>),
 }
 
@@ -152,7 +157,11 @@ impl Source {
             Raw::Bytes(input, offset) => {
                 Lines::Ahead(crate::ingest::decode::Ahead::spawn(input, offset, decoding.clone()).map_err(failed)?)
             }
-            Raw::Live(lines) => Lines::Live(crate::ingest::decode::live(lines, decoding.clone()).map_err(failed)?),
+            Raw::Live(lines, offset) => Lines::Live(
+                crate::ingest::decode::live(lines, decoding.clone())
+                    .map_err(failed)?
+                    .resumed_at(offset),
+            ),
             Raw::Decoded(events) => Lines::Decoded(events, 0, decoding.clone()),
         })
     }
@@ -174,13 +183,16 @@ impl Source {
                         if let Some(wait) = due.checked_sub(start.elapsed()).filter(|w| *w >= Duration::from_millis(1)) {
                             std::thread::sleep(wait);
                         }
-                        if tx.send(Ok(line.to_vec())).is_err() {
+                        if tx.send(Ok(vec![LiveLine::of(line.to_vec())])).is_err() {
                             break;
                         }
                     }
                 })
                 .map_err(Error::input(|| "start the paced source".into()))?;
-            return Ok(Raw::Live(rx));
+            return Ok(Raw::Live(rx, 0));
+        }
+        if let Source::Http(intake) = self {
+            return Ok(Raw::Live(intake.lines_from(0)?, 0));
         }
         if let Source::Stdin = self {
             let (tx, rx) = sync_channel(1 << 14);
@@ -193,7 +205,7 @@ impl Source {
                         match read_line(&mut input, &mut line) {
                             Ok(0) => break,
                             Ok(_) => {
-                                if tx.send(Ok(line)).is_err() {
+                                if tx.send(Ok(vec![LiveLine::of(line)])).is_err() {
                                     break;
                                 }
                             }
@@ -205,7 +217,7 @@ impl Source {
                     }
                 })
                 .map_err(Error::input(|| "start the stdin reader".into()))?;
-            return Ok(Raw::Live(rx));
+            return Ok(Raw::Live(rx, 0));
         }
         Ok(Raw::Bytes(self.open_reader()?, 0))
     }
@@ -240,6 +252,7 @@ impl Source {
                 }
                 Ok(Raw::Bytes(r, offset))
             }
+            Source::Http(intake) if intake.durable_log() => Ok(Raw::Live(intake.lines_from(offset)?, offset)),
             _ => Err(Error::Unsupported(format!(
                 "{} cannot be read again from a checkpoint",
                 self.name()
@@ -249,7 +262,11 @@ impl Source {
 
     /// Whether a checkpoint can resume this source at a byte offset.
     pub fn replayable(&self) -> bool {
-        matches!(self, Source::File(_) | Source::Bytes { .. } | Source::Generate(_))
+        match self {
+            Source::File(_) | Source::Bytes { .. } | Source::Generate(_) => true,
+            Source::Http(intake) => intake.durable_log(),
+            _ => false,
+        }
     }
 }
 
@@ -280,16 +297,21 @@ impl Lines {
                 let Some(event) = events.get(*at) else { return Ok(Next::End) };
                 *at += 1;
                 let item = decoding.item_of(event);
-                Ok(Next::Prepared(Box::new(Prepared { item, offset: 0 })))
+                Ok(Next::Prepared(Box::new(Prepared {
+                    item,
+                    offset: 0,
+                    place: None,
+                })))
             }
         }
     }
 
-    /// The byte offset of the next line (byte streams; 0 otherwise).
+    /// The offset of the next line (byte streams and the HTTP log; 0
+    /// otherwise).
     pub fn offset(&self) -> u64 {
         match self {
-            Lines::Ahead(ahead) => ahead.offset(),
-            _ => 0,
+            Lines::Ahead(ahead) | Lines::Live(ahead) => ahead.offset(),
+            Lines::Decoded(..) => 0,
         }
     }
 

@@ -98,6 +98,47 @@ impl Deliver for WriteLines {
     }
 }
 
+/// One set of lines to several outputs (a file and webhooks): each gets
+/// every line; a tick is acknowledged once all have it. The first output
+/// that is a file is the one a checkpoint records.
+pub struct Tee(pub Vec<Box<dyn Deliver>>);
+
+impl Deliver for Tee {
+    fn send(&mut self, tick: u64, key: &str, line: &str) -> std::io::Result<()> {
+        self.0.iter_mut().try_for_each(|d| d.send(tick, key, line))
+    }
+
+    fn end_tick(&mut self, tick: u64) -> std::io::Result<()> {
+        self.0.iter_mut().try_for_each(|d| d.end_tick(tick))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.iter_mut().try_for_each(|d| d.flush())
+    }
+
+    fn unacknowledged(&mut self) -> Option<u64> {
+        self.0.iter_mut().filter_map(|d| d.unacknowledged()).min()
+    }
+
+    fn position(&self) -> Option<u64> {
+        self.0.iter().find_map(|d| d.position())
+    }
+
+    fn file(&self) -> Option<&std::fs::File> {
+        self.0.iter().find_map(|d| d.file())
+    }
+}
+
+/// Several outputs opened as one [`Tee`] (one alone as itself).
+pub fn tee_output(mut outputs: Vec<OpenOutput>) -> OpenOutput {
+    if outputs.len() == 1 {
+        return outputs.pop().expect("one");
+    }
+    Arc::new(move |resume| -> Result<Box<dyn Deliver>, OpenError> {
+        Ok(Box::new(Tee(outputs.iter().map(|o| o(resume)).collect::<Result<_, _>>()?)))
+    })
+}
+
 /// Opens an output on worker 0 (called once, inside the worker): afresh
 /// with `None`, or continuing after a restart with `Some(length)`, the
 /// length it had at the checkpoint.

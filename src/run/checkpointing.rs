@@ -36,6 +36,9 @@ pub struct Checkpointing {
     writing: Mutex<()>,
     pub(super) windows: Vec<Option<u64>>,
     pub(super) tick: u64,
+    /// HTTP input: told what each checkpoint holds, so that its log can be
+    /// compacted behind it.
+    intake: Option<Arc<crate::io::intake::Intake>>,
 }
 
 impl Checkpointing {
@@ -58,7 +61,7 @@ impl Checkpointing {
                 s.name()
             };
             return Err(EngineError::Unsupported(format!(
-                "--state needs input that can be read again from a checkpoint's position (files or --generate); \
+                "--state needs input that can be read again from a checkpoint's position (files, --generate, or HTTP input, whose requests --state logs); \
                  {name} cannot be read again (write it to a file first)"
             )));
         }
@@ -103,6 +106,10 @@ impl Checkpointing {
             clusters: Arc::new(clusters),
             // Until the sink says more, what the checkpoint had is out.
             delivered: Arc::new(Mutex::new(crate::output::sink::Delivered { mark, files: Vec::new() })),
+            intake: job.sources.iter().find_map(|s| match s {
+                Source::Http(intake) => Some(intake.clone()),
+                _ => None,
+            }),
         })
     }
 
@@ -128,6 +135,13 @@ impl Checkpointing {
             Ok(path) => {
                 tracing::debug!(path = %path.display(), frontier, "checkpoint written");
                 self.written.fetch_max(frontier, Ordering::SeqCst);
+                if let Some(intake) = &self.intake {
+                    for r in &snapshot.readers {
+                        if let crate::io::Position::Lines { offset, .. } = r.position {
+                            intake.checkpointed(offset);
+                        }
+                    }
+                }
             }
             Err(e) => eprintln!("shoal: {e}; the last good checkpoint is kept"),
         }

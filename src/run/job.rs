@@ -78,6 +78,9 @@ pub struct HttpOptions {
     /// at run time over terms the spec does not compute (`--history`);
     /// `None`: the longest window of the spec.
     pub history: Option<crate::serve::model::History>,
+    /// Take events over HTTP (`/v1/…`, `--write-key-file`): the write keys
+    /// and the intake, which is also the run's source.
+    pub events: Option<Arc<crate::serve::events::EventsIn>>,
     /// Called with the bound address once listening (e.g. to print it).
     pub on_listen: Option<Arc<dyn Fn(std::net::SocketAddr) + Send + Sync>>,
 }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::ingest::stamp::{dead_letter, Outcome};
+use crate::ingest::stamp::{dead_letter, dead_letter_at, Outcome};
 use crate::io::source::{Next, Source};
 use crate::run::error::EngineError;
 use crate::run::reader::{Reader, BATCH, LIVE_PUMP};
@@ -64,9 +64,13 @@ pub(super) fn read_lines(reader: &mut Reader<'_>, sources: &[Source], start: Opt
                 }
                 Next::Prepared(prepared) => {
                     number += 1;
+                    let place = prepared.place;
                     let outcome = reader.feeder.read_prepared(*prepared);
                     if let Outcome::Bad(reason) = &outcome {
-                        reader.dead_letter(dead_letter(&name, number, reason, &line));
+                        reader.dead_letter(match place {
+                            Some(place) => dead_letter_at(place, reason, &line),
+                            None => dead_letter(&name, number, reason, &line),
+                        });
                     }
                     if matches!(outcome, Outcome::Accepted(_)) {
                         last_event = (Instant::now(), reader.feeder.now());

@@ -112,7 +112,7 @@ pub fn run(job: Job) -> Result<Summary, EngineError> {
                 error,
             })?;
             let addr = listener.local_addr().map_err(EngineError::Server)?;
-            let server = crate::serve::http::spawn(listener, served.clone()).map_err(EngineError::Server)?;
+            let server = crate::serve::http::spawn(listener, served.clone(), http.events.clone()).map_err(EngineError::Server)?;
             if let Some(f) = &http.on_listen {
                 f(addr);
             }

@@ -74,7 +74,11 @@ impl Drop for Server {
 
 /// Serves on `listener` from a thread of its own until the returned
 /// [`Server`] is shut down.
-pub fn spawn(listener: std::net::TcpListener, served: Arc<Served>) -> std::io::Result<Server> {
+pub fn spawn(
+    listener: std::net::TcpListener,
+    served: Arc<Served>,
+    events: Option<Arc<crate::serve::events::EventsIn>>,
+) -> std::io::Result<Server> {
     listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let state = served.clone();
@@ -88,7 +92,11 @@ pub fn spawn(listener: std::net::TcpListener, served: Arc<Served>) -> std::io::R
                 }
             };
             let (mut graceful, mut deadline) = (state.closing.subscribe(), state.closing.subscribe());
-            let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+            let mut app = router(state);
+            if let Some(events) = events {
+                app = app.merge(crate::serve::events::router(events));
+            }
+            let server = axum::serve(listener, app).with_graceful_shutdown(async move {
                 let _ = graceful.wait_for(|c| *c).await;
             });
             tokio::select! {

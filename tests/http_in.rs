@@ -1,0 +1,372 @@
+//! Events over HTTP (SPEC §8 "In"): Segment's tracking API on the `--http`
+//! server, held against the same events read from a file. Real sockets, the
+//! real binary, and (first test) the real Segment library for Node.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::Shoal;
+use rand::{Rng, SeedableRng};
+
+fn shoal() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_shoal"))
+}
+
+fn retail() -> String {
+    format!("{}/dataflows/retail.toml", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Generated events that are valid JSON objects with a string timestamp
+/// (what a client library can send unchanged), and the largest time.
+fn events(dir: &Path, events: u64, seed: u64) -> (PathBuf, Vec<serde_json::Value>, u64) {
+    let out = shoal()
+        .args([
+            "generate",
+            "--events",
+            &events.to_string(),
+            "--users",
+            "300",
+            "--seed",
+            &seed.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut kept = Vec::new();
+    let mut max = 0;
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let Some(t) = v["timestamp"].as_str() else { continue };
+        let Ok(t) = shoal::core::clock::parse_time_arg(t) else { continue };
+        // Ids must be strings and objects objects for a client library to
+        // send them unchanged (the generator makes a few that are not).
+        if ["userId", "anonymousId"].iter().any(|k| v.get(k).is_some_and(|id| !id.is_string()))
+            || ["properties", "traits", "context"]
+                .iter()
+                .any(|k| v.get(k).is_some_and(|o| !o.is_object()))
+        {
+            continue;
+        }
+        max = max.max(t);
+        kept.push(v);
+    }
+    let path = dir.join("events.jsonl");
+    let text: String = kept.iter().map(|v| format!("{v}\n")).collect();
+    std::fs::write(&path, text).unwrap();
+    (path, kept, max)
+}
+
+/// A track event well after `max`, so that the clock passes everything
+/// before it (lateness is large, see [`FLAGS`]).
+fn sentinel(max: u64) -> serde_json::Value {
+    serde_json::json!({
+        "type": "track", "event": "Sentinel", "userId": "zz-sentinel", "messageId": "sentinel",
+        "timestamp": shoal::core::clock::format_time(max + 31 * 86_400_000, true),
+    })
+}
+
+/// Clients may deliver batches out of order: a lateness and a dedupe
+/// horizon beyond the reordering make the result not depend on it.
+const FLAGS: [&str; 4] = ["--lateness", "30d", "--dedupe-horizon", "365d"];
+
+/// The file run: (output, accepted).
+fn reference(dir: &Path, events: &[serde_json::Value], max: u64) -> (String, u64) {
+    let input = dir.join("reference-input.jsonl");
+    let mut text: String = events.iter().map(|v| format!("{v}\n")).collect();
+    text.push_str(&format!("{}\n", sentinel(max)));
+    std::fs::write(&input, text).unwrap();
+    let out = shoal()
+        .args(["run", &retail(), "--until", &max.to_string()])
+        .args(FLAGS)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(dir.join("reference.jsonl"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stderr).lines().last().unwrap()).unwrap();
+    (
+        std::fs::read_to_string(dir.join("reference.jsonl")).unwrap(),
+        summary["accepted"].as_u64().unwrap(),
+    )
+}
+
+/// A POST to `/v1/…` with write key `key`, gzipped when asked.
+fn post(addr: &str, path: &str, key: Option<&str>, body: &[u8], gzip: bool) -> (u16, String) {
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build();
+    let mut req = agent.post(&format!("http://{addr}{path}")).set("Content-Type", "application/json");
+    if let Some(key) = key {
+        use base64::Engine as _;
+        req = req.set(
+            "Authorization",
+            &format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{key}:"))),
+        );
+    }
+    let body = if gzip {
+        req = req.set("Content-Encoding", "gzip");
+        let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(body).unwrap();
+        z.finish().unwrap()
+    } else {
+        body.to_vec()
+    };
+    match req.send_bytes(&body) {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("POST {path}: {e}"),
+    }
+}
+
+fn batch(events: &[serde_json::Value]) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "batch": events })).unwrap()
+}
+
+/// `shoal_events_total{result="…"}` from `/metrics`.
+fn counted(addr: &str, result: &str) -> u64 {
+    let (status, text) = common::http(addr, "GET", "/metrics", None);
+    assert_eq!(status, 200);
+    let key = format!("shoal_events_total{{result=\"{result}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// Polls until `n` events were read (accepted, duplicate or bad).
+fn wait_read(s: &mut Shoal, n: u64) {
+    let start = Instant::now();
+    let read = |a: &str| ["accepted", "duplicate", "bad"].iter().map(|r| counted(a, r)).sum::<u64>();
+    while read(&s.addr) < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "only {} of {n} events read",
+            read(&s.addr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(read(&s.addr), n);
+}
+
+/// Polls until `accepted` events were counted (two minutes at most).
+fn wait_accepted(s: &mut Shoal, accepted: u64) {
+    let start = Instant::now();
+    loop {
+        let now = counted(&s.addr, "accepted");
+        if now == accepted {
+            return;
+        }
+        assert!(now < accepted, "more accepted ({now}) than the file run ({accepted})");
+        assert!(s.child.try_wait().unwrap().is_none(), "shoal ended: {}", s.stderr.lock().unwrap());
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "only {now} of {accepted} events accepted after two minutes"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn keys(dir: &Path) -> String {
+    let path = dir.join("keys");
+    std::fs::write(&path, "# the test's key\nwk-test\n").unwrap();
+    path.display().to_string()
+}
+
+fn http_run_args(dir: &Path, max: u64, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![retail(), "--write-key-file".into(), keys(dir), "--until".into(), max.to_string()];
+    args.extend(FLAGS.iter().map(|s| s.to_string()));
+    args.extend(["--output", "out.jsonl", "--dead-letter", "dead.jsonl"].map(String::from));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn start(dir: &Path, args: &[String]) -> Shoal {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Shoal::start(dir, &args, false)
+}
+
+#[test]
+fn the_segment_library_sends_a_week_and_the_memberships_equal_the_file() {
+    let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/segment_client");
+    assert!(
+        client.join("node_modules/@segment/analytics-node").is_dir(),
+        "the Segment client is not installed: run `npm ci --prefix tests/segment_client` (.ci/run does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (input, events, max) = events(dir.path(), 3000, 21);
+    let (expected, accepted) = reference(dir.path(), &events, max);
+    assert!(expected.lines().count() > 50, "the reference has changes to compare");
+
+    let mut s = start(dir.path(), &http_run_args(dir.path(), max, &[]));
+    let sent = Command::new("node")
+        .arg(client.join("send.js"))
+        .args([
+            "--host",
+            &format!("http://{}", s.addr),
+            "--write-key",
+            "wk-test",
+            "--max-events-in-batch",
+            "100",
+        ])
+        .args(["--timeout-ms", "120000", "--max-retries", "3"])
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(sent.status.success(), "send.js: {}", String::from_utf8_lossy(&sent.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&sent.stdout).unwrap();
+    assert_eq!(report["sent"], events.len(), "every event went through the client");
+    let (status, _) = post(&s.addr, "/v1/track", Some("wk-test"), sentinel(max).to_string().as_bytes(), false);
+    assert_eq!(status, 200);
+    wait_accepted(&mut s, accepted);
+    assert!(s.terminate().success(), "{}", s.stderr.lock().unwrap());
+    let got = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+    assert!(got == expected, "the memberships over HTTP differ from the file's");
+}
+
+#[test]
+fn requests_are_checked_whole_and_bad_events_are_dead_lettered_with_their_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, events, max) = events(dir.path(), 400, 5);
+    let mut s = start(dir.path(), &http_run_args(dir.path(), max, &[]));
+    let addr = s.addr.clone();
+    let key = Some("wk-test");
+
+    // Gzip is undone.
+    assert_eq!(post(&addr, "/v1/batch", key, &batch(&events[..100]), true).0, 200);
+    wait_read(&mut s, 100);
+    let accepted = counted(&addr, "accepted");
+    assert!(accepted > 90, "the gzipped events were taken");
+    // A wrong or missing key takes nothing.
+    let (status, body) = post(&addr, "/v1/batch", Some("wrong"), &batch(&events[100..200]), false);
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(post(&addr, "/v1/batch", None, &batch(&events[100..200]), false).0, 401);
+    // Too large: the whole request is refused.
+    let big_event = serde_json::json!({"type": "track", "event": "Big", "userId": "u1", "properties": {"p": "x".repeat(33 * 1024)}});
+    let (status, body) = post(&addr, "/v1/batch", key, &batch(&[big_event]), false);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("event 0"), "{body}");
+    let many: Vec<serde_json::Value> = (0..40)
+        .map(
+            |i| serde_json::json!({"type": "track", "event": "Pad", "userId": format!("p{i}"), "properties": {"p": "y".repeat(15 * 1024)}}),
+        )
+        .collect();
+    assert_eq!(post(&addr, "/v1/batch", key, &batch(&many), false).0, 400);
+    assert_eq!(
+        post(&addr, "/v1/batch", key, &batch(&many), true).0,
+        400,
+        "the limit holds once inflated"
+    );
+    assert_eq!(post(&addr, "/v1/batch", key, b"{\"batch\":", false).0, 400);
+    assert_eq!(post(&addr, "/v1/nothing", key, b"{}", false).0, 404);
+    // A bad event inside a good batch: 200, the others are taken, the bad
+    // one is dead-lettered at (receive time, index).
+    let mut mixed: Vec<serde_json::Value> = events[100..110].to_vec();
+    mixed.insert(4, serde_json::json!({"type": "track", "userId": "u-bad"}));
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert_eq!(post(&addr, "/v1/batch", key, &batch(&mixed), false).0, 200);
+    wait_read(&mut s, 111);
+    assert_eq!(counted(&addr, "bad"), 1);
+    // Single-event calls take their type from the path; a retried batch
+    // (same messageIds) is dropped as duplicates.
+    let mut single = events[110].clone();
+    let kind = single["type"].as_str().unwrap().to_string();
+    single.as_object_mut().unwrap().remove("type");
+    assert_eq!(
+        post(&addr, &format!("/v1/{kind}"), key, single.to_string().as_bytes(), false).0,
+        200
+    );
+    wait_read(&mut s, 112);
+    let accepted = counted(&addr, "accepted");
+    let duplicates = counted(&addr, "duplicate");
+    assert_eq!(post(&addr, "/v1/batch", key, &batch(&events[100..110]), false).0, 200);
+    wait_read(&mut s, 122);
+    assert_eq!(
+        counted(&addr, "duplicate"),
+        duplicates + 10,
+        "a retried batch is dropped by messageId"
+    );
+    assert_eq!(counted(&addr, "accepted"), accepted);
+    assert!(s.terminate().success());
+    let dead = std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap();
+    let dead: Vec<serde_json::Value> = dead.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["source"], "http");
+    assert_eq!(dead[0]["index"], 4);
+    let received = shoal::core::clock::parse_time_arg(dead[0]["received"].as_str().unwrap()).unwrap();
+    assert!(
+        received >= before && received < before + 60_000,
+        "received {received}, sent at {before}"
+    );
+    assert!(dead[0]["text"].as_str().unwrap().contains("u-bad"));
+}
+
+#[test]
+fn a_sigkill_after_an_answer_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, events, max) = events(dir.path(), 3000, 8);
+    let (expected, accepted) = reference(dir.path(), &events, max);
+    let args = http_run_args(dir.path(), max, &["--state", "state", "--checkpoint-every", "100ms"]);
+    let batches: Vec<&[serde_json::Value]> = events.chunks(50).collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let mut next = 0;
+    for kill in 0..4 {
+        let mut s = start(dir.path(), &args);
+        let stop_at = (next + rng.gen_range(3..12)).min(batches.len());
+        while next < stop_at {
+            let (status, body) = post(&s.addr, "/v1/batch", Some("wk-test"), &batch(batches[next]), true);
+            assert_eq!(status, 200, "{body}");
+            next += 1;
+        }
+        if kill % 2 == 1 && next < batches.len() {
+            // A request in flight when the process dies: its client sees no
+            // answer and sends it again after the restart.
+            let addr = s.addr.clone();
+            let body = batch(batches[next]);
+            let t = std::thread::spawn(move || {
+                let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
+                use base64::Engine as _;
+                let _ = agent
+                    .post(&format!("http://{addr}/v1/batch"))
+                    .set(
+                        "Authorization",
+                        &format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("wk-test:")),
+                    )
+                    .send_bytes(&body);
+            });
+            std::thread::sleep(Duration::from_millis(rng.gen_range(0..5)));
+            s.child.kill().unwrap();
+            let _ = t.join();
+        } else {
+            std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
+            s.child.kill().unwrap();
+        }
+        s.child.wait().unwrap();
+    }
+    let mut s = start(dir.path(), &args);
+    while next < batches.len() {
+        assert_eq!(post(&s.addr, "/v1/batch", Some("wk-test"), &batch(batches[next]), false).0, 200);
+        next += 1;
+    }
+    assert_eq!(
+        post(&s.addr, "/v1/track", Some("wk-test"), sentinel(max).to_string().as_bytes(), false).0,
+        200
+    );
+    wait_accepted(&mut s, accepted);
+    assert!(s.terminate().success(), "{}", s.stderr.lock().unwrap());
+    let got = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+    assert!(
+        got == expected,
+        "after SIGKILLs the output differs from the file run's ({} lines against {})",
+        got.lines().count(),
+        expected.lines().count()
+    );
+}
