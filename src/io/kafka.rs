@@ -23,16 +23,26 @@
 //! producer that never gives up on a message: while the broker is away it
 //! retries with backoff, and the sink holds the delivered frontier until
 //! the broker acknowledged, which in turn holds back commits and input.
+//!
+//! **Connecting.** Before reading or writing, each client must reach a
+//! broker and read the topic's metadata within [`CONNECT_TIMEOUT`]
+//! ([`connect`], [`KafkaSink::new`]). A TLS handshake or SASL
+//! authentication that fails, or a `security.protocol` that does not match
+//! the listener, ends the run at once with librdkafka's reason naming the
+//! broker (`kafka B: cannot connect: ssl://B/bootstrap: SSL handshake
+//! failed: ...`): retrying cannot mend a setting. Once running, a broker
+//! that goes away is waited for, as before.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
+use rdkafka::client::Client;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::Serialize;
@@ -168,6 +178,189 @@ pub fn client_config(brokers: &str, options: &[(String, String)]) -> ClientConfi
         c.set(k, v);
     }
     c
+}
+
+/// How long a client may take at the start to reach a broker and read a
+/// topic's metadata (through TLS and SASL if set) before the run fails.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long one metadata request of the start may take before the next.
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(1);
+
+/// What librdkafka reported through a client's error callback, to explain
+/// a start that cannot connect.
+#[derive(Default)]
+pub struct Reported {
+    state: Mutex<ReportedState>,
+}
+
+#[derive(Default)]
+struct ReportedState {
+    /// The first error that retrying cannot mend (see [`is_fatal`]).
+    fatal: Option<String>,
+    /// The latest error.
+    last: Option<String>,
+}
+
+impl Reported {
+    /// Records an error from the error callback; returns whether it is fatal.
+    pub fn record(&self, error: &KafkaError, reason: &str) -> bool {
+        self.note(error.rdkafka_error_code(), reason)
+    }
+
+    /// Records a connection failure librdkafka only logs (facility `FAIL`):
+    /// a disconnect during the TLS handshake or the ApiVersion request,
+    /// where its reason suspects `security.protocol`.
+    pub fn record_log(&self, fac: &str, message: &str) {
+        if fac == "FAIL" {
+            // "[thrd:ssl://b:9093/bootstrap]: ssl://b:9093/bootstrap: reason"
+            let reason = message
+                .strip_prefix("[thrd:")
+                .and_then(|m| m.split_once("]: "))
+                .map_or(message, |(_, r)| r);
+            self.note(None, reason);
+        }
+    }
+
+    fn note(&self, code: Option<RDKafkaErrorCode>, reason: &str) -> bool {
+        let fatal = is_fatal(code, reason);
+        let mut st = self.state.lock().expect("not poisoned");
+        if fatal && st.fatal.is_none() {
+            st.fatal = Some(reason.to_string());
+        }
+        // "1/1 brokers are down" says less than the error before it.
+        if code != Some(RDKafkaErrorCode::AllBrokersDown) || st.last.is_none() {
+            st.last = Some(reason.to_string());
+        }
+        fatal
+    }
+
+    /// The first fatal error reported, if any.
+    pub fn fatal(&self) -> Option<String> {
+        self.state.lock().expect("not poisoned").fatal.clone()
+    }
+
+    /// The latest error reported, if any.
+    pub fn last(&self) -> Option<String> {
+        self.state.lock().expect("not poisoned").last.clone()
+    }
+}
+
+/// Whether an error librdkafka reports (its code, if it has one, and its
+/// reason) comes from a setting rather than from a broker that is away: a
+/// failed TLS handshake (an unknown CA, a name the certificate does not
+/// have, a plaintext listener), a failed SASL authentication, or a
+/// `security.protocol` that librdkafka itself suspects from how the broker
+/// hung up.
+pub fn is_fatal(code: Option<RDKafkaErrorCode>, reason: &str) -> bool {
+    matches!(
+        code,
+        Some(RDKafkaErrorCode::SSL | RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed)
+    ) || reason.contains("SSL handshake failed")
+        || reason.contains("security.protocol")
+        || (reason.contains("Disconnected") && (reason.contains("in state AUTH") || reason.contains("in state APIVERSION_QUERY")))
+}
+
+/// Whether `options` ask for TLS (`security.protocol` SSL or SASL_SSL).
+fn wants_tls(options: &[(String, String)]) -> bool {
+    options
+        .iter()
+        .any(|(k, v)| k == "security.protocol" && v.to_ascii_uppercase().ends_with("SSL"))
+}
+
+/// Forwards a librdkafka log line as the default context does.
+fn log_line(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+            tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}")
+        }
+        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+    }
+}
+
+/// A client that only checks the connection (see [`connect`]).
+#[derive(Default)]
+struct Probe {
+    reported: Reported,
+}
+
+impl ClientContext for Probe {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // Its errors make the run's error; the run's own clients log as usual.
+        tracing::debug!(?level, fac, message, "kafka: connection check");
+        self.reported.record_log(fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.reported.record(&error, reason);
+    }
+}
+
+impl ProducerContext for Probe {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
+
+/// Connects to `brokers` with the run's settings and reads the metadata of
+/// `topic`: fails at once on a TLS, SASL or `security.protocol` error (with
+/// librdkafka's reason, which names the broker), and after
+/// [`CONNECT_TIMEOUT`] when no broker answers.
+pub fn connect(brokers: &str, options: &[(String, String)], topic: &str) -> Result<(), Error> {
+    let probe: BaseProducer<Probe> = client_config(brokers, options)
+        // Reading a topic's metadata must not create it.
+        .set("allow.auto.create.topics", "false")
+        // Some disconnects are only logged, at level info.
+        .set_log_level(RDKafkaLogLevel::Info)
+        .create_with_context(Probe::default())
+        .map_err(|e| kafka_error(brokers, "cannot create a client", e))?;
+    // Polling runs its callbacks: everything queued, errors included.
+    wait_for_metadata(probe.client(), &probe.context().reported, brokers, options, topic, || {
+        probe.poll(Duration::from_millis(50))
+    })
+}
+
+/// Reads `topic`'s metadata through `client` until it comes, a fatal error
+/// is reported, or [`CONNECT_TIMEOUT`] passes. `serve` runs the client's
+/// callbacks (a threaded producer runs them itself).
+fn wait_for_metadata<C: ClientContext>(
+    client: &Client<C>,
+    reported: &Reported,
+    brokers: &str,
+    options: &[(String, String)],
+    topic: &str,
+    serve: impl Fn(),
+) -> Result<(), Error> {
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    loop {
+        let attempt = client.fetch_metadata(Some(topic), CONNECT_ATTEMPT);
+        serve();
+        let error = match attempt {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        if let Some(mut reason) = reported.fatal() {
+            // A TLS listener hangs up on a plaintext ApiVersion request.
+            if reason.contains("APIVERSION_QUERY") && !wants_tls(options) {
+                reason.push_str(": is it a TLS listener? (--kafka-option security.protocol=SSL or SASL_SSL)");
+            }
+            return Err(cannot_connect(brokers, &reason));
+        }
+        if Instant::now() >= deadline {
+            return Err(match reported.last() {
+                Some(reason) => cannot_connect(brokers, &format!("{reason} (no broker answered in {}s)", CONNECT_TIMEOUT.as_secs())),
+                None => kafka_error(brokers, "cannot connect", error),
+            });
+        }
+    }
+}
+
+fn cannot_connect(brokers: &str, reason: &str) -> Error {
+    Error::Topic {
+        brokers: brokers.to_string(),
+        what: format!("cannot connect: {reason}"),
+    }
 }
 
 pub fn kafka_error(brokers: &str, what: &str, e: KafkaError) -> Error {
@@ -387,6 +580,7 @@ pub fn lag_line(consumer: &BaseConsumer<Lag>, parts: &[Partition]) -> String {
 #[derive(Default)]
 struct Acks {
     state: Mutex<AckState>,
+    reported: Reported,
 }
 
 #[derive(Default)]
@@ -396,7 +590,19 @@ struct AckState {
     errors: u64,
 }
 
-impl ClientContext for Acks {}
+impl ClientContext for Acks {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        self.reported.record_log(fac, message);
+        log_line(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // At the start a fatal one fails the run (`KafkaSink::new`); later
+        // the producer retries until the broker takes the changes.
+        self.reported.record(&error, reason);
+        tracing::error!(%error, reason, "kafka: producer");
+    }
+}
 
 impl ProducerContext for Acks {
     type DeliveryOpaque = usize;
@@ -436,7 +642,7 @@ pub struct KafkaSink {
 
 impl KafkaSink {
     pub fn new(brokers: &str, topic: &str, options: &[(String, String)]) -> Result<KafkaSink, Error> {
-        let producer = client_config(brokers, options)
+        let producer: ThreadedProducer<Acks> = client_config(brokers, options)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             // Never give up on a change: retry until the broker is back.
@@ -444,8 +650,11 @@ impl KafkaSink {
             .set("retry.backoff.ms", "100")
             .set("retry.backoff.max.ms", "2000")
             .set("linger.ms", "5")
+            // Some disconnects are only logged, at level info.
+            .set_log_level(RDKafkaLogLevel::Info)
             .create_with_context(Acks::default())
             .map_err(|e| kafka_error(brokers, "cannot create a producer", e))?;
+        wait_for_metadata(producer.client(), &producer.context().reported, brokers, options, topic, || {})?;
         Ok(KafkaSink {
             producer,
             topic: topic.to_string(),

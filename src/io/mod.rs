@@ -57,7 +57,8 @@ pub enum Error {
         what: String,
         error: Box<rdkafka::error::KafkaError>,
     },
-    /// A topic or partition the run needs is not as it must be.
+    /// A topic or partition the run needs is not as it must be, or no
+    /// broker could be reached with the settings given (TLS, SASL).
     #[error("kafka {brokers}: {what}")]
     Topic { brokers: String, what: String },
 }

@@ -9,8 +9,8 @@ use rdkafka::message::Message;
 
 use crate::ingest::stamp::Outcome;
 use crate::io::kafka::{
-    client_config, commit, dead_letter, kafka_error, lag_line, my_partitions, open_partitions, position, KafkaInput, Lag, Partition,
-    COMMIT_EVERY, POLL_BATCH,
+    client_config, commit, connect, dead_letter, kafka_error, lag_line, my_partitions, open_partitions, position, KafkaInput, Lag,
+    Partition, COMMIT_EVERY, POLL_BATCH,
 };
 use crate::io::Position;
 use crate::run::error::EngineError;
@@ -19,6 +19,10 @@ use crate::run::reader::Reader;
 /// Reads this worker's partitions until a stop, or (bounded) their ends.
 pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, start: Option<Position>) -> Result<(), EngineError> {
     let (index, peers) = (reader.worker.index(), reader.worker.peers());
+    // A setting that cannot work (TLS, SASL) fails here with its reason.
+    if let Some(topic) = k.topics.first() {
+        connect(&k.brokers, &k.options, topic)?;
+    }
     let consumer: BaseConsumer<Lag> = client_config(&k.brokers, &k.options)
         .set("group.id", &k.group)
         .set("enable.auto.commit", "false")
