@@ -17,7 +17,8 @@
 //! frontier and so the input (a reader keeps only a few batches beyond
 //! what was delivered) and the checkpoints: changes wait in a bounded
 //! amount of memory, never in a queue that grows while the receiver is
-//! down. A request answered with another 4xx is permanent: it goes to
+//! down. A request answered with another 4xx, or a redirect (shoal does
+//! not follow one: it would turn the POST into a GET), is permanent: it goes to
 //! `--webhook-dead-letter` with the answer, is counted, and delivery goes
 //! on.
 //!
@@ -112,6 +113,9 @@ impl WebhookSink {
             agent: ureq::AgentBuilder::new()
                 .timeout_connect(Duration::from_secs(5))
                 .timeout(opts.timeout)
+                // A redirect is an answer, not a delivery (following one
+                // would turn the POST into a GET without its body).
+                .redirects(0)
                 .build(),
             url: endpoint,
             basic,
@@ -365,7 +369,13 @@ impl Sender_ {
             request = request.set("X-Shoal-Signature", &signature(secret, &batch.body));
         }
         match request.send_bytes(&batch.body) {
-            Ok(_) => Answer::Done,
+            Ok(r) if (200..300).contains(&r.status()) => Answer::Done,
+            // A redirect (or any other answer below 400 that is not a
+            // success): the URL is wrong, which retrying does not mend.
+            Ok(r) => {
+                let status = r.status();
+                Answer::Refused(status, r.into_string().unwrap_or_default())
+            }
             Err(ureq::Error::Status(status, response)) => {
                 let retry_after = response
                     .header("Retry-After")
