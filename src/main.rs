@@ -171,8 +171,9 @@ struct RunArgs {
     /// /v1/identify, /v1/page, /v1/screen, /v1/alias, /v1/group, /v1/batch), so Segment's and
     /// RudderStack's libraries send to shoal by pointing their host at it. The file holds the
     /// write keys, one a line; a client sends its key as the HTTP Basic user name. The run
-    /// then reads HTTP instead of files and stdin, live until SIGINT/SIGTERM. With --state a
-    /// request is answered only once its events are on disk (DIR/http-log).
+    /// then reads HTTP (beside --kafka-topic when given) instead of files and stdin, live
+    /// until SIGINT/SIGTERM. With --state a request is answered only once its events are on
+    /// disk (DIR/http-log).
     #[arg(long, value_name = "FILE", requires = "http", conflicts_with_all = ["inputs", "generate"], help_heading = "Events over HTTP")]
     write_key_file: Option<PathBuf>,
     /// Keep checkpoints in this directory and resume from the newest one: run the
@@ -379,11 +380,6 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     }
     let events = match &args.write_key_file {
         Some(file) => {
-            if !args.kafka_topic.is_empty() {
-                return Err(usage(anyhow::anyhow!(
-                    "--write-key-file with --kafka-topic is not supported yet: read HTTP or Kafka"
-                )));
-            }
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read the write keys {}", file.display()))
                 .map_err(|e| Failure(1, e))?;

@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Shoal;
+use common::{counted, post, Shoal};
 use rand::{Rng, SeedableRng};
 
 fn shoal() -> Command {
@@ -98,44 +97,8 @@ fn reference(dir: &Path, events: &[serde_json::Value], max: u64) -> (String, u64
     )
 }
 
-/// A POST to `/v1/…` with write key `key`, gzipped when asked.
-fn post(addr: &str, path: &str, key: Option<&str>, body: &[u8], gzip: bool) -> (u16, String) {
-    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build();
-    let mut req = agent.post(&format!("http://{addr}{path}")).set("Content-Type", "application/json");
-    if let Some(key) = key {
-        use base64::Engine as _;
-        req = req.set(
-            "Authorization",
-            &format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{key}:"))),
-        );
-    }
-    let body = if gzip {
-        req = req.set("Content-Encoding", "gzip");
-        let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        z.write_all(body).unwrap();
-        z.finish().unwrap()
-    } else {
-        body.to_vec()
-    };
-    match req.send_bytes(&body) {
-        Ok(r) => (r.status(), r.into_string().unwrap()),
-        Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap_or_default()),
-        Err(e) => panic!("POST {path}: {e}"),
-    }
-}
-
 fn batch(events: &[serde_json::Value]) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "batch": events })).unwrap()
-}
-
-/// `shoal_events_total{result="…"}` from `/metrics`.
-fn counted(addr: &str, result: &str) -> u64 {
-    let (status, text) = common::http(addr, "GET", "/metrics", None);
-    assert_eq!(status, 200);
-    let key = format!("shoal_events_total{{result=\"{result}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .map_or(0, |n| n.trim().parse().unwrap())
 }
 
 /// Polls until `n` events were read (accepted, duplicate or bad).

@@ -720,3 +720,126 @@ fn metrics_count_the_readers_of_every_process() {
     let o1 = p1.wait_with_output().unwrap();
     assert!(o1.status.success(), "{}", String::from_utf8_lossy(&o1.stderr));
 }
+
+/// Events over HTTP beside a topic (SPEC §8): half the events come from
+/// Kafka, half over `/v1/batch`, and the memberships equal those of all of
+/// them read from a file. HTTP is a partition of its own for the clock: once
+/// the topic's partitions are quiet, an event over HTTP moves it.
+#[test]
+fn events_over_http_are_read_beside_a_topic() {
+    let (cluster, brokers) = cluster();
+    cluster.create_topic("events", 2, 1).unwrap();
+    let events = lines(3_000, 12);
+    let to_kafka: Vec<String> = events.iter().step_by(2).cloned().collect();
+    let to_http: Vec<&String> = events.iter().skip(1).step_by(2).collect();
+    produce(&brokers, "events", &to_kafka);
+    let max = events
+        .iter()
+        .filter_map(|l| shoal::ingest::event::decode(l.as_bytes()).ok())
+        .map(|e| e.time)
+        .max()
+        .unwrap();
+    let sentinel = format!(
+        r#"{{"type":"track","event":"Sentinel","userId":"zz-sentinel","messageId":"sentinel","timestamp":"{}"}}"#,
+        shoal::core::clock::format_time(max + 7_200_000, true)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("all.jsonl");
+    std::fs::write(&input, events.join("\n") + "\n" + &sentinel + "\n").unwrap();
+    let until = max.to_string();
+    let spec = format!("{}/{SPEC}", env!("CARGO_MANIFEST_DIR"));
+    let file = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args([
+            "run",
+            &spec,
+            "--lateness",
+            "1h",
+            "--until",
+            &until,
+            "--output",
+            "ref.jsonl",
+            "--input",
+        ])
+        .arg(&input)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(file.status.success(), "{}", String::from_utf8_lossy(&file.stderr));
+    let summary: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&file.stderr).lines().last().unwrap()).unwrap();
+    let accepted = summary["accepted"].as_u64().unwrap();
+    assert!(std::fs::read_to_string(dir.path().join("ref.jsonl")).unwrap().lines().count() > 100);
+
+    std::fs::write(dir.path().join("keys"), "k\n").unwrap();
+    let args = [
+        spec.as_str(),
+        "--kafka-brokers",
+        &brokers,
+        "--kafka-topic",
+        "events",
+        "--kafka-group",
+        "beside",
+        "--kafka-partition-idle",
+        "500ms",
+        "--write-key-file",
+        "keys",
+        "--lateness",
+        "1h",
+        "--until",
+        &until,
+        "--output",
+        "out.jsonl",
+    ];
+    let mut s = common::Shoal::start(dir.path(), &args, false);
+    for chunk in to_http.chunks(100) {
+        let body = format!(
+            "{{\"batch\":[{}]}}",
+            chunk
+                .iter()
+                .map(|l| l.as_str())
+                .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let (status, answer) = common::post(&s.addr, "/v1/batch", Some("k"), body.as_bytes(), false);
+        assert_eq!(status, 200, "{answer}");
+    }
+    // (Lines that are not JSON cannot go in a batch; the file run counts
+    // them as bad, not accepted.) Everything but the sentinel first:
+    let started = Instant::now();
+    loop {
+        let now = common::counted(&s.addr, "accepted");
+        if now + 1 >= accepted {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{now} of {accepted} accepted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, _) = common::post(
+        &s.addr,
+        "/v1/batch",
+        Some("k"),
+        format!("{{\"batch\":[{sentinel}]}}").as_bytes(),
+        false,
+    );
+    assert_eq!(status, 200);
+    let started = Instant::now();
+    while common::counted(&s.addr, "accepted") < accepted {
+        assert!(started.elapsed() < Duration::from_secs(60), "the sentinel was not accepted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The clock passes `--until` once the partitions are quiet (500 ms).
+    let expected = std::fs::read_to_string(dir.path().join("ref.jsonl")).unwrap();
+    let out = dir.path().join("out.jsonl");
+    let started = Instant::now();
+    while std::fs::metadata(&out).map_or(0, |m| m.len()) < expected.len() as u64 && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(s.terminate().success(), "{}", s.stderr.lock().unwrap());
+    let got = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        got == expected,
+        "Kafka and HTTP together differ from the file ({} lines against {})",
+        got.lines().count(),
+        expected.lines().count()
+    );
+}

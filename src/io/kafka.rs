@@ -121,7 +121,41 @@ pub struct Partition {
     committed: i64,
 }
 
+/// The name HTTP input goes by beside Kafka partitions in a reader's
+/// position: not a valid Kafka topic name, so it cannot clash with one.
+pub const HTTP_TOPIC: &str = ":http";
+
 impl Partition {
+    /// Events over HTTP read beside Kafka (worker 0): a partition of its
+    /// own in the clock and the checkpoint position (its `next` is the
+    /// request log's offset), never committed to the group.
+    pub fn http(resumed: Option<&crate::io::PartitionPosition>) -> Partition {
+        let next = resumed.map_or(0, |p| p.next);
+        Partition {
+            topic: HTTP_TOPIC.to_string(),
+            partition: 0,
+            next,
+            end: None,
+            max_time: resumed.and_then(|p| p.max_time),
+            last_seen: Instant::now(),
+            uncommitted: VecDeque::new(),
+            effect: resumed.map_or(0, |p| p.effect),
+            ready: next,
+            committed: next,
+        }
+    }
+
+    /// Takes an HTTP line whose position (the log offset after it) is `next`.
+    pub fn take_to(&mut self, next: i64) {
+        self.next = next;
+        self.last_seen = Instant::now();
+    }
+
+    /// The offset of the next message to read.
+    pub fn next(&self) -> i64 {
+        self.next
+    }
+
     /// Read to its end offset (bounded runs).
     pub fn done(&self) -> bool {
         self.end.is_some_and(|e| self.next >= e)
@@ -430,10 +464,10 @@ pub fn my_partitions(consumer: &BaseConsumer<Lag>, k: &KafkaInput, index: usize,
 }
 
 /// Where a checkpoint finds the partitions.
-pub fn position(parts: &[Partition]) -> crate::io::Position {
+pub fn position<'a>(parts: impl IntoIterator<Item = &'a Partition>) -> crate::io::Position {
     crate::io::Position::Kafka(
         parts
-            .iter()
+            .into_iter()
             .map(|p| crate::io::PartitionPosition {
                 topic: p.topic.clone(),
                 partition: p.partition,

@@ -137,8 +137,13 @@ impl Checkpointing {
                 self.written.fetch_max(frontier, Ordering::SeqCst);
                 if let Some(intake) = &self.intake {
                     for r in &snapshot.readers {
-                        if let crate::io::Position::Lines { offset, .. } = r.position {
-                            intake.checkpointed(offset);
+                        match &r.position {
+                            crate::io::Position::Lines { offset, .. } => intake.checkpointed(*offset),
+                            crate::io::Position::Kafka(ps) => {
+                                for p in ps.iter().filter(|p| p.topic == crate::io::kafka::HTTP_TOPIC) {
+                                    intake.checkpointed(p.next as u64);
+                                }
+                            }
                         }
                     }
                 }

@@ -7,17 +7,67 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, CommitMode};
 use rdkafka::message::Message;
 
-use crate::ingest::stamp::Outcome;
+use crate::ingest::stamp::{dead_letter_at, Outcome};
 use crate::io::kafka::{
     client_config, commit, connect, dead_letter, kafka_error, lag_line, my_partitions, open_partitions, position, KafkaInput, Lag,
-    Partition, COMMIT_EVERY, POLL_BATCH,
+    Partition, COMMIT_EVERY, HTTP_TOPIC, POLL_BATCH,
 };
+use crate::io::source::{Next, Source};
 use crate::io::Position;
 use crate::run::error::EngineError;
 use crate::run::reader::Reader;
 
-/// Reads this worker's partitions until a stop, or (bounded) their ends.
-pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, start: Option<Position>) -> Result<(), EngineError> {
+/// Events over HTTP beside Kafka (worker 0): the open source and its
+/// place among the partitions.
+struct Http {
+    lines: crate::io::source::Lines,
+    part: Partition,
+    buf: Vec<u8>,
+}
+
+impl Http {
+    /// Reads what arrived over HTTP (at most a batch, without waiting);
+    /// returns how many lines, and whether an event was accepted.
+    fn read(&mut self, reader: &mut Reader<'_>) -> Result<(usize, bool), EngineError> {
+        let (mut got, mut any) = (0, false);
+        while got < POLL_BATCH {
+            let next = self
+                .lines
+                .next(&mut self.buf, Duration::ZERO)
+                .map_err(crate::io::Error::input(|| "read events over HTTP".into()))?;
+            let prepared = match next {
+                Next::Prepared(p) => p,
+                Next::Idle | Next::End => break,
+            };
+            got += 1;
+            self.part.take_to(prepared.offset as i64);
+            let place = prepared.place;
+            let outcome = reader.feeder.read_prepared(*prepared);
+            match &outcome {
+                Outcome::Accepted(s) => {
+                    let effect = reader.opts.until.is_none_or(|u| s.effect <= u).then_some(s.effect);
+                    self.part.accepted(s.event.time, effect);
+                    any = true;
+                }
+                Outcome::Bad(reason) => {
+                    self.part.refused(reader.feeder.frontier());
+                    let line = match place {
+                        Some(place) => dead_letter_at(place, reason, &self.buf),
+                        None => crate::ingest::stamp::dead_letter("http", 0, reason, &self.buf),
+                    };
+                    reader.dead_letter(line);
+                }
+                Outcome::Blank | Outcome::Ignored | Outcome::Duplicate => {}
+            }
+            self.part.read();
+        }
+        Ok((got, any))
+    }
+}
+
+/// Reads this worker's partitions until a stop, or (bounded) their ends;
+/// worker 0 also reads events over HTTP when `http` is given.
+pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, http: Option<&Source>, start: Option<Position>) -> Result<(), EngineError> {
     let (index, peers) = (reader.worker.index(), reader.worker.peers());
     // A setting that cannot work (TLS, SASL) fails here with its reason.
     if let Some(topic) = k.topics.first() {
@@ -32,7 +82,7 @@ pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, start: Option<Position>) ->
         .create_with_context(Lag::default())
         .map_err(|e| kafka_error(&k.brokers, "cannot create a consumer", e))?;
     let mine = my_partitions(&consumer, k, index, peers)?;
-    if mine.is_empty() {
+    if mine.is_empty() && http.is_none() {
         reader.checkpoint_final(Position::Kafka(Vec::new()));
         return Ok(());
     }
@@ -44,7 +94,31 @@ pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, start: Option<Position>) ->
         (None, true) => Some(Position::Kafka(Vec::new())),
         (start, _) => start,
     };
-    let mut parts = open_partitions(&consumer, k, &mine, start)?;
+    // HTTP's place in the position is its own, not a Kafka partition's.
+    let (start, http_start) = match start {
+        Some(Position::Kafka(ps)) => {
+            let (h, ps): (Vec<_>, Vec<_>) = ps.into_iter().partition(|p| p.topic == HTTP_TOPIC);
+            (Some(Position::Kafka(ps)), h.into_iter().next())
+        }
+        other => (other, None),
+    };
+    let mut http = match http {
+        Some(source) => {
+            let part = Partition::http(http_start.as_ref());
+            let lines = source.open_at(part.next() as u64, &reader.feeder.decoding())?;
+            Some(Http {
+                lines,
+                part,
+                buf: Vec::new(),
+            })
+        }
+        None => None,
+    };
+    let mut parts = if mine.is_empty() {
+        Vec::new()
+    } else {
+        open_partitions(&consumer, k, &mine, start)?
+    };
     let at: HashMap<(String, i32), usize> = parts.iter().enumerate().map(|(i, p)| ((p.topic.clone(), p.partition), i)).collect();
 
     let idle = Duration::from_millis(reader.opts.idle);
@@ -94,10 +168,17 @@ pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, start: Option<Position>) ->
             }
             p.read();
         }
-        advance_clock(reader, &parts, partition_idle, idle, &last_event, tick);
+        if let Some(h) = &mut http {
+            let (n, accepted) = h.read(reader)?;
+            got += n;
+            if accepted {
+                last_event = (Instant::now(), reader.feeder.now());
+            }
+        }
+        advance_clock(reader, &with_http(&parts, &http), partition_idle, idle, &last_event, tick);
         let lag = || lag_line(&consumer, &parts);
         reader.pump(!k.until_end && got < POLL_BATCH, lag);
-        reader.checkpoint_if_due(|| position(&parts));
+        reader.checkpoint_if_due(|| position(with_http(&parts, &http)));
         if last_commit.elapsed() >= COMMIT_EVERY {
             commit(&consumer, &mut parts, reader.delivered_frontier(), CommitMode::Async, &k.brokers)?;
             last_commit = Instant::now();
@@ -108,9 +189,14 @@ pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, start: Option<Position>) ->
     } else {
         reader.finish_input();
     }
-    reader.checkpoint_final(position(&parts));
+    reader.checkpoint_final(position(with_http(&parts, &http)));
     commit(&consumer, &mut parts, reader.delivered_frontier(), CommitMode::Sync, &k.brokers)?;
     Ok(())
+}
+
+/// The Kafka partitions and, beside them, HTTP's.
+fn with_http<'a>(parts: &'a [Partition], http: &'a Option<Http>) -> Vec<&'a Partition> {
+    parts.iter().chain(http.iter().map(|h| &h.part)).collect()
 }
 
 /// Moves the reader's clock: the least over its partitions of their largest
@@ -118,16 +204,16 @@ pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, start: Option<Position>) ->
 /// the lateness; when every partition is quiet for `idle`, by wall time.
 fn advance_clock(
     reader: &mut Reader<'_>,
-    parts: &[Partition],
+    parts: &[&Partition],
     partition_idle: Duration,
     idle: Duration,
     last_event: &(Instant, Option<u64>),
     tick: u64,
 ) {
-    let active = |p: &&Partition| !p.done() && p.quiet_for() < partition_idle;
-    let holding: Vec<Option<u64>> = parts.iter().filter(active).map(Partition::max_time).collect();
+    let active = |p: &&&Partition| !p.done() && p.quiet_for() < partition_idle;
+    let holding: Vec<Option<u64>> = parts.iter().filter(active).map(|p| p.max_time()).collect();
     let watermark = if holding.is_empty() {
-        parts.iter().filter_map(Partition::max_time).max()
+        parts.iter().filter_map(|p| p.max_time()).max()
     } else if holding.iter().all(Option::is_some) {
         holding.into_iter().flatten().min()
     } else {

@@ -121,7 +121,11 @@ pub(super) fn run_worker(
         served.resumed_at(frontier);
     }
     let result = match (&job.kafka, leader) {
-        (Some(kafka), _) => crate::run::kafka::read(&mut reader, kafka, position),
+        (Some(kafka), leader) => {
+            // Events over HTTP beside Kafka are read by worker 0.
+            let http = job.sources.iter().find(|s| matches!(s, crate::io::source::Source::Http(_)));
+            crate::run::kafka::read(&mut reader, kafka, http.filter(|_| leader), position)
+        }
         (None, true) => read_lines(&mut reader, &job.sources, position),
         (None, false) => Ok(()),
     };

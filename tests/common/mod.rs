@@ -152,3 +152,40 @@ pub fn wait_for_checkpoint(child: &mut Child, state: &Path, before: &Option<std:
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// A POST to `/v1/…` with write key `key`, gzipped when asked.
+pub fn post(addr: &str, path: &str, key: Option<&str>, body: &[u8], gzip: bool) -> (u16, String) {
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build();
+    let mut req = agent.post(&format!("http://{addr}{path}")).set("Content-Type", "application/json");
+    if let Some(key) = key {
+        use base64::Engine as _;
+        req = req.set(
+            "Authorization",
+            &format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{key}:"))),
+        );
+    }
+    let body = if gzip {
+        req = req.set("Content-Encoding", "gzip");
+        use std::io::Write as _;
+        let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(body).unwrap();
+        z.finish().unwrap()
+    } else {
+        body.to_vec()
+    };
+    match req.send_bytes(&body) {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("POST {path}: {e}"),
+    }
+}
+
+/// `shoal_events_total{result="…"}` from `/metrics`.
+pub fn counted(addr: &str, result: &str) -> u64 {
+    let (status, text) = http(addr, "GET", "/metrics", None);
+    assert_eq!(status, 200);
+    let key = format!("shoal_events_total{{result=\"{result}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
