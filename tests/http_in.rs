@@ -333,3 +333,109 @@ fn a_sigkill_after_an_answer_loses_nothing() {
         expected.lines().count()
     );
 }
+
+/// Answers every request 200 on `listener` (a webhook receiver that is up).
+fn receive(listener: std::net::TcpListener) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut out = conn;
+                loop {
+                    let mut length = 0;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap();
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).unwrap();
+                    out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").unwrap();
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn a_stalled_output_is_pushed_back_to_clients_as_503_not_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mut events, _) = events(dir.path(), 150_000, 4);
+    events.sort_by_key(|e| shoal::core::clock::parse_time_arg(e["timestamp"].as_str().unwrap()).unwrap());
+    // The webhook's port is closed: every change waits, so input must wait.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let hook = format!("http://127.0.0.1:{port}/hook");
+    let args: Vec<String> = [
+        retail(),
+        "--write-key-file".into(),
+        keys(dir.path()),
+        "--lateness".into(),
+        "0s".into(),
+        "--output-webhook".into(),
+        hook,
+    ]
+    .into();
+    let s = start(dir.path(), &args);
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build();
+    let send = |body: &[u8]| {
+        use base64::Engine as _;
+        let auth = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("wk-test:"));
+        match agent
+            .post(&format!("http://{}/v1/batch", s.addr))
+            .set("Authorization", &auth)
+            .send_bytes(body)
+        {
+            Ok(r) => (r.status(), None),
+            Err(ureq::Error::Status(code, r)) => (code, r.header("Retry-After").map(str::to_string)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let batches: Vec<Vec<u8>> = events.chunks(100).map(batch).collect();
+    let mut next = 0;
+    let refused = loop {
+        assert!(
+            next < batches.len(),
+            "{} requests taken without a 503 while nothing was delivered",
+            batches.len()
+        );
+        let (status, retry_after) = send(&batches[next]);
+        if status == 503 {
+            break retry_after;
+        }
+        assert_eq!(status, 200);
+        next += 1;
+    };
+    assert_eq!(refused.as_deref(), Some("1"), "a 503 says when to retry");
+    assert!(next > 10, "requests are taken at first");
+    // The receiver comes up: delivery goes on, and so does input.
+    receive(std::net::TcpListener::bind(("127.0.0.1", port)).unwrap());
+    let started = Instant::now();
+    let mut taken = 0;
+    while taken < 20 && next < batches.len() {
+        match send(&batches[next]) {
+            (200, _) => {
+                next += 1;
+                taken += 1;
+            }
+            (503, _) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(120),
+                    "still refused two minutes after the receiver came up"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (status, _) => panic!("answered {status}"),
+        }
+    }
+    assert_eq!(taken, 20, "requests are taken again once changes are delivered");
+    drop(s);
+}

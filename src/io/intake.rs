@@ -123,6 +123,11 @@ impl Intake {
     /// An intake that logs every request in `dir` before answering it
     /// (created if missing); a torn last line is cut off.
     pub fn durable(dir: &Path) -> Result<Arc<Intake>, Error> {
+        Intake::durable_in_segments(dir, SEGMENT)
+    }
+
+    /// [`Intake::durable`] with segments of about `segment` bytes.
+    fn durable_in_segments(dir: &Path, segment: u64) -> Result<Arc<Intake>, Error> {
         let name = || format!("open the request log {}", dir.display());
         std::fs::create_dir_all(dir).map_err(Error::input(name))?;
         let mut starts = Vec::new();
@@ -169,6 +174,7 @@ impl Intake {
             live: live_tx,
             compact_before: compact_before.clone(),
             compacted: 0,
+            segment,
         };
         std::thread::Builder::new()
             .name("shoal-http-log".into())
@@ -214,35 +220,37 @@ impl Intake {
     /// The lines from logical `offset` on: the log replayed from there (when
     /// resuming), then the live ones. Can be called once.
     pub fn lines_from(&self, offset: u64) -> Result<Receiver<std::io::Result<Vec<LiveLine>>>, Error> {
+        // The files to replay, checked before the reader's end is taken.
+        let pending = match &self.log {
+            Some((segments, end)) if offset < *end => {
+                let segments = segments.lock().expect("not poisoned");
+                if segments.starts.first().is_some_and(|first| *first > offset) {
+                    return Err(Error::Changed(format!(
+                        "cannot resume the request log {} at offset {offset}: it starts at {} (was it changed?)",
+                        segments.dir.display(),
+                        segments.starts[0]
+                    )));
+                }
+                let files: Vec<(u64, PathBuf)> = segments
+                    .starts
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| segments.starts.get(i + 1).is_none_or(|next| *next > offset))
+                    .map(|(_, s)| (*s, segments.path(*s)))
+                    .collect();
+                Some((files, *end))
+            }
+            _ => None,
+        };
         let live = self
             .live
             .lock()
             .expect("not poisoned")
             .take()
             .ok_or_else(|| Error::Unsupported("the HTTP intake can be read only once".into()))?;
-        let Some((segments, end)) = &self.log else {
+        let Some((files, end)) = pending else {
             return Ok(live);
         };
-        if offset >= *end {
-            return Ok(live);
-        }
-        let segments = segments.lock().expect("not poisoned");
-        if segments.starts.first().is_some_and(|first| *first > offset) {
-            return Err(Error::Changed(format!(
-                "cannot resume the request log {} at offset {offset}: it starts at {} (was it changed?)",
-                segments.dir.display(),
-                segments.starts[0]
-            )));
-        }
-        let files: Vec<(u64, PathBuf)> = segments
-            .starts
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| segments.starts.get(i + 1).is_none_or(|next| *next > offset))
-            .map(|(_, s)| (*s, segments.path(*s)))
-            .collect();
-        drop(segments);
-        let end = *end;
         let (tx, rx) = sync_channel(QUEUE);
         std::thread::Builder::new()
             .name("shoal-http-replay".into())
@@ -368,6 +376,8 @@ struct Writer {
     live: SyncSender<std::io::Result<Vec<LiveLine>>>,
     compact_before: Arc<AtomicU64>,
     compacted: u64,
+    /// A segment is closed past this size.
+    segment: u64,
 }
 
 impl Writer {
@@ -403,6 +413,12 @@ impl Writer {
                 continue;
             }
             self.len += buf.len() as u64;
+            if self.len >= self.segment {
+                self.roll();
+            }
+            // Before the answers, so that a request answered after a
+            // checkpoint was recorded finds the log compacted behind it.
+            self.compact();
             for done in dones {
                 let _ = done.send(Ok(()));
             }
@@ -411,10 +427,6 @@ impl Writer {
                     return; // the reader is gone: the run is over
                 }
             }
-            if self.len >= SEGMENT {
-                self.roll();
-            }
-            self.compact();
         }
     }
 
@@ -453,5 +465,113 @@ impl Writer {
             }
             segments.starts.remove(0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(received: u64, events: &[&str]) -> Request {
+        Request {
+            received,
+            events: events.iter().map(|e| e.as_bytes().to_vec()).collect(),
+        }
+    }
+
+    /// Submits and waits until durable.
+    fn take(intake: &Intake, r: Request) {
+        intake.submit(r).unwrap().blocking_recv().unwrap().unwrap();
+    }
+
+    fn next_lines(rx: &Receiver<std::io::Result<Vec<LiveLine>>>, n: usize) -> Vec<LiveLine> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            got.extend(rx.recv_timeout(std::time::Duration::from_secs(10)).expect("lines").unwrap());
+        }
+        got
+    }
+
+    #[test]
+    fn the_log_is_replayed_from_an_offset_after_a_restart_with_its_torn_tail_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let offsets: Vec<u64> = {
+            let intake = Intake::durable(dir.path()).unwrap();
+            take(&intake, request(1000, &[r#"{"a":1}"#, r#"{"a":2}"#]));
+            take(&intake, request(2000, &[r#"{"a":3}"#]));
+            let lines = next_lines(&intake.lines_from(0).unwrap(), 3);
+            assert_eq!(lines[1].text, br#"{"a":2}"#);
+            assert_eq!(lines[1].place, Some(Place { received: 1000, index: 1 }));
+            assert_eq!(lines[2].place, Some(Place { received: 2000, index: 0 }));
+            lines.iter().map(|l| l.offset).collect()
+        };
+        assert!(offsets.windows(2).all(|w| w[0] < w[1]));
+        // A crash in the middle of a write leaves a torn line.
+        let log = segment_path(dir.path(), 0);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .unwrap()
+            .write_all(b"3000 0 {\"a\"")
+            .unwrap();
+        let intake = Intake::durable(dir.path()).unwrap();
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), offsets[2], "the torn line is cut off");
+        let rx = intake.lines_from(offsets[0]).unwrap();
+        take(&intake, request(4000, &[r#"{"a":4}"#]));
+        let lines = next_lines(&rx, 3);
+        let texts: Vec<&[u8]> = lines.iter().map(|l| l.text.as_slice()).collect();
+        assert_eq!(
+            texts,
+            [&br#"{"a":2}"#[..], br#"{"a":3}"#, br#"{"a":4}"#],
+            "replayed from the offset, then live"
+        );
+        assert_eq!(lines[1].offset, offsets[2]);
+        assert!(lines[2].offset > offsets[2]);
+    }
+
+    #[test]
+    fn segments_behind_the_checkpoint_before_the_newest_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let intake = Intake::durable_in_segments(dir.path(), 64).unwrap();
+        let rx = intake.lines_from(0).unwrap();
+        for i in 0..8 {
+            take(
+                &intake,
+                request(i, &[r#"{"event":"some padding to fill a segment of sixty-four bytes or more"}"#]),
+            );
+        }
+        let lines = next_lines(&rx, 8);
+        let files = || std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(files(), 9, "a segment per request, and an empty one to go on");
+        intake.checkpointed(lines[5].offset);
+        take(&intake, request(8, &["{}"]));
+        assert_eq!(files(), 9, "nothing goes with only one checkpoint to fall back on");
+        intake.checkpointed(lines[7].offset);
+        take(&intake, request(9, &["{}"]));
+        // Segments wholly before line 5's end go: those of lines 0 to 5.
+        assert_eq!(files(), 9 - 6);
+        assert!(intake.lines_from(0).is_err(), "the reader's end is taken once");
+        drop(intake);
+        let reopened = Intake::durable(dir.path()).unwrap();
+        assert!(matches!(reopened.lines_from(0), Err(Error::Changed(_))), "offset 0 is gone");
+        let replayed = next_lines(&reopened.lines_from(lines[5].offset).unwrap(), 4);
+        assert_eq!(replayed[0].text, lines[6].text);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_instead_of_growing() {
+        let intake = Intake::memory();
+        let mut refused = false;
+        for i in 0..QUEUE + 1 {
+            match intake.submit(request(i as u64, &["{}"])) {
+                Ok(_) => {}
+                Err(Refused::Busy) => {
+                    refused = true;
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(refused, "nobody reads: the queue fills and refuses");
     }
 }
