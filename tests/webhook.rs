@@ -12,8 +12,7 @@ mod common;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::IntoFuture;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -611,43 +610,6 @@ fn sigkill_with_state_loses_no_change() {
     }
 }
 
-/// A POST with HTTP Basic credentials (`user:`); returns the status and body.
-fn post_basic(addr: &str, path: &str, user: &str, body: &str) -> (u16, String) {
-    use base64::Engine as _;
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:"));
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Basic {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        common::dechunk(rest)
-    } else {
-        rest.to_string()
-    };
-    (status, body)
-}
-
-fn accepted_events(addr: &str) -> u64 {
-    let (status, metrics) = common::http(addr, "GET", "/metrics", None);
-    assert_eq!(status, 200, "{metrics}");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("shoal_events_total{result=\"accepted\"} "))
-        .unwrap_or_else(|| panic!("no accepted count in {metrics}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn two_shoals_chain_through_the_segment_api() {
     let dir = tempfile::tempdir().unwrap();
@@ -696,13 +658,17 @@ fn two_shoals_chain_through_the_segment_api() {
         "messageId": "sentinel-1",
         "timestamp": shoal::core::clock::format_time(last + 2 * 3_600_000, false),
     });
-    let (status, body) = post_basic(&second.addr, "/v1/track", "wk1", &sentinel.to_string());
+    let (status, body) = common::post(&second.addr, "/v1/track", Some("wk1"), sentinel.to_string().as_bytes(), false);
     assert_eq!(status, 200, "{body}");
     let expected = lines.len() as u64 + 1;
     wait_until(Duration::from_secs(60), &format!("{expected} accepted events"), || {
-        accepted_events(&second.addr) >= expected
+        common::counted(&second.addr, "accepted") >= expected
     });
-    assert_eq!(accepted_events(&second.addr), expected, "every change once, and the sentinel");
+    assert_eq!(
+        common::counted(&second.addr, "accepted"),
+        expected,
+        "every change once, and the sentinel"
+    );
     let status: ExitStatus = second.terminate();
     assert!(status.success(), "{status:?}: {}", second.stderr.lock().unwrap());
 
