@@ -359,6 +359,11 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     if args.kafka_until_end && args.kafka_topic.is_empty() {
         return Err(usage(anyhow::anyhow!("--kafka-until-end needs --kafka-topic")));
     }
+    if args.kafka_until_end && args.write_key_file.is_some() {
+        return Err(usage(anyhow::anyhow!(
+            "--kafka-until-end ends the run, but events over HTTP (--write-key-file) are live: use one or the other"
+        )));
+    }
     let spec = load_spec(&args.spec, args.tick)?;
     let mut sources: Vec<Source> = args
         .inputs

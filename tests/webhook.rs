@@ -530,7 +530,7 @@ fn sigkill_with_state_loses_no_change() {
             .arg("--state")
             .arg(&state)
             .args(["--checkpoint-every", "200ms", "--output-webhook", &receiver.url("/hook")])
-            .args(["--dead-letter", "bad.jsonl"])
+            .args(["--dead-letter", "bad.jsonl", "--output", "out.jsonl"])
             .current_dir(dir.path());
         c
     };
@@ -575,6 +575,13 @@ fn sigkill_with_state_loses_no_change() {
     receiver.shared.run.store(3, Ordering::SeqCst);
     let out = Running::spawn(&mut command()).finish(Duration::from_secs(120), "the last run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The file beside the webhook is cut back to the first change the
+    // webhook had not acknowledged at each checkpoint: exactly once.
+    let file = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+    assert!(
+        file == want,
+        "the file written beside the webhook differs from an uninterrupted run's"
+    );
 
     let log = receiver.log();
     for run in 0..=3 {

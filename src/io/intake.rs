@@ -11,16 +11,16 @@
 //! **Durable.** With a log directory (`--state DIR` puts it in
 //! `DIR/http-log`), a request is answered only once its events are on disk:
 //! one writer thread appends every request waiting, as lines
-//! `RECEIVED INDEX EVENT`, and calls `fsync` once for the whole group (one
-//! sync per group of requests, not per event), then answers them all and
-//! hands their lines to the reader. The log is a sequence of segment files
+//! `RECEIVED INDEX EVENT`, closes the group with a line `#`, and calls
+//! `fsync` once for the whole group (one sync per group of requests, not
+//! per event), then answers them all and hands their lines to the reader. The log is a sequence of segment files
 //! named by the logical offset of their first byte; a line's position is
 //! the logical offset just after it, which is what a checkpoint stores.
 //! Resuming at an offset replays the log from there, then goes on live.
-//! A torn last line (a crash during a write that was never answered) is cut
-//! off when the log is opened. Segments entirely before the offset of the
-//! checkpoint before the newest are deleted (one checkpoint is kept to fall
-//! back on).
+//! A group a crash interrupted (never answered, perhaps half written) is
+//! cut off when the log is opened: back to the last `#`. Segments entirely
+//! before the oldest checkpoint the state directory keeps are deleted
+//! ([`Intake::compact_before`], called by the checkpoints).
 
 use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -92,8 +92,6 @@ pub struct Intake {
     log: Option<(Arc<Mutex<Segments>>, u64)>,
     /// Segments wholly before this offset may go.
     compact_before: Arc<AtomicU64>,
-    /// The two newest checkpointed offsets, older first.
-    checkpointed: Mutex<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Intake {
@@ -116,7 +114,6 @@ impl Intake {
             live: Mutex::new(Some(rx)),
             log: None,
             compact_before: Arc::default(),
-            checkpointed: Mutex::default(),
         })
     }
 
@@ -155,9 +152,12 @@ impl Intake {
             .append(true)
             .open(&path)
             .map_err(Error::input(|| format!("open {}", path.display())))?;
-        let len = complete_length(&mut file).map_err(Error::input(|| format!("read {}", path.display())))?;
+        let len = committed_length(&mut file).map_err(Error::input(|| format!("read {}", path.display())))?;
         file.set_len(len).map_err(Error::input(|| format!("repair {}", path.display())))?;
         file.sync_all().map_err(Error::input(|| format!("sync {}", path.display())))?;
+        // The directory too: a checkpoint must never outlive the log it
+        // points into.
+        sync_dir(dir).map_err(Error::input(|| format!("sync {}", dir.display())))?;
         let end = last + len;
         let segments = Arc::new(Mutex::new(Segments {
             dir: dir.to_path_buf(),
@@ -185,7 +185,6 @@ impl Intake {
             live: Mutex::new(Some(live_rx)),
             log: Some((segments, end)),
             compact_before,
-            checkpointed: Mutex::default(),
         }))
     }
 
@@ -221,6 +220,12 @@ impl Intake {
     /// resuming), then the live ones. Can be called once.
     pub fn lines_from(&self, offset: u64) -> Result<Receiver<std::io::Result<Vec<LiveLine>>>, Error> {
         // The files to replay, checked before the reader's end is taken.
+        if let Some((segments, end)) = self.log.as_ref().filter(|(_, end)| offset > *end) {
+            return Err(Error::Changed(format!(
+                "cannot resume the request log {} at offset {offset}: it ends at {end} (was it cut or deleted?)",
+                segments.lock().expect("not poisoned").dir.display()
+            )));
+        }
         let pending = match &self.log {
             Some((segments, end)) if offset < *end => {
                 let segments = segments.lock().expect("not poisoned");
@@ -269,30 +274,46 @@ impl Intake {
         Ok(rx)
     }
 
-    /// A checkpoint holds the lines before `offset`: the segments before
-    /// the checkpoint before it may go.
-    pub fn checkpointed(&self, offset: u64) {
-        let mut two = self.checkpointed.lock().expect("not poisoned");
-        if offset > two.1 {
-            *two = (two.1, offset);
-            self.compact_before.fetch_max(two.0, Ordering::SeqCst);
-        }
+    /// No checkpoint kept needs the lines before `offset` any more: the
+    /// segments wholly before it may go (at the writer's next group).
+    pub fn compact_before(&self, offset: u64) {
+        self.compact_before.fetch_max(offset, Ordering::SeqCst);
     }
 }
 
-/// The length of the complete lines at the start of `file`.
-fn complete_length(file: &mut std::fs::File) -> std::io::Result<u64> {
+/// fsyncs a directory (its entries: files created or removed in it).
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// A group's closing line.
+const COMMIT: &[u8] = b"#\n";
+
+/// The length of `file` up to its last closed group (the end of its last
+/// `#` line; 0 when it has none).
+fn committed_length(file: &mut std::fs::File) -> std::io::Result<u64> {
     let len = file.metadata()?.len();
     let mut at = len;
-    let mut buf = [0u8; 4096];
+    let mut buf = vec![0u8; 1 << 16];
     while at > 0 {
-        let n = (at.min(buf.len() as u64)) as usize;
-        file.seek(std::io::SeekFrom::Start(at - n as u64))?;
+        // Overlap one byte so a `\n#\n` across two reads is seen.
+        let n = at.min(buf.len() as u64) as usize;
+        let start = at - n as u64;
+        file.seek(std::io::SeekFrom::Start(start))?;
         file.read_exact(&mut buf[..n])?;
-        if let Some(i) = memchr::memrchr(b'\n', &buf[..n]) {
-            return Ok(at - n as u64 + i as u64 + 1);
+        let chunk = &buf[..n];
+        let mut end = n;
+        while let Some(i) = memchr::memrchr(b'#', &chunk[..end]) {
+            let line_start = i == 0 && start == 0 || i > 0 && chunk[i - 1] == b'\n';
+            if line_start && chunk.get(i + 1) == Some(&b'\n') {
+                return Ok(start + i as u64 + 2);
+            }
+            end = i;
         }
-        at -= n as u64;
+        if start == 0 {
+            break;
+        }
+        at = start + 2;
     }
     Ok(0)
 }
@@ -332,6 +353,9 @@ fn replay(files: &[(u64, PathBuf)], offset: u64, end: u64, tx: &SyncSender<std::
                 break;
             }
             at += n as u64;
+            if line == COMMIT {
+                continue;
+            }
             batch.push(parse_log_line(line, at).ok_or_else(|| {
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
@@ -400,15 +424,21 @@ impl Writer {
                 lines.push(lines_of(request, |i| offsets[i]));
                 dones.push(done);
             }
+            buf.extend_from_slice(COMMIT);
             let written = self.file.write_all(&buf).and_then(|_| self.file.sync_data());
             if let Err(e) = written {
                 // Nothing of this group is answered as taken; the log is
                 // cut back to where it was so a retry appends cleanly.
                 let error = format!("{}: {e}", self.segments.lock().expect("not poisoned").path(self.start).display());
                 tracing::error!("cannot write the request log: {error}");
-                let _ = self.file.set_len(self.len);
+                let cut = self.file.set_len(self.len);
                 for done in dones {
                     let _ = done.send(Err(error.clone()));
+                }
+                if let Err(e) = cut {
+                    // Later offsets would be wrong: take no more requests.
+                    tracing::error!("cannot cut the request log back after a failed write ({e}); HTTP input stops");
+                    return;
                 }
                 continue;
             }
@@ -506,16 +536,23 @@ mod tests {
             lines.iter().map(|l| l.offset).collect()
         };
         assert!(offsets.windows(2).all(|w| w[0] < w[1]));
-        // A crash in the middle of a write leaves a torn line.
+        // A crash in the middle of a group's write leaves complete lines of
+        // a request never answered, and a torn one.
         let log = segment_path(dir.path(), 0);
+        let committed = std::fs::metadata(&log).unwrap().len();
+        assert_eq!(committed, offsets[2] + 2, "each group ends with its `#` line");
         std::fs::OpenOptions::new()
             .append(true)
             .open(&log)
             .unwrap()
-            .write_all(b"3000 0 {\"a\"")
+            .write_all(b"3000 0 {\"a\":9}\n3000 1 {\"a\"")
             .unwrap();
         let intake = Intake::durable(dir.path()).unwrap();
-        assert_eq!(std::fs::metadata(&log).unwrap().len(), offsets[2], "the torn line is cut off");
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), committed, "the unanswered group is cut off");
+        assert!(
+            matches!(intake.lines_from(committed + 1), Err(Error::Changed(_))),
+            "past the end is refused"
+        );
         let rx = intake.lines_from(offsets[0]).unwrap();
         take(&intake, request(4000, &[r#"{"a":4}"#]));
         let lines = next_lines(&rx, 3);
@@ -543,13 +580,13 @@ mod tests {
         let lines = next_lines(&rx, 8);
         let files = || std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(files(), 9, "a segment per request, and an empty one to go on");
-        intake.checkpointed(lines[5].offset);
         take(&intake, request(8, &["{}"]));
-        assert_eq!(files(), 9, "nothing goes with only one checkpoint to fall back on");
-        intake.checkpointed(lines[7].offset);
+        assert_eq!(files(), 9, "nothing goes before a checkpoint says so");
+        intake.compact_before(lines[5].offset);
         take(&intake, request(9, &["{}"]));
-        // Segments wholly before line 5's end go: those of lines 0 to 5.
-        assert_eq!(files(), 9 - 6);
+        // Segments wholly before line 5's end go: those of lines 0 to 4
+        // (line 5's segment also holds its group's `#`, after the offset).
+        assert_eq!(files(), 9 - 5);
         assert!(intake.lines_from(0).is_err(), "the reader's end is taken once");
         drop(intake);
         let reopened = Intake::durable(dir.path()).unwrap();

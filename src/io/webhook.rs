@@ -89,7 +89,23 @@ struct Shared {
     unacked: BTreeMap<u64, usize>,
     /// Requests refused for good.
     refused: u64,
+    /// Set when the sink is dropped: retries end at this time (what is not
+    /// delivered by then is left for the next run, which a checkpoint
+    /// resumes before it).
+    give_up_at: Option<std::time::Instant>,
 }
+
+/// The shared state and a condition to wake a sender that waits to retry.
+#[derive(Default)]
+struct Link {
+    state: Mutex<Shared>,
+    wake: std::sync::Condvar,
+}
+
+/// How long a dropped sink's sender goes on retrying.
+const GRACE: Duration = Duration::from_secs(10);
+/// The longest `Retry-After` honoured.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
 
 /// Changes to one webhook (see the module docs).
 pub struct WebhookSink {
@@ -100,15 +116,15 @@ pub struct WebhookSink {
     lines: Vec<String>,
     chunk: usize,
     to_sender: Option<Sender<Batch>>,
-    shared: Arc<Mutex<Shared>>,
+    shared: Arc<Link>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl WebhookSink {
     pub fn new(url: &str, opts: &WebhookOptions) -> std::io::Result<WebhookSink> {
-        let (endpoint, basic) = split_credentials(url);
+        let (endpoint, basic) = split_credentials(url)?;
         let (tx, rx) = channel();
-        let shared = Arc::new(Mutex::new(Shared::default()));
+        let shared = Arc::new(Link::default());
         let sender = Sender_ {
             agent: ureq::AgentBuilder::new()
                 .timeout_connect(Duration::from_secs(5))
@@ -117,7 +133,8 @@ impl WebhookSink {
                 // would turn the POST into a GET without its body).
                 .redirects(0)
                 .build(),
-            url: endpoint,
+            url: shown(&endpoint),
+            endpoint,
             basic,
             content_type: match opts.format {
                 Format::Ndjson => "application/x-ndjson",
@@ -131,7 +148,7 @@ impl WebhookSink {
             .name("shoal-webhook".into())
             .spawn(move || sender.run(rx))?;
         Ok(WebhookSink {
-            url: url.to_string(),
+            url: shown(url),
             format: opts.format,
             tick: None,
             lines: Vec::new(),
@@ -167,7 +184,7 @@ impl WebhookSink {
             .finalize();
         let key = format!("shoal-{tick}-{}-{}", self.chunk, hex::encode(&digest[..12]));
         self.chunk += 1;
-        *self.shared.lock().expect("not poisoned").unacked.entry(tick).or_default() += 1;
+        *self.shared.state.lock().expect("not poisoned").unacked.entry(tick).or_default() += 1;
         if let Some(tx) = &self.to_sender {
             if tx.send(Batch { tick, body, key }).is_err() {
                 tracing::error!(url = %self.url, "the webhook sender has stopped");
@@ -196,46 +213,72 @@ impl Deliver for WebhookSink {
     }
 
     fn unacknowledged(&mut self) -> Option<u64> {
-        self.shared.lock().expect("not poisoned").unacked.keys().next().copied()
+        self.shared.state.lock().expect("not poisoned").unacked.keys().next().copied()
     }
 }
 
 impl Drop for WebhookSink {
     fn drop(&mut self) {
         self.cut();
-        // Closing the channel ends the sender once it has sent what it has.
+        // Closing the channel ends the sender once it has sent what it
+        // has, retrying for at most GRACE (a stop while the receiver is
+        // down must not hang; a checkpoint never passes what is unsent).
         self.to_sender = None;
+        self.shared.state.lock().expect("not poisoned").give_up_at = Some(std::time::Instant::now() + GRACE);
+        self.shared.wake.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let refused = self.shared.lock().map(|s| s.refused).unwrap_or_default();
-        if refused > 0 {
+        let st = self.shared.state.lock().expect("not poisoned");
+        if st.refused > 0 {
             eprintln!(
-                "shoal: webhook {}: {refused} request(s) refused for good (see the webhook dead letters)",
-                self.url
+                "shoal: webhook {}: {} request(s) refused for good (see the webhook dead letters)",
+                self.url, st.refused
+            );
+        }
+        if let Some(first) = st.unacked.keys().next() {
+            eprintln!(
+                "shoal: webhook {}: changes from {} on were not delivered before the stop",
+                self.url,
+                crate::core::clock::format_time(*first, true)
             );
         }
     }
 }
 
 /// `http://user:pass@host/…` as the URL without credentials and the Basic
-/// credentials.
-fn split_credentials(url: &str) -> (String, Option<String>) {
+/// credentials (percent-decoded).
+fn split_credentials(url: &str) -> std::io::Result<(String, Option<String>)> {
     use base64::Engine as _;
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return (url.to_string(), None);
+    let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("--output-webhook {}: {e}", shown(url)));
+    let mut parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+    if parsed.username().is_empty() && parsed.password().is_none() {
+        return Ok((url.to_string(), None));
+    }
+    let decode = |s: &str| {
+        url::form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rsplit_once('@') {
-        Some((userinfo, host)) => (
-            format!("{scheme}://{host}{}", &rest[authority_end..]),
-            Some(base64::engine::general_purpose::STANDARD.encode(if userinfo.contains(':') {
-                userinfo.to_string()
-            } else {
-                format!("{userinfo}:")
-            })),
-        ),
-        None => (url.to_string(), None),
+    let user = decode(parsed.username());
+    let password = decode(parsed.password().unwrap_or_default());
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    parsed.set_username("").map_err(|()| bad("cannot take the user name out".into()))?;
+    parsed.set_password(None).map_err(|()| bad("cannot take the password out".into()))?;
+    Ok((parsed.to_string(), Some(basic)))
+}
+
+/// A URL as it may be shown (in logs and messages): without credentials.
+fn shown(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => url.split('@').next_back().unwrap_or(url).to_string(),
     }
 }
 
@@ -306,12 +349,14 @@ fn segment_body(lines: &[String]) -> Vec<u8> {
 /// The sending thread of one webhook.
 struct Sender_ {
     agent: ureq::Agent,
+    /// Where requests go, and the same as it may be shown.
+    endpoint: String,
     url: String,
     basic: Option<String>,
     content_type: &'static str,
     secret: Option<Vec<u8>>,
     dead_letter: Option<PathBuf>,
-    shared: Arc<Mutex<Shared>>,
+    shared: Arc<Link>,
 }
 
 /// What one attempt gave.
@@ -328,24 +373,30 @@ impl Sender_ {
         while let Ok(batch) = batches.recv() {
             let mut wait = BACKOFF_START;
             let mut attempts = 0u32;
-            loop {
+            let delivered = loop {
                 attempts += 1;
                 match self.attempt(&batch) {
-                    Answer::Done => break,
+                    Answer::Done => break true,
                     Answer::Refused(status, answer) => {
                         self.refused(&batch, status, &answer);
-                        break;
+                        break true;
                     }
                     Answer::Again(why, at_least) => {
                         if attempts == 1 || attempts.is_multiple_of(10) {
                             tracing::warn!(url = %self.url, attempts, "webhook: {why}; retrying");
                         }
-                        std::thread::sleep(at_least.map_or(wait, |a| a.max(wait)));
+                        let pause = at_least.map_or(wait, |a| a.min(RETRY_AFTER_MAX).max(wait));
+                        if !self.pause(pause) {
+                            break false;
+                        }
                         wait = (wait * 2).min(BACKOFF_MAX);
                     }
                 }
+            };
+            if !delivered {
+                return; // the sink is gone and the grace is over
             }
-            let mut shared = self.shared.lock().expect("not poisoned");
+            let mut shared = self.shared.state.lock().expect("not poisoned");
             if let Some(n) = shared.unacked.get_mut(&batch.tick) {
                 *n -= 1;
                 if *n == 0 {
@@ -355,10 +406,28 @@ impl Sender_ {
         }
     }
 
+    /// Waits `pause` before a retry; false when the sink is gone and its
+    /// grace is over (then nothing more is tried).
+    fn pause(&self, pause: Duration) -> bool {
+        let until = std::time::Instant::now() + pause;
+        let mut st = self.shared.state.lock().expect("not poisoned");
+        loop {
+            let now = std::time::Instant::now();
+            if st.give_up_at.is_some_and(|g| now >= g) {
+                return false;
+            }
+            if now >= until {
+                return true;
+            }
+            let next = st.give_up_at.map_or(until, |g| g.min(until));
+            st = self.shared.wake.wait_timeout(st, next - now).expect("not poisoned").0;
+        }
+    }
+
     fn attempt(&self, batch: &Batch) -> Answer {
         let mut request = self
             .agent
-            .post(&self.url)
+            .post(&self.endpoint)
             .set("Content-Type", self.content_type)
             .set("Idempotency-Key", &batch.key)
             .set("User-Agent", concat!("shoal/", env!("CARGO_PKG_VERSION")));
@@ -393,7 +462,7 @@ impl Sender_ {
 
     /// Writes a refused request to the webhook dead letters.
     fn refused(&self, batch: &Batch, status: u16, answer: &str) {
-        self.shared.lock().expect("not poisoned").refused += 1;
+        self.shared.state.lock().expect("not poisoned").refused += 1;
         #[derive(Serialize)]
         struct Dead<'a> {
             url: &'a str,
@@ -447,10 +516,16 @@ mod tests {
     #[test]
     fn credentials_leave_the_url() {
         assert_eq!(
-            split_credentials("http://key:@127.0.0.1:9/v1/batch"),
+            split_credentials("http://key:@127.0.0.1:9/v1/batch").unwrap(),
             ("http://127.0.0.1:9/v1/batch".to_string(), Some("a2V5Og==".to_string()))
         );
-        assert_eq!(split_credentials("https://h/x@y"), ("https://h/x@y".to_string(), None));
+        assert_eq!(split_credentials("https://h/x@y").unwrap(), ("https://h/x@y".to_string(), None));
+        // No path: the host is still the one before the query.
+        let (url, basic) = split_credentials("http://k%40x:p@host?x=a@b").unwrap();
+        assert_eq!(url::Url::parse(&url).unwrap().host_str(), Some("host"));
+        assert_eq!(basic.as_deref(), Some("a0B4OnA="), "base64 of `k@x:p`, percent-decoded");
+        assert_eq!(shown("http://key:secret@h/p"), "http://h/p");
+        assert!(split_credentials("not a url").is_err());
     }
 
     #[test]

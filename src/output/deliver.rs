@@ -100,32 +100,69 @@ impl Deliver for WriteLines {
 
 /// One set of lines to several outputs (a file and webhooks): each gets
 /// every line; a tick is acknowledged once all have it. The first output
-/// that is a file is the one a checkpoint records.
-pub struct Tee(pub Vec<Box<dyn Deliver>>);
+/// that is a file is the one a checkpoint records, at its length *before*
+/// the first unacknowledged tick: a restart cuts it back there and writes
+/// those ticks again, with the changes the webhook is sent again.
+pub struct Tee {
+    outputs: Vec<Box<dyn Deliver>>,
+    /// The file's length before each tick written since the first
+    /// unacknowledged one.
+    starts: std::collections::VecDeque<(u64, u64)>,
+    /// The first unacknowledged tick, as last asked.
+    unacked: Option<u64>,
+}
+
+impl Tee {
+    pub fn new(outputs: Vec<Box<dyn Deliver>>) -> Tee {
+        Tee {
+            outputs,
+            starts: Default::default(),
+            unacked: None,
+        }
+    }
+
+    fn file_position(&self) -> Option<u64> {
+        self.outputs.iter().find_map(|d| d.position())
+    }
+}
 
 impl Deliver for Tee {
     fn send(&mut self, tick: u64, key: &str, line: &str) -> std::io::Result<()> {
-        self.0.iter_mut().try_for_each(|d| d.send(tick, key, line))
+        if self.starts.back().map(|s| s.0) != Some(tick) {
+            if let Some(p) = self.file_position() {
+                self.starts.push_back((tick, p));
+            }
+        }
+        self.outputs.iter_mut().try_for_each(|d| d.send(tick, key, line))
     }
 
     fn end_tick(&mut self, tick: u64) -> std::io::Result<()> {
-        self.0.iter_mut().try_for_each(|d| d.end_tick(tick))
+        self.outputs.iter_mut().try_for_each(|d| d.end_tick(tick))
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0.iter_mut().try_for_each(|d| d.flush())
+        self.outputs.iter_mut().try_for_each(|d| d.flush())
     }
 
     fn unacknowledged(&mut self) -> Option<u64> {
-        self.0.iter_mut().filter_map(|d| d.unacknowledged()).min()
+        let first = self.outputs.iter_mut().filter_map(|d| d.unacknowledged()).min();
+        self.unacked = first;
+        while self.starts.front().is_some_and(|s| first.is_none_or(|u| s.0 < u)) {
+            self.starts.pop_front();
+        }
+        first
     }
 
     fn position(&self) -> Option<u64> {
-        self.0.iter().find_map(|d| d.position())
+        let now = self.file_position()?;
+        Some(match self.unacked {
+            Some(u) => self.starts.iter().find(|s| s.0 >= u).map_or(now, |s| s.1),
+            None => now,
+        })
     }
 
     fn file(&self) -> Option<&std::fs::File> {
-        self.0.iter().find_map(|d| d.file())
+        self.outputs.iter().find_map(|d| d.file())
     }
 }
 
@@ -135,7 +172,7 @@ pub fn tee_output(mut outputs: Vec<OpenOutput>) -> OpenOutput {
         return outputs.pop().expect("one");
     }
     Arc::new(move |resume| -> Result<Box<dyn Deliver>, OpenError> {
-        Ok(Box::new(Tee(outputs.iter().map(|o| o(resume)).collect::<Result<_, _>>()?)))
+        Ok(Box::new(Tee::new(outputs.iter().map(|o| o(resume)).collect::<Result<_, _>>()?)))
     })
 }
 
@@ -204,4 +241,40 @@ pub fn memory_output(buf: Arc<Mutex<Vec<u8>>>) -> OpenOutput {
         }
         Ok(Box::new(Mem(buf.clone())))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Acknowledges what `acked` says.
+    struct Slow(Arc<Mutex<Option<u64>>>);
+    impl Deliver for Slow {
+        fn send(&mut self, _tick: u64, _key: &str, _line: &str) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn unacknowledged(&mut self) -> Option<u64> {
+            *self.0.lock().unwrap()
+        }
+    }
+
+    #[test]
+    fn a_tee_records_the_file_as_of_the_first_unacknowledged_tick() {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let waiting = Arc::new(Mutex::new(None));
+        let mut tee = Tee::new(vec![memory_output(buf.clone())(None).unwrap(), Box::new(Slow(waiting.clone()))]);
+        tee.send(1, "k", "a").unwrap();
+        tee.send(2, "k", "bb").unwrap();
+        tee.send(2, "k", "cc").unwrap();
+        tee.send(3, "k", "d").unwrap();
+        *waiting.lock().unwrap() = Some(2);
+        assert_eq!(tee.unacknowledged(), Some(2));
+        assert_eq!(tee.position(), Some(2), "the file before tick 2's lines");
+        *waiting.lock().unwrap() = Some(3);
+        assert_eq!(tee.unacknowledged(), Some(3));
+        assert_eq!(tee.position(), Some(2 + 6));
+        *waiting.lock().unwrap() = None;
+        assert_eq!(tee.unacknowledged(), None);
+        assert_eq!(tee.position(), Some(10), "all of it");
+    }
 }

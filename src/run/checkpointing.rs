@@ -39,6 +39,9 @@ pub struct Checkpointing {
     /// HTTP input: told what each checkpoint holds, so that its log can be
     /// compacted behind it.
     intake: Option<Arc<crate::io::intake::Intake>>,
+    /// The HTTP offsets of the checkpoints written, oldest first (at most
+    /// [`checkpoint::KEEP`]).
+    intake_offsets: Mutex<std::collections::VecDeque<u64>>,
 }
 
 impl Checkpointing {
@@ -110,6 +113,7 @@ impl Checkpointing {
                 Source::Http(intake) => Some(intake.clone()),
                 _ => None,
             }),
+            intake_offsets: Mutex::default(),
         })
     }
 
@@ -135,22 +139,31 @@ impl Checkpointing {
             Ok(path) => {
                 tracing::debug!(path = %path.display(), frontier, "checkpoint written");
                 self.written.fetch_max(frontier, Ordering::SeqCst);
-                if let Some(intake) = &self.intake {
-                    for r in &snapshot.readers {
-                        match &r.position {
-                            crate::io::Position::Lines { offset, .. } => intake.checkpointed(*offset),
-                            crate::io::Position::Kafka(ps) => {
-                                for p in ps.iter().filter(|p| p.topic == crate::io::kafka::HTTP_TOPIC) {
-                                    intake.checkpointed(p.next as u64);
-                                }
-                            }
-                        }
-                    }
-                }
+                self.compact_intake(&snapshot.readers);
             }
             Err(e) => eprintln!("shoal: {e}; the last good checkpoint is kept"),
         }
         snapshot.readers
+    }
+
+    /// Lets the HTTP intake's log go behind the oldest checkpoint the store
+    /// keeps ([`checkpoint::KEEP`]): any of them may be the one resumed
+    /// from, when the newer ones are unreadable.
+    fn compact_intake(&self, readers: &[checkpoint::ReaderState]) {
+        let Some(intake) = &self.intake else { return };
+        let offset = readers.iter().find_map(|r| match &r.position {
+            crate::io::Position::Lines { offset, .. } => Some(*offset),
+            crate::io::Position::Kafka(ps) => ps.iter().find(|p| p.topic == crate::io::kafka::HTTP_TOPIC).map(|p| p.next as u64),
+        });
+        let Some(offset) = offset else { return };
+        let mut kept = self.intake_offsets.lock().expect("not poisoned");
+        kept.push_back(offset);
+        while kept.len() > checkpoint::KEEP {
+            kept.pop_front();
+        }
+        if kept.len() == checkpoint::KEEP {
+            intake.compact_before(kept[0]);
+        }
     }
 
     /// The delivered mark, once the output files are synced.

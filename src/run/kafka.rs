@@ -59,7 +59,8 @@ impl Http {
                 }
                 Outcome::Blank | Outcome::Ignored | Outcome::Duplicate => {}
             }
-            self.part.read();
+            // Not `read()`: HTTP is never committed to the group, so its
+            // offsets must not pile up for a commit.
         }
         Ok((got, any))
     }

@@ -105,7 +105,11 @@ async fn take(State(events): State<Arc<EventsIn>>, Path(call): Path<String>, hea
     };
     let raw = match axum::body::to_bytes(body, READ_MAX).await {
         Ok(b) if b.len() <= REQUEST_MAX => b,
-        Ok(_) | Err(_) => return refuse(StatusCode::BAD_REQUEST, format!("the body is larger than {REQUEST_MAX} bytes")),
+        Ok(_) => return refuse(StatusCode::BAD_REQUEST, format!("the body is larger than {REQUEST_MAX} bytes")),
+        Err(e) => {
+            let message = format!("cannot read the body (larger than {REQUEST_MAX} bytes, or cut short): {e}");
+            return refuse(StatusCode::BAD_REQUEST, message);
+        }
     };
     // Checked once the body is read, so that the client reads the answer
     // instead of a broken pipe.
@@ -212,11 +216,28 @@ fn events_of(body: &[u8], kind: Option<&str>, received: u64) -> Result<Vec<Vec<u
         .collect()
 }
 
-/// One event's text with `type` and `timestamp` added when missing, and
-/// line breaks (only whitespace, in valid JSON) made spaces.
+/// One event's text with `type` and `timestamp` added when missing (or
+/// null), and line breaks (only whitespace, in valid JSON) made spaces.
 fn complete(text: &str, kind: Option<&str>, stamp: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(text.len() + 64);
     let probe = serde_json::from_str::<Probe>(text).ok();
+    // A null reads as missing: when the key is there, the value is replaced
+    // through a map (rare), not given twice.
+    let null = |p: &Probe, key: &str| text.contains(&format!("\"{key}\"")) && (key != "type" || (kind.is_some() && p.kind.is_none()));
+    if let Some(p) = probe
+        .as_ref()
+        .filter(|p| (p.timestamp.is_none() && null(p, "timestamp")) || (p.kind.is_none() && null(p, "type")))
+    {
+        if let Ok(mut map) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text) {
+            if p.timestamp.is_none() {
+                map.insert("timestamp".into(), stamp.into());
+            }
+            if let (None, Some(kind)) = (p.kind, kind) {
+                map.insert("type".into(), kind.into());
+            }
+            return serde_json::to_vec(&map).expect("a map serializes");
+        }
+    }
     let rest = text.trim_start().strip_prefix('{');
     match (probe, rest) {
         (Some(probe), Some(rest)) => {
@@ -270,6 +291,15 @@ mod tests {
         assert_eq!(v.get("type"), None);
         assert_eq!(v["timestamp"], stamp);
         assert_eq!(complete("[1]", None, stamp), b"[1]");
+        // A null is replaced, not given twice (a duplicate key is refused).
+        let got = complete(r#"{"type":null,"timestamp":null,"p":{"timestamp":1}}"#, Some("page"), stamp);
+        let text = String::from_utf8(got).unwrap();
+        assert_eq!(text.matches("\"timestamp\"").count(), 2, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (v["type"].as_str(), v["timestamp"].as_str(), &v["p"]["timestamp"]),
+            (Some("page"), Some(stamp), &serde_json::json!(1))
+        );
         assert!(!complete("{\n\"a\":\n1}", None, stamp).contains(&b'\n'));
     }
 
