@@ -855,3 +855,80 @@ fn runtime_terms_start_complete_and_follow_the_reference() {
     let status = shoal.terminate();
     assert!(status.success(), "{status:?}");
 }
+
+/// `shoal_clock_seconds` from `/metrics`.
+fn clock_seconds(addr: &str) -> u64 {
+    let (_, metrics) = http(addr, "GET", "/metrics", None);
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("shoal_clock_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// SPEC §7: the served clock is the run's clock, also past ticks at which
+/// nothing changed: at `--until` after the end of file input.
+#[test]
+fn the_served_clock_reaches_until_after_file_input() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("spec.toml"), LIVE_SPEC).unwrap();
+    let input: String = (0..6).map(|s| track("view", "u1", T0 + s * 1_000)).collect();
+    std::fs::write(dir.path().join("events.jsonl"), input).unwrap();
+    let until = T0 + 3_600_000;
+    let until_text = shoal::core::clock::format_time(until, false);
+    let args = [
+        "spec.toml",
+        "--input",
+        "events.jsonl",
+        "--output",
+        "out.jsonl",
+        "--until",
+        &until_text,
+    ];
+    let shoal = Shoal::start(dir.path(), &args, false);
+    wait_for_clock(&shoal.addr, &until_text);
+    assert_eq!(
+        get(&shoal.addr, "/segments")["clock"],
+        until_text.as_str(),
+        "the clock stops at --until"
+    );
+    assert_eq!(clock_seconds(&shoal.addr), until / 1000);
+    let out = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+    assert!(
+        out.lines().all(|l| !l.contains(&until_text)),
+        "nothing changed at --until itself: {out}"
+    );
+}
+
+/// ... and on a live stream gone idle, where it follows wall time.
+#[test]
+fn the_served_clock_follows_an_idle_live_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    // A lifetime term: after the one event, nothing ever changes again.
+    let spec = "[[segment]]\nname = \"many\"\nwhen = \"count('view', lifetime) >= 5\"\n";
+    std::fs::write(dir.path().join("spec.toml"), spec).unwrap();
+    let args = [
+        "spec.toml",
+        "--input",
+        "-",
+        "--output",
+        "out.jsonl",
+        "--idle",
+        "200ms",
+        "--lateness",
+        "0s",
+    ];
+    let mut shoal = Shoal::start(dir.path(), &args, true);
+    let addr = shoal.addr.clone();
+    let mut stdin = shoal.stdin.take().unwrap();
+    stdin.write_all(track("view", "u1", T0).as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    // Nothing more arrives: after --idle the clock moves on by wall time,
+    // and the served clock with it, though no tick after T0 changes.
+    let later = shoal::core::clock::format_time(T0 + 5_000, false);
+    wait_for_clock(&addr, &later);
+    assert!(clock_seconds(&addr) >= (T0 + 5_000) / 1000);
+    let out = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+    assert!(out.is_empty(), "nothing changed: {out}");
+    drop(stdin);
+}

@@ -232,6 +232,9 @@ pub trait Observer: Send + Sync {
     fn counters(&self, reader: usize, counters: Counters);
     /// Whether the run should end (serving keeps it alive until then).
     fn stopped(&self) -> bool;
+    /// Every time up to `t` is final: ticks there with no change move the
+    /// observer's clock too (SPEC §7: the served clock is the run's).
+    fn passed(&self, t: u64);
 }
 
 /// How [`deliver`] writes.
@@ -369,6 +372,22 @@ pub fn deliver<'s>(
                     awaiting.insert(t, (cap, outs.state.borrow().diffs - before));
                 }
                 flush(&mut outs, &mut written);
+                if let Some(observer) = &outs.observer {
+                    // Final: before both frontiers, and (input over) up to
+                    // the readers' last tick, never past a stop's cutoff.
+                    let bound = [frontier.frontier().first(), notes_frontier.frontier().first()]
+                        .into_iter()
+                        .flatten()
+                        .min()
+                        .copied();
+                    let upto = match bound {
+                        Some(b) => b.checked_sub(1).map(|u| last.map_or(u, |l| u.min(l))),
+                        None => last,
+                    };
+                    if let Some(u) = upto.map(|u| cutoff.map_or(u, |c| u.min(c))) {
+                        observer.passed(u);
+                    }
+                }
                 if all_in && frontier.is_empty() {
                     pending.clear();
                     barrier = None;

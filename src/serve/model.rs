@@ -386,6 +386,17 @@ impl Served {
 }
 
 impl Observer for Served {
+    fn passed(&self, t: u64) {
+        let behind = |m: &Model| m.clock.is_none_or(|c| c < (t / m.tick) * m.tick);
+        if !behind(&self.model.read().expect("not poisoned")) {
+            return;
+        }
+        let mut model = self.model.write().expect("not poisoned");
+        if behind(&model) {
+            model.clock = Some((t / model.tick) * model.tick);
+        }
+    }
+
     fn next_due(&self) -> Option<u64> {
         self.model.read().expect("not poisoned").next_due()
     }
