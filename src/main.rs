@@ -176,6 +176,17 @@ struct RunArgs {
     /// disk (DIR/http-log).
     #[arg(long, value_name = "FILE", requires = "http", conflicts_with_all = ["inputs", "generate"], help_heading = "Events over HTTP")]
     write_key_file: Option<PathBuf>,
+    /// Lock the API: every call but `GET /` and the /v1/ calls needs `Authorization: Bearer
+    /// TOKEN`, TOKEN being the file's first line; a wrong or missing token answers 401 and
+    /// changes nothing. Needed to serve an address other hosts can reach.
+    #[arg(long, value_name = "FILE", requires = "http", help_heading = "Serving")]
+    http_token_file: Option<PathBuf>,
+    /// A second token (the file's first line) that can only read (GET): for dashboards.
+    #[arg(long, value_name = "FILE", requires = "http_token_file", help_heading = "Serving")]
+    http_read_token_file: Option<PathBuf>,
+    /// Serve a non-loopback --http address without a token, open to anyone who reaches it.
+    #[arg(long, requires = "http", help_heading = "Serving")]
+    http_insecure: bool,
     /// Keep checkpoints in this directory and resume from the newest one: run the
     /// same command again after a crash and the output file continues exactly
     /// where the checkpoint left it (cut back, then continued: exactly once).
@@ -383,6 +394,20 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             ..GenOptions::default()
         }));
     }
+    let token = |file: &Option<PathBuf>| -> Result<Option<String>, Failure> {
+        let Some(f) = file else { return Ok(None) };
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the token {}", f.display()))
+            .map_err(|e| Failure(1, e))?;
+        match text.lines().next().map(str::trim).filter(|t| !t.is_empty()) {
+            Some(t) => Ok(Some(t.to_string())),
+            None => Err(usage(anyhow::anyhow!("{} holds no token on its first line", f.display()))),
+        }
+    };
+    let access = shoal::serve::http::Access {
+        admin: token(&args.http_token_file)?,
+        read: token(&args.http_read_token_file)?,
+    };
     let events = match &args.write_key_file {
         Some(file) => {
             let text = std::fs::read_to_string(file)
@@ -472,6 +497,8 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             addr,
             history: args.history,
             events: events.clone(),
+            access: access.clone(),
+            insecure: args.http_insecure,
             on_listen: Some(Arc::new(|a| eprintln!("shoal: listening on http://{a}"))),
         }),
     };

@@ -622,6 +622,8 @@ fn run_returns_only_after_the_server_closed() {
         addr: "127.0.0.1:0".into(),
         history: None,
         events: None,
+        access: Default::default(),
+        insecure: false,
         on_listen: Some(std::sync::Arc::new(move |a| {
             let _ = tx.send(a);
         })),
@@ -931,4 +933,118 @@ fn the_served_clock_follows_an_idle_live_stream() {
     let out = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
     assert!(out.is_empty(), "nothing changed: {out}");
     drop(stdin);
+}
+
+/// A call with an optional bearer token: (status, body).
+fn call(addr: &str, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
+    let mut req = ureq::request(method, &format!("http://{addr}{path}"));
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    let answer = match body {
+        Some(b) => req.set("Content-Type", "application/json").send_string(b),
+        None => req.call(),
+    };
+    match answer {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("{method} {path}: {e}"),
+    }
+}
+
+/// SPEC §7 "Access": with a token file every call but `GET /` needs the
+/// token; a wrong or missing one answers 401 and changes nothing; the read
+/// token reads and cannot change.
+#[test]
+fn a_locked_api_refuses_wrong_tokens_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("spec.toml"), LIVE_SPEC).unwrap();
+    let input: String = (0..6).map(|s| track("view", "u1", T0 + s * 1_000)).collect();
+    std::fs::write(dir.path().join("events.jsonl"), input).unwrap();
+    std::fs::write(dir.path().join("admin"), "s3cret-admin\n").unwrap();
+    std::fs::write(dir.path().join("read"), "s3cret-read\n").unwrap();
+    let args = [
+        "spec.toml",
+        "--input",
+        "events.jsonl",
+        "--output",
+        "out.jsonl",
+        "--http-token-file",
+        "admin",
+        "--http-read-token-file",
+        "read",
+    ];
+    let shoal = Shoal::start(dir.path(), &args, false);
+    let a = shoal.addr.as_str();
+    let (admin, read) = (Some("s3cret-admin"), Some("s3cret-read"));
+    assert_eq!(call(a, "GET", "/", None, None).0, 200, "the page is open");
+    for path in [
+        "/segments",
+        "/metrics",
+        "/profiles/user%3Au1",
+        "/segments/viewers/members",
+        "/stream",
+    ] {
+        assert_eq!(call(a, "GET", path, None, None).0, 401, "GET {path} without a token");
+        assert_eq!(call(a, "GET", path, Some("guess"), None).0, 401, "GET {path} with a wrong token");
+    }
+    assert_eq!(call(a, "GET", "/segments", read, None).0, 200);
+    assert_eq!(call(a, "GET", "/segments", admin, None).0, 200);
+    let def = r#"{"when":"count('view', 1h) >= 1"}"#;
+    assert_eq!(call(a, "PUT", "/segments/any_view", None, Some(def)).0, 401);
+    assert_eq!(call(a, "PUT", "/segments/any_view", Some("guess"), Some(def)).0, 401);
+    assert_eq!(call(a, "PUT", "/segments/any_view", read, Some(def)).0, 403);
+    assert_eq!(call(a, "DELETE", "/segments/viewers", read, None).0, 403);
+    assert_eq!(call(a, "DELETE", "/segments/viewers", None, None).0, 401);
+    let names = |token| -> Vec<String> {
+        let (_, body) = call(a, "GET", "/segments", token, None);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(admin), ["viewers", "buyers"], "nothing was added or removed");
+    assert_eq!(call(a, "PUT", "/segments/any_view", admin, Some(def)).0, 200);
+    assert_eq!(names(read), ["viewers", "buyers", "any_view"]);
+    // A body larger than an API call needs is refused.
+    let big = format!(r#"{{"when":"count('view', 1h) >= 1","description":"{}"}}"#, "x".repeat(100 * 1024));
+    assert_eq!(call(a, "PUT", "/segments/big", admin, Some(&big)).0, 413);
+}
+
+/// An address other hosts can reach is not served open by mistake.
+#[test]
+fn a_reachable_address_needs_a_token_or_http_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("spec.toml"), LIVE_SPEC).unwrap();
+    std::fs::write(dir.path().join("events.jsonl"), track("view", "u1", T0)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["run", "spec.toml", "--input", "events.jsonl", "--http", "0.0.0.0:0"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "refused as unusable arguments");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--http-token-file") && err.contains("--http-insecure"), "{err}");
+    let mut open = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args([
+            "run",
+            "spec.toml",
+            "--input",
+            "events.jsonl",
+            "--http",
+            "0.0.0.0:0",
+            "--http-insecure",
+        ])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(open.stderr.take().unwrap()), &mut line).unwrap();
+    assert!(line.starts_with("shoal: listening on http://0.0.0.0:"), "{line}");
+    open.kill().unwrap();
+    open.wait().unwrap();
 }

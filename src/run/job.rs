@@ -81,6 +81,10 @@ pub struct HttpOptions {
     /// Take events over HTTP (`/v1/…`, `--write-key-file`): the write keys
     /// and the intake, which is also the run's source.
     pub events: Option<Arc<crate::serve::events::EventsIn>>,
+    /// Bearer tokens for the API (`--http-token-file`, `--http-read-token-file`).
+    pub access: crate::serve::http::Access,
+    /// Serve a non-loopback address without a token (`--http-insecure`).
+    pub insecure: bool,
     /// Called with the bound address once listening (e.g. to print it).
     pub on_listen: Option<Arc<dyn Fn(std::net::SocketAddr) + Send + Sync>>,
 }

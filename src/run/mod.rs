@@ -112,7 +112,15 @@ pub fn run(job: Job) -> Result<Summary, EngineError> {
                 error,
             })?;
             let addr = listener.local_addr().map_err(EngineError::Server)?;
-            let server = crate::serve::http::spawn(listener, served.clone(), http.events.clone()).map_err(EngineError::Server)?;
+            if !addr.ip().is_loopback() && http.access.open() && !http.insecure {
+                return Err(EngineError::Refused(format!(
+                    "--http {}: serving an address other hosts can reach needs --http-token-file \
+                     (or --http-insecure to serve it open to anyone)",
+                    http.addr
+                )));
+            }
+            let server = crate::serve::http::spawn(listener, served.clone(), http.events.clone(), http.access.clone())
+                .map_err(EngineError::Server)?;
             if let Some(f) = &http.on_listen {
                 f(addr);
             }

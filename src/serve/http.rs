@@ -78,6 +78,7 @@ pub fn spawn(
     listener: std::net::TcpListener,
     served: Arc<Served>,
     events: Option<Arc<crate::serve::events::EventsIn>>,
+    access: Access,
 ) -> std::io::Result<Server> {
     listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -92,7 +93,7 @@ pub fn spawn(
                 }
             };
             let (mut graceful, mut deadline) = (state.closing.subscribe(), state.closing.subscribe());
-            let mut app = router(state);
+            let mut app = router_with(state, Arc::new(access));
             if let Some(events) = events {
                 app = app.merge(crate::serve::events::router(events));
             }
@@ -117,9 +118,67 @@ pub fn spawn(
     })
 }
 
+/// Who may call the API (`--http-token-file`, `--http-read-token-file`):
+/// every call but `GET /` and the `/v1/` calls needs `Authorization:
+/// Bearer <token>`; the read token only for GET.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    pub admin: Option<String>,
+    pub read: Option<String>,
+}
+
+impl Access {
+    /// Whether the API is open to anyone who reaches it.
+    pub fn open(&self) -> bool {
+        self.admin.is_none() && self.read.is_none()
+    }
+}
+
+/// The largest body an API call reads (a segment definition, a preview).
+const API_BODY_MAX: usize = 64 * 1024;
+/// API calls served at once at most; more wait their turn.
+const API_CONCURRENT: usize = 64;
+
+/// Checks the bearer token: 401 (nothing is done) when it is missing or
+/// wrong, 403 when the read token asks to change something.
+async fn authorize(State(access): State<Arc<Access>>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if access.open() {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let is = |token: &Option<String>| token.as_deref().is_some_and(|t| Some(t) == given);
+    let reading = request.method() == axum::http::Method::GET || request.method() == axum::http::Method::HEAD;
+    if is(&access.admin) || (reading && is(&access.read)) {
+        return next.run(request).await;
+    }
+    let (status, message) = if is(&access.read) {
+        (StatusCode::FORBIDDEN, "the read-only token cannot change anything")
+    } else {
+        (StatusCode::UNAUTHORIZED, "a valid token is needed: Authorization: Bearer <token>")
+    };
+    let mut answer = (status, Json(json!({ "error": message }))).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        answer
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    }
+    answer
+}
+
+/// The API and the page; `access` guards every call but the page.
 pub fn router(served: Arc<Served>) -> Router {
-    Router::new()
-        .route("/", get(|| async { Html(PAGE) }))
+    router_with(served, Arc::new(Access::default()))
+}
+
+/// [`router`] with access rules.
+pub fn router_with(served: Arc<Served>, access: Arc<Access>) -> Router {
+    let guard = axum::middleware::from_fn_with_state(access, authorize);
+    let api = Router::new()
         .route("/segments", get(segments))
         .route("/segments/preview", post(preview))
         .route("/segments/{name}", axum::routing::put(put_segment).delete(delete_segment))
@@ -127,8 +186,13 @@ pub fn router(served: Arc<Served>) -> Router {
         .route("/segments/{name}/history", get(history))
         .route("/profiles/{id}", get(profile))
         .route("/metrics", get(metrics))
-        .route("/stream", get(stream))
-        .with_state(served)
+        .with_state(served.clone())
+        .route_layer(guard.clone())
+        .layer(axum::extract::DefaultBodyLimit::max(API_BODY_MAX))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(API_CONCURRENT));
+    // A subscription lasts: it does not take one of the API's slots.
+    let stream = Router::new().route("/stream", get(stream)).with_state(served).route_layer(guard);
+    Router::new().route("/", get(|| async { Html(PAGE) })).merge(api).merge(stream)
 }
 
 impl IntoResponse for ApiError {
