@@ -187,6 +187,12 @@ struct RunArgs {
     /// Serve a non-loopback --http address without a token, open to anyone who reaches it.
     #[arg(long, requires = "http", help_heading = "Serving")]
     http_insecure: bool,
+    /// Serve HTTPS: the certificate chain (PEM), with --http-tls-key.
+    #[arg(long, value_name = "FILE", requires_all = ["http", "http_tls_key"], help_heading = "Serving")]
+    http_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --http-tls-cert.
+    #[arg(long, value_name = "FILE", requires = "http_tls_cert", help_heading = "Serving")]
+    http_tls_key: Option<PathBuf>,
     /// Keep checkpoints in this directory and resume from the newest one: run the
     /// same command again after a crash and the output file continues exactly
     /// where the checkpoint left it (cut back, then continued: exactly once).
@@ -408,6 +414,11 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         admin: token(&args.http_token_file)?,
         read: token(&args.http_read_token_file)?,
     };
+    let tls = match (&args.http_tls_cert, &args.http_tls_key) {
+        (Some(cert), Some(key)) => Some(shoal::serve::http::tls_config(cert, key).map_err(|e| usage(anyhow::anyhow!(e)))?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let events = match &args.write_key_file {
         Some(file) => {
             let text = std::fs::read_to_string(file)
@@ -499,7 +510,8 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             events: events.clone(),
             access: access.clone(),
             insecure: args.http_insecure,
-            on_listen: Some(Arc::new(|a| eprintln!("shoal: listening on http://{a}"))),
+            tls: tls.clone(),
+            on_listen: Some(Arc::new(move |a| eprintln!("shoal: listening on {scheme}://{a}"))),
         }),
     };
     let summary = shoal::run::run(job).map_err(|e| match e {

@@ -8,10 +8,11 @@
 //!
 //! Needs `socat` on the PATH (`apt-get install -y socat`).
 
+mod common;
+
 use std::ffi::{CStr, CString};
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -85,51 +86,6 @@ impl Drop for Mock {
     }
 }
 
-/// A CA, a server certificate it signed (for `localhost` and `127.0.0.1`)
-/// and a second CA that signed nothing here, as PEM files.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-        let ca = |name: &str| {
-            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.distinguished_name.push(DnType::CommonName, name);
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            let key = KeyPair::generate().unwrap();
-            let cert = params.self_signed(&key).unwrap();
-            (cert, key)
-        };
-        let (ca_cert, ca_key) = ca("shoal test CA");
-        let (other_cert, _) = ca("shoal test CA"); // same name, other key
-        let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, "localhost");
-        let server_key = KeyPair::generate().unwrap();
-        let server = params.signed_by(&server_key, &ca_cert, &ca_key).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
-        std::fs::write(dir.path().join("other-ca.pem"), other_cert.pem()).unwrap();
-        std::fs::write(dir.path().join("server.pem"), server.pem()).unwrap();
-        std::fs::write(dir.path().join("server.key"), server_key.serialize_pem()).unwrap();
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn ca(&self) -> String {
-        self.path("ca.pem").display().to_string()
-    }
-
-    fn other_ca(&self) -> String {
-        self.path("other-ca.pem").display().to_string()
-    }
-}
-
 /// A free local port (free when this returns; taken by whoever binds next).
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -142,7 +98,7 @@ struct Tls {
 }
 
 impl Tls {
-    fn start(pki: &Pki, to: u16) -> Tls {
+    fn start(pki: &common::Pki, to: u16) -> Tls {
         let port = free_port();
         let listen = format!(
             "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={},key={},verify=0",
@@ -177,7 +133,7 @@ impl Drop for Tls {
 }
 
 /// The mock cluster behind a TLS terminator, advertising it.
-fn tls_cluster(pki: &Pki) -> (Mock, Tls) {
+fn tls_cluster(pki: &common::Pki) -> (Mock, Tls) {
     let mock = Mock::new();
     let tls = Tls::start(pki, mock.port());
     mock.advertise("localhost", tls.port);
@@ -323,7 +279,7 @@ fn assert_fails_naming(ok: bool, stderr: &str, brokers: &str, says: &[&str]) {
 
 #[test]
 fn events_read_over_tls_give_the_same_changes_as_a_file_and_changes_go_out_over_tls() {
-    let pki = Pki::new();
+    let pki = common::Pki::new();
     let (mock, tls) = tls_cluster(&pki);
     mock.create_topic("events", 2);
     mock.create_topic("changes", 1);
@@ -378,7 +334,7 @@ fn events_read_over_tls_give_the_same_changes_as_a_file_and_changes_go_out_over_
 
 #[test]
 fn a_certificate_from_another_ca_fails_naming_the_broker() {
-    let pki = Pki::new();
+    let pki = common::Pki::new();
     let (mock, tls) = tls_cluster(&pki);
     mock.create_topic("events", 1);
     let brokers = tls.brokers();
@@ -413,7 +369,7 @@ fn a_certificate_from_another_ca_fails_naming_the_broker() {
 
 #[test]
 fn tls_against_a_plaintext_listener_fails_naming_the_broker() {
-    let pki = Pki::new();
+    let pki = common::Pki::new();
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("events", 1, 1).unwrap();
     let brokers = cluster.bootstrap_servers();
@@ -429,7 +385,7 @@ fn tls_against_a_plaintext_listener_fails_naming_the_broker() {
 
 #[test]
 fn plaintext_against_a_tls_listener_fails_naming_the_broker() {
-    let pki = Pki::new();
+    let pki = common::Pki::new();
     let (mock, tls) = tls_cluster(&pki);
     mock.create_topic("events", 1);
     let brokers = tls.brokers();
@@ -440,7 +396,7 @@ fn plaintext_against_a_tls_listener_fails_naming_the_broker() {
 
 #[test]
 fn no_listener_fails_naming_the_broker_after_the_connect_timeout() {
-    let pki = Pki::new();
+    let pki = common::Pki::new();
     let brokers = format!("localhost:{}", free_port());
     let ca = pki.ca();
     let mut args: Vec<String> = ["--kafka-brokers", &brokers, "--kafka-topic", "events", "--kafka-until-end"]
@@ -456,7 +412,7 @@ fn no_listener_fails_naming_the_broker_after_the_connect_timeout() {
 #[test]
 fn sasl_scram_over_tls_is_built_in_and_fails_clearly_against_a_broker_without_sasl() {
     // The client builds with SCRAM over TLS (librdkafka has it through OpenSSL).
-    let pki = Pki::new();
+    let pki = common::Pki::new();
     let sasl = [
         ("security.protocol", "SASL_SSL"),
         ("sasl.mechanism", "SCRAM-SHA-256"),

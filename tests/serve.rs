@@ -624,6 +624,7 @@ fn run_returns_only_after_the_server_closed() {
         events: None,
         access: Default::default(),
         insecure: false,
+        tls: None,
         on_listen: Some(std::sync::Arc::new(move |a| {
             let _ = tx.send(a);
         })),
@@ -1047,4 +1048,79 @@ fn a_reachable_address_needs_a_token_or_http_insecure() {
     assert!(line.starts_with("shoal: listening on http://0.0.0.0:"), "{line}");
     open.kill().unwrap();
     open.wait().unwrap();
+}
+
+/// `--http-tls-cert`/`--http-tls-key`: the API over HTTPS with a certificate
+/// the test makes; a client that does not trust it, or speaks plain HTTP,
+/// gets nothing.
+#[test]
+fn the_api_serves_https_with_a_certificate_the_test_makes() {
+    let pki = common::Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("spec.toml"), LIVE_SPEC).unwrap();
+    std::fs::write(dir.path().join("events.jsonl"), track("view", "u1", T0)).unwrap();
+    std::fs::write(dir.path().join("admin"), "s3cret-admin\n").unwrap();
+    let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
+    let args = [
+        "spec.toml",
+        "--input",
+        "events.jsonl",
+        "--http-token-file",
+        "admin",
+        "--http-tls-cert",
+        cert.to_str().unwrap(),
+        "--http-tls-key",
+        key.to_str().unwrap(),
+    ];
+    let shoal = Shoal::start(dir.path(), &args, false);
+    let port = shoal.addr.rsplit(':').next().unwrap().to_string();
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(pki.ca()).unwrap();
+    let ca = rustls::pki_types::pem::PemObject::from_pem_slice(&ca).unwrap();
+    roots.add(ca).unwrap();
+    #[allow(deprecated)]
+    let provider = rustls::crypto::ring::default_provider();
+    let client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let agent = ureq::AgentBuilder::new().tls_config(std::sync::Arc::new(client)).build();
+    let url = format!("https://localhost:{port}/segments");
+    let answer = agent.get(&url).set("Authorization", "Bearer s3cret-admin").call().unwrap();
+    assert_eq!(answer.status(), 200);
+    let body: serde_json::Value = serde_json::from_str(&answer.into_string().unwrap()).unwrap();
+    assert_eq!(body["segments"][0]["name"], "viewers");
+    match agent.get(&url).call() {
+        Err(ureq::Error::Status(401, _)) => {}
+        other => panic!("no token over HTTPS: {other:?}"),
+    }
+    // A client that trusts only the public roots refuses the certificate.
+    assert!(matches!(ureq::get(&url).call(), Err(ureq::Error::Transport(_))));
+    // Plain HTTP on the TLS port gets no answer.
+    let mut plain = TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).unwrap();
+    plain.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    write!(plain, "GET /segments HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    let _ = plain.read_to_end(&mut raw);
+    assert!(!String::from_utf8_lossy(&raw).contains("200 OK"), "plain HTTP is not served");
+    // A key that does not match its certificate is refused at the start.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args([
+            "run",
+            "spec.toml",
+            "--input",
+            "events.jsonl",
+            "--http",
+            "127.0.0.1:0",
+            "--http-tls-cert",
+        ])
+        .arg(pki.path("ca.pem"))
+        .arg("--http-tls-key")
+        .arg(&key)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ca.pem"));
 }

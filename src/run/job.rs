@@ -85,6 +85,8 @@ pub struct HttpOptions {
     pub access: crate::serve::http::Access,
     /// Serve a non-loopback address without a token (`--http-insecure`).
     pub insecure: bool,
+    /// Serve HTTPS (`--http-tls-cert`, `--http-tls-key`).
+    pub tls: Option<crate::serve::http::TlsConfig>,
     /// Called with the bound address once listening (e.g. to print it).
     pub on_listen: Option<Arc<dyn Fn(std::net::SocketAddr) + Send + Sync>>,
 }

@@ -119,7 +119,7 @@ pub fn run(job: Job) -> Result<Summary, EngineError> {
                     http.addr
                 )));
             }
-            let server = crate::serve::http::spawn(listener, served.clone(), http.events.clone(), http.access.clone())
+            let server = crate::serve::http::spawn(listener, served.clone(), http.events.clone(), http.access.clone(), http.tls.clone())
                 .map_err(EngineError::Server)?;
             if let Some(f) = &http.on_listen {
                 f(addr);

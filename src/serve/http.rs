@@ -79,6 +79,7 @@ pub fn spawn(
     served: Arc<Served>,
     events: Option<Arc<crate::serve::events::EventsIn>>,
     access: Access,
+    tls: Option<TlsConfig>,
 ) -> std::io::Result<Server> {
     listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -97,13 +98,21 @@ pub fn spawn(
             if let Some(events) = events {
                 app = app.merge(crate::serve::events::router(events));
             }
-            let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = graceful.wait_for(|c| *c).await;
-            });
+            let server = async move {
+                match tls {
+                    Some(tls) => serve_tls(listener, app, tls, graceful).await,
+                    None => {
+                        let served = axum::serve(listener, app).with_graceful_shutdown(async move {
+                            let _ = graceful.wait_for(|c| *c).await;
+                        });
+                        if let Err(e) = served.await {
+                            tracing::error!("HTTP server: {e}");
+                        }
+                    }
+                }
+            };
             tokio::select! {
-                r = server => if let Err(e) = r {
-                    tracing::error!("HTTP server: {e}");
-                },
+                () = server => {},
                 _ = async move {
                     let _ = deadline.wait_for(|c| *c).await;
                     tokio::time::sleep(GRACE).await;
@@ -116,6 +125,78 @@ pub fn spawn(
         served,
         thread: Some(thread),
     })
+}
+
+/// A TLS server configuration (`--http-tls-cert`, `--http-tls-key`).
+pub type TlsConfig = Arc<tokio_rustls::rustls::ServerConfig>;
+
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// The TLS configuration of a PEM certificate chain and private key; the
+/// error names the file and the problem.
+pub fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsConfig, String> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|c| c.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read the certificate {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", cert.display()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("cannot read the private key {}: {e}", key.display()))?;
+    // ring, which ureq already brings (aws-lc-rs would add a C build);
+    // rustls deprecates it only for lacking post-quantum key exchange.
+    #[allow(deprecated)]
+    let provider = rustls::crypto::ring::default_provider();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| format!("{} and {} do not make a usable pair: {e}", cert.display(), key.display()))?;
+    Ok(Arc::new(config))
+}
+
+/// Serves `app` over TLS until `closing`: each connection's handshake is
+/// bounded by [`HANDSHAKE`]; at the close, connections finish what they
+/// are answering.
+async fn serve_tls(listener: tokio::net::TcpListener, app: Router, tls: TlsConfig, closing: tokio::sync::watch::Receiver<bool>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let mut connections = tokio::task::JoinSet::new();
+    let mut stop = closing.clone();
+    loop {
+        let stopped = async {
+            let _ = stop.wait_for(|c| *c).await;
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = stopped => break,
+        };
+        let Ok((tcp, _)) = accepted else { continue };
+        let (acceptor, app, mut closing) = (acceptor.clone(), app.clone(), closing.clone());
+        connections.spawn(async move {
+            let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let connection = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let closed = async move {
+                let _ = closing.wait_for(|c| *c).await;
+            };
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = closed => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    while connections.join_next().await.is_some() {}
 }
 
 /// Who may call the API (`--http-token-file`, `--http-read-token-file`):

@@ -42,6 +42,7 @@ impl Shoal {
         let addr = line
             .trim()
             .strip_prefix("shoal: listening on http://")
+            .or_else(|| line.trim().strip_prefix("shoal: listening on https://"))
             .unwrap_or_else(|| panic!("no address: {line}"))
             .to_string();
         let stderr = Arc::new(Mutex::new(String::new()));
@@ -188,4 +189,49 @@ pub fn counted(addr: &str, result: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(&key))
         .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// A CA, a server certificate it signed (for `localhost` and `127.0.0.1`)
+/// and a second CA that signed nothing here, as PEM files.
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let ca = |name: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            (cert, key)
+        };
+        let (ca_cert, ca_key) = ca("shoal test CA");
+        let (other_cert, _) = ca("shoal test CA"); // same name, other key
+        let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "localhost");
+        let server_key = KeyPair::generate().unwrap();
+        let server = params.signed_by(&server_key, &ca_cert, &ca_key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.path().join("other-ca.pem"), other_cert.pem()).unwrap();
+        std::fs::write(dir.path().join("server.pem"), server.pem()).unwrap();
+        std::fs::write(dir.path().join("server.key"), server_key.serialize_pem()).unwrap();
+        Pki { dir }
+    }
+
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn ca(&self) -> String {
+        self.path("ca.pem").display().to_string()
+    }
+
+    pub fn other_ca(&self) -> String {
+        self.path("other-ca.pem").display().to_string()
+    }
 }
