@@ -348,45 +348,46 @@ impl Identities {
     }
 }
 
-/// A dead-letter line: where the line was, why it was refused, and its text.
-pub fn dead_letter(source: &str, line: u64, reason: &str, text: &[u8]) -> String {
+/// A dead-letter line: `at`'s fields (where the line was), why it was
+/// refused, and its text (the first 4 KB). Every input's dead letters are
+/// made here, each with its own kind of position.
+pub fn dead_letter_of(at: impl Serialize, reason: &str, text: &[u8]) -> String {
     #[derive(Serialize)]
-    struct Dead<'a> {
-        source: &'a str,
-        line: u64,
+    struct Dead<'a, P> {
+        #[serde(flatten)]
+        at: P,
         reason: &'a str,
         text: &'a str,
     }
     let text = String::from_utf8_lossy(&text[..text.len().min(4096)]);
-    serde_json::to_string(&Dead {
-        source,
-        line,
-        reason,
-        text: &text,
-    })
-    .expect("serializable")
+    serde_json::to_string(&Dead { at, reason, text: &text }).expect("serializable")
+}
+
+/// The dead letter of a line of a file or stream: its source and number.
+pub fn dead_letter(source: &str, line: u64, reason: &str, text: &[u8]) -> String {
+    #[derive(Serialize)]
+    struct At<'a> {
+        source: &'a str,
+        line: u64,
+    }
+    dead_letter_of(At { source, line }, reason, text)
 }
 
 /// The dead letter of an event that came over HTTP: its position is its
 /// request's receive time and its index in the request (SPEC §8).
 pub fn dead_letter_at(place: crate::ingest::decode::Place, reason: &str, text: &[u8]) -> String {
     #[derive(Serialize)]
-    struct Dead<'a> {
-        source: &'a str,
+    struct At {
+        source: &'static str,
         received: String,
         index: u32,
-        reason: &'a str,
-        text: &'a str,
     }
-    let text = String::from_utf8_lossy(&text[..text.len().min(4096)]);
-    serde_json::to_string(&Dead {
+    let at = At {
         source: "http",
         received: crate::core::clock::format_time(place.received, true),
         index: place.index,
-        reason,
-        text: &text,
-    })
-    .expect("serializable")
+    };
+    dead_letter_of(at, reason, text)
 }
 
 /// The sequential state of [`Ingest`].

@@ -408,24 +408,19 @@ pub fn kafka_error(brokers: &str, what: &str, e: KafkaError) -> Error {
 /// The dead-letter line of a bad message.
 pub fn dead_letter(topic: &str, partition: i32, offset: i64, reason: &str, payload: &[u8]) -> String {
     #[derive(Serialize)]
-    struct Dead<'a> {
-        source: &'a str,
+    struct At<'a> {
+        source: &'static str,
         topic: &'a str,
         partition: i32,
         offset: i64,
-        reason: &'a str,
-        text: &'a str,
     }
-    let text = String::from_utf8_lossy(&payload[..payload.len().min(4096)]);
-    serde_json::to_string(&Dead {
+    let at = At {
         source: "kafka",
         topic,
         partition,
         offset,
-        reason,
-        text: &text,
-    })
-    .expect("serializable")
+    };
+    crate::ingest::stamp::dead_letter_of(at, reason, payload)
 }
 
 /// This worker's share of the partitions of `topics`.

@@ -223,11 +223,9 @@ fn complete(text: &str, kind: Option<&str>, stamp: &str) -> Vec<u8> {
     let probe = serde_json::from_str::<Probe>(text).ok();
     // A null reads as missing: when the key is there, the value is replaced
     // through a map (rare), not given twice.
-    let null = |p: &Probe, key: &str| text.contains(&format!("\"{key}\"")) && (key != "type" || (kind.is_some() && p.kind.is_none()));
-    if let Some(p) = probe
-        .as_ref()
-        .filter(|p| (p.timestamp.is_none() && null(p, "timestamp")) || (p.kind.is_none() && null(p, "type")))
-    {
+    let named = |key: &str| text.contains(&format!("\"{key}\""));
+    let null_at = |p: &&Probe| (p.timestamp.is_none() && named("timestamp")) || (kind.is_some() && p.kind.is_none() && named("type"));
+    if let Some(p) = probe.as_ref().filter(null_at) {
         if let Ok(mut map) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text) {
             if p.timestamp.is_none() {
                 map.insert("timestamp".into(), stamp.into());
