@@ -50,22 +50,7 @@ fn the_page_shows_a_size_change_after_new_events() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("spec.toml"), SPEC).unwrap();
-    let mut shoal = Shoal::start(
-        dir.path(),
-        &[
-            "spec.toml",
-            "--input",
-            "-",
-            "--output",
-            "out.jsonl",
-            "--idle",
-            "200ms",
-            "--lateness",
-            "0s",
-        ],
-        true,
-    );
+    let mut shoal = Shoal::live(dir.path(), SPEC);
     let addr = shoal.addr.clone();
     let mut stdin = shoal.stdin.take().unwrap();
     let t0 = 1_704_067_200_000u64;

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -63,13 +62,6 @@ fn in_time_order(lines: Vec<String>) -> Vec<String> {
     keyed.into_iter().map(|(_, l)| l).collect()
 }
 
-/// The message key of a line: its profile-ish id, as Segment keys messages.
-fn key_of(line: &str) -> String {
-    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
-    let id = v.get("userId").or_else(|| v.get("anonymousId"));
-    id.map(|i| i.to_string()).unwrap_or_else(|| "bad".into())
-}
-
 fn produce(brokers: &str, topic: &str, lines: &[String]) {
     produce_batched(brokers, topic, lines, 10_000);
 }
@@ -78,26 +70,11 @@ fn produce(brokers: &str, topic: &str, lines: &[String]) {
 /// broker answers a fetch with one message set per partition, so small sets
 /// and a slow broker pace a reader whatever its speed.
 fn produce_batched(brokers: &str, topic: &str, lines: &[String], batch: usize) {
-    let producer: BaseProducer = ClientConfig::new()
+    let config = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("batch.num.messages", batch.to_string())
-        .create()
-        .expect("producer");
-    for l in lines {
-        let key = key_of(l);
-        let mut record = BaseRecord::to(topic).key(&key).payload(l);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    record = r;
-                    producer.poll(Duration::from_millis(10));
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
-    }
-    producer.flush(Duration::from_secs(30)).expect("flushed");
+        .clone();
+    common::produce(&config, topic, lines);
 }
 
 fn opts(workers: usize) -> RunOptions {
@@ -192,29 +169,7 @@ fn a_multi_partition_topic_gives_the_same_diffs_as_a_file() {
 
 /// Reads every message of `topic` from the start.
 fn read_topic(brokers: &str, topic: &str, partitions: i32) -> Vec<String> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = BTreeMap::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
-        ends.insert(p, high);
-    }
-    consumer.assign(&tpl).unwrap();
-    let total: i64 = ends.values().sum();
-    let mut out = Vec::new();
-    let started = Instant::now();
-    while (out.len() as i64) < total && started.elapsed() < Duration::from_secs(60) {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            out.push(String::from_utf8(m.payload().unwrap().to_vec()).unwrap());
-        }
-    }
-    out
+    common::read_topic(ClientConfig::new().set("bootstrap.servers", brokers), topic, partitions)
 }
 
 #[test]

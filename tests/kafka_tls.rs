@@ -18,11 +18,8 @@ use std::time::{Duration, Instant};
 
 use rdkafka::bindings as rd;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::producer::{BaseProducer, Producer};
 
 use shoal::generate::{GenOptions, Generator};
 
@@ -169,53 +166,6 @@ fn tls_client(brokers: &str, ca: &str) -> ClientConfig {
     c
 }
 
-/// Produces `lines` keyed by their user, as Segment keys messages.
-fn produce(config: &ClientConfig, topic: &str, lines: &[String]) {
-    let producer: BaseProducer = config.create().expect("producer");
-    for l in lines {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
-        let key = v.get("userId").or_else(|| v.get("anonymousId")).map(|i| i.to_string());
-        let key = key.unwrap_or_else(|| "bad".into());
-        let mut record = BaseRecord::to(topic).key(&key).payload(l);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    record = r;
-                    producer.poll(Duration::from_millis(10));
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
-    }
-    producer.flush(Duration::from_secs(30)).expect("flushed");
-}
-
-/// Every message of `topic` from the start.
-fn read_topic(config: &ClientConfig, topic: &str, partitions: i32) -> Vec<String> {
-    let consumer: BaseConsumer = config
-        .clone()
-        .set("group.id", "reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    let mut total = 0;
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-        total += consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1;
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let started = Instant::now();
-    while (out.len() as i64) < total && started.elapsed() < Duration::from_secs(60) {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            out.push(String::from_utf8(m.payload().unwrap().to_vec()).unwrap());
-        }
-    }
-    out
-}
-
 /// `shoal run SPEC --lateness 1h ARGS…`.
 fn shoal(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_shoal"));
@@ -285,7 +235,7 @@ fn events_read_over_tls_give_the_same_changes_as_a_file_and_changes_go_out_over_
     mock.create_topic("changes", 1);
     let brokers = tls.brokers();
     let events = lines(600, 5);
-    produce(&tls_client(&brokers, &pki.ca()), "events", &events);
+    common::produce(&tls_client(&brokers, &pki.ca()), "events", &events);
 
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("events.jsonl");
@@ -327,7 +277,7 @@ fn events_read_over_tls_give_the_same_changes_as_a_file_and_changes_go_out_over_
     let c = shoal(&strs(&args));
     let (ok, err) = finish(c, Duration::from_secs(120));
     assert!(ok, "{err}");
-    let mut out = read_topic(&tls_client(&brokers, &pki.ca()), "changes", 1);
+    let mut out = common::read_topic(&tls_client(&brokers, &pki.ca()), "changes", 1);
     out.dedup(); // at least once: a retry may repeat a line right after itself
     assert_eq!(out, want.lines().collect::<Vec<_>>(), "written over TLS, the changes differ");
 }

@@ -504,19 +504,7 @@ fn wait_for_clock(addr: &str, want: &str) {
 #[test]
 fn stream_sends_exactly_the_lines_written() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("spec.toml"), LIVE_SPEC).unwrap();
-    let args = [
-        "spec.toml",
-        "--input",
-        "-",
-        "--output",
-        "out.jsonl",
-        "--idle",
-        "200ms",
-        "--lateness",
-        "0s",
-    ];
-    let mut shoal = Shoal::start(dir.path(), &args, true);
+    let mut shoal = Shoal::live(dir.path(), LIVE_SPEC);
     let addr = shoal.addr.clone();
     let mut stream = subscribe(&addr);
     let mut stdin = shoal.stdin.take().unwrap();
@@ -909,19 +897,7 @@ fn the_served_clock_follows_an_idle_live_stream() {
     let dir = tempfile::tempdir().unwrap();
     // A lifetime term: after the one event, nothing ever changes again.
     let spec = "[[segment]]\nname = \"many\"\nwhen = \"count('view', lifetime) >= 5\"\n";
-    std::fs::write(dir.path().join("spec.toml"), spec).unwrap();
-    let args = [
-        "spec.toml",
-        "--input",
-        "-",
-        "--output",
-        "out.jsonl",
-        "--idle",
-        "200ms",
-        "--lateness",
-        "0s",
-    ];
-    let mut shoal = Shoal::start(dir.path(), &args, true);
+    let mut shoal = Shoal::live(dir.path(), spec);
     let addr = shoal.addr.clone();
     let mut stdin = shoal.stdin.take().unwrap();
     stdin.write_all(track("view", "u1", T0).as_bytes()).unwrap();

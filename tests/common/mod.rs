@@ -4,6 +4,10 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
+
+use rdkafka::consumer::Consumer as _;
+use rdkafka::message::Message as _;
+use rdkafka::producer::Producer as _;
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -60,6 +64,25 @@ impl Shoal {
             addr,
             stderr,
         }
+    }
+
+    /// Starts `shoal run` over `spec` (written to `dir/spec.toml`) reading
+    /// live from a piped stdin, writing `out.jsonl`, with the clock
+    /// following wall time after 200 ms without events and no lateness.
+    pub fn live(dir: &Path, spec: &str) -> Shoal {
+        std::fs::write(dir.join("spec.toml"), spec).unwrap();
+        let args = [
+            "spec.toml",
+            "--input",
+            "-",
+            "--output",
+            "out.jsonl",
+            "--idle",
+            "200ms",
+            "--lateness",
+            "0s",
+        ];
+        Shoal::start(dir, &args, true)
     }
 
     /// Sends SIGTERM and waits for the process to end.
@@ -234,4 +257,53 @@ impl Pki {
     pub fn other_ca(&self) -> String {
         self.path("other-ca.pem").display().to_string()
     }
+}
+
+/// Produces `lines` with `config` (its brokers and settings), keyed by
+/// their user as Segment keys messages, and waits until all are taken.
+pub fn produce(config: &rdkafka::config::ClientConfig, topic: &str, lines: &[String]) {
+    let producer: rdkafka::producer::BaseProducer = config.create().expect("producer");
+    for l in lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+        let key = v.get("userId").or_else(|| v.get("anonymousId")).map(|i| i.to_string());
+        let key = key.unwrap_or_else(|| "bad".into());
+        let mut record = rdkafka::producer::BaseRecord::to(topic).key(&key).payload(l);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).expect("flushed");
+}
+
+/// Every message of `topic` (partitions `0..partitions`) from the start,
+/// as far as their end offsets when called (a minute at most).
+pub fn read_topic(config: &rdkafka::config::ClientConfig, topic: &str, partitions: i32) -> Vec<String> {
+    let consumer: rdkafka::consumer::BaseConsumer = config
+        .clone()
+        .set("group.id", "reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    let mut total = 0;
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning).unwrap();
+        total += consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1;
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let started = std::time::Instant::now();
+    while (out.len() as i64) < total && started.elapsed() < Duration::from_secs(60) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            out.push(String::from_utf8(m.payload().unwrap().to_vec()).unwrap());
+        }
+    }
+    out
 }
