@@ -167,6 +167,13 @@ struct RunArgs {
     /// window in the spec, so any new term with a window up to it starts complete].
     #[arg(long, value_name = "D|all", value_parser = parse_history, requires = "http", help_heading = "Serving")]
     history: Option<History>,
+    /// How far back `GET /segments/NAME/members?at=T` and `GET /profiles/ID?at=T` can look:
+    /// every membership change of the last D of the clock is kept (`all`: since the start or
+    /// the checkpoint resumed from; `0`: none). Older times answer 410 naming the oldest time
+    /// kept. The cost is memory on process 0: about 64 bytes plus the id's length per change
+    /// kept (shoal_retained_changes), so about diffs/s × D × 100 bytes.
+    #[arg(long, value_name = "D|all", default_value = "1h", value_parser = parse_history, requires = "http", help_heading = "Serving")]
+    retain: History,
     /// Take events over HTTP on the --http server: Segment's tracking API (POST /v1/track,
     /// /v1/identify, /v1/page, /v1/screen, /v1/alias, /v1/group, /v1/batch), so Segment's and
     /// RudderStack's libraries send to shoal by pointing their host at it. The file holds the
@@ -187,6 +194,11 @@ struct RunArgs {
     /// Serve a non-loopback --http address without a token, open to anyone who reaches it.
     #[arg(long, requires = "http", help_heading = "Serving")]
     http_insecure: bool,
+    /// How long a client of --http has to send a request's headers, and then to send its
+    /// body and have it answered (408 after that); an idle keep-alive connection is closed
+    /// after it too. Slow or stalled clients cannot hold connections open.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "D", requires = "http", help_heading = "Serving")]
+    http_timeout: u64,
     /// Serve HTTPS: the certificate chain (PEM), with --http-tls-key.
     #[arg(long, value_name = "FILE", requires_all = ["http", "http_tls_key"], help_heading = "Serving")]
     http_tls_cert: Option<PathBuf>,
@@ -410,10 +422,10 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             None => Err(usage(anyhow::anyhow!("{} holds no token on its first line", f.display()))),
         }
     };
-    let access = shoal::serve::http::Access {
-        admin: token(&args.http_token_file)?,
-        read: token(&args.http_read_token_file)?,
-    };
+    let access = shoal::serve::http::Access::of_tokens(
+        token(&args.http_token_file)?.as_deref(),
+        token(&args.http_read_token_file)?.as_deref(),
+    );
     let tls = match (&args.http_tls_cert, &args.http_tls_key) {
         (Some(cert), Some(key)) => Some(shoal::serve::http::tls_config(cert, key).map_err(|e| usage(anyhow::anyhow!(e)))?),
         _ => None,
@@ -507,10 +519,13 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         http: args.http.clone().map(|addr| shoal::run::HttpOptions {
             addr,
             history: args.history,
+            retain: args.retain,
+            spec_text: std::fs::read_to_string(&args.spec).ok(),
             events: events.clone(),
             access: access.clone(),
             insecure: args.http_insecure,
             tls: tls.clone(),
+            timeout: std::time::Duration::from_millis(args.http_timeout),
             on_listen: Some(Arc::new(move |a| eprintln!("shoal: listening on {scheme}://{a}"))),
         }),
     };

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use common::Shoal;
 
 const SPEC: &str =
-    "[[segment]]\nname = \"viewers\"\ndescription = \"viewed anything in the last hour\"\nwhen = \"count('view', 1h) >= 1\"\n";
+    "[[segment]]\nname = \"viewers\"\ndescription = \"viewed anything in the last hour\"\nwhen = \"count('view', 1h) >= 1\"\n\
+     [[segment]]\nname = \"repeat\"\nwhen = \"count('view', 1h) >= 2\"\n";
 
 fn chromium() -> Option<String> {
     let candidates = [
@@ -91,10 +92,46 @@ fn the_page_shows_a_size_change_after_new_events() {
     stdin.flush().unwrap();
     wait_for_size(&addr, 3);
     page.wait_for(size, "3");
-    let spark = page.eval("document.querySelector('tr[data-segment=viewers]').innerHTML");
-    assert!(
-        spark.contains("<svg") || spark.contains("polyline"),
-        "a sparkline of the trend is drawn: {spark}"
+    // The trend is the segment's history, as the API gives it.
+    let trend = "(() => { const s = document.querySelector('tr[data-segment=viewers] svg.trend'); \
+                 return s ? JSON.stringify(s.dataset) : ''; })()";
+    let started = Instant::now();
+    let drawn = loop {
+        let got = page.eval(trend);
+        let v: serde_json::Value = serde_json::from_str(&got).unwrap_or_default();
+        if v["sizes"].as_str().is_some_and(|s| s.ends_with(",3")) {
+            break v;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no sparkline ending at 3: {got}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let path = format!(
+        "/segments/viewers/history?from={}&to={}&step={}s",
+        common::urlencode(drawn["from"].as_str().unwrap()),
+        common::urlencode(drawn["to"].as_str().unwrap()),
+        drawn["step"].as_str().unwrap()
+    );
+    let sizes: Vec<String> = common::get(&addr, &path)["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["size"].to_string())
+        .collect();
+    assert_eq!(drawn["sizes"].as_str().unwrap(), sizes.join(","), "the sparkline draws {path}");
+    assert!(sizes.contains(&"1".to_string()), "the trend shows the size before: {sizes:?}");
+
+    // Ticking two segments shows their overlap, as the API counts it.
+    page.eval("document.querySelector('tr[data-segment=viewers] .compare').click()");
+    page.eval("document.querySelector('tr[data-segment=repeat] .compare').click()");
+    let shared = common::get(&addr, "/segments/overlap?names=viewers,repeat")["overlaps"][0]["size"].to_string();
+    assert_eq!(shared, "1", "a viewed three times: in both");
+    page.wait_for(
+        "(document.querySelector('#overlap tr.shared[data-segments=\"viewers,repeat\"] .size') || {}).textContent || ''",
+        &shared,
+    );
+    page.wait_for(
+        "(document.querySelector('#overlap tr.alone[data-segments=viewers] .size') || {}).textContent || ''",
+        "3",
     );
     drop(browser);
 

@@ -439,3 +439,196 @@ fn a_stalled_output_is_pushed_back_to_clients_as_503_not_queued() {
     assert_eq!(taken, 20, "requests are taken again once changes are delivered");
     drop(s);
 }
+
+/// One step of a session over the API.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    /// Post the next batch of events.
+    Post,
+    Put(&'static str, &'static str),
+    Delete(&'static str),
+}
+
+/// Segments added, changed and removed at run time, over the spec's terms.
+const SCRIPT: [Step; 12] = [
+    Step::Post,
+    Step::Post,
+    Step::Put("browsers", "count('Product Viewed', 48h) >= 2 and not in_segment('bot')"),
+    Step::Post,
+    Step::Post,
+    Step::Put("cart_abandoner", "count('Product Added', 24h) >= 1 and not in_segment('bot')"),
+    Step::Post,
+    Step::Delete("deep_scroll_reader"),
+    Step::Post,
+    Step::Put("carters", "count('Product Added', 48h) >= 1 and in_segment('browsers')"),
+    Step::Post,
+    Step::Post,
+];
+
+/// Polls until `read` events were read and the served clock stays put;
+/// returns the clock.
+fn settled(s: &Shoal, read: u64) -> String {
+    let start = Instant::now();
+    let count = |a: &str| counted(a, "read");
+    let mut last = String::new();
+    let mut same = 0;
+    loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "never settled: {} of {read} read",
+            count(&s.addr)
+        );
+        let clock = common::get(&s.addr, "/segments")["clock"].as_str().unwrap_or("").to_string();
+        same = if clock == last && count(&s.addr) == read { same + 1 } else { 0 };
+        if same == 4 {
+            return clock;
+        }
+        last = clock;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What a session leaves: the output, the running spec, every segment's members.
+type Outcome = (String, String, Vec<(String, Vec<String>)>);
+
+/// Runs [`SCRIPT`] over `batches` with `args`, killing the process with
+/// SIGKILL (sometimes just after a checkpoint) and restarting it after the
+/// steps in `kills`.
+fn session(dir: &Path, args: &[String], batches: &[&[serde_json::Value]], kills: &[usize]) -> Outcome {
+    let mut s = start(dir, args);
+    let (mut next, mut read) = (0, 0);
+    for (i, step) in SCRIPT.iter().enumerate() {
+        match *step {
+            Step::Post => {
+                let (status, body) = post(&s.addr, "/v1/batch", Some("wk-test"), &batch(batches[next]), false);
+                assert_eq!(status, 200, "{body}");
+                read += batches[next].len() as u64;
+                next += 1;
+            }
+            Step::Put(name, when) => {
+                let def = serde_json::json!({ "when": when }).to_string();
+                let (status, body) = common::http(&s.addr, "PUT", &format!("/segments/{name}"), Some(&def));
+                assert_eq!(status, 200, "PUT {name}: {body}");
+            }
+            Step::Delete(name) => assert_eq!(common::http(&s.addr, "DELETE", &format!("/segments/{name}"), None).0, 204),
+        }
+        // Every step at a settled clock: the tick a change takes effect at
+        // is then the same in every session.
+        let clock = settled(&s, read);
+        if kills.contains(&i) {
+            if i % 2 == 0 {
+                // Time for a checkpoint (every 100 ms) after the step; otherwise
+                // the newest may be from before it.
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            s.child.kill().unwrap();
+            s.child.wait().unwrap();
+            s = start(dir, args);
+            assert_eq!(settled(&s, read), clock, "the restarted run is back at the clock of the kill");
+        }
+    }
+    let spec = common::http(&s.addr, "GET", "/spec", None).1;
+    let names: Vec<String> = common::get(&s.addr, "/segments")["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    let members = names
+        .into_iter()
+        .map(|name| {
+            let page = common::get(&s.addr, &format!("/segments/{name}/members?limit=10000"));
+            let members = page["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m.as_str().unwrap().to_string())
+                .collect();
+            (name, members)
+        })
+        .collect();
+    assert!(s.terminate().success(), "{}", s.stderr.lock().unwrap());
+    (std::fs::read_to_string(dir.join("out.jsonl")).unwrap(), spec, members)
+}
+
+/// SPEC §7: segments changed at run time are part of the state. A session
+/// killed with SIGKILL after random steps and restarted with `--state`
+/// ends with the output, the running spec (`GET /spec`) and the members
+/// of a session never killed; and that spec, loaded by `shoal run` over
+/// the same events, gives the same members.
+#[test]
+fn runtime_segments_survive_sigkill_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, events, _) = events(dir.path(), 2400, 11);
+    let batches: Vec<&[serde_json::Value]> = events.chunks(events.len() / 8 + 1).collect();
+    assert_eq!(batches.len(), SCRIPT.iter().filter(|s| matches!(s, Step::Post)).count());
+    let args = |dir: &Path| -> Vec<String> {
+        let mut args = vec![retail(), "--write-key-file".into(), keys(dir)];
+        args.extend(["--lateness", "0s", "--idle", "1h", "--output", "out.jsonl"].map(String::from));
+        args.extend(["--state", "state", "--checkpoint-every", "100ms"].map(String::from));
+        args
+    };
+    let whole = tempfile::tempdir().unwrap();
+    let (want_out, want_spec, want_members) = session(whole.path(), &args(whole.path()), &batches, &[]);
+    assert!(
+        want_spec.contains("name = \"browsers\"") && !want_spec.contains("deep_scroll_reader"),
+        "{want_spec}"
+    );
+    let added = &want_members.iter().find(|(n, _)| n == "browsers").unwrap().1;
+    assert!(!added.is_empty(), "the added segment has members");
+
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+    let kills: Vec<usize> = (0..SCRIPT.len()).filter(|_| rng.gen_bool(0.5)).chain([2, 9]).collect();
+    let killed = tempfile::tempdir().unwrap();
+    let (out, spec, members) = session(killed.path(), &args(killed.path()), &batches, &kills);
+    assert_eq!(spec, want_spec, "the running spec after SIGKILLs after steps {kills:?}");
+    assert_eq!(members, want_members, "the members after SIGKILLs after steps {kills:?}");
+    assert!(
+        out == want_out,
+        "after SIGKILLs after steps {kills:?} the output differs ({} lines against {})",
+        out.lines().count(),
+        want_out.lines().count()
+    );
+
+    // The running spec is a spec: run over the same events to the same
+    // clock, it ends with the members served.
+    std::fs::write(dir.path().join("running.toml"), &spec).unwrap();
+    let clock = want_out
+        .lines()
+        .last()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["time"].clone());
+    let until = clock.and_then(|c| c.as_str().map(str::to_string)).unwrap();
+    let run = shoal()
+        .current_dir(dir.path())
+        .args([
+            "run",
+            "running.toml",
+            "--input",
+            "events.jsonl",
+            "--lateness",
+            "0s",
+            "--until",
+            &until,
+            "--output",
+            "file.jsonl",
+        ])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let file = std::fs::read_to_string(dir.path().join("file.jsonl")).unwrap();
+    for (name, served) in &want_members {
+        let mut set = std::collections::BTreeSet::new();
+        for l in file.lines() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            if v["segment"] == name.as_str() {
+                let p = v["profile"].as_str().unwrap().to_string();
+                if v["change"] == "enter" {
+                    set.insert(p);
+                } else {
+                    set.remove(&p);
+                }
+            }
+        }
+        assert_eq!(&set.into_iter().collect::<Vec<_>>(), served, "{name} run from GET /spec");
+    }
+}

@@ -45,6 +45,11 @@ const DEEP: &str = "max('Product Viewed', price, 24h) > 50 and count(page, 3d) >
 
 /// Generated events in `dir`, and `shoal run` of `spec` over them serving HTTP.
 fn start(dir: &Path, events: u64, spec: &str) -> Shoal {
+    start_with(dir, events, spec, &[])
+}
+
+/// [`start`] with more arguments.
+fn start_with(dir: &Path, events: u64, spec: &str, more: &[&str]) -> Shoal {
     let input = dir.join("events.jsonl");
     let mut f = std::fs::File::create(&input).unwrap();
     let opts = shoal::generate::GenOptions {
@@ -64,6 +69,7 @@ fn start(dir: &Path, events: u64, spec: &str) -> Shoal {
         "--dead-letter",
         "dead.jsonl",
     ];
+    let args: Vec<&str> = args.iter().chain(more).copied().collect();
     Shoal::start(dir, &args, false)
 }
 
@@ -609,10 +615,13 @@ fn run_returns_only_after_the_server_closed() {
     job.http = Some(shoal::run::HttpOptions {
         addr: "127.0.0.1:0".into(),
         history: None,
+        retain: shoal::serve::model::History::Keep(3_600_000),
+        spec_text: None,
         events: None,
         access: Default::default(),
         insecure: false,
         tls: None,
+        timeout: Duration::from_secs(30),
         on_listen: Some(std::sync::Arc::new(move |a| {
             let _ = tx.send(a);
         })),
@@ -1099,4 +1108,198 @@ fn the_api_serves_https_with_a_certificate_the_test_makes() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("ca.pem"));
+}
+
+/// A client that stalls cannot hold the server: headers not sent in time
+/// close the connection, a body not sent in time answers 408, an idle
+/// keep-alive connection is closed, and others are served meanwhile.
+#[test]
+fn stalled_clients_are_cut_off_and_others_still_served() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("spec.toml"), LIVE_SPEC).unwrap();
+    std::fs::write(dir.path().join("events.jsonl"), track("view", "u1", T0)).unwrap();
+    let args = [
+        "spec.toml",
+        "--input",
+        "events.jsonl",
+        "--output",
+        "out.jsonl",
+        "--http-timeout",
+        "1s",
+    ];
+    let shoal = Shoal::start(dir.path(), &args, false);
+    let a = shoal.addr.as_str();
+    // Read until the server closes; `None` if it still holds the connection after 15 s.
+    let until_closed = |s: &mut std::net::TcpStream| -> Option<String> {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut got = Vec::new();
+        match s.read_to_end(&mut got) {
+            Ok(_) => Some(String::from_utf8_lossy(&got).into_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Some(String::from_utf8_lossy(&got).into_owned()),
+            Err(_) => None,
+        }
+    };
+    let mut headers = std::net::TcpStream::connect(a).unwrap();
+    headers.write_all(b"GET /segments HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let mut body = std::net::TcpStream::connect(a).unwrap();
+    body.write_all(b"PUT /segments/late HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"when\":")
+        .unwrap();
+    let mut idle = std::net::TcpStream::connect(a).unwrap();
+    // While they stall, others are answered.
+    assert_eq!(http(a, "GET", "/segments", None).0, 200);
+    assert_eq!(
+        until_closed(&mut headers).as_deref(),
+        Some(""),
+        "unfinished headers: closed without an answer"
+    );
+    let answer = until_closed(&mut body).expect("a stalled body is cut off");
+    assert!(answer.starts_with("HTTP/1.1 408"), "a stalled body answers 408: {answer}");
+    assert!(until_closed(&mut idle).is_some(), "an idle connection is closed");
+    let v = get(a, "/segments");
+    let names: Vec<&str> = v["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["viewers", "buyers"], "the stalled PUT changed nothing");
+}
+
+/// `?at=T` answers what the diffs written up to `T` say, for segments and
+/// profiles; a time older than `--retain` answers 410 naming the oldest
+/// time kept, which itself answers exactly; `/segments/overlap` counts
+/// every intersection as the diffs do.
+#[test]
+fn looking_back_and_across_agree_with_the_diffs() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = 3000;
+    let server = start_with(dir.path(), events, SPEC, &["--retain", "all"]);
+    let addr = server.addr.clone();
+    let clock = settle(&addr, events);
+    let out = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+    let times: BTreeSet<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["time"].as_str().unwrap().to_string())
+        .collect();
+    let times: Vec<&String> = times.iter().collect();
+    assert!(times.len() > 20, "enough ticks with changes");
+    let members_at = |addr: &str, segment: &str, at: &str| -> BTreeSet<String> {
+        let page = get(addr, &format!("/segments/{segment}/members?limit=10000&at={}", urlencode(at)));
+        assert_eq!(page["at"], at);
+        page["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap().to_string())
+            .collect()
+    };
+    for at in [
+        times[0],
+        times[times.len() / 4],
+        times[times.len() / 2],
+        times[times.len() - 2],
+        &clock,
+    ] {
+        let then = applied(&out, at);
+        for segment in ["viewers", "carts", "mobile"] {
+            let want = then.get(segment).cloned().unwrap_or_default();
+            assert_eq!(members_at(&addr, segment, at), want, "{segment} at {at}");
+        }
+        // A profile then: any of its ids (now) a member at that time.
+        let someone = then.values().flatten().next().cloned();
+        for profile in someone.into_iter().chain(then.values().flatten().last().cloned()) {
+            let now = get(&addr, &format!("/profiles/{}", urlencode(&profile)));
+            let Some(ids) = now["ids"].as_array() else { continue };
+            let ids: BTreeSet<String> = ids.iter().map(|i| i.as_str().unwrap().to_string()).collect();
+            let back = get(&addr, &format!("/profiles/{}?at={}", urlencode(&profile), urlencode(at)));
+            assert_eq!(back["at"], at.as_str());
+            for segment in ["viewers", "carts", "mobile"] {
+                let want = then.get(segment).is_some_and(|m| !m.is_disjoint(&ids));
+                assert_eq!(back["segments"][segment]["member"], want, "{profile} in {segment} at {at}");
+                assert!(back["segments"][segment].get("why").is_none(), "why only for now");
+            }
+        }
+    }
+
+    // Every intersection of two or more, at the clock.
+    let now = applied(&out, &clock);
+    let sets: Vec<&BTreeSet<String>> = ["viewers", "carts", "mobile"].iter().map(|s| &now[*s]).collect();
+    let o = get(&addr, "/segments/overlap?names=viewers,carts,mobile");
+    assert_eq!(o["clock"], clock.as_str());
+    for (i, name) in ["viewers", "carts", "mobile"].iter().enumerate() {
+        assert_eq!(o["sizes"][name], sets[i].len(), "{name}");
+    }
+    let both = |a: &BTreeSet<String>, b: &BTreeSet<String>| a.intersection(b).count();
+    let all = sets[0].iter().filter(|m| sets[1].contains(*m) && sets[2].contains(*m)).count();
+    let want = serde_json::json!([
+        {"segments": ["viewers", "carts"], "size": both(sets[0], sets[1])},
+        {"segments": ["viewers", "mobile"], "size": both(sets[0], sets[2])},
+        {"segments": ["carts", "mobile"], "size": both(sets[1], sets[2])},
+        {"segments": ["viewers", "carts", "mobile"], "size": all},
+    ]);
+    assert_eq!(o["overlaps"], want);
+    assert!(both(sets[0], sets[2]) > 0, "the data has an overlap to count");
+    for bad in ["names=viewers", "names=viewers,viewers", "names=a,b,c,d,e,f", ""] {
+        assert_eq!(http(&addr, "GET", &format!("/segments/overlap?{bad}"), None).0, 400, "{bad}");
+    }
+    assert_eq!(http(&addr, "GET", "/segments/overlap?names=viewers,nope", None).0, 404);
+    assert_eq!(http(&addr, "GET", "/segments/viewers/members?at=yesterday", None).0, 400);
+    drop(server);
+
+    // Keeping one hour: the first tick is gone, the oldest kept is exact.
+    let dir2 = tempfile::tempdir().unwrap();
+    let server = start_with(dir2.path(), events, SPEC, &["--retain", "1h"]);
+    let addr = server.addr.clone();
+    assert_eq!(settle(&addr, events), clock, "the same run");
+    let (status, body) = http(&addr, "GET", &format!("/segments/viewers/members?at={}", urlencode(times[0])), None);
+    assert_eq!(status, 410, "{body}");
+    let oldest = serde_json::from_str::<Value>(&body).unwrap()["oldest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(oldest.as_str() > times[0].as_str() && oldest < clock, "{oldest}");
+    let then = applied(&out, &oldest);
+    for segment in ["viewers", "carts", "mobile"] {
+        assert_eq!(
+            members_at(&addr, segment, &oldest),
+            then.get(segment).cloned().unwrap_or_default(),
+            "{segment} at {oldest}"
+        );
+    }
+    let (status, _) = http(
+        &addr,
+        "GET",
+        &format!(
+            "/profiles/{}?at={}",
+            urlencode(&now["viewers"].iter().next().unwrap().clone()),
+            urlencode(times[0])
+        ),
+        None,
+    );
+    assert_eq!(status, 410);
+}
+
+/// The access rules are part of the state: a run restarted with `--state`
+/// but without `--http-token-file` stays locked, and the state directory
+/// holds the tokens' digests, never the tokens.
+#[test]
+fn a_restart_without_the_token_flags_stays_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("spec.toml"), LIVE_SPEC).unwrap();
+    std::fs::write(dir.path().join("events.jsonl"), track("view", "u1", T0)).unwrap();
+    std::fs::write(dir.path().join("admin"), "s3cret-admin\n").unwrap();
+    let base = ["spec.toml", "--input", "events.jsonl", "--output", "out.jsonl", "--state", "state"];
+    let locked: Vec<&str> = base.iter().copied().chain(["--http-token-file", "admin"]).collect();
+    let mut first = Shoal::start(dir.path(), &locked, false);
+    assert_eq!(call(&first.addr, "GET", "/segments", None, None).0, 401);
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let kept = std::fs::read_to_string(dir.path().join("state/access.json")).unwrap();
+    assert!(!kept.contains("s3cret-admin"), "no token in the state: {kept}");
+    let again = Shoal::start(dir.path(), &base, false);
+    assert_eq!(call(&again.addr, "GET", "/segments", None, None).0, 401, "still locked");
+    assert_eq!(call(&again.addr, "GET", "/segments", Some("s3cret-admin"), None).0, 200);
+    let def = r#"{"when":"count('view', 1h) >= 1"}"#;
+    assert_eq!(call(&again.addr, "PUT", "/segments/any", None, Some(def)).0, 401);
 }

@@ -5,6 +5,7 @@
 //! checkpoint stores to resume it.
 
 pub mod intake;
+pub mod journal;
 pub mod kafka;
 pub mod source;
 pub mod webhook;

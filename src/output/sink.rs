@@ -285,6 +285,10 @@ pub fn deliver<'s>(
             let mut pending: BTreeMap<u64, (Capability<u64>, Vec<NamedChange>)> = BTreeMap::new();
             // Written ticks not yet acknowledged, with their line counts.
             let mut awaiting: BTreeMap<u64, (Capability<u64>, u64)> = BTreeMap::new();
+            // Lines the observer wrote on its own (requests, model-only
+            // ticks) not yet acknowledged, by tick: they hold no capability,
+            // but the delivered mark stays before them.
+            let mut uncapped: BTreeMap<u64, u64> = BTreeMap::new();
             // After a stop: held at the cutoff so that no reader takes the
             // ticks dropped after it for delivered.
             let mut barrier: Option<Capability<u64>> = None;
@@ -342,14 +346,19 @@ pub fn deliver<'s>(
                         if last.is_some_and(|l| t > l) || cutoff.is_some_and(|c| t > c) {
                             break;
                         }
-                        // No capability: like a command's, these lines do not hold
-                        // the delivered frontier (see docs/decisions.md).
+                        // No capability: like a request's, these lines are
+                        // marked delivered only once acknowledged.
                         if t < outs.state.borrow().skip_before {
                             if let Some(observer) = &outs.observer {
                                 observer.replay(t, Vec::new());
                             }
                         } else {
+                            let before = outs.state.borrow().diffs;
                             write_tick(&mut outs, t, Vec::new());
+                            let lines = outs.state.borrow().diffs - before;
+                            if lines > 0 {
+                                *uncapped.entry(t).or_default() += lines;
+                            }
                         }
                         continue;
                     }
@@ -392,25 +401,29 @@ pub fn deliver<'s>(
                     pending.clear();
                     barrier = None;
                 }
+                if let Some(observer) = outs.observer.clone() {
+                    run_requests(&mut outs, observer.as_ref(), &mut written, &mut uncapped);
+                    if observer.stopped() {
+                        keep = None;
+                    }
+                }
+                // After the requests: a checkpoint taken from this mark holds
+                // the changes they journaled, and the output they wrote.
                 let unacked = outs.changes.as_mut().and_then(|c| c.unacknowledged());
                 awaiting.retain(|&t, _| unacked.is_some_and(|u| u <= t));
-                let unacked_lines = awaiting.values().map(|(_, n)| n).sum();
+                uncapped.retain(|&t, _| unacked.is_some_and(|u| u <= t));
+                let unacked_lines = awaiting.values().map(|(_, n)| n).sum::<u64>() + uncapped.values().sum::<u64>();
                 mark(
                     &outs,
                     [
                         frontier.frontier().first(),
                         notes_frontier.frontier().first(),
                         awaiting.keys().next(),
+                        uncapped.keys().next(),
                     ],
                     unacked_lines,
                 );
-                if let Some(observer) = outs.observer.clone() {
-                    run_requests(&mut outs, observer.as_ref(), &mut written);
-                    if observer.stopped() {
-                        keep = None;
-                    }
-                }
-                if !awaiting.is_empty() {
+                if !awaiting.is_empty() || !uncapped.is_empty() {
                     activator.activate_after(Duration::from_millis(5));
                 } else if keep.is_some() {
                     activator.activate_after(Duration::from_millis(50));
@@ -423,7 +436,7 @@ pub fn deliver<'s>(
 /// Records the output as of the delivered frontier: the least of the
 /// inputs' frontiers and the first unacknowledged tick (`u64::MAX` when
 /// everything is out); the lines of unacknowledged ticks do not count.
-fn mark(outs: &Outputs, bounds: [Option<&u64>; 3], unacked_lines: u64) {
+fn mark(outs: &Outputs, bounds: [Option<&u64>; 4], unacked_lines: u64) {
     let Some(cell) = &outs.delivered else { return };
     let st = outs.state.borrow();
     // Ticks before `skip_before` were out before a restart.
@@ -451,8 +464,11 @@ fn write_dead(outs: &mut Outputs, reader: usize, line: &str) {
 /// changes are written (stamped with its clock) and flushed, and only then
 /// answered, so a client that reads the output after its answer finds them
 /// there.
-fn run_requests(outs: &mut Outputs, observer: &dyn Observer, written: &mut Vec<u64>) {
-    let answers = observer.run_requests(&mut |t, lines| send_lines(outs, t, lines));
+fn run_requests(outs: &mut Outputs, observer: &dyn Observer, written: &mut Vec<u64>, uncapped: &mut BTreeMap<u64, u64>) {
+    let answers = observer.run_requests(&mut |t, lines| {
+        send_lines(outs, t, lines);
+        *uncapped.entry(t).or_default() += lines.len() as u64;
+    });
     flush(outs, written);
     for answer in answers {
         answer();

@@ -81,12 +81,20 @@ pub struct HttpOptions {
     /// Take events over HTTP (`/v1/…`, `--write-key-file`): the write keys
     /// and the intake, which is also the run's source.
     pub events: Option<Arc<crate::serve::events::EventsIn>>,
+    /// How long membership changes are kept for `?at=` (`--retain`).
+    pub retain: crate::serve::model::History,
+    /// The spec file's text, for `GET /spec` (without it, the running
+    /// spec is written from the segments alone).
+    pub spec_text: Option<String>,
     /// Bearer tokens for the API (`--http-token-file`, `--http-read-token-file`).
     pub access: crate::serve::http::Access,
     /// Serve a non-loopback address without a token (`--http-insecure`).
     pub insecure: bool,
     /// Serve HTTPS (`--http-tls-cert`, `--http-tls-key`).
     pub tls: Option<crate::serve::http::TlsConfig>,
+    /// A client's time for its headers, and for its body and the answer
+    /// (`--http-timeout`).
+    pub timeout: std::time::Duration,
     /// Called with the bound address once listening (e.g. to print it).
     pub on_listen: Option<Arc<dyn Fn(std::net::SocketAddr) + Send + Sync>>,
 }

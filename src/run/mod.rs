@@ -5,7 +5,8 @@
 //! reader ([`reader`]) over line sources ([`lines`]) or Kafka partitions
 //! ([`kafka`]). A reader's [`feeder`] hands stamped events to the
 //! dataflow's inputs; [`checkpointing`] and [`checkpoint`] make the run
-//! durable; [`progress`] and [`profile`] report on it.
+//! durable, with [`kept`] for what the API changed; [`progress`] and
+//! [`profile`] report on it.
 //!
 //! Readers feed the dataflow. File input, stdin and the generator are read
 //! in order by one reader, on worker 0 of process 0; Kafka partitions are
@@ -27,6 +28,7 @@ pub mod error;
 pub mod feeder;
 pub mod job;
 pub mod kafka;
+pub mod kept;
 pub mod lines;
 pub mod profile;
 pub mod progress;
@@ -40,6 +42,7 @@ use crate::output::deliver::memory_output;
 use crate::plan::Plan;
 use crate::run::checkpointing::Checkpointing;
 use crate::run::worker::run_worker;
+use crate::serve::model::Served;
 use crate::spec::Spec;
 
 pub use crate::run::error::EngineError;
@@ -94,6 +97,46 @@ pub fn run_memory(spec: &Spec, input: &[u8], opts: &RunOptions) -> Result<Memory
     })
 }
 
+/// Starts serving `http`: the served model, with what `--state` kept of
+/// the API's changes and access rules, and the server on its thread.
+fn serve(job: &Job, http: &HttpOptions) -> Result<(Arc<Served>, crate::serve::http::Server), EngineError> {
+    let plan = Arc::new(Plan::new(&job.spec));
+    let history = http.history(&plan);
+    let text = http.spec_text.clone();
+    let served = Served::new(&job.spec, text, plan, job.opts.tick, (history, http.retain), job.stop.clone());
+    let mut access = http.access.clone();
+    if let Some(state) = &job.state {
+        let kept = kept::Kept::open(&state.dir)?;
+        access = kept.access(access)?;
+        served.keep_changes(kept.journal, kept.changes);
+    }
+    let listener = std::net::TcpListener::bind(&http.addr).map_err(|error| EngineError::Listen {
+        addr: http.addr.clone(),
+        error,
+    })?;
+    let addr = listener.local_addr().map_err(EngineError::Server)?;
+    if !addr.ip().is_loopback() && access.open() && !http.insecure {
+        return Err(EngineError::Refused(format!(
+            "--http {}: serving an address other hosts can reach needs --http-token-file \
+             (or --http-insecure to serve it open to anyone)",
+            http.addr
+        )));
+    }
+    let server = crate::serve::http::spawn(
+        listener,
+        served.clone(),
+        http.events.clone(),
+        access,
+        http.tls.clone(),
+        http.timeout,
+    )
+    .map_err(EngineError::Server)?;
+    if let Some(f) = &http.on_listen {
+        f(addr);
+    }
+    Ok((served, server))
+}
+
 /// Runs a job to the end of its input; the summary comes from worker 0.
 pub fn run(job: Job) -> Result<Summary, EngineError> {
     let config = job.timely.clone();
@@ -104,26 +147,7 @@ pub fn run(job: Job) -> Result<Summary, EngineError> {
     // Only process 0 serves: it holds worker 0, where the output is written.
     let (served, server) = match (&job.http, process) {
         (Some(http), 0) => {
-            let plan = Arc::new(Plan::new(&job.spec));
-            let history = http.history(&plan);
-            let served = crate::serve::model::Served::new(&job.spec, plan, job.opts.tick, history, job.stop.clone());
-            let listener = std::net::TcpListener::bind(&http.addr).map_err(|error| EngineError::Listen {
-                addr: http.addr.clone(),
-                error,
-            })?;
-            let addr = listener.local_addr().map_err(EngineError::Server)?;
-            if !addr.ip().is_loopback() && http.access.open() && !http.insecure {
-                return Err(EngineError::Refused(format!(
-                    "--http {}: serving an address other hosts can reach needs --http-token-file \
-                     (or --http-insecure to serve it open to anyone)",
-                    http.addr
-                )));
-            }
-            let server = crate::serve::http::spawn(listener, served.clone(), http.events.clone(), http.access.clone(), http.tls.clone())
-                .map_err(EngineError::Server)?;
-            if let Some(f) = &http.on_listen {
-                f(addr);
-            }
+            let (served, server) = serve(&job, http)?;
             (Some(served), Some(server))
         }
         _ => (None, None),

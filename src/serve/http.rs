@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::{json, Value as Json_};
 
 use crate::core::clock::{format_time, parse_duration, parse_time_arg};
-use crate::serve::model::{parse_id, value_json, ApiError, Command, Def, Model, Served};
+use crate::serve::model::{parse_id, value_json, ApiError, Change, Command, Def, Model, Served};
 
 /// The live page: one static file, no build step.
 pub const PAGE: &str = include_str!("page.html");
@@ -80,6 +80,7 @@ pub fn spawn(
     events: Option<Arc<crate::serve::events::EventsIn>>,
     access: Access,
     tls: Option<TlsConfig>,
+    timeout: Duration,
 ) -> std::io::Result<Server> {
     listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -93,24 +94,18 @@ pub fn spawn(
                     return;
                 }
             };
-            let (mut graceful, mut deadline) = (state.closing.subscribe(), state.closing.subscribe());
+            let (graceful, mut deadline) = (state.closing.subscribe(), state.closing.subscribe());
             let mut app = router_with(state, Arc::new(access));
             if let Some(events) = events {
                 app = app.merge(crate::serve::events::router(events));
             }
-            let server = async move {
-                match tls {
-                    Some(tls) => serve_tls(listener, app, tls, graceful).await,
-                    None => {
-                        let served = axum::serve(listener, app).with_graceful_shutdown(async move {
-                            let _ = graceful.wait_for(|c| *c).await;
-                        });
-                        if let Err(e) = served.await {
-                            tracing::error!("HTTP server: {e}");
-                        }
-                    }
-                }
-            };
+            // A request (its body read and its answer made) has `timeout`;
+            // a subscription's answer is made at once, its events follow.
+            let app = app.layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                StatusCode::REQUEST_TIMEOUT,
+                timeout,
+            ));
+            let server = serve_connections(listener, app, tls, timeout, graceful);
             tokio::select! {
                 () = server => {},
                 _ = async move {
@@ -129,9 +124,6 @@ pub fn spawn(
 
 /// A TLS server configuration (`--http-tls-cert`, `--http-tls-key`).
 pub type TlsConfig = Arc<tokio_rustls::rustls::ServerConfig>;
-
-/// How long a client may take over its TLS handshake.
-const HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// The TLS configuration of a PEM certificate chain and private key; the
 /// error names the file and the problem.
@@ -159,11 +151,23 @@ pub fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsCo
     Ok(Arc::new(config))
 }
 
-/// Serves `app` over TLS until `closing`: each connection's handshake is
-/// bounded by [`HANDSHAKE`]; at the close, connections finish what they
-/// are answering.
-async fn serve_tls(listener: tokio::net::TcpListener, app: Router, tls: TlsConfig, closing: tokio::sync::watch::Receiver<bool>) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+/// At most this many connections are served at once; more wait in the
+/// listener's backlog.
+const CONNECTIONS: usize = 1024;
+
+/// Serves `app` until `closing`, over TLS when `tls` is given: a client
+/// has `timeout` for its TLS handshake and for each request's headers (an
+/// idle keep-alive connection is closed after it too); at the close,
+/// connections finish what they are answering.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Option<TlsConfig>,
+    timeout: Duration,
+    closing: tokio::sync::watch::Receiver<bool>,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
     let mut connections = tokio::task::JoinSet::new();
     let mut stop = closing.clone();
     loop {
@@ -171,44 +175,78 @@ async fn serve_tls(listener: tokio::net::TcpListener, app: Router, tls: TlsConfi
             let _ = stop.wait_for(|c| *c).await;
         };
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            a = async { (slots.clone().acquire_owned().await, listener.accept().await) } => a,
             () = stopped => break,
         };
-        let Ok((tcp, _)) = accepted else { continue };
-        let (acceptor, app, mut closing) = (acceptor.clone(), app.clone(), closing.clone());
+        let (Ok(slot), Ok((tcp, _))) = accepted else { continue };
+        let (acceptor, app, closing) = (acceptor.clone(), app.clone(), closing.clone());
         connections.spawn(async move {
-            let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await else {
-                return;
-            };
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            let connection = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            let closed = async move {
-                let _ = closing.wait_for(|c| *c).await;
-            };
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                () = closed => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
+            let _slot = slot;
+            match acceptor {
+                None => serve_one(tcp, app, timeout, closing).await,
+                Some(acceptor) => {
+                    if let Ok(Ok(stream)) = tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                        serve_one(stream, app, timeout, closing).await;
+                    }
                 }
             }
         });
+        while connections.try_join_next().is_some() {}
     }
     while connections.join_next().await.is_some() {}
+}
+
+/// Serves one HTTP/1.1 connection until it ends or, at `closing`, it has
+/// finished its answers. HTTP/1.1 only: guessing the version would read
+/// the first bytes with no timeout, and an idle client could hold on.
+async fn serve_one<S>(stream: S, app: Router, timeout: Duration, mut closing: tokio::sync::watch::Receiver<bool>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new()).http1_only();
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(timeout);
+    let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let closed = async move {
+        let _ = closing.wait_for(|c| *c).await;
+    };
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        () = closed => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
 }
 
 /// Who may call the API (`--http-token-file`, `--http-read-token-file`):
 /// every call but `GET /` and the `/v1/` calls needs `Authorization:
 /// Bearer <token>`; the read token only for GET.
-#[derive(Clone, Debug, Default)]
+///
+/// Only the tokens' SHA-256 digests are held (and, with `--state`, kept in
+/// the state directory): comparing digests takes the same time however much
+/// of a guess is right, and the state holds no secret.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Access {
+    /// The admin token's digest (hex).
     pub admin: Option<String>,
+    /// The read-only token's digest (hex).
     pub read: Option<String>,
 }
 
 impl Access {
+    /// The rules for these tokens.
+    pub fn of_tokens(admin: Option<&str>, read: Option<&str>) -> Access {
+        Access {
+            admin: admin.map(digest),
+            read: read.map(digest),
+        }
+    }
+
     /// Whether the API is open to anyone who reaches it.
     pub fn open(&self) -> bool {
         self.admin.is_none() && self.read.is_none()
@@ -232,7 +270,8 @@ async fn authorize(State(access): State<Arc<Access>>, request: axum::extract::Re
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let is = |token: &Option<String>| token.as_deref().is_some_and(|t| Some(t) == given);
+    let given = given.map(digest);
+    let is = |token: &Option<String>| token.is_some() && *token == given;
     let reading = request.method() == axum::http::Method::GET || request.method() == axum::http::Method::HEAD;
     if is(&access.admin) || (reading && is(&access.read)) {
         return next.run(request).await;
@@ -251,6 +290,11 @@ async fn authorize(State(access): State<Arc<Access>>, request: axum::extract::Re
     answer
 }
 
+/// A token's SHA-256 digest, in hex.
+fn digest(token: &str) -> String {
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()))
+}
+
 /// The API and the page; `access` guards every call but the page.
 pub fn router(served: Arc<Served>) -> Router {
     router_with(served, Arc::new(Access::default()))
@@ -262,6 +306,8 @@ pub fn router_with(served: Arc<Served>, access: Arc<Access>) -> Router {
     let api = Router::new()
         .route("/segments", get(segments))
         .route("/segments/preview", post(preview))
+        .route("/segments/overlap", get(overlap))
+        .route("/spec", get(spec))
         .route("/segments/{name}", axum::routing::put(put_segment).delete(delete_segment))
         .route("/segments/{name}/members", get(members))
         .route("/segments/{name}/history", get(history))
@@ -292,6 +338,8 @@ impl IntoResponse for ApiError {
                 (StatusCode::NOT_FOUND, Json(body)).into_response()
             }
             ApiError::Bad(message) => (StatusCode::BAD_REQUEST, Json(json!({ "error": message }))).into_response(),
+            ApiError::Unavailable(message) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": message }))).into_response(),
+            ApiError::Gone { message, oldest } => (StatusCode::GONE, Json(json!({"error": message, "oldest": oldest}))).into_response(),
             ApiError::Unprocessable(message) => (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({ "error": message }))).into_response(),
         }
     }
@@ -336,13 +384,39 @@ async fn segments(State(s): St) -> Json<Json_> {
 struct Page {
     limit: Option<usize>,
     after: Option<String>,
+    at: Option<String>,
+}
+
+/// A past tick asked for with `?at=T`: `None` for now, 400 for a bad
+/// time.
+fn past(m: &Model, at: &Option<String>) -> Result<Option<u64>, ApiError> {
+    let Some(text) = at else { return Ok(None) };
+    let t = parse_time_arg(text).map_err(|e| ApiError::Bad(format!("bad at: {e}")))?;
+    Ok(Some(m.clock.map_or(t, |c| t.min(c))))
+}
+
+/// 410: `at` is older than the changes kept (`--retain`).
+fn gone(m: &Model, oldest: u64) -> ApiError {
+    ApiError::Gone {
+        message: format!(
+            "the changes kept (--retain {}) reach back only to {}",
+            m.retain.text(),
+            format_time(oldest, m.show_ms)
+        ),
+        oldest: format_time(oldest, m.show_ms),
+    }
 }
 
 async fn members(State(s): St, Path(name): Path<String>, Query(q): Query<Page>) -> Result<Json<Json_>, ApiError> {
     let m = read(&s);
     let slot = m.slot(&name).ok_or_else(|| unknown_segment(&name))?;
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-    let set = &m.segments[slot].members;
+    let at = past(&m, &q.at)?;
+    let then = match at {
+        Some(t) => Some(m.members_at(slot, t).map_err(|oldest| gone(&m, oldest))?),
+        None => None,
+    };
+    let set = then.as_ref().unwrap_or(&m.segments[slot].members);
     let from = match &q.after {
         Some(a) => Bound::Excluded(a.clone()),
         None => Bound::Unbounded,
@@ -352,12 +426,55 @@ async fn members(State(s): St, Path(name): Path<String>, Query(q): Query<Page>) 
         page.pop();
         page.last().map(|s| s.to_string())
     });
-    Ok(Json(json!({
+    let mut answer = json!({
         "clock": clock_json(&m),
         "segment": name,
         "members": page,
         "next": next.flatten(),
-    })))
+    });
+    if let Some(t) = at {
+        answer["at"] = format_time(t, m.show_ms).into();
+    }
+    Ok(Json(answer))
+}
+
+#[derive(Deserialize)]
+struct Names {
+    names: Option<String>,
+}
+
+/// The most segments `/segments/overlap` compares (2⁵ - 6 = 26 overlaps).
+const OVERLAP_MAX: usize = 5;
+
+async fn overlap(State(s): St, Query(q): Query<Names>) -> Result<Json<Json_>, ApiError> {
+    let names: Vec<&str> = q.names.as_deref().unwrap_or("").split(',').filter(|n| !n.is_empty()).collect();
+    if !(2..=OVERLAP_MAX).contains(&names.len()) {
+        return Err(ApiError::Bad(format!(
+            "names must list 2 to {OVERLAP_MAX} segments, comma-separated (got {})",
+            names.len()
+        )));
+    }
+    if let Some(twice) = names.iter().enumerate().find(|(i, n)| names[..*i].contains(n)) {
+        return Err(ApiError::Bad(format!("{} is named twice", twice.1)));
+    }
+    let m = read(&s);
+    let slots = names
+        .iter()
+        .map(|n| m.slot(n).ok_or_else(|| unknown_segment(n)))
+        .collect::<Result<Vec<usize>, ApiError>>()?;
+    let sizes: serde_json::Map<String, Json_> = slots
+        .iter()
+        .map(|&slot| (m.segments[slot].name.clone(), m.segments[slot].members.len().into()))
+        .collect();
+    let overlaps: Vec<Json_> = m
+        .overlaps(&slots)
+        .into_iter()
+        .map(|(of, size)| {
+            let names: Vec<&str> = of.iter().map(|&slot| m.segments[slot].name.as_str()).collect();
+            json!({"segments": names, "size": size})
+        })
+        .collect();
+    Ok(Json(json!({"clock": clock_json(&m), "sizes": sizes, "overlaps": overlaps})))
 }
 
 #[derive(Deserialize)]
@@ -403,8 +520,14 @@ async fn history(State(s): St, Path(name): Path<String>, Query(q): Query<Range>)
     Ok(Json(json!({"clock": clock_json(&m), "segment": name, "points": points})))
 }
 
-async fn profile(State(s): St, Path(id): Path<String>) -> Result<Json<Json_>, ApiError> {
+#[derive(Deserialize)]
+struct At {
+    at: Option<String>,
+}
+
+async fn profile(State(s): St, Path(id): Path<String>, Query(q): Query<At>) -> Result<Json<Json_>, ApiError> {
     let m = read(&s);
+    let at = past(&m, &q.at)?;
     let not_found = |profile: Option<String>| ApiError::NotFound {
         message: match &profile {
             Some(p) => format!("{id} is not a profile id: it belongs to {p}"),
@@ -428,6 +551,20 @@ async fn profile(State(s): St, Path(id): Path<String>) -> Result<Json<Json_>, Ap
         .chain(std::iter::once(id.clone()))
         .collect();
     let mut segments = serde_json::Map::new();
+    if let Some(t) = at {
+        // The memberships its ids had then, whichever profile they made.
+        for (slot, seg) in m.segments.iter().enumerate().filter(|(_, seg)| seg.live()) {
+            let member = m.member_at(slot, t, &ids).map_err(|oldest| gone(&m, oldest))?;
+            segments.insert(seg.name.clone(), json!({ "member": member }));
+        }
+        return Ok(Json(json!({
+            "clock": clock_json(&m),
+            "at": format_time(t, m.show_ms),
+            "profile": id,
+            "ids": ids,
+            "segments": segments,
+        })));
+    }
     for (slot, seg) in m.segments.iter().enumerate() {
         if !seg.live() {
             continue;
@@ -473,12 +610,15 @@ async fn preview(State(s): St, body: Bytes) -> Result<Json<Json_>, ApiError> {
 }
 
 /// Queues a command for worker 0 and waits for its answer.
-async fn command(s: &Served, make: impl FnOnce(crate::serve::model::Reply) -> Command) -> Result<usize, ApiError> {
+async fn command(s: &Served, change: Change) -> Result<usize, ApiError> {
     if s.stop.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(ApiError::Bad("shoal is stopping".into()));
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
-    s.commands.lock().unwrap_or_else(|e| e.into_inner()).push(make(tx));
+    s.commands
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Command { change, reply: tx });
     match tokio::time::timeout(Duration::from_secs(30), rx).await {
         Ok(Ok(result)) => result,
         _ => Err(ApiError::Bad("the engine did not answer (stopping?)".into())),
@@ -487,23 +627,17 @@ async fn command(s: &Served, make: impl FnOnce(crate::serve::model::Reply) -> Co
 
 async fn put_segment(State(s): St, Path(name): Path<String>, body: Bytes) -> Result<Json<Json_>, ApiError> {
     let def = definition(&body)?;
-    if name.is_empty() || name == "preview" {
+    if name.is_empty() || name == "preview" || name == "overlap" {
         return Err(ApiError::Bad(format!("{name:?} cannot name a segment")));
     }
-    // Check at once, so a bad expression never reaches a worker.
-    let expr = {
-        let m = read(&s);
-        let existing = m.segments.iter().position(|seg| seg.name == name);
-        m.compile(&def.when, existing)?.0
-    };
-    let size = command(&s, |reply| Command::Put {
+    let change = Change::Put {
         name: name.clone(),
         description: def.description,
-        source: def.when,
-        expr,
-        reply,
-    })
-    .await?;
+        when: def.when,
+    };
+    // Check at once, so a bad expression never reaches a worker.
+    read(&s).check(&change)?;
+    let size = command(&s, change).await?;
     Ok(Json(json!({"name": name, "size": size})))
 }
 
@@ -511,8 +645,17 @@ async fn delete_segment(State(s): St, Path(name): Path<String>) -> Result<Status
     if read(&s).slot(&name).is_none() {
         return Err(unknown_segment(&name));
     }
-    command(&s, |reply| Command::Delete { name, reply }).await?;
+    command(&s, Change::Delete { name }).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The running spec as TOML (see `crate::serve::running`).
+async fn spec(State(s): St) -> Response {
+    let text = {
+        let m = read(&s);
+        crate::serve::running::running_spec(s.spec_text.as_deref().unwrap_or(""), s.spec_segments, &m.segments)
+    };
+    ([(header::CONTENT_TYPE, "application/toml; charset=utf-8")], text).into_response()
 }
 
 async fn metrics(State(s): St) -> Response {
@@ -561,6 +704,11 @@ async fn metrics(State(s): St) -> Response {
         out,
         "# HELP shoal_history_events Accepted events the served model keeps (--history).\n# TYPE shoal_history_events gauge\nshoal_history_events {}",
         m.retained.count
+    );
+    let _ = writeln!(
+        out,
+        "# HELP shoal_retained_changes Membership changes kept for ?at= (--retain).\n# TYPE shoal_retained_changes gauge\nshoal_retained_changes {}",
+        m.changes_kept
     );
     if let Some(t) = m.clock {
         let now = std::time::SystemTime::now()

@@ -44,6 +44,7 @@ use crate::core::id::{Id, IdKind};
 use crate::core::value::Value;
 use crate::ingest::event::Kept;
 use crate::ingest::stamp::Counters;
+use crate::io::journal::Journal;
 use crate::output::sink::membership_line;
 use crate::output::sink::Upd;
 use crate::output::sink::{Answer, Observer, ProfileLine};
@@ -68,6 +69,14 @@ impl History {
     /// every stream is `lifetime` or there is none).
     pub fn default_for(plan: &Plan) -> History {
         History::Keep(plan.streams.iter().filter_map(|s| s.window).max().unwrap_or(0))
+    }
+
+    /// The newest tick whose changes are no longer kept at tick `t`.
+    pub fn horizon(self, t: u64) -> Option<u64> {
+        match self {
+            History::All => None,
+            History::Keep(r) => t.checked_sub(r),
+        }
     }
 
     /// Whether any event is kept (and so sent to the model).
@@ -224,6 +233,9 @@ pub struct SegState {
     pub keys: FxHashSet<Key>,
     /// `(tick, size)` at every tick the size changed.
     pub history: Vec<(u64, usize)>,
+    /// The membership changes kept for `?at=` (`--retain`): `(tick, id,
+    /// enter)` in the order applied.
+    pub changes: VecDeque<(u64, String, bool)>,
     pub entered: u64,
     pub exited: u64,
 }
@@ -267,6 +279,16 @@ pub struct Model {
     pub recent: VecDeque<(u64, String)>,
     /// The accepted events kept for terms the plan does not compute.
     pub retained: Retained,
+    /// How long membership changes are kept for `?at=` (`--retain`).
+    pub retain: History,
+    /// The oldest tick whose memberships the changes kept can tell.
+    pub looks_back_to: u64,
+    /// Membership changes kept, over all segments.
+    pub changes_kept: usize,
+    /// Journaled changes not yet made again after a restart, oldest first.
+    pub pending: VecDeque<Entry>,
+    /// The delivered frontier of the checkpoint resumed from (0: none).
+    pub resumed: u64,
 }
 
 /// A `/stream` message.
@@ -285,23 +307,45 @@ pub struct Served {
     /// Set when the run is over: the server stops accepting, `/stream`
     /// subscriptions end, answers in flight finish (see `crate::serve::http`).
     pub closing: tokio::sync::watch::Sender<bool>,
+    /// With `--state`: where changes are journaled before they are made.
+    journal: Mutex<Option<Journal>>,
+    /// The spec file's text, which `GET /spec` edits into the running spec.
+    pub spec_text: Option<String>,
+    /// How many segments the spec file has (the first of the model's).
+    pub spec_segments: usize,
 }
 
 /// A reply to a runtime definition.
 pub type Reply = tokio::sync::oneshot::Sender<Result<usize, ApiError>>;
 
-pub enum Command {
+/// A change to the running spec made over the API. With `--state` it is
+/// journaled (see `crate::io::journal`) before it takes effect, with the
+/// clock it takes effect at, and a restart applies it again at that tick.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    /// A segment added or changed.
     Put {
         name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         description: Option<String>,
-        source: String,
-        expr: Expr,
-        reply: Reply,
+        when: String,
     },
-    Delete {
-        name: String,
-        reply: Reply,
-    },
+    /// A segment removed.
+    Delete { name: String },
+}
+
+/// A journaled change: the clock it took effect at.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Entry {
+    pub at: u64,
+    pub change: Change,
+}
+
+/// A change from the API, waiting for the sink, and who waits for it.
+pub struct Command {
+    pub change: Change,
+    pub reply: Reply,
 }
 
 /// An answer that is not a success.
@@ -313,12 +357,23 @@ pub enum ApiError {
     NotFound { message: String, profile: Option<String> },
     /// 400 otherwise.
     Bad(String),
+    /// 410: a past tick older than the changes kept, and the oldest kept.
+    Gone { message: String, oldest: String },
+    /// 503: the change could not be journaled (`--state`), so it was not made.
+    Unavailable(String),
     /// 422: valid, but needs something the running engine does not compute.
     Unprocessable(String),
 }
 
 impl Served {
-    pub fn new(spec: &Spec, plan: Arc<Plan>, tick: u64, history: History, stop: Arc<std::sync::atomic::AtomicBool>) -> Arc<Served> {
+    pub fn new(
+        spec: &Spec,
+        spec_text: Option<String>,
+        plan: Arc<Plan>,
+        tick: u64,
+        (history, retain): (History, History),
+        stop: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Arc<Served> {
         let segments = spec
             .segments
             .iter()
@@ -332,6 +387,7 @@ impl Served {
                 members: BTreeSet::new(),
                 keys: FxHashSet::default(),
                 history: Vec::new(),
+                changes: VecDeque::new(),
                 entered: 0,
                 exited: 0,
             })
@@ -351,7 +407,15 @@ impl Served {
                 diffs: 0,
                 recent: VecDeque::new(),
                 retained: Retained::new(history),
+                retain,
+                looks_back_to: 0,
+                changes_kept: 0,
+                pending: VecDeque::new(),
+                resumed: 0,
             }),
+            journal: Mutex::new(None),
+            spec_text,
+            spec_segments: spec.segments.len(),
             commands: Mutex::new(Vec::new()),
             stream: tokio::sync::broadcast::channel(4096).0,
             counters: Mutex::new(FxHashMap::default()),
@@ -372,7 +436,31 @@ impl Served {
     /// The run resumed from a checkpoint at `frontier`. A checkpoint holds
     /// facts, not events: the model's history of events starts here.
     pub fn resumed_at(&self, frontier: u64) {
-        self.model.write().expect("not poisoned").retained.complete_from = frontier;
+        let mut model = self.model.write().expect("not poisoned");
+        model.resumed = frontier;
+        model.retained.complete_from = frontier;
+        // Ticks before it come back consolidated into its last one.
+        model.looks_back_to = frontier.saturating_sub(model.tick);
+    }
+
+    /// Journals changes in `journal` from now on, and makes the changes it
+    /// holds again, each at its tick (a restart with `--state`).
+    pub fn keep_changes(&self, journal: Journal, entries: Vec<Entry>) {
+        self.model.write().expect("not poisoned").pending = entries.into();
+        *self.journal.lock().expect("not poisoned") = Some(journal);
+    }
+
+    /// Journals `change`, taking effect at `at`, before it is made.
+    fn journal(&self, at: u64, change: &Change) -> Result<(), ApiError> {
+        match &mut *self.journal.lock().expect("not poisoned") {
+            None => Ok(()),
+            Some(j) => j
+                .append(&Entry {
+                    at,
+                    change: change.clone(),
+                })
+                .map_err(|e| ApiError::Unavailable(format!("the change was not made: {e}"))),
+        }
     }
 
     /// Sends written lines to `/stream` subscribers.
@@ -402,14 +490,21 @@ impl Observer for Served {
     }
 
     fn replay(&self, t: u64, changes: Vec<(Upd, isize)>) {
-        self.model.write().expect("not poisoned").apply_tick(t, changes);
+        let mut model = self.model.write().expect("not poisoned");
+        model.apply_tick(t, changes);
+        model.catch_up(t);
     }
 
     fn tick(&self, t: u64, changes: Vec<(Upd, isize)>, write: &mut dyn FnMut(&[ProfileLine])) {
         let lines = {
             let mut model = self.model.write().expect("not poisoned");
+            // Journaled changes due before it (those before the checkpoint
+            // with no replayed tick after them), then the tick, then those
+            // made at it.
+            let mut lines = model.catch_up(t.saturating_sub(1));
             let changes = model.apply_tick(t, changes);
-            let lines = model.lines(t, changes);
+            lines.extend(model.lines(t, changes));
+            lines.extend(model.catch_up(t));
             write(&lines);
             lines
         };
@@ -417,19 +512,27 @@ impl Observer for Served {
     }
 
     fn run_requests(&self, write: &mut dyn FnMut(u64, &[ProfileLine])) -> Vec<Answer> {
+        if !self.model.read().expect("not poisoned").pending.is_empty() {
+            // Still making journaled changes again: new ones wait their turn.
+            return Vec::new();
+        }
         let commands = std::mem::take(&mut *self.commands.lock().expect("not poisoned"));
         let mut answers: Vec<Answer> = Vec::with_capacity(commands.len());
-        for command in commands {
-            let (reply, result, lines) = {
+        for Command { change, reply } in commands {
+            let (result, lines) = {
                 let mut model = self.model.write().expect("not poisoned");
-                let (reply, result, changes) = model.run(command);
                 let t = model.clock.unwrap_or(0);
+                let made = model.check(&change).and_then(|()| self.journal(t, &change));
+                let (result, changes) = match made {
+                    Ok(()) => model.run(change),
+                    Err(e) => (Err(e), Vec::new()),
+                };
                 let lines = model.lines(t, changes);
                 // Written under the lock: a reader sees the model and the output agree.
                 if !lines.is_empty() {
                     write(t, &lines);
                 }
-                (reply, result, lines)
+                (result, lines)
             };
             self.publish(&lines);
             answers.push(Box::new(move || {
@@ -843,6 +946,93 @@ impl Model {
                 _ => s.history.push((t, size)),
             }
         }
+        match self.retain {
+            History::Keep(0) => self.looks_back_to = t,
+            retain => {
+                for (slot, _, id, enter) in out.iter() {
+                    self.segments[*slot].changes.push_back((t, id.clone(), *enter));
+                }
+                self.changes_kept += out.len();
+                // Keep every change after `t - r`: the memberships of any
+                // tick since can be told.
+                if let Some(horizon) = retain.horizon(t) {
+                    for s in &mut self.segments {
+                        while s.changes.front().is_some_and(|c| c.0 <= horizon) {
+                            let (at, _, _) = s.changes.pop_front().expect("a front");
+                            self.looks_back_to = self.looks_back_to.max(at);
+                            self.changes_kept -= 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The changes of `slot` after tick `t`, newest first, to undo; `Err`
+    /// with the oldest tick the changes kept can tell when `t` is older.
+    fn since(&self, slot: usize, t: u64) -> Result<impl Iterator<Item = &(u64, String, bool)>, u64> {
+        if t < self.looks_back_to && self.clock.is_some_and(|c| t < c) {
+            return Err(self.looks_back_to);
+        }
+        Ok(self.segments[slot].changes.iter().rev().take_while(move |c| c.0 > t))
+    }
+
+    /// The members of `slot` at tick `t` (as after the last tick at or
+    /// before `t`), from its members now with the changes since undone.
+    pub fn members_at(&self, slot: usize, t: u64) -> Result<BTreeSet<String>, u64> {
+        let mut members = self.segments[slot].members.clone();
+        for (_, id, enter) in self.since(slot, t)? {
+            if *enter {
+                members.remove(id);
+            } else {
+                members.insert(id.clone());
+            }
+        }
+        Ok(members)
+    }
+
+    /// Whether any of `ids` was a member of `slot` at tick `t` (see
+    /// [`Model::members_at`]).
+    pub fn member_at(&self, slot: usize, t: u64, ids: &BTreeSet<String>) -> Result<bool, u64> {
+        let mut now: BTreeSet<&String> = ids.iter().filter(|id| self.segments[slot].members.contains(*id)).collect();
+        for (_, id, enter) in self.since(slot, t)? {
+            if let Some(id) = ids.get(id) {
+                if *enter {
+                    now.remove(id);
+                } else {
+                    now.insert(id);
+                }
+            }
+        }
+        Ok(!now.is_empty())
+    }
+
+    /// The sizes of every intersection of two or more of `slots` at the
+    /// clock: `(its slots, size)`, by number of segments, then in the
+    /// order given.
+    pub fn overlaps(&self, slots: &[usize]) -> Vec<(Vec<usize>, usize)> {
+        // Each member's segments as a bit mask; members counted by mask.
+        let mut of: FxHashMap<&String, u32> = FxHashMap::default();
+        for (bit, &slot) in slots.iter().enumerate() {
+            for m in &self.segments[slot].members {
+                *of.entry(m).or_default() |= 1 << bit;
+            }
+        }
+        let mut masks: FxHashMap<u32, usize> = FxHashMap::default();
+        for mask in of.into_values() {
+            *masks.entry(mask).or_default() += 1;
+        }
+        let n = slots.len();
+        let bits = |m: u32| (0..n).filter(move |b| m & (1 << b) != 0);
+        let mut subsets: Vec<u32> = (1u32..1 << n).filter(|m| m.count_ones() >= 2).collect();
+        subsets.sort_by_key(|&m| (m.count_ones(), bits(m).collect::<Vec<_>>()));
+        subsets
+            .into_iter()
+            .map(|subset| {
+                let size = masks.iter().filter(|(m, _)| *m & subset == subset).map(|(_, c)| c).sum();
+                (bits(subset).map(|b| slots[b]).collect(), size)
+            })
+            .collect()
     }
 
     /// The SPEC §5 lines of `changes` at tick `t`, each after its profile.
@@ -857,21 +1047,31 @@ impl Model {
             .collect()
     }
 
-    /// Runs a command at the clock; returns the answer and the changes.
-    pub fn run(&mut self, command: Command) -> (Reply, Result<usize, ApiError>, Vec<MemberChange>) {
+    /// Whether `change` can be made now (it is checked again when made).
+    pub fn check(&self, change: &Change) -> Result<(), ApiError> {
+        match change {
+            Change::Put { name, when, .. } => self.compile(when, self.segments.iter().position(|s| &s.name == name)).map(drop),
+            Change::Delete { name } => self.slot(name).map(drop).ok_or_else(|| ApiError::NotFound {
+                message: format!("no segment named {name:?}"),
+                profile: None,
+            }),
+        }
+    }
+
+    /// Makes a change at the clock; returns the answer and the membership
+    /// changes.
+    pub fn run(&mut self, change: Change) -> (Result<usize, ApiError>, Vec<MemberChange>) {
         let mut out = Vec::new();
-        let (reply, result) = match command {
-            Command::Put {
+        let result = match change {
+            Change::Put {
                 name,
                 description,
-                source,
-                expr: _,
-                reply,
+                when: source,
             } => {
                 let existing = self.segments.iter().position(|s| s.name == name);
                 // Compile again here: the segments may have changed since the check.
                 match self.compile(&source, existing) {
-                    Err(e) => (reply, Err(e)),
+                    Err(e) => Err(e),
                     Ok((expr, plan, formula)) => {
                         let slot = existing.unwrap_or_else(|| {
                             self.segments.push(SegState {
@@ -884,6 +1084,7 @@ impl Model {
                                 members: BTreeSet::new(),
                                 keys: FxHashSet::default(),
                                 history: Vec::new(),
+                                changes: VecDeque::new(),
                                 entered: 0,
                                 exited: 0,
                             });
@@ -901,18 +1102,15 @@ impl Model {
                             formula,
                         };
                         self.redefine(slot, &mut out);
-                        (reply, Ok(self.segments[slot].members.len()))
+                        Ok(self.segments[slot].members.len())
                     }
                 }
             }
-            Command::Delete { name, reply } => match self.slot(&name) {
-                None => (
-                    reply,
-                    Err(ApiError::NotFound {
-                        message: format!("no segment named {name:?}"),
-                        profile: None,
-                    }),
-                ),
+            Change::Delete { name } => match self.slot(&name) {
+                None => Err(ApiError::NotFound {
+                    message: format!("no segment named {name:?}"),
+                    profile: None,
+                }),
                 Some(slot) => {
                     let s = &mut self.segments[slot];
                     if matches!(s.def, Def::Spec) {
@@ -920,14 +1118,32 @@ impl Model {
                     }
                     s.def = Def::Deleted;
                     self.redefine(slot, &mut out);
-                    (reply, Ok(0))
+                    Ok(0)
                 }
             },
         };
         self.update_windows();
         let t = self.clock.unwrap_or(0);
         self.record(t, &mut out);
-        (reply, result, out)
+        (result, out)
+    }
+
+    /// Makes the journaled changes that took effect at or before `upto`
+    /// again (a restart): silently those before the checkpoint resumed
+    /// from (their lines are out), the others with their lines returned.
+    fn catch_up(&mut self, upto: u64) -> Vec<ProfileLine> {
+        let mut lines = Vec::new();
+        while self.pending.front().is_some_and(|e| e.at <= upto) {
+            let entry = self.pending.pop_front().expect("a front");
+            let (result, changes) = self.run(entry.change.clone());
+            if let Err(e) = result {
+                tracing::error!("a change journaled at {} no longer applies: {e:?}", entry.at);
+            }
+            if entry.at >= self.resumed {
+                lines.extend(self.lines(self.clock.unwrap_or(0), changes));
+            }
+        }
+        lines
     }
 
     /// Schedules window expiries for the model terms runtime segments read.
@@ -947,7 +1163,10 @@ impl Model {
     /// applies that tick even if the dataflow has nothing for it.
     pub fn next_due(&self) -> Option<u64> {
         let clock = self.clock?;
-        self.retained.due.range(clock + 1..).next().map(|(t, _)| *t)
+        let window = self.retained.due.range(clock + 1..).next().map(|(t, _)| *t);
+        // A journaled change takes effect again at its own tick.
+        let journaled = self.pending.front().map(|e| e.at.max(clock + 1));
+        window.into_iter().chain(journaled).min()
     }
 
     /// Re-evaluates `slot` and every runtime segment after it (they may read
