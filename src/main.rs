@@ -471,6 +471,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         until: args.until,
         idle: args.idle,
         workers: args.workers,
+        requests: Vec::new(),
     };
     let brokers = args.kafka_brokers.clone().unwrap_or_default();
     let kafka = (!args.kafka_topic.is_empty()).then(|| KafkaInput {
@@ -528,6 +529,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             timeout: std::time::Duration::from_millis(args.http_timeout),
             on_listen: Some(Arc::new(move |a| eprintln!("shoal: listening on {scheme}://{a}"))),
         }),
+        suppression: Default::default(),
     };
     let summary = shoal::run::run(job).map_err(|e| match e {
         EngineError::Unsupported(_) | EngineError::Refused(_) | EngineError::Input(shoal::io::Error::Unsupported(_)) => usage(e),

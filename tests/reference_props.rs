@@ -939,6 +939,89 @@ fn compare(case: &Case) -> Result<usize, String> {
     Ok(expected.lines.len())
 }
 
+/// A request in a generated case: forget the profile of an id, or unlink
+/// two ids, at a point of the input's time span (per mille).
+#[derive(Clone, Debug)]
+enum Req {
+    Forget(bool, u8, u16),
+    Unlink((bool, u8), (bool, u8), u16),
+}
+
+fn req(pool: u8) -> impl Strategy<Value = Req> {
+    let id = (any::<bool>(), 0..pool);
+    prop_oneof![
+        (any::<bool>(), 0..pool, 0u16..1100).prop_map(|(user, i, pm)| Req::Forget(user, i, pm)),
+        (id.clone(), id, 0u16..1100).prop_map(|(a, b, pm)| Req::Unlink(a, b, pm)),
+    ]
+}
+
+fn req_id((user, i): (bool, u8)) -> shoal::core::id::Id {
+    if user {
+        shoal::core::id::Id::user(user_id(i))
+    } else {
+        shoal::core::id::Id::anon(anon_id(i))
+    }
+}
+
+/// The requests of `reqs` at ticks in the case's span; a forget names the
+/// ids of the profile as the reference resolves it at the tick before
+/// (what the served model knows when the request is made).
+fn render_requests(case: &Case, reqs: &[Req], (lo, hi): (u64, u64)) -> Vec<(u64, shoal::core::id::Request)> {
+    use shoal::core::id::Request;
+    let tick = case.opts.tick;
+    let mut out: Vec<(u64, Request)> = Vec::new();
+    for r in reqs {
+        let pm = match r {
+            Req::Forget(_, _, pm) | Req::Unlink(_, _, pm) => *pm as u64,
+        };
+        let at = (lo + (hi - lo) * pm / 1000).div_ceil(tick) * tick;
+        let request = match *r {
+            Req::Forget(user, i, _) => {
+                let id = req_id((user, i));
+                let mut ids = reference::profile_ids(case.input.as_bytes(), &case.opts, &out, &id, at.saturating_sub(tick));
+                if ids.is_empty() {
+                    ids.push(id);
+                }
+                Request::Forget(ids)
+            }
+            Req::Unlink(a, b, _) if a != b => Request::Unlink(req_id(a), req_id(b)),
+            Req::Unlink(..) => continue,
+        };
+        out.push((at, request));
+        out.sort_by_key(|(at, _)| *at);
+    }
+    out
+}
+
+/// [`compare`] with requests fed at their ticks.
+fn compare_requests(case: &Case, requests: &[(u64, shoal::core::id::Request)]) -> Result<usize, String> {
+    let spec = shoal::spec::parse_spec(&case.spec, case.opts.tick)
+        .map_err(|e| format!("the generated spec does not parse: {e:?}\n{}", describe(case)))?;
+    let expected = reference::evaluate_requests(&spec, case.input.as_bytes(), &case.opts, requests);
+    for workers in [1, 2] {
+        let run = RunOptions {
+            tick: case.opts.tick,
+            lateness: case.opts.lateness,
+            dedupe_horizon: case.opts.dedupe_horizon,
+            until: case.opts.until,
+            workers,
+            requests: requests.to_vec(),
+            ..RunOptions::default()
+        };
+        let got = run_memory(&spec, case.input.as_bytes(), &run).map_err(|e| format!("engine error: {e}\n{}", describe(case)))?;
+        if got.lines != expected.lines {
+            return Err(format!(
+                "engine ({workers} worker(s)) with requests {requests:?} disagrees with the reference\n\
+                 --- reference\n{}\n--- engine\n{}\n{}",
+                expected.lines.join("\n"),
+                got.lines.join("\n"),
+                describe(case)
+            ));
+        }
+    }
+    Ok(expected.lines.len())
+}
+
 /// For plain regression tests: panics with the disagreement.
 fn assert_agree(spec: &str, input: &str, opts: RefOptions) {
     let case = Case {
@@ -978,6 +1061,24 @@ proptest! {
     ) {
         let case = render_case(&items, &conds, &o);
         if let Err(e) = compare(&case) {
+            return Err(TestCaseError::fail(e));
+        }
+    }
+
+    /// SPEC §7 requests: random forgets and unlinks at random ticks, fed
+    /// to the dataflow as retractions, against the reference recomputing
+    /// identity from scratch with them in effect.
+    #[test]
+    fn engine_matches_reference_with_forget_and_unlink(
+        items in proptest::collection::vec(item(Shape { pool: 3, max_gap: 3_000, msgs: 40, cross: true }), 3..100),
+        conds in proptest::collection::vec(segment_cond(), 1..4),
+        reqs in proptest::collection::vec(req(3), 1..4),
+        o in opts(),
+    ) {
+        let case = render_case(&items, &conds, &o);
+        let (_, lo, hi) = render_input(&items, o.ending);
+        let requests = render_requests(&case, &reqs, (lo, hi.max(lo)));
+        if let Err(e) = compare_requests(&case, &requests) {
             return Err(TestCaseError::fail(e));
         }
     }

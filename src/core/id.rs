@@ -107,3 +107,23 @@ plan_id!(
     /// clusters, computed for every profile.
     ValueId
 );
+
+/// A request about ids (SPEC §7), fed to the dataflow at a tick: from then
+/// on, what it names no longer counts. Both are retractions of identity
+/// updates, not rebuilds (see `crate::dataflow::identity::requested`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    /// Forget a profile: these ids (its ids when asked) and every event
+    /// naming any of them; later events naming them are suppressed.
+    Forget(Vec<Id>),
+    /// Never count a link between these two ids again, from any event.
+    Unlink(Id, Id),
+}
+
+impl Id {
+    /// The id's key.
+    pub fn key(&self) -> Key {
+        key_of(self.kind, &self.name)
+    }
+}

@@ -5,8 +5,12 @@
 //! label `(false, id, key)`. Labels propagate along links and each node keeps
 //! the least, so a component's label is its smallest eligible id — every
 //! `user:` before every `anon:`, then by bytes — which is the profile. Links
-//! only ever accumulate, so labels only ever shrink, which label propagation
-//! handles incrementally: a late merge re-labels just the merged component.
+//! from events only ever accumulate, so labels mostly shrink, which label
+//! propagation handles incrementally: a late merge re-labels just the merged
+//! component. Requests over the API ([`requested`]) remove nodes and links:
+//! forgetting a profile retracts its ids' nodes and every link touching
+//! them, unlinking two ids retracts the links between them, and propagation
+//! rebuilds only the components they touched.
 //! Propagation is [`crate::dataflow::total::propagate`], components kept on the last worker
 //! and merged by union, rather than differential's fixed-point iteration.
 
@@ -23,6 +27,51 @@ pub struct Profiles<'s> {
     pub labels: VecCollection<'s, u64, (Key, Key), isize>,
     /// `(profile, its id)` for every profile: how output names a profile key.
     pub names: VecCollection<'s, u64, (Key, Id), isize>,
+}
+
+/// Identity nodes: `(id, label)`.
+pub type Nodes<'s> = VecCollection<'s, u64, (Key, Label), isize>;
+/// Identity links, or pairs of ids: `(id, id)`.
+pub type Links<'s> = VecCollection<'s, u64, (Key, Key), isize>;
+
+/// The identity graph with requests applied: the nodes of forgotten ids
+/// and the links touching them, and unlinked pairs, retracted — from the
+/// tick of the request, as negative updates, so that label propagation
+/// splits or drops just the components they touched.
+///
+/// Each removal is the semijoin of the graph with the requests, negated.
+/// A link can be removed for several reasons (both ends forgotten, or
+/// forgotten and unlinked), so the link removals are counted by inclusion
+/// and exclusion: every removed link once, whatever its multiplicity.
+/// `forgotten` and `unlinked` must hold each id or pair once.
+pub fn requested<'s>(
+    nodes: Nodes<'s>,
+    links: Links<'s>,
+    forgotten: VecCollection<'s, u64, Key, isize>,
+    unlinked: Links<'s>,
+) -> (Nodes<'s>, Links<'s>) {
+    let gone = forgotten.map(|k| (k, ()));
+    let nodes_gone = nodes
+        .clone()
+        .join_total(gone.clone(), "ForgetNodes", |k, label, ()| (*k, label.clone()));
+    // Links with their first end forgotten, their second, and both.
+    let from = links.clone().join_total(gone.clone(), "ForgetFrom", |a, b, ()| (*b, *a));
+    let to = links
+        .clone()
+        .map(|(a, b)| (b, a))
+        .join_total(gone.clone(), "ForgetTo", |b, a, ()| (*a, *b));
+    let both = from.clone().join_total(gone, "ForgetBoth", |b, a, ()| (*a, *b));
+    let from = from.map(|(b, a)| (a, b));
+    let forgotten_links = from.concat(to).concat(both.negate());
+    // Unlinked links, less those already gone as forgotten.
+    let pairs = unlinked.map(|p| (p, ()));
+    let cut = links.clone().map(|p| (p, ())).join_total(pairs.clone(), "Unlink", |p, (), ()| *p);
+    let cut_forgotten = forgotten_links
+        .clone()
+        .map(|p| (p, ()))
+        .join_total(pairs, "UnlinkForgotten", |p, (), ()| *p);
+    let links_gone = forgotten_links.concat(cut).concat(cut_forgotten.negate());
+    (nodes.concat(nodes_gone.negate()), links.concat(links_gone.negate()))
 }
 
 /// Resolves ids into profiles. `links` must hold both directions of every

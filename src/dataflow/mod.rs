@@ -39,6 +39,11 @@ pub struct Inputs {
     pub counts: InputSession<u64, FactOf<()>, isize>,
     pub nodes: InputSession<u64, (Key, Label), isize>,
     pub links: InputSession<u64, (Key, Key), isize>,
+    /// Ids forgotten (SPEC §7 `DELETE /profiles/{id}`), each once.
+    pub forgotten: InputSession<u64, Key, isize>,
+    /// Pairs of ids unlinked (`POST /profiles/{id}/unlink`), each once and
+    /// in both directions.
+    pub unlinked: InputSession<u64, (Key, Key), isize>,
     /// Serving with `--history`: every accepted event and its anchor id,
     /// for the served model (see `crate::serve::model`).
     pub events: Option<InputSession<u64, (Key, crate::ingest::event::Kept), isize>>,
@@ -51,6 +56,8 @@ impl Inputs {
             self.counts.advance_to(t);
             self.nodes.advance_to(t);
             self.links.advance_to(t);
+            self.forgotten.advance_to(t);
+            self.unlinked.advance_to(t);
             if let Some(events) = &mut self.events {
                 events.advance_to(t);
             }
@@ -62,6 +69,8 @@ impl Inputs {
         self.counts.flush();
         self.nodes.flush();
         self.links.flush();
+        self.forgotten.flush();
+        self.unlinked.flush();
         if let Some(events) = &mut self.events {
             events.flush();
         }
@@ -104,6 +113,9 @@ pub fn build_with<'s>(
     let (counts_in, counts) = scope.new_collection();
     let (nodes_in, nodes) = scope.new_collection();
     let (links_in, links) = scope.new_collection();
+    let (forgotten_in, forgotten) = scope.new_collection();
+    let (unlinked_in, unlinked) = scope.new_collection();
+    let (nodes, links) = identity::requested(nodes, links, forgotten, unlinked);
     let identity::Profiles { labels, names } = identity::profiles(nodes.clone(), links);
     let universe = identity::universe(names.clone());
     let rows = rows || !plan.values.is_empty() || plan.atoms.iter().any(|a| a.terms.len() > 1);
@@ -135,6 +147,8 @@ pub fn build_with<'s>(
             counts: counts_in,
             nodes: nodes_in,
             links: links_in,
+            forgotten: forgotten_in,
+            unlinked: unlinked_in,
             events: None,
         },
         Collections {

@@ -720,10 +720,11 @@ where
 /// components with their members (union by size): an edge between two
 /// components merges the smaller into the larger and relabels the members
 /// whose least label changed; a new label relabels its component if it is
-/// less. Only removals — an edge or label whose
-/// multiplicity drops to zero, which shoal's inputs produce only when an id
-/// is seen earlier than before, and then cancel within a tick — rebuild a
-/// component by a search of its edges. Differential's `propagate` iterates
+/// less. Only removals — an edge or label whose multiplicity drops to zero:
+/// an id seen earlier than before (cancelled within a tick), or a forget or
+/// unlink request (`crate::dataflow::identity::requested`) — rebuild a
+/// component by a search of its edges, which splits it where a removed
+/// edge was a bridge. Differential's `propagate` iterates
 /// to a fixed point per change in a nested scope, which was a seventh of a
 /// worker's time on retail traffic.
 pub fn propagate<'s, N, L>(

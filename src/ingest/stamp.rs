@@ -51,6 +51,8 @@ pub struct Counters {
     pub duplicates: u64,
     pub late: u64,
     pub ignored: u64,
+    /// Accepted, then dropped: they name a forgotten id (SPEC §7).
+    pub suppressed: u64,
 }
 
 impl Counters {
@@ -61,6 +63,7 @@ impl Counters {
         self.duplicates += o.duplicates;
         self.late += o.late;
         self.ignored += o.ignored;
+        self.suppressed += o.suppressed;
     }
 }
 

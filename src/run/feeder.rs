@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::core::fact::{Fact, Pay};
 use crate::core::id::StreamId;
-use crate::core::id::{Key, Label};
+use crate::core::id::{Key, Label, Request};
 use crate::dataflow::Inputs;
 use crate::ingest::stamp::{Change, Counters, Identities, Ingest, Outcome, Stamped};
 use crate::output::sink::Timings;
@@ -36,7 +36,19 @@ pub struct Feeder {
     pub timings: Option<Arc<Timings>>,
     /// With `--state`: every update fed, for checkpoints.
     log: Option<FedLog>,
+    /// Forgotten ids and the tick they were forgotten at: an event naming
+    /// one that takes effect then or later is suppressed (SPEC §7).
+    forgotten: Suppression,
+    /// Requests this reader feeds (worker 0's), by tick, oldest first.
+    requests: std::collections::VecDeque<(u64, Request)>,
+    /// What it fed of them: each id and pair once (a second request for
+    /// the same is a no-op).
+    requested: rustc_hash::FxHashSet<(Key, Key)>,
 }
+
+/// Forgotten ids by the tick they were forgotten at, shared by the readers
+/// of a process.
+pub type Suppression = Arc<std::sync::RwLock<rustc_hash::FxHashMap<Key, u64>>>;
 
 /// The updates a reader fed, compacted at each checkpoint (see `crate::run::checkpoint`).
 #[derive(Default)]
@@ -44,6 +56,8 @@ pub(super) struct FedLog {
     facts: checkpoint::Log<Fact>,
     nodes: checkpoint::Log<(Key, Label)>,
     links: checkpoint::Log<(Key, Key)>,
+    forgotten: checkpoint::Log<Key>,
+    unlinked: checkpoint::Log<(Key, Key)>,
 }
 
 impl Feeder {
@@ -61,7 +75,88 @@ impl Feeder {
             link_changes: Vec::new(),
             timings: None,
             log: None,
+            forgotten: Default::default(),
+            requests: Default::default(),
+            requested: Default::default(),
         }
+    }
+
+    /// Shares the suppression list with the other readers of the process,
+    /// and knows the forgets among `requests` (every reader suppresses).
+    pub fn suppress_with(&mut self, shared: Suppression, requests: &[(u64, Request)]) {
+        {
+            let mut list = shared.write().expect("not poisoned");
+            for (at, r) in requests {
+                if let Request::Forget(ids) = r {
+                    for id in ids {
+                        list.entry(id.key()).or_insert(*at);
+                    }
+                }
+            }
+        }
+        self.forgotten = shared;
+    }
+
+    /// Feeds `requests` to the dataflow, each at its tick (one reader only:
+    /// worker 0's), as the inputs move past it.
+    pub fn schedule(&mut self, mut requests: Vec<(u64, Request)>) {
+        requests.sort_by_key(|(at, _)| *at);
+        self.requests.extend(requests);
+    }
+
+    /// Feeds a request now, at the first tick not yet final; returns that
+    /// tick.
+    pub fn request(&mut self, r: Request) -> u64 {
+        let at = self.frontier();
+        if let Request::Forget(ids) = &r {
+            let mut list = self.forgotten.write().expect("not poisoned");
+            for id in ids {
+                list.entry(id.key()).or_insert(at);
+            }
+        }
+        self.feed_request(at, r);
+        at
+    }
+
+    fn feed_request(&mut self, at: u64, r: Request) {
+        match r {
+            Request::Forget(ids) => {
+                // A forgotten id is the pair (id, id).
+                for id in ids.into_iter().filter(|id| self.requested.insert((id.key(), id.key()))) {
+                    if let Some(log) = &mut self.log {
+                        log.forgotten.push(id.key(), at, 1);
+                    }
+                    self.inputs.forgotten.update_at(id.key(), at, 1);
+                }
+            }
+            Request::Unlink(a, b) => {
+                if a == b || !self.requested.insert((a.key(), b.key())) {
+                    return;
+                }
+                self.requested.insert((b.key(), a.key()));
+                for pair in [(a.key(), b.key()), (b.key(), a.key())] {
+                    if let Some(log) = &mut self.log {
+                        log.unlinked.push(pair, at, 1);
+                    }
+                    self.inputs.unlinked.update_at(pair, at, 1);
+                }
+            }
+        }
+    }
+
+    /// Whether `s` names an id forgotten at or before its effect tick.
+    fn suppressed(&self, s: &Stamped) -> bool {
+        let list = self.forgotten.read().expect("not poisoned");
+        if list.is_empty() {
+            return false;
+        }
+        let forgotten = |kind, name: &str| list.get(&crate::core::id::key_of(kind, name)).is_some_and(|at| *at <= s.effect);
+        let e = &s.event;
+        e.user_id.as_deref().is_some_and(|u| forgotten(crate::core::id::IdKind::User, u))
+            || e.anonymous_id
+                .as_deref()
+                .is_some_and(|a| forgotten(crate::core::id::IdKind::Anon, a))
+            || e.link_refs().any(|((ka, a), (kb, b))| forgotten(ka, a) || forgotten(kb, b))
     }
 
     /// Keeps every update fed, so that [`Feeder::checkpoint`] can save them.
@@ -183,7 +278,11 @@ impl Feeder {
 
     pub(super) fn fed(&mut self, outcome: Outcome, facts: Option<crate::ingest::decode::StreamPays>) -> Outcome {
         if let Outcome::Accepted(s) = &outcome {
-            if self.until.is_none_or(|u| s.effect <= u) {
+            if self.suppressed(s) {
+                // Read and placed on the clock like any event, then dropped.
+                self.ingest.counters.accepted -= 1;
+                self.ingest.counters.suppressed += 1;
+            } else if self.until.is_none_or(|u| s.effect <= u) {
                 let facts = facts.unwrap_or_else(|| self.decoding.facts(&s.event));
                 self.feed(s, facts);
             }
@@ -262,6 +361,12 @@ impl Feeder {
     }
 
     pub(super) fn advance_inputs_to(&mut self, frontier: u64) {
+        // Requests due before the new frontier, at their ticks.
+        while self.requests.front().is_some_and(|(at, _)| *at < frontier) {
+            let (at, r) = self.requests.pop_front().expect("a front");
+            let at = at.max(*self.inputs.facts.time());
+            self.feed_request(at, r);
+        }
         if let Some(timings) = self.timings.as_ref().filter(|_| frontier > *self.inputs.facts.time()) {
             timings.finals.lock().expect("not poisoned").push((frontier, Instant::now()));
         }

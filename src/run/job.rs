@@ -25,6 +25,9 @@ pub struct RunOptions {
     pub idle: u64,
     /// Worker threads (in this process).
     pub workers: usize,
+    /// Requests (forget, unlink) fed at given ticks, as if made over the
+    /// API then (tests, and a journal's after a restart).
+    pub requests: Vec<(u64, crate::core::id::Request)>,
 }
 
 impl Default for RunOptions {
@@ -36,6 +39,7 @@ impl Default for RunOptions {
             until: None,
             idle: 1_000,
             workers: 1,
+            requests: Vec::new(),
         }
     }
 }
@@ -68,6 +72,9 @@ pub struct Job {
     pub http: Option<HttpOptions>,
     /// Write checkpoints there, and resume from the newest.
     pub state: Option<StateOptions>,
+    /// Forgotten ids, shared by this process's readers (see
+    /// `crate::run::feeder::Suppression`).
+    pub suppression: crate::run::feeder::Suppression,
 }
 
 /// Where the HTTP API listens.
@@ -127,6 +134,7 @@ impl Job {
             timings: None,
             http: None,
             state: None,
+            suppression: Default::default(),
         }
     }
 }
@@ -140,6 +148,8 @@ pub struct Summary {
     pub duplicates: u64,
     pub late: u64,
     pub ignored: u64,
+    /// Events dropped because they name a forgotten id.
+    pub suppressed: u64,
     pub profiles: i64,
     pub diffs_written: u64,
     /// The final clock, RFC 3339; `None` when no event was accepted.

@@ -82,6 +82,7 @@ pub fn run_memory(spec: &Spec, input: &[u8], opts: &RunOptions) -> Result<Memory
         timings: None,
         http: None,
         state: None,
+        suppression: Default::default(),
     };
     let summary = run(job)?;
     let lines = |b: &Arc<Mutex<Vec<u8>>>| {

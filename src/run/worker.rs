@@ -93,6 +93,10 @@ pub(super) fn run_worker(
         (inputs, delivered)
     });
     let mut feeder = Feeder::new(plan, inputs, opts);
+    feeder.suppress_with(job.suppression.clone(), &opts.requests);
+    if leader {
+        feeder.schedule(opts.requests.clone());
+    }
     feeder.timings = job.timings.clone();
     if checkpointing.is_some() {
         feeder.retain();
@@ -163,6 +167,7 @@ pub(super) fn run_worker(
         duplicates,
         late,
         ignored,
+        suppressed,
     } = st.counters.clone();
     Ok(Some(Summary {
         events_read: read,
@@ -171,6 +176,7 @@ pub(super) fn run_worker(
         duplicates,
         late,
         ignored,
+        suppressed,
         profiles: st.profiles_at_last(),
         diffs_written: st.diffs,
         clock: st.last.map(|t| format_time(t, opts.tick < 1000)),

@@ -674,6 +674,7 @@ async fn metrics(State(s): St) -> Response {
         ("duplicate", c.duplicates),
         ("late", c.late),
         ("ignored", c.ignored),
+        ("suppressed", c.suppressed),
     ] {
         let _ = writeln!(out, "shoal_events_total{{result=\"{result}\"}} {n}");
     }

@@ -44,7 +44,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::Value as Json;
 use shoal::core::clock::{format_time, tick_of};
-use shoal::core::id::Id;
+use shoal::core::id::{Id, Request};
 use shoal::core::value::{Dec, Value};
 use shoal::dataflow::cluster::KMeans;
 use shoal::ingest::event::{decode, Event, EventType};
@@ -84,13 +84,35 @@ const DENSE_LIMIT: u64 = 20_000;
 
 /// Evaluates `spec` over `input` (JSON lines) the naive way.
 pub fn evaluate(spec: &Spec, input: &[u8], opts: &RefOptions) -> RefOutput {
-    run(spec, input, opts, false)
+    run(spec, input, opts, false, &[])
+}
+
+/// [`evaluate`] with requests made at given ticks (SPEC §7). Forgetting
+/// ids at tick `f`: from `f` on, every event that names any of them (as
+/// `userId`, `anonymousId` or an end of a link) is as if never read. Unlinking
+/// two ids at tick `u`: from `u` on, a link between them counts for nothing;
+/// an event still counts for the profile of its anchor (`userId`, else
+/// `anonymousId`).
+pub fn evaluate_requests(spec: &Spec, input: &[u8], opts: &RefOptions, requests: &[(u64, Request)]) -> RefOutput {
+    run(spec, input, opts, false, requests)
+}
+
+/// The ids of the profile of `id` at tick `t` (empty when it has none):
+/// what a request made at that clock forgets.
+pub fn profile_ids(input: &[u8], opts: &RefOptions, requests: &[(u64, Request)], id: &Id, t: u64) -> Vec<Id> {
+    let ing = ingest(input, opts);
+    let (_, components) = resolve(&ing.accepted, t, requests);
+    components
+        .into_iter()
+        .find(|c| c.contains(id))
+        .map(|c| c.into_iter().collect())
+        .unwrap_or_default()
 }
 
 /// Like [`evaluate`], but always evaluates only the change points, whatever
 /// the span (to check that the sparse choice of ticks loses nothing).
 pub fn evaluate_sparse(spec: &Spec, input: &[u8], opts: &RefOptions) -> RefOutput {
-    run(spec, input, opts, true)
+    run(spec, input, opts, true, &[])
 }
 
 /// An accepted event and the tick at which it takes effect.
@@ -180,7 +202,7 @@ impl Ingested {
     }
 }
 
-fn run(spec: &Spec, input: &[u8], opts: &RefOptions, force_sparse: bool) -> RefOutput {
+fn run(spec: &Spec, input: &[u8], opts: &RefOptions, force_sparse: bool, requests: &[(u64, Request)]) -> RefOutput {
     assert!(opts.tick > 0, "tick must be positive");
     let tick = opts.tick;
     let ing = ingest(input, opts);
@@ -195,6 +217,7 @@ fn run(spec: &Spec, input: &[u8], opts: &RefOptions, force_sparse: bool) -> RefO
         (first / tick..=last / tick).map(|i| i * tick).collect()
     } else {
         let mut points = change_points(spec, &ing.accepted, tick);
+        points.extend(requests.iter().map(|(at, _)| *at));
         // A clustering may retrain at any multiple of its refresh.
         for c in &spec.clusterings {
             let mut r = first.div_ceil(c.refresh) * c.refresh;
@@ -210,7 +233,7 @@ fn run(spec: &Spec, input: &[u8], opts: &RefOptions, force_sparse: bool) -> RefO
     let show_ms = tick < 1000;
     let mut previous: BTreeSet<(usize, String)> = BTreeSet::new();
     for t in ticks {
-        let current = members_at(spec, &ing.accepted, t, &mut models);
+        let current = members_at(spec, &ing.accepted, t, &mut models, requests);
         let mut changes: Vec<(usize, &String, &str)> = Vec::new();
         for (seg, profile) in current.difference(&previous) {
             changes.push((*seg, profile, "enter"));
@@ -355,9 +378,56 @@ impl UnionFind {
     }
 }
 
+/// Every id an event names: its `userId`, its `anonymousId`, the ends of
+/// its links.
+fn ids_named(ev: &Event) -> Vec<Id> {
+    let mut ids = ev.named_ids();
+    ids.extend(ev.links().into_iter().flat_map(|(a, b)| [a, b]));
+    ids
+}
+
 /// The visible events of tick `t` grouped by the profile they belong to.
-fn profiles_at(events: &[Accepted], t: u64) -> BTreeMap<Id, Vec<&Event>> {
-    let visible: Vec<&Event> = events.iter().filter(|a| a.effect <= t).map(|a| &a.ev).collect();
+fn profiles_at<'e>(events: &'e [Accepted], t: u64, requests: &[(u64, Request)]) -> BTreeMap<Id, Vec<&'e Event>> {
+    resolve(events, t, requests).0
+}
+
+/// Identity at tick `t` (SPEC §2, with §7's requests in effect): the
+/// visible events by profile, and every component's ids.
+///
+/// Forgetting ids at `f`: an event naming any of them that takes effect at
+/// or after `f` is dropped whole (suppressed, as if never read); from `f`
+/// on, the ids are gone from the graph with every link touching them, and
+/// the events anchored at them count for no one. Other ids an earlier event
+/// named stay. Unlinking: from its tick the link between the two counts for
+/// nothing.
+fn resolve<'e>(events: &'e [Accepted], t: u64, requests: &[(u64, Request)]) -> (BTreeMap<Id, Vec<&'e Event>>, Vec<BTreeSet<Id>>) {
+    let mut forgotten_at: BTreeMap<Id, u64> = BTreeMap::new();
+    let mut unlinked: BTreeSet<(Id, Id)> = BTreeSet::new();
+    for (at, r) in requests {
+        match r {
+            Request::Forget(ids) => {
+                for id in ids {
+                    let f = forgotten_at.entry(id.clone()).or_insert(*at);
+                    *f = (*f).min(*at);
+                }
+            }
+            Request::Unlink(a, b) if *at <= t => {
+                unlinked.insert((a.clone(), b.clone()));
+                unlinked.insert((b.clone(), a.clone()));
+            }
+            Request::Unlink(..) => {}
+        }
+    }
+    let gone = |id: &Id| forgotten_at.get(id).is_some_and(|f| *f <= t);
+    let read: Vec<&Accepted> = events
+        .iter()
+        .filter(|a| a.effect <= t)
+        .filter(|a| {
+            !ids_named(&a.ev)
+                .iter()
+                .any(|id| forgotten_at.get(id).is_some_and(|f| *f <= a.effect))
+        })
+        .collect();
     let mut index: BTreeMap<Id, usize> = BTreeMap::new();
     fn intern(id: Id, index: &mut BTreeMap<Id, usize>) -> usize {
         let n = index.len();
@@ -365,16 +435,23 @@ fn profiles_at(events: &[Accepted], t: u64) -> BTreeMap<Id, Vec<&Event>> {
     }
     let mut links = Vec::new();
     let mut eligible = BTreeSet::new();
-    for ev in &visible {
-        for id in ev.named_ids() {
+    for a in &read {
+        for id in a.ev.named_ids().into_iter().filter(|id| !gone(id)) {
             intern(id.clone(), &mut index);
             eligible.insert(id);
         }
-        for (a, b) in ev.links() {
-            let (ia, ib) = (intern(a, &mut index), intern(b, &mut index));
-            links.push((ia, ib));
+        for (x, y) in a.ev.links() {
+            if gone(&x) || gone(&y) {
+                continue;
+            }
+            let cut = unlinked.contains(&(x.clone(), y.clone()));
+            let (ix, iy) = (intern(x, &mut index), intern(y, &mut index));
+            if !cut {
+                links.push((ix, iy));
+            }
         }
     }
+    let visible: Vec<&Event> = read.iter().map(|a| &a.ev).filter(|ev| !gone(&ev.anchor())).collect();
     let mut uf = UnionFind {
         parent: (0..index.len()).collect(),
     };
@@ -387,13 +464,20 @@ fn profiles_at(events: &[Accepted], t: u64) -> BTreeMap<Id, Vec<&Event>> {
         let root = uf.find(index[id]);
         profile_of_root.entry(root).or_insert_with(|| id.clone()); // ascending order: first is smallest
     }
-    let mut profiles: BTreeMap<Id, Vec<&Event>> = BTreeMap::new();
+    // Every component with an eligible id is a profile (§2), even one no
+    // event counts for (an id unlinked from the anchor of its events).
+    let mut profiles: BTreeMap<Id, Vec<&Event>> = profile_of_root.values().map(|p| (p.clone(), Vec::new())).collect();
     for ev in visible {
         let root = uf.find(index[&ev.anchor()]);
         let profile = profile_of_root[&root].clone();
         profiles.entry(profile).or_default().push(ev);
     }
-    profiles
+    let mut components: BTreeMap<usize, BTreeSet<Id>> = BTreeMap::new();
+    for id in index.keys() {
+        let root = uf.find(index[id]);
+        components.entry(root).or_default().insert(id.clone());
+    }
+    (profiles, components.into_values().collect())
 }
 
 /// The population-level values of one tick.
@@ -556,10 +640,10 @@ fn globals_at(spec: &Spec, profiles: &BTreeMap<Id, Vec<&Event>>, t: u64, models:
 }
 
 /// Every (segment index, profile id text) that is a member at tick `t`.
-fn members_at(spec: &Spec, events: &[Accepted], t: u64, models: &mut Models) -> BTreeSet<(usize, String)> {
+fn members_at(spec: &Spec, events: &[Accepted], t: u64, models: &mut Models, requests: &[(u64, Request)]) -> BTreeSet<(usize, String)> {
     let mut members = BTreeSet::new();
     // The universe: profiles with at least one event in effect at `t`.
-    let profiles = profiles_at(events, t);
+    let profiles = profiles_at(events, t, requests);
     let globals = globals_at(spec, &profiles, t, models);
     for (profile, evs) in profiles {
         let mut ctx = Ctx {
@@ -965,7 +1049,7 @@ pub fn evaluate_sample(spec: &Spec, input: &[u8], opts: &RefOptions, keep: &dyn 
     for events in components.values() {
         let mut previous: BTreeSet<(usize, String)> = BTreeSet::new();
         for t in change_points(spec, events, tick).into_iter().filter(|t| (first..=last).contains(t)) {
-            let current = members_at(spec, events, t, &mut Models::new(spec));
+            let current = members_at(spec, events, t, &mut Models::new(spec), &[]);
             for (seg, profile) in current.difference(&previous) {
                 changes.push((t, *seg, profile.clone(), "enter"));
             }
