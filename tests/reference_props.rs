@@ -982,7 +982,7 @@ fn render_requests(case: &Case, reqs: &[Req], (lo, hi): (u64, u64)) -> Vec<(u64,
                 if ids.is_empty() {
                     ids.push(id);
                 }
-                Request::Forget(ids)
+                Request::Forget(ids.iter().map(|id| id.key()).collect())
             }
             Req::Unlink(a, b, _) if a != b => Request::Unlink(req_id(a), req_id(b)),
             Req::Unlink(..) => continue,

@@ -1303,3 +1303,118 @@ fn a_restart_without_the_token_flags_stays_locked() {
     let def = r#"{"when":"count('view', 1h) >= 1"}"#;
     assert_eq!(call(&again.addr, "PUT", "/segments/any", None, Some(def)).0, 401);
 }
+
+/// Lines of `out.jsonl` once it holds `want` (30 s at most).
+fn wait_for_line(dir: &Path, want: &str) -> String {
+    let started = Instant::now();
+    loop {
+        let out = std::fs::read_to_string(dir.join("out.jsonl")).unwrap_or_default();
+        if out.contains(want) {
+            return out;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "never written: {want}\n{out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SPEC §7: `DELETE /profiles/{id}` forgets a profile at the next tick (its
+/// memberships exit, it is gone from the API, later events naming any of
+/// its ids are suppressed and counted); `POST /profiles/{id}/unlink`
+/// splits a profile where the link was, and each part's memberships follow.
+#[test]
+fn forget_and_unlink_over_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = "[[segment]]\nname = \"viewers\"\nwhen = \"count('view', 1h) >= 1\"\n";
+    let mut shoal = Shoal::live(dir.path(), spec);
+    let a = shoal.addr.clone();
+    let mut stdin = shoal.stdin.take().unwrap();
+    let send = |stdin: &mut std::process::ChildStdin, lines: &[String]| {
+        for l in lines {
+            stdin.write_all(l.as_bytes()).unwrap();
+        }
+        stdin.flush().unwrap();
+    };
+    let identify = |user: &str, anon: &str, t: u64| event("identify", &format!("\"userId\":\"{user}\",\"anonymousId\":\"{anon}\""), t);
+    let anon_view = |anon: &str, t: u64| event("track", &format!("\"event\":\"view\",\"anonymousId\":\"{anon}\""), t);
+    send(
+        &mut stdin,
+        &[
+            identify("u1", "a1", T0),
+            anon_view("a1", T0 + 1_000),
+            identify("b", "b1", T0 + 1_000),
+            anon_view("b1", T0 + 2_000),
+            track("view", "c", T0 + 2_000),
+        ],
+    );
+    wait_for_line(dir.path(), r#""profile":"user:c","change":"enter""#);
+    wait_for_line(dir.path(), r#""profile":"user:u1","change":"enter""#);
+    let p = get(&a, "/profiles/user%3Au1");
+    assert_eq!(p["ids"], serde_json::json!(["anon:a1", "user:u1"]));
+
+    // Forget u1 by one of its ids: both go.
+    let (status, body) = http(&a, "DELETE", "/profiles/anon%3Aa1", None);
+    assert_eq!(status, 202, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["profile"], "user:u1");
+    assert_eq!(answer["ids"], serde_json::json!(["anon:a1", "user:u1"]));
+    let at = answer["at"].as_str().unwrap().to_string();
+    let out = wait_for_line(dir.path(), r#""profile":"user:u1","change":"exit""#);
+    let exit = out.lines().find(|l| l.contains(r#""user:u1","change":"exit""#)).unwrap();
+    assert!(
+        exit.contains(&format!(r#""time":"{at}""#)),
+        "the exit is at the tick the answer named ({at}): {exit}"
+    );
+    let started = Instant::now();
+    while http(&a, "GET", "/profiles/user%3Au1", None).0 != 404 {
+        assert!(started.elapsed() < Duration::from_secs(30), "the profile is still served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(http(&a, "GET", "/profiles/anon%3Aa1", None).0, 404);
+    assert_eq!(http(&a, "DELETE", "/profiles/user%3Au1", None).0, 404, "forgotten already");
+    // Later events naming either id are suppressed and counted.
+    send(
+        &mut stdin,
+        &[
+            track("view", "u1", T0 + 5_000),
+            anon_view("a1", T0 + 5_000),
+            track("view", "d", T0 + 6_000),
+        ],
+    );
+    wait_for_line(dir.path(), r#""profile":"user:d","change":"enter""#);
+    assert_eq!(common::counted(&a, "suppressed"), 2);
+    let out = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+    assert_eq!(out.matches("user:u1").count(), 2, "one enter and one exit, nothing after: {out}");
+    assert!(!out.contains("anon:a1"), "{out}");
+
+    // Unlink b from b1: b1's view now counts for anon:b1, which enters.
+    assert_eq!(get(&a, "/profiles/user%3Ab")["ids"], serde_json::json!(["anon:b1", "user:b"]));
+    let (status, body) = http(&a, "POST", "/profiles/user%3Ab/unlink", Some(r#"{"ids":["user:b","anon:b1"]}"#));
+    assert_eq!(status, 202, "{body}");
+    let at = serde_json::from_str::<Value>(&body).unwrap()["at"].as_str().unwrap().to_string();
+    let out = wait_for_line(dir.path(), r#""profile":"anon:b1","change":"enter""#);
+    let enter = out.lines().find(|l| l.contains(r#""anon:b1","change":"enter""#)).unwrap();
+    assert!(enter.contains(&format!(r#""time":"{at}""#)), "{enter}");
+    let started = Instant::now();
+    while get(&a, "/profiles/user%3Ab")["ids"] != serde_json::json!(["user:b"]) {
+        assert!(started.elapsed() < Duration::from_secs(30), "still linked");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // user:b had only b1's view: it exits; a later identify does not link them again.
+    assert!(out.contains(r#""profile":"user:b","change":"exit""#), "{out}");
+    send(&mut stdin, &[identify("b", "b1", T0 + 8_000), track("view", "e", T0 + 9_000)]);
+    wait_for_line(dir.path(), r#""profile":"user:e","change":"enter""#);
+    assert_eq!(
+        get(&a, "/profiles/anon%3Ab1")["ids"],
+        serde_json::json!(["anon:b1"]),
+        "never linked again"
+    );
+
+    // Bad requests change nothing.
+    assert_eq!(http(&a, "DELETE", "/profiles/user%3Anobody", None).0, 404);
+    assert_eq!(http(&a, "POST", "/profiles/user%3Ac/unlink", Some(r#"{"ids":["user:c"]}"#)).0, 400);
+    assert_eq!(
+        http(&a, "POST", "/profiles/user%3Ac/unlink", Some(r#"{"ids":["user:c","anon:zz"]}"#)).0,
+        404
+    );
+    drop(stdin);
+}

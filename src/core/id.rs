@@ -114,9 +114,11 @@ plan_id!(
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Request {
-    /// Forget a profile: these ids (its ids when asked) and every event
-    /// naming any of them; later events naming them are suppressed.
-    Forget(Vec<Id>),
+    /// Forget a profile: the ids with these keys (its ids when asked) and
+    /// every event naming any of them; later events naming them are
+    /// suppressed. Keys, not ids: what is kept of the request (the journal,
+    /// checkpoints) does not spell out whom it forgot.
+    Forget(Vec<Key>),
     /// Never count a link between these two ids again, from any event.
     Unlink(Id, Id),
 }

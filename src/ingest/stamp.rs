@@ -261,6 +261,14 @@ fn earliest(ticks: &mut FxHashMap<Key, u64>, k: Key, t: u64) -> Option<u64> {
 }
 
 impl Identities {
+    /// Drops every trace of `keys` (forgotten ids: no event naming them is
+    /// fed again).
+    pub fn forget(&mut self, keys: &rustc_hash::FxHashSet<Key>) {
+        self.seen.retain(|k, _| !keys.contains(k));
+        self.named.retain(|k, _| !keys.contains(k));
+        self.links.retain(|(a, b), _| !keys.contains(a) && !keys.contains(b));
+    }
+
     /// The state a checkpoint keeps.
     pub fn state(&self) -> crate::ingest::stamp::IdentityState {
         fn sorted<K: Ord + Copy>(m: &FxHashMap<K, u64>) -> Vec<(K, u64)> {

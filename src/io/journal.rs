@@ -22,6 +22,8 @@ use crate::io::Error;
 pub struct Journal {
     file: File,
     path: PathBuf,
+    /// A failed append could not be cut back.
+    broken: bool,
 }
 
 impl Journal {
@@ -37,22 +39,24 @@ impl Journal {
         let mut entries = Vec::new();
         let mut whole = 0u64;
         let mut reader = BufReader::new(&mut file);
-        let mut line = String::new();
+        // Bytes, not text: a torn end may split a character.
+        let mut line = Vec::new();
         for number in 1.. {
             line.clear();
             let n = reader
-                .read_line(&mut line)
+                .read_until(b'\n', &mut line)
                 .map_err(Error::input(|| format!("read the journal {}", path.display())))?;
-            if n == 0 || !line.ends_with('\n') {
+            if n == 0 || !line.ends_with(b"\n") {
                 break;
             }
-            let entry = serde_json::from_str(line.trim_end()).map_err(|e| {
+            let entry = serde_json::from_slice(&line).map_err(|e| {
                 Error::Changed(format!(
                     "the journal {} is damaged at line {number}: {e} (restore it, or remove it to start without the changes made at run time)",
                     path.display()
                 ))
             })?;
             entries.push(entry);
+
             whole += n as u64;
         }
         drop(reader);
@@ -65,18 +69,34 @@ impl Journal {
         let journal = Journal {
             file,
             path: path.to_path_buf(),
+            broken: false,
         };
         Ok((journal, entries))
     }
 
-    /// Appends `entry` as one line and waits until it is on disk.
+    /// Appends `entry` as one line and waits until it is on disk. On a
+    /// failure the journal is cut back to where it was, so that an entry
+    /// refused is never replayed (if even that fails, the journal refuses
+    /// every later entry rather than append after a partial line).
     pub fn append<T: Serialize>(&mut self, entry: &T) -> Result<(), Error> {
+        let what = || format!("write the journal {}", self.path.display());
+        if self.broken {
+            return Err(Error::Changed(format!(
+                "{}: an earlier write failed and could not be undone",
+                what()
+            )));
+        }
         let mut line = serde_json::to_vec(entry).expect("journal entries serialize");
         line.push(b'\n');
-        self.file
-            .write_all(&line)
-            .and_then(|()| self.file.sync_data())
-            .map_err(Error::input(|| format!("write the journal {}", self.path.display())))
+        let before = self.file.metadata().map_err(Error::input(what))?.len();
+        let written = self.file.write_all(&line).and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            if self.file.set_len(before).and_then(|()| self.file.sync_data()).is_err() {
+                self.broken = true;
+            }
+            return Err(Error::Input { what: what(), error: e });
+        }
+        Ok(())
     }
 }
 
@@ -106,6 +126,25 @@ mod tests {
         let (_, back) = Journal::open::<(u64, String)>(&path).unwrap();
         assert_eq!(back.len(), 3, "appends after a cut continue the journal");
         assert_eq!(back[2], (3, "c".to_string()));
+    }
+
+    #[test]
+    fn a_torn_end_inside_a_character_is_cut_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.jsonl");
+        let (mut j, _) = Journal::open::<String>(&path).unwrap();
+        j.append(&"é".to_string()).unwrap();
+        drop(j);
+        // The next entry torn in the middle of a two-byte character.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"\"\xc3")
+            .unwrap();
+        let (_, back) = Journal::open::<String>(&path).unwrap();
+        assert_eq!(back, ["é"]);
+        assert_eq!(std::fs::read(&path).unwrap(), "\"é\"\n".as_bytes());
     }
 
     #[test]

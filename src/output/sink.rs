@@ -227,7 +227,8 @@ pub trait Observer: Send + Sync {
     /// Runs the requests that came from outside, at the observer's clock,
     /// writing their lines through `write(tick, lines)`; returns their
     /// answers, which the sink sends once those lines are flushed.
-    fn run_requests(&self, write: &mut dyn FnMut(u64, &[ProfileLine])) -> Vec<Answer>;
+    /// `diffs`: the lines written so far.
+    fn run_requests(&self, diffs: u64, write: &mut dyn FnMut(u64, &[ProfileLine])) -> Vec<Answer>;
     /// A reader's counters so far (by worker index, any process).
     fn counters(&self, reader: usize, counters: Counters);
     /// Whether the run should end (serving keeps it alive until then).
@@ -465,7 +466,8 @@ fn write_dead(outs: &mut Outputs, reader: usize, line: &str) {
 /// answered, so a client that reads the output after its answer finds them
 /// there.
 fn run_requests(outs: &mut Outputs, observer: &dyn Observer, written: &mut Vec<u64>, uncapped: &mut BTreeMap<u64, u64>) {
-    let answers = observer.run_requests(&mut |t, lines| {
+    let diffs = outs.state.borrow().diffs;
+    let answers = observer.run_requests(diffs, &mut |t, lines| {
         send_lines(outs, t, lines);
         *uncapped.entry(t).or_default() += lines.len() as u64;
     });

@@ -46,7 +46,7 @@ use crate::io::Position;
 use crate::output::sink::Mark;
 
 /// The on-disk format; a checkpoint of another format is refused.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 const MAGIC: &[u8; 8] = b"SHOALCKP";
 const HEADER: usize = 8 + 4 + 8 + 8;
 /// Checkpoints kept in the directory (the newest first).
@@ -102,6 +102,10 @@ pub struct ReaderState {
     pub facts: Vec<(Fact, u64, isize)>,
     pub nodes: Vec<((Key, Label), u64, isize)>,
     pub links: Vec<((Key, Key), u64, isize)>,
+    /// Ids forgotten and pairs unlinked over the API (the reader that fed
+    /// them: worker 0's).
+    pub forgotten: Vec<(Key, u64, isize)>,
+    pub unlinked: Vec<((Key, Key), u64, isize)>,
     /// Dead letters sent but not yet written, in order.
     pub dead: Vec<String>,
     /// Dead letters sent so far.
@@ -325,6 +329,8 @@ impl ReaderState {
         compact(&mut self.facts, frontier, tick, |f, last| expired(f, last, windows, tick));
         compact(&mut self.nodes, frontier, tick, |_, _| false);
         compact(&mut self.links, frontier, tick, |_, _| false);
+        compact(&mut self.forgotten, frontier, tick, |_, _| false);
+        compact(&mut self.unlinked, frontier, tick, |_, _| false);
     }
 }
 
@@ -473,6 +479,8 @@ mod tests {
                 facts: vec![((1, StreamId(0), 5, Pay::Unit), 1000, 1)],
                 nodes: vec![],
                 links: vec![],
+                forgotten: vec![],
+                unlinked: vec![],
                 dead: vec!["x".into()],
                 dead_sent: 1,
                 position: Position::Lines {

@@ -87,9 +87,9 @@ impl Feeder {
         {
             let mut list = shared.write().expect("not poisoned");
             for (at, r) in requests {
-                if let Request::Forget(ids) = r {
-                    for id in ids {
-                        list.entry(id.key()).or_insert(*at);
+                if let Request::Forget(keys) = r {
+                    for k in keys {
+                        list.entry(*k).or_insert(*at);
                     }
                 }
             }
@@ -108,10 +108,10 @@ impl Feeder {
     /// tick.
     pub fn request(&mut self, r: Request) -> u64 {
         let at = self.frontier();
-        if let Request::Forget(ids) = &r {
+        if let Request::Forget(keys) = &r {
             let mut list = self.forgotten.write().expect("not poisoned");
-            for id in ids {
-                list.entry(id.key()).or_insert(at);
+            for k in keys {
+                list.entry(*k).or_insert(at);
             }
         }
         self.feed_request(at, r);
@@ -120,13 +120,13 @@ impl Feeder {
 
     fn feed_request(&mut self, at: u64, r: Request) {
         match r {
-            Request::Forget(ids) => {
+            Request::Forget(keys) => {
                 // A forgotten id is the pair (id, id).
-                for id in ids.into_iter().filter(|id| self.requested.insert((id.key(), id.key()))) {
+                for k in keys.into_iter().filter(|k| self.requested.insert((*k, *k))) {
                     if let Some(log) = &mut self.log {
-                        log.forgotten.push(id.key(), at, 1);
+                        log.forgotten.push(k, at, 1);
                     }
-                    self.inputs.forgotten.update_at(id.key(), at, 1);
+                    self.inputs.forgotten.update_at(k, at, 1);
                 }
             }
             Request::Unlink(a, b) => {
@@ -192,6 +192,25 @@ impl Feeder {
             .compact(frontier, tick, |f, last| checkpoint::expired(f, last, &windows, tick));
         log.nodes.compact(frontier, tick, |_, _| false);
         log.links.compact(frontier, tick, |_, _| false);
+        log.forgotten.compact(frontier, tick, |_, _| false);
+        log.unlinked.compact(frontier, tick, |_, _| false);
+        // What was forgotten before the frontier leaves the checkpoint: every
+        // update of its ids, whatever its tick (none counts any more).
+        let purge: rustc_hash::FxHashSet<Key> = self
+            .forgotten
+            .read()
+            .expect("not poisoned")
+            .iter()
+            .filter(|(_, at)| **at < frontier)
+            .map(|(k, _)| *k)
+            .collect();
+        if !purge.is_empty() {
+            log.facts.updates.retain(|((anchor, ..), _, _)| !purge.contains(anchor));
+            log.nodes.updates.retain(|((k, _), _, _)| !purge.contains(k));
+            log.links.updates.retain(|((a, b), _, _)| !purge.contains(a) && !purge.contains(b));
+            self.winners.retain(|(anchor, _), _| !purge.contains(anchor));
+            self.identities.forget(&purge);
+        }
         let mut winners: Vec<((Key, StreamId), (u64, Pay))> = self.winners.iter().map(|(k, v)| (*k, v.clone())).collect();
         winners.sort();
         Some(checkpoint::ReaderState {
@@ -203,6 +222,8 @@ impl Feeder {
             facts: std::mem::take(&mut log.facts.updates),
             nodes: std::mem::take(&mut log.nodes.updates),
             links: std::mem::take(&mut log.links.updates),
+            forgotten: std::mem::take(&mut log.forgotten.updates),
+            unlinked: std::mem::take(&mut log.unlinked.updates),
             dead: Vec::new(),
             dead_sent: 0,
             position,
@@ -215,6 +236,8 @@ impl Feeder {
             log.facts.updates = st.facts;
             log.nodes.updates = st.nodes;
             log.links.updates = st.links;
+            log.forgotten.updates = st.forgotten;
+            log.unlinked.updates = st.unlinked;
         }
     }
 
@@ -233,10 +256,24 @@ impl Feeder {
         for (d, t, r) in &st.links {
             self.inputs.links.update_at(*d, *t, *r);
         }
+        {
+            let mut list = self.forgotten.write().expect("not poisoned");
+            for (k, t, r) in &st.forgotten {
+                self.inputs.forgotten.update_at(*k, *t, *r);
+                self.requested.insert((*k, *k));
+                list.entry(*k).or_insert(*t);
+            }
+        }
+        for (p, t, r) in &st.unlinked {
+            self.inputs.unlinked.update_at(*p, *t, *r);
+            self.requested.insert(*p);
+        }
         if let Some(log) = &mut self.log {
             log.facts.updates = st.facts;
             log.nodes.updates = st.nodes;
             log.links.updates = st.links;
+            log.forgotten.updates = st.forgotten;
+            log.unlinked.updates = st.unlinked;
         }
         self.advance_inputs();
     }

@@ -43,8 +43,21 @@ impl Kept {
         if !given.open() {
             let text = serde_json::to_string_pretty(&given).expect("access rules serialize");
             let tmp = path.with_extension("json.tmp");
-            std::fs::write(&tmp, text + "\n")
-                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            // Only the owner may read it: the digests of short tokens could
+            // be guessed offline.
+            let write = || -> std::io::Result<()> {
+                use std::io::Write as _;
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
+                f.write_all((text + "\n").as_bytes())?;
+                f.sync_all()
+            };
+            write()
                 .and_then(|()| std::fs::rename(&tmp, path))
                 .map_err(crate::io::Error::input(|| format!("write {}", path.display())))?;
             return Ok(given);

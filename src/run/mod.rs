@@ -100,15 +100,21 @@ pub fn run_memory(spec: &Spec, input: &[u8], opts: &RunOptions) -> Result<Memory
 
 /// Starts serving `http`: the served model, with what `--state` kept of
 /// the API's changes and access rules, and the server on its thread.
-fn serve(job: &Job, http: &HttpOptions) -> Result<(Arc<Served>, crate::serve::http::Server), EngineError> {
+fn serve(job: &Job, http: &HttpOptions) -> Result<Served_, EngineError> {
     let plan = Arc::new(Plan::new(&job.spec));
     let history = http.history(&plan);
     let text = http.spec_text.clone();
     let served = Served::new(&job.spec, text, plan, job.opts.tick, (history, http.retain), job.stop.clone());
     let mut access = http.access.clone();
+    let mut requests = Vec::new();
     if let Some(state) = &job.state {
         let kept = kept::Kept::open(&state.dir)?;
         access = kept.access(access)?;
+        for entry in &kept.changes {
+            if let crate::serve::model::Change::Request(r) = &entry.change {
+                requests.push((entry.at, r.clone()));
+            }
+        }
         served.keep_changes(kept.journal, kept.changes);
     }
     let listener = std::net::TcpListener::bind(&http.addr).map_err(|error| EngineError::Listen {
@@ -135,28 +141,39 @@ fn serve(job: &Job, http: &HttpOptions) -> Result<(Arc<Served>, crate::serve::ht
     if let Some(f) = &http.on_listen {
         f(addr);
     }
-    Ok((served, server))
+    Ok((served, server, requests))
 }
 
+/// What [`serve`] starts: the model, the server, and the forget and unlink
+/// requests journaled before a restart.
+type Served_ = (Arc<Served>, crate::serve::http::Server, Vec<(u64, crate::core::id::Request)>);
+
 /// Runs a job to the end of its input; the summary comes from worker 0.
-pub fn run(job: Job) -> Result<Summary, EngineError> {
+pub fn run(mut job: Job) -> Result<Summary, EngineError> {
     let config = job.timely.clone();
     let process = match &config.communication {
         timely::CommunicationConfig::Cluster { process, .. } => *process,
         _ => 0,
     };
     // Only process 0 serves: it holds worker 0, where the output is written.
-    let (served, server) = match (&job.http, process) {
+    let (served, server, journaled) = match (&job.http, process) {
         (Some(http), 0) => {
-            let (served, server) = serve(&job, http)?;
-            (Some(served), Some(server))
+            let (served, server, journaled) = serve(&job, http)?;
+            (Some(served), Some(server), journaled)
         }
-        _ => (None, None),
+        _ => (None, None, Vec::new()),
     };
     let checkpointing = match &job.state {
         Some(state) => Some(Arc::new(Checkpointing::open(&job, state, &config)?)),
         None => None,
     };
+    // Requests journaled after the checkpoint resumed from are fed again
+    // at their ticks; the checkpoint holds the earlier ones.
+    let resumed = checkpointing
+        .as_ref()
+        .and_then(|c| c.restored.as_ref())
+        .map_or(0, |s| s.mark.frontier);
+    job.opts.requests.extend(journaled.into_iter().filter(|(at, _)| *at >= resumed));
     let job = Arc::new(job);
     let guards = timely::execute(config, move |worker| {
         run_worker(worker, &job, served.clone(), checkpointing.clone())

@@ -60,6 +60,21 @@ impl Reader<'_> {
         }
     }
 
+    /// Feeds the forget and unlink requests made over the API (worker 0 of
+    /// process 0): each at the first tick not yet final, journaled first
+    /// with `--state`, and answered with that tick.
+    pub(super) fn take_requests(&mut self) {
+        let Some(served) = self.served.clone().filter(|_| self.worker.index() == 0) else {
+            return;
+        };
+        let requests = std::mem::take(&mut *served.requests.lock().expect("not poisoned"));
+        for (request, reply) in requests {
+            let at = self.feeder.frontier();
+            let result = served.journal_request(at, &request).map(|()| self.feeder.request(request));
+            let _ = reply.send(result);
+        }
+    }
+
     /// Whether this run keeps checkpoints (`--state`).
     pub fn checkpointing(&self) -> bool {
         self.checkpoints.is_some()
@@ -198,6 +213,7 @@ impl Reader<'_> {
     /// others' messages): spinning took its share of a core from the
     /// decoding thread and the other workers.
     pub fn pump(&mut self, live: bool, extra: impl FnOnce() -> String) {
+        self.take_requests();
         self.progress.tick(&self.feeder, self.opts.tick, extra);
         self.publish_counters();
         self.advance_notes();

@@ -33,7 +33,7 @@ pub(super) fn run_worker(
     let leader = worker.index() == 0;
     let state = Rc::new(RefCell::new(SinkState::default()));
     let restored = checkpointing.as_ref().and_then(|c| c.restored.as_ref());
-    let resumed_at = restored.map(|s| s.mark.frontier);
+    let resumed_at = restored.map(|s| (s.mark.frontier, s.mark.diffs));
     if let Some(snap) = restored.filter(|_| leader) {
         // Ticks before the checkpoint's frontier are out already.
         let mut st = state.borrow_mut();
@@ -122,7 +122,7 @@ pub(super) fn run_worker(
     };
     let position = reader.restore();
     if let (Some(served), Some(frontier)) = (&reader.served, resumed_at) {
-        served.resumed_at(frontier);
+        served.resumed_at(frontier.0, frontier.1);
     }
     let result = match (&job.kafka, leader) {
         (Some(kafka), leader) => {
@@ -133,6 +133,9 @@ pub(super) fn run_worker(
         (None, true) => read_lines(&mut reader, &job.sources, position),
         (None, false) => Ok(()),
     };
+    if let Some(served) = reader.served.as_ref().filter(|_| leader) {
+        served.end_requests();
+    }
     let stopped = reader.stopping();
     if let Err(e) = result {
         // Stop the other readers of this process too; what is final is kept.

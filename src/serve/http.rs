@@ -311,7 +311,8 @@ pub fn router_with(served: Arc<Served>, access: Arc<Access>) -> Router {
         .route("/segments/{name}", axum::routing::put(put_segment).delete(delete_segment))
         .route("/segments/{name}/members", get(members))
         .route("/segments/{name}/history", get(history))
-        .route("/profiles/{id}", get(profile))
+        .route("/profiles/{id}", get(profile).delete(forget))
+        .route("/profiles/{id}/unlink", post(unlink))
         .route("/metrics", get(metrics))
         .with_state(served.clone())
         .route_layer(guard.clone())
@@ -338,6 +339,7 @@ impl IntoResponse for ApiError {
                 (StatusCode::NOT_FOUND, Json(body)).into_response()
             }
             ApiError::Bad(message) => (StatusCode::BAD_REQUEST, Json(json!({ "error": message }))).into_response(),
+            ApiError::Conflict(message) => (StatusCode::CONFLICT, Json(json!({ "error": message }))).into_response(),
             ApiError::Unavailable(message) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": message }))).into_response(),
             ApiError::Gone { message, oldest } => (StatusCode::GONE, Json(json!({"error": message, "oldest": oldest}))).into_response(),
             ApiError::Unprocessable(message) => (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({ "error": message }))).into_response(),
@@ -392,7 +394,8 @@ struct Page {
 fn past(m: &Model, at: &Option<String>) -> Result<Option<u64>, ApiError> {
     let Some(text) = at else { return Ok(None) };
     let t = parse_time_arg(text).map_err(|e| ApiError::Bad(format!("bad at: {e}")))?;
-    Ok(Some(m.clock.map_or(t, |c| t.min(c))))
+    // Before the first tick there is no past: the answer is now's.
+    Ok(m.clock.map(|c| t.min(c)))
 }
 
 /// 410: `at` is older than the changes kept (`--retain`).
@@ -588,6 +591,93 @@ async fn profile(State(s): St, Path(id): Path<String>, Query(q): Query<At>) -> R
         "ids": ids,
         "segments": segments,
     })))
+}
+
+/// Queues a forget or unlink for worker 0's reader and waits for the tick
+/// it takes effect at.
+async fn request(s: &Served, r: crate::core::id::Request) -> Result<u64, ApiError> {
+    if s.ended.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(crate::serve::model::no_tick_follows());
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    s.requests.lock().unwrap_or_else(|e| e.into_inner()).push((r, tx));
+    match tokio::time::timeout(Duration::from_secs(30), rx).await {
+        Ok(Ok(result)) => result,
+        _ => Err(ApiError::Unavailable("the reader did not take the request (stopping?)".into())),
+    }
+}
+
+/// The profile `id` names (it or the profile it belongs to), and its ids,
+/// or 404.
+fn profile_and_ids(m: &Model, id: &str) -> Result<(crate::core::id::Id, Vec<crate::core::id::Id>), ApiError> {
+    let unknown = || ApiError::NotFound {
+        message: format!("no profile {id}"),
+        profile: None,
+    };
+    let (key, _) = parse_id(id).ok_or_else(unknown)?;
+    let profile = if m.names.contains_key(&key) {
+        key
+    } else {
+        *m.labels.get(&key).ok_or_else(unknown)?
+    };
+    let name = m.names.get(&profile).ok_or_else(unknown)?.clone();
+    let ids = m
+        .ids
+        .get(&profile)
+        .into_iter()
+        .flatten()
+        .filter_map(|k| m.nodes.get(k).map(|(id, _)| id.clone()));
+    let mut ids: Vec<crate::core::id::Id> = ids.chain(std::iter::once(name.clone())).collect();
+    ids.sort();
+    ids.dedup();
+    Ok((name, ids))
+}
+
+/// `DELETE /profiles/{id}`: forgets the profile (SPEC §7) from the next tick.
+async fn forget(State(s): St, Path(id): Path<String>) -> Result<(StatusCode, Json<Json_>), ApiError> {
+    let (profile, ids) = profile_and_ids(&read(&s), &id)?;
+    let at = request(&s, crate::core::id::Request::Forget(ids.iter().map(|id| id.key()).collect())).await?;
+    let ids: BTreeSet<String> = ids.iter().map(ToString::to_string).collect();
+    let at = format_time(at, read(&s).show_ms);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"profile": profile.to_string(), "ids": ids, "at": at})),
+    ))
+}
+
+#[derive(Deserialize)]
+struct Unlink {
+    ids: Vec<String>,
+}
+
+/// `POST /profiles/{id}/unlink`: from the next tick the two ids are never
+/// linked again.
+async fn unlink(State(s): St, Path(id): Path<String>, body: Bytes) -> Result<(StatusCode, Json<Json_>), ApiError> {
+    let body: Unlink =
+        serde_json::from_slice(&body).map_err(|e| ApiError::Bad(format!("expected {{\"ids\": [\"anon:a\", \"user:b\"]}}: {e}")))?;
+    let [a, b] = body.ids.as_slice() else {
+        return Err(ApiError::Bad(format!("ids must name two ids, not {}", body.ids.len())));
+    };
+    let (profile, ids) = profile_and_ids(&read(&s), &id)?;
+    let mut pair = Vec::new();
+    for text in [a, b] {
+        let (_, id) = parse_id(text).ok_or_else(|| ApiError::Bad(format!("{text:?} is not an id (user:… or anon:…)")))?;
+        if !ids.contains(&id) {
+            return Err(ApiError::NotFound {
+                message: format!("{text} is not an id of {profile}"),
+                profile: None,
+            });
+        }
+        pair.push(id);
+    }
+    let b = pair.pop().expect("two");
+    let a = pair.pop().expect("two");
+    if a == b {
+        return Err(ApiError::Bad("the two ids are the same".into()));
+    }
+    let at = request(&s, crate::core::id::Request::Unlink(a, b)).await?;
+    let at = format_time(at, read(&s).show_ms);
+    Ok((StatusCode::ACCEPTED, Json(json!({"profile": profile.to_string(), "at": at}))))
 }
 
 #[derive(Deserialize)]

@@ -156,6 +156,13 @@ impl Retained {
 
     /// At tick `t`: drops events whose history is over; returns the anchors
     /// with an event leaving a model term's window at or before `t`.
+    /// Drops the events kept for `anchor` (a forgotten id).
+    fn forget(&mut self, anchor: Key) {
+        if let Some(evs) = self.by_anchor.remove(&anchor) {
+            self.count -= evs.len();
+        }
+    }
+
     fn advance(&mut self, t: u64, tick: u64) -> Vec<Key> {
         if let History::Keep(h) = self.history {
             while let Some(entry) = self.drops.first_entry() {
@@ -289,6 +296,11 @@ pub struct Model {
     pub pending: VecDeque<Entry>,
     /// The delivered frontier of the checkpoint resumed from (0: none).
     pub resumed: u64,
+    /// The lines its output had.
+    pub resumed_diffs: u64,
+    /// Lines of journaled changes made again while replaying, which the
+    /// checkpoint's output did not have: written at the next chance.
+    pub unwritten: Vec<ProfileLine>,
 }
 
 /// A `/stream` message.
@@ -309,6 +321,12 @@ pub struct Served {
     pub closing: tokio::sync::watch::Sender<bool>,
     /// With `--state`: where changes are journaled before they are made.
     journal: Mutex<Option<Journal>>,
+    /// Forget and unlink requests, taken by worker 0's reader, which feeds
+    /// each at its first tick not yet final and answers with that tick.
+    pub requests: Mutex<Vec<(crate::core::id::Request, RequestReply)>>,
+    /// Set once the input has ended: no tick follows, so no request can
+    /// take effect.
+    pub ended: std::sync::atomic::AtomicBool,
     /// The spec file's text, which `GET /spec` edits into the running spec.
     pub spec_text: Option<String>,
     /// How many segments the spec file has (the first of the model's).
@@ -317,6 +335,14 @@ pub struct Served {
 
 /// A reply to a runtime definition.
 pub type Reply = tokio::sync::oneshot::Sender<Result<usize, ApiError>>;
+
+/// A reply to a forget or unlink request: the tick it takes effect at.
+pub type RequestReply = tokio::sync::oneshot::Sender<Result<u64, ApiError>>;
+
+/// 409: the input has ended.
+pub fn no_tick_follows() -> ApiError {
+    ApiError::Conflict("the input has ended: no tick follows at which a request could take effect".into())
+}
 
 /// A change to the running spec made over the API. With `--state` it is
 /// journaled (see `crate::io::journal`) before it takes effect, with the
@@ -333,12 +359,19 @@ pub enum Change {
     },
     /// A segment removed.
     Delete { name: String },
+    /// A forget or unlink request, fed by a reader at `at` (the model sees
+    /// its effects through the dataflow).
+    Request(crate::core::id::Request),
 }
 
 /// A journaled change: the clock it took effect at.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Entry {
     pub at: u64,
+    /// Lines the output had before this change's: after a restart its
+    /// lines are written again when the checkpoint's output had fewer.
+    #[serde(default)]
+    pub diffs: u64,
     pub change: Change,
 }
 
@@ -359,6 +392,8 @@ pub enum ApiError {
     Bad(String),
     /// 410: a past tick older than the changes kept, and the oldest kept.
     Gone { message: String, oldest: String },
+    /// 409: the request cannot take effect.
+    Conflict(String),
     /// 503: the change could not be journaled (`--state`), so it was not made.
     Unavailable(String),
     /// 422: valid, but needs something the running engine does not compute.
@@ -412,8 +447,12 @@ impl Served {
                 changes_kept: 0,
                 pending: VecDeque::new(),
                 resumed: 0,
+                resumed_diffs: 0,
+                unwritten: Vec::new(),
             }),
             journal: Mutex::new(None),
+            requests: Mutex::new(Vec::new()),
+            ended: std::sync::atomic::AtomicBool::new(false),
             spec_text,
             spec_segments: spec.segments.len(),
             commands: Mutex::new(Vec::new()),
@@ -435,9 +474,10 @@ impl Served {
 
     /// The run resumed from a checkpoint at `frontier`. A checkpoint holds
     /// facts, not events: the model's history of events starts here.
-    pub fn resumed_at(&self, frontier: u64) {
+    pub fn resumed_at(&self, frontier: u64, diffs: u64) {
         let mut model = self.model.write().expect("not poisoned");
         model.resumed = frontier;
+        model.resumed_diffs = diffs;
         model.retained.complete_from = frontier;
         // Ticks before it come back consolidated into its last one.
         model.looks_back_to = frontier.saturating_sub(model.tick);
@@ -450,13 +490,27 @@ impl Served {
         *self.journal.lock().expect("not poisoned") = Some(journal);
     }
 
+    /// Journals a request taking effect at `at` (see [`Served::journal`]).
+    pub fn journal_request(&self, at: u64, request: &crate::core::id::Request) -> Result<(), ApiError> {
+        self.journal(at, 0, &Change::Request(request.clone()))
+    }
+
+    /// The input ended: requests waiting are refused, later ones too.
+    pub fn end_requests(&self) {
+        self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        for (_, reply) in self.requests.lock().expect("not poisoned").drain(..) {
+            let _ = reply.send(Err(no_tick_follows()));
+        }
+    }
+
     /// Journals `change`, taking effect at `at`, before it is made.
-    fn journal(&self, at: u64, change: &Change) -> Result<(), ApiError> {
+    fn journal(&self, at: u64, diffs: u64, change: &Change) -> Result<(), ApiError> {
         match &mut *self.journal.lock().expect("not poisoned") {
             None => Ok(()),
             Some(j) => j
                 .append(&Entry {
                     at,
+                    diffs,
                     change: change.clone(),
                 })
                 .map_err(|e| ApiError::Unavailable(format!("the change was not made: {e}"))),
@@ -492,7 +546,8 @@ impl Observer for Served {
     fn replay(&self, t: u64, changes: Vec<(Upd, isize)>) {
         let mut model = self.model.write().expect("not poisoned");
         model.apply_tick(t, changes);
-        model.catch_up(t);
+        let lines = model.catch_up(t);
+        model.unwritten.extend(lines);
     }
 
     fn tick(&self, t: u64, changes: Vec<(Upd, isize)>, write: &mut dyn FnMut(&[ProfileLine])) {
@@ -501,7 +556,8 @@ impl Observer for Served {
             // Journaled changes due before it (those before the checkpoint
             // with no replayed tick after them), then the tick, then those
             // made at it.
-            let mut lines = model.catch_up(t.saturating_sub(1));
+            let mut lines = std::mem::take(&mut model.unwritten);
+            lines.extend(model.catch_up(t.saturating_sub(1)));
             let changes = model.apply_tick(t, changes);
             lines.extend(model.lines(t, changes));
             lines.extend(model.catch_up(t));
@@ -511,18 +567,31 @@ impl Observer for Served {
         self.publish(&lines);
     }
 
-    fn run_requests(&self, write: &mut dyn FnMut(u64, &[ProfileLine])) -> Vec<Answer> {
-        if !self.model.read().expect("not poisoned").pending.is_empty() {
-            // Still making journaled changes again: new ones wait their turn.
-            return Vec::new();
+    fn run_requests(&self, mut diffs: u64, write: &mut dyn FnMut(u64, &[ProfileLine])) -> Vec<Answer> {
+        {
+            let mut model = self.model.write().expect("not poisoned");
+            let unwritten = std::mem::take(&mut model.unwritten);
+            if !unwritten.is_empty() {
+                let t = model.clock.unwrap_or(0);
+                write(t, &unwritten);
+                diffs += unwritten.len() as u64;
+            }
+            if !model.pending.is_empty() {
+                // Still making journaled changes again: new ones wait their turn.
+                return Vec::new();
+            }
         }
         let commands = std::mem::take(&mut *self.commands.lock().expect("not poisoned"));
         let mut answers: Vec<Answer> = Vec::with_capacity(commands.len());
         for Command { change, reply } in commands {
+            if reply.is_closed() {
+                // Its caller gave up (a timeout): it was told nothing was made.
+                continue;
+            }
             let (result, lines) = {
                 let mut model = self.model.write().expect("not poisoned");
                 let t = model.clock.unwrap_or(0);
-                let made = model.check(&change).and_then(|()| self.journal(t, &change));
+                let made = model.check(&change).and_then(|()| self.journal(t, diffs, &change));
                 let (result, changes) = match made {
                     Ok(()) => model.run(change),
                     Err(e) => (Err(e), Vec::new()),
@@ -531,6 +600,7 @@ impl Observer for Served {
                 // Written under the lock: a reader sees the model and the output agree.
                 if !lines.is_empty() {
                     write(t, &lines);
+                    diffs += lines.len() as u64;
                 }
                 (result, lines)
             };
@@ -884,6 +954,8 @@ impl Model {
                     e.1 += r;
                     if e.1 <= 0 {
                         self.nodes.remove(&k);
+                        // Gone from the graph: forgotten (SPEC §7), so are its events.
+                        self.retained.forget(k);
                     }
                 }
                 Upd::Event(anchor, ev) => {
@@ -1051,10 +1123,30 @@ impl Model {
     pub fn check(&self, change: &Change) -> Result<(), ApiError> {
         match change {
             Change::Put { name, when, .. } => self.compile(when, self.segments.iter().position(|s| &s.name == name)).map(drop),
-            Change::Delete { name } => self.slot(name).map(drop).ok_or_else(|| ApiError::NotFound {
-                message: format!("no segment named {name:?}"),
-                profile: None,
-            }),
+            Change::Delete { name } => {
+                let slot = self.slot(name).ok_or_else(|| ApiError::NotFound {
+                    message: format!("no segment named {name:?}"),
+                    profile: None,
+                })?;
+                // A segment another one reads cannot go: the running spec
+                // (`GET /spec`) would not load.
+                let readers: Vec<&str> = self
+                    .segments
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, s)| *i != slot && s.live() && s.expr.as_ref().is_some_and(|e| reads_segment(e, name)))
+                    .map(|(_, s)| s.name.as_str())
+                    .collect();
+                match readers.as_slice() {
+                    [] => Ok(()),
+                    _ => Err(ApiError::Conflict(format!(
+                        "{name} is read by {} (in_segment('{name}')): change or remove {} first",
+                        readers.join(", "),
+                        if readers.len() == 1 { "it" } else { "them" }
+                    ))),
+                }
+            }
+            Change::Request(_) => Ok(()),
         }
     }
 
@@ -1121,6 +1213,8 @@ impl Model {
                     Ok(0)
                 }
             },
+            // Made by a reader; after a restart, fed again from the journal.
+            Change::Request(_) => Ok(0),
         };
         self.update_windows();
         let t = self.clock.unwrap_or(0);
@@ -1139,8 +1233,9 @@ impl Model {
             if let Err(e) = result {
                 tracing::error!("a change journaled at {} no longer applies: {e:?}", entry.at);
             }
-            if entry.at >= self.resumed {
-                lines.extend(self.lines(self.clock.unwrap_or(0), changes));
+            // Its lines are out when the checkpoint's output had them.
+            if entry.diffs >= self.resumed_diffs {
+                lines.extend(self.lines(entry.at, changes));
             }
         }
         lines
@@ -1162,10 +1257,12 @@ impl Model {
     /// update from the dataflow (an event leaves its window): the sink
     /// applies that tick even if the dataflow has nothing for it.
     pub fn next_due(&self) -> Option<u64> {
-        let clock = self.clock?;
+        let Some(clock) = self.clock else {
+            return self.pending.front().map(|e| e.at);
+        };
         let window = self.retained.due.range(clock + 1..).next().map(|(t, _)| *t);
         // A journaled change takes effect again at its own tick.
-        let journaled = self.pending.front().map(|e| e.at.max(clock + 1));
+        let journaled = self.pending.front().map(|e| e.at.max(clock + self.tick) / self.tick * self.tick);
         window.into_iter().chain(journaled).min()
     }
 
@@ -1213,6 +1310,13 @@ pub struct Condition {
     pub holds: bool,
     /// The current values of the terms it reads.
     pub values: Vec<Value>,
+}
+
+/// Whether `e` reads segment `name` with `in_segment`.
+fn reads_segment(e: &Expr, name: &str) -> bool {
+    let mut reads = false;
+    crate::spec::check::visit(e, &mut |x| reads |= matches!(&x.kind, ExprKind::InSegment(n) if n == name));
+    reads
 }
 
 /// The atoms a formula reads.

@@ -401,13 +401,13 @@ fn profiles_at<'e>(events: &'e [Accepted], t: u64, requests: &[(u64, Request)]) 
 /// named stay. Unlinking: from its tick the link between the two counts for
 /// nothing.
 fn resolve<'e>(events: &'e [Accepted], t: u64, requests: &[(u64, Request)]) -> (BTreeMap<Id, Vec<&'e Event>>, Vec<BTreeSet<Id>>) {
-    let mut forgotten_at: BTreeMap<Id, u64> = BTreeMap::new();
+    let mut forgotten_at: BTreeMap<u64, u64> = BTreeMap::new();
     let mut unlinked: BTreeSet<(Id, Id)> = BTreeSet::new();
     for (at, r) in requests {
         match r {
-            Request::Forget(ids) => {
-                for id in ids {
-                    let f = forgotten_at.entry(id.clone()).or_insert(*at);
+            Request::Forget(keys) => {
+                for k in keys {
+                    let f = forgotten_at.entry(*k).or_insert(*at);
                     *f = (*f).min(*at);
                 }
             }
@@ -418,14 +418,14 @@ fn resolve<'e>(events: &'e [Accepted], t: u64, requests: &[(u64, Request)]) -> (
             Request::Unlink(..) => {}
         }
     }
-    let gone = |id: &Id| forgotten_at.get(id).is_some_and(|f| *f <= t);
+    let gone = |id: &Id| forgotten_at.get(&id.key()).is_some_and(|f| *f <= t);
     let read: Vec<&Accepted> = events
         .iter()
         .filter(|a| a.effect <= t)
         .filter(|a| {
             !ids_named(&a.ev)
                 .iter()
-                .any(|id| forgotten_at.get(id).is_some_and(|f| *f <= a.effect))
+                .any(|id| forgotten_at.get(&id.key()).is_some_and(|f| *f <= a.effect))
         })
         .collect();
     let mut index: BTreeMap<Id, usize> = BTreeMap::new();
