@@ -447,10 +447,14 @@ enum Step {
     Post,
     Put(&'static str, &'static str),
     Delete(&'static str),
+    /// Forget the first member of the first segment that has one.
+    Forget,
+    /// Unlink the first two ids of the first member with several.
+    Unlink,
 }
 
 /// Segments added, changed and removed at run time, over the spec's terms.
-const SCRIPT: [Step; 12] = [
+const SCRIPT: [Step; 14] = [
     Step::Post,
     Step::Post,
     Step::Put("browsers", "count('Product Viewed', 48h) >= 2 and not in_segment('bot')"),
@@ -459,7 +463,9 @@ const SCRIPT: [Step; 12] = [
     Step::Put("cart_abandoner", "count('Product Added', 24h) >= 1 and not in_segment('bot')"),
     Step::Post,
     Step::Delete("deep_scroll_reader"),
+    Step::Forget,
     Step::Post,
+    Step::Unlink,
     Step::Put("carters", "count('Product Added', 48h) >= 1 and in_segment('browsers')"),
     Step::Post,
     Step::Post,
@@ -488,8 +494,31 @@ fn settled(s: &Shoal, read: u64) -> String {
     }
 }
 
+/// Every segment's members, in spec order.
+fn members(addr: &str) -> Vec<(String, Vec<String>)> {
+    let names: Vec<String> = common::get(addr, "/segments")["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    names
+        .into_iter()
+        .map(|name| {
+            let page = common::get(addr, &format!("/segments/{name}/members?limit=10000"));
+            let members = page["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m.as_str().unwrap().to_string())
+                .collect();
+            (name, members)
+        })
+        .collect()
+}
+
 /// What a session leaves: the output, the running spec, every segment's members.
-type Outcome = (String, String, Vec<(String, Vec<String>)>);
+type Outcome = (String, String, Vec<(String, Vec<String>)>, Vec<String>);
 
 /// Runs [`SCRIPT`] over `batches` with `args`, killing the process with
 /// SIGKILL (sometimes just after a checkpoint) and restarting it after the
@@ -497,6 +526,9 @@ type Outcome = (String, String, Vec<(String, Vec<String>)>);
 fn session(dir: &Path, args: &[String], batches: &[&[serde_json::Value]], kills: &[usize]) -> Outcome {
     let mut s = start(dir, args);
     let (mut next, mut read) = (0, 0);
+    let mut forgotten: Vec<String> = Vec::new();
+    // Ids whose profiles a forget or an unlink changed.
+    let mut touched: Vec<String> = Vec::new();
     for (i, step) in SCRIPT.iter().enumerate() {
         match *step {
             Step::Post => {
@@ -511,6 +543,26 @@ fn session(dir: &Path, args: &[String], batches: &[&[serde_json::Value]], kills:
                 assert_eq!(status, 200, "PUT {name}: {body}");
             }
             Step::Delete(name) => assert_eq!(common::http(&s.addr, "DELETE", &format!("/segments/{name}"), None).0, 204),
+            Step::Forget => {
+                let who = members(&s.addr).into_iter().flat_map(|(_, m)| m).next().expect("a member");
+                let (status, body) = common::http(&s.addr, "DELETE", &format!("/profiles/{}", common::urlencode(&who)), None);
+                assert_eq!(status, 202, "{body}");
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                forgotten.extend(v["ids"].as_array().unwrap().iter().map(|i| i.as_str().unwrap().to_string()));
+                touched.extend(forgotten.iter().cloned());
+            }
+            Step::Unlink => {
+                let several = members(&s.addr).into_iter().flat_map(|(_, m)| m).find_map(|p| {
+                    let v = common::get(&s.addr, &format!("/profiles/{}", common::urlencode(&p)));
+                    let ids: Vec<String> = v["ids"].as_array()?.iter().map(|i| i.as_str().unwrap().to_string()).collect();
+                    (ids.len() >= 2).then_some((p, ids))
+                });
+                let (p, ids) = several.expect("a profile with two ids");
+                touched.extend(ids.iter().cloned());
+                let body = serde_json::json!({ "ids": [ids[0], ids[1]] }).to_string();
+                let (status, answer) = common::http(&s.addr, "POST", &format!("/profiles/{}/unlink", common::urlencode(&p)), Some(&body));
+                assert_eq!(status, 202, "{answer}");
+            }
         }
         // Every step at a settled clock: the tick a change takes effect at
         // is then the same in every session.
@@ -528,27 +580,33 @@ fn session(dir: &Path, args: &[String], batches: &[&[serde_json::Value]], kills:
         }
     }
     let spec = common::http(&s.addr, "GET", "/spec", None).1;
-    let names: Vec<String> = common::get(&s.addr, "/segments")["segments"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_string())
-        .collect();
-    let members = names
-        .into_iter()
-        .map(|name| {
-            let page = common::get(&s.addr, &format!("/segments/{name}/members?limit=10000"));
-            let members = page["members"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| m.as_str().unwrap().to_string())
-                .collect();
-            (name, members)
-        })
-        .collect();
+    let members = members(&s.addr);
+    assert!(!forgotten.is_empty());
+    for id in &forgotten {
+        assert_eq!(
+            common::http(&s.addr, "GET", &format!("/profiles/{}", common::urlencode(id)), None).0,
+            404,
+            "{id} forgotten"
+        );
+    }
     assert!(s.terminate().success(), "{}", s.stderr.lock().unwrap());
-    (std::fs::read_to_string(dir.join("out.jsonl")).unwrap(), spec, members)
+    // The checkpoint written at the stop holds nothing of whom it forgot.
+    let newest = std::fs::read(common::newest_checkpoint(&dir.join("state")).expect("a checkpoint")).unwrap();
+    for id in &forgotten {
+        let name = id.split_once(':').unwrap().1.as_bytes();
+        let mut encoded = vec![name.len() as u8];
+        encoded.extend_from_slice(name);
+        assert!(
+            !newest.windows(encoded.len()).any(|w| w == encoded.as_slice()),
+            "{id} is in the checkpoint"
+        );
+    }
+    let journal = std::fs::read_to_string(dir.join("state/api-changes.jsonl")).unwrap();
+    assert!(
+        !forgotten.iter().any(|id| journal.contains(id.split_once(':').unwrap().1)),
+        "{journal}"
+    );
+    (std::fs::read_to_string(dir.join("out.jsonl")).unwrap(), spec, members, touched)
 }
 
 /// SPEC §7: segments changed at run time are part of the state. A session
@@ -569,7 +627,7 @@ fn runtime_segments_survive_sigkill_exactly() {
         args
     };
     let whole = tempfile::tempdir().unwrap();
-    let (want_out, want_spec, want_members) = session(whole.path(), &args(whole.path()), &batches, &[]);
+    let (want_out, want_spec, want_members, touched) = session(whole.path(), &args(whole.path()), &batches, &[]);
     assert!(
         want_spec.contains("name = \"browsers\"") && !want_spec.contains("deep_scroll_reader"),
         "{want_spec}"
@@ -578,9 +636,9 @@ fn runtime_segments_survive_sigkill_exactly() {
     assert!(!added.is_empty(), "the added segment has members");
 
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
-    let kills: Vec<usize> = (0..SCRIPT.len()).filter(|_| rng.gen_bool(0.5)).chain([2, 9]).collect();
+    let kills: Vec<usize> = (0..SCRIPT.len()).filter(|_| rng.gen_bool(0.5)).chain([2, 8, 10]).collect();
     let killed = tempfile::tempdir().unwrap();
-    let (out, spec, members) = session(killed.path(), &args(killed.path()), &batches, &kills);
+    let (out, spec, members, _) = session(killed.path(), &args(killed.path()), &batches, &kills);
     assert_eq!(spec, want_spec, "the running spec after SIGKILLs after steps {kills:?}");
     assert_eq!(members, want_members, "the members after SIGKILLs after steps {kills:?}");
     assert!(
@@ -591,7 +649,8 @@ fn runtime_segments_survive_sigkill_exactly() {
     );
 
     // The running spec is a spec: run over the same events to the same
-    // clock, it ends with the members served.
+    // clock, it ends with the members served (but for the profiles the
+    // requests changed, which a spec file cannot say).
     std::fs::write(dir.path().join("running.toml"), &spec).unwrap();
     let clock = want_out
         .lines()
@@ -629,6 +688,12 @@ fn runtime_segments_survive_sigkill_exactly() {
                 }
             }
         }
-        assert_eq!(&set.into_iter().collect::<Vec<_>>(), served, "{name} run from GET /spec");
+        let untouched = |p: &String| !touched.contains(p);
+        let served: Vec<&String> = served.iter().filter(|p| untouched(p)).collect();
+        assert_eq!(
+            set.iter().filter(|p| untouched(p)).collect::<Vec<_>>(),
+            served,
+            "{name} run from GET /spec"
+        );
     }
 }

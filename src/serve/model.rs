@@ -486,7 +486,9 @@ impl Served {
     /// Journals changes in `journal` from now on, and makes the changes it
     /// holds again, each at its tick (a restart with `--state`).
     pub fn keep_changes(&self, journal: Journal, entries: Vec<Entry>) {
-        self.model.write().expect("not poisoned").pending = entries.into();
+        // Requests are fed again by a reader (see `crate::run::run`), not here.
+        let changes = entries.into_iter().filter(|e| !matches!(e.change, Change::Request(_)));
+        self.model.write().expect("not poisoned").pending = changes.collect();
         *self.journal.lock().expect("not poisoned") = Some(journal);
     }
 
