@@ -14,7 +14,7 @@ use crate::ingest::stamp::{Change, Counters, Identities, Ingest, Outcome, Stampe
 use crate::output::sink::Timings;
 use crate::plan::Plan;
 use crate::run::checkpoint;
-use crate::run::job::RunOptions;
+use crate::run::job::{RunOptions, Suppression};
 
 /// Reads events and feeds the inputs: the sequential front of one reader
 /// (see [`Ingest`]).
@@ -45,10 +45,6 @@ pub struct Feeder {
     /// the same is a no-op).
     requested: rustc_hash::FxHashSet<(Key, Key)>,
 }
-
-/// Forgotten ids by the tick they were forgotten at, shared by the readers
-/// of a process.
-pub type Suppression = Arc<std::sync::RwLock<rustc_hash::FxHashMap<Key, u64>>>;
 
 /// The updates a reader fed, compacted at each checkpoint (see `crate::run::checkpoint`).
 #[derive(Default)]

@@ -14,6 +14,11 @@ use crate::output::sink::Timings;
 use crate::plan::Plan;
 use crate::spec::Spec;
 
+/// Forgotten ids by the tick they were forgotten at, shared by the readers
+/// of a process: each drops the events naming one (see
+/// `crate::run::feeder::Feeder::suppress_with`).
+pub type Suppression = Arc<std::sync::RwLock<rustc_hash::FxHashMap<crate::core::id::Key, u64>>>;
+
 /// How a run is clocked and bounded (all durations and times in ms).
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -72,9 +77,8 @@ pub struct Job {
     pub http: Option<HttpOptions>,
     /// Write checkpoints there, and resume from the newest.
     pub state: Option<StateOptions>,
-    /// Forgotten ids, shared by this process's readers (see
-    /// `crate::run::feeder::Suppression`).
-    pub suppression: crate::run::feeder::Suppression,
+    /// Forgotten ids, shared by this process's readers.
+    pub suppression: Suppression,
 }
 
 /// Where the HTTP API listens.
