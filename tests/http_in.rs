@@ -453,10 +453,13 @@ enum Step {
     Unlink,
 }
 
-/// Segments added, changed and removed at run time, over the spec's terms.
-const SCRIPT: [Step; 14] = [
+/// Segments added, changed and removed at run time (over the spec's terms,
+/// and over a term only the served model computes), a forget, an unlink.
+const SCRIPT: [Step; 15] = [
     Step::Post,
     Step::Post,
+    // A term the spec does not compute: from the events the server keeps.
+    Step::Put("pricey", "max('Product Viewed', price, 24h) > 50"),
     Step::Put("browsers", "count('Product Viewed', 48h) >= 2 and not in_segment('bot')"),
     Step::Post,
     Step::Post,
@@ -636,7 +639,7 @@ fn runtime_segments_survive_sigkill_exactly() {
     assert!(!added.is_empty(), "the added segment has members");
 
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
-    let kills: Vec<usize> = (0..SCRIPT.len()).filter(|_| rng.gen_bool(0.5)).chain([2, 8, 10]).collect();
+    let kills: Vec<usize> = (0..SCRIPT.len()).filter(|_| rng.gen_bool(0.5)).chain([3, 9, 11]).collect();
     let killed = tempfile::tempdir().unwrap();
     let (out, spec, members, _) = session(killed.path(), &args(killed.path()), &batches, &kills);
     assert_eq!(spec, want_spec, "the running spec after SIGKILLs after steps {kills:?}");

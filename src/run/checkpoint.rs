@@ -106,6 +106,8 @@ pub struct ReaderState {
     /// them: worker 0's).
     pub forgotten: Vec<(Key, u64, isize)>,
     pub unlinked: Vec<((Key, Key), u64, isize)>,
+    /// Accepted events fed to the served model at or after the frontier.
+    pub events: Vec<((Key, crate::ingest::event::Kept), u64, isize)>,
     /// Dead letters sent but not yet written, in order.
     pub dead: Vec<String>,
     /// Dead letters sent so far.
@@ -122,6 +124,11 @@ pub struct Snapshot {
     pub readers: Vec<ReaderState>,
     /// Per clustering of the plan: its model as of the last delivered tick.
     pub clusters: Vec<Option<crate::dataflow::cluster::KMeans>>,
+    /// Serving with `--history`: the accepted events the served model kept,
+    /// `(anchor, effect tick, event)`, of ticks before the frontier (the
+    /// readers' logs hold those after it), so that segments defined at run
+    /// time over them come back complete.
+    pub kept: Vec<(Key, u64, crate::ingest::event::Kept)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -331,6 +338,7 @@ impl ReaderState {
         compact(&mut self.links, frontier, tick, |_, _| false);
         compact(&mut self.forgotten, frontier, tick, |_, _| false);
         compact(&mut self.unlinked, frontier, tick, |_, _| false);
+        self.events.retain(|(_, t, _)| *t >= frontier);
     }
 }
 
@@ -481,6 +489,7 @@ mod tests {
                 links: vec![],
                 forgotten: vec![],
                 unlinked: vec![],
+                events: vec![],
                 dead: vec!["x".into()],
                 dead_sent: 1,
                 position: Position::Lines {
@@ -490,6 +499,7 @@ mod tests {
                 },
             }],
             clusters: vec![None],
+            kept: vec![],
         }
     }
 

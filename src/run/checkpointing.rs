@@ -42,11 +42,18 @@ pub struct Checkpointing {
     /// The HTTP offsets of the checkpoints written, oldest first (at most
     /// [`checkpoint::KEEP`]).
     intake_offsets: Mutex<std::collections::VecDeque<u64>>,
+    /// The served model (with `--http`): its kept events go in checkpoints.
+    served: Option<Arc<crate::serve::model::Served>>,
 }
 
 impl Checkpointing {
     /// Opens the state directory and reads the newest usable checkpoint.
-    pub(super) fn open(job: &Job, state: &StateOptions, config: &timely::Config) -> Result<Checkpointing, EngineError> {
+    pub(super) fn open(
+        job: &Job,
+        state: &StateOptions,
+        config: &timely::Config,
+        served: Option<Arc<crate::serve::model::Served>>,
+    ) -> Result<Checkpointing, EngineError> {
         if let timely::CommunicationConfig::Cluster { .. } = config.communication {
             return Err(EngineError::Unsupported(
                 "--state with --processes is not supported yet: run one process".into(),
@@ -114,6 +121,7 @@ impl Checkpointing {
                 _ => None,
             }),
             intake_offsets: Mutex::default(),
+            served,
         })
     }
 
@@ -134,6 +142,7 @@ impl Checkpointing {
             clusters: self.clusters.before(frontier),
             mark,
             readers,
+            kept: self.served.as_ref().map_or_else(Vec::new, |s| s.kept_before(frontier)),
         };
         match self.store.write(&snapshot) {
             Ok(path) => {

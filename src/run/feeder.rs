@@ -54,6 +54,9 @@ pub(super) struct FedLog {
     links: checkpoint::Log<(Key, Key)>,
     forgotten: checkpoint::Log<Key>,
     unlinked: checkpoint::Log<(Key, Key)>,
+    /// Events fed to the served model (with `--history`); a checkpoint
+    /// keeps those at or after its frontier, the model's snapshot the rest.
+    events: checkpoint::Log<(Key, crate::ingest::event::Kept)>,
 }
 
 impl Feeder {
@@ -190,6 +193,7 @@ impl Feeder {
         log.links.compact(frontier, tick, |_, _| false);
         log.forgotten.compact(frontier, tick, |_, _| false);
         log.unlinked.compact(frontier, tick, |_, _| false);
+        log.events.updates.retain(|(_, t, _)| *t >= frontier);
         // What was forgotten before the frontier leaves the checkpoint: every
         // update of its ids, whatever its tick (none counts any more).
         let purge: rustc_hash::FxHashSet<Key> = self
@@ -204,6 +208,7 @@ impl Feeder {
             log.facts.updates.retain(|((anchor, ..), _, _)| !purge.contains(anchor));
             log.nodes.updates.retain(|((k, _), _, _)| !purge.contains(k));
             log.links.updates.retain(|((a, b), _, _)| !purge.contains(a) && !purge.contains(b));
+            log.events.updates.retain(|((anchor, _), _, _)| !purge.contains(anchor));
             self.winners.retain(|(anchor, _), _| !purge.contains(anchor));
             self.identities.forget(&purge);
         }
@@ -220,6 +225,7 @@ impl Feeder {
             links: std::mem::take(&mut log.links.updates),
             forgotten: std::mem::take(&mut log.forgotten.updates),
             unlinked: std::mem::take(&mut log.unlinked.updates),
+            events: std::mem::take(&mut log.events.updates),
             dead: Vec::new(),
             dead_sent: 0,
             position,
@@ -234,6 +240,7 @@ impl Feeder {
             log.links.updates = st.links;
             log.forgotten.updates = st.forgotten;
             log.unlinked.updates = st.unlinked;
+            log.events.updates = st.events;
         }
     }
 
@@ -264,12 +271,18 @@ impl Feeder {
             self.inputs.unlinked.update_at(*p, *t, *r);
             self.requested.insert(*p);
         }
+        if let Some(events) = &mut self.inputs.events {
+            for (d, t, r) in &st.events {
+                events.update_at(d.clone(), *t, *r);
+            }
+        }
         if let Some(log) = &mut self.log {
             log.facts.updates = st.facts;
             log.nodes.updates = st.nodes;
             log.links.updates = st.links;
             log.forgotten.updates = st.forgotten;
             log.unlinked.updates = st.unlinked;
+            log.events.updates = st.events;
         }
         self.advance_inputs();
     }
@@ -339,7 +352,11 @@ impl Feeder {
             self.inputs.links.update_at(d, t, r);
         }
         if let Some(events) = &mut self.inputs.events {
-            events.update_at((anchor, crate::ingest::event::Kept(s.event.clone())), s.effect, 1);
+            let kept = (anchor, crate::ingest::event::Kept(s.event.clone()));
+            if let Some(log) = &mut self.log {
+                log.events.push(kept.clone(), s.effect, 1);
+            }
+            events.update_at(kept, s.effect, 1);
         }
         for (stream, pay) in facts {
             if let Pay::Stamped(..) = pay {

@@ -164,15 +164,16 @@ pub fn run(mut job: Job) -> Result<Summary, EngineError> {
         _ => (None, None, Vec::new()),
     };
     let checkpointing = match &job.state {
-        Some(state) => Some(Arc::new(Checkpointing::open(&job, state, &config)?)),
+        Some(state) => Some(Arc::new(Checkpointing::open(&job, state, &config, served.clone())?)),
         None => None,
     };
     // Requests journaled after the checkpoint resumed from are fed again
     // at their ticks; the checkpoint holds the earlier ones.
-    let resumed = checkpointing
-        .as_ref()
-        .and_then(|c| c.restored.as_ref())
-        .map_or(0, |s| s.mark.frontier);
+    let restored = checkpointing.as_ref().and_then(|c| c.restored.as_ref());
+    if let (Some(served), Some(snap)) = (&served, restored) {
+        served.restore_kept(snap.kept.clone());
+    }
+    let resumed = restored.map_or(0, |s| s.mark.frontier);
     job.opts.requests.extend(journaled.into_iter().filter(|(at, _)| *at >= resumed));
     let job = Arc::new(job);
     let guards = timely::execute(config, move |worker| {

@@ -118,8 +118,10 @@ pub struct Retained {
     /// Events kept.
     pub count: usize,
     /// Events taking effect before this tick are not kept (a run resumed
-    /// from a checkpoint, which holds the dataflow's facts, not events).
+    /// from a checkpoint that held no events).
     pub complete_from: u64,
+    /// The events were restored from a checkpoint.
+    pub restored: bool,
 }
 
 impl Retained {
@@ -132,6 +134,7 @@ impl Retained {
             windows: BTreeSet::new(),
             count: 0,
             complete_from: 0,
+            restored: false,
         }
     }
 
@@ -156,6 +159,17 @@ impl Retained {
 
     /// At tick `t`: drops events whose history is over; returns the anchors
     /// with an event leaving a model term's window at or before `t`.
+    /// The events kept that took effect before `frontier`, for a checkpoint.
+    fn before(&self, frontier: u64) -> Vec<(Key, u64, Kept)> {
+        let mut out: Vec<(Key, u64, Kept)> = self
+            .by_anchor
+            .iter()
+            .flat_map(|(anchor, evs)| evs.iter().filter(|(t, _)| *t < frontier).map(|(t, ev)| (*anchor, *t, ev.clone())))
+            .collect();
+        out.sort_by_key(|a| (a.1, a.0));
+        out
+    }
+
     /// Drops the events kept for `anchor` (a forgotten id).
     fn forget(&mut self, anchor: Key) {
         if let Some(evs) = self.by_anchor.remove(&anchor) {
@@ -472,13 +486,16 @@ impl Served {
         c
     }
 
-    /// The run resumed from a checkpoint at `frontier`. A checkpoint holds
-    /// facts, not events: the model's history of events starts here.
+    /// The run resumed from a checkpoint at `frontier`, whose output had
+    /// `diffs` lines. Unless the checkpoint held the events kept
+    /// ([`Served::restore_kept`]), the model's history starts here.
     pub fn resumed_at(&self, frontier: u64, diffs: u64) {
         let mut model = self.model.write().expect("not poisoned");
         model.resumed = frontier;
         model.resumed_diffs = diffs;
-        model.retained.complete_from = frontier;
+        if !model.retained.restored {
+            model.retained.complete_from = frontier;
+        }
         // Ticks before it come back consolidated into its last one.
         model.looks_back_to = frontier.saturating_sub(model.tick);
     }
@@ -517,6 +534,24 @@ impl Served {
                 })
                 .map_err(|e| ApiError::Unavailable(format!("the change was not made: {e}"))),
         }
+    }
+
+    /// The events the model kept that took effect before `frontier` (a
+    /// checkpoint's part of the history; see `crate::run::checkpoint`).
+    pub fn kept_before(&self, frontier: u64) -> Vec<(Key, u64, Kept)> {
+        self.model.read().expect("not poisoned").retained.before(frontier)
+    }
+
+    /// Takes back the events a checkpoint kept: the history is then
+    /// complete across the restart.
+    pub fn restore_kept(&self, kept: Vec<(Key, u64, Kept)>) {
+        let mut model = self.model.write().expect("not poisoned");
+        let tick = model.tick;
+        let retained = &mut model.retained;
+        for (anchor, t, ev) in kept {
+            retained.keep(anchor, t, ev, tick);
+        }
+        retained.restored = true;
     }
 
     /// Sends written lines to `/stream` subscribers.
