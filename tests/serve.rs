@@ -1468,3 +1468,36 @@ fn a_change_after_the_input_ended_survives_a_kill() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Changes that would leave a running spec `shoal run` cannot load are
+/// refused (409) and change nothing: removing a segment another reads, and
+/// closing a cycle of `in_segment` through a spec segment that reads a
+/// later one.
+#[test]
+fn changes_that_would_break_the_running_spec_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = "[[segment]]\nname = \"a\"\nwhen = \"count('view', 1h) >= 1 and not in_segment('b')\"\n\n\
+                [[segment]]\nname = \"b\"\nwhen = \"count('view', 1h) >= 3\"\n";
+    std::fs::write(dir.path().join("spec.toml"), spec).unwrap();
+    std::fs::write(dir.path().join("events.jsonl"), track("view", "u1", T0)).unwrap();
+    let s = Shoal::start(
+        dir.path(),
+        &["spec.toml", "--input", "events.jsonl", "--output", "out.jsonl"],
+        false,
+    );
+    let (status, body) = http(&s.addr, "DELETE", "/segments/b", None);
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("in_segment('b')"), "{body}");
+    let (status, body) = http(&s.addr, "PUT", "/segments/b", Some(r#"{"when":"in_segment('a')"}"#));
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("b -> a -> b"), "{body}");
+    let running = http(&s.addr, "GET", "/spec", None).1;
+    std::fs::write(dir.path().join("running.toml"), &running).unwrap();
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["check", "running.toml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{running}\n{}", String::from_utf8_lossy(&check.stderr));
+    assert_eq!(running, spec, "nothing changed");
+}

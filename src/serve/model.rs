@@ -1159,7 +1159,16 @@ impl Model {
     /// Whether `change` can be made now (it is checked again when made).
     pub fn check(&self, change: &Change) -> Result<(), ApiError> {
         match change {
-            Change::Put { name, when, .. } => self.compile(when, self.segments.iter().position(|s| &s.name == name)).map(drop),
+            Change::Put { name, when, .. } => {
+                let (expr, _, _) = self.compile(when, self.segments.iter().position(|s| &s.name == name))?;
+                match self.cycle_with(name, &expr) {
+                    None => Ok(()),
+                    Some(cycle) => Err(ApiError::Conflict(format!(
+                        "segments would read each other in a cycle: {} (the running spec would not load)",
+                        cycle.join(" -> ")
+                    ))),
+                }
+            }
             Change::Delete { name } => {
                 let slot = self.slot(name).ok_or_else(|| ApiError::NotFound {
                     message: format!("no segment named {name:?}"),
@@ -1347,6 +1356,50 @@ pub struct Condition {
     pub holds: bool,
     /// The current values of the terms it reads.
     pub values: Vec<Value>,
+}
+
+impl Model {
+    /// A cycle of `in_segment` reads among the live segments if `name` were
+    /// defined as `expr` (a spec segment may read a later one, so changing
+    /// one at run time could close a loop).
+    fn cycle_with(&self, name: &str, expr: &Expr) -> Option<Vec<String>> {
+        let mut reads: HashMap<&str, Vec<String>> = HashMap::new();
+        for s in self.segments.iter().filter(|s| s.live() && s.name != name) {
+            reads.insert(&s.name, s.expr.as_ref().map(segments_read).unwrap_or_default());
+        }
+        reads.insert(name, segments_read(expr));
+        // Depth first from `name`: a path back to it is the cycle.
+        let mut path = vec![name.to_string()];
+        fn back(reads: &HashMap<&str, Vec<String>>, to: &str, path: &mut Vec<String>, seen: &mut BTreeSet<String>) -> bool {
+            let last = path.last().expect("a start").clone();
+            for next in reads.get(last.as_str()).into_iter().flatten() {
+                if next == to {
+                    path.push(next.clone());
+                    return true;
+                }
+                if seen.insert(next.clone()) {
+                    path.push(next.clone());
+                    if back(reads, to, path, seen) {
+                        return true;
+                    }
+                    path.pop();
+                }
+            }
+            false
+        }
+        back(&reads, name, &mut path, &mut BTreeSet::new()).then_some(path)
+    }
+}
+
+/// The segments `e` reads with `in_segment`.
+fn segments_read(e: &Expr) -> Vec<String> {
+    let mut names = Vec::new();
+    crate::spec::check::visit(e, &mut |x| {
+        if let ExprKind::InSegment(n) = &x.kind {
+            names.push(n.clone());
+        }
+    });
+    names
 }
 
 /// Whether `e` reads segment `name` with `in_segment`.
