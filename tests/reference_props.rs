@@ -984,7 +984,7 @@ fn render_requests(case: &Case, reqs: &[Req], (lo, hi): (u64, u64)) -> Vec<(u64,
                 }
                 Request::Forget(ids.iter().map(|id| id.key()).collect())
             }
-            Req::Unlink(a, b, _) if a != b => Request::Unlink(req_id(a), req_id(b)),
+            Req::Unlink(a, b, _) if a != b => Request::Unlink(req_id(a).key(), req_id(b).key()),
             Req::Unlink(..) => continue,
         };
         out.push((at, request));

@@ -120,7 +120,8 @@ pub enum Request {
     /// checkpoints) does not spell out whom it forgot.
     Forget(Vec<Key>),
     /// Never count a link between these two ids again, from any event.
-    Unlink(Id, Id),
+    /// Keys too: an unlinked pair may be forgotten later.
+    Unlink(Key, Key),
 }
 
 impl Id {

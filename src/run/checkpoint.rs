@@ -128,7 +128,8 @@ pub struct Snapshot {
     /// `(anchor, effect tick, event)`, of ticks before the frontier (the
     /// readers' logs hold those after it), so that segments defined at run
     /// time over them come back complete.
-    pub kept: Vec<(Key, u64, crate::ingest::event::Kept)>,
+    /// `None` when the run kept no events (not serving, or `--history 0`).
+    pub kept: Option<Vec<(Key, u64, crate::ingest::event::Kept)>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -499,7 +500,7 @@ mod tests {
                 },
             }],
             clusters: vec![None],
-            kept: vec![],
+            kept: None,
         }
     }
 

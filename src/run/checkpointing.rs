@@ -142,7 +142,7 @@ impl Checkpointing {
             clusters: self.clusters.before(frontier),
             mark,
             readers,
-            kept: self.served.as_ref().map_or_else(Vec::new, |s| s.kept_before(frontier)),
+            kept: self.served.as_ref().and_then(|s| s.kept_before(frontier)),
         };
         match self.store.write(&snapshot) {
             Ok(path) => {

@@ -44,6 +44,8 @@ pub struct Feeder {
     /// What it fed of them: each id and pair once (a second request for
     /// the same is a no-op).
     requested: rustc_hash::FxHashSet<(Key, Key)>,
+    /// The latest effect tick of an event fed.
+    fed_until: Option<u64>,
 }
 
 /// The updates a reader fed, compacted at each checkpoint (see `crate::run::checkpoint`).
@@ -77,6 +79,7 @@ impl Feeder {
             forgotten: Default::default(),
             requests: Default::default(),
             requested: Default::default(),
+            fed_until: None,
         }
     }
 
@@ -88,7 +91,8 @@ impl Feeder {
             for (at, r) in requests {
                 if let Request::Forget(keys) = r {
                     for k in keys {
-                        list.entry(*k).or_insert(*at);
+                        let f = list.entry(*k).or_insert(*at);
+                        *f = (*f).min(*at);
                     }
                 }
             }
@@ -103,14 +107,22 @@ impl Feeder {
         self.requests.extend(requests);
     }
 
-    /// Feeds a request now, at the first tick not yet final; returns that
-    /// tick.
+    /// The tick a request made now takes effect at: the first not yet
+    /// final and after every event already fed, so that each of those
+    /// counts until it and none after it (see [`Feeder::request`]).
+    pub fn request_tick(&self) -> u64 {
+        let tick = self.ingest.clock.tick;
+        self.frontier().max(self.fed_until.map_or(0, |e| e + tick))
+    }
+
+    /// Feeds a request now, at [`Feeder::request_tick`]; returns that tick.
     pub fn request(&mut self, r: Request) -> u64 {
-        let at = self.frontier();
+        let at = self.request_tick();
         if let Request::Forget(keys) = &r {
             let mut list = self.forgotten.write().expect("not poisoned");
             for k in keys {
-                list.entry(*k).or_insert(at);
+                let f = list.entry(*k).or_insert(at);
+                *f = (*f).min(at);
             }
         }
         self.feed_request(at, r);
@@ -129,11 +141,11 @@ impl Feeder {
                 }
             }
             Request::Unlink(a, b) => {
-                if a == b || !self.requested.insert((a.key(), b.key())) {
+                if a == b || !self.requested.insert((a, b)) {
                     return;
                 }
-                self.requested.insert((b.key(), a.key()));
-                for pair in [(a.key(), b.key()), (b.key(), a.key())] {
+                self.requested.insert((b, a));
+                for pair in [(a, b), (b, a)] {
                     if let Some(log) = &mut self.log {
                         log.unlinked.push(pair, at, 1);
                     }
@@ -329,6 +341,7 @@ impl Feeder {
                 self.ingest.counters.accepted -= 1;
                 self.ingest.counters.suppressed += 1;
             } else if self.until.is_none_or(|u| s.effect <= u) {
+                self.fed_until = self.fed_until.max(Some(s.effect));
                 let facts = facts.unwrap_or_else(|| self.decoding.facts(&s.event));
                 self.feed(s, facts);
             }

@@ -170,8 +170,8 @@ pub fn run(mut job: Job) -> Result<Summary, EngineError> {
     // Requests journaled after the checkpoint resumed from are fed again
     // at their ticks; the checkpoint holds the earlier ones.
     let restored = checkpointing.as_ref().and_then(|c| c.restored.as_ref());
-    if let (Some(served), Some(snap)) = (&served, restored) {
-        served.restore_kept(snap.kept.clone());
+    if let (Some(served), Some(kept)) = (&served, restored.and_then(|s| s.kept.as_ref())) {
+        served.restore_kept(kept.clone());
     }
     let resumed = restored.map_or(0, |s| s.mark.frontier);
     job.opts.requests.extend(journaled.into_iter().filter(|(at, _)| *at >= resumed));

@@ -69,8 +69,17 @@ impl Reader<'_> {
         };
         let requests = std::mem::take(&mut *served.requests.lock().expect("not poisoned"));
         for (request, reply) in requests {
-            let at = self.feeder.frontier();
-            let result = served.journal_request(at, &request).map(|()| self.feeder.request(request));
+            if reply.is_closed() {
+                // Its caller gave up (a timeout): it was told nothing was made.
+                continue;
+            }
+            let at = self.feeder.request_tick();
+            let result = if self.opts.until.is_some_and(|u| at > u) {
+                // No tick after --until is ever final.
+                Err(crate::serve::model::no_tick_follows())
+            } else {
+                served.journal_request(at, &request).map(|()| self.feeder.request(request))
+            };
             let _ = reply.send(result);
         }
     }

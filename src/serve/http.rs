@@ -596,11 +596,15 @@ async fn profile(State(s): St, Path(id): Path<String>, Query(q): Query<At>) -> R
 /// Queues a forget or unlink for worker 0's reader and waits for the tick
 /// it takes effect at.
 async fn request(s: &Served, r: crate::core::id::Request) -> Result<u64, ApiError> {
-    if s.ended.load(std::sync::atomic::Ordering::SeqCst) {
-        return Err(crate::serve::model::no_tick_follows());
-    }
     let (tx, rx) = tokio::sync::oneshot::channel();
-    s.requests.lock().unwrap_or_else(|e| e.into_inner()).push((r, tx));
+    {
+        // Checked under the lock `end_requests` drains it with.
+        let mut queue = s.requests.lock().unwrap_or_else(|e| e.into_inner());
+        if s.ended.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::serve::model::no_tick_follows());
+        }
+        queue.push((r, tx));
+    }
     match tokio::time::timeout(Duration::from_secs(30), rx).await {
         Ok(Ok(result)) => result,
         _ => Err(ApiError::Unavailable("the reader did not take the request (stopping?)".into())),
@@ -675,7 +679,7 @@ async fn unlink(State(s): St, Path(id): Path<String>, body: Bytes) -> Result<(St
     if a == b {
         return Err(ApiError::Bad("the two ids are the same".into()));
     }
-    let at = request(&s, crate::core::id::Request::Unlink(a, b)).await?;
+    let at = request(&s, crate::core::id::Request::Unlink(a.key(), b.key())).await?;
     let at = format_time(at, read(&s).show_ms);
     Ok((StatusCode::ACCEPTED, Json(json!({"profile": profile.to_string(), "at": at}))))
 }

@@ -516,8 +516,9 @@ impl Served {
 
     /// The input ended: requests waiting are refused, later ones too.
     pub fn end_requests(&self) {
+        let mut queue = self.requests.lock().expect("not poisoned");
         self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
-        for (_, reply) in self.requests.lock().expect("not poisoned").drain(..) {
+        for (_, reply) in queue.drain(..) {
             let _ = reply.send(Err(no_tick_follows()));
         }
     }
@@ -538,8 +539,11 @@ impl Served {
 
     /// The events the model kept that took effect before `frontier` (a
     /// checkpoint's part of the history; see `crate::run::checkpoint`).
-    pub fn kept_before(&self, frontier: u64) -> Vec<(Key, u64, Kept)> {
-        self.model.read().expect("not poisoned").retained.before(frontier)
+    pub fn kept_before(&self, frontier: u64) -> Option<Vec<(Key, u64, Kept)>> {
+        let model = self.model.read().expect("not poisoned");
+        // A history restored only in part is not whole either.
+        let whole = model.retained.history.keeps() && model.retained.complete_from == 0;
+        whole.then(|| model.retained.before(frontier))
     }
 
     /// Takes back the events a checkpoint kept: the history is then
@@ -1005,7 +1009,8 @@ impl Model {
         // Model terms at `t`: new events, and events leaving their windows.
         self.clock = Some(t);
         let mut anchors = self.retained.advance(t, self.tick);
-        for (anchor, ev) in events {
+        // An event of a forgotten id (its node gone) is not kept.
+        for (anchor, ev) in events.into_iter().filter(|(a, _)| self.nodes.contains_key(a)) {
             anchors.push(anchor);
             self.retained.keep(anchor, t, ev, self.tick);
         }

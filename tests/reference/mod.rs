@@ -402,7 +402,7 @@ fn profiles_at<'e>(events: &'e [Accepted], t: u64, requests: &[(u64, Request)]) 
 /// nothing.
 fn resolve<'e>(events: &'e [Accepted], t: u64, requests: &[(u64, Request)]) -> (BTreeMap<Id, Vec<&'e Event>>, Vec<BTreeSet<Id>>) {
     let mut forgotten_at: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut unlinked: BTreeSet<(Id, Id)> = BTreeSet::new();
+    let mut unlinked: BTreeSet<(u64, u64)> = BTreeSet::new();
     for (at, r) in requests {
         match r {
             Request::Forget(keys) => {
@@ -412,8 +412,8 @@ fn resolve<'e>(events: &'e [Accepted], t: u64, requests: &[(u64, Request)]) -> (
                 }
             }
             Request::Unlink(a, b) if *at <= t => {
-                unlinked.insert((a.clone(), b.clone()));
-                unlinked.insert((b.clone(), a.clone()));
+                unlinked.insert((*a, *b));
+                unlinked.insert((*b, *a));
             }
             Request::Unlink(..) => {}
         }
@@ -444,7 +444,7 @@ fn resolve<'e>(events: &'e [Accepted], t: u64, requests: &[(u64, Request)]) -> (
             if gone(&x) || gone(&y) {
                 continue;
             }
-            let cut = unlinked.contains(&(x.clone(), y.clone()));
+            let cut = unlinked.contains(&(x.key(), y.key()));
             let (ix, iy) = (intern(x, &mut index), intern(y, &mut index));
             if !cut {
                 links.push((ix, iy));
