@@ -1501,3 +1501,51 @@ fn changes_that_would_break_the_running_spec_are_refused() {
     assert!(check.status.success(), "{running}\n{}", String::from_utf8_lossy(&check.stderr));
     assert_eq!(running, spec, "nothing changed");
 }
+
+/// At most 64 API calls are answered at once: with 64 stalled in their
+/// bodies, another call waits for a slot (a live subscription does not take
+/// one), and is answered once the stalled ones are cut off.
+#[test]
+fn api_calls_beyond_the_bound_wait_for_a_slot() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("spec.toml"), LIVE_SPEC).unwrap();
+    std::fs::write(dir.path().join("events.jsonl"), track("view", "u1", T0)).unwrap();
+    let args = [
+        "spec.toml",
+        "--input",
+        "events.jsonl",
+        "--output",
+        "out.jsonl",
+        "--http-timeout",
+        "3s",
+    ];
+    let shoal = Shoal::start(dir.path(), &args, false);
+    let a = shoal.addr.as_str();
+    let _subscribed = subscribe(a);
+    let stalled: Vec<std::net::TcpStream> = (0..64)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(a).unwrap();
+            write!(s, "PUT /segments/s{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut waiting = std::net::TcpStream::connect(a).unwrap();
+    waiting.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
+    write!(waiting, "GET /segments HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    assert!(
+        waiting.read_to_end(&mut got).is_err() && got.is_empty(),
+        "answered while 64 calls held every slot"
+    );
+    // The stalled calls are cut off (408) and the waiting one is answered.
+    waiting.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    waiting.read_to_end(&mut got).unwrap();
+    assert!(
+        String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    drop(stalled);
+}
