@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
-use reference::{evaluate, RefOptions};
+use reference::RefOptions;
 use shoal::core::clock::format_time;
 use shoal::run::{run_memory, RunOptions};
 
@@ -905,38 +905,7 @@ fn describe(case: &Case) -> String {
 /// Runs the reference and the engine (1 and 2 workers); `Err` describes the
 /// first disagreement.
 fn compare(case: &Case) -> Result<usize, String> {
-    let spec = shoal::spec::parse_spec(&case.spec, case.opts.tick)
-        .map_err(|e| format!("the generated spec does not parse: {e:?}\n{}", describe(case)))?;
-    let expected = evaluate(&spec, case.input.as_bytes(), &case.opts);
-    for workers in [1, 2] {
-        let run = RunOptions {
-            tick: case.opts.tick,
-            lateness: case.opts.lateness,
-            dedupe_horizon: case.opts.dedupe_horizon,
-            until: case.opts.until,
-            workers,
-            ..RunOptions::default()
-        };
-        let got = run_memory(&spec, case.input.as_bytes(), &run).map_err(|e| format!("engine error: {e}\n{}", describe(case)))?;
-        if got.lines != expected.lines || got.dead_letters.len() != expected.dead {
-            let at = got
-                .lines
-                .iter()
-                .zip(&expected.lines)
-                .position(|(a, b)| a != b)
-                .unwrap_or(got.lines.len().min(expected.lines.len()));
-            return Err(format!(
-                "engine ({workers} worker(s)) disagrees with the reference from line {at}; dead letters: engine {}, reference {}\n\
-                 --- reference\n{}\n--- engine\n{}\n{}",
-                got.dead_letters.len(),
-                expected.dead,
-                expected.lines.join("\n"),
-                got.lines.join("\n"),
-                describe(case)
-            ));
-        }
-    }
-    Ok(expected.lines.len())
+    compare_requests(case, &[])
 }
 
 /// A request in a generated case: forget the profile of an id, or unlink
@@ -993,7 +962,7 @@ fn render_requests(case: &Case, reqs: &[Req], (lo, hi): (u64, u64)) -> Vec<(u64,
     out
 }
 
-/// [`compare`] with requests fed at their ticks.
+/// [`compare`] with requests (SPEC §7) fed at their ticks.
 fn compare_requests(case: &Case, requests: &[(u64, shoal::core::id::Request)]) -> Result<usize, String> {
     let spec = shoal::spec::parse_spec(&case.spec, case.opts.tick)
         .map_err(|e| format!("the generated spec does not parse: {e:?}\n{}", describe(case)))?;
@@ -1009,10 +978,18 @@ fn compare_requests(case: &Case, requests: &[(u64, shoal::core::id::Request)]) -
             ..RunOptions::default()
         };
         let got = run_memory(&spec, case.input.as_bytes(), &run).map_err(|e| format!("engine error: {e}\n{}", describe(case)))?;
-        if got.lines != expected.lines {
+        if got.lines != expected.lines || got.dead_letters.len() != expected.dead {
+            let at = got
+                .lines
+                .iter()
+                .zip(&expected.lines)
+                .position(|(a, b)| a != b)
+                .unwrap_or(got.lines.len().min(expected.lines.len()));
             return Err(format!(
-                "engine ({workers} worker(s)) with requests {requests:?} disagrees with the reference\n\
-                 --- reference\n{}\n--- engine\n{}\n{}",
+                "engine ({workers} worker(s)) with requests {requests:?} disagrees with the reference from line {at}; \
+                 dead letters: engine {}, reference {}\n--- reference\n{}\n--- engine\n{}\n{}",
+                got.dead_letters.len(),
+                expected.dead,
                 expected.lines.join("\n"),
                 got.lines.join("\n"),
                 describe(case)

@@ -1117,18 +1117,7 @@ fn the_api_serves_https_with_a_certificate_the_test_makes() {
 fn stalled_clients_are_cut_off_and_others_still_served() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("spec.toml"), LIVE_SPEC).unwrap();
-    std::fs::write(dir.path().join("events.jsonl"), track("view", "u1", T0)).unwrap();
-    let args = [
-        "spec.toml",
-        "--input",
-        "events.jsonl",
-        "--output",
-        "out.jsonl",
-        "--http-timeout",
-        "1s",
-    ];
-    let shoal = Shoal::start(dir.path(), &args, false);
+    let shoal = one_view(dir.path(), &["--http-timeout", "1s"]);
     let a = shoal.addr.as_str();
     // Read until the server closes; `None` if it still holds the connection after 15 s.
     let until_closed = |s: &mut std::net::TcpStream| -> Option<String> {
@@ -1302,6 +1291,19 @@ fn a_restart_without_the_token_flags_stays_locked() {
     assert_eq!(call(&again.addr, "GET", "/segments", Some("s3cret-admin"), None).0, 200);
     let def = r#"{"when":"count('view', 1h) >= 1"}"#;
     assert_eq!(call(&again.addr, "PUT", "/segments/any", None, Some(def)).0, 401);
+}
+
+/// `shoal run` over [`LIVE_SPEC`] and one view by `u1`, serving HTTP, with
+/// `more` arguments.
+fn one_view(dir: &Path, more: &[&str]) -> Shoal {
+    std::fs::write(dir.join("spec.toml"), LIVE_SPEC).unwrap();
+    std::fs::write(dir.join("events.jsonl"), track("view", "u1", T0)).unwrap();
+    let args: Vec<&str> = ["spec.toml", "--input", "events.jsonl", "--output", "out.jsonl"]
+        .iter()
+        .chain(more)
+        .copied()
+        .collect();
+    Shoal::start(dir, &args, false)
 }
 
 /// Lines of `out.jsonl` once it holds `want` (30 s at most).
@@ -1509,18 +1511,7 @@ fn changes_that_would_break_the_running_spec_are_refused() {
 fn api_calls_beyond_the_bound_wait_for_a_slot() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("spec.toml"), LIVE_SPEC).unwrap();
-    std::fs::write(dir.path().join("events.jsonl"), track("view", "u1", T0)).unwrap();
-    let args = [
-        "spec.toml",
-        "--input",
-        "events.jsonl",
-        "--output",
-        "out.jsonl",
-        "--http-timeout",
-        "3s",
-    ];
-    let shoal = Shoal::start(dir.path(), &args, false);
+    let shoal = one_view(dir.path(), &["--http-timeout", "3s"]);
     let a = shoal.addr.as_str();
     let _subscribed = subscribe(a);
     let stalled: Vec<std::net::TcpStream> = (0..64)
