@@ -155,6 +155,11 @@ impl Feeder {
         }
     }
 
+    /// Whether an id is forgotten at or after `t`.
+    pub fn forgets_from(&self, t: u64) -> bool {
+        self.forgotten.read().expect("not poisoned").values().any(|at| *at >= t)
+    }
+
     /// Whether `s` names an id forgotten at or before its effect tick.
     fn suppressed(&self, s: &Stamped) -> bool {
         let list = self.forgotten.read().expect("not poisoned");

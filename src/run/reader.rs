@@ -105,7 +105,10 @@ impl Reader<'_> {
     pub fn checkpoint_if_due(&mut self, position: impl FnOnce() -> crate::io::Position) {
         let Some(ck) = &self.checkpoints else { return };
         let shared = ck.shared.clone();
-        let due = ck.last.elapsed() >= shared.every && shared.delivered_past_written();
+        // A checkpoint waits while a forget's tick is not yet delivered: the
+        // next one holds nothing of the forgotten ids (it can purge them).
+        let due =
+            ck.last.elapsed() >= shared.every && shared.delivered_past_written() && !self.feeder.forgets_from(self.delivered_frontier());
         if shared.readers_count == 1 {
             if due {
                 self.checkpoint(position());
