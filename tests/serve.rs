@@ -1275,18 +1275,14 @@ fn looking_back_and_across_agree_with_the_diffs() {
 #[test]
 fn a_restart_without_the_token_flags_stays_locked() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("spec.toml"), LIVE_SPEC).unwrap();
-    std::fs::write(dir.path().join("events.jsonl"), track("view", "u1", T0)).unwrap();
     std::fs::write(dir.path().join("admin"), "s3cret-admin\n").unwrap();
-    let base = ["spec.toml", "--input", "events.jsonl", "--output", "out.jsonl", "--state", "state"];
-    let locked: Vec<&str> = base.iter().copied().chain(["--http-token-file", "admin"]).collect();
-    let mut first = Shoal::start(dir.path(), &locked, false);
+    let mut first = one_view(dir.path(), &["--state", "state", "--http-token-file", "admin"]);
     assert_eq!(call(&first.addr, "GET", "/segments", None, None).0, 401);
     first.child.kill().unwrap();
     first.child.wait().unwrap();
     let kept = std::fs::read_to_string(dir.path().join("state/access.json")).unwrap();
     assert!(!kept.contains("s3cret-admin"), "no token in the state: {kept}");
-    let again = Shoal::start(dir.path(), &base, false);
+    let again = one_view(dir.path(), &["--state", "state"]);
     assert_eq!(call(&again.addr, "GET", "/segments", None, None).0, 401, "still locked");
     assert_eq!(call(&again.addr, "GET", "/segments", Some("s3cret-admin"), None).0, 200);
     let def = r#"{"when":"count('view', 1h) >= 1"}"#;

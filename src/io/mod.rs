@@ -64,6 +64,36 @@ pub enum Error {
     Topic { brokers: String, what: String },
 }
 
+/// Writes `bytes` to `path` so that a crash leaves the old file or the new
+/// one, never part of one: into `tmp` (created only for its owner when
+/// `owner_only`), fsynced, renamed over `path`, and the directory fsynced.
+/// On failure `tmp` is removed.
+pub fn write_atomically(tmp: &std::path::Path, path: &std::path::Path, bytes: &[u8], owner_only: bool) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let written = (|| {
+        let mode = if owner_only { 0o600 } else { 0o666 };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(tmp, path)?;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    written
+}
+
 impl Error {
     /// An input failure: `what` names the action and the input, and is
     /// only called on failure (reading a line must not format a message).

@@ -285,11 +285,10 @@ pub fn deliver<'s>(
             let mut keep = outs.observer.as_ref().map(|_| cap.delayed(&u64::MAX));
             let mut pending: BTreeMap<u64, (Capability<u64>, Vec<NamedChange>)> = BTreeMap::new();
             // Written ticks not yet acknowledged, with their line counts.
-            let mut awaiting: BTreeMap<u64, (Capability<u64>, u64)> = BTreeMap::new();
             // Lines the observer wrote on its own (requests, model-only
-            // ticks) not yet acknowledged, by tick: they hold no capability,
-            // but the delivered mark stays before them.
-            let mut uncapped: BTreeMap<u64, u64> = BTreeMap::new();
+            // ticks) hold no capability, but the delivered mark stays
+            // before them all the same.
+            let mut awaiting: Awaiting = BTreeMap::new();
             // After a stop: held at the cutoff so that no reader takes the
             // ticks dropped after it for delivered.
             let mut barrier: Option<Capability<u64>> = None;
@@ -358,7 +357,7 @@ pub fn deliver<'s>(
                             write_tick(&mut outs, t, Vec::new());
                             let lines = outs.state.borrow().diffs - before;
                             if lines > 0 {
-                                *uncapped.entry(t).or_default() += lines;
+                                awaiting.entry(t).or_default().1 += lines;
                             }
                         }
                         continue;
@@ -379,7 +378,9 @@ pub fn deliver<'s>(
                     let before = outs.state.borrow().diffs;
                     write_tick(&mut outs, t, changes);
                     written.push(t);
-                    awaiting.insert(t, (cap, outs.state.borrow().diffs - before));
+                    let entry = awaiting.entry(t).or_default();
+                    entry.0 = Some(cap);
+                    entry.1 += outs.state.borrow().diffs - before;
                 }
                 flush(&mut outs, &mut written);
                 if let Some(observer) = &outs.observer {
@@ -403,7 +404,7 @@ pub fn deliver<'s>(
                     barrier = None;
                 }
                 if let Some(observer) = outs.observer.clone() {
-                    run_requests(&mut outs, observer.as_ref(), &mut written, &mut uncapped);
+                    run_requests(&mut outs, observer.as_ref(), &mut written, &mut awaiting);
                     if observer.stopped() {
                         keep = None;
                     }
@@ -412,19 +413,17 @@ pub fn deliver<'s>(
                 // the changes they journaled, and the output they wrote.
                 let unacked = outs.changes.as_mut().and_then(|c| c.unacknowledged());
                 awaiting.retain(|&t, _| unacked.is_some_and(|u| u <= t));
-                uncapped.retain(|&t, _| unacked.is_some_and(|u| u <= t));
-                let unacked_lines = awaiting.values().map(|(_, n)| n).sum::<u64>() + uncapped.values().sum::<u64>();
+                let unacked_lines = awaiting.values().map(|(_, n)| n).sum();
                 mark(
                     &outs,
                     [
                         frontier.frontier().first(),
                         notes_frontier.frontier().first(),
                         awaiting.keys().next(),
-                        uncapped.keys().next(),
                     ],
                     unacked_lines,
                 );
-                if !awaiting.is_empty() || !uncapped.is_empty() {
+                if !awaiting.is_empty() {
                     activator.activate_after(Duration::from_millis(5));
                 } else if keep.is_some() {
                     activator.activate_after(Duration::from_millis(50));
@@ -434,10 +433,14 @@ pub fn deliver<'s>(
     )
 }
 
+/// Written ticks not yet acknowledged: the capability of a dataflow tick
+/// (none for lines the observer wrote on its own) and the lines written.
+type Awaiting = BTreeMap<u64, (Option<Capability<u64>>, u64)>;
+
 /// Records the output as of the delivered frontier: the least of the
 /// inputs' frontiers and the first unacknowledged tick (`u64::MAX` when
 /// everything is out); the lines of unacknowledged ticks do not count.
-fn mark(outs: &Outputs, bounds: [Option<&u64>; 4], unacked_lines: u64) {
+fn mark(outs: &Outputs, bounds: [Option<&u64>; 3], unacked_lines: u64) {
     let Some(cell) = &outs.delivered else { return };
     let st = outs.state.borrow();
     // Ticks before `skip_before` were out before a restart.
@@ -465,11 +468,11 @@ fn write_dead(outs: &mut Outputs, reader: usize, line: &str) {
 /// changes are written (stamped with its clock) and flushed, and only then
 /// answered, so a client that reads the output after its answer finds them
 /// there.
-fn run_requests(outs: &mut Outputs, observer: &dyn Observer, written: &mut Vec<u64>, uncapped: &mut BTreeMap<u64, u64>) {
+fn run_requests(outs: &mut Outputs, observer: &dyn Observer, written: &mut Vec<u64>, awaiting: &mut Awaiting) {
     let diffs = outs.state.borrow().diffs;
     let answers = observer.run_requests(diffs, &mut |t, lines| {
         send_lines(outs, t, lines);
-        *uncapped.entry(t).or_default() += lines.len() as u64;
+        awaiting.entry(t).or_default().1 += lines.len() as u64;
     });
     flush(outs, written);
     for answer in answers {

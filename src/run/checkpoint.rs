@@ -33,7 +33,6 @@
 //! clock options is refused, naming what differs.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -269,15 +268,7 @@ impl Store {
         let bytes = encode(snap);
         let path = self.dir.join(format!("ckpt-{:012}.shoal", snap.seq));
         let tmp = self.dir.join(format!(".ckpt-{:012}.tmp", snap.seq));
-        let written = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(&self.dir)?.sync_all()
-        })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
+        if let Err(e) = crate::io::write_atomically(&tmp, &path, &bytes, false) {
             return Err(self.io(&format!("cannot write checkpoint {}", path.display()), e));
         }
         for (_, old) in self.files()?.into_iter().skip(KEEP) {

@@ -48,6 +48,15 @@ pub struct Feeder {
     fed_until: Option<u64>,
 }
 
+/// Puts `keys` on the suppression list from tick `at` (an id forgotten
+/// twice keeps the earlier tick).
+fn forget(list: &mut rustc_hash::FxHashMap<Key, u64>, keys: &[Key], at: u64) {
+    for k in keys {
+        let f = list.entry(*k).or_insert(at);
+        *f = (*f).min(at);
+    }
+}
+
 /// The updates a reader fed, compacted at each checkpoint (see `crate::run::checkpoint`).
 #[derive(Default)]
 pub(super) struct FedLog {
@@ -90,10 +99,7 @@ impl Feeder {
             let mut list = shared.write().expect("not poisoned");
             for (at, r) in requests {
                 if let Request::Forget(keys) = r {
-                    for k in keys {
-                        let f = list.entry(*k).or_insert(*at);
-                        *f = (*f).min(*at);
-                    }
+                    forget(&mut list, keys, *at);
                 }
             }
         }
@@ -119,11 +125,7 @@ impl Feeder {
     pub fn request(&mut self, r: Request) -> u64 {
         let at = self.request_tick();
         if let Request::Forget(keys) = &r {
-            let mut list = self.forgotten.write().expect("not poisoned");
-            for k in keys {
-                let f = list.entry(*k).or_insert(at);
-                *f = (*f).min(at);
-            }
+            forget(&mut self.forgotten.write().expect("not poisoned"), keys, at);
         }
         self.feed_request(at, r);
         at
@@ -281,7 +283,7 @@ impl Feeder {
             for (k, t, r) in &st.forgotten {
                 self.inputs.forgotten.update_at(*k, *t, *r);
                 self.requested.insert((*k, *k));
-                list.entry(*k).or_insert(*t);
+                forget(&mut list, &[*k], *t);
             }
         }
         for (p, t, r) in &st.unlinked {

@@ -41,24 +41,10 @@ impl Kept {
     pub fn access(&self, given: Access) -> Result<Access, EngineError> {
         let path = &self.access;
         if !given.open() {
-            let text = serde_json::to_string_pretty(&given).expect("access rules serialize");
-            let tmp = path.with_extension("json.tmp");
+            let text = serde_json::to_string_pretty(&given).expect("access rules serialize") + "\n";
             // Only the owner may read it: the digests of short tokens could
             // be guessed offline.
-            let write = || -> std::io::Result<()> {
-                use std::io::Write as _;
-                use std::os::unix::fs::OpenOptionsExt as _;
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)?;
-                f.write_all((text + "\n").as_bytes())?;
-                f.sync_all()
-            };
-            write()
-                .and_then(|()| std::fs::rename(&tmp, path))
+            crate::io::write_atomically(&path.with_extension("json.tmp"), path, text.as_bytes(), true)
                 .map_err(crate::io::Error::input(|| format!("write {}", path.display())))?;
             return Ok(given);
         }

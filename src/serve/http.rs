@@ -545,14 +545,7 @@ async fn profile(State(s): St, Path(id): Path<String>, Query(q): Query<At>) -> R
         let now = m.labels.get(&key).and_then(|p| m.names.get(p)).map(|p| p.to_string());
         return Err(not_found(now));
     }
-    let ids: BTreeSet<String> = m
-        .ids
-        .get(&key)
-        .into_iter()
-        .flatten()
-        .filter_map(|k| m.nodes.get(k).map(|(id, _)| id.to_string()))
-        .chain(std::iter::once(id.clone()))
-        .collect();
+    let ids: BTreeSet<String> = m.ids_of(key).iter().map(ToString::to_string).collect();
     let mut segments = serde_json::Map::new();
     if let Some(t) = at {
         // The memberships its ids had then, whichever profile they made.
@@ -613,7 +606,7 @@ async fn request(s: &Served, r: crate::core::id::Request) -> Result<u64, ApiErro
 
 /// The profile `id` names (it or the profile it belongs to), and its ids,
 /// or 404.
-fn profile_and_ids(m: &Model, id: &str) -> Result<(crate::core::id::Id, Vec<crate::core::id::Id>), ApiError> {
+fn profile_and_ids(m: &Model, id: &str) -> Result<(crate::core::id::Id, BTreeSet<crate::core::id::Id>), ApiError> {
     let unknown = || ApiError::NotFound {
         message: format!("no profile {id}"),
         profile: None,
@@ -625,16 +618,7 @@ fn profile_and_ids(m: &Model, id: &str) -> Result<(crate::core::id::Id, Vec<crat
         *m.labels.get(&key).ok_or_else(unknown)?
     };
     let name = m.names.get(&profile).ok_or_else(unknown)?.clone();
-    let ids = m
-        .ids
-        .get(&profile)
-        .into_iter()
-        .flatten()
-        .filter_map(|k| m.nodes.get(k).map(|(id, _)| id.clone()));
-    let mut ids: Vec<crate::core::id::Id> = ids.chain(std::iter::once(name.clone())).collect();
-    ids.sort();
-    ids.dedup();
-    Ok((name, ids))
+    Ok((name, m.ids_of(profile)))
 }
 
 /// `DELETE /profiles/{id}`: forgets the profile (SPEC §7) from the next tick.

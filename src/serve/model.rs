@@ -1082,6 +1082,13 @@ impl Model {
         }
     }
 
+    /// Every id of profile `profile`, its own included.
+    pub fn ids_of(&self, profile: Key) -> BTreeSet<Id> {
+        let ids = self.ids.get(&profile).into_iter().flatten();
+        let named = ids.filter_map(|k| self.nodes.get(k).map(|(id, _)| id.clone()));
+        named.chain(self.names.get(&profile).cloned()).collect()
+    }
+
     /// The changes of `slot` after tick `t`, newest first, to undo; `Err`
     /// with the oldest tick the changes kept can tell when `t` is older.
     fn since(&self, slot: usize, t: u64) -> Result<impl Iterator<Item = &(u64, String, bool)>, u64> {
