@@ -228,3 +228,126 @@ mod tests {
         assert_eq!(c.now, Some(18_000));
     }
 }
+
+/// What [`local_part`] reads of an instant: its hour (0–23) or its weekday
+/// (0 Monday – 6 Sunday).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Part {
+    Hour,
+    Weekday,
+}
+
+impl Part {
+    /// The length of one value in local time.
+    fn unit(self) -> i64 {
+        match self {
+            Part::Hour => 3_600_000,
+            Part::Weekday => 86_400_000,
+        }
+    }
+}
+
+/// A time zone by its IANA name, from the tz database bundled with the
+/// binary; `None` for a name it does not know.
+pub fn zone(name: &str) -> Option<jiff::tz::TimeZone> {
+    jiff::tz::TimeZone::get(name).ok()
+}
+
+/// The offset from UTC of `zone` (`None`: UTC) at epoch milliseconds `ms`,
+/// in milliseconds; `None` out of the zone library's range.
+fn offset(ms: i64, zone: Option<&jiff::tz::TimeZone>) -> Option<i64> {
+    let Some(zone) = zone else { return Some(0) };
+    let at = jiff::Timestamp::from_millisecond(ms).ok()?;
+    Some(zone.to_offset(at).seconds() as i64 * 1000)
+}
+
+/// `hour(t, zone)` or `weekday(t, zone)` of SPEC §4: `part` of the instant
+/// `ms` in local time.
+pub fn local_part(ms: i64, zone: Option<&jiff::tz::TimeZone>, part: Part) -> Option<i64> {
+    let local = ms.checked_add(offset(ms, zone)?)?;
+    Some(match part {
+        Part::Hour => local.div_euclid(3_600_000).rem_euclid(24),
+        // 1970-01-01 was a Thursday (3 with Monday 0).
+        Part::Weekday => (local.div_euclid(86_400_000) + 3).rem_euclid(7),
+    })
+}
+
+/// The instants `[start, end)` around `ms` over which [`local_part`] keeps
+/// its value: the local hour (or day) that holds `ms`, cut at the zone's
+/// offset changes next to it. Exact where the offset does not change, and
+/// never wider than the value's true span.
+pub fn part_span(ms: i64, zone: Option<&jiff::tz::TimeZone>, part: Part) -> Option<(i64, i64)> {
+    let off = offset(ms, zone)?;
+    let unit = part.unit();
+    let start_local = ms.checked_add(off)?.div_euclid(unit) * unit;
+    let (mut start, mut end) = (start_local - off, start_local + unit - off);
+    if let Some(zone) = zone {
+        let at = jiff::Timestamp::from_millisecond(ms).ok()?;
+        // The last change at or before `ms`, and the first after it.
+        let just_after = jiff::Timestamp::from_millisecond(ms + 1).ok()?;
+        if let Some(before) = zone.preceding(just_after).next() {
+            start = start.max(before.timestamp().as_millisecond());
+        }
+        if let Some(after) = zone.following(at).next() {
+            end = end.min(after.timestamp().as_millisecond());
+        }
+    }
+    Some((start, end))
+}
+
+#[cfg(test)]
+mod zone_tests {
+    use super::*;
+
+    fn ms(s: &str) -> i64 {
+        parse_time(s).unwrap() as i64
+    }
+
+    #[test]
+    fn hours_and_weekdays_in_utc_and_in_zones() {
+        let t = ms("2024-03-13T23:30:00Z"); // a Wednesday
+        assert_eq!(local_part(t, None, Part::Hour), Some(23));
+        assert_eq!(local_part(t, None, Part::Weekday), Some(2));
+        let paris = zone("Europe/Paris").unwrap();
+        assert_eq!(local_part(t, Some(&paris), Part::Hour), Some(0));
+        assert_eq!(local_part(t, Some(&paris), Part::Weekday), Some(3));
+        let kathmandu = zone("Asia/Kathmandu").unwrap(); // +05:45
+        assert_eq!(local_part(t, Some(&kathmandu), Part::Hour), Some(5));
+        assert_eq!(local_part(ms("1970-01-05T00:00:00Z"), None, Part::Weekday), Some(0));
+        assert!(zone("Mars/Olympus_Mons").is_none());
+    }
+
+    #[test]
+    fn spans_hold_one_value_and_stop_at_offset_changes() {
+        let paris = zone("Europe/Paris").unwrap();
+        // 2024-03-31 01:30Z is 03:30 CEST, just after the 01:00Z change.
+        let t = ms("2024-03-31T01:30:00Z");
+        assert_eq!(
+            part_span(t, Some(&paris), Part::Hour),
+            Some((ms("2024-03-31T01:00:00Z"), ms("2024-03-31T02:00:00Z")))
+        );
+        // That Sunday in Paris began at 23:00Z and ends at 22:00Z (23 hours).
+        assert_eq!(
+            part_span(t, Some(&paris), Part::Weekday),
+            Some((ms("2024-03-31T01:00:00Z"), ms("2024-03-31T22:00:00Z")))
+        );
+        let kathmandu = zone("Asia/Kathmandu").unwrap();
+        assert_eq!(
+            part_span(ms("2024-03-13T23:30:00Z"), Some(&kathmandu), Part::Hour),
+            Some((ms("2024-03-13T23:15:00Z"), ms("2024-03-14T00:15:00Z")))
+        );
+        // Every instant of a span has the value of its start.
+        for (z, step) in [(Some(&paris), 600_000), (Some(&kathmandu), 900_000), (None, 3_600_000)] {
+            let mut t = ms("2024-03-30T00:00:00Z");
+            while t < ms("2024-04-02T00:00:00Z") {
+                for part in [Part::Hour, Part::Weekday] {
+                    let (s, e) = part_span(t, z, part).unwrap();
+                    assert!(s <= t && t < e);
+                    assert_eq!(local_part(s, z, part), local_part(t, z, part));
+                    assert_eq!(local_part(e - 1, z, part), local_part(t, z, part));
+                }
+                t += step;
+            }
+        }
+    }
+}

@@ -201,8 +201,10 @@ pub enum Value {
     Num(Dec),
     Float(Float),
     Str(compact_str::CompactString),
-    /// A duration in milliseconds (only from literals).
+    /// A duration in milliseconds, possibly negative.
     Dur(i64),
+    /// An instant, in milliseconds since the Unix epoch (SPEC §4 "Times").
+    Time(i64),
 }
 
 impl Value {
@@ -268,6 +270,12 @@ impl Value {
                     }
                 }
             },
+            (Value::Time(a), Value::Time(b)) if op == Sub => a.checked_sub(*b).map(Value::Dur).unwrap_or(Value::Missing),
+            (Value::Time(a), Value::Dur(b)) if matches!(op, Add | Sub) => {
+                let t = if op == Add { a.checked_add(*b) } else { a.checked_sub(*b) };
+                t.map(Value::Time).unwrap_or(Value::Missing)
+            }
+            (Value::Dur(a), Value::Time(b)) if op == Add => a.checked_add(*b).map(Value::Time).unwrap_or(Value::Missing),
             (Value::Dur(a), Value::Dur(b)) => match op {
                 Add => a.checked_add(*b).map(Value::Dur).unwrap_or(Value::Missing),
                 Sub => a.checked_sub(*b).map(Value::Dur).unwrap_or(Value::Missing),
@@ -330,6 +338,7 @@ impl Value {
             (Value::Str(a), Value::Str(b)) => Some(a.as_bytes().cmp(b.as_bytes())),
             (Value::Bool(a), Value::Bool(b)) => Some(a.cmp(b)),
             (Value::Dur(a), Value::Dur(b)) => Some(a.cmp(b)),
+            (Value::Time(a), Value::Time(b)) => Some(a.cmp(b)),
             _ => None,
         }
     }

@@ -5,7 +5,8 @@
 //! profiles as connected components; [`window`] bounds facts in time and
 //! re-keys them to profiles; [`terms`] folds them into one value per term
 //! and profile; [`score`], [`rfm`] and [`cluster`] compute the population
-//! terms (percentiles, RFM scores, k-means clusters); [`rules`] turns the
+//! terms (percentiles, RFM scores, k-means clusters); [`timed`] evaluates
+//! the atoms that read `now`, with timers; [`rules`] turns the
 //! atoms of `when` expressions into memberships. [`total`] holds the
 //! operators for totally ordered time (hash maps per key, measured against
 //! and held to differential's own) that these stages are made of.
@@ -16,6 +17,7 @@ pub mod rfm;
 pub mod rules;
 pub mod score;
 pub mod terms;
+pub mod timed;
 pub mod total;
 pub mod window;
 
@@ -118,7 +120,7 @@ pub fn build_with<'s>(
     let (nodes, links) = identity::requested(nodes, links, forgotten, unlinked);
     let identity::Profiles { labels, names } = identity::profiles(nodes.clone(), links);
     let universe = identity::universe(names.clone());
-    let rows = rows || !plan.values.is_empty() || plan.atoms.iter().any(|a| a.terms.len() > 1);
+    let rows = rows || !plan.values.is_empty() || !plan.timed.is_empty() || plan.atoms.iter().any(|a| a.terms.len() > 1);
     let built = terms::terms((facts, counts), labels.clone(), plan.clone(), (tick, rows));
     let mut atoms = built.atoms;
     let mut terms = built.rows;
@@ -138,6 +140,12 @@ pub fn build_with<'s>(
         }
     }
     if let Some(more) = terms.clone().and_then(|rows| rules::atoms(rows, plan.clone())) {
+        atoms = atoms.concat(more);
+    }
+    if let Some(more) = terms
+        .clone()
+        .and_then(|rows| timed::timed(rows, universe.clone(), plan.clone(), tick))
+    {
         atoms = atoms.concat(more);
     }
     let members = rules::segments(atoms, universe.clone(), plan.clone());

@@ -48,7 +48,7 @@ pub fn atoms<'s>(
 ) -> Option<VecCollection<'s, u64, AtomRow, isize>> {
     let events = plan.streams.len();
     let population = events < plan.folds.len();
-    let several = plan.atoms.iter().any(|a| a.terms.len() > 1);
+    let several = plan.atoms.iter().any(|a| a.terms.len() > 1 && !a.timed);
     let direct = population.then(|| {
         let single = plan.clone();
         // The rows a tick retracts and inserts together, evaluated in
@@ -60,7 +60,7 @@ pub fn atoms<'s>(
                 for (&term, value) in single.folds[stream.index()].iter().zip(&values) {
                     for &(atom, _) in &single.readers[term] {
                         let def = &single.atoms[atom];
-                        if def.terms.len() == 1 {
+                        if def.terms.len() == 1 && !def.timed {
                             net.push((((AtomId::of(atom), profile), def.holds(std::slice::from_ref(value))), r));
                         }
                     }
@@ -78,7 +78,7 @@ pub fn atoms<'s>(
         let mut rows = Vec::new();
         for (&term, value) in readers.folds[stream.index()].iter().zip(values) {
             for &(atom, slot) in &readers.readers[term] {
-                if readers.atoms[atom].terms.len() > 1 {
+                if readers.atoms[atom].terms.len() > 1 && !readers.atoms[atom].timed {
                     rows.push(((AtomId::of(atom), profile), (slot as u32, value.clone())));
                 }
             }

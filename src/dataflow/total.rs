@@ -596,7 +596,7 @@ where
     S: Stage<D0, D1> + 'static,
     F1: Fn(&D0) -> u64 + 'static,
     F2: Fn(&D2) -> u64 + 'static,
-    L: FnMut(u64, &mut Vec<(D1, isize)>, &mut Vec<(D2, isize)>, &mut Updates<O>) + 'static,
+    L: FnMut(u64, &mut Vec<(D1, isize)>, &mut Vec<(D2, isize)>, &mut Updates<O>, &mut Wakes) + 'static,
 {
     let pact1 = Exchange::new(move |(d, _, _): &(D0, u64, isize)| key1(d));
     let pact2 = Exchange::new(move |(d, _, _): &(D2, u64, isize)| key2(d));
@@ -606,6 +606,7 @@ where
             let mut held: Option<Capability<u64>> = None;
             let (mut ready1, mut ready2, mut out) = (Vec::new(), Vec::new(), Vec::new());
             let (mut run1, mut run2) = (Vec::new(), Vec::new());
+            let mut wakes = Wakes::default();
             move |(input1, frontier1), (input2, frontier2), output| {
                 // What waited is taken before new input joins it (see `by_tick`):
                 // one input's frontier often trails the other's by a step, so
@@ -619,16 +620,23 @@ where
                 pending2.ready(&[frontier1, frontier2], &mut ready2);
                 by_tick_order(&mut ready1);
                 by_tick_order(&mut ready2);
+                let bound = bound(&[frontier1, frontier2]);
+                if bound.is_none() {
+                    // Past the last tick: nothing is written after it.
+                    wakes.0.clear();
+                }
                 let (mut d1, mut d2) = (ready1.drain(..).peekable(), ready2.drain(..).peekable());
                 loop {
-                    let t = match (d1.peek(), d2.peek()) {
-                        (Some(a), Some(b)) => a.1.min(b.1),
-                        (Some((_, t, _)), None) | (None, Some((_, t, _))) => *t,
-                        (None, None) => break,
-                    };
+                    let woken = wakes.next().filter(|&w| bound.is_some_and(|b| w < b));
+                    let t = [d1.peek().map(|u| u.1), d2.peek().map(|u| u.1), woken].into_iter().flatten().min();
+                    let Some(t) = t else { break };
+                    while wakes.next() == Some(t) {
+                        wakes.0.pop();
+                    }
                     run1.extend(std::iter::from_fn(|| d1.next_if(|u| u.1 == t)).map(|(d, _, r)| (d, r)));
                     run2.extend(std::iter::from_fn(|| d2.next_if(|u| u.1 == t)).map(|(d, _, r)| (d, r)));
-                    on_tick(t, &mut run1, &mut run2, &mut out);
+                    wakes.1 = t;
+                    on_tick(t, &mut run1, &mut run2, &mut out, &mut wakes);
                     run1.clear();
                     run2.clear();
                 }
@@ -637,11 +645,36 @@ where
                 }
                 hold(
                     &mut held,
-                    [pending1.first(), pending2.first(), stage.next()].into_iter().flatten().min(),
+                    [pending1.first(), pending2.first(), stage.next(), wakes.next()]
+                        .into_iter()
+                        .flatten()
+                        .min(),
                 );
             }
         })
         .as_collection()
+}
+
+/// The ticks at which an operator asked to run again with no input (see
+/// [`binary_by_tick`]): each is handed to the operator once every input has
+/// passed it, under the capability the operator keeps for it. When the
+/// inputs close, those still asked for lie beyond the last tick and are
+/// dropped, as a window's pending retractions are.
+#[derive(Default)]
+pub struct Wakes(std::collections::BinaryHeap<std::cmp::Reverse<u64>>, u64);
+
+impl Wakes {
+    /// Asks for a run at tick `t`, later than the tick being processed.
+    pub fn at(&mut self, t: u64) {
+        debug_assert!(t > self.1, "a wake after the tick being processed");
+        if self.next() != Some(t) {
+            self.0.push(std::cmp::Reverse(t));
+        }
+    }
+
+    fn next(&self) -> Option<u64> {
+        self.0.peek().map(|w| w.0)
+    }
 }
 
 /// `join_core` for totally ordered time: `(k, v)` and `(k, w)` give
@@ -684,7 +717,7 @@ where
 {
     let mut sides: FxHashMap<K, Both<V, W>> = FxHashMap::default();
     let by_key = (key, |(k, _): &(K, W)| k.hashed().into());
-    by_tick2(left, right, name, by_key, move |t, dv, dw, out| {
+    by_tick2(left, right, name, by_key, move |t, dv, dw, out, _| {
         // New right-hand values meet the left as it was; then new left-hand
         // values meet the right as it is now.
         for ((k, w), r) in dw.drain(..) {
@@ -745,7 +778,7 @@ where
         nodes,
         name,
         everything_to_the_last_worker,
-        move |t, de, dn, out| {
+        move |t, de, dn, out, _| {
             consolidate(de);
             consolidate(dn);
             let mut emit = |n: &N, l: &L, r: isize| out.push(((n.clone(), l.clone()), t, r));
@@ -1051,6 +1084,28 @@ where
     F1: Fn(&D1) -> u64 + 'static,
     F2: Fn(&D2) -> u64 + 'static,
     L: FnMut(u64, &mut Vec<(D1, isize)>, &mut Vec<(D2, isize)>, &mut Updates<O>) + 'static,
+{
+    let mut on_tick = on_tick;
+    by_tick2((left, Direct), right, name, keys, move |t, d1, d2, out, _| on_tick(t, d1, d2, out))
+}
+
+/// [`binary_by_tick`] for a stage that also runs at ticks of its own
+/// choosing: `on_tick` may ask, through [`Wakes`], to run at a later tick
+/// with no input (timers: `crate::dataflow::timed`).
+pub fn binary_by_tick_waking<'s, D1, D2, O, F1, F2, L>(
+    left: VecCollection<'s, u64, D1, isize>,
+    right: VecCollection<'s, u64, D2, isize>,
+    name: &str,
+    keys: (F1, F2),
+    on_tick: L,
+) -> VecCollection<'s, u64, O, isize>
+where
+    D1: ExchangeData,
+    D2: ExchangeData,
+    O: ExchangeData,
+    F1: Fn(&D1) -> u64 + 'static,
+    F2: Fn(&D2) -> u64 + 'static,
+    L: FnMut(u64, &mut Vec<(D1, isize)>, &mut Vec<(D2, isize)>, &mut Updates<O>, &mut Wakes) + 'static,
 {
     by_tick2((left, Direct), right, name, keys, on_tick)
 }

@@ -117,6 +117,10 @@ pub fn filter_value(e: &Expr, ev: &Event) -> Value {
         ExprKind::Not(a) => Value::Bool(filter_value(a, ev) != Value::Bool(true)),
         ExprKind::And(a, b) => Value::Bool(filter_value(a, ev) == Value::Bool(true) && filter_value(b, ev) == Value::Bool(true)),
         ExprKind::Or(a, b) => Value::Bool(filter_value(a, ev) == Value::Bool(true) || filter_value(b, ev) == Value::Bool(true)),
+        ExprKind::Time(a) => crate::plan::as_time(&filter_value(a, ev)),
+        ExprKind::Clock { part, time, zone } => {
+            crate::plan::clock_part(*part, &filter_value(time, ev), zone.as_ref().map(|z| filter_value(z, ev)).as_ref())
+        }
         _ => Value::Missing,
     }
 }

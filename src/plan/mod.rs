@@ -26,10 +26,13 @@
 //!   numbered after the event streams, so atoms read them like any term.
 use std::collections::HashMap;
 
+mod timed;
+pub use timed::first_change;
+
 use crate::core::fact::AtomRow;
 use crate::core::id::{AtomId, Key, StreamId};
 use crate::core::value::{Dec, Value};
-use crate::spec::ast::{AggKind, ArithOp, CmpOp, EventSel, Expr, ExprKind, Path, RfmField, Selector, Window};
+use crate::spec::ast::{AggKind, ArithOp, ClockPart, CmpOp, EventSel, Expr, ExprKind, Path, RfmField, Selector, Window};
 use crate::spec::Spec;
 
 /// What a stream keeps of each matching event.
@@ -97,17 +100,43 @@ pub enum Calc {
     Abs(Box<Calc>),
     Sqrt(Box<Calc>),
     Arith(ArithOp, Box<Calc>, Box<Calc>),
+    /// `now`: the tick being computed (SPEC §4 "Times").
+    Now,
+    /// `time(x)`, and `last_time`/`first_time` over an event-time term.
+    Time(Box<Calc>),
+    /// `hour(t[, zone])` or `weekday(t[, zone])`; no zone is UTC.
+    Clock(ClockPart, Box<Calc>, Option<Box<Calc>>),
 }
 
 impl Calc {
+    /// The value over term values `slots`, for a calc that does not read
+    /// `now` (one that does reads it as missing: see [`Calc::eval_at`]).
     pub fn eval(&self, slots: &[Value]) -> Value {
+        self.eval_at(slots, None)
+    }
+
+    /// The value over `slots` with the clock at tick `now`.
+    pub fn eval_at(&self, slots: &[Value], now: Option<u64>) -> Value {
         match self {
             Calc::Lit(v) => v.clone(),
             Calc::Slot(i) => slots[*i].clone(),
-            Calc::Neg(a) => a.eval(slots).neg(),
-            Calc::Abs(a) => a.eval(slots).abs(),
-            Calc::Sqrt(a) => a.eval(slots).sqrt(),
-            Calc::Arith(op, a, b) => a.eval(slots).arith(*op, &b.eval(slots)),
+            Calc::Neg(a) => a.eval_at(slots, now).neg(),
+            Calc::Abs(a) => a.eval_at(slots, now).abs(),
+            Calc::Sqrt(a) => a.eval_at(slots, now).sqrt(),
+            Calc::Arith(op, a, b) => a.eval_at(slots, now).arith(*op, &b.eval_at(slots, now)),
+            Calc::Now => now.map_or(Value::Missing, |t| Value::Time(t as i64)),
+            Calc::Time(a) => as_time(&a.eval_at(slots, now)),
+            Calc::Clock(part, t, zone) => clock_part(*part, &t.eval_at(slots, now), zone.as_ref().map(|z| z.eval_at(slots, now)).as_ref()),
+        }
+    }
+
+    /// Whether the calc reads `now`.
+    pub fn reads_now(&self) -> bool {
+        match self {
+            Calc::Lit(_) | Calc::Slot(_) => false,
+            Calc::Now => true,
+            Calc::Neg(a) | Calc::Abs(a) | Calc::Sqrt(a) | Calc::Time(a) | Calc::Clock(_, a, None) => a.reads_now(),
+            Calc::Arith(_, a, b) | Calc::Clock(_, a, Some(b)) => a.reads_now() || b.reads_now(),
         }
     }
 
@@ -131,15 +160,55 @@ pub struct AtomDef {
     pub terms: Vec<usize>,
     /// The source text, for messages.
     pub text: String,
+    /// Whether it reads `now`: its value may change with no event, so it is
+    /// evaluated by `crate::dataflow::timed` for every profile, with timers.
+    pub timed: bool,
 }
 
 impl AtomDef {
+    /// Whether the comparison holds over `slots`, for an atom that does
+    /// not read `now`.
     pub fn holds(&self, slots: &[Value]) -> bool {
         // Most atoms compare a term with a literal: no value need be cloned.
         match (self.lhs.borrowed(slots), self.rhs.borrowed(slots)) {
             (Some(a), Some(b)) => a.cmp_op(self.op, b),
-            _ => self.lhs.eval(slots).cmp_op(self.op, &self.rhs.eval(slots)),
+            _ => self.holds_at(slots, None),
         }
+    }
+
+    /// Whether the comparison holds over `slots` with the clock at `now`.
+    pub fn holds_at(&self, slots: &[Value], now: Option<u64>) -> bool {
+        self.lhs.eval_at(slots, now).cmp_op(self.op, &self.rhs.eval_at(slots, now))
+    }
+}
+
+/// `hour(time, zone)` or `weekday(time, zone)` (SPEC §4 "Times"): missing
+/// unless `time` is a time and `zone`, if given, a zone's IANA name.
+pub fn clock_part(part: ClockPart, time: &Value, zone: Option<&Value>) -> Value {
+    let Value::Time(ms) = *time else {
+        return Value::Missing;
+    };
+    let local = match zone {
+        None => crate::core::clock::local_part(ms, None, part),
+        Some(Value::Str(name)) => crate::core::clock::zone(name).and_then(|z| crate::core::clock::local_part(ms, Some(&z), part)),
+        Some(_) => None,
+    };
+    local.map_or(Value::Missing, |n| Value::Num(Dec::from_int(n)))
+}
+
+/// `time(v)` (SPEC §4 "Times"): a time as it is; a timestamp string as an
+/// event's `timestamp` is read (RFC 3339); integer epoch milliseconds;
+/// anything else is missing.
+pub fn as_time(v: &Value) -> Value {
+    let ms = match v {
+        Value::Time(ms) => Some(*ms),
+        Value::Str(s) => crate::core::clock::parse_time(s).ok().map(|ms| ms as i64),
+        Value::Num(d) if d.0 % crate::core::value::SCALE == 0 => i64::try_from(d.0 / crate::core::value::SCALE).ok(),
+        _ => None,
+    };
+    match ms {
+        Some(ms) if (0..=crate::core::clock::MAX_TIME as i64).contains(&ms) => Value::Time(ms),
+        _ => Value::Missing,
     }
 }
 
@@ -238,6 +307,8 @@ pub struct Plan {
     pub order: Vec<usize>,
     /// For each term, the atoms that read it, with the slot.
     pub readers: Vec<Vec<(usize, usize)>>,
+    /// The atoms that read `now`, in atom order (see [`AtomDef::timed`]).
+    pub timed: Vec<usize>,
     /// For each stream, the terms that fold it (event streams, then the
     /// virtual streams: thresholds, RFM, one per clustering).
     pub folds: Vec<Vec<usize>>,
@@ -277,7 +348,7 @@ impl Plan {
         for (slot, &term) in self.folds[stream.index()].iter().enumerate() {
             for &(atom, _) in &self.readers[term] {
                 let def = &self.atoms[atom];
-                if def.terms.len() != 1 {
+                if def.terms.len() != 1 || def.timed {
                     continue;
                 }
                 let holds = |values: &[Value]| def.holds(std::slice::from_ref(&values[slot]));
@@ -325,6 +396,7 @@ impl Plan {
                 plan.readers[t].push((a, slot));
             }
         }
+        plan.timed = (0..plan.atoms.len()).filter(|&a| plan.atoms[a].timed).collect();
         plan.folds = vec![Vec::new(); plan.streams.len() + 2 + plan.clusters.len()];
         for (t, term) in plan.terms.iter().enumerate() {
             plan.folds[term.stream].push(t);
@@ -509,14 +581,16 @@ impl Plan {
         let l = self.calc(lhs, &mut terms);
         let r = self.calc(rhs, &mut terms);
         let text = format!("{op:?}|{l:?}|{r:?}|{terms:?}");
+        let timed = l.reads_now() || r.reads_now();
         let def = AtomDef {
             op,
             lhs: l,
             rhs: r,
             terms,
             text: text.clone(),
+            timed,
         };
-        if def.terms.is_empty() {
+        if def.terms.is_empty() && !timed {
             return if def.holds(&[]) { Formula::True } else { Formula::False };
         }
         if let Some(&i) = self.atom_keys.get(&text) {
@@ -540,6 +614,7 @@ impl Plan {
             rhs: Calc::Lit(Value::Num(Dec::from_int(1))),
             terms: vec![t],
             text: format!("seen|{t}"),
+            timed: false,
         };
         if let Some(&i) = self.atom_keys.get(&def.text) {
             return Formula::Atom(i);
@@ -630,6 +705,20 @@ impl Plan {
             ExprKind::Last { sel, path } => {
                 let stream = self.stream(sel, None, Read::Last(path.clone()));
                 slot(self, TermDef { stream, agg: Agg::Last })
+            }
+            ExprKind::Now => Calc::Now,
+            ExprKind::Time(a) => Calc::Time(Box::new(self.calc(a, terms))),
+            ExprKind::EventTime { sel, first } => {
+                // The latest (earliest) event time of a lifetime stream:
+                // events at or before `now` are the ones that have taken effect.
+                let stream = self.stream(sel, None, Read::Time);
+                let agg = if *first { Agg::Min } else { Agg::Max };
+                Calc::Time(Box::new(slot(self, TermDef { stream, agg })))
+            }
+            ExprKind::Clock { part, time, zone } => {
+                let time = Box::new(self.calc(time, terms));
+                let zone = zone.as_ref().map(|z| Box::new(self.calc(z, terms)));
+                Calc::Clock(*part, time, zone)
             }
             ExprKind::Trait(name) => {
                 let sel = Selector {

@@ -689,6 +689,10 @@ pub fn value_json(v: &Value) -> serde_json::Value {
         Value::Float(f) => serde_json::Number::from_f64(f.0).map_or(serde_json::Value::Null, Into::into),
         Value::Str(s) => s.as_str().into(),
         Value::Dur(ms) => (*ms).into(),
+        Value::Time(ms) if (0..=crate::core::clock::MAX_TIME as i64).contains(ms) => {
+            crate::core::clock::format_time(*ms as u64, ms % 1000 != 0).into()
+        }
+        Value::Time(ms) => (*ms).into(),
     }
 }
 
@@ -800,7 +804,8 @@ impl Model {
         let atom = |a: usize| {
             let def = &plan.atoms[a];
             let slots: Vec<Value> = def.terms.iter().map(|&t| self.term_value(plan, t, profile)).collect();
-            def.holds(&slots)
+            // An atom that reads `now` at the model's clock, as the dataflow has it.
+            def.holds_at(&slots, self.clock)
         };
         let segment = |s: usize| {
             self.segments.get(s).is_some_and(|s| match (reads, &s.engine_keys) {
@@ -874,6 +879,13 @@ impl Model {
                 column: e.column,
             }
         })?;
+        if crate::spec::check::reads_now(&expr) {
+            // The served model has no timers: a runtime segment over `now`
+            // would not move when the clock alone changes it.
+            return Err(ApiError::Unprocessable(
+                "a segment defined over the API cannot read `now` yet: define it in the spec file".into(),
+            ));
+        }
         let (plan, formula) = self.plan.extend(&expr, &live);
         let refused = |plan: &Plan| plan.new_terms(&self.plan).find_map(|(_, stream, _)| self.uncomputable(stream));
         if refused(&plan).is_some() {

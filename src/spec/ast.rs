@@ -4,6 +4,8 @@
 //! (`crate::plan`) turns them into shared terms, atoms and set formulas; the
 //! test suite's reference evaluator interprets them directly.
 
+/// What `hour()` and `weekday()` read of a time.
+pub use crate::core::clock::Part as ClockPart;
 use crate::core::value::Dec;
 pub use crate::core::value::{ArithOp, CmpOp};
 
@@ -57,6 +59,21 @@ pub enum ExprKind {
     /// `percentile(expr, P)` (scoring issue; reported unsupported for now).
     Percentile(Box<Expr>, f64),
     InSegment(String),
+    /// `now`: the tick being computed (SPEC §4 "Times").
+    Now,
+    /// `time(expr)`: a timestamp string or epoch milliseconds as a time.
+    Time(Box<Expr>),
+    /// `last_time(sel)` (`first`: false) and `first_time(sel)` (true).
+    EventTime {
+        sel: Selector,
+        first: bool,
+    },
+    /// `hour(t[, zone])` and `weekday(t[, zone])`.
+    Clock {
+        part: ClockPart,
+        time: Box<Expr>,
+        zone: Option<Box<Expr>>,
+    },
     Trait(String),
     Score(String),
     Rfm(RfmField),

@@ -148,7 +148,9 @@ fn global_scores(spec: &Spec) -> Vec<String> {
             }
             let mut hit = false;
             visit(&s.expr, &mut |x| match &x.kind {
-                ExprKind::Percentile(..) | ExprKind::Rfm(_) | ExprKind::Cluster(_) => hit = true,
+                // `now` too: a percentile or a feature is computed from
+                // values that change only with events.
+                ExprKind::Percentile(..) | ExprKind::Rfm(_) | ExprKind::Cluster(_) | ExprKind::Now => hit = true,
                 ExprKind::Score(n) if global.contains(n) => hit = true,
                 _ => {}
             });
@@ -327,14 +329,34 @@ pub fn visit(e: &Expr, f: &mut dyn FnMut(&Expr)) {
         | ExprKind::Trait(_)
         | ExprKind::Score(_)
         | ExprKind::Rfm(_)
-        | ExprKind::Cluster(_) => {}
-        ExprKind::Neg(a) | ExprKind::Not(a) | ExprKind::Sqrt(a) | ExprKind::Abs(a) | ExprKind::Percentile(a, _) => visit(a, f),
+        | ExprKind::Cluster(_)
+        | ExprKind::Now => {}
+        ExprKind::Neg(a)
+        | ExprKind::Not(a)
+        | ExprKind::Sqrt(a)
+        | ExprKind::Abs(a)
+        | ExprKind::Percentile(a, _)
+        | ExprKind::Time(a)
+        | ExprKind::Clock { time: a, zone: None, .. } => visit(a, f),
+        ExprKind::Clock {
+            time: a, zone: Some(b), ..
+        } => {
+            visit(a, f);
+            visit(b, f);
+        }
         ExprKind::And(a, b) | ExprKind::Or(a, b) | ExprKind::Arith(_, a, b) | ExprKind::Cmp(_, a, b) => {
             visit(a, f);
             visit(b, f);
         }
-        ExprKind::Agg { sel: s, .. } | ExprKind::Last { sel: s, .. } | ExprKind::Since(s) => sel(s, f),
+        ExprKind::Agg { sel: s, .. } | ExprKind::Last { sel: s, .. } | ExprKind::Since(s) | ExprKind::EventTime { sel: s, .. } => sel(s, f),
     }
+}
+
+/// Whether `e` reads `now` (SPEC §4 "Times").
+pub fn reads_now(e: &Expr) -> bool {
+    let mut now = false;
+    visit(e, &mut |x| now |= matches!(x.kind, ExprKind::Now));
+    now
 }
 
 /// Strongly connected components (Tarjan, iterative); returns each node's
@@ -396,6 +418,8 @@ fn components(edges: &[Vec<(usize, Pos)>]) -> Vec<usize> {
 enum Ty {
     Num,
     Dur,
+    /// An instant (`now`, `time(…)`, `last_time(…)`).
+    Time,
     Str,
     /// A `true`/`false` literal: a value that also works as a condition.
     Bool,
@@ -412,6 +436,7 @@ impl Ty {
         match self {
             Ty::Num => "a number",
             Ty::Dur => "a duration",
+            Ty::Time => "a time",
             Ty::Str => "a string",
             Ty::Bool => "true/false",
             Ty::Cond => "a condition",
@@ -483,6 +508,17 @@ impl Checker<'_> {
         }
     }
 
+    /// A use of `now` the timers cannot follow: between the instants where
+    /// an `hour()` or `weekday()` changes, each side of a comparison must
+    /// move one way with `now`, so that the next change of a profile's
+    /// membership can be found without evaluating every tick.
+    fn now_not_monotone(&mut self, pos: Pos, what: &str) {
+        self.error(
+            pos,
+            format!("now cannot be used under {what} (in a divisor, on both sides of `*`, in sqrt or abs): conditions on now must move one way with the clock"),
+        );
+    }
+
     /// Requires a condition in a boolean position; rewrites `any` to
     /// `any == true`.
     fn condition(&mut self, e: &mut Expr, place: &str) {
@@ -540,6 +576,58 @@ impl Checker<'_> {
                     Ty::Err
                 }
             }
+            ExprKind::Now => {
+                self.event_terms_only(pos, "now");
+                Ty::Time
+            }
+            ExprKind::Time(a) => match self.ty(a) {
+                Ty::Str | Ty::Num | Ty::Any | Ty::Time => Ty::Time,
+                Ty::Err => Ty::Err,
+                t => {
+                    self.error(
+                        pos,
+                        format!("time(…) needs a timestamp string or epoch milliseconds, not {}", t.name()),
+                    );
+                    Ty::Err
+                }
+            },
+            ExprKind::EventTime { sel, first } => {
+                let name = if *first { "first_time(…)" } else { "last_time(…)" };
+                self.not_in_filter(pos, name);
+                self.selector(sel);
+                Ty::Time
+            }
+            ExprKind::Clock { part, time, zone } => {
+                let name = if *part == super::ast::ClockPart::Hour { "hour" } else { "weekday" };
+                match self.ty(time) {
+                    Ty::Time | Ty::Err => {}
+                    t => self.error(
+                        time.pos,
+                        format!(
+                            "{name}(…) needs a time, not {}: write {name}(time(…)) for a timestamp or epoch milliseconds",
+                            t.name()
+                        ),
+                    ),
+                }
+                if let Some(zone) = zone {
+                    match self.ty(zone) {
+                        Ty::Str | Ty::Any | Ty::Err => {}
+                        t => self.error(
+                            zone.pos,
+                            format!("the time zone of {name}(…) is an IANA name (a string), not {}", t.name()),
+                        ),
+                    }
+                    if let ExprKind::Str(name) = &zone.kind {
+                        if jiff::tz::TimeZone::get(name).is_err() {
+                            self.error(
+                                zone.pos,
+                                format!("unknown time zone {}: expected an IANA name such as 'Europe/Paris'", quote(name)),
+                            );
+                        }
+                    }
+                }
+                Ty::Num
+            }
             ExprKind::Neg(a) => match self.ty(a) {
                 t @ (Ty::Num | Ty::Dur | Ty::Err) => t,
                 Ty::Any => Ty::Num,
@@ -564,6 +652,9 @@ impl Checker<'_> {
             }
             ExprKind::Arith(op, a, b) => {
                 let op = *op;
+                if (op == ArithOp::Div && reads_now(b)) || (op == ArithOp::Mul && reads_now(a) && reads_now(b)) {
+                    self.now_not_monotone(pos, &format!("`{}`", op_text(op)));
+                }
                 let (ta, tb) = (self.ty(a), self.ty(b));
                 let num = |t: Ty| matches!(t, Ty::Num | Ty::Any);
                 match (ta, tb) {
@@ -571,13 +662,16 @@ impl Checker<'_> {
                     (x, y) if num(x) && num(y) => Ty::Num,
                     (Ty::Dur, Ty::Dur) if matches!(op, ArithOp::Add | ArithOp::Sub) => Ty::Dur,
                     (Ty::Dur, Ty::Dur) if op == ArithOp::Div => Ty::Num,
+                    (Ty::Time, Ty::Time) if op == ArithOp::Sub => Ty::Dur,
+                    (Ty::Time, Ty::Dur) if matches!(op, ArithOp::Add | ArithOp::Sub) => Ty::Time,
+                    (Ty::Dur, Ty::Time) if op == ArithOp::Add => Ty::Time,
                     (Ty::Dur, y) if op == ArithOp::Mul && num(y) => Ty::Dur,
                     (x, Ty::Dur) if op == ArithOp::Mul && num(x) => Ty::Dur,
                     (x, y) => {
                         self.error(
                             pos,
                             format!(
-                                "`{}` needs numbers (or durations: d + d, d - d, d * n, d / d), not {} and {}",
+                                "`{}` needs numbers (or durations and times: d + d, d - d, d * n, d / d, t - t, t ± d), not {} and {}",
                                 op_text(op),
                                 x.name(),
                                 y.name()
@@ -635,6 +729,11 @@ impl Checker<'_> {
                     pos,
                     "since(…) can only be compared with a constant duration, as in since('Order Completed') > 30d",
                 );
+                Ty::Err
+            }
+            ExprKind::Sqrt(a) | ExprKind::Abs(a) if reads_now(a) => {
+                let name = if matches!(e.kind, ExprKind::Sqrt(_)) { "sqrt" } else { "abs" };
+                self.now_not_monotone(pos, name);
                 Ty::Err
             }
             ExprKind::Sqrt(a) => match self.ty(a) {

@@ -13,7 +13,7 @@
 //! function (`count`, `last`, …) is a call only when `(` follows, so a filter
 //! can still read a property called `count`.
 
-use super::ast::{AggKind, ArithOp, CmpOp, EventSel, Expr, ExprKind, Path, Pos, RfmField, Selector, Window};
+use super::ast::{AggKind, ArithOp, ClockPart, CmpOp, EventSel, Expr, ExprKind, Path, Pos, RfmField, Selector, Window};
 use super::def::SpecError;
 use crate::core::clock::parse_duration;
 use crate::core::value::Dec;
@@ -294,7 +294,11 @@ fn agg_kind(s: &str) -> Option<AggKind> {
 }
 
 fn is_function(s: &str) -> bool {
-    agg_kind(s).is_some() || matches!(s, "last" | "since" | "sqrt" | "abs" | "percentile" | "in_segment")
+    agg_kind(s).is_some()
+        || matches!(
+            s,
+            "last" | "since" | "sqrt" | "abs" | "percentile" | "in_segment" | "time" | "last_time" | "first_time" | "hour" | "weekday"
+        )
 }
 
 /// Resolves a written path: `properties.…`, `context.…` and `traits.…` are
@@ -570,6 +574,10 @@ impl Parser {
                 self.advance();
                 ExprKind::Bool(name == "true")
             }
+            "now" if !call && !dotted && !self.in_filter => {
+                self.advance();
+                ExprKind::Now
+            }
             _ if is_keyword(&name) => return Err(self.unexpected("an expression")),
             _ if call && is_function(&name) => {
                 self.advance();
@@ -664,6 +672,22 @@ impl Parser {
                 ExprKind::Last { sel, path }
             }
             "since" => ExprKind::Since(self.selector()?),
+            "time" => ExprKind::Time(Box::new(self.expr()?)),
+            "last_time" | "first_time" => ExprKind::EventTime {
+                sel: self.selector()?,
+                first: name == "first_time",
+            },
+            "hour" | "weekday" => {
+                let time = Box::new(self.expr()?);
+                let zone = if *self.peek() == Tok::Comma {
+                    self.advance();
+                    Some(Box::new(self.expr()?))
+                } else {
+                    None
+                };
+                let part = if name == "hour" { ClockPart::Hour } else { ClockPart::Weekday };
+                ExprKind::Clock { part, time, zone }
+            }
             "sqrt" => ExprKind::Sqrt(Box::new(self.expr()?)),
             "abs" => ExprKind::Abs(Box::new(self.expr()?)),
             "percentile" => {
@@ -822,7 +846,36 @@ mod tests {
             Score(s) => format!("score.{s}"),
             Rfm(f) => format!("rfm.{f:?}"),
             Cluster(s) => format!("cluster.{s}"),
+            Now => "now".into(),
+            Time(a) => format!("time({})", show(a)),
+            EventTime { sel, first } => format!("{}[{}]", if *first { "FirstTime" } else { "LastTime" }, show_sel(sel)),
+            Clock { part, time, zone } => match zone {
+                Some(z) => format!("{part:?}({}, {})", show(time), show(z)),
+                None => format!("{part:?}({})", show(time)),
+            },
         }
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(
+            show(&p("time(trait.trial_ends_at) - now <= 3d")),
+            "((time(trait.trial_ends_at) Sub now) <= 259200000ms)"
+        );
+        assert_eq!(
+            show(&p("hour(now, last(any, context.timezone)) >= 18 and weekday(last_time('x')) < 5")),
+            "((Hour(now, Last[Any $context.timezone]) >= 18) and (Weekday(LastTime[Track(\"x\")]) < 5))"
+        );
+        assert_eq!(
+            show(&p("now - first_time(page) > -2h")),
+            "((now Sub FirstTime[Page(None)]) > (-7200000ms))"
+        );
+        // Inside a filter `now` is a field of the event, like any name.
+        assert_eq!(
+            show(&p("count('x' where now > 1, 1h) > 0")),
+            "(Count[Track(\"x\") where ($properties.now > 1) Dur(3600000)] > 0)"
+        );
+        assert_eq!(err("hour()").message, "expected an expression, found `)`");
     }
 
     fn show_sel(s: &Selector) -> String {

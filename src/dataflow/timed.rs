@@ -1,0 +1,164 @@
+//! Atoms that read `now`: values that change with the clock, not only with
+//! events (SPEC §4 "Times").
+//!
+//! `time(trait.trial_ends_at) - now <= 3d` turns true for a profile at a
+//! tick where nothing about it arrives. Such an atom ([`AtomDef::timed`])
+//! is evaluated here, in one operator keyed by profile whose inputs are the
+//! term rows its atoms read and the universe: every profile that exists has
+//! a row for every timed atom (its value may change even over empty terms,
+//! as `hour(now) >= 18` does), so the segments stage never falls back on an
+//! empty value for it.
+//!
+//! A profile is evaluated when its terms change, when it enters the
+//! universe, and at its *timer*: the earliest tick at which one of its
+//! atoms may change with the terms as they are ([`AtomDef::next_change`]).
+//! Timers wait in a heap and the operator asks its shell to run at the
+//! earliest ([`Wakes`]); at that tick, once every input has passed it,
+//! the profile is evaluated again, its changed atoms emitted, and its next
+//! timer queued. A profile never evaluated at a tick where nothing changes
+//! for it costs nothing at that tick. Timers past the last tick written
+//! are dropped with the input, as window expiries are.
+//!
+//! Memory: per profile, the timed atoms' term values and last emitted
+//! values; per pending timer, one heap entry (tick and profile, 16 bytes).
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::rc::Rc;
+
+use differential_dataflow::consolidation::consolidate;
+use differential_dataflow::hashable::Hashable;
+use differential_dataflow::VecCollection;
+use rustc_hash::FxHashMap;
+
+use crate::core::fact::AtomRow;
+use crate::core::id::{AtomId, Key, StreamId};
+use crate::core::value::Value;
+use crate::dataflow::total::{binary_by_tick_waking, Wakes};
+use crate::plan::Plan;
+
+/// A term value one timed atom reads: `(profile, (timed atom, slot, value))`,
+/// the timed atom numbered in [`Plan::timed`] order.
+type Slot = (Key, (u32, u32, Value));
+
+/// One profile's timed atoms.
+struct Profile {
+    /// Its universe multiplicity.
+    exists: isize,
+    /// Per timed atom, the term values it reads (empty values by default).
+    slots: Vec<Vec<Value>>,
+    /// Per timed atom, the value last emitted (`None`: no row).
+    emitted: Vec<Option<bool>>,
+    /// The tick its timer is set for.
+    wake: Option<u64>,
+}
+
+/// `((atom, profile), holds)` for every timed atom of `plan` and every
+/// profile of `universe`, at every tick where the value changes; `None`
+/// when no atom reads `now`.
+pub fn timed<'s>(
+    rows: VecCollection<'s, u64, ((StreamId, Key), Vec<Value>), isize>,
+    universe: VecCollection<'s, u64, Key, isize>,
+    plan: Rc<Plan>,
+    tick: u64,
+) -> Option<VecCollection<'s, u64, AtomRow, isize>> {
+    if plan.timed.is_empty() {
+        return None;
+    }
+    // For each term, the timed atoms that read it, with the slot.
+    let mut reading: Vec<Vec<(u32, u32)>> = vec![Vec::new(); plan.terms.len()];
+    for (i, &a) in plan.timed.iter().enumerate() {
+        for (slot, &t) in plan.atoms[a].terms.iter().enumerate() {
+            reading[t].push((i as u32, slot as u32));
+        }
+    }
+    let readers = plan.clone();
+    let slots = rows.flat_map(move |((stream, profile), values)| {
+        let mut out: Vec<Slot> = Vec::new();
+        for (&term, value) in readers.folds[stream.index()].iter().zip(values) {
+            for &(i, slot) in &reading[term] {
+                out.push((profile, (i, slot, value.clone())));
+            }
+        }
+        out
+    });
+    let empty: Vec<Vec<Value>> = plan
+        .timed
+        .iter()
+        .map(|&a| plan.atoms[a].terms.iter().map(|&t| plan.terms[t].agg.empty()).collect())
+        .collect();
+    let mut profiles: FxHashMap<Key, Profile> = FxHashMap::default();
+    let mut timers: BinaryHeap<Reverse<(u64, Key)>> = BinaryHeap::new();
+    let mut touched: Vec<Key> = Vec::new();
+    let by_profile = (|(p, _): &Slot| p.hashed(), |p: &Key| p.hashed());
+    let evaluate = move |t: u64, p: Key, h: &mut Profile, out: &mut Vec<(AtomRow, u64, isize)>| {
+        let mut next: Option<u64> = None;
+        for (i, &a) in plan.timed.iter().enumerate() {
+            let def = &plan.atoms[a];
+            let row = |v: bool| ((AtomId::of(a), p), v);
+            let is = (h.exists > 0).then(|| def.holds_at(&h.slots[i], Some(t)));
+            if is != h.emitted[i] {
+                out.extend(h.emitted[i].map(|v| (row(v), t, -1)));
+                out.extend(is.map(|v| (row(v), t, 1)));
+                h.emitted[i] = is;
+            }
+            if is.is_some() {
+                if let Some(w) = def.next_change(&h.slots[i], t, tick) {
+                    next = Some(next.map_or(w, |n| n.min(w)));
+                }
+            }
+        }
+        next
+    };
+    let logic = move |t: u64,
+                      slots: &mut Vec<(Slot, isize)>,
+                      exists: &mut Vec<(Key, isize)>,
+                      out: &mut Vec<(AtomRow, u64, isize)>,
+                      wakes: &mut Wakes| {
+        let fresh = |empty: &Vec<Vec<Value>>| Profile {
+            exists: 0,
+            slots: empty.clone(),
+            emitted: vec![None; empty.len()],
+            wake: None,
+        };
+        for &(p, r) in exists.iter() {
+            let h = profiles.entry(p).or_insert_with(|| fresh(&empty));
+            h.exists += r;
+            touched.push(p);
+        }
+        // Retractions first: a changed value's old row goes before its new one.
+        consolidate(slots);
+        slots.sort_by_key(|(_, r)| *r);
+        for ((p, (i, slot, value)), r) in slots.drain(..) {
+            let h = profiles.entry(p).or_insert_with(|| fresh(&empty));
+            let (i, slot) = (i as usize, slot as usize);
+            h.slots[i][slot] = if r > 0 { value } else { empty[i][slot].clone() };
+            touched.push(p);
+        }
+        // Profiles whose timer is due.
+        while let Some(&Reverse((w, p))) = timers.peek() {
+            if w > t {
+                break;
+            }
+            timers.pop();
+            if profiles.get(&p).is_some_and(|h| h.wake == Some(w)) {
+                touched.push(p);
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for p in touched.drain(..) {
+            let h = profiles.get_mut(&p).expect("a touched profile");
+            let next = evaluate(t, p, h, out);
+            h.wake = next;
+            if let Some(w) = next {
+                timers.push(Reverse((w, p)));
+                wakes.at(w);
+            }
+            if h.exists <= 0 && h.slots == empty {
+                profiles.remove(&p);
+            }
+        }
+    };
+    Some(binary_by_tick_waking(slots, universe, "Timed", by_profile, logic))
+}
