@@ -73,6 +73,10 @@ enum Body {
         plan: Option<Option<u8>>,
         vip: Option<bool>,
         score: Option<Amount>,
+        /// `traits.ends`: a time around the event's own, as (format, offset s).
+        ends: Option<(u8, i32)>,
+        /// `traits.tz`: an IANA zone (or a name that is none).
+        tz: Option<u8>,
     },
     /// userId and previousId (a user or an anon id of the pool).
     Alias {
@@ -188,8 +192,10 @@ fn body(Shape { pool, cross, .. }: Shape) -> impl Strategy<Value = Body> {
             proptest::option::weighted(0.7, proptest::option::weighted(0.8, 0u8..2)),
             proptest::option::of(any::<bool>()),
             proptest::option::of(amount()),
+            proptest::option::weighted(0.6, (0u8..6, -120i32..600)),
+            proptest::option::weighted(0.5, 0u8..5),
         )
-            .prop_map(|(plan, vip, score)| Body::Identify { plan, vip, score }),
+            .prop_map(|(plan, vip, score, ends, tz)| Body::Identify { plan, vip, score, ends, tz }),
         2 => (0..pool, 0..pool, any::<bool>()).prop_map(move |(user, prev, prev_is_user)| Body::Alias {
             user,
             prev: if cross { prev } else { user },
@@ -336,7 +342,7 @@ fn render_event(ev: &GenEvent, time: u64) -> String {
             }
             s.push_str(&render_device(*device));
         }
-        Body::Identify { plan, vip, score } => {
+        Body::Identify { plan, vip, score, ends, tz } => {
             let mut traits = Vec::new();
             match plan {
                 Some(Some(p)) => traits.push(format!(r#""plan":"{}""#, PLANS[*p as usize])),
@@ -348,6 +354,25 @@ fn render_event(ev: &GenEvent, time: u64) -> String {
             }
             if let Some(a) = score {
                 traits.push(format!(r#""score":{}"#, render_amount(a)));
+            }
+            if let Some((format, offset)) = ends {
+                let at = (time as i64 + *offset as i64 * 1000) as u64;
+                let text = match format {
+                    0 => format!(r#""{}""#, format_time(at, true)),
+                    1 => at.to_string(),
+                    2 => {
+                        // The same instant written at +05:45.
+                        let local = format_time(at + 20_700_000, true);
+                        format!(r#""{}+05:45""#, local.trim_end_matches('Z'))
+                    }
+                    3 => r#""soon""#.into(),
+                    4 => "null".into(),
+                    _ => format!("{}.5", at),
+                };
+                traits.push(format!(r#""ends":{text}"#));
+            }
+            if let Some(z) = tz {
+                traits.push(format!(r#""tz":"{}""#, ZONES[*z as usize % ZONES.len()]));
             }
             write!(s, r#","traits":{{{}}}"#, traits.join(",")).unwrap();
         }
@@ -627,6 +652,8 @@ enum Cond {
     /// `rfm.segment == '…'` or `!=`.
     RfmSeg(bool, u8),
     Since(Sel, u8, u8, bool),
+    /// One of `TIMED`: (template, comparison, duration, selector, zone, number).
+    Timed(u8, u8, u8, Sel, u8, u8),
     /// `in_segment` of an earlier segment (index modulo this one's).
     InSeg(u8),
     Lit(bool),
@@ -644,6 +671,25 @@ const STR_SIDES: [(&str, &[&str]); 5] = [
     ("last('buy' where amount >= 1, session)", &["s1", "s2"]),
 ];
 const BARE: [&str; 2] = ["trait.vip", "last(identify, traits.vip)"];
+/// `traits.tz` values: zones with whole, half and three-quarter hour
+/// offsets, one with summer time, and a name that is no zone.
+const ZONES: [&str; 5] = ["Europe/Paris", "Asia/Kolkata", "Pacific/Chatham", "America/St_Johns", "Not/AZone"];
+/// Durations that are multiples of every generated tick.
+const TIME_DURS: [&str; 7] = ["2s", "4s", "10s", "30s", "1m", "-4s", "-(1m)"];
+/// Conditions over times (SPEC §4 "Times"); `{op}`, `{d}`, `{sel}`, `{z}`
+/// and `{n}` are filled in. Clocks that run 60 and 5000 times as fast as
+/// `now` cross hours and days inside a case's span of minutes.
+const TIMED: [&str; 8] = [
+    "time(trait.ends) - now {op} {d}",
+    "now - last_time({sel}) {op} {d}",
+    "first_time({sel}) + {d} {op} now",
+    "hour(time(trait.ends) + (now - first_time(any)) * 60{z}) {op} {n}",
+    "weekday(now + (now - first_time(any)) * 5000{z}) {op} {w}",
+    "hour(last_time({sel}){z}) {op} {n}",
+    "time(trait.ends) {op} now",
+    "now - time(last(identify, traits.ends)) {op} {d} and hour(now{z}) >= 0",
+];
+const ZONE_ARGS: [&str; 5] = ["", ", 'UTC'", ", 'Asia/Kathmandu'", ", trait.tz", ", last(identify, traits.tz)"];
 
 fn cond_leaf() -> impl Strategy<Value = Cond> {
     let rhs = prop_oneof![4 => (0u8..13).prop_map(Num::Const), 1 => num(), 1 => global_leaf()];
@@ -681,6 +727,19 @@ fn simple_cond() -> impl Strategy<Value = Cond> {
         1 => (global_leaf(), 0u8..6, (0u8..6).prop_map(Num::Const)).prop_map(|(a, op, b)| Cond::Cmp(a, op, b)),
         1 => (0u8..5, any::<bool>(), 0u8..6).prop_map(|(s, eq, v)| Cond::StrEq(s, eq, v)),
         2 => (sel(), 0u8..4, 0u8..9, proptest::bool::weighted(0.2)).prop_map(|(s, op, d, f)| Cond::Since(s, op, d, f)),
+    ]
+}
+
+/// A condition over times, alone or combined with another condition.
+fn timed_cond() -> impl Strategy<Value = Cond> {
+    fn timed() -> impl Strategy<Value = Cond> {
+        (0u8..8, 0u8..6, 0u8..7, sel(), 0u8..5, any::<u8>()).prop_map(|(t, op, d, s, z, n)| Cond::Timed(t, op, d, s, z, n))
+    }
+    prop_oneof![
+        4 => timed(),
+        1 => (timed(), simple_cond()).prop_map(|(a, b)| Cond::And(Box::new(a), Box::new(b))),
+        1 => timed().prop_map(|a| Cond::Not(Box::new(a))),
+        1 => (timed(), any::<u8>()).prop_map(|(a, k)| Cond::Or(Box::new(a), Box::new(Cond::InSeg(k)))),
     ]
 }
 
@@ -791,6 +850,17 @@ fn render_cond(c: &Cond, tick: u64, seg: usize) -> (String, u8) {
             } else {
                 (format!("{since} {op} {d}"), P_CMP)
             }
+        }
+        Cond::Timed(t, op, d, s, z, n) => {
+            let text = TIMED[*t as usize % TIMED.len()]
+                .replace("{op}", CMPS[*op as usize % 6])
+                .replace("{d}", TIME_DURS[*d as usize % TIME_DURS.len()])
+                .replace("{sel}", s.text())
+                .replace("{z}", ZONE_ARGS[*z as usize % ZONE_ARGS.len()])
+                .replace("{n}", &(*n % 24).to_string())
+                .replace("{w}", &(*n % 7).to_string());
+            let prec = if text.contains(" and ") { P_AND } else { P_CMP };
+            (text, prec)
         }
         Cond::InSeg(k) if seg > 0 => (format!("in_segment('g{}')", *k as usize % seg), P_PRIMARY),
         Cond::InSeg(_) => ("trait.vip".into(), P_PRIMARY),
@@ -1034,6 +1104,22 @@ proptest! {
     fn engine_matches_reference(
         items in proptest::collection::vec(item(Shape { pool: 4, max_gap: 5_000, msgs: 40, cross: true }), 3..150),
         conds in proptest::collection::vec(segment_cond(), 1..5),
+        o in opts(),
+    ) {
+        let case = render_case(&items, &conds, &o);
+        if let Err(e) = compare(&case) {
+            return Err(TestCaseError::fail(e));
+        }
+    }
+
+    /// SPEC §4 "Times": conditions on `now`, `time()`, `last_time()`,
+    /// `first_time()`, `hour()` and `weekday()` in zones, over traits that
+    /// hold times around the events' own; memberships that change with no
+    /// event must change at the same ticks in both.
+    #[test]
+    fn engine_matches_reference_over_time(
+        items in proptest::collection::vec(item(Shape { pool: 4, max_gap: 4_000, msgs: 40, cross: true }), 3..80),
+        conds in proptest::collection::vec(timed_cond(), 1..4),
         o in opts(),
     ) {
         let case = render_case(&items, &conds, &o);

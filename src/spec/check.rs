@@ -993,6 +993,38 @@ mod tests {
     }
 
     #[test]
+    fn times_durations_and_numbers_are_told_apart() {
+        for clean in [
+            "time(trait.trial_ends_at) - now <= 3d and time(trait.trial_ends_at) > now",
+            "now - first_time('Signed Up') >= 30d",
+            "hour(now, last(any, context.timezone)) >= 18 and weekday(now) < 5",
+            "hour(last_time(page), 'America/New_York') == 9",
+            "(now - last_time(any)) / 1d > 2.5",
+            "now - time(trait.signup) > -(2h) and 1h + now > time(trait.x)",
+            "count(page where hour(time(ts), 'Europe/Paris') >= 18, 7d) >= 1",
+        ] {
+            assert!(errors(clean).is_empty(), "{clean}: {:?}", errors(clean));
+        }
+        assert_eq!(errors("time(trait.x) > 3d"), ["1:1: cannot compare a time with a duration"]);
+        assert_eq!(errors("now - 3 > now"), ["1:1: `-` needs numbers (or durations and times: d + d, d - d, d * n, d / d, t - t, t ± d), not a time and a number"]);
+        assert!(errors("now + now > now")[0].contains("not a time and a time"));
+        assert!(errors("now - time(trait.x) > 3")[0].contains("cannot compare a duration with a number"));
+        assert!(errors("hour(trait.x) > 3")[0].contains("hour(…) needs a time, not a value: write hour(time(…))"));
+        assert!(errors("weekday(now, 5) > 3")[0].contains("the time zone of weekday(…) is an IANA name"));
+        assert_eq!(
+            errors("hour(now, 'Mars/Olympus') > 3"),
+            ["1:11: unknown time zone 'Mars/Olympus': expected an IANA name such as 'Europe/Paris'"]
+        );
+        assert!(errors("time(3d) > now")[0].contains("time(…) needs a timestamp string or epoch milliseconds, not a duration"));
+        assert!(errors("last_time('x') > now and count('y' where last_time('z') > now, 1h) > 0")[0].contains("inside a `where` filter"));
+        assert!(errors("count('x', 1h) > percentile((now - last_time(any)) / 1d, 50)")[0].contains("now cannot be used in the argument of percentile"));
+        // Where the timers could not follow the clock.
+        for bad in ["abs(now - time(trait.x)) < 1d", "1d / (now - time(trait.x)) > 2", "(now - time(trait.x)) / 1d * ((now - time(trait.x)) / 1d) > 2"] {
+            assert!(errors(bad)[0].contains("conditions on now must move one way with the clock"), "{bad}: {:?}", errors(bad));
+        }
+    }
+
+    #[test]
     fn windows_and_durations_are_tick_multiples() {
         assert_eq!(
             errors("count('x', 1500ms) > 1"),

@@ -213,7 +213,13 @@ fn run(spec: &Spec, input: &[u8], opts: &RefOptions, force_sparse: bool, request
     let Some((first, last)) = ing.span(opts) else {
         return out; // nothing is written
     };
-    let ticks: Vec<u64> = if !force_sparse && (last - first) / tick <= DENSE_LIMIT {
+    // A spec over `now` may change at any tick: every one is evaluated.
+    let timed = reads_now(spec);
+    assert!(
+        !timed || !force_sparse && (last - first) / tick <= 20 * DENSE_LIMIT,
+        "a spec over now is evaluated at every tick: keep its span short"
+    );
+    let ticks: Vec<u64> = if timed || !force_sparse && (last - first) / tick <= DENSE_LIMIT {
         (first / tick..=last / tick).map(|i| i * tick).collect()
     } else {
         let mut points = change_points(spec, &ing.accepted, tick);
@@ -256,6 +262,12 @@ fn run(spec: &Spec, input: &[u8], opts: &RefOptions, force_sparse: bool, request
         previous = current;
     }
     out
+}
+
+/// Whether any expression of `spec` reads `now`.
+fn reads_now(spec: &Spec) -> bool {
+    let exprs = spec.segments.iter().map(|s| &s.when).chain(spec.scores.iter().map(|s| &s.expr));
+    exprs.into_iter().any(shoal::spec::check::reads_now)
 }
 
 fn json_str(s: &str) -> String {
@@ -328,7 +340,16 @@ fn collect_thresholds(expr: &Expr, windows: &mut BTreeSet<u64>, since_durations:
             }
             collect_selector(sel, windows, since_durations);
         }
-        ExprKind::Last { sel, .. } | ExprKind::Since(sel) => collect_selector(sel, windows, since_durations),
+        ExprKind::Last { sel, .. } | ExprKind::Since(sel) | ExprKind::EventTime { sel, .. } => {
+            collect_selector(sel, windows, since_durations)
+        }
+        // Specs over `now` are evaluated at every tick (see `run`).
+        ExprKind::Now => {}
+        ExprKind::Time(a) | ExprKind::Clock { time: a, zone: None, .. } => collect_thresholds(a, windows, since_durations),
+        ExprKind::Clock { time: a, zone: Some(b), .. } => {
+            collect_thresholds(a, windows, since_durations);
+            collect_thresholds(b, windows, since_durations);
+        }
     }
 }
 
@@ -864,6 +885,21 @@ impl<'a> Ctx<'a> {
                 // set to null (or not a scalar) it is unset
                 value.map(Value::from_json).unwrap_or(Value::Missing)
             }
+            ExprKind::Now => Value::Time(self.t as i64),
+            ExprKind::Time(a) => {
+                let v = self.eval(a, ev);
+                ref_time(&v)
+            }
+            ExprKind::EventTime { sel, first } => {
+                let times = self.selected(sel, Window::Lifetime).into_iter().map(|e| e.time);
+                let t = if *first { times.min() } else { times.max() };
+                t.map(|t| Value::Time(t as i64)).unwrap_or(Value::Missing)
+            }
+            ExprKind::Clock { part, time, zone } => {
+                let time = self.eval(time, ev);
+                let zone = zone.as_ref().map(|z| self.eval(z, ev));
+                ref_clock(*part, &time, zone.as_ref())
+            }
             ExprKind::InSegment(name) => {
                 let seg = self.spec.segments.iter().position(|s| &s.name == name);
                 let seg = seg.unwrap_or_else(|| panic!("in_segment of unknown segment {name:?}"));
@@ -892,6 +928,50 @@ impl<'a> Ctx<'a> {
                 .unwrap_or(Value::Missing),
         }
     }
+}
+
+/// `time(v)` from the SPEC's words: a time; a string in a `timestamp`
+/// format (RFC 3339, finer than ms truncated, not before 1970); integer
+/// epoch milliseconds; else missing. Times stop at the end of 9999.
+fn ref_time(v: &Value) -> Value {
+    const END: i64 = 253_402_300_799_999;
+    let ms = match v {
+        Value::Time(ms) => Some(*ms),
+        Value::Str(s) => time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+            .ok()
+            .map(|t| (t.unix_timestamp_nanos().div_euclid(1_000_000)) as i64),
+        Value::Num(d) => {
+            let text = d.to_string();
+            text.parse::<i64>().ok()
+        }
+        _ => None,
+    };
+    match ms {
+        Some(ms) if (0..=END).contains(&ms) => Value::Time(ms),
+        _ => Value::Missing,
+    }
+}
+
+/// `hour(t, zone)` / `weekday(t, zone)` through jiff's zoned date-time (the
+/// engine computes offsets itself): UTC without a zone; an unknown zone or
+/// a `t` that is not a time is missing.
+fn ref_clock(part: shoal::spec::ast::ClockPart, time: &Value, zone: Option<&Value>) -> Value {
+    let Value::Time(ms) = time else { return Value::Missing };
+    let zone = match zone {
+        None => jiff::tz::TimeZone::UTC,
+        Some(Value::Str(name)) => match jiff::tz::TimeZone::get(name) {
+            Ok(z) => z,
+            Err(_) => return Value::Missing,
+        },
+        Some(_) => return Value::Missing,
+    };
+    let Ok(at) = jiff::Timestamp::from_millisecond(*ms) else { return Value::Missing };
+    let local = at.to_zoned(zone);
+    let n = match part {
+        shoal::spec::ast::ClockPart::Hour => local.hour() as i64,
+        shoal::spec::ast::ClockPart::Weekday => local.weekday().to_monday_zero_offset() as i64,
+    };
+    Value::Num(Dec::from_int(n))
 }
 
 /// `count`, `sum`, `avg`, `min`, `max`, `var`, `distinct` over the selected events.
