@@ -342,7 +342,13 @@ fn render_event(ev: &GenEvent, time: u64) -> String {
             }
             s.push_str(&render_device(*device));
         }
-        Body::Identify { plan, vip, score, ends, tz } => {
+        Body::Identify {
+            plan,
+            vip,
+            score,
+            ends,
+            tz,
+        } => {
             let mut traits = Vec::new();
             match plan {
                 Some(Some(p)) => traits.push(format!(r#""plan":"{}""#, PLANS[*p as usize])),
@@ -1277,4 +1283,26 @@ fn regression_exact_sum_overflow() {
     let big = "9".repeat(30);
     let input: Vec<String> = (0..171).map(|i| buy("u1", 10 + i, &big)).collect();
     assert_agree(&segment("sum('buy', amount, lifetime) > 0"), &lines(&input), RefOptions::default());
+}
+
+/// A timer set at the very last tick, in the run that sees the input close,
+/// once held the dataflow open for ever: the last identify sets a trial end
+/// in the future, and nothing after it is written.
+#[test]
+fn regression_timer_set_at_the_last_tick() {
+    let identify = r#"{"type":"identify","userId":"a","timestamp":1704067261000,"traits":{"ends":"2024-01-01T00:05:45Z"}}"#;
+    let view = r#"{"type":"track","userId":"b","timestamp":1704067200000,"event":"view"}"#;
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        assert_agree(
+            &segment("time(trait.ends) > now and time(trait.ends) - now < 1h"),
+            &lines(&[view.into(), identify.into()]),
+            RefOptions::default(),
+        );
+        done.send(()).unwrap();
+    });
+    // A hang fails the test instead of holding the suite.
+    finished
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the run finishes (and agrees with the reference)");
 }

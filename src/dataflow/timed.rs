@@ -49,7 +49,13 @@ struct Profile {
     slots: Vec<Vec<Value>>,
     /// Per timed atom, the value last emitted (`None`: no row).
     emitted: Vec<Option<bool>>,
-    /// The tick its timer is set for.
+    /// Per timed atom, the tick it may next change at with the same terms.
+    next: Vec<Option<u64>>,
+    /// Per timed atom, whether its terms changed at this tick.
+    changed: Vec<bool>,
+    /// Whether it entered or left the universe at this tick.
+    moved: bool,
+    /// The tick its timer is set for: the earliest of `next`.
     wake: Option<u64>,
 }
 
@@ -91,9 +97,15 @@ pub fn timed<'s>(
     let mut timers: BinaryHeap<Reverse<(u64, Key)>> = BinaryHeap::new();
     let mut touched: Vec<Key> = Vec::new();
     let by_profile = (|(p, _): &Slot| p.hashed(), |p: &Key| p.hashed());
+    // Evaluates at `t` the atoms of `h` whose terms changed, whose own
+    // next change is due, or all of them when the profile moved; returns
+    // the profile's next timer.
     let evaluate = move |t: u64, p: Key, h: &mut Profile, out: &mut Vec<(AtomRow, u64, isize)>| {
-        let mut next: Option<u64> = None;
         for (i, &a) in plan.timed.iter().enumerate() {
+            if !(h.moved || h.changed[i] || h.next[i].is_some_and(|n| n <= t)) {
+                continue;
+            }
+            h.changed[i] = false;
             let def = &plan.atoms[a];
             let row = |v: bool| ((AtomId::of(a), p), v);
             let is = (h.exists > 0).then(|| def.holds_at(&h.slots[i], Some(t)));
@@ -102,13 +114,10 @@ pub fn timed<'s>(
                 out.extend(is.map(|v| (row(v), t, 1)));
                 h.emitted[i] = is;
             }
-            if is.is_some() {
-                if let Some(w) = def.next_change(&h.slots[i], t, tick) {
-                    next = Some(next.map_or(w, |n| n.min(w)));
-                }
-            }
+            h.next[i] = is.and_then(|_| def.next_change(&h.slots[i], t, tick));
         }
-        next
+        h.moved = false;
+        h.next.iter().flatten().min().copied()
     };
     let logic = move |t: u64,
                       slots: &mut Vec<(Slot, isize)>,
@@ -119,11 +128,15 @@ pub fn timed<'s>(
             exists: 0,
             slots: empty.clone(),
             emitted: vec![None; empty.len()],
+            next: vec![None; empty.len()],
+            changed: vec![false; empty.len()],
+            moved: false,
             wake: None,
         };
         for &(p, r) in exists.iter() {
             let h = profiles.entry(p).or_insert_with(|| fresh(&empty));
             h.exists += r;
+            h.moved = true;
             touched.push(p);
         }
         // Retractions first: a changed value's old row goes before its new one.
@@ -133,6 +146,7 @@ pub fn timed<'s>(
             let h = profiles.entry(p).or_insert_with(|| fresh(&empty));
             let (i, slot) = (i as usize, slot as usize);
             h.slots[i][slot] = if r > 0 { value } else { empty[i][slot].clone() };
+            h.changed[i] = true;
             touched.push(p);
         }
         // Profiles whose timer is due.

@@ -621,10 +621,6 @@ where
                 by_tick_order(&mut ready1);
                 by_tick_order(&mut ready2);
                 let bound = bound(&[frontier1, frontier2]);
-                if bound.is_none() {
-                    // Past the last tick: nothing is written after it.
-                    wakes.0.clear();
-                }
                 let (mut d1, mut d2) = (ready1.drain(..).peekable(), ready2.drain(..).peekable());
                 loop {
                     let woken = wakes.next().filter(|&w| bound.is_some_and(|b| w < b));
@@ -639,6 +635,12 @@ where
                     on_tick(t, &mut run1, &mut run2, &mut out, &mut wakes);
                     run1.clear();
                     run2.clear();
+                }
+                if bound.is_none() {
+                    // Past the last tick, nothing is written: wakes asked
+                    // for, even by this very run, are dropped, or their
+                    // capability would hold the dataflow open for ever.
+                    wakes.0.clear();
                 }
                 if !out.is_empty() {
                     send(output, held.as_ref().expect("a capability for pending updates"), &mut out);

@@ -277,18 +277,22 @@ const CAMPAIGNS: [&str; 5] = ["spring_sale", "weekly_digest", "cart_reminder", "
 const FORMS: [&str; 3] = ["contact", "whitepaper", "newsletter"];
 const PLANS: [&str; 3] = ["free", "pro", "premium"];
 /// (city, weight, locale)
-const CITIES: [(&str, u32, &str); 10] = [
-    ("New York", 20, "en-US"),
-    ("San Francisco", 12, "en-US"),
-    ("Chicago", 10, "en-US"),
-    ("Austin", 8, "en-US"),
-    ("London", 12, "en-GB"),
-    ("Berlin", 8, "de-DE"),
-    ("Paris", 8, "fr-FR"),
-    ("Toronto", 8, "en-CA"),
-    ("Sydney", 7, "en-AU"),
-    ("Tokyo", 7, "ja-JP"),
+/// (city, weight, locale, IANA time zone)
+const CITIES: [(&str, u32, &str, &str); 10] = [
+    ("New York", 20, "en-US", "America/New_York"),
+    ("San Francisco", 12, "en-US", "America/Los_Angeles"),
+    ("Chicago", 10, "en-US", "America/Chicago"),
+    ("Austin", 8, "en-US", "America/Chicago"),
+    ("London", 12, "en-GB", "Europe/London"),
+    ("Berlin", 8, "de-DE", "Europe/Berlin"),
+    ("Paris", 8, "fr-FR", "Europe/Paris"),
+    ("Toronto", 8, "en-CA", "America/Toronto"),
+    ("Sydney", 7, "en-AU", "Australia/Sydney"),
+    ("Tokyo", 7, "ja-JP", "Asia/Tokyo"),
 ];
+/// How long a SaaS lead's trial lasts after it signs up (a week, so that
+/// the default week of traffic sees trials end).
+const TRIAL: u64 = 7 * 86_400_000;
 /// (company, domain, employees)
 const COMPANIES: [(&str, &str, u32); 10] = [
     ("Acme Corp", "acme.example", 1200),
@@ -408,6 +412,8 @@ struct Person {
     persona: u8,
     agent: u8,
     city: u8,
+    /// When it first identified (epoch ms; 0: not yet): its sign-up.
+    signup: u64,
     plan: u8,
     /// 0 none, else 1 + index in COMPANIES.
     company: u8,
@@ -567,6 +573,7 @@ impl Generator {
                 persona: if rng.gen_bool(0.6) { 0 } else { 1 },
                 agent,
                 city: pick_weighted(&mut rng, &city_w) as u8,
+                signup: 0,
                 plan: pick_weighted(&mut rng, &[60, 25, 15]) as u8,
                 company,
                 favorite: rng.gen_range(0..CATEGORIES.len() as u8),
@@ -879,7 +886,7 @@ impl Generator {
         match act {
             Act::Page(pg) => follow_gap = Some(self.page_body(&mut buf, p, pg, obj_bad)),
             Act::Login if alias => ctx_bad = obj_bad,
-            Act::Login | Act::IdentifyFull => self.traits_full(&mut buf, p, obj_bad),
+            Act::Login | Act::IdentifyFull => self.traits_full(&mut buf, p, obj_bad, ts),
             Act::IdentifyChange => self.traits_change(&mut buf, p, obj_bad),
             Act::Group => {
                 ctx_bad = obj_bad;
@@ -1077,10 +1084,16 @@ impl Generator {
         buf.push('}');
     }
 
-    fn traits_full(&mut self, buf: &mut String, p: usize, obj_bad: bool) {
+    /// The full traits of an `identify` at `ts`: with the person's time zone,
+    /// and for a SaaS lead its sign-up and trial end times (the first
+    /// identify is the sign-up).
+    fn traits_full(&mut self, buf: &mut String, p: usize, obj_bad: bool, ts: u64) {
         if obj_bad {
             buf.push_str(",\"traits\":\"premium\"");
             return;
+        }
+        if self.people[p].signup == 0 {
+            self.people[p].signup = ts;
         }
         let me = &self.people[p];
         let domain = if me.company > 0 {
@@ -1098,6 +1111,15 @@ impl Generator {
         if me.company > 0 {
             let (name, _, employees) = COMPANIES[me.company as usize - 1];
             let _ = write!(buf, ",\"company\":\"{name}\",\"employees\":{employees}");
+        }
+        let _ = write!(buf, ",\"timezone\":\"{}\"", CITIES[me.city as usize].3);
+        if me.persona == 1 {
+            let signup = me.signup;
+            buf.push_str(",\"signed_up_at\":\"");
+            self.push_time(buf, signup);
+            buf.push_str("\",\"trial_ends_at\":\"");
+            self.push_time(buf, signup + TRIAL);
+            buf.push('"');
         }
         buf.push('}');
     }

@@ -31,7 +31,7 @@
 //! the first at which the evaluated value differs.
 
 use crate::core::clock::{part_span, MAX_TIME};
-use crate::core::value::{CmpOp, Value};
+use crate::core::value::{ArithOp, CmpOp, Value};
 use crate::plan::{AtomDef, Calc};
 
 impl AtomDef {
@@ -45,9 +45,13 @@ impl AtomDef {
         for side in [&self.lhs, &self.rhs] {
             side.clock_horizon(slots, now, tick, &mut horizon);
         }
-        let compare = |op: CmpOp| move |t: u64| self.lhs.eval_at(slots, Some(t)).cmp_op(op, &self.rhs.eval_at(slots, Some(t)));
         // Before the horizon both sides are monotone; at it, evaluate anew.
         let mut next = (horizon < last).then_some(horizon);
+        if !self.lhs.reads_now_outside_clocks() && !self.rhs.reads_now_outside_clocks() {
+            // Only clock parts move, and they are constant before the horizon.
+            return next;
+        }
+        let compare = |op: CmpOp| move |t: u64| self.lhs.eval_at(slots, Some(t)).cmp_op(op, &self.rhs.eval_at(slots, Some(t)));
         for op in [CmpOp::Le, CmpOp::Ge] {
             if let Some(t) = first_change(compare(op), now, horizon.saturating_sub(tick), tick) {
                 next = Some(next.map_or(t, |n| n.min(t)));
@@ -58,6 +62,35 @@ impl AtomDef {
 }
 
 impl Calc {
+    /// Whether the calc reads `now` other than through `hour()`/`weekday()`.
+    fn reads_now_outside_clocks(&self) -> bool {
+        match self {
+            Calc::Lit(_) | Calc::Slot(_) | Calc::Clock(..) => false,
+            Calc::Now => true,
+            Calc::Neg(a) | Calc::Abs(a) | Calc::Sqrt(a) | Calc::Time(a) => a.reads_now_outside_clocks(),
+            Calc::Arith(_, a, b) => a.reads_now_outside_clocks() || b.reads_now_outside_clocks(),
+        }
+    }
+
+    /// `now` itself, or `now` plus or minus a constant duration: the shift
+    /// from the clock, for arguments whose span end gives the tick directly.
+    fn clock_shift(&self) -> Option<i64> {
+        match self {
+            Calc::Now => Some(0),
+            Calc::Arith(op @ (ArithOp::Add | ArithOp::Sub), a, b) => match (a.clock_shift(), &**b) {
+                (Some(s), Calc::Lit(Value::Dur(d))) => {
+                    if *op == ArithOp::Add {
+                        s.checked_add(*d)
+                    } else {
+                        s.checked_sub(*d)
+                    }
+                }
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// Lowers `horizon` to the first tick after `now` at which an
     /// `hour()`/`weekday()` node of this calc that reads `now` may take
     /// another value. Inner nodes first: an outer node's argument is
@@ -89,6 +122,13 @@ impl Calc {
                 let Some((start, end)) = part_span(x, z.as_ref(), *part) else {
                     return;
                 };
+                if let Some(shift) = time.clock_shift() {
+                    // The argument moves with the clock: it leaves the span
+                    // at the first tick `t` with `t + shift >= end`.
+                    let t = end.saturating_sub(shift).max(0) as u64;
+                    *horizon = (*horizon).min(t.div_ceil(tick) * tick).max(now + tick);
+                    return;
+                }
                 let inside = |t: u64| matches!(time.eval_at(slots, Some(t)), Value::Time(x) if start <= x && x < end);
                 let limit = horizon.saturating_sub(tick);
                 if let Some(t) = first_change(inside, now, limit, tick) {

@@ -1006,7 +1006,10 @@ mod tests {
             assert!(errors(clean).is_empty(), "{clean}: {:?}", errors(clean));
         }
         assert_eq!(errors("time(trait.x) > 3d"), ["1:1: cannot compare a time with a duration"]);
-        assert_eq!(errors("now - 3 > now"), ["1:1: `-` needs numbers (or durations and times: d + d, d - d, d * n, d / d, t - t, t ± d), not a time and a number"]);
+        assert_eq!(
+            errors("now - 3 > now"),
+            ["1:1: `-` needs numbers (or durations and times: d + d, d - d, d * n, d / d, t - t, t ± d), not a time and a number"]
+        );
         assert!(errors("now + now > now")[0].contains("not a time and a time"));
         assert!(errors("now - time(trait.x) > 3")[0].contains("cannot compare a duration with a number"));
         assert!(errors("hour(trait.x) > 3")[0].contains("hour(…) needs a time, not a value: write hour(time(…))"));
@@ -1017,10 +1020,19 @@ mod tests {
         );
         assert!(errors("time(3d) > now")[0].contains("time(…) needs a timestamp string or epoch milliseconds, not a duration"));
         assert!(errors("last_time('x') > now and count('y' where last_time('z') > now, 1h) > 0")[0].contains("inside a `where` filter"));
-        assert!(errors("count('x', 1h) > percentile((now - last_time(any)) / 1d, 50)")[0].contains("now cannot be used in the argument of percentile"));
+        assert!(errors("count('x', 1h) > percentile((now - last_time(any)) / 1d, 50)")[0]
+            .contains("now cannot be used in the argument of percentile"));
         // Where the timers could not follow the clock.
-        for bad in ["abs(now - time(trait.x)) < 1d", "1d / (now - time(trait.x)) > 2", "(now - time(trait.x)) / 1d * ((now - time(trait.x)) / 1d) > 2"] {
-            assert!(errors(bad)[0].contains("conditions on now must move one way with the clock"), "{bad}: {:?}", errors(bad));
+        for bad in [
+            "abs(now - time(trait.x)) < 1d",
+            "1d / (now - time(trait.x)) > 2",
+            "(now - time(trait.x)) / 1d * ((now - time(trait.x)) / 1d) > 2",
+        ] {
+            assert!(
+                errors(bad)[0].contains("conditions on now must move one way with the clock"),
+                "{bad}: {:?}",
+                errors(bad)
+            );
         }
     }
 

@@ -346,7 +346,9 @@ fn collect_thresholds(expr: &Expr, windows: &mut BTreeSet<u64>, since_durations:
         // Specs over `now` are evaluated at every tick (see `run`).
         ExprKind::Now => {}
         ExprKind::Time(a) | ExprKind::Clock { time: a, zone: None, .. } => collect_thresholds(a, windows, since_durations),
-        ExprKind::Clock { time: a, zone: Some(b), .. } => {
+        ExprKind::Clock {
+            time: a, zone: Some(b), ..
+        } => {
             collect_thresholds(a, windows, since_durations);
             collect_thresholds(b, windows, since_durations);
         }
@@ -965,7 +967,9 @@ fn ref_clock(part: shoal::spec::ast::ClockPart, time: &Value, zone: Option<&Valu
         },
         Some(_) => return Value::Missing,
     };
-    let Ok(at) = jiff::Timestamp::from_millisecond(*ms) else { return Value::Missing };
+    let Ok(at) = jiff::Timestamp::from_millisecond(*ms) else {
+        return Value::Missing;
+    };
     let local = at.to_zoned(zone);
     let n = match part {
         shoal::spec::ast::ClockPart::Hour => local.hour() as i64,
