@@ -896,7 +896,14 @@ fn render_spec(conds: &[Cond], tick: u64) -> String {
     for (i, c) in conds.iter().enumerate() {
         // a TOML basic string
         let when = render_cond(c, tick, i).0.replace('\\', "\\\\").replace('"', "\\\"");
-        writeln!(s, "[[segment]]\nname = \"g{i}\"\nwhen = \"{when}\"\n").unwrap();
+        writeln!(s, "[[segment]]\nname = \"g{i}\"\nwhen = \"{when}\"").unwrap();
+        // SPEC §4 "Groups": a holdout on g1, three even groups on g2.
+        match i {
+            1 => s.push_str("groups = [{ name = \"treatment\", weight = 90 }, { name = \"control\", weight = 10 }]\n"),
+            2 => s.push_str("groups = [{ name = \"a\", weight = 1 }, { name = \"b\", weight = 1 }, { name = \"c\", weight = 1 }]\n"),
+            _ => {}
+        }
+        s.push('\n');
     }
     s.push_str(SCORING);
     s

@@ -1536,3 +1536,75 @@ fn api_calls_beyond_the_bound_wait_for_a_slot() {
     );
     drop(stalled);
 }
+
+/// SPEC §4 "Groups": `GET /segments` gives each group's size, and the sizes
+/// are those of the output's lines, each member counted in the group its
+/// line names.
+#[test]
+fn group_sizes_agree_with_the_groups_the_lines_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = r#"
+[[segment]]
+name = "viewers"
+when = "count('Product Viewed', 48h) >= 1"
+groups = [{ name = "treatment", weight = 90 }, { name = "control", weight = 10 }]
+
+[[segment]]
+name = "pagers"
+when = "count(page, 48h) >= 1"
+"#;
+    let events = 6_000;
+    let mut s = start(dir.path(), events, spec);
+    let clock = settle(&s.addr, events);
+    let out = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+    // The members' groups from the lines: the group of each enter.
+    let mut group_of: BTreeMap<String, String> = BTreeMap::new();
+    for line in out.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        if v["segment"] == "viewers" && v["time"].as_str().unwrap() <= clock.as_str() {
+            let (p, g) = (
+                v["profile"].as_str().unwrap(),
+                v["group"].as_str().expect("a grouped line names its group"),
+            );
+            if v["change"] == "enter" {
+                group_of.insert(p.into(), g.into());
+            } else {
+                assert_eq!(group_of.remove(p).as_deref(), Some(g), "a member exits the group it entered");
+            }
+        } else {
+            assert!(v.get("group").is_none(), "a segment without groups names none: {line}");
+        }
+    }
+    let count = |g: &str| group_of.values().filter(|x| *x == g).count();
+    assert!(count("treatment") > 10 && count("control") > 0, "{group_of:?}");
+    let body = get(&s.addr, "/segments");
+    let viewers = body["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "viewers")
+        .unwrap();
+    let sizes: Vec<(String, u64, usize)> = viewers["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["name"].as_str().unwrap().to_string(),
+                g["weight"].as_u64().unwrap(),
+                g["size"].as_u64().unwrap() as usize,
+            )
+        })
+        .collect();
+    assert_eq!(
+        sizes,
+        [
+            ("treatment".to_string(), 90, count("treatment")),
+            ("control".to_string(), 10, count("control"))
+        ]
+    );
+    assert_eq!(viewers["size"].as_u64().unwrap() as usize, group_of.len());
+    let pagers = body["segments"].as_array().unwrap().iter().find(|x| x["name"] == "pagers").unwrap();
+    assert!(pagers.get("groups").is_none());
+    s.terminate();
+}

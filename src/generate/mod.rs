@@ -1331,7 +1331,7 @@ mod tests {
     use super::*;
     use serde_json::Value;
 
-    const GOLDEN: u64 = 0xd9fd_394a_9ada_9c76;
+    const GOLDEN: u64 = 0xdf6c_324f_718e_0ef9;
 
     fn opts(users: u64, events: u64, seed: u64) -> GenOptions {
         GenOptions {

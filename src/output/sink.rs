@@ -120,7 +120,8 @@ impl SinkState {
 /// One membership line, keys in SPEC order, at `time` as [`format_time`]
 /// writes it: a tick's lines share it, and formatting it once per line was
 /// a third of the sink's work.
-pub fn membership_line(time: &str, segment: &str, profile: &str, enter: bool) -> String {
+/// A member of a segment with `groups` names its group after `change`.
+pub fn membership_line(time: &str, segment: &str, profile: &str, enter: bool, group: Option<&str>) -> String {
     let mut line = String::with_capacity(64 + time.len() + segment.len() + profile.len());
     line.push_str("{\"time\":\"");
     line.push_str(time);
@@ -128,7 +129,12 @@ pub fn membership_line(time: &str, segment: &str, profile: &str, enter: bool) ->
     push_json_str(&mut line, segment);
     line.push_str(",\"profile\":");
     push_json_str(&mut line, profile);
-    line.push_str(if enter { ",\"change\":\"enter\"}" } else { ",\"change\":\"exit\"}" });
+    line.push_str(if enter { ",\"change\":\"enter\"" } else { ",\"change\":\"exit\"" });
+    if let Some(group) = group {
+        line.push_str(",\"group\":");
+        push_json_str(&mut line, group);
+    }
+    line.push('}');
     line
 }
 
@@ -242,6 +248,8 @@ pub trait Observer: Send + Sync {
 pub struct Outputs {
     /// Segment names, in spec order.
     pub segments: Rc<Vec<String>>,
+    /// Each segment's `groups` (SPEC §4 "Groups"), in spec order.
+    pub groups: Rc<Vec<Vec<crate::spec::Group>>>,
     pub show_ms: bool,
     pub changes: Option<Box<dyn Deliver>>,
     pub dead_letters: Option<Box<dyn Deliver>>,
@@ -499,7 +507,9 @@ fn write_tick(outs: &mut Outputs, t: u64, mut changes: Vec<NamedChange>) {
     let lines: Vec<(String, String)> = lines
         .into_iter()
         .map(|(seg, profile, enter)| {
-            let line = membership_line(&time, &outs.segments[seg.index()], &profile, enter);
+            let name = &outs.segments[seg.index()];
+            let group = crate::spec::group_of(name, &outs.groups[seg.index()], &profile);
+            let line = membership_line(&time, name, &profile, enter, group);
             (profile, line)
         })
         .collect();
@@ -571,13 +581,16 @@ mod tests {
         #[test]
         fn lines_read_back_as_written(segment in "\\PC*|[\"\\\\\u{0}-\u{1f}a]{0,6}", profile in "\\PC*|[\"\\\\\u{0}-\u{1f}a]{0,6}", enter: bool, t in 0u64..4_000_000_000_000) {
             let time = format_time(t, true);
-            let line = membership_line(&time, &segment, &profile, enter);
+            let group = (t % 2 == 0).then_some(segment.as_str());
+            let line = membership_line(&time, &segment, &profile, enter, group);
             let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+            prop_assert_eq!(v["group"].as_str(), group);
             prop_assert_eq!(v["segment"].as_str(), Some(segment.as_str()));
             prop_assert_eq!(v["profile"].as_str(), Some(profile.as_str()));
             prop_assert_eq!(v["time"].as_str(), Some(time.as_str()));
             prop_assert_eq!(v["change"].as_str(), Some(if enter { "enter" } else { "exit" }));
-            let keys = ["\"time\":", "\"segment\":", "\"profile\":", "\"change\":"];
+            let mut keys = vec!["\"time\":", "\"segment\":", "\"profile\":", "\"change\":"];
+            keys.extend(group.map(|_| "\"group\":"));
             let at: Vec<usize> = keys.iter().map(|k| line.find(k).expect("every key")).collect();
             prop_assert!(at.windows(2).all(|w| w[0] < w[1]), "keys in SPEC order: {}", line);
         }

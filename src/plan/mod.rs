@@ -26,8 +26,7 @@
 //!   numbered after the event streams, so atoms read them like any term.
 use std::collections::HashMap;
 
-mod timed;
-pub use timed::first_change;
+pub mod timed;
 
 use crate::core::fact::AtomRow;
 use crate::core::id::{AtomId, Key, StreamId};
@@ -294,6 +293,8 @@ impl Formula {
 pub struct SegmentPlan {
     pub name: String,
     pub formula: Formula,
+    /// Its `groups` (SPEC §4 "Groups"): which group a member's line names.
+    pub groups: Vec<crate::spec::Group>,
 }
 
 /// The shared plan of a spec.
@@ -379,6 +380,7 @@ impl Plan {
             plan.segments.push(SegmentPlan {
                 name: seg.name.clone(),
                 formula,
+                groups: seg.groups.clone(),
             });
         }
         plan.order = plan.topological_order();

@@ -47,6 +47,7 @@ pub(super) fn run_worker(
     };
     let outputs = Outputs {
         segments: Rc::new(plan.segments.iter().map(|s| s.name.clone()).collect()),
+        groups: Rc::new(plan.segments.iter().map(|s| s.groups.clone()).collect()),
         show_ms: opts.tick < 1000,
         changes: open(&job.output, restored.map(|s| s.mark.changes.unwrap_or(0)))?,
         dead_letters: open(&job.dead_letters, restored.map(|s| s.mark.dead.unwrap_or(0)))?,

@@ -369,14 +369,25 @@ async fn segments(State(s): St) -> Json<Json_> {
         .iter()
         .filter(|s| s.live())
         .map(|seg| {
-            json!({
+            let mut j = json!({
                 "name": seg.name,
                 "size": seg.members.len(),
                 "description": seg.description,
                 "when": seg.source,
                 "entered": seg.entered,
                 "exited": seg.exited,
-            })
+            });
+            if !seg.groups.is_empty() {
+                // SPEC §4 "Groups": each group's size, in the order written.
+                let groups: Vec<Json_> = seg
+                    .groups
+                    .iter()
+                    .zip(&seg.group_sizes)
+                    .map(|(g, size)| json!({"name": g.name, "weight": g.weight, "size": size}))
+                    .collect();
+                j["groups"] = groups.into();
+            }
+            j
         })
         .collect();
     Json(json!({"clock": clock_json(&m), "segments": list}))

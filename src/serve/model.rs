@@ -259,9 +259,18 @@ pub struct SegState {
     pub changes: VecDeque<(u64, String, bool)>,
     pub entered: u64,
     pub exited: u64,
+    /// Its `groups` (SPEC §4 "Groups"), and how many members each has.
+    pub groups: Vec<crate::spec::Group>,
+    pub group_sizes: Vec<usize>,
 }
 
 impl SegState {
+    /// The group a member with id `id` is in, by index into `groups`.
+    fn group_index(&self, id: &str) -> Option<usize> {
+        let name = crate::spec::group_of(&self.name, &self.groups, id)?;
+        self.groups.iter().position(|g| g.name == name)
+    }
+
     pub fn live(&self) -> bool {
         !matches!(self.def, Def::Deleted)
     }
@@ -439,6 +448,8 @@ impl Served {
                 changes: VecDeque::new(),
                 entered: 0,
                 exited: 0,
+                group_sizes: vec![0; s.groups.len()],
+                groups: s.groups.clone(),
             })
             .collect();
         Arc::new(Served {
@@ -914,6 +925,13 @@ impl Model {
 
     fn set_member(&mut self, slot: usize, key: Key, id: String, enter: bool) {
         let s = &mut self.segments[slot];
+        if let Some(g) = s.group_index(&id) {
+            s.group_sizes[g] = if enter {
+                s.group_sizes[g] + 1
+            } else {
+                s.group_sizes[g].saturating_sub(1)
+            };
+        }
         if enter {
             s.keys.insert(key);
             s.members.insert(id);
@@ -1174,7 +1192,8 @@ impl Model {
         changes
             .into_iter()
             .map(|(slot, _, id, enter)| {
-                let line = membership_line(&time, &self.segments[slot].name, &id, enter);
+                let s = &self.segments[slot];
+                let line = membership_line(&time, &s.name, &id, enter, crate::spec::group_of(&s.name, &s.groups, &id));
                 (id, line)
             })
             .collect()
@@ -1249,6 +1268,8 @@ impl Model {
                                 changes: VecDeque::new(),
                                 entered: 0,
                                 exited: 0,
+                                groups: Vec::new(),
+                                group_sizes: Vec::new(),
                             });
                             self.segments.len() - 1
                         });

@@ -1109,6 +1109,7 @@ mod tests {
             description: None,
             when: parse_when(when).unwrap(),
             source: when.into(),
+            groups: Vec::new(),
         }
     }
 

@@ -11,6 +11,39 @@ pub struct Segment {
     pub when: Expr,
     /// The `when` text as written, for messages and the API's `why`.
     pub source: String,
+    /// `groups`: holdouts and experiments (SPEC §4 "Groups"); empty: none.
+    pub groups: Vec<Group>,
+}
+
+/// One group of a segment's `groups`, with its positive weight.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    pub weight: u64,
+}
+
+/// The group a member `profile` (its id as written in lines) of `segment`
+/// belongs to (SPEC §4 "Groups"): with `W` the sum of the weights and
+/// `b = xxh3_64(segment, 0x00, profile) mod W`, the first group whose
+/// running sum of weights exceeds `b`. `None` when there are no groups.
+pub fn group_of<'g>(segment: &str, groups: &'g [Group], profile: &str) -> Option<&'g str> {
+    let total: u64 = groups.iter().map(|g| g.weight).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(segment.len() + 1 + profile.len());
+    bytes.extend_from_slice(segment.as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(profile.as_bytes());
+    let b = xxhash_rust::xxh3::xxh3_64(&bytes) % total;
+    let mut sum = 0;
+    groups
+        .iter()
+        .find(|g| {
+            sum += g.weight;
+            sum > b
+        })
+        .map(|g| g.name.as_str())
 }
 
 /// One `[[score]]`: a named number per profile, read as `score.NAME`.

@@ -19,7 +19,7 @@ pub mod check;
 pub mod def;
 pub mod parse;
 
-pub use def::{default_rfm_grid, ClusteringDef, RfmDef, ScoreDef, Segment, Spec, SpecError};
+pub use def::{default_rfm_grid, group_of, ClusteringDef, Group, RfmDef, ScoreDef, Segment, Spec, SpecError};
 
 use ast::{Expr, ExprKind, Pos};
 use std::ops::Range;
@@ -422,7 +422,7 @@ impl<'t> Loader<'t> {
 
     fn segment(&mut self, t: &dyn TableLike, header: usize) {
         const BLOCK: &str = "[[segment]]";
-        self.known_keys(t, BLOCK, &["name", "when", "description"]);
+        self.known_keys(t, BLOCK, &["name", "when", "description", "groups"]);
         let name = self.string(t, "name", BLOCK, header, true);
         let description = self.string(t, "description", BLOCK, header, false).map(|d| d.value);
         let block = match &name {
@@ -453,13 +453,71 @@ impl<'t> Loader<'t> {
             kind: ExprKind::Bool(false),
             pos: Pos { line: 1, column: 1 },
         });
+        let groups = match t.get("groups") {
+            Some(g) => self.groups(g, Self::at(t, "groups", header)),
+            None => Vec::new(),
+        };
         self.spec.segments.push(Segment {
             name: name.map(|n| n.value).unwrap_or_default(),
             description,
             when: expr,
             source,
+            groups,
         });
         self.segment_maps.push(map);
+    }
+
+    /// A segment's `groups`: an array of `{ name = "…", weight = N }`,
+    /// names distinct and not empty, weights whole numbers from 1.
+    fn groups(&mut self, item: &Item, at: usize) -> Vec<def::Group> {
+        const SHAPE: &str =
+            "`groups` must be an array such as [{ name = \"treatment\", weight = 90 }, { name = \"control\", weight = 10 }]";
+        let Some(array) = item.as_array() else {
+            self.error(at, SHAPE);
+            return Vec::new();
+        };
+        let mut groups: Vec<def::Group> = Vec::new();
+        for value in array.iter() {
+            let value_at = value.span().map(|s| s.start).unwrap_or(at);
+            let Some(g) = value.as_inline_table() else {
+                self.error(value_at, SHAPE);
+                continue;
+            };
+            for (key, _) in g.iter() {
+                if key != "name" && key != "weight" {
+                    self.error(
+                        Self::at(g, key, value_at),
+                        format!("unknown key `{key}` in a group (expected name and weight)"),
+                    );
+                }
+            }
+            let name = match g.get("name").and_then(|v| v.as_str()) {
+                Some(n) if !n.is_empty() => n.to_string(),
+                _ => {
+                    self.error(Self::at(g, "name", value_at), "a group needs a `name`, a string that is not empty");
+                    continue;
+                }
+            };
+            if groups.iter().any(|h| h.name == name) {
+                self.error(Self::at(g, "name", value_at), format!("duplicate group name `{name}`"));
+                continue;
+            }
+            let weight = match g.get("weight").and_then(|v| v.as_integer()) {
+                Some(w) if w >= 1 && w <= u32::MAX as i64 => w as u64,
+                _ => {
+                    self.error(
+                        Self::at(g, "weight", value_at),
+                        format!("group `{name}` needs a `weight`, a whole number from 1 (such as 90 for 90 in 100)"),
+                    );
+                    continue;
+                }
+            };
+            groups.push(def::Group { name, weight });
+        }
+        if array.is_empty() {
+            self.error(at, SHAPE);
+        }
+        groups
     }
 
     fn score(&mut self, t: &dyn TableLike, header: usize) {
@@ -830,10 +888,62 @@ when = "sum('buy', amount, lifetime) == 0.3"
     }
 
     #[test]
+    fn groups_are_read_and_checked() {
+        let spec = parse_spec(
+            "[[segment]]\nname = \"s\"\nwhen = \"true\"\ngroups = [{ name = \"treatment\", weight = 90 }, { name = \"control\", weight = 10 }]\n",
+            1000,
+        )
+        .unwrap();
+        let names: Vec<(&str, u64)> = spec.segments[0].groups.iter().map(|g| (g.name.as_str(), g.weight)).collect();
+        assert_eq!(names, [("treatment", 90), ("control", 10)]);
+        let bad = |groups: &str| errs(&format!("[[segment]]\nname = \"s\"\nwhen = \"true\"\ngroups = {groups}\n"));
+        assert_eq!(
+            bad("\"a\"")[0],
+            "4:10: `groups` must be an array such as [{ name = \"treatment\", weight = 90 }, { name = \"control\", weight = 10 }]"
+        );
+        assert!(bad("[]")[0].contains("must be an array such as"));
+        assert_eq!(
+            bad("[{ name = \"a\", weight = 0 }]")[0],
+            "4:34: group `a` needs a `weight`, a whole number from 1 (such as 90 for 90 in 100)"
+        );
+        assert!(bad("[{ name = \"a\", weight = 1.5 }]")[0].contains("needs a `weight`"));
+        assert!(bad("[{ name = \"a\" }]")[0].contains("needs a `weight`"));
+        assert!(bad("[{ weight = 3 }]")[0].contains("a group needs a `name`"));
+        assert!(bad("[{ name = \"a\", weight = 1 }, { name = \"a\", weight = 2 }]")[0].contains("duplicate group name `a`"));
+        assert!(bad("[{ name = \"a\", weight = 1, size = 2 }]")[0].contains("unknown key `size` in a group"));
+    }
+
+    #[test]
+    fn every_member_lands_in_one_group_by_weight() {
+        // Over many ids the shares follow the weights (90/10 within a point).
+        let groups = [
+            Group {
+                name: "treatment".into(),
+                weight: 90,
+            },
+            Group {
+                name: "control".into(),
+                weight: 10,
+            },
+        ];
+        let control = (0..20_000)
+            .filter(|i| group_of("s", &groups, &format!("user:u{i}")) == Some("control"))
+            .count();
+        assert!((1_800..2_200).contains(&control), "{control} of 20000 in control");
+        assert_eq!(group_of("s", &[], "user:u1"), None);
+        // The segment's name is part of the hash: another segment splits otherwise.
+        let same = (0..1_000).filter(|i| {
+            let id = format!("user:u{i}");
+            group_of("s", &groups, &id) == group_of("t", &groups, &id)
+        });
+        assert!(same.count() < 1_000);
+    }
+
+    #[test]
     fn structure_errors() {
         assert_eq!(
             errs("[[segment]]\nname = \"a\"\nwhen = \"true\"\ncolour = 1\n"),
-            ["4:1: unknown key `colour` in [[segment]] (expected `name`, `when`, `description`)"]
+            ["4:1: unknown key `colour` in [[segment]] (expected `name`, `when`, `description`, `groups`)"]
         );
         assert_eq!(
             errs("segments = 1\n"),
