@@ -7,6 +7,7 @@
 //!     cargo bench --bench pipeline -- memory [N]       # bytes per windowed event and per profile
 //!     cargo bench --bench pipeline -- checkpoint [N]   # checkpoint encodings on real state, write and resume times
 //!     cargo bench --bench pipeline -- overload [RATE]  # memory while input is offered faster than it is processed
+//!     cargo bench --bench pipeline -- timers [N]       # N profiles whose trials end over a month: every timer fires
 //!
 //! No assertion on time anywhere: these print, docs/performance.md records.
 //! Under `cargo test --all-targets` (no `--bench` flag) it runs a small smoke
@@ -472,6 +473,90 @@ fn overload(rate: u64, seconds: u64) {
     );
 }
 
+/// N identify events in the first minute, each setting a trial end spread
+/// evenly over the next 30 days.
+fn trials(n: u64) -> Vec<u8> {
+    const T0: u64 = 1_704_067_200_000; // 2024-01-01T00:00:00Z
+    let mut out = Vec::with_capacity(n as usize * 160);
+    for i in 0..n {
+        let at = T0 + i * 60_000 / n;
+        let ends = T0 + 60_000 + i * 30 * 86_400_000 / n;
+        let line = format!(
+            "{{\"type\":\"identify\",\"userId\":\"u{i}\",\"timestamp\":{at},\"messageId\":\"m{i}\",\"traits\":{{\"trial_ends_at\":\"{}\"}}}}\n",
+            shoal::core::clock::format_time(ends, true)
+        );
+        out.extend_from_slice(line.as_bytes());
+    }
+    out
+}
+
+/// A child run for [`timers`]: the spec over `now` (`timed`) or one over the
+/// same trait without it, over `n` profiles, to 31 days after the start.
+fn timers_child(kind: &str, n: u64) {
+    let when = match kind {
+        "timed" => "time(trait.trial_ends_at) - now <= 3d and time(trait.trial_ends_at) > now",
+        _ => "trait.trial_ends_at != ''",
+    };
+    let spec = shoal::spec::parse_spec(&format!("[[segment]]\nname = \"trial_ending\"\nwhen = \"{when}\"\n"), 1000).expect("spec");
+    let path = std::env::temp_dir().join(format!("shoal-timers-{}-{n}.jsonl", std::process::id()));
+    std::fs::write(&path, trials(n)).expect("temp file");
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let job = Job::quiet(
+        spec,
+        RunOptions {
+            until: Some(1_704_067_200_000 + 31 * 86_400_000),
+            ..RunOptions::default()
+        },
+        vec![Source::File(path.clone())],
+    );
+    let started = Instant::now();
+    let summary = run(job).expect("run");
+    let secs = started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&path);
+    println!(
+        "rss_mib {} secs {secs} diffs {} profiles {}",
+        peak_rss_mib(),
+        summary.diffs_written,
+        summary.profiles
+    );
+}
+
+/// Timers (SPEC §4 "Times"): `n` profiles whose trials end spread over a
+/// month, run to past the last end with no further event: every profile
+/// must enter `trial_ending` three days before its end and exit at it
+/// (2n changes, all fired by timers). Memory per pending timer is the
+/// difference in peak RSS from the same profiles under a spec without
+/// `now`, over `n`, in fresh processes.
+fn timers(n: u64) {
+    let exe = std::env::current_exe().expect("the bench binary");
+    let child = |kind: &str| -> (f64, f64, u64) {
+        let out = std::process::Command::new(&exe)
+            .args(["--bench", "timers-child", kind, &n.to_string()])
+            .output()
+            .expect("child run");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().find(|l| l.starts_with("rss_mib")).expect("the child reports");
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (
+            f[1].parse().expect("rss"),
+            f[3].parse().expect("secs"),
+            f[5].parse().expect("diffs"),
+        )
+    };
+    println!("## timers: {n} profiles, trial ends over 30 days, run to day 31");
+    let (timed_mib, timed_secs, diffs) = child("timed");
+    let (plain_mib, plain_secs, _) = child("plain");
+    println!(
+        "timed:  {timed_secs:.2}s, {diffs} changes ({} expected: every enter and exit by a timer), peak RSS {timed_mib:.0} MiB",
+        2 * n
+    );
+    println!("plain:  {plain_secs:.2}s, peak RSS {plain_mib:.0} MiB (the same profiles, a spec without now)");
+    println!(
+        "memory: {:.0} bytes per profile with a pending timer (timed minus plain peak RSS, over {n})",
+        (timed_mib - plain_mib) * 1024.0 * 1024.0 / n as f64
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; under `cargo test --all-targets` run a
     // small smoke pass of every section so CI keeps them working, quickly.
@@ -491,6 +576,9 @@ fn main() {
     if what == "memory-child" {
         return memory_child(&args[1], args[2].parse().expect("n"));
     }
+    if what == "timers-child" {
+        return timers_child(&args[1], args[2].parse().expect("n"));
+    }
     let n = |d: u64| args.get(1).and_then(|a| a.parse().ok()).unwrap_or(d);
     match what {
         "throughput" => throughput(n(1_000_000)),
@@ -499,6 +587,7 @@ fn main() {
         "baseline" => baseline(n(2_000_000)),
         "reference" => reference_vs_engine(n(1_500)),
         "memory" => memory(n(2_000_000)),
+        "timers" => timers(n(1_000_000)),
         "checkpoint" => checkpoint(n(1_000_000)),
         "overload" => {
             // About the rate one worker sustains on this machine for this

@@ -101,6 +101,9 @@ struct GenEvent {
     ts: u8,
     /// Round the time down to this many ms (0: not at all), to hit tick boundaries.
     snap: u64,
+    /// `context.location`: a point on a 0.01° grid around the test zone,
+    /// whose vertices are on the grid too (see `ZONE`).
+    loc: Option<(u8, u8)>,
 }
 
 #[derive(Clone, Debug)]
@@ -223,7 +226,8 @@ fn gen_event(shape: Shape) -> impl Strategy<Value = GenEvent> {
     let msg = proptest::option::weighted(0.9, 0..msgs);
     let ts = prop_oneof![12 => Just(0u8), 3 => Just(1u8), 1 => Just(2u8), 1 => Just(3u8)];
     let snap = prop_oneof![3 => Just(0u64), 1 => Just(1_000u64), 1 => Just(500u64)];
-    (gap, back, who(shape), body(shape), msg, ts, snap).prop_map(|(gap, back, who, body, msg, ts, snap)| GenEvent {
+    let loc = proptest::option::weighted(0.4, (0u8..10, 0u8..9));
+    (gap, back, who(shape), body(shape), msg, ts, (snap, loc)).prop_map(|(gap, back, who, body, msg, ts, (snap, loc))| GenEvent {
         gap,
         back,
         who,
@@ -231,6 +235,7 @@ fn gen_event(shape: Shape) -> impl Strategy<Value = GenEvent> {
         msg,
         ts,
         snap,
+        loc,
     })
 }
 
@@ -272,10 +277,21 @@ fn render_props(p: &Props) -> String {
     format!(r#","properties":{{{}}}"#, fields.join(","))
 }
 
-fn render_device(d: Option<u8>) -> String {
-    match d {
-        Some(d) => format!(r#","context":{{"device":{{"type":"{}"}}}}"#, DEVICES[d as usize]),
-        None => String::new(),
+fn render_device(d: Option<u8>, loc: Option<(u8, u8)>) -> String {
+    let mut parts = Vec::new();
+    if let Some(d) = d {
+        parts.push(format!(r#""device":{{"type":"{}"}}"#, DEVICES[d as usize]));
+    }
+    if let Some((a, b)) = loc {
+        // Latitude 39.99 .. 40.08, longitude -74.06 .. -73.98, as JSON text.
+        let (lat, lon) = (3999 + a as i64, -7406 + b as i64);
+        let text = |c: i64| format!("{}{}.{:02}", if c < 0 { "-" } else { "" }, c.abs() / 100, c.abs() % 100);
+        parts.push(format!(r#""location":{{"latitude":{},"longitude":{}}}"#, text(lat), text(lon)));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(r#","context":{{{}}}"#, parts.join(","))
     }
 }
 
@@ -326,7 +342,7 @@ fn render_event(ev: &GenEvent, time: u64) -> String {
                 r#","event":"{}"{}{}"#,
                 TRACKS[*name as usize],
                 render_props(props),
-                render_device(*device)
+                render_device(*device, ev.loc)
             )
             .unwrap();
         }
@@ -334,13 +350,13 @@ fn render_event(ev: &GenEvent, time: u64) -> String {
             if let Some(n) = name {
                 write!(s, r#","name":"{}""#, PAGES[*n as usize]).unwrap();
             }
-            write!(s, "{}{}", render_props(props), render_device(*device)).unwrap();
+            write!(s, "{}{}", render_props(props), render_device(*device, ev.loc)).unwrap();
         }
         Body::Screen { name, device } => {
             if let Some(n) = name {
                 write!(s, r#","name":"{}""#, SCREENS[*n as usize]).unwrap();
             }
-            s.push_str(&render_device(*device));
+            s.push_str(&render_device(*device, ev.loc));
         }
         Body::Identify {
             plan,
@@ -580,7 +596,11 @@ enum Num {
 
 /// The scoring blocks every generated spec carries (windows are multiples
 /// of every generated tick).
-const SCORING: &str = r#"[[score]]
+const SCORING: &str = r#"[[zone]]
+name = "z"
+polygon = [[40.00, -74.05], [40.06, -74.05], [40.06, -74.00], [40.03, -74.03], [40.00, -74.00]]
+
+[[score]]
 name = "s0"
 expr = "10 * count('buy', 30s) + 5 * count('view', 30s)"
 
@@ -658,6 +678,8 @@ enum Cond {
     /// `rfm.segment == '…'` or `!=`.
     RfmSeg(bool, u8),
     Since(Sel, u8, u8, bool),
+    /// One of `PLACES`: (template, comparison, distance).
+    Place(u8, u8, u8),
     /// One of `TIMED`: (template, comparison, duration, selector, zone, number).
     Timed(u8, u8, u8, Sel, u8, u8),
     /// `in_segment` of an earlier segment (index modulo this one's).
@@ -695,6 +717,15 @@ const TIMED: [&str; 8] = [
     "time(trait.ends) {op} now",
     "now - time(last(identify, traits.ends)) {op} {d} and hour(now{z}) >= 0",
 ];
+/// Conditions over places (SPEC §4 "Places"), over the points the
+/// generator puts on a grid whose lines hold the zone's vertices and edges.
+const PLACES: [&str; 4] = [
+    "inside(last(any, context.location.latitude), last(any, context.location.longitude), 'z')",
+    "distance(last(any, context.location.latitude), last(any, context.location.longitude), 40.04, -74.02) {op} {km}",
+    "not inside(last(page, context.location.latitude), last(page, context.location.longitude), 'z')",
+    "inside(last(any, context.location.latitude), last(any, context.location.longitude), 'z') and count(any, 10s) >= 2",
+];
+const KMS: [&str; 5] = ["1", "2.2", "3.3", "4.45", "5"];
 const ZONE_ARGS: [&str; 5] = ["", ", 'UTC'", ", 'Asia/Kathmandu'", ", trait.tz", ", last(identify, traits.tz)"];
 
 fn cond_leaf() -> impl Strategy<Value = Cond> {
@@ -708,6 +739,7 @@ fn cond_leaf() -> impl Strategy<Value = Cond> {
         4 => (sel(), 0u8..4, 0u8..9, proptest::bool::weighted(0.2)).prop_map(|(s, op, d, f)| Cond::Since(s, op, d, f)),
         2 => any::<u8>().prop_map(Cond::InSeg),
         1 => any::<bool>().prop_map(Cond::Lit),
+        2 => (0u8..4, 0u8..6, 0u8..5).prop_map(|(p, op, km)| Cond::Place(p, op, km)),
     ]
 }
 
@@ -856,6 +888,19 @@ fn render_cond(c: &Cond, tick: u64, seg: usize) -> (String, u8) {
             } else {
                 (format!("{since} {op} {d}"), P_CMP)
             }
+        }
+        Cond::Place(p, op, km) => {
+            let text = PLACES[*p as usize % PLACES.len()]
+                .replace("{op}", CMPS[*op as usize % 6])
+                .replace("{km}", KMS[*km as usize % KMS.len()]);
+            let prec = if text.contains(" and ") {
+                P_AND
+            } else if text.starts_with("not ") {
+                P_NOT
+            } else {
+                P_CMP
+            };
+            (text, prec)
         }
         Cond::Timed(t, op, d, s, z, n) => {
             let text = TIMED[*t as usize % TIMED.len()]

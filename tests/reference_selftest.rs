@@ -48,7 +48,7 @@ fn reference_agrees_with_every_conformance_case() {
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
         let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_else(|e| panic!("{name}/{f}: {e}"));
         let opts = options(&read("args"));
-        let spec = shoal::spec::parse_spec(&read("spec.toml"), opts.tick).unwrap_or_else(|e| panic!("{name}/spec.toml: {e:?}"));
+        let spec = shoal::spec::load(&dir.join("spec.toml"), opts.tick).unwrap_or_else(|e| panic!("{name}/spec.toml: {e:?}"));
         let input = fs::read(dir.join("events.jsonl")).unwrap();
         let expected: Vec<String> = read("expected.jsonl").lines().map(str::to_owned).collect();
         let expected_dead: usize = read("expected-dead-letters").trim().parse().expect("a count");

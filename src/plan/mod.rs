@@ -105,6 +105,10 @@ pub enum Calc {
     Time(Box<Calc>),
     /// `hour(t[, zone])` or `weekday(t[, zone])`; no zone is UTC.
     Clock(ClockPart, Box<Calc>, Option<Box<Calc>>),
+    /// `distance(lat1, lon1, lat2, lon2)` (SPEC §4 "Places").
+    Distance(Vec<Calc>),
+    /// `inside(lat, lon, zone)`.
+    Inside(Box<Calc>, Box<Calc>, std::sync::Arc<crate::spec::ZoneDef>),
 }
 
 impl Calc {
@@ -126,6 +130,18 @@ impl Calc {
             Calc::Now => now.map_or(Value::Missing, |t| Value::Time(t as i64)),
             Calc::Time(a) => as_time(&a.eval_at(slots, now)),
             Calc::Clock(part, t, zone) => clock_part(*part, &t.eval_at(slots, now), zone.as_ref().map(|z| z.eval_at(slots, now)).as_ref()),
+            Calc::Distance(args) => {
+                let degrees: Option<Vec<f64>> = args.iter().map(|a| a.eval_at(slots, now).as_f64()).collect();
+                match degrees.and_then(|d| crate::spec::distance_km(d[0], d[1], d[2], d[3])) {
+                    Some(km) => Value::Float(crate::core::value::Float(km)),
+                    None => Value::Missing,
+                }
+            }
+            Calc::Inside(lat, lon, zone) => match (lat.eval_at(slots, now).as_f64(), lon.eval_at(slots, now).as_f64()) {
+                (Some(lat), Some(lon)) => Value::Bool(zone.contains(lat, lon)),
+                // A missing argument gives false (SPEC §4 "Places").
+                _ => Value::Bool(false),
+            },
         }
     }
 
@@ -135,7 +151,8 @@ impl Calc {
             Calc::Lit(_) | Calc::Slot(_) => false,
             Calc::Now => true,
             Calc::Neg(a) | Calc::Abs(a) | Calc::Sqrt(a) | Calc::Time(a) | Calc::Clock(_, a, None) => a.reads_now(),
-            Calc::Arith(_, a, b) | Calc::Clock(_, a, Some(b)) => a.reads_now() || b.reads_now(),
+            Calc::Arith(_, a, b) | Calc::Clock(_, a, Some(b)) | Calc::Inside(a, b, _) => a.reads_now() || b.reads_now(),
+            Calc::Distance(args) => args.iter().any(Calc::reads_now),
         }
     }
 
@@ -310,6 +327,8 @@ pub struct Plan {
     pub readers: Vec<Vec<(usize, usize)>>,
     /// The atoms that read `now`, in atom order (see [`AtomDef::timed`]).
     pub timed: Vec<usize>,
+    /// The spec's `[[zone]]`s, for `inside`.
+    pub zones: Vec<std::sync::Arc<crate::spec::ZoneDef>>,
     /// For each stream, the terms that fold it (event streams, then the
     /// virtual streams: thresholds, RFM, one per clustering).
     pub folds: Vec<Vec<usize>>,
@@ -372,6 +391,7 @@ impl Plan {
             spec_rfm: spec.rfm.clone(),
             spec_clusterings: spec.clusterings.clone(),
             clusters: vec![None; spec.clusterings.len()],
+            zones: spec.zones.iter().cloned().map(std::sync::Arc::new).collect(),
             ..Plan::default()
         };
         let names: HashMap<&str, usize> = spec.segments.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
@@ -709,6 +729,14 @@ impl Plan {
                 slot(self, TermDef { stream, agg: Agg::Last })
             }
             ExprKind::Now => Calc::Now,
+            ExprKind::Distance(args) => Calc::Distance(args.iter().map(|a| self.calc(a, terms)).collect()),
+            ExprKind::Inside(lat, lon, zone) => {
+                let (lat, lon) = (Box::new(self.calc(lat, terms)), Box::new(self.calc(lon, terms)));
+                match self.zones.iter().find(|z| &z.name == zone) {
+                    Some(z) => Calc::Inside(lat, lon, z.clone()),
+                    None => Calc::Lit(Value::Bool(false)),
+                }
+            }
             ExprKind::Time(a) => Calc::Time(Box::new(self.calc(a, terms))),
             ExprKind::EventTime { sel, first } => {
                 // The latest (earliest) event time of a lifetime stream:

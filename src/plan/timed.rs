@@ -68,7 +68,8 @@ impl Calc {
             Calc::Lit(_) | Calc::Slot(_) | Calc::Clock(..) => false,
             Calc::Now => true,
             Calc::Neg(a) | Calc::Abs(a) | Calc::Sqrt(a) | Calc::Time(a) => a.reads_now_outside_clocks(),
-            Calc::Arith(_, a, b) => a.reads_now_outside_clocks() || b.reads_now_outside_clocks(),
+            Calc::Arith(_, a, b) | Calc::Inside(a, b, _) => a.reads_now_outside_clocks() || b.reads_now_outside_clocks(),
+            Calc::Distance(args) => args.iter().any(Calc::reads_now_outside_clocks),
         }
     }
 
@@ -99,10 +100,11 @@ impl Calc {
         match self {
             Calc::Lit(_) | Calc::Slot(_) | Calc::Now => {}
             Calc::Neg(a) | Calc::Abs(a) | Calc::Sqrt(a) | Calc::Time(a) => a.clock_horizon(slots, now, tick, horizon),
-            Calc::Arith(_, a, b) => {
+            Calc::Arith(_, a, b) | Calc::Inside(a, b, _) => {
                 a.clock_horizon(slots, now, tick, horizon);
                 b.clock_horizon(slots, now, tick, horizon);
             }
+            Calc::Distance(args) => args.iter().for_each(|a| a.clock_horizon(slots, now, tick, horizon)),
             Calc::Clock(part, time, zone) => {
                 time.clock_horizon(slots, now, tick, horizon);
                 if !time.reads_now() {

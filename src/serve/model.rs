@@ -882,7 +882,8 @@ impl Model {
             .map(|(i, s)| (s.name.as_str(), i))
             .collect();
         let is_segment = |n: &str| live.contains_key(n);
-        let expr = crate::spec::compile_when(source, self.tick, &is_segment).map_err(|errors| {
+        let zones: Vec<String> = self.plan.zones.iter().map(|z| z.name.clone()).collect();
+        let expr = crate::spec::compile_when(source, self.tick, &is_segment, &zones).map_err(|errors| {
             let e = &errors[0];
             ApiError::Expression {
                 message: e.message.clone(),
@@ -1579,7 +1580,7 @@ mod tests {
     use crate::ingest::event::Kept;
 
     fn texts(source: &str) -> Vec<String> {
-        let e = crate::spec::compile_when(source, 1000, &|_| true).expect("a valid when");
+        let e = crate::spec::compile_when(source, 1000, &|_| true, &[]).expect("a valid when");
         let mut leaves = Vec::new();
         expr_leaves(&e, &mut leaves);
         condition_texts(source, &leaves)

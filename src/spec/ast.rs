@@ -68,6 +68,10 @@ pub enum ExprKind {
         sel: Selector,
         first: bool,
     },
+    /// `distance(lat1, lon1, lat2, lon2)` in km (SPEC §4 "Places").
+    Distance(Vec<Expr>),
+    /// `inside(lat, lon, 'zone')`.
+    Inside(Box<Expr>, Box<Expr>, String),
     /// `hour(t[, zone])` and `weekday(t[, zone])`.
     Clock {
         part: ClockPart,

@@ -50,6 +50,8 @@ pub struct Ctx<'a> {
     pub is_segment: &'a dyn Fn(&str) -> bool,
     /// What `score.`, `rfm.` and `cluster.` may name.
     pub scoring: Scoring<'a>,
+    /// The `[[zone]]` names `inside` may name.
+    pub zones: &'a [String],
 }
 
 /// The scoring names a spec defines.
@@ -94,6 +96,7 @@ pub fn check(spec: &mut Spec, tick_ms: u64) -> Vec<Issue> {
     let scores: Vec<String> = spec.scores.iter().map(|s| s.name.clone()).collect();
     let global_scores = global_scores(spec);
     let clusterings: Vec<String> = spec.clusterings.iter().map(|c| c.name.clone()).collect();
+    let zones: Vec<String> = spec.zones.iter().map(|z| z.name.clone()).collect();
     let mut issues = Vec::new();
     let ctx = Ctx {
         tick_ms,
@@ -104,6 +107,7 @@ pub fn check(spec: &mut Spec, tick_ms: u64) -> Vec<Issue> {
             rfm: spec.rfm.is_some(),
             clusterings: &clusterings,
         },
+        zones: &zones,
     };
     for (i, seg) in spec.segments.iter_mut().enumerate() {
         for error in check_expr(&mut seg.when, Want::Condition, &ctx) {
@@ -340,10 +344,12 @@ pub fn visit(e: &Expr, f: &mut dyn FnMut(&Expr)) {
         | ExprKind::Clock { time: a, zone: None, .. } => visit(a, f),
         ExprKind::Clock {
             time: a, zone: Some(b), ..
-        } => {
+        }
+        | ExprKind::Inside(a, b, _) => {
             visit(a, f);
             visit(b, f);
         }
+        ExprKind::Distance(args) => args.iter().for_each(|a| visit(a, f)),
         ExprKind::And(a, b) | ExprKind::Or(a, b) | ExprKind::Arith(_, a, b) | ExprKind::Cmp(_, a, b) => {
             visit(a, f);
             visit(b, f);
@@ -515,7 +521,7 @@ impl Checker<'_> {
     fn now_not_monotone(&mut self, pos: Pos, what: &str) {
         self.error(
             pos,
-            format!("now cannot be used under {what} (in a divisor, on both sides of `*`, in sqrt or abs): conditions on now must move one way with the clock"),
+            format!("now cannot be used under {what} (in a divisor, on both sides of `*`, in sqrt, abs, distance or inside): conditions on now must move one way with the clock"),
         );
     }
 
@@ -627,6 +633,34 @@ impl Checker<'_> {
                     }
                 }
                 Ty::Num
+            }
+            ExprKind::Distance(args) => {
+                if args.iter().any(reads_now) {
+                    self.now_not_monotone(pos, "distance");
+                }
+                for a in args.iter_mut() {
+                    match self.ty(a) {
+                        Ty::Num | Ty::Any | Ty::Err => {}
+                        t => self.error(a.pos, format!("distance(…) takes degrees (numbers), not {}", t.name())),
+                    }
+                }
+                Ty::Num
+            }
+            ExprKind::Inside(lat, lon, zone) => {
+                if reads_now(lat) || reads_now(lon) {
+                    self.now_not_monotone(pos, "inside");
+                }
+                for a in [lat, lon] {
+                    match self.ty(a) {
+                        Ty::Num | Ty::Any | Ty::Err => {}
+                        t => self.error(a.pos, format!("inside(…) takes degrees (numbers), not {}", t.name())),
+                    }
+                }
+                if !self.ctx.zones.contains(zone) {
+                    let zone = zone.clone();
+                    self.error(pos, format!("unknown zone {}: declare it in a [[zone]] block", quote(&zone)));
+                }
+                Ty::Bool
             }
             ExprKind::Neg(a) => match self.ty(a) {
                 t @ (Ty::Num | Ty::Dur | Ty::Err) => t,
@@ -901,6 +935,7 @@ mod tests {
             tick_ms,
             is_segment: &is_segment,
             scoring: Scoring::default(),
+            zones: &[],
         };
         check_expr(&mut e, Want::Condition, &ctx)
             .into_iter()
@@ -949,6 +984,7 @@ mod tests {
                 tick_ms: 1000,
                 is_segment: &|_| false,
                 scoring: Scoring::default(),
+                zones: &[],
             };
             let _ = check_expr(&mut e, Want::Condition, &ctx);
         }
@@ -961,6 +997,7 @@ mod tests {
             tick_ms: 1000,
             is_segment: &|_| false,
             scoring: Scoring::default(),
+            zones: &[],
         };
         assert!(check_expr(&mut e, Want::Condition, &ctx).is_empty());
         let ExprKind::And(a, b) = &e.kind else { panic!() };
@@ -1089,6 +1126,7 @@ mod tests {
                     rfm: true,
                     clusterings: &clusterings,
                 },
+                zones: &[],
             };
             check_expr(&mut e, Want::Condition, &ctx)
                 .into_iter()

@@ -111,6 +111,57 @@ pub struct ClusteringDef {
     pub seed: u64,
 }
 
+/// One `[[zone]]` (SPEC §4 "Places"): rings of `(lat, lon)` points, each
+/// closed implicitly; `inside` is the even-odd rule over all of them, so
+/// holes and the parts of a MultiPolygon need no special case.
+#[derive(Clone, PartialEq)]
+pub struct ZoneDef {
+    pub name: String,
+    pub rings: Vec<Vec<(f64, f64)>>,
+}
+
+/// The name and the size only: plans key atoms by their `Debug` text, and a
+/// zone may have thousands of points.
+impl std::fmt::Debug for ZoneDef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let points: usize = self.rings.iter().map(Vec::len).sum();
+        write!(f, "Zone({:?}, {} rings, {points} points)", self.name, self.rings.len())
+    }
+}
+
+/// SPEC §4's `distance(lat1, lon1, lat2, lon2)`: the haversine great-circle
+/// distance in km on a sphere of radius 6371.0088 km, as
+/// `2R·asin(√a)`, `a = sin²(Δφ/2) + cos φ1·cos φ2·sin²(Δλ/2)` (`a` capped
+/// at 1 against rounding); `None` when |lat| > 90 or |lon| > 180.
+pub fn distance_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> Option<f64> {
+    let ok = |lat: f64, lon: f64| lat.abs() <= 90.0 && lon.abs() <= 180.0;
+    if !ok(lat1, lon1) || !ok(lat2, lon2) {
+        return None;
+    }
+    let (p1, p2) = (lat1.to_radians(), lat2.to_radians());
+    let (dp, dl) = ((lat2 - lat1).to_radians(), (lon2 - lon1).to_radians());
+    let a = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
+    Some(2.0 * 6371.0088 * a.min(1.0).sqrt().asin())
+}
+
+impl ZoneDef {
+    /// SPEC §4's `inside(lat, lon, zone)`, exactly as written there: an edge
+    /// `(a, b)` toggles when `(a.lat > lat) != (b.lat > lat)` and
+    /// `lon < (b.lon - a.lon) * (lat - a.lat) / (b.lat - a.lat) + a.lon`.
+    pub fn contains(&self, lat: f64, lon: f64) -> bool {
+        let mut inside = false;
+        for ring in &self.rings {
+            for (i, &(a_lat, a_lon)) in ring.iter().enumerate() {
+                let (b_lat, b_lon) = ring[(i + 1) % ring.len()];
+                if (a_lat > lat) != (b_lat > lat) && lon < (b_lon - a_lon) * (lat - a_lat) / (b_lat - a_lat) + a_lon {
+                    inside = !inside;
+                }
+            }
+        }
+        inside
+    }
+}
+
 /// A checked spec.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct Spec {
@@ -118,6 +169,7 @@ pub struct Spec {
     pub scores: Vec<ScoreDef>,
     pub rfm: Option<RfmDef>,
     pub clusterings: Vec<ClusteringDef>,
+    pub zones: Vec<ZoneDef>,
 }
 
 /// An error in a spec, at a 1-based line and column of the TOML file.

@@ -19,7 +19,7 @@ pub mod check;
 pub mod def;
 pub mod parse;
 
-pub use def::{default_rfm_grid, group_of, ClusteringDef, Group, RfmDef, ScoreDef, Segment, Spec, SpecError};
+pub use def::{default_rfm_grid, distance_km, group_of, ClusteringDef, Group, RfmDef, ScoreDef, Segment, Spec, SpecError, ZoneDef};
 
 use ast::{Expr, ExprKind, Pos};
 use std::ops::Range;
@@ -35,12 +35,18 @@ pub fn load(path: &std::path::Path, tick_ms: u64) -> Result<Spec, Vec<SpecError>
             message: format!("cannot read spec file {}: {e}", path.display()),
         }]
     })?;
-    parse_spec(&text, tick_ms)
+    parse_spec_in(&text, tick_ms, path.parent())
 }
 
 /// Parses and checks a spec's TOML text; returns every error found, sorted
 /// by position.
 pub fn parse_spec(text: &str, tick_ms: u64) -> Result<Spec, Vec<SpecError>> {
+    parse_spec_in(text, tick_ms, None)
+}
+
+/// [`parse_spec`] for a spec in directory `base`: a `[[zone]]`'s `geojson`
+/// file is relative to it (to the working directory when `None`).
+pub fn parse_spec_in(text: &str, tick_ms: u64, base: Option<&std::path::Path>) -> Result<Spec, Vec<SpecError>> {
     let doc = match ImDocument::parse(text) {
         Ok(doc) => doc,
         Err(e) => {
@@ -61,6 +67,7 @@ pub fn parse_spec(text: &str, tick_ms: u64) -> Result<Spec, Vec<SpecError>> {
         }
     };
     let mut l = Loader {
+        base: base.map(|b| b.to_path_buf()),
         text,
         tick_ms,
         errors: Vec::new(),
@@ -83,6 +90,11 @@ pub fn parse_spec(text: &str, tick_ms: u64) -> Result<Spec, Vec<SpecError>> {
                     l.score(t, at);
                 }
             }
+            "zone" => {
+                for (t, at) in l.tables(item, key_at, "zone", true) {
+                    l.zone(t, at);
+                }
+            }
             "clustering" => {
                 for (t, at) in l.tables(item, key_at, "clustering", true) {
                     l.clustering(t, at);
@@ -95,7 +107,7 @@ pub fn parse_spec(text: &str, tick_ms: u64) -> Result<Spec, Vec<SpecError>> {
             }
             other => l.error(
                 key_at,
-                format!("unknown key `{other}` (expected [[segment]], [[score]], [rfm] or [[clustering]])"),
+                format!("unknown key `{other}` (expected [[segment]], [[score]], [rfm], [[clustering]] or [[zone]])"),
             ),
         }
     }
@@ -105,12 +117,14 @@ pub fn parse_spec(text: &str, tick_ms: u64) -> Result<Spec, Vec<SpecError>> {
 /// Parses and checks one segment's `when` on its own (for the HTTP API's
 /// preview and PUT): errors are at positions of `src`. Cycles through
 /// `in_segment` need the whole spec: see [`check::segment_cycles`].
-pub fn compile_when(src: &str, tick_ms: u64, is_segment: &dyn Fn(&str) -> bool) -> Result<Expr, Vec<SpecError>> {
+/// `zones` are the running spec's `[[zone]]` names.
+pub fn compile_when(src: &str, tick_ms: u64, is_segment: &dyn Fn(&str) -> bool, zones: &[String]) -> Result<Expr, Vec<SpecError>> {
     let mut e = parse::parse_when(src).map_err(|e| vec![e])?;
     let ctx = check::Ctx {
         tick_ms,
         is_segment,
         scoring: check::Scoring::default(),
+        zones,
     };
     let errors = check::check_expr(&mut e, check::Want::Condition, &ctx);
     if errors.is_empty() {
@@ -118,6 +132,53 @@ pub fn compile_when(src: &str, tick_ms: u64, is_segment: &dyn Fn(&str) -> bool) 
     } else {
         Err(errors)
     }
+}
+
+/// The rings of a GeoJSON file as `(lat, lon)` points: a Polygon's rings,
+/// every ring of a MultiPolygon, or those of a Feature's geometry. Each
+/// ring needs at least 3 positions, each position `[lon, lat, …]` in range.
+fn geojson_rings(path: &std::path::Path) -> Result<Vec<Vec<(f64, f64)>>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it ({e})"))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}"))?;
+    let mut geometry = &json;
+    if geometry["type"] == "Feature" {
+        geometry = &json["geometry"];
+    }
+    let kind = geometry["type"].as_str().unwrap_or("no `type`");
+    let polygons: Vec<&serde_json::Value> = match kind {
+        "Polygon" => vec![&geometry["coordinates"]],
+        "MultiPolygon" => geometry["coordinates"]
+            .as_array()
+            .ok_or("a MultiPolygon's `coordinates` must be an array of polygons")?
+            .iter()
+            .collect(),
+        other => return Err(format!("expected a Polygon, a MultiPolygon or a Feature of one, found {other}")),
+    };
+    let mut rings = Vec::new();
+    for polygon in polygons {
+        for ring in polygon.as_array().ok_or("a polygon's coordinates must be an array of rings")? {
+            let positions = ring.as_array().ok_or("a ring must be an array of [lon, lat] positions")?;
+            if positions.len() < 3 {
+                return Err(format!("a ring has {} positions; it needs at least 3", positions.len()));
+            }
+            let mut points = Vec::with_capacity(positions.len());
+            for p in positions {
+                let (lon, lat) = match (p.get(0).and_then(|v| v.as_f64()), p.get(1).and_then(|v| v.as_f64())) {
+                    (Some(lon), Some(lat)) => (lon, lat),
+                    _ => return Err(format!("position {p} is not [lon, lat] numbers")),
+                };
+                if lat.abs() > 90.0 || lon.abs() > 180.0 {
+                    return Err(format!("position {p} is out of range (GeoJSON is [lon, lat]: longitude first)"));
+                }
+                points.push((lat, lon));
+            }
+            rings.push(points);
+        }
+    }
+    if rings.is_empty() {
+        return Err("no ring in it".into());
+    }
+    Ok(rings)
 }
 
 /// The 1-based line and column (in characters) of a byte offset of `text`.
@@ -259,6 +320,8 @@ fn decode_with_offsets(raw: &str) -> Option<(String, Vec<usize>)> {
 
 /// Builds the [`Spec`] from the TOML tree, collecting every error.
 struct Loader<'t> {
+    /// Where the spec file is: `geojson` paths are relative to it.
+    base: Option<std::path::PathBuf>,
     text: &'t str,
     tick_ms: u64,
     errors: Vec<SpecError>,
@@ -518,6 +581,92 @@ impl<'t> Loader<'t> {
             self.error(at, SHAPE);
         }
         groups
+    }
+
+    /// A `[[zone]]` (SPEC §4 "Places"): a `name` and either a `polygon` of
+    /// `[lat, lon]` pairs (at least 3) or a `geojson` file (a Polygon, a
+    /// MultiPolygon or a Feature of one, `[lon, lat]` positions).
+    fn zone(&mut self, t: &dyn TableLike, header: usize) {
+        const BLOCK: &str = "[[zone]]";
+        self.known_keys(t, BLOCK, &["name", "polygon", "geojson"]);
+        let name = self.string(t, "name", BLOCK, header, true);
+        let Some(name) = name else { return };
+        let name_at = name.span.as_ref().map(|s| s.start).unwrap_or(header);
+        if name.value.is_empty() {
+            self.error(name_at, "a zone's `name` cannot be empty");
+            return;
+        }
+        if self.spec.zones.iter().any(|z| z.name == name.value) {
+            self.error(name_at, format!("duplicate zone name `{}`", name.value));
+            return;
+        }
+        let rings = match (t.get("polygon"), self.string(t, "geojson", BLOCK, header, false)) {
+            (Some(p), None) => self.polygon(p, Self::at(t, "polygon", header)),
+            (None, Some(file)) => {
+                let at = file.span.as_ref().map(|s| s.start).unwrap_or(header);
+                let path = self.base.as_deref().unwrap_or(std::path::Path::new(".")).join(&file.value);
+                match geojson_rings(&path) {
+                    Ok(rings) => Some(rings),
+                    Err(e) => {
+                        self.error(at, format!("zone `{}`: {}: {e}", name.value, path.display()));
+                        None
+                    }
+                }
+            }
+            _ => {
+                self.error(
+                    header,
+                    format!(
+                        "zone `{}` needs exactly one of `polygon` ([[lat, lon], …]) and `geojson` (a file)",
+                        name.value
+                    ),
+                );
+                None
+            }
+        };
+        // A zone that did not load is still declared: `inside` naming it is
+        // not reported as unknown on top of its own error.
+        self.spec.zones.push(def::ZoneDef {
+            name: name.value,
+            rings: rings.unwrap_or_default(),
+        });
+    }
+
+    /// `polygon = [[lat, lon], …]`: one ring of at least 3 points in range.
+    fn polygon(&mut self, item: &Item, at: usize) -> Option<Vec<Vec<(f64, f64)>>> {
+        const SHAPE: &str = "`polygon` must be an array of at least 3 [lat, lon] pairs in degrees, such as [[40.68, -74.02], [40.70, -73.90], [40.60, -73.95]]";
+        let Some(points) = item.as_array() else {
+            self.error(at, SHAPE);
+            return None;
+        };
+        let mut ring = Vec::new();
+        for p in points.iter() {
+            let p_at = p.span().map(|s| s.start).unwrap_or(at);
+            let pair: Option<Vec<f64>> = p.as_array().filter(|a| a.len() == 2).and_then(|a| {
+                a.iter()
+                    .map(|v| v.as_float().or_else(|| v.as_integer().map(|i| i as f64)))
+                    .collect()
+            });
+            match pair.as_deref() {
+                Some(&[lat, lon]) if lat.abs() <= 90.0 && lon.abs() <= 180.0 => ring.push((lat, lon)),
+                Some(&[lat, lon]) => {
+                    self.error(
+                        p_at,
+                        format!("[{lat}, {lon}] is not a place: latitude is -90 to 90, longitude -180 to 180 ([lat, lon] order)"),
+                    );
+                    return None;
+                }
+                _ => {
+                    self.error(p_at, SHAPE);
+                    return None;
+                }
+            }
+        }
+        if ring.len() < 3 {
+            self.error(at, SHAPE);
+            return None;
+        }
+        Some(vec![ring])
     }
 
     fn score(&mut self, t: &dyn TableLike, header: usize) {
@@ -914,6 +1063,66 @@ when = "sum('buy', amount, lifetime) == 0.3"
     }
 
     #[test]
+    fn zones_are_read_from_polygons_and_geojson_files_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write(
+            "park.geojson",
+            r#"{"type":"Feature","geometry":{"type":"Polygon","coordinates":[
+                [[0,0],[10,0],[10,10],[0,10],[0,0]], [[4,4],[6,4],[6,6],[4,6],[4,4]]]}}"#,
+        );
+        write(
+            "two.geojson",
+            r#"{"type":"MultiPolygon","coordinates":[[[[0,0],[1,0],[1,1]]],[[[5,5],[6,5],[6,6]]]]}"#,
+        );
+        write("line.geojson", r#"{"type":"LineString","coordinates":[[0,0],[1,1]]}"#);
+        write("swapped.geojson", r#"{"type":"Polygon","coordinates":[[[0,0],[0,100],[1,100]]]}"#);
+        write("broken.geojson", r#"{"type":"Polygon","#);
+        let spec = |zones: &str| {
+            let text = format!("{zones}\n[[segment]]\nname = \"s\"\nwhen = \"inside(trait.lat, trait.lon, 'park')\"\n");
+            parse_spec_in(&text, 1000, Some(dir.path()))
+        };
+        let ok = spec("[[zone]]\nname = \"park\"\ngeojson = \"park.geojson\"\n").unwrap();
+        let park = &ok.zones[0];
+        assert_eq!(park.rings.len(), 2);
+        // [lon, lat] in the file, (lat, lon) here; the hole is not inside.
+        assert!(park.contains(2.0, 3.0) && !park.contains(5.0, 5.0) && !park.contains(11.0, 5.0));
+        let poly = spec("[[zone]]\nname = \"park\"\npolygon = [[0, 0], [0, 10], [10, 10.5]]\n").unwrap();
+        assert_eq!(poly.zones[0].rings, [vec![(0.0, 0.0), (0.0, 10.0), (10.0, 10.5)]]);
+        let two = spec("[[zone]]\nname = \"park\"\ngeojson = \"two.geojson\"\n").unwrap();
+        assert_eq!(two.zones[0].rings.len(), 2);
+        let err = |zones: &str| spec(zones).unwrap_err().into_iter().map(|e| e.to_string()).collect::<Vec<_>>();
+        let file = |f: &str| dir.path().join(f).display().to_string();
+        assert_eq!(
+            err("[[zone]]\nname = \"park\"\ngeojson = \"line.geojson\"\n"),
+            [format!(
+                "3:11: zone `park`: {}: expected a Polygon, a MultiPolygon or a Feature of one, found LineString",
+                file("line.geojson")
+            )]
+        );
+        assert!(err("[[zone]]\nname = \"park\"\ngeojson = \"swapped.geojson\"\n")[0].contains("GeoJSON is [lon, lat]: longitude first"));
+        assert!(err("[[zone]]\nname = \"park\"\ngeojson = \"broken.geojson\"\n")[0].contains("broken.geojson: not JSON"));
+        assert!(err("[[zone]]\nname = \"park\"\ngeojson = \"none.geojson\"\n")[0].contains("none.geojson: cannot read it"));
+        assert!(err("[[zone]]\nname = \"park\"\npolygon = [[0, 0], [1, 1]]\n")[0].contains("at least 3 [lat, lon] pairs"));
+        assert!(err("[[zone]]\nname = \"park\"\npolygon = [[0, 0], [1, 1], [100, 1]]\n")[0].contains("[100, 1] is not a place"));
+        assert!(err("[[zone]]\nname = \"park\"\n")[0].contains("exactly one of `polygon`"));
+        let unknown = spec("[[zone]]\nname = \"garden\"\npolygon = [[0, 0], [0, 1], [1, 1]]\n").unwrap_err();
+        assert_eq!(unknown[0].to_string(), "7:9: unknown zone 'park': declare it in a [[zone]] block");
+    }
+
+    #[test]
+    fn distances_are_haversine_on_the_mean_radius() {
+        // New York to London, about 5570 km; a degree of latitude 111.195 km.
+        let d = distance_km(40.7128, -74.0060, 51.5074, -0.1278).unwrap();
+        assert!((d - 5570.2).abs() < 1.0, "{d}");
+        let degree = distance_km(0.0, 0.0, 1.0, 0.0).unwrap();
+        assert!((degree - 6371.0088 * std::f64::consts::PI / 180.0).abs() < 1e-9, "{degree}");
+        assert_eq!(distance_km(10.0, 20.0, 10.0, 20.0), Some(0.0));
+        assert_eq!(distance_km(91.0, 0.0, 0.0, 0.0), None);
+        assert_eq!(distance_km(0.0, 0.0, 0.0, -180.5), None);
+    }
+
+    #[test]
     fn every_member_lands_in_one_group_by_weight() {
         // Over many ids the shares follow the weights (90/10 within a point).
         let groups = [
@@ -1125,8 +1334,8 @@ refresh = "1500ms"
 
     #[test]
     fn compile_when_for_the_api() {
-        assert!(compile_when("count('x', 1h) > 1 and in_segment('a')", 1000, &|n| n == "a").is_ok());
-        let e = compile_when("count('x', 1h) > 1 and\n in_segment('b')", 1000, &|n| n == "a").unwrap_err();
+        assert!(compile_when("count('x', 1h) > 1 and in_segment('a')", 1000, &|n| n == "a", &[]).is_ok());
+        let e = compile_when("count('x', 1h) > 1 and\n in_segment('b')", 1000, &|n| n == "a", &[]).unwrap_err();
         assert_eq!(e[0].to_string(), "2:2: unknown segment 'b' in in_segment('b')");
     }
 }

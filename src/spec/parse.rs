@@ -297,7 +297,19 @@ fn is_function(s: &str) -> bool {
     agg_kind(s).is_some()
         || matches!(
             s,
-            "last" | "since" | "sqrt" | "abs" | "percentile" | "in_segment" | "time" | "last_time" | "first_time" | "hour" | "weekday"
+            "last"
+                | "since"
+                | "sqrt"
+                | "abs"
+                | "percentile"
+                | "in_segment"
+                | "time"
+                | "last_time"
+                | "first_time"
+                | "hour"
+                | "weekday"
+                | "distance"
+                | "inside"
         )
 }
 
@@ -677,6 +689,25 @@ impl Parser {
                 sel: self.selector()?,
                 first: name == "first_time",
             },
+            "distance" => {
+                let mut args = vec![self.expr()?];
+                for _ in 0..3 {
+                    self.expect(Tok::Comma, "between the four arguments of distance(lat1, lon1, lat2, lon2)")?;
+                    args.push(self.expr()?);
+                }
+                ExprKind::Distance(args)
+            }
+            "inside" => {
+                let lat = Box::new(self.expr()?);
+                self.expect(Tok::Comma, "after the latitude in inside(lat, lon, 'zone')")?;
+                let lon = Box::new(self.expr()?);
+                self.expect(Tok::Comma, "after the longitude in inside(lat, lon, 'zone')")?;
+                let Tok::Str(zone) = self.peek().clone() else {
+                    return Err(self.unexpected("a quoted zone name, as in inside(lat, lon, 'brooklyn')"));
+                };
+                self.advance();
+                ExprKind::Inside(lat, lon, zone)
+            }
             "hour" | "weekday" => {
                 let time = Box::new(self.expr()?);
                 let zone = if *self.peek() == Tok::Comma {
@@ -847,6 +878,8 @@ mod tests {
             Rfm(f) => format!("rfm.{f:?}"),
             Cluster(s) => format!("cluster.{s}"),
             Now => "now".into(),
+            Distance(args) => format!("distance({})", args.iter().map(show).collect::<Vec<_>>().join(", ")),
+            Inside(a, b, z) => format!("inside({}, {}, {z})", show(a), show(b)),
             Time(a) => format!("time({})", show(a)),
             EventTime { sel, first } => format!("{}[{}]", if *first { "FirstTime" } else { "LastTime" }, show_sel(sel)),
             Clock { part, time, zone } => match zone {

@@ -374,6 +374,11 @@ fn collect_thresholds(expr: &Expr, windows: &mut BTreeSet<u64>, since_durations:
         }
         // Specs over `now` are evaluated at every tick (see `run`).
         ExprKind::Now => {}
+        ExprKind::Distance(args) => args.iter().for_each(|a| collect_thresholds(a, windows, since_durations)),
+        ExprKind::Inside(a, b, _) => {
+            collect_thresholds(a, windows, since_durations);
+            collect_thresholds(b, windows, since_durations);
+        }
         ExprKind::Time(a) | ExprKind::Clock { time: a, zone: None, .. } => collect_thresholds(a, windows, since_durations),
         ExprKind::Clock {
             time: a, zone: Some(b), ..
@@ -926,6 +931,21 @@ impl<'a> Ctx<'a> {
                 let t = if *first { times.min() } else { times.max() };
                 t.map(|t| Value::Time(t as i64)).unwrap_or(Value::Missing)
             }
+            ExprKind::Distance(args) => {
+                let d: Vec<Option<f64>> = args.iter().map(|a| self.eval(a, ev).as_f64()).collect();
+                match (d[0], d[1], d[2], d[3]) {
+                    (Some(a), Some(b), Some(c), Some(d)) => ref_distance(a, b, c, d),
+                    _ => Value::Missing,
+                }
+            }
+            ExprKind::Inside(lat, lon, zone) => {
+                let (lat, lon) = (self.eval(lat, ev).as_f64(), self.eval(lon, ev).as_f64());
+                let zone = self.spec.zones.iter().find(|z| &z.name == zone).expect("a checked zone");
+                Value::Bool(match (lat, lon) {
+                    (Some(lat), Some(lon)) => ref_inside(&zone.rings, lat, lon),
+                    _ => false,
+                })
+            }
             ExprKind::Clock { part, time, zone } => {
                 let time = self.eval(time, ev);
                 let zone = zone.as_ref().map(|z| self.eval(z, ev));
@@ -981,6 +1001,33 @@ fn ref_time(v: &Value) -> Value {
         Some(ms) if (0..=END).contains(&ms) => Value::Time(ms),
         _ => Value::Missing,
     }
+}
+
+/// SPEC §4 `distance`: haversine on a sphere of 6371.0088 km; missing out
+/// of range.
+fn ref_distance(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> Value {
+    if lat1.abs() > 90.0 || lat2.abs() > 90.0 || lon1.abs() > 180.0 || lon2.abs() > 180.0 {
+        return Value::Missing;
+    }
+    let rad = std::f64::consts::PI / 180.0;
+    let h = ((lat2 - lat1) * rad / 2.0).sin().powi(2) + (lat1 * rad).cos() * (lat2 * rad).cos() * ((lon2 - lon1) * rad / 2.0).sin().powi(2);
+    Value::Float(shoal::core::value::Float(2.0 * 6371.0088 * h.min(1.0).sqrt().asin()))
+}
+
+/// SPEC §4 `inside`, the even-odd rule exactly as the SPEC writes it, over
+/// every ring (each closed implicitly).
+fn ref_inside(rings: &[Vec<(f64, f64)>], lat: f64, lon: f64) -> bool {
+    let mut toggles = 0;
+    for ring in rings {
+        let n = ring.len();
+        for i in 0..n {
+            let (a, b) = (ring[i], ring[(i + 1) % n]);
+            if (a.0 > lat) != (b.0 > lat) && lon < (b.1 - a.1) * (lat - a.0) / (b.0 - a.0) + a.1 {
+                toggles += 1;
+            }
+        }
+    }
+    toggles % 2 == 1
 }
 
 /// `hour(t, zone)` / `weekday(t, zone)` through jiff's zoned date-time (the
