@@ -391,6 +391,17 @@ fn retail_matches_reference() {
     );
 }
 
+/// Groups, distances and zones over generated places (SPEC §4 "Places",
+/// "Groups").
+#[test]
+fn retail_journeys_matches_reference() {
+    generated_traffic_matches_reference(
+        "dataflows/retail_journeys.toml",
+        None,
+        &["cart_abandoner", "far_from_any_city_centre", "near_flagship_store"],
+    );
+}
+
 #[test]
 fn saas_leads_matches_reference() {
     generated_traffic_matches_reference("dataflows/saas_leads.toml", None, &["bot", "signed_up_inactive", "hot_lead"]);

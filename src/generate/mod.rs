@@ -290,6 +290,20 @@ const CITIES: [(&str, u32, &str, &str); 10] = [
     ("Sydney", 7, "en-AU", "Australia/Sydney"),
     ("Tokyo", 7, "ja-JP", "Asia/Tokyo"),
 ];
+/// Each city's centre in micro-degrees (lat, lon), in `CITIES` order: a
+/// mobile device reports a place within about 15 km of it.
+const CENTRES: [(i64, i64); 10] = [
+    (40_712_800, -74_006_000),
+    (37_774_900, -122_419_400),
+    (41_878_100, -87_629_800),
+    (30_267_200, -97_743_100),
+    (51_507_400, -127_800),
+    (52_520_000, 13_405_000),
+    (48_856_600, 2_352_200),
+    (43_653_200, -79_383_200),
+    (-33_868_800, 151_209_300),
+    (35_676_200, 139_650_300),
+];
 /// How long a SaaS lead's trial lasts after it signs up (a week, so that
 /// the default week of traffic sees trials end).
 const TRIAL: u64 = 7 * 86_400_000;
@@ -1192,6 +1206,21 @@ impl Generator {
         buf.push_str("\",\"userAgent\":\"");
         buf.push_str(ua);
         buf.push('"');
+        if device == "mobile" {
+            // Where the phone is: the person's own spot near its city's
+            // centre (fixed per person, so no random draw is taken).
+            let (lat, lon) = CENTRES[me.city as usize];
+            let spot = splitmix(me.anon ^ 0x5eed);
+            let (dlat, dlon) = ((spot % 270_001) as i64 - 135_000, ((spot >> 20) % 360_001) as i64 - 180_000);
+            let micro = |buf: &mut String, v: i64| {
+                let _ = write!(buf, "{}{}.{:06}", if v < 0 { "-" } else { "" }, v.abs() / 1_000_000, v.abs() % 1_000_000);
+            };
+            buf.push_str(",\"location\":{\"latitude\":");
+            micro(buf, lat + dlat);
+            buf.push_str(",\"longitude\":");
+            micro(buf, lon + dlon);
+            buf.push('}');
+        }
         if me.email_session == 1 {
             let campaign = CAMPAIGNS[me.campaign as usize];
             let _ = write!(
@@ -1331,7 +1360,7 @@ mod tests {
     use super::*;
     use serde_json::Value;
 
-    const GOLDEN: u64 = 0xdf6c_324f_718e_0ef9;
+    const GOLDEN: u64 = 0x54b2_17b2_2a89_da93;
 
     fn opts(users: u64, events: u64, seed: u64) -> GenOptions {
         GenOptions {
