@@ -678,6 +678,8 @@ enum Cond {
     /// `rfm.segment == '…'` or `!=`.
     RfmSeg(bool, u8),
     Since(Sel, u8, u8, bool),
+    /// One of `STEPS`: (template, comparison, window, count).
+    Steps(u8, u8, Win, u8),
     /// One of `PLACES`: (template, comparison, distance).
     Place(u8, u8, u8),
     /// One of `TIMED`: (template, comparison, duration, selector, zone, number).
@@ -726,6 +728,16 @@ const PLACES: [&str; 4] = [
     "inside(last(any, context.location.latitude), last(any, context.location.longitude), 'z') and count(any, 10s) >= 2",
 ];
 const KMS: [&str; 5] = ["1", "2.2", "3.3", "4.45", "5"];
+/// Funnels (SPEC §4 "Sequences"), over steps that one event can match
+/// several of (`any`, a filtered and an unfiltered `view`), so that events
+/// of the same time must be matched to steps, not just taken in order.
+const STEPS: [&str; 5] = [
+    "steps('view', 'add', 'buy', {w}) {op} {k}",
+    "sequence(page, 'view' where amount > 1, 'buy', {w})",
+    "steps(any, 'view', any, 'buy', {w}) {op} {k}",
+    "not sequence('view', 'view', {w})",
+    "steps('view' where session == 's1', 'view', identify, {w}) {op} {k}",
+];
 const ZONE_ARGS: [&str; 5] = ["", ", 'UTC'", ", 'Asia/Kathmandu'", ", trait.tz", ", last(identify, traits.tz)"];
 
 fn cond_leaf() -> impl Strategy<Value = Cond> {
@@ -740,6 +752,7 @@ fn cond_leaf() -> impl Strategy<Value = Cond> {
         2 => any::<u8>().prop_map(Cond::InSeg),
         1 => any::<bool>().prop_map(Cond::Lit),
         2 => (0u8..4, 0u8..6, 0u8..5).prop_map(|(p, op, km)| Cond::Place(p, op, km)),
+        3 => (0u8..5, 0u8..6, win(), any::<u8>()).prop_map(|(t, op, w, k)| Cond::Steps(t, op, w, k)),
     ]
 }
 
@@ -888,6 +901,14 @@ fn render_cond(c: &Cond, tick: u64, seg: usize) -> (String, u8) {
             } else {
                 (format!("{since} {op} {d}"), P_CMP)
             }
+        }
+        Cond::Steps(t, op, w, k) => {
+            let text = STEPS[*t as usize % STEPS.len()]
+                .replace("{op}", CMPS[*op as usize % 6])
+                .replace("{w}", &render_window(*w, tick))
+                .replace("{k}", &(*k % 5).to_string());
+            let prec = if text.starts_with("not ") { P_NOT } else { P_CMP };
+            (text.replace("lifetime", "1m"), prec)
         }
         Cond::Place(p, op, km) => {
             let text = PLACES[*p as usize % PLACES.len()]

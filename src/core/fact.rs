@@ -18,6 +18,9 @@ pub enum Pay {
     /// greatest text" (`last`, traits). Boxed: it is rare, and inline it
     /// would double the size of every fact.
     Stamped(Box<Stamp>),
+    /// An event of a funnel (`steps()`): its time and which steps it
+    /// matches, as a bit mask.
+    Steps { time: u64, mask: u64 },
 }
 
 /// A stamped value (see [`Pay::Stamped`]); ordered by time, then text.

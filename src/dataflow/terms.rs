@@ -50,8 +50,84 @@ pub fn fold<'a>(agg: Agg, facts: impl Iterator<Item = (&'a Pay, isize)> + Clone)
             }
             Value::Num(Dec::from_int(seen.len() as i64))
         }
-        Agg::Last | Agg::Derived(_) => Value::Missing,
+        Agg::Last | Agg::Steps(_) | Agg::Derived(_) => Value::Missing,
     }
+}
+
+/// `steps(s1, …, sn, D)` over the facts in the window (SPEC §4
+/// "Sequences"): the largest `k` such that distinct events `e1 … ek` match
+/// `s1 … sk` with non-decreasing times. Taking each step as early as
+/// possible is optimal, so events are visited in time order; events of the
+/// same time may be used in any order among themselves, so each such group
+/// takes as many further steps as a matching of steps to its events allows
+/// (augmenting paths, [`further_steps`]). Cost: the events in the window
+/// times the steps, once per change of the profile's facts.
+fn steps<'a>(n: usize, facts: impl Iterator<Item = (&'a Pay, isize)>) -> Value {
+    let mut events: Vec<(u64, u64)> = Vec::new();
+    for (pay, k) in facts {
+        if let Pay::Steps { time, mask } = *pay {
+            events.extend(std::iter::repeat_n((time, mask), k.max(0) as usize));
+        }
+    }
+    events.sort_unstable();
+    let mut done = 0;
+    for group in events.chunk_by(|a, b| a.0 == b.0) {
+        if done == n {
+            break;
+        }
+        done += further_steps(group.iter().map(|e| e.1), done, n);
+    }
+    Value::Num(Dec::from_int(done as i64))
+}
+
+#[cfg(test)]
+mod step_tests {
+    use super::further_steps;
+
+    #[test]
+    fn events_of_one_time_are_matched_to_steps() {
+        // An event that can take step 0 or 1 and one that can take only 0:
+        // taken in order, the first would block the second.
+        assert_eq!(further_steps([0b11, 0b01].into_iter(), 0, 2), 2);
+        assert_eq!(further_steps([0b01, 0b11].into_iter(), 0, 2), 2);
+        // One event is one step, even if it matches several.
+        assert_eq!(further_steps([0b111].into_iter(), 0, 3), 1);
+        // Steps are taken in order from `from`: step 1 missing stops at 1.
+        assert_eq!(further_steps([0b101, 0b001].into_iter(), 0, 3), 1);
+        assert_eq!(further_steps([0b110, 0b100].into_iter(), 1, 3), 2);
+        assert_eq!(further_steps(std::iter::empty(), 0, 3), 0);
+    }
+}
+
+/// How many of the steps `from, from + 1, …` (below `n`) events of one time,
+/// given by the masks of the steps each matches, can take, each event at
+/// most one step: steps are added in order while a matching of them to
+/// distinct events exists (Kuhn's augmenting paths).
+pub fn further_steps(masks: impl Iterator<Item = u64>, from: usize, n: usize) -> usize {
+    let masks: Vec<u64> = masks.collect();
+    // The step each event takes, if any.
+    let mut taken: Vec<Option<usize>> = vec![None; masks.len()];
+    fn augment(step: usize, masks: &[u64], taken: &mut [Option<usize>], seen: &mut [bool]) -> bool {
+        for e in 0..masks.len() {
+            if masks[e] >> step & 1 == 1 && !seen[e] {
+                seen[e] = true;
+                if taken[e].is_none_or(|other| augment(other, masks, taken, seen)) {
+                    taken[e] = Some(step);
+                    return true;
+                }
+            }
+        }
+        false
+    }
+    let mut step = from;
+    while step < n {
+        let mut seen = vec![false; masks.len()];
+        if !augment(step, &masks, &mut taken, &mut seen) {
+            break;
+        }
+        step += 1;
+    }
+    step - from
 }
 
 /// `sum`, `avg` and `var` as decisions.md fixes them: exact over exact
@@ -135,6 +211,7 @@ pub fn value<'a>(agg: Agg, facts: impl Iterator<Item = (&'a Pay, isize)> + Clone
     match agg {
         Agg::Count => Value::Num(Dec::from_int(facts.map(|(_, n)| n as i64).sum())),
         Agg::Last => latest(facts),
+        Agg::Steps(n) => steps(n as usize, facts),
         agg => fold(agg, facts),
     }
 }

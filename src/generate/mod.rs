@@ -1213,7 +1213,13 @@ impl Generator {
             let spot = splitmix(me.anon ^ 0x5eed);
             let (dlat, dlon) = ((spot % 270_001) as i64 - 135_000, ((spot >> 20) % 360_001) as i64 - 180_000);
             let micro = |buf: &mut String, v: i64| {
-                let _ = write!(buf, "{}{}.{:06}", if v < 0 { "-" } else { "" }, v.abs() / 1_000_000, v.abs() % 1_000_000);
+                let _ = write!(
+                    buf,
+                    "{}{}.{:06}",
+                    if v < 0 { "-" } else { "" },
+                    v.abs() / 1_000_000,
+                    v.abs() % 1_000_000
+                );
             };
             buf.push_str(",\"location\":{\"latitude\":");
             micro(buf, lat + dlat);

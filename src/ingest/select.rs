@@ -33,6 +33,15 @@ pub fn extract(stream: &StreamDef, ev: &Event) -> Option<Pay> {
             let json = ev.traits.get(name)?;
             Some(Pay::stamped(ev.time, json.to_string(), Value::from_json(json)))
         }
+        Read::Steps => {
+            let mask = stream
+                .steps
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| matches(s, ev))
+                .fold(0u64, |m, (i, _)| m | 1 << i);
+            (mask != 0).then_some(Pay::Steps { time: ev.time, mask })
+        }
     }
 }
 

@@ -47,12 +47,19 @@ pub enum Read {
     Trait(String),
     /// The event's own time in ms, as an exact number (RFM recency).
     Time,
+    /// Which of the stream's `steps` the event matches, as a bit mask,
+    /// with its time (`steps()`, SPEC §4 "Sequences").
+    Steps,
 }
 
 /// A windowed stream of facts about events.
 #[derive(Clone, Debug)]
 pub struct StreamDef {
+    /// Which events; a `steps()` stream takes every event (`any`) and keeps
+    /// those that match one of its `steps`.
     pub sel: Selector,
+    /// The funnel's steps, for `Read::Steps` (empty otherwise).
+    pub steps: Vec<Selector>,
     /// Window length in ms; `None` is `lifetime`.
     pub window: Option<u64>,
     pub read: Read,
@@ -69,6 +76,8 @@ pub enum Agg {
     Var,
     Distinct,
     Last,
+    /// `steps()` of a funnel of this many steps.
+    Steps(u8),
     /// Position `i` of a population term's row (see the module docs).
     Derived(u32),
 }
@@ -77,7 +86,7 @@ impl Agg {
     /// The value of the term for a profile with no fact in its stream.
     pub fn empty(self) -> Value {
         match self {
-            Agg::Count | Agg::Sum | Agg::Distinct => Value::Num(Dec::ZERO),
+            Agg::Count | Agg::Sum | Agg::Distinct | Agg::Steps(_) => Value::Num(Dec::ZERO),
             _ => Value::Missing,
         }
     }
@@ -582,8 +591,30 @@ impl Plan {
         }
         self.streams.push(StreamDef {
             sel: sel.clone(),
+            steps: Vec::new(),
             window,
             read,
+        });
+        self.stream_keys.insert(key, self.streams.len() - 1);
+        self.streams.len() - 1
+    }
+
+    /// The stream of a funnel's steps over `window` ms: every event that
+    /// matches one of them, with the steps it matches.
+    fn steps_stream(&mut self, steps: &[Selector], window: u64) -> usize {
+        let text: Vec<String> = steps.iter().map(|s| format!("{:?}|{:?}", s.event, s.filter)).collect();
+        let key = without_positions(&format!("steps|{text:?}|{window}"));
+        if let Some(&i) = self.stream_keys.get(&key) {
+            return i;
+        }
+        self.streams.push(StreamDef {
+            sel: Selector {
+                event: EventSel::Any,
+                filter: None,
+            },
+            steps: steps.to_vec(),
+            window: Some(window),
+            read: Read::Steps,
         });
         self.stream_keys.insert(key, self.streams.len() - 1);
         self.streams.len() - 1
@@ -729,6 +760,16 @@ impl Plan {
                 slot(self, TermDef { stream, agg: Agg::Last })
             }
             ExprKind::Now => Calc::Now,
+            ExprKind::Steps { sels, window } => {
+                let stream = self.steps_stream(sels, *window);
+                slot(
+                    self,
+                    TermDef {
+                        stream,
+                        agg: Agg::Steps(sels.len() as u8),
+                    },
+                )
+            }
             ExprKind::Distance(args) => Calc::Distance(args.iter().map(|a| self.calc(a, terms)).collect()),
             ExprKind::Inside(lat, lon, zone) => {
                 let (lat, lon) = (Box::new(self.calc(lat, terms)), Box::new(self.calc(lon, terms)));

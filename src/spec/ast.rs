@@ -68,6 +68,13 @@ pub enum ExprKind {
         sel: Selector,
         first: bool,
     },
+    /// `steps(s1, …, sn, D)` (SPEC §4 "Sequences"): how many steps of the
+    /// funnel a profile went through, in order, within `D` ms.
+    /// `sequence(…)` is parsed as `steps(…) == n`.
+    Steps {
+        sels: Vec<Selector>,
+        window: u64,
+    },
     /// `distance(lat1, lon1, lat2, lon2)` in km (SPEC §4 "Places").
     Distance(Vec<Expr>),
     /// `inside(lat, lon, 'zone')`.

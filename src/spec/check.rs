@@ -350,6 +350,7 @@ pub fn visit(e: &Expr, f: &mut dyn FnMut(&Expr)) {
             visit(b, f);
         }
         ExprKind::Distance(args) => args.iter().for_each(|a| visit(a, f)),
+        ExprKind::Steps { sels, .. } => sels.iter().for_each(|s| sel(s, f)),
         ExprKind::And(a, b) | ExprKind::Or(a, b) | ExprKind::Arith(_, a, b) | ExprKind::Cmp(_, a, b) => {
             visit(a, f);
             visit(b, f);
@@ -631,6 +632,18 @@ impl Checker<'_> {
                             );
                         }
                     }
+                }
+                Ty::Num
+            }
+            ExprKind::Steps { sels, window } => {
+                self.not_in_filter(pos, "steps(…)");
+                let window = *window;
+                self.tick_multiple(pos, "window", window);
+                if sels.len() > 64 {
+                    self.error(pos, format!("steps(…) takes at most 64 steps, not {}", sels.len()));
+                }
+                for s in sels.iter_mut() {
+                    self.selector(s);
                 }
                 Ty::Num
             }
@@ -1057,6 +1070,14 @@ mod tests {
         );
         assert!(errors("time(3d) > now")[0].contains("time(…) needs a timestamp string or epoch milliseconds, not a duration"));
         assert!(errors("last_time('x') > now and count('y' where last_time('z') > now, 1h) > 0")[0].contains("inside a `where` filter"));
+        // Funnels.
+        assert!(errors("steps('a', 'b' where amount > 3, page 'pricing', 7d) >= 2 and sequence(any, 'x', 1h)").is_empty());
+        assert!(errors("steps('a', 'b', 1500ms) >= 2")[0].contains("window 1500ms is not a multiple of the tick 1s"));
+        assert!(errors("count('x' where steps('a', 'b', 1h) > 1, 1h) > 0")[0].contains("inside a `where` filter"));
+        assert!(errors("steps('a', 'b' where count('c', 1h) > 1, 1h) > 0")[0].contains("inside a `where` filter"));
+        assert!(errors("sequence('a', 'b', 1h) == true")[0].contains("compares values, not conditions"));
+        let many = (0..65).map(|i| format!("'e{i}'")).collect::<Vec<_>>().join(", ");
+        assert!(errors(&format!("steps({many}, 1h) > 1"))[0].contains("at most 64 steps, not 65"));
         assert!(errors("count('x', 1h) > percentile((now - last_time(any)) / 1d, 50)")[0]
             .contains("now cannot be used in the argument of percentile"));
         // Where the timers could not follow the clock.

@@ -310,6 +310,8 @@ fn is_function(s: &str) -> bool {
                 | "weekday"
                 | "distance"
                 | "inside"
+                | "steps"
+                | "sequence"
         )
 }
 
@@ -689,6 +691,39 @@ impl Parser {
                 sel: self.selector()?,
                 first: name == "first_time",
             },
+            "steps" | "sequence" => {
+                let mut sels = vec![self.selector()?];
+                let window = loop {
+                    self.expect(Tok::Comma, &format!("between the steps of {name}(…), and before its window"))?;
+                    if let Tok::Dur(ms, _) = *self.peek() {
+                        self.advance();
+                        break ms;
+                    }
+                    sels.push(self.selector()?);
+                };
+                if sels.len() < 2 {
+                    return Err(error(
+                        self.pos(),
+                        format!(
+                            "{name}(…) needs at least two steps before its window, as in {name}('Product Viewed', 'Order Completed', 7d)"
+                        ),
+                    ));
+                }
+                let n = sels.len();
+                let steps = ExprKind::Steps { sels, window };
+                if name == "sequence" {
+                    // sequence(…) is steps(…) == n.
+                    let pos = self.pos();
+                    let steps = Expr { kind: steps, pos };
+                    let n = Expr {
+                        kind: ExprKind::Num(Dec::from_int(n as i64)),
+                        pos,
+                    };
+                    ExprKind::Cmp(CmpOp::Eq, Box::new(steps), Box::new(n))
+                } else {
+                    steps
+                }
+            }
             "distance" => {
                 let mut args = vec![self.expr()?];
                 for _ in 0..3 {
@@ -879,6 +914,7 @@ mod tests {
             Cluster(s) => format!("cluster.{s}"),
             Now => "now".into(),
             Distance(args) => format!("distance({})", args.iter().map(show).collect::<Vec<_>>().join(", ")),
+            Steps { sels, window } => format!("steps({}, {window}ms)", sels.iter().map(show_sel).collect::<Vec<_>>().join(", ")),
             Inside(a, b, z) => format!("inside({}, {}, {z})", show(a), show(b)),
             Time(a) => format!("time({})", show(a)),
             EventTime { sel, first } => format!("{}[{}]", if *first { "FirstTime" } else { "LastTime" }, show_sel(sel)),
@@ -909,6 +945,12 @@ mod tests {
             "(Count[Track(\"x\") where ($properties.now > 1) Dur(3600000)] > 0)"
         );
         assert_eq!(err("hour()").message, "expected an expression, found `)`");
+        assert_eq!(
+            show(&p("sequence('a', page 'pricing', 7d)")),
+            "(steps(Track(\"a\"), Page(Some(\"pricing\")), 604800000ms) == 2)"
+        );
+        assert!(err("steps('a', 1h) > 1").message.contains("needs at least two steps"));
+        assert!(err("steps('a', 'b') > 1").message.contains("between the steps of steps(…)"));
     }
 
     fn show_sel(s: &Selector) -> String {

@@ -375,6 +375,12 @@ fn collect_thresholds(expr: &Expr, windows: &mut BTreeSet<u64>, since_durations:
         // Specs over `now` are evaluated at every tick (see `run`).
         ExprKind::Now => {}
         ExprKind::Distance(args) => args.iter().for_each(|a| collect_thresholds(a, windows, since_durations)),
+        ExprKind::Steps { sels, window } => {
+            windows.insert(*window);
+            for s in sels {
+                collect_selector(s, windows, since_durations);
+            }
+        }
         ExprKind::Inside(a, b, _) => {
             collect_thresholds(a, windows, since_durations);
             collect_thresholds(b, windows, since_durations);
@@ -931,6 +937,23 @@ impl<'a> Ctx<'a> {
                 let t = if *first { times.min() } else { times.max() };
                 t.map(|t| Value::Time(t as i64)).unwrap_or(Value::Missing)
             }
+            ExprKind::Steps { sels, window } => {
+                // The events inside (now - D, now], each with the steps it matches.
+                let mut evs: Vec<(u64, Vec<bool>)> = Vec::new();
+                for e in self.selected(
+                    &Selector {
+                        event: EventSel::Any,
+                        filter: None,
+                    },
+                    Window::Dur(*window),
+                ) {
+                    let matched: Vec<bool> = sels.iter().map(|s| self.matches(s, e)).collect();
+                    if matched.contains(&true) {
+                        evs.push((e.time, matched));
+                    }
+                }
+                Value::Num(Dec::from_int(ref_steps(&evs, sels.len()) as i64))
+            }
             ExprKind::Distance(args) => {
                 let d: Vec<Option<f64>> = args.iter().map(|a| self.eval(a, ev).as_f64()).collect();
                 match (d[0], d[1], d[2], d[3]) {
@@ -1001,6 +1024,52 @@ fn ref_time(v: &Value) -> Value {
         Some(ms) if (0..=END).contains(&ms) => Value::Time(ms),
         _ => Value::Missing,
     }
+}
+
+/// SPEC §4 `steps`, from its words: the largest `k` such that distinct
+/// events `e1 … ek` exist, `ei` matching step `i`, with `t1 <= … <= tk`.
+///
+/// The events of one time may take steps in any order among themselves,
+/// and those of a later time only later steps: so a choice is how many
+/// steps each time's events take, in time order. The set of step counts
+/// reachable after each time is carried forward (every count, not only the
+/// largest), and whether a time's events can take steps `k+1 … k+m` is an
+/// exhaustive search over those few events.
+fn ref_steps(evs: &[(u64, Vec<bool>)], n: usize) -> usize {
+    // Whether `events` (distinct) can take steps `from .. to` between them.
+    fn can_take(events: &[&Vec<bool>], used: &mut Vec<bool>, step: usize, to: usize) -> bool {
+        if step == to {
+            return true;
+        }
+        for i in 0..events.len() {
+            if !used[i] && events[i][step] {
+                used[i] = true;
+                let ok = can_take(events, used, step + 1, to);
+                used[i] = false;
+                if ok {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+    let mut times: Vec<u64> = evs.iter().map(|e| e.0).collect();
+    times.sort_unstable();
+    times.dedup();
+    let mut reachable: BTreeSet<usize> = BTreeSet::from([0]);
+    for t in times {
+        let events: Vec<&Vec<bool>> = evs.iter().filter(|e| e.0 == t).map(|e| &e.1).collect();
+        let mut next = reachable.clone();
+        for &k in &reachable {
+            for to in k + 1..=n {
+                if can_take(&events, &mut vec![false; events.len()], k, to) {
+                    next.insert(to);
+                }
+            }
+        }
+        reachable = next;
+    }
+    reachable.into_iter().max().unwrap_or(0)
 }
 
 /// SPEC §4 `distance`: haversine on a sphere of 6371.0088 km; missing out
