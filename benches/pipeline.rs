@@ -299,17 +299,28 @@ fn memory_child(kind: &str, n: u64) {
 /// of 1,000 users, all still in the window) and bytes per profile (`n`
 /// events of distinct users, a 1s window so events do not pile up), each
 /// as the slope of peak RSS between `n/2` and `n` events, in fresh processes.
-fn memory(n: u64) {
+/// Runs this bench binary as `--bench SECTION KIND N` in a fresh process
+/// (so that its peak RSS is its own) and returns the numbers of its
+/// `rss_mib …` line: `rss_mib VALUE name VALUE name VALUE …`.
+fn child(section: &str, kind: &str, n: u64) -> Vec<f64> {
     let exe = std::env::current_exe().expect("the bench binary");
+    let out = std::process::Command::new(&exe)
+        .args(["--bench", section, kind, &n.to_string()])
+        .output()
+        .expect("child run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.starts_with("rss_mib")).expect("the child reports");
+    line.split_whitespace()
+        .skip(1)
+        .step_by(2)
+        .map(|v| v.parse().expect("a number"))
+        .collect()
+}
+
+fn memory(n: u64) {
     let rss = |kind: &str, n: u64| -> (f64, i64) {
-        let out = std::process::Command::new(&exe)
-            .args(["--bench", "memory-child", kind, &n.to_string()])
-            .output()
-            .expect("child run");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().find(|l| l.starts_with("rss_mib")).expect("the child reports");
-        let f: Vec<&str> = line.split_whitespace().collect();
-        (f[1].parse().expect("rss"), f[3].parse().expect("profiles"))
+        let f = child("memory-child", kind, n);
+        (f[0], f[1] as i64)
     };
     // The least-squares slope over nine sizes from n/2 to n: a single pair
     // of sizes can straddle the doubling of a growing buffer (the window's
@@ -528,24 +539,13 @@ fn timers_child(kind: &str, n: u64) {
 /// difference in peak RSS from the same profiles under a spec without
 /// `now`, over `n`, in fresh processes.
 fn timers(n: u64) {
-    let exe = std::env::current_exe().expect("the bench binary");
-    let child = |kind: &str| -> (f64, f64, u64) {
-        let out = std::process::Command::new(&exe)
-            .args(["--bench", "timers-child", kind, &n.to_string()])
-            .output()
-            .expect("child run");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().find(|l| l.starts_with("rss_mib")).expect("the child reports");
-        let f: Vec<&str> = line.split_whitespace().collect();
-        (
-            f[1].parse().expect("rss"),
-            f[3].parse().expect("secs"),
-            f[5].parse().expect("diffs"),
-        )
+    let run = |kind: &str| -> (f64, f64, u64) {
+        let f = child("timers-child", kind, n);
+        (f[0], f[1], f[2] as u64)
     };
     println!("## timers: {n} profiles, trial ends over 30 days, run to day 31");
-    let (timed_mib, timed_secs, diffs) = child("timed");
-    let (plain_mib, plain_secs, _) = child("plain");
+    let (timed_mib, timed_secs, diffs) = run("timed");
+    let (plain_mib, plain_secs, _) = run("plain");
     println!(
         "timed:  {timed_secs:.2}s, {diffs} changes ({} expected: every enter and exit by a timer), peak RSS {timed_mib:.0} MiB",
         2 * n

@@ -205,7 +205,7 @@ pub fn segments<'s>(
     // which memberships changed.
     let (mut holds, mut member, mut flipped) = (vec![0u64; words], vec![0u64; words], vec![0u64; words]);
     let by_profile = (|((_, p), _): &AtomRow| p.hashed(), |p: &Key| p.hashed());
-    binary_by_tick(atoms, universe, "Segments", by_profile, move |t, rows, exists, out| {
+    binary_by_tick(atoms, universe, "Segments", by_profile, move |t, rows, exists, out, _| {
         for &(p, r) in exists.iter() {
             let h = Held::of(&mut held, &mut touched, p, words);
             h.exists += r;

@@ -34,7 +34,7 @@ use rustc_hash::FxHashMap;
 use crate::core::fact::AtomRow;
 use crate::core::id::{AtomId, Key, StreamId};
 use crate::core::value::Value;
-use crate::dataflow::total::{binary_by_tick_waking, Wakes};
+use crate::dataflow::total::{binary_by_tick, Wakes};
 use crate::plan::Plan;
 
 /// A term value one timed atom reads: `(profile, (timed atom, slot, value))`,
@@ -174,5 +174,5 @@ pub fn timed<'s>(
             }
         }
     };
-    Some(binary_by_tick_waking(slots, universe, "Timed", by_profile, logic))
+    Some(binary_by_tick(slots, universe, "Timed", by_profile, logic))
 }

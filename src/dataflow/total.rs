@@ -1070,31 +1070,11 @@ where
 
 /// A binary operator over ticks: `on_tick` sees each complete tick's
 /// updates of both inputs, exchanged by `keys` so that one worker sees all
-/// of a key. [`TotalOps`] covers the common shapes; this is for a stage
-/// whose logic is its own (memberships from atoms and the universe).
+/// of a key. It may also ask, through [`Wakes`], to run at a later tick
+/// with no input (timers: `crate::dataflow::timed`). [`TotalOps`] covers
+/// the common shapes; this is for a stage whose logic is its own
+/// (memberships from atoms and the universe, timed atoms).
 pub fn binary_by_tick<'s, D1, D2, O, F1, F2, L>(
-    left: VecCollection<'s, u64, D1, isize>,
-    right: VecCollection<'s, u64, D2, isize>,
-    name: &str,
-    keys: (F1, F2),
-    on_tick: L,
-) -> VecCollection<'s, u64, O, isize>
-where
-    D1: ExchangeData,
-    D2: ExchangeData,
-    O: ExchangeData,
-    F1: Fn(&D1) -> u64 + 'static,
-    F2: Fn(&D2) -> u64 + 'static,
-    L: FnMut(u64, &mut Vec<(D1, isize)>, &mut Vec<(D2, isize)>, &mut Updates<O>) + 'static,
-{
-    let mut on_tick = on_tick;
-    by_tick2((left, Direct), right, name, keys, move |t, d1, d2, out, _| on_tick(t, d1, d2, out))
-}
-
-/// [`binary_by_tick`] for a stage that also runs at ticks of its own
-/// choosing: `on_tick` may ask, through [`Wakes`], to run at a later tick
-/// with no input (timers: `crate::dataflow::timed`).
-pub fn binary_by_tick_waking<'s, D1, D2, O, F1, F2, L>(
     left: VecCollection<'s, u64, D1, isize>,
     right: VecCollection<'s, u64, D2, isize>,
     name: &str,
