@@ -30,6 +30,7 @@ use differential_dataflow::consolidation::consolidate;
 use differential_dataflow::hashable::Hashable;
 use differential_dataflow::VecCollection;
 use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
 
 use crate::core::fact::AtomRow;
 use crate::core::id::{AtomId, Key, StreamId};
@@ -41,21 +42,29 @@ use crate::plan::Plan;
 /// the timed atom numbered in [`Plan::timed`] order.
 type Slot = (Key, (u32, u32, Value));
 
-/// One profile's timed atoms.
+/// One timed atom of one profile.
+#[derive(Clone, Copy, Default)]
+struct AtomState {
+    /// The value last emitted (`None`: no row).
+    emitted: Option<bool>,
+    /// Whether its terms changed at this tick.
+    changed: bool,
+    /// The tick it may next change at with the same terms.
+    next: Option<u64>,
+}
+
+/// One profile's timed atoms: inline for up to two atoms and two term
+/// values, so a profile is one hash-map entry with no allocation of its own.
 struct Profile {
     /// Its universe multiplicity.
     exists: isize,
-    /// Per timed atom, the term values it reads (empty values by default).
-    slots: Vec<Vec<Value>>,
-    /// Per timed atom, the value last emitted (`None`: no row).
-    emitted: Vec<Option<bool>>,
-    /// Per timed atom, the tick it may next change at with the same terms.
-    next: Vec<Option<u64>>,
-    /// Per timed atom, whether its terms changed at this tick.
-    changed: Vec<bool>,
+    /// The term values the timed atoms read, one atom after the other
+    /// (`at[i] .. at[i + 1]` for timed atom `i`; empty values by default).
+    slots: SmallVec<[Value; 2]>,
+    atoms: SmallVec<[AtomState; 2]>,
     /// Whether it entered or left the universe at this tick.
     moved: bool,
-    /// The tick its timer is set for: the earliest of `next`.
+    /// The tick its timer is set for: the earliest of the atoms' `next`.
     wake: Option<u64>,
 }
 
@@ -88,10 +97,15 @@ pub fn timed<'s>(
         }
         out
     });
-    let empty: Vec<Vec<Value>> = plan
+    // Where each timed atom's term values start in `Profile::slots`.
+    let mut at = vec![0usize];
+    for &a in &plan.timed {
+        at.push(at.last().copied().unwrap_or(0) + plan.atoms[a].terms.len());
+    }
+    let empty: SmallVec<[Value; 2]> = plan
         .timed
         .iter()
-        .map(|&a| plan.atoms[a].terms.iter().map(|&t| plan.terms[t].agg.empty()).collect())
+        .flat_map(|&a| plan.atoms[a].terms.iter().map(|&t| plan.terms[t].agg.empty()))
         .collect();
     let mut profiles: FxHashMap<Key, Profile> = FxHashMap::default();
     let mut timers: BinaryHeap<Reverse<(u64, Key)>> = BinaryHeap::new();
@@ -100,41 +114,45 @@ pub fn timed<'s>(
     // Evaluates at `t` the atoms of `h` whose terms changed, whose own
     // next change is due, or all of them when the profile moved; returns
     // the profile's next timer.
+    let slots_at = at.clone();
     let evaluate = move |t: u64, p: Key, h: &mut Profile, out: &mut Vec<(AtomRow, u64, isize)>| {
         for (i, &a) in plan.timed.iter().enumerate() {
-            if !(h.moved || h.changed[i] || h.next[i].is_some_and(|n| n <= t)) {
+            let state = h.atoms[i];
+            if !(h.moved || state.changed || state.next.is_some_and(|n| n <= t)) {
                 continue;
             }
-            h.changed[i] = false;
             let def = &plan.atoms[a];
+            let slots = &h.slots[slots_at[i]..slots_at[i + 1]];
             let row = |v: bool| ((AtomId::of(a), p), v);
-            let is = (h.exists > 0).then(|| def.holds_at(&h.slots[i], Some(t)));
-            if is != h.emitted[i] {
-                out.extend(h.emitted[i].map(|v| (row(v), t, -1)));
+            let is = (h.exists > 0).then(|| def.holds_at(slots, Some(t)));
+            if is != state.emitted {
+                out.extend(state.emitted.map(|v| (row(v), t, -1)));
                 out.extend(is.map(|v| (row(v), t, 1)));
-                h.emitted[i] = is;
             }
-            h.next[i] = is.and_then(|_| def.next_change(&h.slots[i], t, tick));
+            h.atoms[i] = AtomState {
+                emitted: is,
+                changed: false,
+                next: is.and_then(|_| def.next_change(slots, t, tick)),
+            };
         }
         h.moved = false;
-        h.next.iter().flatten().min().copied()
+        h.atoms.iter().filter_map(|s| s.next).min()
     };
+    let atoms = at.len() - 1;
     let logic = move |t: u64,
                       slots: &mut Vec<(Slot, isize)>,
                       exists: &mut Vec<(Key, isize)>,
                       out: &mut Vec<(AtomRow, u64, isize)>,
                       wakes: &mut Wakes| {
-        let fresh = |empty: &Vec<Vec<Value>>| Profile {
+        let fresh = || Profile {
             exists: 0,
             slots: empty.clone(),
-            emitted: vec![None; empty.len()],
-            next: vec![None; empty.len()],
-            changed: vec![false; empty.len()],
+            atoms: smallvec::smallvec![AtomState::default(); atoms],
             moved: false,
             wake: None,
         };
         for &(p, r) in exists.iter() {
-            let h = profiles.entry(p).or_insert_with(|| fresh(&empty));
+            let h = profiles.entry(p).or_insert_with(fresh);
             h.exists += r;
             h.moved = true;
             touched.push(p);
@@ -143,10 +161,10 @@ pub fn timed<'s>(
         consolidate(slots);
         slots.sort_by_key(|(_, r)| *r);
         for ((p, (i, slot, value)), r) in slots.drain(..) {
-            let h = profiles.entry(p).or_insert_with(|| fresh(&empty));
-            let (i, slot) = (i as usize, slot as usize);
-            h.slots[i][slot] = if r > 0 { value } else { empty[i][slot].clone() };
-            h.changed[i] = true;
+            let h = profiles.entry(p).or_insert_with(fresh);
+            let (i, j) = (i as usize, at[i as usize] + slot as usize);
+            h.slots[j] = if r > 0 { value } else { empty[j].clone() };
+            h.atoms[i].changed = true;
             touched.push(p);
         }
         // Profiles whose timer is due.
