@@ -68,6 +68,16 @@ struct Profile {
     wake: Option<u64>,
 }
 
+/// The bytes of one profile's entry in the operator's map (key and state,
+/// hash-table slack not counted) and of one pending timer in its heap: the
+/// state the timers themselves keep, for the benchmark to report.
+pub fn state_bytes() -> (usize, usize) {
+    (
+        std::mem::size_of::<(Key, Profile)>(),
+        std::mem::size_of::<Reverse<(u64, Key)>>(),
+    )
+}
+
 /// `((atom, profile), holds)` for every timed atom of `plan` and every
 /// profile of `universe`, at every tick where the value changes; `None`
 /// when no atom reads `now`.
