@@ -1156,7 +1156,7 @@ when = "sum('buy', amount, lifetime) == 0.3"
         );
         assert_eq!(
             errs("segments = 1\n"),
-            ["1:1: unknown key `segments` (expected [[segment]], [[score]], [rfm] or [[clustering]])"]
+            ["1:1: unknown key `segments` (expected [[segment]], [[score]], [rfm], [[clustering]] or [[zone]])"]
         );
         assert_eq!(errs("[[segment]]\nwhen = \"true\"\n"), ["1:1: [[segment]] has no `name`"]);
         assert_eq!(errs("[[segment]]\nname = \"a\"\n"), ["1:1: segment `a` has no `when`"]);
