@@ -15,6 +15,7 @@ use common::Shoal;
 
 const SPEC: &str =
     "[[segment]]\nname = \"viewers\"\ndescription = \"viewed anything in the last hour\"\nwhen = \"count('view', 1h) >= 1\"\n\
+     groups = [{ name = \"treatment\", weight = 1 }, { name = \"control\", weight = 1 }]\n\
      [[segment]]\nname = \"repeat\"\nwhen = \"count('view', 1h) >= 2\"\n";
 
 fn chromium() -> Option<String> {
@@ -133,6 +134,20 @@ fn the_page_shows_a_size_change_after_new_events() {
         "(document.querySelector('#overlap tr.alone[data-segments=viewers] .size') || {}).textContent || ''",
         "3",
     );
+    // The holdout's groups and their sizes, as the API gives them.
+    let groups = common::get(&addr, "/segments")["segments"][0]["groups"].clone();
+    let groups = groups.as_array().expect("viewers has groups");
+    let total: u64 = groups.iter().map(|g| g["size"].as_u64().unwrap()).sum();
+    assert_eq!(total, 3, "every member in one group: {groups:?}");
+    for g in groups {
+        let name = g["name"].as_str().unwrap();
+        page.wait_for(
+            &format!(
+                "(document.querySelector('tr[data-segment=viewers] .group[data-group={name}]') || {{dataset: {{}}}}).dataset.size || ''"
+            ),
+            &g["size"].to_string(),
+        );
+    }
     drop(browser);
 
     drop(stdin);

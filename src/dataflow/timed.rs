@@ -72,10 +72,7 @@ struct Profile {
 /// hash-table slack not counted) and of one pending timer in its heap: the
 /// state the timers themselves keep, for the benchmark to report.
 pub fn state_bytes() -> (usize, usize) {
-    (
-        std::mem::size_of::<(Key, Profile)>(),
-        std::mem::size_of::<Reverse<(u64, Key)>>(),
-    )
+    (std::mem::size_of::<(Key, Profile)>(), std::mem::size_of::<Reverse<(u64, Key)>>())
 }
 
 /// `((atom, profile), holds)` for every timed atom of `plan` and every
