@@ -1489,6 +1489,14 @@ fn changes_that_would_break_the_running_spec_are_refused() {
     let (status, body) = http(&s.addr, "PUT", "/segments/b", Some(r#"{"when":"in_segment('a')"}"#));
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("b -> a -> b"), "{body}");
+    // The served model has no timers: a runtime segment over `now` is refused.
+    let (status, body) = http(&s.addr, "PUT", "/segments/c", Some(r#"{"when":"hour(now) >= 18"}"#));
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("cannot read `now`"), "{body}");
+    // A funnel is computed from the events the model keeps.
+    let (status, body) = http(&s.addr, "PUT", "/segments/d", Some(r#"{"when":"steps('view', 'buy', 1h) >= 1"}"#));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(http(&s.addr, "DELETE", "/segments/d", None).0, 204);
     let running = http(&s.addr, "GET", "/spec", None).1;
     std::fs::write(dir.path().join("running.toml"), &running).unwrap();
     let check = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
