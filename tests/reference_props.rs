@@ -721,11 +721,12 @@ const TIMED: [&str; 8] = [
 ];
 /// Conditions over places (SPEC §4 "Places"), over the points the
 /// generator puts on a grid whose lines hold the zone's vertices and edges.
-const PLACES: [&str; 4] = [
+const PLACES: [&str; 5] = [
     "inside(last(any, context.location.latitude), last(any, context.location.longitude), 'z')",
     "distance(last(any, context.location.latitude), last(any, context.location.longitude), 40.04, -74.02) {op} {km}",
     "not inside(last(page, context.location.latitude), last(page, context.location.longitude), 'z')",
     "inside(last(any, context.location.latitude), last(any, context.location.longitude), 'z') and count(any, 10s) >= 2",
+    "count(any where distance(context.location.latitude, context.location.longitude, 40.04, -74.02) {op} {km}, 10s) >= 1",
 ];
 const KMS: [&str; 5] = ["1", "2.2", "3.3", "4.45", "5"];
 /// Funnels (SPEC §4 "Sequences"), over steps that one event can match
@@ -751,7 +752,7 @@ fn cond_leaf() -> impl Strategy<Value = Cond> {
         4 => (sel(), 0u8..4, 0u8..9, proptest::bool::weighted(0.2)).prop_map(|(s, op, d, f)| Cond::Since(s, op, d, f)),
         2 => any::<u8>().prop_map(Cond::InSeg),
         1 => any::<bool>().prop_map(Cond::Lit),
-        2 => (0u8..4, 0u8..6, 0u8..5).prop_map(|(p, op, km)| Cond::Place(p, op, km)),
+        2 => (0u8..5, 0u8..6, 0u8..5).prop_map(|(p, op, km)| Cond::Place(p, op, km)),
         3 => (0u8..5, 0u8..6, win(), any::<u8>()).prop_map(|(t, op, w, k)| Cond::Steps(t, op, w, k)),
     ]
 }

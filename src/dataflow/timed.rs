@@ -66,6 +66,11 @@ struct Profile {
     moved: bool,
     /// The tick its timer is set for: the earliest of the atoms' `next`.
     wake: Option<u64>,
+    /// The tick of its one live entry in the timers' heap, no later than
+    /// `wake`: a later wake does not queue another entry (that entry, when
+    /// due, evaluates the profile and queues the next), so the heap holds
+    /// about one entry per profile however often its terms change.
+    queued: Option<u64>,
 }
 
 /// The bytes of one profile's entry in the operator's map (key and state,
@@ -157,6 +162,7 @@ pub fn timed<'s>(
             atoms: smallvec::smallvec![AtomState::default(); atoms],
             moved: false,
             wake: None,
+            queued: None,
         };
         for &(p, r) in exists.iter() {
             let h = profiles.entry(p).or_insert_with(fresh);
@@ -180,7 +186,8 @@ pub fn timed<'s>(
                 break;
             }
             timers.pop();
-            if profiles.get(&p).is_some_and(|h| h.wake == Some(w)) {
+            if let Some(h) = profiles.get_mut(&p).filter(|h| h.queued == Some(w)) {
+                h.queued = None;
                 touched.push(p);
             }
         }
@@ -190,7 +197,8 @@ pub fn timed<'s>(
             let h = profiles.get_mut(&p).expect("a touched profile");
             let next = evaluate(t, p, h, out);
             h.wake = next;
-            if let Some(w) = next {
+            if let Some(w) = next.filter(|&w| h.queued.is_none_or(|q| w < q)) {
+                h.queued = Some(w);
                 timers.push(Reverse((w, p)));
                 wakes.at(w);
             }

@@ -127,6 +127,7 @@ pub fn filter_value(e: &Expr, ev: &Event) -> Value {
         ExprKind::And(a, b) => Value::Bool(filter_value(a, ev) == Value::Bool(true) && filter_value(b, ev) == Value::Bool(true)),
         ExprKind::Or(a, b) => Value::Bool(filter_value(a, ev) == Value::Bool(true) || filter_value(b, ev) == Value::Bool(true)),
         ExprKind::Time(a) => crate::plan::as_time(&filter_value(a, ev)),
+        ExprKind::Distance(args) => crate::plan::distance(&args.iter().map(|a| filter_value(a, ev)).collect::<Vec<_>>()),
         ExprKind::Clock { part, time, zone } => {
             crate::plan::clock_part(*part, &filter_value(time, ev), zone.as_ref().map(|z| filter_value(z, ev)).as_ref())
         }

@@ -139,13 +139,7 @@ impl Calc {
             Calc::Now => now.map_or(Value::Missing, |t| Value::Time(t as i64)),
             Calc::Time(a) => as_time(&a.eval_at(slots, now)),
             Calc::Clock(part, t, zone) => clock_part(*part, &t.eval_at(slots, now), zone.as_ref().map(|z| z.eval_at(slots, now)).as_ref()),
-            Calc::Distance(args) => {
-                let degrees: Option<Vec<f64>> = args.iter().map(|a| a.eval_at(slots, now).as_f64()).collect();
-                match degrees.and_then(|d| crate::spec::distance_km(d[0], d[1], d[2], d[3])) {
-                    Some(km) => Value::Float(crate::core::value::Float(km)),
-                    None => Value::Missing,
-                }
-            }
+            Calc::Distance(args) => distance(&args.iter().map(|a| a.eval_at(slots, now)).collect::<Vec<_>>()),
             Calc::Inside(lat, lon, zone) => match (lat.eval_at(slots, now).as_f64(), lon.eval_at(slots, now).as_f64()) {
                 (Some(lat), Some(lon)) => Value::Bool(zone.contains(lat, lon)),
                 // A missing argument gives false (SPEC §4 "Places").
@@ -204,6 +198,16 @@ impl AtomDef {
     /// Whether the comparison holds over `slots` with the clock at `now`.
     pub fn holds_at(&self, slots: &[Value], now: Option<u64>) -> bool {
         self.lhs.eval_at(slots, now).cmp_op(self.op, &self.rhs.eval_at(slots, now))
+    }
+}
+
+/// `distance(lat1, lon1, lat2, lon2)` of four values (SPEC §4 "Places"):
+/// missing unless all are numbers in range.
+pub fn distance(degrees: &[Value]) -> Value {
+    let d: Option<Vec<f64>> = degrees.iter().map(Value::as_f64).collect();
+    match d.and_then(|d| crate::spec::distance_km(d[0], d[1], d[2], d[3])) {
+        Some(km) => Value::Float(crate::core::value::Float(km)),
+        None => Value::Missing,
     }
 }
 

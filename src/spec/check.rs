@@ -66,6 +66,9 @@ pub struct Scoring<'a> {
     pub rfm: bool,
     /// Every `[[clustering]]` name.
     pub clusterings: &'a [String],
+    /// Scores that read `now` (directly or through another score): the
+    /// checks on where `now` may appear look through them.
+    pub timed_scores: &'a [String],
 }
 
 /// Which part of a [`Spec`] an [`Issue`] is in.
@@ -95,6 +98,7 @@ pub fn check(spec: &mut Spec, tick_ms: u64) -> Vec<Issue> {
     let is_segment = |n: &str| names.iter().any(|m| m == n);
     let scores: Vec<String> = spec.scores.iter().map(|s| s.name.clone()).collect();
     let global_scores = global_scores(spec);
+    let timed_scores = timed_scores(spec);
     let clusterings: Vec<String> = spec.clusterings.iter().map(|c| c.name.clone()).collect();
     let zones: Vec<String> = spec.zones.iter().map(|z| z.name.clone()).collect();
     let mut issues = Vec::new();
@@ -106,6 +110,7 @@ pub fn check(spec: &mut Spec, tick_ms: u64) -> Vec<Issue> {
             global_scores: &global_scores,
             rfm: spec.rfm.is_some(),
             clusterings: &clusterings,
+            timed_scores: &timed_scores,
         },
         zones: &zones,
     };
@@ -166,6 +171,35 @@ fn global_scores(spec: &Spec) -> Vec<String> {
             return global;
         }
     }
+}
+
+/// The scores that read `now`, directly or through other scores.
+fn timed_scores(spec: &Spec) -> Vec<String> {
+    let mut timed: Vec<String> = Vec::new();
+    loop {
+        let before = timed.len();
+        for s in &spec.scores {
+            if !timed.contains(&s.name) && reads_now_through(&s.expr, &timed) {
+                timed.push(s.name.clone());
+            }
+        }
+        if timed.len() == before {
+            return timed;
+        }
+    }
+}
+
+/// Whether `e` reads `now`, directly or through one of `timed_scores`.
+fn reads_now_through(e: &Expr, timed_scores: &[String]) -> bool {
+    let mut now = false;
+    visit(e, &mut |x| {
+        now |= match &x.kind {
+            ExprKind::Now => true,
+            ExprKind::Score(n) => timed_scores.contains(n),
+            _ => false,
+        }
+    });
+    now
 }
 
 /// A score that reads itself, directly or through others, at its first
@@ -361,9 +395,7 @@ pub fn visit(e: &Expr, f: &mut dyn FnMut(&Expr)) {
 
 /// Whether `e` reads `now` (SPEC §4 "Times").
 pub fn reads_now(e: &Expr) -> bool {
-    let mut now = false;
-    visit(e, &mut |x| now |= matches!(x.kind, ExprKind::Now));
-    now
+    reads_now_through(e, &[])
 }
 
 /// Strongly connected components (Tarjan, iterative); returns each node's
@@ -515,6 +547,11 @@ impl Checker<'_> {
         }
     }
 
+    /// Whether `e` reads `now`, through the spec's scores too.
+    fn now_in(&self, e: &Expr) -> bool {
+        reads_now_through(e, self.ctx.scoring.timed_scores)
+    }
+
     /// A use of `now` the timers cannot follow: between the instants where
     /// an `hour()` or `weekday()` changes, each side of a comparison must
     /// move one way with `now`, so that the next change of a profile's
@@ -648,7 +685,7 @@ impl Checker<'_> {
                 Ty::Num
             }
             ExprKind::Distance(args) => {
-                if args.iter().any(reads_now) {
+                if args.iter().any(|a| self.now_in(a)) {
                     self.now_not_monotone(pos, "distance");
                 }
                 for a in args.iter_mut() {
@@ -660,7 +697,10 @@ impl Checker<'_> {
                 Ty::Num
             }
             ExprKind::Inside(lat, lon, zone) => {
-                if reads_now(lat) || reads_now(lon) {
+                // A filter is evaluated as each event is read, without the
+                // spec's zones.
+                self.not_in_filter(pos, "inside(…)");
+                if self.now_in(lat) || self.now_in(lon) {
                     self.now_not_monotone(pos, "inside");
                 }
                 for a in [lat, lon] {
@@ -699,7 +739,7 @@ impl Checker<'_> {
             }
             ExprKind::Arith(op, a, b) => {
                 let op = *op;
-                if (op == ArithOp::Div && reads_now(b)) || (op == ArithOp::Mul && reads_now(a) && reads_now(b)) {
+                if (op == ArithOp::Div && self.now_in(b)) || (op == ArithOp::Mul && self.now_in(a) && self.now_in(b)) {
                     self.now_not_monotone(pos, &format!("`{}`", op_text(op)));
                 }
                 let (ta, tb) = (self.ty(a), self.ty(b));
@@ -778,7 +818,7 @@ impl Checker<'_> {
                 );
                 Ty::Err
             }
-            ExprKind::Sqrt(a) | ExprKind::Abs(a) if reads_now(a) => {
+            ExprKind::Sqrt(a) | ExprKind::Abs(a) if self.now_in(a) => {
                 let name = if matches!(e.kind, ExprKind::Sqrt(_)) { "sqrt" } else { "abs" };
                 self.now_not_monotone(pos, name);
                 Ty::Err
@@ -1080,6 +1120,8 @@ mod tests {
         assert!(errors(&format!("steps({many}, 1h) > 1"))[0].contains("at most 64 steps, not 65"));
         assert!(errors("count('x', 1h) > percentile((now - last_time(any)) / 1d, 50)")[0]
             .contains("now cannot be used in the argument of percentile"));
+        assert!(errors("count(any where inside(lat, lon, 'z'), 1h) > 0")[0].contains("inside(…) cannot be used inside a `where` filter"));
+        assert!(errors("count(any where distance(lat, lon, 40.0, -74.0) < 5, 1h) > 0").is_empty());
         // Where the timers could not follow the clock.
         for bad in [
             "abs(now - time(trait.x)) < 1d",
@@ -1146,6 +1188,7 @@ mod tests {
                     global_scores: &global,
                     rfm: true,
                     clusterings: &clusterings,
+                    timed_scores: &[],
                 },
                 zones: &[],
             };

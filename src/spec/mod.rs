@@ -1111,6 +1111,22 @@ when = "sum('buy', amount, lifetime) == 0.3"
     }
 
     #[test]
+    fn now_read_through_a_score_is_checked_where_it_lands() {
+        let spec = |when: &str| {
+            format!(
+                "[[score]]\nname = \"days\"\nexpr = \"(now - time(trait.signup)) / 1d\"\n\
+                 [[score]]\nname = \"weeks\"\nexpr = \"score.days / 7\"\n\
+                 [[segment]]\nname = \"s\"\nwhen = \"{when}\"\n"
+            )
+        };
+        assert!(parse_spec(&spec("score.days >= 30 and score.weeks < 8"), 1000).is_ok());
+        for bad in ["abs(score.days - 30) < 2", "score.weeks * score.days > 2", "1 / score.weeks > 2"] {
+            let e = errs(&spec(bad));
+            assert!(e[0].contains("conditions on now must move one way with the clock"), "{bad}: {e:?}");
+        }
+    }
+
+    #[test]
     fn distances_are_haversine_on_the_mean_radius() {
         // New York to London, about 5570 km; a degree of latitude 111.195 km.
         let d = distance_km(40.7128, -74.0060, 51.5074, -0.1278).unwrap();
