@@ -59,6 +59,27 @@ fn run_cmd(spec_name: &str, dir: &Path, input: &str, extra: &[&str]) -> Command 
     c
 }
 
+/// Kills `child` with SIGKILL if it is still running (`None`); else its
+/// summary line, as [`finished_summary`] checks it.
+fn kill_or_summary(mut child: std::process::Child) -> Option<String> {
+    if child.try_wait().unwrap().is_none() {
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        return None;
+    }
+    Some(finished_summary(child))
+}
+
+/// Waits for `child` (stderr piped) to end; it must succeed without ever
+/// finding a torn checkpoint. Returns its summary line.
+fn finished_summary(child: std::process::Child) -> String {
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("unusable"), "no checkpoint is ever torn: {stderr}");
+    stderr.lines().last().unwrap().to_string()
+}
+
 /// An uninterrupted run without checkpoints: (output, dead letters, summary line).
 fn reference(spec_name: &str, input: &Path) -> (Vec<u8>, Vec<u8>, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -108,17 +129,10 @@ fn sigkill_at_random_moments_leaves_the_output_byte_identical() {
             } else {
                 std::thread::sleep(Duration::from_millis(rng.gen_range(0..250)));
             }
-            if child.try_wait().unwrap().is_none() {
-                child.kill().unwrap(); // SIGKILL
-                child.wait().unwrap();
-                kills += 1;
-                continue;
+            match kill_or_summary(child) {
+                Some(summary) => break summary,
+                None => kills += 1,
             }
-            let out = child.wait_with_output().unwrap();
-            let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-            assert!(out.status.success(), "{stderr}");
-            assert!(!stderr.contains("unusable"), "no checkpoint is ever torn: {stderr}");
-            break stderr.lines().last().unwrap().to_string();
         };
         runs += 1;
         let got_out = std::fs::read(dir.path().join("out.jsonl")).unwrap();
@@ -356,17 +370,13 @@ fn sigkill_keeps_timers_funnels_places_and_groups_exact() {
             if kills < 8 {
                 common::wait_for_checkpoint(&mut child, &state, &before);
                 std::thread::sleep(Duration::from_millis(rng.gen_range(0..60)));
-                if child.try_wait().unwrap().is_none() {
-                    child.kill().unwrap(); // SIGKILL
-                    child.wait().unwrap();
-                    kills += 1;
-                    continue;
+                match kill_or_summary(child) {
+                    Some(summary) => break summary,
+                    None => kills += 1,
                 }
+            } else {
+                break finished_summary(child);
             }
-            let out = child.wait_with_output().unwrap();
-            let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-            assert!(out.status.success(), "{stderr}");
-            break stderr.lines().last().unwrap().to_string();
         };
         eprintln!("{spec_name}: {kills} kills");
         assert!(kills >= 1, "{spec_name}: the run ended before any kill");

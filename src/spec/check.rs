@@ -145,61 +145,55 @@ pub fn check(spec: &mut Spec, tick_ms: u64) -> Vec<Issue> {
     issues
 }
 
-/// The scores that read a percentile, `rfm.` or `cluster.`, directly or
-/// through other scores.
+/// The scores that read a percentile, `rfm.`, `cluster.` or `now` (a
+/// percentile or a feature is computed from values that change only with
+/// events), directly or through other scores.
 fn global_scores(spec: &Spec) -> Vec<String> {
-    let mut global: Vec<String> = Vec::new();
-    loop {
-        let before = global.len();
-        for s in &spec.scores {
-            if global.contains(&s.name) {
-                continue;
-            }
-            let mut hit = false;
-            visit(&s.expr, &mut |x| match &x.kind {
-                // `now` too: a percentile or a feature is computed from
-                // values that change only with events.
-                ExprKind::Percentile(..) | ExprKind::Rfm(_) | ExprKind::Cluster(_) | ExprKind::Now => hit = true,
-                ExprKind::Score(n) if global.contains(n) => hit = true,
-                _ => {}
-            });
-            if hit {
-                global.push(s.name.clone());
-            }
-        }
-        if global.len() == before {
-            return global;
-        }
-    }
+    scores_reading(spec, &|k| {
+        matches!(
+            k,
+            ExprKind::Percentile(..) | ExprKind::Rfm(_) | ExprKind::Cluster(_) | ExprKind::Now
+        )
+    })
 }
 
 /// The scores that read `now`, directly or through other scores.
 fn timed_scores(spec: &Spec) -> Vec<String> {
-    let mut timed: Vec<String> = Vec::new();
+    scores_reading(spec, &|k| matches!(k, ExprKind::Now))
+}
+
+/// The scores whose expression has a node `leaf` accepts, directly or
+/// through other such scores (a fixed point over `score.` references).
+fn scores_reading(spec: &Spec, leaf: &dyn Fn(&ExprKind) -> bool) -> Vec<String> {
+    let mut found: Vec<String> = Vec::new();
     loop {
-        let before = timed.len();
+        let before = found.len();
         for s in &spec.scores {
-            if !timed.contains(&s.name) && reads_now_through(&s.expr, &timed) {
-                timed.push(s.name.clone());
+            if !found.contains(&s.name) && reads_through(&s.expr, leaf, &found) {
+                found.push(s.name.clone());
             }
         }
-        if timed.len() == before {
-            return timed;
+        if found.len() == before {
+            return found;
         }
     }
 }
 
-/// Whether `e` reads `now`, directly or through one of `timed_scores`.
-fn reads_now_through(e: &Expr, timed_scores: &[String]) -> bool {
-    let mut now = false;
+/// Whether `e` has a node `leaf` accepts, or reads one of `scores`.
+fn reads_through(e: &Expr, leaf: &dyn Fn(&ExprKind) -> bool, scores: &[String]) -> bool {
+    let mut hit = false;
     visit(e, &mut |x| {
-        now |= match &x.kind {
-            ExprKind::Now => true,
-            ExprKind::Score(n) => timed_scores.contains(n),
-            _ => false,
+        hit |= match &x.kind {
+            ExprKind::Score(n) => scores.contains(n),
+            k => leaf(k),
         }
     });
-    now
+    hit
+}
+
+/// Whether `e` reads `now`, directly or through one of `timed_scores`.
+fn reads_now_through(e: &Expr, timed_scores: &[String]) -> bool {
+    reads_through(e, &|k| matches!(k, ExprKind::Now), timed_scores)
 }
 
 /// A score that reads itself, directly or through others, at its first
