@@ -64,12 +64,11 @@ struct Profile {
     atoms: SmallVec<[AtomState; 2]>,
     /// Whether it entered or left the universe at this tick.
     moved: bool,
-    /// The tick its timer is set for: the earliest of the atoms' `next`.
-    wake: Option<u64>,
     /// The tick of its one live entry in the timers' heap, no later than
-    /// `wake`: a later wake does not queue another entry (that entry, when
-    /// due, evaluates the profile and queues the next), so the heap holds
-    /// about one entry per profile however often its terms change.
+    /// the earliest of the atoms' `next`: a later next change does not
+    /// queue another entry (that entry, when due, evaluates the profile and
+    /// queues the next), so the heap holds about one entry per profile
+    /// however often its terms change.
     queued: Option<u64>,
 }
 
@@ -161,7 +160,6 @@ pub fn timed<'s>(
             slots: empty.clone(),
             atoms: smallvec::smallvec![AtomState::default(); atoms],
             moved: false,
-            wake: None,
             queued: None,
         };
         for &(p, r) in exists.iter() {
@@ -196,7 +194,6 @@ pub fn timed<'s>(
         for p in touched.drain(..) {
             let h = profiles.get_mut(&p).expect("a touched profile");
             let next = evaluate(t, p, h, out);
-            h.wake = next;
             if let Some(w) = next.filter(|&w| h.queued.is_none_or(|q| w < q)) {
                 h.queued = Some(w);
                 timers.push(Reverse((w, p)));
