@@ -592,6 +592,8 @@ enum Num {
     Rfm(u8),
     /// `cluster.c`.
     Cluster,
+    /// `predict.p0` or `predict.p1`.
+    Predict(u8),
 }
 
 /// The scoring blocks every generated spec carries (windows are multiples
@@ -619,6 +621,22 @@ k = 2
 features = ["count(any, 10s)", "sum('buy', amount, lifetime)"]
 refresh = "10s"
 seed = 3
+
+[[model]]
+name = "p0"
+label = "count('buy', 6s) >= 1"
+horizon = "6s"
+features = ["count(any, 10s)", "sum('buy', amount, lifetime)", "count('view', 4s)"]
+refresh = "4s"
+
+[[model]]
+name = "p1"
+label = "since('view') <= 4s or trait.vip or not count(page, 10s) >= 1"
+horizon = "10s"
+features = ["count('view', 6s)", "avg('buy', amount, lifetime)", "count(page, 2s) * 2"]
+refresh = "4s"
+l2 = 0.25
+sample = 0.6
 "#;
 const PCTS: [&str; 6] = ["0", "10", "50", "90", "100", "33.3"];
 const RFM_SEGMENTS: [&str; 5] = ["hibernating", "champions", "new_customers", "at_risk", "potential_loyalists"];
@@ -630,6 +648,7 @@ fn global_leaf() -> impl Strategy<Value = Num> {
         1 => (0u8..2).prop_map(|i| Num::Pct(Box::new(Num::Score(i)), 3)),
         2 => (0u8..3).prop_map(Num::Rfm),
         1 => Just(Num::Cluster),
+        2 => (0u8..2).prop_map(Num::Predict),
     ]
 }
 
@@ -864,6 +883,7 @@ fn render_num(n: &Num, tick: u64) -> (String, u8) {
         Num::Pct(x, p) => prim(format!("percentile({}, {})", render_num(x, tick).0, PCTS[*p as usize % PCTS.len()])),
         Num::Rfm(i) => prim(["rfm.r", "rfm.f", "rfm.m"][*i as usize % 3].to_string()),
         Num::Cluster => prim("cluster.c".into()),
+        Num::Predict(i) => prim(format!("predict.p{}", i % 2)),
     }
 }
 

@@ -248,39 +248,8 @@ pub fn standardize(x: &[f64], mean: &[f64], scale: &[f64]) -> Vec<f64> {
 
 /// The models trained, kept for checkpoints: a model's numbering depends on
 /// the models before it, so a restart takes up the model as of its
-/// checkpoint instead of training afresh (see `crate::run::checkpoint`).
-#[derive(Debug, Default)]
-pub struct Memory {
-    /// Per clustering of the plan: its models by the tick they were trained at.
-    pub trained: Vec<std::sync::Mutex<BTreeMap<u64, KMeans>>>,
-    /// Per clustering: the model to start from.
-    pub restored: Vec<Option<KMeans>>,
-}
-
-impl Memory {
-    pub fn new(clusterings: usize, restored: Vec<Option<KMeans>>) -> Memory {
-        Memory {
-            trained: (0..clusterings).map(|_| Default::default()).collect(),
-            restored: if restored.is_empty() { vec![None; clusterings] } else { restored },
-        }
-    }
-
-    /// Each clustering's model as of the ticks before `frontier`; older ones are forgotten.
-    pub fn before(&self, frontier: u64) -> Vec<Option<KMeans>> {
-        self.trained
-            .iter()
-            .zip(&self.restored)
-            .map(|(trained, restored)| {
-                let mut trained = trained.lock().expect("not poisoned");
-                let model = trained.range(..frontier).next_back().map(|(t, m)| (*t, m.clone()));
-                if let Some((t, _)) = model {
-                    trained.retain(|&k, _| k >= t);
-                }
-                model.map(|(_, m)| m).or_else(|| restored.clone())
-            })
-            .collect()
-    }
-}
+/// checkpoint instead of training afresh.
+pub type Memory = crate::dataflow::memory::Memory<KMeans>;
 
 /// The rows of every clustering's stream: `cluster.NAME` of every profile
 /// that has all the features.
@@ -375,7 +344,7 @@ fn cluster<'s>(
                         let population: Vec<Vec<f64>> = points.values().cloned().collect();
                         let fitted = KMeans::fit(&population, def.k, def.seed, model.as_ref());
                         if let Some(memory) = &memory {
-                            memory.trained[index].lock().expect("not poisoned").insert(t, fitted.clone());
+                            memory.record(index, t, fitted.clone());
                         }
                         model = Some(fitted);
                         dirty = false;

@@ -4,8 +4,9 @@
 //! [`build`] shows the whole graph. Identity ([`identity`]) resolves ids to
 //! profiles as connected components; [`window`] bounds facts in time and
 //! re-keys them to profiles; [`terms`] folds them into one value per term
-//! and profile; [`score`], [`rfm`] and [`cluster`] compute the population
-//! terms (percentiles, RFM scores, k-means clusters); [`timed`] evaluates
+//! and profile; [`score`], [`rfm`], [`cluster`] and [`model`] compute the
+//! population terms (percentiles, RFM scores, k-means clusters, predictions
+//! of logistic regressions fitted by [`logit`]); [`timed`] evaluates
 //! the atoms that read `now`, with timers; [`rules`] turns the
 //! atoms of `when` expressions into memberships. [`total`] holds the
 //! operators for totally ordered time (hash maps per key, measured against
@@ -13,6 +14,9 @@
 
 pub mod cluster;
 pub mod identity;
+pub mod logit;
+pub mod memory;
+pub mod model;
 pub mod rfm;
 pub mod rules;
 pub mod score;
@@ -94,6 +98,28 @@ pub struct Collections<'s> {
     pub labels: VecCollection<'s, u64, (Key, Key), isize>,
     /// The identity nodes as fed.
     pub nodes: VecCollection<'s, u64, (Key, Label), isize>,
+    /// `(model index, fit)`: each predictive model's fit in force.
+    pub fits: VecCollection<'s, u64, (u32, model::Fitted), isize>,
+}
+
+/// What the population operators keep that a checkpoint needs besides the
+/// inputs (see [`memory`]), shared with the checkpoint writer.
+#[derive(Debug)]
+pub struct Kept {
+    pub clusters: Arc<cluster::Memory>,
+    pub models: Arc<model::Models>,
+}
+
+impl Kept {
+    /// For `plan`, starting from the restored states (empty: none); with
+    /// `history`, states are kept until a checkpoint takes them, otherwise
+    /// only the latest (for the HTTP API).
+    pub fn new(plan: &Plan, clusters: Vec<Option<cluster::KMeans>>, models: Vec<Option<model::ModelState>>, history: bool) -> Kept {
+        Kept {
+            clusters: Arc::new(cluster::Memory::new(plan.clusters.len(), clusters, history)),
+            models: Arc::new(model::Models::new(plan.models.len(), models, history)),
+        }
+    }
 }
 
 /// Builds the dataflow of `plan` in `scope`: identity, windows, terms, rules.
@@ -101,14 +127,14 @@ pub fn build<'s>(scope: Scope<'s, u64>, plan: &Rc<Plan>, tick: u64) -> (Inputs, 
     build_with(scope, plan, tick, None, true)
 }
 
-/// [`build`], with the clusterings' models kept in (and started from)
-/// `memory`, and the term rows computed only when `rows` asks for them
+/// [`build`], with the clusterings' and models' state kept in (and started
+/// from) `memory`, and the term rows computed only when `rows` asks for them
 /// (or the plan reads them: population terms, atoms over several terms).
 pub fn build_with<'s>(
     scope: Scope<'s, u64>,
     plan: &Rc<Plan>,
     tick: u64,
-    memory: Option<Arc<cluster::Memory>>,
+    memory: Option<Arc<Kept>>,
     rows: bool,
 ) -> (Inputs, Collections<'s>) {
     let (facts_in, facts) = scope.new_collection();
@@ -124,6 +150,7 @@ pub fn build_with<'s>(
     let built = terms::terms((facts, counts), labels.clone(), plan.clone(), (tick, rows));
     let mut atoms = built.atoms;
     let mut terms = built.rows;
+    let mut fits = differential_dataflow::collection::concatenate(scope.clone(), Vec::new());
     if let Some(rows) = terms.as_mut().filter(|_| !plan.values.is_empty()) {
         // Population terms: percentiles, RFM, clusters (see crate::plan).
         let values = score::values(rows.clone(), universe.clone(), plan.clone());
@@ -136,7 +163,13 @@ pub fn build_with<'s>(
             *rows = rows.clone().concat(rfm::rfm(values.clone(), plan.clone()));
         }
         if plan.clusters.iter().any(Option::is_some) {
-            *rows = rows.clone().concat(cluster::clusters(values, plan.clone(), memory));
+            let memory = memory.as_ref().map(|m| m.clusters.clone());
+            *rows = rows.clone().concat(cluster::clusters(values.clone(), plan.clone(), memory));
+        }
+        if plan.models.iter().any(Option::is_some) {
+            let (predictions, fitted) = model::models(values, names.clone(), plan.clone(), memory.as_ref().map(|m| m.models.clone()));
+            *rows = rows.clone().concat(predictions);
+            fits = fitted;
         }
     }
     if let Some(more) = terms.clone().and_then(|rows| rules::atoms(rows, plan.clone())) {
@@ -166,6 +199,7 @@ pub fn build_with<'s>(
             terms,
             labels,
             nodes,
+            fits,
         },
     )
 }

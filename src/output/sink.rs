@@ -66,6 +66,8 @@ pub enum Upd {
     /// An accepted event (at the tick it takes effect) and its anchor id,
     /// kept for `--history`.
     Event(Key, Kept),
+    /// The fit in force of `spec.models[m]`.
+    Model(u32, crate::dataflow::model::Fitted),
 }
 
 /// What one reader saw, sent once at its end.

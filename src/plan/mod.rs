@@ -118,6 +118,13 @@ pub enum Calc {
     Distance(Vec<Calc>),
     /// `inside(lat, lon, zone)`.
     Inside(Box<Calc>, Box<Calc>, std::sync::Arc<crate::spec::ZoneDef>),
+    /// A comparison, as a value (a model's label): true or false, false
+    /// with a missing side, as an atom.
+    Cmp(CmpOp, Box<Calc>, Box<Calc>),
+    /// `not`, `and`, `or` over values that are true or not.
+    Not(Box<Calc>),
+    And(Box<Calc>, Box<Calc>),
+    Or(Box<Calc>, Box<Calc>),
 }
 
 impl Calc {
@@ -145,7 +152,16 @@ impl Calc {
                 // A missing argument gives false (SPEC §4 "Places").
                 _ => Value::Bool(false),
             },
+            Calc::Cmp(op, a, b) => Value::Bool(a.eval_at(slots, now).cmp_op(*op, &b.eval_at(slots, now))),
+            Calc::Not(a) => Value::Bool(!a.truth(slots, now)),
+            Calc::And(a, b) => Value::Bool(a.truth(slots, now) && b.truth(slots, now)),
+            Calc::Or(a, b) => Value::Bool(a.truth(slots, now) || b.truth(slots, now)),
         }
+    }
+
+    /// Whether the value is `true`.
+    fn truth(&self, slots: &[Value], now: Option<u64>) -> bool {
+        self.eval_at(slots, now) == Value::Bool(true)
     }
 
     /// Whether the calc reads `now`.
@@ -153,8 +169,13 @@ impl Calc {
         match self {
             Calc::Lit(_) | Calc::Slot(_) => false,
             Calc::Now => true,
-            Calc::Neg(a) | Calc::Abs(a) | Calc::Sqrt(a) | Calc::Time(a) | Calc::Clock(_, a, None) => a.reads_now(),
-            Calc::Arith(_, a, b) | Calc::Clock(_, a, Some(b)) | Calc::Inside(a, b, _) => a.reads_now() || b.reads_now(),
+            Calc::Neg(a) | Calc::Abs(a) | Calc::Sqrt(a) | Calc::Time(a) | Calc::Clock(_, a, None) | Calc::Not(a) => a.reads_now(),
+            Calc::Arith(_, a, b)
+            | Calc::Clock(_, a, Some(b))
+            | Calc::Inside(a, b, _)
+            | Calc::Cmp(_, a, b)
+            | Calc::And(a, b)
+            | Calc::Or(a, b) => a.reads_now() || b.reads_now(),
             Calc::Distance(args) => args.iter().any(Calc::reads_now),
         }
     }
@@ -280,6 +301,20 @@ pub struct ClusterPlan {
     pub seed: u64,
 }
 
+/// One `[[model]]`: its profile values are the features and the label.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelPlan {
+    pub name: String,
+    /// The features' profile value.
+    pub features: usize,
+    /// The label's profile value (one calc, true or false).
+    pub label: usize,
+    pub horizon: u64,
+    pub refresh: u64,
+    pub l2: f64,
+    pub sample: f64,
+}
+
 /// Virtual stream numbers while planning (renumbered after the event
 /// streams once those are all known).
 const VIRTUAL: usize = 1 << 40;
@@ -354,9 +389,12 @@ pub struct Plan {
     /// Only the clusterings some segment reads; `clusters[c]` is the one
     /// named `spec.clusterings[c]` when read.
     pub clusters: Vec<Option<ClusterPlan>>,
+    /// Every `[[model]]` of the spec (`Some` once planned: all are).
+    pub models: Vec<Option<ModelPlan>>,
     scores: HashMap<String, Expr>,
     spec_rfm: Option<crate::spec::RfmDef>,
     spec_clusterings: Vec<crate::spec::ClusteringDef>,
+    spec_models: Vec<crate::spec::ModelDef>,
     value_keys: HashMap<String, usize>,
     stream_keys: HashMap<String, usize>,
     term_keys: HashMap<TermDef, usize>,
@@ -404,6 +442,8 @@ impl Plan {
             spec_rfm: spec.rfm.clone(),
             spec_clusterings: spec.clusterings.clone(),
             clusters: vec![None; spec.clusterings.len()],
+            spec_models: spec.models.clone(),
+            models: vec![None; spec.models.len()],
             zones: spec.zones.iter().cloned().map(std::sync::Arc::new).collect(),
             ..Plan::default()
         };
@@ -417,6 +457,10 @@ impl Plan {
             });
         }
         plan.order = plan.topological_order();
+        // Every model is fitted, read or not: `GET /models` shows it.
+        for m in 0..spec.models.len() {
+            plan.model_plan(m);
+        }
         // Virtual streams come right after the event streams.
         let base = plan.streams.len();
         for term in &mut plan.terms {
@@ -432,7 +476,7 @@ impl Plan {
             }
         }
         plan.timed = (0..plan.atoms.len()).filter(|&a| plan.atoms[a].timed).collect();
-        plan.folds = vec![Vec::new(); plan.streams.len() + 2 + plan.clusters.len()];
+        plan.folds = vec![Vec::new(); plan.streams.len() + 2 + plan.clusters.len() + plan.models.len()];
         for (t, term) in plan.terms.iter().enumerate() {
             plan.folds[term.stream].push(t);
         }
@@ -493,6 +537,11 @@ impl Plan {
     /// The virtual stream of `cluster.NAME` for `spec.clusterings[c]`.
     pub fn cluster_stream(&self, c: usize) -> usize {
         self.streams.len() + 2 + c
+    }
+
+    /// The virtual stream of `predict.NAME` for `spec.models[m]`.
+    pub fn model_stream(&self, m: usize) -> usize {
+        self.streams.len() + 2 + self.clusters.len() + m
     }
 
     /// Whether `stream` is an event stream (fed by the reader).
@@ -867,8 +916,91 @@ impl Plan {
                     },
                 )
             }
+            ExprKind::Predict(name) => {
+                let Some(m) = self.spec_models.iter().position(|d| &d.name == name) else {
+                    return Calc::Lit(Value::Missing);
+                };
+                self.model_plan(m);
+                slot(
+                    self,
+                    TermDef {
+                        stream: V_CLUSTER + self.clusters.len() + m,
+                        agg: Agg::Derived(0),
+                    },
+                )
+            }
             // The checker refuses everything else before a plan is made.
             _ => Calc::Lit(Value::Missing),
+        }
+    }
+
+    /// Plans `spec.models[m]` (its features and label as profile values)
+    /// on first use.
+    fn model_plan(&mut self, m: usize) {
+        if self.models[m].is_some() {
+            return;
+        }
+        let def = self.spec_models[m].clone();
+        let features: Vec<&Expr> = def.features.iter().collect();
+        let features = self.value(&features);
+        let mut terms = Vec::new();
+        let calcs = vec![self.truth(&def.label, &mut terms)];
+        self.values.push(ValueDef { calcs, terms });
+        self.models[m] = Some(ModelPlan {
+            name: def.name.clone(),
+            features,
+            label: self.values.len() - 1,
+            horizon: def.horizon,
+            refresh: def.refresh,
+            l2: def.l2,
+            sample: def.sample,
+        });
+    }
+
+    /// A checked condition as a value that is true or false (a model's
+    /// label): what [`Plan::formula`] makes of it, over values instead of
+    /// atoms. `in_segment` is refused by the checker there.
+    fn truth(&mut self, e: &Expr, terms: &mut Vec<usize>) -> Calc {
+        let b = Box::new;
+        match &e.kind {
+            ExprKind::Not(a) => Calc::Not(b(self.truth(a, terms))),
+            ExprKind::And(x, y) => Calc::And(b(self.truth(x, terms)), b(self.truth(y, terms))),
+            ExprKind::Or(x, y) => Calc::Or(b(self.truth(x, terms)), b(self.truth(y, terms))),
+            ExprKind::Cmp(op, x, y) => match (&x.kind, &y.kind) {
+                (ExprKind::Since(sel), _) => self.since_calc(sel, *op, const_duration(y), terms),
+                (_, ExprKind::Since(sel)) => self.since_calc(sel, flip(*op), const_duration(x), terms),
+                _ => Calc::Cmp(*op, b(self.calc(x, terms)), b(self.calc(y, terms))),
+            },
+            ExprKind::Bool(v) => Calc::Lit(Value::Bool(*v)),
+            _ => Calc::Cmp(CmpOp::Eq, b(self.calc(e, terms)), b(Calc::Lit(Value::Bool(true)))),
+        }
+    }
+
+    /// `since(sel) OP d` as a value, as [`Plan::since`] makes it a formula.
+    fn since_calc(&mut self, sel: &Selector, op: CmpOp, d: i64, terms: &mut Vec<usize>) -> Calc {
+        let mut seen = |p: &mut Plan, w: i64| -> Calc {
+            if w <= 0 {
+                return Calc::Lit(Value::Bool(false));
+            }
+            let stream = p.stream(sel, Some(w as u64), Read::Unit);
+            let t = p.term(TermDef { stream, agg: Agg::Count });
+            let i = terms.iter().position(|&x| x == t).unwrap_or_else(|| {
+                terms.push(t);
+                terms.len() - 1
+            });
+            Calc::Cmp(CmpOp::Ge, Box::new(Calc::Slot(i)), Box::new(Calc::Lit(Value::Num(Dec::from_int(1)))))
+        };
+        let lt = seen(self, d);
+        let le = seen(self, d.saturating_add(1));
+        let not = |c: Calc| Calc::Not(Box::new(c));
+        let and = |a: Calc, b: Calc| Calc::And(Box::new(a), Box::new(b));
+        match op {
+            CmpOp::Lt => lt,
+            CmpOp::Le => le,
+            CmpOp::Gt => not(le),
+            CmpOp::Ge => not(lt),
+            CmpOp::Eq => and(le, not(lt)),
+            CmpOp::Ne => not(and(le, not(lt))),
         }
     }
 }

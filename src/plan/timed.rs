@@ -67,8 +67,10 @@ impl Calc {
         match self {
             Calc::Lit(_) | Calc::Slot(_) | Calc::Clock(..) => false,
             Calc::Now => true,
-            Calc::Neg(a) | Calc::Abs(a) | Calc::Sqrt(a) | Calc::Time(a) => a.reads_now_outside_clocks(),
-            Calc::Arith(_, a, b) | Calc::Inside(a, b, _) => a.reads_now_outside_clocks() || b.reads_now_outside_clocks(),
+            Calc::Neg(a) | Calc::Abs(a) | Calc::Sqrt(a) | Calc::Time(a) | Calc::Not(a) => a.reads_now_outside_clocks(),
+            Calc::Arith(_, a, b) | Calc::Inside(a, b, _) | Calc::Cmp(_, a, b) | Calc::And(a, b) | Calc::Or(a, b) => {
+                a.reads_now_outside_clocks() || b.reads_now_outside_clocks()
+            }
             Calc::Distance(args) => args.iter().any(Calc::reads_now_outside_clocks),
         }
     }
@@ -99,8 +101,8 @@ impl Calc {
     fn clock_horizon(&self, slots: &[Value], now: u64, tick: u64, horizon: &mut u64) {
         match self {
             Calc::Lit(_) | Calc::Slot(_) | Calc::Now => {}
-            Calc::Neg(a) | Calc::Abs(a) | Calc::Sqrt(a) | Calc::Time(a) => a.clock_horizon(slots, now, tick, horizon),
-            Calc::Arith(_, a, b) | Calc::Inside(a, b, _) => {
+            Calc::Neg(a) | Calc::Abs(a) | Calc::Sqrt(a) | Calc::Time(a) | Calc::Not(a) => a.clock_horizon(slots, now, tick, horizon),
+            Calc::Arith(_, a, b) | Calc::Inside(a, b, _) | Calc::Cmp(_, a, b) | Calc::And(a, b) | Calc::Or(a, b) => {
                 a.clock_horizon(slots, now, tick, horizon);
                 b.clock_horizon(slots, now, tick, horizon);
             }

@@ -19,9 +19,10 @@
 //! position (source, byte offset and line number of file input; next offset
 //! per Kafka partition). The snapshot also holds the output positions at `C`
 //! (the byte lengths of the output and dead-letter files, so a restart cuts
-//! them back and continues: exactly once), and the clusterings' models as of
-//! `L` (a model's numbering depends on the models before it, which the inputs
-//! at one tick cannot tell).
+//! them back and continues: exactly once), and the clusterings' models and
+//! the predictive models' state as of `L` (a clustering's numbering depends
+//! on the models before it, and a predictive model's next fit on features
+//! set aside at `r - horizon`: neither can the inputs at one tick tell).
 //!
 //! On disk a checkpoint is `ckpt-<seq>.shoal`: an 8-byte magic, the format
 //! version, the payload's length and its xxh3-64 checksum, then the payload
@@ -45,7 +46,7 @@ use crate::io::Position;
 use crate::output::sink::Mark;
 
 /// The on-disk format; a checkpoint of another format is refused.
-pub const FORMAT: u32 = 2;
+pub const FORMAT: u32 = 3;
 const MAGIC: &[u8; 8] = b"SHOALCKP";
 const HEADER: usize = 8 + 4 + 8 + 8;
 /// Checkpoints kept in the directory (the newest first).
@@ -123,6 +124,9 @@ pub struct Snapshot {
     pub readers: Vec<ReaderState>,
     /// Per clustering of the plan: its model as of the last delivered tick.
     pub clusters: Vec<Option<crate::dataflow::cluster::KMeans>>,
+    /// Per model of the plan: its fit, the features set aside for the
+    /// refreshes to come and the last examples, as of the last delivered tick.
+    pub models: Vec<Option<crate::dataflow::model::ModelState>>,
     /// Serving with `--history`: the accepted events the served model kept,
     /// `(anchor, effect tick, event)`, of ticks before the frontier (the
     /// readers' logs hold those after it), so that segments defined at run
@@ -491,6 +495,7 @@ mod tests {
                 },
             }],
             clusters: vec![None],
+            models: vec![None],
             kept: None,
         }
     }

@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::dataflow::cluster;
 use crate::io::source::Source;
 use crate::plan::Plan;
 use crate::run::checkpoint;
@@ -22,7 +21,7 @@ pub struct Checkpointing {
     /// Each reader's part of it, taken by the reader.
     pub(super) readers: Mutex<Vec<checkpoint::ReaderState>>,
     pub(super) seq: std::sync::atomic::AtomicU64,
-    pub(super) clusters: Arc<cluster::Memory>,
+    pub(super) kept: Arc<crate::dataflow::Kept>,
     pub(super) delivered: Arc<Mutex<crate::output::sink::Delivered>>,
     /// Readers in this run: 1 for line input, every worker for Kafka.
     pub(super) readers_count: usize,
@@ -94,9 +93,11 @@ impl Checkpointing {
             tracing::info!(seq = snap.seq, frontier = snap.mark.frontier, "resuming from a checkpoint");
         }
         let plan = Plan::new(&job.spec);
-        let clusters = cluster::Memory::new(
-            plan.clusters.len(),
+        let kept = crate::dataflow::Kept::new(
+            &plan,
             restored.as_ref().map(|s| s.clusters.clone()).unwrap_or_default(),
+            restored.as_ref().map(|s| s.models.clone()).unwrap_or_default(),
+            true,
         );
         let mark = restored.as_ref().map(|s| s.mark.clone()).unwrap_or_default();
         let frontier = mark.frontier;
@@ -113,7 +114,7 @@ impl Checkpointing {
             tick: job.opts.tick,
             seq: (restored.as_ref().map_or(0, |s| s.seq) + 1).into(),
             restored,
-            clusters: Arc::new(clusters),
+            kept: Arc::new(kept),
             // Until the sink says more, what the checkpoint had is out.
             delivered: Arc::new(Mutex::new(crate::output::sink::Delivered { mark, files: Vec::new() })),
             intake: job.sources.iter().find_map(|s| match s {
@@ -139,7 +140,8 @@ impl Checkpointing {
         let snapshot = checkpoint::Snapshot {
             fingerprint: self.fingerprint.clone(),
             seq: self.seq.fetch_add(1, Ordering::SeqCst),
-            clusters: self.clusters.before(frontier),
+            clusters: self.kept.clusters.before(frontier),
+            models: self.kept.models.before(frontier),
             mark,
             readers,
             kept: self.served.as_ref().and_then(|s| s.kept_before(frontier)),

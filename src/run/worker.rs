@@ -63,7 +63,14 @@ pub(super) fn run_worker(
     let serving = job.http.is_some();
     // Serving with history: accepted events go to the model too.
     let history = job.http.as_ref().map(|h| h.history(&plan)).is_some_and(|h| h.keeps());
-    let memory = checkpointing.as_ref().map(|c| c.clusters.clone());
+    // The models' latest state is what `GET /models/{name}/examples` reads.
+    let memory = checkpointing.as_ref().map(|c| c.kept.clone()).or_else(|| {
+        (job.http.is_some() && plan.models.iter().any(Option::is_some))
+            .then(|| Arc::new(crate::dataflow::Kept::new(&plan, Vec::new(), Vec::new(), false)))
+    });
+    if let Some(served) = served.as_ref().filter(|_| leader) {
+        *served.kept.lock().unwrap_or_else(|e| e.into_inner()) = memory.clone();
+    }
     let mut notes = timely::dataflow::InputHandleVec::new();
     let profiling = crate::run::profile::Profiling::start(worker);
     let (inputs, delivered) = worker.dataflow::<u64, _, _>(|scope| {
@@ -81,7 +88,8 @@ pub(super) fn run_worker(
             let names = built.names.map(|(p, id)| Upd::Name(p, id));
             let labels = built.labels.map(|(node, p)| Upd::Label(node, p));
             let nodes = built.nodes.flat_map(|(k, (seen, id, _))| seen.then_some(Upd::Node(k, id)));
-            members = members.concat(terms).concat(names).concat(labels).concat(nodes);
+            let fits = built.fits.map(|(m, fit)| Upd::Model(m, fit));
+            members = members.concat(terms).concat(names).concat(labels).concat(nodes).concat(fits);
             if history {
                 let (events_in, events) = scope.new_collection();
                 inputs.events = Some(events_in);

@@ -313,6 +313,8 @@ pub fn router_with(served: Arc<Served>, access: Arc<Access>) -> Router {
         .route("/segments/{name}/history", get(history))
         .route("/profiles/{id}", get(profile).delete(forget))
         .route("/profiles/{id}/unlink", post(unlink))
+        .route("/models", get(models))
+        .route("/models/{name}/examples", get(model_examples))
         .route("/metrics", get(metrics))
         .with_state(served.clone())
         .route_layer(guard.clone())
@@ -589,11 +591,101 @@ async fn profile(State(s): St, Path(id): Path<String>, Query(q): Query<At>) -> R
             json!({"member": seg.keys.contains(&key), "runtime": matches!(seg.def, Def::Runtime { .. }), "why": why}),
         );
     }
+    let mut predictions = serde_json::Map::new();
+    for (i, def) in m.models.iter().enumerate() {
+        let (probability, features) = m.prediction(i, key);
+        let features: serde_json::Map<String, Json_> = def.sources.iter().cloned().zip(features.iter().map(value_json)).collect();
+        predictions.insert(def.name.clone(), json!({"probability": value_json(&probability), "features": features}));
+    }
     Ok(Json(json!({
         "clock": clock_json(&m),
         "profile": id,
         "ids": ids,
         "segments": segments,
+        "predictions": predictions,
+    })))
+}
+
+/// `GET /models`: every `[[model]]` in spec order with its fit in force
+/// (SPEC §4 "Predictive models"): per feature its weight on the
+/// standardized feature (`null` when left out), mean and scale; the
+/// intercept, examples, classes, when it was fitted and the AUC of its
+/// predictions on the examples of the refresh before. Before a first fit
+/// these are `null`.
+async fn models(State(s): St) -> Json<Json_> {
+    let m = read(&s);
+    let list: Vec<Json_> = m
+        .models
+        .iter()
+        .zip(&m.fits)
+        .map(|(def, fit)| {
+            let fit = fit.as_ref();
+            let features: Vec<Json_> = def
+                .sources
+                .iter()
+                .enumerate()
+                .map(|(j, expr)| {
+                    let l = fit.map(|f| &f.logit);
+                    json!({
+                        "expr": expr,
+                        "weight": l.and_then(|l| l.weights[j]),
+                        "mean": l.map(|l| l.mean[j]),
+                        "scale": l.map(|l| l.scale[j]),
+                    })
+                })
+                .collect();
+            json!({
+                "name": def.name,
+                "label": def.label_source,
+                "horizon": crate::spec::parse::format_duration(def.horizon),
+                "refresh": crate::spec::parse::format_duration(def.refresh),
+                "l2": def.l2,
+                "sample": def.sample,
+                "features": features,
+                "intercept": fit.map(|f| f.logit.intercept),
+                "examples": fit.map(|f| f.logit.examples),
+                "classes": fit.map(|f| json!({"false": f.logit.examples - f.logit.positives, "true": f.logit.positives})),
+                "fitted_at": fit.map(|f| format_time(f.time, m.show_ms)),
+                "auc": fit.and_then(|f| f.auc),
+                "steps": fit.map(|f| f.logit.steps),
+                "gradient": fit.map(|f| f.logit.gradient),
+            })
+        })
+        .collect();
+    Json(json!({"clock": clock_json(&m), "models": list}))
+}
+
+/// `GET /models/{name}/examples`: the examples of the model's latest
+/// refresh that had any, `x` as the features were at `r - horizon` and
+/// `y` the label at `r`, in the order the fit sums them: for checking a
+/// fit offline (scikit-learn's `LogisticRegression(C=1/l2)` on the
+/// standardized `x` finds the same weights). `time` names the refresh; it
+/// may be one the served clock has not reached yet.
+async fn model_examples(State(s): St, Path(name): Path<String>) -> Result<Json<Json_>, ApiError> {
+    let (index, def) = {
+        let m = read(&s);
+        let Some(i) = m.models.iter().position(|d| d.name == name) else {
+            return Err(ApiError::NotFound {
+                message: format!("no model {name}"),
+                profile: None,
+            });
+        };
+        (i, m.models[i].clone())
+    };
+    let kept = s.kept.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let state = kept.and_then(|k| k.models.latest(index));
+    let (time, examples) = match state.and_then(|st| st.examples) {
+        Some((t, ex)) => (Some(t), ex),
+        None => (None, Default::default()),
+    };
+    let show_ms = read(&s).show_ms;
+    let rows: Vec<Json_> = examples.iter().map(|e| json!({"x": e.x, "y": e.y})).collect();
+    Ok(Json(json!({
+        "model": def.name,
+        "l2": def.l2,
+        "time": time.map(|t| format_time(t, show_ms)),
+        "features": def.sources,
+        "examples": rows,
     })))
 }
 

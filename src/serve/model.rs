@@ -294,6 +294,9 @@ pub struct Model {
     pub show_ms: bool,
     pub plan: Arc<Plan>,
     pub segments: Vec<SegState>,
+    /// The spec's `[[model]]`s, and the fit in force of each.
+    pub models: Vec<crate::spec::ModelDef>,
+    pub fits: Vec<Option<crate::dataflow::model::Fitted>>,
     /// Profile → stream → the stream's term values.
     pub terms: FxHashMap<Key, FxHashMap<StreamId, Vec<Value>>>,
     /// Profiles and their ids.
@@ -344,6 +347,9 @@ pub struct Served {
     pub closing: tokio::sync::watch::Sender<bool>,
     /// With `--state`: where changes are journaled before they are made.
     journal: Mutex<Option<Journal>>,
+    /// The population operators' latest state (the predictive models'
+    /// examples), set by worker 0 when it builds the dataflow.
+    pub kept: Mutex<Option<Arc<crate::dataflow::Kept>>>,
     /// Forget and unlink requests, taken by worker 0's reader, which feeds
     /// each at its first tick not yet final and answers with that tick.
     pub requests: Mutex<Vec<(crate::core::id::Request, RequestReply)>>,
@@ -459,6 +465,8 @@ impl Served {
                 show_ms: tick < 1000,
                 plan,
                 segments,
+                models: spec.models.clone(),
+                fits: vec![None; spec.models.len()],
                 terms: FxHashMap::default(),
                 names: FxHashMap::default(),
                 labels: FxHashMap::default(),
@@ -476,6 +484,7 @@ impl Served {
                 unwritten: Vec::new(),
             }),
             journal: Mutex::new(None),
+            kept: Mutex::new(None),
             requests: Mutex::new(Vec::new()),
             ended: std::sync::atomic::AtomicBool::new(false),
             spec_text,
@@ -731,6 +740,28 @@ impl Model {
             .and_then(|row| row.get(pos))
             .cloned()
             .unwrap_or_else(|| def.agg.empty())
+    }
+
+    /// `predict.NAME` of `spec.models[m]` for `profile` at the clock, and
+    /// the features it is computed from (missing before a first fit, or
+    /// when a feature is).
+    pub fn prediction(&self, m: usize, profile: Key) -> (Value, Vec<Value>) {
+        let plan = &self.plan;
+        let Some(def) = &plan.models[m] else {
+            return (Value::Missing, Vec::new());
+        };
+        let value = &plan.values[def.features];
+        let slots: Vec<Value> = value.terms.iter().map(|&t| self.term_value(plan, t, profile)).collect();
+        let features = value.eval(&slots);
+        let stream = StreamId::of(plan.model_stream(m));
+        let p = self
+            .terms
+            .get(&profile)
+            .and_then(|rows| rows.get(&stream))
+            .and_then(|row| row.first())
+            .cloned()
+            .unwrap_or(Value::Missing);
+        (p, features)
     }
 
     /// A term the running plan does not compute, for `profile` at the clock:
@@ -1033,6 +1064,14 @@ impl Model {
                 Upd::Event(anchor, ev) => {
                     for _ in 0..r.max(0) {
                         events.push((anchor, ev.clone()));
+                    }
+                }
+                Upd::Model(m, fit) => {
+                    let slot = &mut self.fits[m as usize];
+                    if r > 0 {
+                        *slot = Some(fit);
+                    } else if slot.as_ref() == Some(&fit) {
+                        *slot = None;
                     }
                 }
             }

@@ -89,6 +89,8 @@ pub enum ExprKind {
     Score(String),
     Rfm(RfmField),
     Cluster(String),
+    /// `predict.NAME`: a `[[model]]`'s probability (SPEC §4 "Predictive models").
+    Predict(String),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

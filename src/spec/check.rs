@@ -39,6 +39,10 @@ pub enum Want {
     Number,
     /// A clustering feature: a number made of event terms only.
     Feature,
+    /// A model's feature: the same, for `predict.`.
+    ModelFeature,
+    /// A model's label: a condition made of event terms only.
+    Label,
 }
 
 /// What the checker needs to know beyond the expression.
@@ -66,6 +70,8 @@ pub struct Scoring<'a> {
     pub rfm: bool,
     /// Every `[[clustering]]` name.
     pub clusterings: &'a [String],
+    /// Every `[[model]]` name.
+    pub models: &'a [String],
     /// Scores that read `now` (directly or through another score): the
     /// checks on where `now` may appear look through them.
     pub timed_scores: &'a [String],
@@ -80,6 +86,10 @@ pub enum Origin {
     Score(usize),
     /// `spec.clusterings[c].features[i]`.
     Feature(usize, usize),
+    /// `spec.models[m].label`.
+    Label(usize),
+    /// `spec.models[m].features[i]`.
+    ModelFeature(usize, usize),
 }
 
 /// An error inside one expression of a spec, at a position of that
@@ -100,6 +110,7 @@ pub fn check(spec: &mut Spec, tick_ms: u64) -> Vec<Issue> {
     let global_scores = global_scores(spec);
     let timed_scores = timed_scores(spec);
     let clusterings: Vec<String> = spec.clusterings.iter().map(|c| c.name.clone()).collect();
+    let models: Vec<String> = spec.models.iter().map(|m| m.name.clone()).collect();
     let zones: Vec<String> = spec.zones.iter().map(|z| z.name.clone()).collect();
     let mut issues = Vec::new();
     let ctx = Ctx {
@@ -110,6 +121,7 @@ pub fn check(spec: &mut Spec, tick_ms: u64) -> Vec<Issue> {
             global_scores: &global_scores,
             rfm: spec.rfm.is_some(),
             clusterings: &clusterings,
+            models: &models,
             timed_scores: &timed_scores,
         },
         zones: &zones,
@@ -140,6 +152,22 @@ pub fn check(spec: &mut Spec, tick_ms: u64) -> Vec<Issue> {
             }
         }
     }
+    for (m, model) in spec.models.iter_mut().enumerate() {
+        for error in check_expr(&mut model.label, Want::Label, &ctx) {
+            issues.push(Issue {
+                origin: Origin::Label(m),
+                error,
+            });
+        }
+        for (i, feature) in model.features.iter_mut().enumerate() {
+            for error in check_expr(feature, Want::ModelFeature, &ctx) {
+                issues.push(Issue {
+                    origin: Origin::ModelFeature(m, i),
+                    error,
+                });
+            }
+        }
+    }
     issues.extend(score_cycles(spec));
     issues.extend(segment_cycles(&spec.segments));
     issues
@@ -152,7 +180,7 @@ fn global_scores(spec: &Spec) -> Vec<String> {
     scores_reading(spec, &|k| {
         matches!(
             k,
-            ExprKind::Percentile(..) | ExprKind::Rfm(_) | ExprKind::Cluster(_) | ExprKind::Now
+            ExprKind::Percentile(..) | ExprKind::Rfm(_) | ExprKind::Cluster(_) | ExprKind::Predict(_) | ExprKind::Now
         )
     })
 }
@@ -249,11 +277,17 @@ pub fn check_expr(e: &mut Expr, want: Want, ctx: &Ctx<'_>) -> Vec<SpecError> {
         ctx,
         errors: Vec::new(),
         in_filter: false,
-        population: (want == Want::Feature).then_some("a clustering feature"),
+        population: match want {
+            Want::Feature => Some("a clustering feature"),
+            Want::ModelFeature => Some("a model's feature"),
+            Want::Label => Some("a model's label"),
+            Want::Condition | Want::Number => None,
+        },
     };
     match want {
         Want::Condition => c.condition(e, "a segment's `when`"),
-        Want::Number | Want::Feature => {
+        Want::Label => c.condition(e, "a model's `label`"),
+        Want::Number | Want::Feature | Want::ModelFeature => {
             let t = c.ty(e);
             if !matches!(t, Ty::Num | Ty::Any | Ty::Err) {
                 c.error(e.pos, format!("this expression must be a number, not {}", t.name()));
@@ -362,6 +396,7 @@ pub fn visit(e: &Expr, f: &mut dyn FnMut(&Expr)) {
         | ExprKind::Score(_)
         | ExprKind::Rfm(_)
         | ExprKind::Cluster(_)
+        | ExprKind::Predict(_)
         | ExprKind::Now => {}
         ExprKind::Neg(a)
         | ExprKind::Not(a)
@@ -846,6 +881,7 @@ impl Checker<'_> {
             }
             ExprKind::InSegment(name) => {
                 let name = name.clone();
+                self.event_terms_only(pos, "in_segment(…)");
                 if !self.not_in_filter(pos, "in_segment(…)") && !(self.ctx.is_segment)(&name) {
                     self.error(pos, format!("unknown segment {} in in_segment({})", quote(&name), quote(&name)));
                 }
@@ -903,6 +939,19 @@ impl Checker<'_> {
                 }
                 if !self.ctx.scoring.clusterings.contains(&name) {
                     self.error(pos, format!("unknown clustering `{name}`: define it in a [[clustering]] block"));
+                    return Ty::Err;
+                }
+                self.event_terms_only(pos, &what);
+                Ty::Num
+            }
+            ExprKind::Predict(name) => {
+                let name = name.clone();
+                let what = format!("predict.{name}");
+                if self.not_in_filter(pos, &what) {
+                    return Ty::Err;
+                }
+                if !self.ctx.scoring.models.contains(&name) {
+                    self.error(pos, format!("unknown model `{name}`: define it in a [[model]] block"));
                     return Ty::Err;
                 }
                 self.event_terms_only(pos, &what);
@@ -1182,6 +1231,7 @@ mod tests {
                     global_scores: &global,
                     rfm: true,
                     clusterings: &clusterings,
+                    models: &[],
                     timed_scores: &[],
                 },
                 zones: &[],

@@ -111,6 +111,40 @@ pub struct ClusteringDef {
     pub seed: u64,
 }
 
+/// One `[[model]]` (SPEC §4 "Predictive models"), read as `predict.NAME`:
+/// logistic regression of `label` at `r` on `features` at `r - horizon`,
+/// refitted at every multiple `r` of `refresh`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelDef {
+    pub name: String,
+    /// A condition over event terms, read `horizon` after the features.
+    pub label: Expr,
+    /// The label as written.
+    pub label_source: String,
+    /// Milliseconds between the features and the label.
+    pub horizon: u64,
+    /// Numeric expressions per profile, checked like a clustering's.
+    pub features: Vec<Expr>,
+    /// The features as written.
+    pub sources: Vec<String>,
+    /// Milliseconds of event time between refits.
+    pub refresh: u64,
+    /// The L2 penalty on the weights (`C = 1/l2` in scikit-learn's terms).
+    pub l2: f64,
+    /// The share of profiles sampled for training, in (0, 1].
+    pub sample: f64,
+}
+
+/// Whether `profile` (its id as lines write it) is among the profiles
+/// `model` trains on: `xxh3_64(model, 0x00, profile) mod 10^6 < sample·10^6`.
+pub fn sampled(model: &str, sample: f64, profile: &str) -> bool {
+    let mut bytes = Vec::with_capacity(model.len() + 1 + profile.len());
+    bytes.extend_from_slice(model.as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(profile.as_bytes());
+    ((xxhash_rust::xxh3::xxh3_64(&bytes) % 1_000_000) as f64) < sample * 1e6
+}
+
 /// One `[[zone]]` (SPEC §4 "Places"): rings of `(lat, lon)` points, each
 /// closed implicitly; `inside` is the even-odd rule over all of them, so
 /// holes and the parts of a MultiPolygon need no special case.
@@ -170,6 +204,7 @@ pub struct Spec {
     pub rfm: Option<RfmDef>,
     pub clusterings: Vec<ClusteringDef>,
     pub zones: Vec<ZoneDef>,
+    pub models: Vec<ModelDef>,
 }
 
 /// An error in a spec, at a 1-based line and column of the TOML file.

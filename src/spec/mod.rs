@@ -19,7 +19,7 @@ pub mod check;
 pub mod def;
 pub mod parse;
 
-pub use def::{default_rfm_grid, distance_km, group_of, ClusteringDef, Group, RfmDef, ScoreDef, Segment, Spec, SpecError, ZoneDef};
+pub use def::{default_rfm_grid, distance_km, group_of, sampled, ClusteringDef, Group, ModelDef, RfmDef, ScoreDef, Segment, Spec, SpecError, ZoneDef};
 
 use ast::{Expr, ExprKind, Pos};
 use std::ops::Range;
@@ -75,6 +75,7 @@ pub fn parse_spec_in(text: &str, tick_ms: u64, base: Option<&std::path::Path>) -
         segment_maps: Vec::new(),
         score_maps: Vec::new(),
         feature_maps: Vec::new(),
+        model_maps: Vec::new(),
     };
     let root = doc.as_table();
     for (key, item) in root.iter() {
@@ -100,6 +101,11 @@ pub fn parse_spec_in(text: &str, tick_ms: u64, base: Option<&std::path::Path>) -
                     l.clustering(t, at);
                 }
             }
+            "model" => {
+                for (t, at) in l.tables(item, key_at, "model", true) {
+                    l.model(t, at);
+                }
+            }
             "rfm" => {
                 for (t, at) in l.tables(item, key_at, "rfm", false) {
                     l.rfm(t, at);
@@ -107,7 +113,7 @@ pub fn parse_spec_in(text: &str, tick_ms: u64, base: Option<&std::path::Path>) -
             }
             other => l.error(
                 key_at,
-                format!("unknown key `{other}` (expected [[segment]], [[score]], [rfm], [[clustering]] or [[zone]])"),
+                format!("unknown key `{other}` (expected [[segment]], [[score]], [rfm], [[clustering]], [[model]] or [[zone]])"),
             ),
         }
     }
@@ -332,6 +338,9 @@ struct Loader<'t> {
     score_maps: Vec<Option<StrMap>>,
     /// Per clustering, per feature that parsed.
     feature_maps: Vec<Vec<StrMap>>,
+    /// Per model: its label's map (`None` when it did not parse), and one
+    /// per feature that parsed.
+    model_maps: Vec<(Option<StrMap>, Vec<StrMap>)>,
 }
 
 /// A string value with its span.
@@ -867,16 +876,29 @@ impl<'t> Loader<'t> {
             self.duration(&r, "refresh", false);
             def.refresh = crate::core::clock::parse_duration(&r.value).unwrap_or(0);
         }
-        let mut maps = Vec::new();
+        let (features, sources, maps) = self.features(t, BLOCK, header);
+        def.features = features;
+        def.sources = sources;
+        // A block with errors is still kept (so that `cluster.NAME` is not
+        // also reported unknown); the spec fails anyway.
+        let _ = errors;
+        self.spec.clusterings.push(def);
+        self.feature_maps.push(maps);
+    }
+
+    /// The `features` array of a `[[clustering]]` or `[[model]]`: the
+    /// expressions that parsed, as written, with their maps.
+    fn features(&mut self, t: &dyn TableLike, block: &str, header: usize) -> (Vec<Expr>, Vec<String>, Vec<StrMap>) {
+        let (mut exprs, mut sources, mut maps) = (Vec::new(), Vec::new(), Vec::new());
         match t.get("features") {
-            None => self.error(header, "[[clustering]] has no `features`"),
+            None => self.error(header, format!("{block} has no `features`")),
             Some(item) => {
                 let at = Self::at(t, "features", header);
                 match item.as_array() {
-                    None => self.error(at, "`features` in [[clustering]] must be an array of expressions"),
+                    None => self.error(at, format!("`features` in {block} must be an array of expressions")),
                     Some(arr) => {
                         if arr.is_empty() {
-                            self.error(at, "`features` in [[clustering]] must not be empty");
+                            self.error(at, format!("`features` in {block} must not be empty"));
                         }
                         for v in arr.iter() {
                             let Some(s) = v.as_str() else {
@@ -888,19 +910,83 @@ impl<'t> Loader<'t> {
                                 span: v.span(),
                             };
                             let (Some(e), map) = self.expression(&s) else { continue };
-                            def.features.push(e);
-                            def.sources.push(s.value);
+                            exprs.push(e);
+                            sources.push(s.value);
                             maps.push(map);
                         }
                     }
                 }
             }
         }
-        // A block with errors is still kept (so that `cluster.NAME` is not
-        // also reported unknown); the spec fails anyway.
-        let _ = errors;
-        self.spec.clusterings.push(def);
-        self.feature_maps.push(maps);
+        (exprs, sources, maps)
+    }
+
+    /// A number in `range` (an integer is read as a float), or `default`
+    /// when absent.
+    fn fraction(&mut self, t: &dyn TableLike, key: &str, block: &str, header: usize, default: f64, valid: (&str, fn(f64) -> bool)) -> f64 {
+        let Some(item) = t.get(key) else { return default };
+        let at = Self::at(t, key, header);
+        match item.as_float().or_else(|| item.as_integer().map(|i| i as f64)) {
+            Some(x) if valid.1(x) => x,
+            Some(_) => {
+                self.error(at, format!("`{key}` in {block} must be {}", valid.0));
+                default
+            }
+            None => {
+                self.error(at, format!("`{key}` in {block} must be a number"));
+                default
+            }
+        }
+    }
+
+    fn model(&mut self, t: &dyn TableLike, header: usize) {
+        const BLOCK: &str = "[[model]]";
+        self.known_keys(t, BLOCK, &["name", "label", "horizon", "features", "refresh", "l2", "sample"]);
+        let mut def = ModelDef {
+            name: String::new(),
+            label: Expr {
+                kind: ast::ExprKind::Bool(false),
+                pos: Pos::default(),
+            },
+            label_source: String::new(),
+            horizon: 0,
+            features: Vec::new(),
+            sources: Vec::new(),
+            refresh: 0,
+            l2: 1.0,
+            sample: 1.0,
+        };
+        if let Some(n) = self.string(t, "name", BLOCK, header, true) {
+            let at = n.span.as_ref().map(|s| s.start).unwrap_or(header);
+            if n.value.is_empty() {
+                self.error(at, "a model's `name` cannot be empty");
+            } else if self.spec.models.iter().any(|m| m.name == n.value) {
+                self.error(at, format!("duplicate model name `{}`", n.value));
+            }
+            def.name = n.value;
+        }
+        let mut label_map = None;
+        if let Some(label) = self.string(t, "label", BLOCK, header, true) {
+            let (expr, map) = self.expression(&label);
+            if let Some(e) = expr {
+                def.label = e;
+                def.label_source = label.value;
+                label_map = Some(map);
+            }
+        }
+        for (key, slot) in [("horizon", &mut def.horizon), ("refresh", &mut def.refresh)] {
+            if let Some(d) = self.string(t, key, BLOCK, header, true) {
+                self.duration(&d, key, false);
+                *slot = crate::core::clock::parse_duration(&d.value).unwrap_or(0);
+            }
+        }
+        def.l2 = self.fraction(t, "l2", BLOCK, header, 1.0, ("a positive number", |x| x > 0.0 && x.is_finite()));
+        def.sample = self.fraction(t, "sample", BLOCK, header, 1.0, ("a share above 0 and at most 1", |x| x > 0.0 && x <= 1.0));
+        let (features, sources, maps) = self.features(t, BLOCK, header);
+        def.features = features;
+        def.sources = sources;
+        self.spec.models.push(def);
+        self.model_maps.push((label_map, maps));
     }
 
     fn finish(mut self) -> Result<Spec, Vec<SpecError>> {
@@ -909,6 +995,8 @@ impl<'t> Loader<'t> {
                 check::Origin::Segment(i) => (self.segment_maps[i].as_ref(), &self.spec.segments[i].source),
                 check::Origin::Score(i) => (self.score_maps[i].as_ref(), &self.spec.scores[i].source),
                 check::Origin::Feature(c, i) => (Some(&self.feature_maps[c][i]), &self.spec.clusterings[c].sources[i]),
+                check::Origin::Label(m) => (self.model_maps[m].0.as_ref(), &self.spec.models[m].label_source),
+                check::Origin::ModelFeature(m, i) => (Some(&self.model_maps[m].1[i]), &self.spec.models[m].sources[i]),
             };
             let Some(map) = map else { continue };
             let at = map.offset(

@@ -600,7 +600,7 @@ impl Parser {
                 self.expect(Tok::RParen, &format!("to close {name}(…)"))?;
                 kind
             }
-            "trait" | "score" | "cluster" | "rfm" if dotted => {
+            "trait" | "score" | "cluster" | "predict" | "rfm" if dotted => {
                 self.advance();
                 self.advance();
                 let field_pos = self.pos();
@@ -618,6 +618,7 @@ impl Parser {
                     "trait" => ExprKind::Trait(field),
                     "score" => ExprKind::Score(field),
                     "cluster" => ExprKind::Cluster(field),
+                    "predict" => ExprKind::Predict(field),
                     _ => ExprKind::Rfm(match field.as_str() {
                         "r" => RfmField::R,
                         "f" => RfmField::F,
@@ -636,7 +637,7 @@ impl Parser {
             _ if is_function(&name) => {
                 return Err(error(pos, format!("`{name}` is a function: write {name}(…)")));
             }
-            "trait" | "score" | "cluster" | "rfm" => {
+            "trait" | "score" | "cluster" | "predict" | "rfm" => {
                 return Err(error(pos, format!("`{name}` needs a name: write {name}.NAME")));
             }
             "page" | "screen" | "identify" | "any" => {
@@ -912,6 +913,7 @@ mod tests {
             Score(s) => format!("score.{s}"),
             Rfm(f) => format!("rfm.{f:?}"),
             Cluster(s) => format!("cluster.{s}"),
+            Predict(s) => format!("predict.{s}"),
             Now => "now".into(),
             Distance(args) => format!("distance({})", args.iter().map(show).collect::<Vec<_>>().join(", ")),
             Steps { sels, window } => format!("steps({}, {window}ms)", sels.iter().map(show_sel).collect::<Vec<_>>().join(", ")),

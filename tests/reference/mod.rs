@@ -37,6 +37,14 @@
 //! that has its own tests (tests/scoring.rs holds it against an independent
 //! k-means); what is checked here is when it is trained and how profiles
 //! follow it.
+//!
+//! Predictive models are refitted from scratch at every evaluated tick `r`
+//! that is a multiple of `refresh`: the profiles of tick `r - horizon` are
+//! rebuilt from the events, and those that are profiles at `r` too, are
+//! sampled (XXH3 as the SPEC writes it) and have every feature at
+//! `r - horizon` are the examples, labelled at `r`. The fit itself is
+//! `shoal::dataflow::logit::Logit`, a pure function of the sorted examples
+//! held against scikit-learn in tests/models.rs.
 #![allow(dead_code)]
 
 use std::cmp::Ordering;
@@ -47,6 +55,7 @@ use shoal::core::clock::{format_time, tick_of};
 use shoal::core::id::{Id, Request};
 use shoal::core::value::{Dec, Value};
 use shoal::dataflow::cluster::KMeans;
+use shoal::dataflow::logit::{sort_examples, Example, Logit};
 use shoal::ingest::event::{decode, Event, EventType};
 use shoal::spec::ast::{AggKind, CmpOp, EventSel, Expr, ExprKind, Path, RfmField, Selector, Window};
 use shoal::spec::Spec;
@@ -225,12 +234,13 @@ fn run(spec: &Spec, input: &[u8], opts: &RefOptions, force_sparse: bool, request
     } else {
         let mut points = change_points(spec, &ing.accepted, tick);
         points.extend(requests.iter().map(|(at, _)| *at));
-        // A clustering may retrain at any multiple of its refresh.
-        for c in &spec.clusterings {
-            let mut r = first.div_ceil(c.refresh) * c.refresh;
+        // A clustering may retrain, and a model refit, at any multiple of
+        // its refresh.
+        for refresh in spec.clusterings.iter().map(|c| c.refresh).chain(spec.models.iter().map(|m| m.refresh)) {
+            let mut r = first.div_ceil(refresh) * refresh;
             while r <= last {
                 points.insert(r);
-                r += c.refresh;
+                r += refresh;
             }
         }
         points.into_iter().filter(|t| (first..=last).contains(t)).collect()
@@ -314,10 +324,8 @@ fn change_points(spec: &Spec, events: &[Accepted], tick: u64) -> BTreeSet<u64> {
     for score in &spec.scores {
         collect_thresholds(&score.expr, &mut windows, &mut since_durations);
     }
-    for c in &spec.clusterings {
-        for f in &c.features {
-            collect_thresholds(f, &mut windows, &mut since_durations);
-        }
+    for f in spec.clusterings.iter().flat_map(|c| &c.features).chain(spec.models.iter().flat_map(|m| &m.features)) {
+        collect_thresholds(f, &mut windows, &mut since_durations);
     }
     if let Some(Window::Dur(w)) = spec.rfm.as_ref().map(|r| r.window) {
         windows.insert(w);
@@ -344,7 +352,7 @@ fn change_points(spec: &Spec, events: &[Accepted], tick: u64) -> BTreeSet<u64> {
 fn collect_thresholds(expr: &Expr, windows: &mut BTreeSet<u64>, since_durations: &mut BTreeSet<i64>) {
     match &expr.kind {
         ExprKind::Num(_) | ExprKind::Str(_) | ExprKind::Dur(_) | ExprKind::Bool(_) | ExprKind::Path(_) => {}
-        ExprKind::InSegment(_) | ExprKind::Trait(_) | ExprKind::Score(_) | ExprKind::Rfm(_) | ExprKind::Cluster(_) => {}
+        ExprKind::InSegment(_) | ExprKind::Trait(_) | ExprKind::Score(_) | ExprKind::Rfm(_) | ExprKind::Cluster(_) | ExprKind::Predict(_) => {}
         ExprKind::Neg(a) | ExprKind::Not(a) | ExprKind::Sqrt(a) | ExprKind::Abs(a) | ExprKind::Percentile(a, _) => {
             collect_thresholds(a, windows, since_durations)
         }
@@ -552,6 +560,8 @@ struct Globals {
     rfm: HashMap<String, [Value; 4]>,
     /// The cluster of each clustered profile, per clustering name.
     clusters: HashMap<(String, String), u32>,
+    /// `predict.NAME` of each profile that has a prediction, per model name.
+    predictions: HashMap<(String, String), f64>,
 }
 
 /// Feature vectors by profile id.
@@ -560,14 +570,72 @@ type Population = BTreeMap<String, Vec<f64>>;
 /// Each clustering's model and the population it was trained on.
 pub struct Models {
     models: Vec<Option<(KMeans, Population)>>,
+    /// Each predictive model's latest fit.
+    fits: Vec<Option<Logit>>,
 }
 
 impl Models {
     fn new(spec: &Spec) -> Models {
         Models {
             models: vec![None; spec.clusterings.len()],
+            fits: vec![None; spec.models.len()],
         }
     }
+}
+
+/// SPEC §4's sampling of a model's training profiles, from its words.
+fn sampled(model: &str, sample: f64, profile: &str) -> bool {
+    let bytes = [model.as_bytes(), &[0], profile.as_bytes()].concat();
+    ((xxhash_rust::xxh3::xxh3_64(&bytes) % 1_000_000) as f64) < sample * 1e6
+}
+
+/// All of `features` of a profile's events at `t`, when every one is a number.
+fn feature_values(spec: &Spec, t: u64, evs: &[&Event], features: &[Expr]) -> Option<Vec<f64>> {
+    features
+        .iter()
+        .map(|f| plain_eval(spec, t, evs, f).as_f64().filter(|x| x.is_finite()).map(|x| x + 0.0))
+        .collect()
+}
+
+/// Refits every model due at `t` from the events, then predicts for every
+/// profile of `profiles` (the universe at `t`) with all the features.
+fn predictions_at(
+    spec: &Spec,
+    events: &[Accepted],
+    profiles: &BTreeMap<Id, Vec<&Event>>,
+    t: u64,
+    models: &mut Models,
+    requests: &[(u64, Request)],
+) -> HashMap<(String, String), f64> {
+    let mut out = HashMap::new();
+    for (m, def) in spec.models.iter().enumerate() {
+        if t > 0 && t.is_multiple_of(def.refresh) && t >= def.horizon {
+            let s = t - def.horizon;
+            let then = profiles_at(events, s, requests);
+            let mut examples = Vec::new();
+            for (id, evs) in &then {
+                let text = id.to_string();
+                let Some(now_evs) = profiles.get(id) else { continue };
+                if !sampled(&def.name, def.sample, &text) {
+                    continue;
+                }
+                let Some(x) = feature_values(spec, s, evs, &def.features) else { continue };
+                let y = truthy(&plain_eval(spec, t, now_evs, &def.label));
+                examples.push(Example { x, y });
+            }
+            sort_examples(&mut examples);
+            if let Some(fit) = (!examples.is_empty()).then(|| Logit::fit(&examples, def.l2)).flatten() {
+                models.fits[m] = Some(fit);
+            }
+        }
+        let Some(fit) = &models.fits[m] else { continue };
+        for (id, evs) in profiles {
+            if let Some(x) = feature_values(spec, t, evs, &def.features) {
+                out.insert((def.name.clone(), id.to_string()), fit.predict(&x));
+            }
+        }
+    }
+    out
 }
 
 /// Whether `spec` reads anything computed over all profiles.
@@ -575,7 +643,10 @@ pub fn has_population_terms(spec: &Spec) -> bool {
     let mut found = false;
     for root in spec.segments.iter().map(|s| &s.when).chain(spec.scores.iter().map(|s| &s.expr)) {
         shoal::spec::check::visit(root, &mut |e| {
-            found |= matches!(e.kind, ExprKind::Percentile(..) | ExprKind::Rfm(_) | ExprKind::Cluster(_))
+            found |= matches!(
+                e.kind,
+                ExprKind::Percentile(..) | ExprKind::Rfm(_) | ExprKind::Cluster(_) | ExprKind::Predict(_)
+            )
         });
     }
     found
@@ -707,7 +778,8 @@ fn members_at(spec: &Spec, events: &[Accepted], t: u64, models: &mut Models, req
     let mut members = BTreeSet::new();
     // The universe: profiles with at least one event in effect at `t`.
     let profiles = profiles_at(events, t, requests);
-    let globals = globals_at(spec, &profiles, t, models);
+    let mut globals = globals_at(spec, &profiles, t, models);
+    globals.predictions = predictions_at(spec, events, &profiles, t, models, requests);
     for (profile, evs) in profiles {
         let mut ctx = Ctx {
             spec,
@@ -999,6 +1071,12 @@ impl<'a> Ctx<'a> {
                 .clusters
                 .get(&(name.clone(), self.profile.clone()))
                 .map(|&c| Value::Num(Dec::from_int(c as i64)))
+                .unwrap_or(Value::Missing),
+            ExprKind::Predict(name) => self
+                .globals
+                .predictions
+                .get(&(name.clone(), self.profile.clone()))
+                .map(|&p| float(p))
                 .unwrap_or(Value::Missing),
         }
     }

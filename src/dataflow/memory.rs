@@ -1,0 +1,63 @@
+//! State a population operator keeps that is not a function of the inputs
+//! at one tick, remembered by the tick it changed at so that a checkpoint
+//! can take it as of its frontier (see `crate::run::checkpoint`): a
+//! clustering's numbering depends on the models before it, and a
+//! predictive model's next fit on the features it set aside at
+//! `r - horizon`, which a restart from compacted inputs cannot see again.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+/// Per operator of one kind (a clustering, a model): its states by tick,
+/// and the state a restart starts from.
+#[derive(Debug)]
+pub struct Memory<T> {
+    states: Vec<Mutex<BTreeMap<u64, T>>>,
+    /// Per operator: the state to start from.
+    pub restored: Vec<Option<T>>,
+    /// Whether states are kept until a checkpoint asks for them
+    /// ([`Memory::before`]); otherwise only the latest is.
+    history: bool,
+}
+
+impl<T: Clone> Memory<T> {
+    pub fn new(operators: usize, restored: Vec<Option<T>>, history: bool) -> Memory<T> {
+        Memory {
+            states: (0..operators).map(|_| Default::default()).collect(),
+            restored: if restored.is_empty() { vec![None; operators] } else { restored },
+            history,
+        }
+    }
+
+    /// Operator `i`'s state from tick `t` on.
+    pub fn record(&self, i: usize, t: u64, state: T) {
+        let mut states = self.states[i].lock().expect("not poisoned");
+        if !self.history {
+            states.clear();
+        }
+        states.insert(t, state);
+    }
+
+    /// Operator `i`'s latest state (the restored one before any).
+    pub fn latest(&self, i: usize) -> Option<T> {
+        let states = self.states[i].lock().expect("not poisoned");
+        states.values().next_back().cloned().or_else(|| self.restored[i].clone())
+    }
+
+    /// Each operator's state as of the ticks before `frontier`; older ones
+    /// are forgotten.
+    pub fn before(&self, frontier: u64) -> Vec<Option<T>> {
+        self.states
+            .iter()
+            .zip(&self.restored)
+            .map(|(states, restored)| {
+                let mut states = states.lock().expect("not poisoned");
+                let state = states.range(..frontier).next_back().map(|(t, m)| (*t, m.clone()));
+                if let Some((t, _)) = state {
+                    states.retain(|&k, _| k >= t);
+                }
+                state.map(|(_, m)| m).or_else(|| restored.clone())
+            })
+            .collect()
+    }
+}
