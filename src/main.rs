@@ -282,6 +282,10 @@ struct GenArgs {
     /// Pace output to this many lines per second (for live demos).
     #[arg(long)]
     rate: Option<f64>,
+    /// Days of event time to spread the lines over (more when there are
+    /// over 12M lines: at most 20 a second on average).
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u64).range(1..=36500))]
+    days: u64,
     /// Write to this file instead of stdout.
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
@@ -547,6 +551,7 @@ fn generate(args: GenArgs) -> Result<(), Failure> {
         events: args.events,
         seed: args.seed,
         start_ms: args.start,
+        days: args.days,
     };
     let result = match &args.output {
         Some(p) => {

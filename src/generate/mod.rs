@@ -45,6 +45,9 @@ pub struct GenOptions {
     pub seed: u64,
     /// Event time of the first events, epoch milliseconds.
     pub start_ms: u64,
+    /// Days of event time the traffic spreads over (at least; more when
+    /// `events` would otherwise come faster than 20 a second).
+    pub days: u64,
 }
 
 impl Default for GenOptions {
@@ -54,6 +57,7 @@ impl Default for GenOptions {
             events: 10_000,
             seed: 1,
             start_ms: 1_704_067_200_000,
+            days: 7,
         }
     }
 }
@@ -541,6 +545,19 @@ fn normal(rng: &mut ChaCha8Rng) -> f64 {
     (s as f64 / 65536.0 - 2.0) * 1.732_050_807_568_877_2
 }
 
+/// How often a person comes back, relative to the mean (1 on average):
+/// lognormal with σ = 0.9, fixed per person and drawn from its anonymous id
+/// (not from the random stream). Some people visit daily, others monthly,
+/// so what someone did lately predicts what they do next: the signal the
+/// predictive models of `dataflows/predictions.toml` learn.
+fn activity(anon: u64) -> f64 {
+    const SIGMA: f64 = 0.9;
+    let x = splitmix(anon ^ 0xac71_u64);
+    let s: u64 = (x & 0xffff) + ((x >> 16) & 0xffff) + ((x >> 32) & 0xffff) + (x >> 48);
+    let z = (s as f64 / 65536.0 - 2.0) * 1.732_050_807_568_877_2;
+    det_exp(SIGMA * z - SIGMA * SIGMA / 2.0)
+}
+
 fn lognormal(rng: &mut ChaCha8Rng, median: f64, sigma: f64) -> f64 {
     median * det_exp(sigma * normal(rng))
 }
@@ -549,7 +566,7 @@ impl Generator {
     pub fn new(opts: &GenOptions) -> Generator {
         let users = opts.users.clamp(1, u32::MAX as u64);
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-        let span_ms = (7.0 * 86_400_000.0f64).max(opts.events as f64 * 50.0);
+        let span_ms = (opts.days.max(1) as f64 * 86_400_000.0).max(opts.events as f64 * 50.0);
         // Events per session, pages and follow-ups, measured on the model.
         let per_session = 7.5;
         let in_session_ms = 35_000.0 * per_session;
@@ -1280,7 +1297,7 @@ impl Generator {
             self.session_gap
         };
         let mean = if rng.gen_bool(0.7) { mean * 0.5 } else { mean * 2.1667 };
-        let g = me.remaining.saturating_add(exponential(rng, mean) as u64);
+        let g = me.remaining.saturating_add(exponential(rng, mean / activity(me.anon)) as u64);
         me.remaining = 0;
         g.max(60_000)
     }
