@@ -345,16 +345,18 @@ fn a_full_or_read_only_state_directory_is_reported_and_the_last_good_checkpoint_
 
 /// Timers, funnels, zones and groups (SPEC §4) survive SIGKILL exactly:
 /// runs of `saas_lifecycle.toml` (timers, funnels) and
-/// `retail_journeys.toml` (groups, places, funnels) with a checkpoint at
+/// `retail_journeys.toml` (groups, places, funnels) and `predictions.toml`
+/// (models: snapshots set aside for refreshes to come) with a checkpoint at
 /// every batch, killed at random moments until one reaches the end, give
 /// the uninterrupted run's output byte for byte.
 #[test]
-fn sigkill_keeps_timers_funnels_places_and_groups_exact() {
+fn sigkill_keeps_timers_funnels_places_groups_and_models_exact() {
     let data = tempfile::tempdir().unwrap();
     let input = data.path().join("events.jsonl");
     events(&input, 30_000);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(14);
-    for spec_name in ["saas_lifecycle.toml", "retail_journeys.toml"] {
+    // predictions.toml: the models' snapshots and fits live in the checkpoints.
+    for spec_name in ["saas_lifecycle.toml", "retail_journeys.toml", "predictions.toml"] {
         let (want_out, _, want_summary) = reference(spec_name, &input);
         assert!(want_out.len() > 10_000, "{spec_name} writes changes");
         let dir = tempfile::tempdir().unwrap();

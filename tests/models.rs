@@ -43,7 +43,11 @@ fn read_json(path: &Path) -> Value {
 /// Shoal's weights and intercept against scikit-learn's, within 1e-6.
 fn assert_agrees(name: &str, fit: &Logit, sklearn: &Value) {
     let b = sklearn["intercept"].as_f64().unwrap();
-    assert!((fit.intercept - b).abs() < 1e-6, "{name}: intercept {} vs scikit-learn {b}", fit.intercept);
+    assert!(
+        (fit.intercept - b).abs() < 1e-6,
+        "{name}: intercept {} vs scikit-learn {b}",
+        fit.intercept
+    );
     let ws = sklearn["weights"].as_array().unwrap();
     assert_eq!(ws.len(), fit.weights.len(), "{name}: features");
     for (j, (ours, theirs)) in fit.weights.iter().zip(ws).enumerate() {
@@ -61,7 +65,10 @@ fn fit_matches_scikit_learn_on_examples_shoal_exported() {
     for name in ["purchase_24h", "churn_14d"] {
         let export = read_json(&dir.join(format!("{name}.examples.json")));
         let ex = examples(&export);
-        assert!(ex.len() > 500 && ex.iter().any(|e| e.y) && ex.iter().any(|e| !e.y), "{name}: a real export");
+        assert!(
+            ex.len() > 500 && ex.iter().any(|e| e.y) && ex.iter().any(|e| !e.y),
+            "{name}: a real export"
+        );
         let fit = Logit::fit(&ex, export["l2"].as_f64().unwrap()).expect("two classes");
         assert!(fit.gradient < 1e-9, "{name}: gradient {}", fit.gradient);
         assert_agrees(name, &fit, &read_json(&dir.join(format!("{name}.sklearn.json"))));
@@ -81,7 +88,15 @@ fn run_predictions(dir: &Path, users: u64, events: u64, days: u64) -> Shoal {
     shoal::generate::write_all(&opts, &mut f, None).unwrap();
     let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("dataflows/predictions.toml");
     let spec = spec.to_str().unwrap();
-    let args = ["run_spec", "--input", "events.jsonl", "--output", "out.jsonl", "--dead-letter", "dead.jsonl"];
+    let args = [
+        "run_spec",
+        "--input",
+        "events.jsonl",
+        "--output",
+        "out.jsonl",
+        "--dead-letter",
+        "dead.jsonl",
+    ];
     let args: Vec<&str> = args.iter().map(|a| if *a == "run_spec" { spec } else { a }).collect();
     let shoal = Shoal::start(dir, &args, false);
     let started = Instant::now();
@@ -159,11 +174,18 @@ fn models_examples_profiles_and_lines_agree() {
             continue; // merged since: another profile now
         }
         let p = &view["predictions"]["purchase_24h"];
-        let xs: Vec<f64> = ws.iter().map(|f| p["features"][f["expr"].as_str().unwrap()].as_f64().unwrap()).collect();
+        let xs: Vec<f64> = ws
+            .iter()
+            .map(|f| p["features"][f["expr"].as_str().unwrap()].as_f64().unwrap())
+            .collect();
         let eta = b + ws
             .iter()
             .zip(&xs)
-            .filter_map(|(f, x)| f["weight"].as_f64().map(|w| w * (x - f["mean"].as_f64().unwrap()) / f["scale"].as_f64().unwrap()))
+            .filter_map(|(f, x)| {
+                f["weight"]
+                    .as_f64()
+                    .map(|w| w * (x - f["mean"].as_f64().unwrap()) / f["scale"].as_f64().unwrap())
+            })
             .sum::<f64>();
         let prob = p["probability"].as_f64().unwrap();
         assert!((prob - sigmoid(eta)).abs() < 1e-12, "{profile}: {prob} vs {}", sigmoid(eta));

@@ -108,6 +108,7 @@ impl Logit {
     /// The fit over `examples` (in the order given, features finite) with
     /// penalty `l2 > 0`; `None` when they hold fewer than two classes (or,
     /// for features near the largest float, when the fit overflows).
+    #[allow(clippy::needless_range_loop)] // matrix indices, as written on paper
     pub fn fit(examples: &[Example], l2: f64) -> Option<Logit> {
         let n = examples.len();
         let positives = examples.iter().filter(|e| e.y).count();
@@ -276,6 +277,7 @@ pub fn auc(mut scored: Vec<(f64, bool)>) -> Option<f64> {
 
 /// Solves `a·x = b` for symmetric positive definite `a` (Cholesky);
 /// `None` when `a` is not.
+#[allow(clippy::needless_range_loop)] // matrix indices, as written on paper
 fn solve(mut a: Vec<Vec<f64>>, b: &[f64]) -> Option<Vec<f64>> {
     let k = b.len();
     for j in 0..k {
@@ -323,7 +325,10 @@ mod tests {
             .map(|_| {
                 let x: Vec<f64> = vec![rng.gen_range(0..20) as f64, rng.gen::<f64>() * 100.0, 3.0];
                 let p = sigmoid(-1.0 + 0.2 * x[0] - 0.01 * x[1]);
-                Example { x, y: rng.gen::<f64>() < p }
+                Example {
+                    x,
+                    y: rng.gen::<f64>() < p,
+                }
             })
             .collect()
     }
@@ -370,17 +375,41 @@ mod tests {
 
     #[test]
     fn one_class_is_no_model_and_separable_data_still_converges() {
-        let one: Vec<Example> = (0..5).map(|i| Example { x: vec![i as f64], y: true }).collect();
+        let one: Vec<Example> = (0..5)
+            .map(|i| Example {
+                x: vec![i as f64],
+                y: true,
+            })
+            .collect();
         assert_eq!(Logit::fit(&one, 1.0), None);
-        let sep: Vec<Example> = (0..10).map(|i| Example { x: vec![i as f64], y: i >= 5 }).collect();
+        let sep: Vec<Example> = (0..10)
+            .map(|i| Example {
+                x: vec![i as f64],
+                y: i >= 5,
+            })
+            .collect();
         let m = Logit::fit(&sep, 0.01).expect("two classes");
-        assert!(m.gradient < TOLERANCE && m.predict(&[9.0]) > 0.99 && m.predict(&[0.0]) < 0.01, "{m:?}");
+        assert!(
+            m.gradient < TOLERANCE && m.predict(&[9.0]) > 0.99 && m.predict(&[0.0]) < 0.01,
+            "{m:?}"
+        );
     }
 
     #[test]
     fn features_near_the_largest_float_fit_like_small_ones() {
-        let small: Vec<Example> = (0..40).map(|i| Example { x: vec![(i % 7) as f64], y: i % 3 == 0 }).collect();
-        let huge: Vec<Example> = small.iter().map(|e| Example { x: vec![e.x[0] * 1e300], y: e.y }).collect();
+        let small: Vec<Example> = (0..40)
+            .map(|i| Example {
+                x: vec![(i % 7) as f64],
+                y: i % 3 == 0,
+            })
+            .collect();
+        let huge: Vec<Example> = small
+            .iter()
+            .map(|e| Example {
+                x: vec![e.x[0] * 1e300],
+                y: e.y,
+            })
+            .collect();
         let (a, b) = (Logit::fit(&small, 1.0).unwrap(), Logit::fit(&huge, 1.0).unwrap());
         assert!((a.weights[0].unwrap() - b.weights[0].unwrap()).abs() < 1e-9, "{a:?} {b:?}");
         assert!((a.predict(&[3.0]) - b.predict(&[3e300])).abs() < 1e-9);

@@ -150,7 +150,7 @@ pub fn build_with<'s>(
     let built = terms::terms((facts, counts), labels.clone(), plan.clone(), (tick, rows));
     let mut atoms = built.atoms;
     let mut terms = built.rows;
-    let mut fits = differential_dataflow::collection::concatenate(scope.clone(), Vec::new());
+    let mut fits = differential_dataflow::collection::concatenate(scope, Vec::new());
     if let Some(rows) = terms.as_mut().filter(|_| !plan.values.is_empty()) {
         // Population terms: percentiles, RFM, clusters (see crate::plan).
         let values = score::values(rows.clone(), universe.clone(), plan.clone());

@@ -60,7 +60,14 @@ impl Fitted {
     /// Every number's bits, for a total order and a hash.
     fn bits(&self) -> Vec<u64> {
         let l = &self.logit;
-        let mut b = vec![self.time, l.intercept.to_bits(), l.examples, l.positives, l.steps as u64, l.gradient.to_bits()];
+        let mut b = vec![
+            self.time,
+            l.intercept.to_bits(),
+            l.examples,
+            l.positives,
+            l.steps as u64,
+            l.gradient.to_bits(),
+        ];
         b.extend(l.weights.iter().map(|w| w.map_or(u64::MAX, f64::to_bits)));
         b.extend(l.mean.iter().chain(&l.scale).map(|x| x.to_bits()));
         b.push(self.auc.map_or(u64::MAX, f64::to_bits));
@@ -156,7 +163,7 @@ pub fn models<'s>(
         }));
     }
     (
-        differential_dataflow::collection::concatenate(scope.clone(), rows),
+        differential_dataflow::collection::concatenate(scope, rows),
         differential_dataflow::collection::concatenate(scope, fits),
     )
 }
@@ -194,10 +201,7 @@ fn learn<'s>(
     index: usize,
     memory: Option<Arc<Models>>,
 ) -> VecCollection<'s, u64, Out, isize> {
-    let mut state = memory
-        .as_ref()
-        .and_then(|m| m.restored[index].clone())
-        .unwrap_or_default();
+    let mut state = memory.as_ref().and_then(|m| m.restored[index].clone()).unwrap_or_default();
     let mut held_x: FxHashMap<Key, Held<Vec<Float>>> = FxHashMap::default();
     let mut held_y: FxHashMap<Key, Held<(bool, bool)>> = FxHashMap::default();
     let mut x: BTreeMap<Key, Vec<f64>> = BTreeMap::new();
@@ -273,7 +277,12 @@ fn learn<'s>(
                 refit = true;
             }
             let check: Vec<Key> = if refit {
-                x.keys().chain(predicted.keys()).copied().collect::<BTreeSet<_>>().into_iter().collect()
+                x.keys()
+                    .chain(predicted.keys())
+                    .copied()
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect()
             } else {
                 changed.into_iter().collect()
             };

@@ -1383,7 +1383,7 @@ mod tests {
     use super::*;
     use serde_json::Value;
 
-    const GOLDEN: u64 = 0x54b2_17b2_2a89_da93;
+    const GOLDEN: u64 = 0xa3b8_a4bc_5167_ad80;
 
     fn opts(users: u64, events: u64, seed: u64) -> GenOptions {
         GenOptions {

@@ -988,7 +988,11 @@ impl Plan {
                 terms.push(t);
                 terms.len() - 1
             });
-            Calc::Cmp(CmpOp::Ge, Box::new(Calc::Slot(i)), Box::new(Calc::Lit(Value::Num(Dec::from_int(1)))))
+            Calc::Cmp(
+                CmpOp::Ge,
+                Box::new(Calc::Slot(i)),
+                Box::new(Calc::Lit(Value::Num(Dec::from_int(1)))),
+            )
         };
         let lt = seen(self, d);
         let le = seen(self, d.saturating_add(1));

@@ -595,7 +595,10 @@ async fn profile(State(s): St, Path(id): Path<String>, Query(q): Query<At>) -> R
     for (i, def) in m.models.iter().enumerate() {
         let (probability, features) = m.prediction(i, key);
         let features: serde_json::Map<String, Json_> = def.sources.iter().cloned().zip(features.iter().map(value_json)).collect();
-        predictions.insert(def.name.clone(), json!({"probability": value_json(&probability), "features": features}));
+        predictions.insert(
+            def.name.clone(),
+            json!({"probability": value_json(&probability), "features": features}),
+        );
     }
     Ok(Json(json!({
         "clock": clock_json(&m),

@@ -19,7 +19,9 @@ pub mod check;
 pub mod def;
 pub mod parse;
 
-pub use def::{default_rfm_grid, distance_km, group_of, sampled, ClusteringDef, Group, ModelDef, RfmDef, ScoreDef, Segment, Spec, SpecError, ZoneDef};
+pub use def::{
+    default_rfm_grid, distance_km, group_of, sampled, ClusteringDef, Group, ModelDef, RfmDef, ScoreDef, Segment, Spec, SpecError, ZoneDef,
+};
 
 use ast::{Expr, ExprKind, Pos};
 use std::ops::Range;
@@ -981,7 +983,14 @@ impl<'t> Loader<'t> {
             }
         }
         def.l2 = self.fraction(t, "l2", BLOCK, header, 1.0, ("a positive number", |x| x > 0.0 && x.is_finite()));
-        def.sample = self.fraction(t, "sample", BLOCK, header, 1.0, ("a share above 0 and at most 1", |x| x > 0.0 && x <= 1.0));
+        def.sample = self.fraction(
+            t,
+            "sample",
+            BLOCK,
+            header,
+            1.0,
+            ("a share above 0 and at most 1", |x| x > 0.0 && x <= 1.0),
+        );
         let (features, sources, maps) = self.features(t, BLOCK, header);
         def.features = features;
         def.sources = sources;
@@ -1260,7 +1269,7 @@ when = "sum('buy', amount, lifetime) == 0.3"
         );
         assert_eq!(
             errs("segments = 1\n"),
-            ["1:1: unknown key `segments` (expected [[segment]], [[score]], [rfm], [[clustering]] or [[zone]])"]
+            ["1:1: unknown key `segments` (expected [[segment]], [[score]], [rfm], [[clustering]], [[model]] or [[zone]])"]
         );
         assert_eq!(errs("[[segment]]\nwhen = \"true\"\n"), ["1:1: [[segment]] has no `name`"]);
         assert_eq!(errs("[[segment]]\nname = \"a\"\n"), ["1:1: segment `a` has no `when`"]);
@@ -1441,5 +1450,49 @@ refresh = "1500ms"
         assert!(compile_when("count('x', 1h) > 1 and in_segment('a')", 1000, &|n| n == "a", &[]).is_ok());
         let e = compile_when("count('x', 1h) > 1 and\n in_segment('b')", 1000, &|n| n == "a", &[]).unwrap_err();
         assert_eq!(e[0].to_string(), "2:2: unknown segment 'b' in in_segment('b')");
+    }
+
+    #[test]
+    fn model_blocks_are_checked_where_they_are_written() {
+        let text = r#"
+[[model]]
+name = "m"
+label = "count('buy', 1d)"
+horizon = "1d"
+features = ["predict.m", "count('x', 1h)", "now - time(trait.t)"]
+refresh = "1d"
+l2 = 0
+sample = 1.5
+
+[[model]]
+name = "n"
+label = "in_segment('s') or percentile(count('x', 1h), 50) > 1"
+features = ["count('x', 1h)"]
+refresh = "1d"
+
+[[segment]]
+name = "s"
+when = "predict.nope > 0.5 or predict.m > 'a'"
+"#;
+        assert_eq!(
+            errs(text),
+            [
+                "4:10: a model's `label` must be a condition (true or false), not a number",
+                "6:14: predict.m cannot be used in a model's feature: it is computed over all profiles from event terms",
+                "6:45: now cannot be used in a model's feature: it is computed over all profiles from event terms",
+                "6:45: this expression must be a number, not a duration",
+                "8:6: `l2` in [[model]] must be a positive number",
+                "9:10: `sample` in [[model]] must be a share above 0 and at most 1",
+                "11:1: [[model]] has no `horizon`",
+                "13:10: in_segment(…) cannot be used in a model's label: it is computed over all profiles from event terms",
+                "13:29: percentile(…) cannot be used in a model's label: it is computed over all profiles from event terms",
+                "19:9: unknown model `nope`: define it in a [[model]] block",
+                "19:31: cannot compare a number with a string",
+            ]
+        );
+        let ok = parse_spec(include_str!("../../dataflows/predictions.toml"), 1000).expect("the bundled spec");
+        let m = &ok.models[1];
+        assert_eq!((m.name.as_str(), m.horizon, m.refresh, m.l2, m.sample), ("churn_14d", 14 * 86_400_000, 86_400_000, 1.0, 0.5));
+        assert_eq!(m.features.len(), 5);
     }
 }

@@ -236,7 +236,12 @@ fn run(spec: &Spec, input: &[u8], opts: &RefOptions, force_sparse: bool, request
         points.extend(requests.iter().map(|(at, _)| *at));
         // A clustering may retrain, and a model refit, at any multiple of
         // its refresh.
-        for refresh in spec.clusterings.iter().map(|c| c.refresh).chain(spec.models.iter().map(|m| m.refresh)) {
+        for refresh in spec
+            .clusterings
+            .iter()
+            .map(|c| c.refresh)
+            .chain(spec.models.iter().map(|m| m.refresh))
+        {
             let mut r = first.div_ceil(refresh) * refresh;
             while r <= last {
                 points.insert(r);
@@ -324,7 +329,12 @@ fn change_points(spec: &Spec, events: &[Accepted], tick: u64) -> BTreeSet<u64> {
     for score in &spec.scores {
         collect_thresholds(&score.expr, &mut windows, &mut since_durations);
     }
-    for f in spec.clusterings.iter().flat_map(|c| &c.features).chain(spec.models.iter().flat_map(|m| &m.features)) {
+    for f in spec
+        .clusterings
+        .iter()
+        .flat_map(|c| &c.features)
+        .chain(spec.models.iter().flat_map(|m| &m.features))
+    {
         collect_thresholds(f, &mut windows, &mut since_durations);
     }
     if let Some(Window::Dur(w)) = spec.rfm.as_ref().map(|r| r.window) {
@@ -352,7 +362,12 @@ fn change_points(spec: &Spec, events: &[Accepted], tick: u64) -> BTreeSet<u64> {
 fn collect_thresholds(expr: &Expr, windows: &mut BTreeSet<u64>, since_durations: &mut BTreeSet<i64>) {
     match &expr.kind {
         ExprKind::Num(_) | ExprKind::Str(_) | ExprKind::Dur(_) | ExprKind::Bool(_) | ExprKind::Path(_) => {}
-        ExprKind::InSegment(_) | ExprKind::Trait(_) | ExprKind::Score(_) | ExprKind::Rfm(_) | ExprKind::Cluster(_) | ExprKind::Predict(_) => {}
+        ExprKind::InSegment(_)
+        | ExprKind::Trait(_)
+        | ExprKind::Score(_)
+        | ExprKind::Rfm(_)
+        | ExprKind::Cluster(_)
+        | ExprKind::Predict(_) => {}
         ExprKind::Neg(a) | ExprKind::Not(a) | ExprKind::Sqrt(a) | ExprKind::Abs(a) | ExprKind::Percentile(a, _) => {
             collect_thresholds(a, windows, since_durations)
         }
@@ -619,7 +634,9 @@ fn predictions_at(
                 if !sampled(&def.name, def.sample, &text) {
                     continue;
                 }
-                let Some(x) = feature_values(spec, s, evs, &def.features) else { continue };
+                let Some(x) = feature_values(spec, s, evs, &def.features) else {
+                    continue;
+                };
                 let y = truthy(&plain_eval(spec, t, now_evs, &def.label));
                 examples.push(Example { x, y });
             }
