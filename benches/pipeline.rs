@@ -560,6 +560,50 @@ fn timers(n: u64) {
     println!("state:  {entry} bytes per profile in the timers' map (inline for up to two timed atoms), {timer} per queued timer");
 }
 
+/// The cost of one refit of a predictive model (SPEC §4) at `n` profiles:
+/// the examples of `dataflows/predictions.toml`'s purchase model (6 count
+/// features) with a label that depends on them, sorted by value as the
+/// operator sorts them, then fitted to a gradient norm under 1e-9.
+fn refit(n: u64) {
+    use rand::{Rng, SeedableRng};
+    use shoal::dataflow::logit::{sigmoid, sort_examples, Example, Logit};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(23);
+    let mut examples: Vec<Example> = (0..n)
+        .map(|_| {
+            let visits = rng.gen_range(0..30) as f64;
+            let x = vec![
+                (visits / 3.0).floor(),
+                visits + rng.gen_range(0..5) as f64,
+                rng.gen_range(0..4) as f64,
+                rng.gen_range(0..2) as f64,
+                rng.gen_range(0..3) as f64,
+                visits * 3.0 + rng.gen_range(0..10) as f64,
+            ];
+            let p = sigmoid(-3.0 + 0.1 * x[1] + 0.5 * x[2] + 0.3 * x[4]);
+            Example {
+                x,
+                y: rng.gen::<f64>() < p,
+            }
+        })
+        .collect();
+    let started = Instant::now();
+    sort_examples(&mut examples);
+    let sorted = started.elapsed();
+    let fit = Logit::fit(&examples, 1.0).expect("two classes");
+    let total = started.elapsed();
+    println!(
+        "refit at {n} profiles, 6 features: sort {:.3} s, fit {:.3} s ({} Newton steps, gradient {:.1e}), total {:.3} s; \
+         snapshot {} MB ({} B per profile)",
+        sorted.as_secs_f64(),
+        (total - sorted).as_secs_f64(),
+        fit.steps,
+        fit.gradient,
+        total.as_secs_f64(),
+        n * (6 * 8 + 32) / 1_000_000,
+        6 * 8 + 32,
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; under `cargo test --all-targets` run a
     // small smoke pass of every section so CI keeps them working, quickly.
@@ -572,6 +616,7 @@ fn main() {
         latency(2_000, 1, 100, 2);
         checkpoint(5_000);
         overload(20_000, 1);
+        refit(20_000);
         return;
     }
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
@@ -592,6 +637,7 @@ fn main() {
         "memory" => memory(n(2_000_000)),
         "timers" => timers(n(1_000_000)),
         "checkpoint" => checkpoint(n(1_000_000)),
+        "refit" => refit(n(1_000_000)),
         "overload" => {
             // About the rate one worker sustains on this machine for this
             // spec, then 10x that.

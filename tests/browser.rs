@@ -16,7 +16,9 @@ use common::Shoal;
 const SPEC: &str =
     "[[segment]]\nname = \"viewers\"\ndescription = \"viewed anything in the last hour\"\nwhen = \"count('view', 1h) >= 1\"\n\
      groups = [{ name = \"treatment\", weight = 1 }, { name = \"control\", weight = 1 }]\n\
-     [[segment]]\nname = \"repeat\"\nwhen = \"count('view', 1h) >= 2\"\n";
+     [[segment]]\nname = \"repeat\"\nwhen = \"count('view', 1h) >= 2\"\n\
+     [[model]]\nname = \"returns\"\nlabel = \"count('view', 2s) >= 1\"\nhorizon = \"2s\"\nrefresh = \"2s\"\n\
+     features = [\"count('view', 10s)\"]\n";
 
 fn chromium() -> Option<String> {
     let candidates = [
@@ -148,6 +150,21 @@ fn the_page_shows_a_size_change_after_new_events() {
             &g["size"].to_string(),
         );
     }
+    // The model, once fitted (at t0 + 6s: a returned, b and c did not),
+    // with as many examples as the API says.
+    let started = Instant::now();
+    let examples = loop {
+        let m = common::get(&addr, "/models")["models"][0].clone();
+        if let Some(n) = m["examples"].as_u64() {
+            break n;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no fit: {m}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    page.wait_for(
+        "(document.querySelector('#models tr[data-model=returns]') || {dataset: {}}).dataset.examples || ''",
+        &examples.to_string(),
+    );
     drop(browser);
 
     drop(stdin);

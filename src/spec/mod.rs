@@ -1492,7 +1492,10 @@ when = "predict.nope > 0.5 or predict.m > 'a'"
         );
         let ok = parse_spec(include_str!("../../dataflows/predictions.toml"), 1000).expect("the bundled spec");
         let m = &ok.models[1];
-        assert_eq!((m.name.as_str(), m.horizon, m.refresh, m.l2, m.sample), ("churn_14d", 14 * 86_400_000, 86_400_000, 1.0, 0.5));
+        assert_eq!(
+            (m.name.as_str(), m.horizon, m.refresh, m.l2, m.sample),
+            ("churn_14d", 14 * 86_400_000, 86_400_000, 1.0, 0.5)
+        );
         assert_eq!(m.features.len(), 5);
     }
 }
