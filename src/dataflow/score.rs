@@ -48,21 +48,22 @@ pub fn values<'s>(terms: Rows<'s>, universe: VecCollection<'s, u64, Key, isize>,
     });
     let n = plan.values.len();
     let members = universe.flat_map(move |p| (0..n).map(move |v| ((ValueId::of(v), p), None)));
-    rows.concat(members)
-        .reduce_named("ProfileValues", move |(v, _profile), input, out| {
-            let def = &plan.values[v.index()];
-            let mut slots: Vec<Value> = def.terms.iter().map(|&t| plan.terms[t].agg.empty()).collect();
-            let mut member = false;
-            for (row, _) in input {
-                match row {
-                    None => member = true,
-                    Some((slot, value)) => slots[*slot as usize] = value.clone(),
-                }
+    // The total-order reduce (hash maps per key, no arrangement): each
+    // profile's values are recomputed whenever one of its terms changes.
+    crate::dataflow::total::reduce(rows.concat(members), "ProfileValues", move |(v, _profile), input, out| {
+        let def = &plan.values[v.index()];
+        let mut slots: Vec<Value> = def.terms.iter().map(|&t| plan.terms[t].agg.empty()).collect();
+        let mut member = false;
+        for (row, _) in input {
+            match row {
+                None => member = true,
+                Some((slot, value)) => slots[*slot as usize] = value.clone(),
             }
-            if member {
-                out.push((def.eval(&slots), 1));
-            }
-        })
+        }
+        if member {
+            out.push((def.eval(&slots), 1));
+        }
+    })
 }
 
 /// The nearest rank of percentile `p` (0–100) among `n > 0` values:
