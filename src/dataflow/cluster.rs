@@ -289,7 +289,7 @@ fn cluster<'s>(
             let mut rows: BTreeMap<Key, Vec<(Vec<Float>, isize)>> = BTreeMap::new();
             let mut points: BTreeMap<Key, Vec<f64>> = BTreeMap::new();
             let mut assigned: BTreeMap<Key, u32> = BTreeMap::new();
-            let mut model: Option<KMeans> = memory.as_ref().and_then(|m| m.restored[index].clone());
+            let mut model: Option<KMeans> = memory.as_ref().and_then(|m| m.restored(index));
             // The population changed since the model was trained.
             let mut dirty = false;
             let mut refresh_at: Option<u64> = None;

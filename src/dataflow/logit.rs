@@ -2,7 +2,8 @@
 //! features standardized by the examples' mean and population standard
 //! deviation (a constant feature left out), then the intercept `b` and
 //! weights `w` minimizing `Σ log-loss + (l2/2)·|w|²` (`b` unpenalized),
-//! solved to a gradient norm below [`TOLERANCE`].
+//! solved to a gradient norm below [`TOLERANCE`] (or until a Newton step
+//! is below the rounding of the weights, where more steps cannot help).
 //!
 //! The solver is Newton's method from zero with a backtracking line search
 //! (the objective is strictly convex for `l2 > 0`, so the optimum is unique
@@ -195,7 +196,16 @@ impl Logit {
             if gnorm < TOLERANCE || steps >= MAX_STEPS {
                 break;
             }
-            let Some(delta) = solve(hess, &grad) else { break };
+            // A Hessian that is not positive definite at working precision
+            // (collinear features under a vanishing `l2`): no model.
+            let delta = solve(hess, &grad)?;
+            // A step below the rounding of the weights cannot help: the
+            // optimum at working precision (over some 10^7 examples the
+            // gradient's own rounding can exceed the tolerance).
+            let size = theta.iter().fold(1.0f64, |m, t| m.max(t.abs()));
+            if delta.iter().all(|d| d.abs() <= 4.0 * f64::EPSILON * size) {
+                break;
+            }
             // Backtracking: halve the Newton step until the objective does
             // not rise (beyond its own rounding, near the optimum).
             let mut step = 1.0;

@@ -13,8 +13,8 @@ use std::sync::Mutex;
 #[derive(Debug)]
 pub struct Memory<T> {
     states: Vec<Mutex<BTreeMap<u64, T>>>,
-    /// Per operator: the state to start from.
-    pub restored: Vec<Option<T>>,
+    /// Per operator: the state to start from, until it records another.
+    restored: Vec<Mutex<Option<T>>>,
     /// Whether states are kept until a checkpoint asks for them
     /// ([`Memory::before`]); otherwise only the latest is.
     history: bool,
@@ -24,13 +24,24 @@ impl<T: Clone> Memory<T> {
     pub fn new(operators: usize, restored: Vec<Option<T>>, history: bool) -> Memory<T> {
         Memory {
             states: (0..operators).map(|_| Default::default()).collect(),
-            restored: if restored.is_empty() { vec![None; operators] } else { restored },
+            restored: if restored.is_empty() {
+                (0..operators).map(|_| Mutex::new(None)).collect()
+            } else {
+                restored.into_iter().map(Mutex::new).collect()
+            },
             history,
         }
     }
 
-    /// Operator `i`'s state from tick `t` on.
+    /// Operator `i`'s state to start from.
+    pub fn restored(&self, i: usize) -> Option<T> {
+        self.restored[i].lock().expect("not poisoned").clone()
+    }
+
+    /// Operator `i`'s state from tick `t` on (the restored one is no longer
+    /// needed: it is not kept).
     pub fn record(&self, i: usize, t: u64, state: T) {
+        *self.restored[i].lock().expect("not poisoned") = None;
         let mut states = self.states[i].lock().expect("not poisoned");
         if !self.history {
             states.clear();
@@ -41,7 +52,7 @@ impl<T: Clone> Memory<T> {
     /// Operator `i`'s latest state (the restored one before any).
     pub fn latest(&self, i: usize) -> Option<T> {
         let states = self.states[i].lock().expect("not poisoned");
-        states.values().next_back().cloned().or_else(|| self.restored[i].clone())
+        states.values().next_back().cloned().or_else(|| self.restored(i))
     }
 
     /// Each operator's state as of the ticks before `frontier`; older ones
@@ -51,6 +62,7 @@ impl<T: Clone> Memory<T> {
             .iter()
             .zip(&self.restored)
             .map(|(states, restored)| {
+                let restored = restored.lock().expect("not poisoned");
                 let mut states = states.lock().expect("not poisoned");
                 let state = states.range(..frontier).next_back().map(|(t, m)| (*t, m.clone()));
                 if let Some((t, _)) = state {

@@ -103,8 +103,11 @@ pub struct ModelState {
     /// Snapshots waiting for their refresh tick.
     pub pending: BTreeMap<u64, Snapshot>,
     /// The examples of the last refresh that had any, and its tick: the
-    /// next fit's AUC is measured on them.
+    /// next refresh's fit is scored on them when they are of the refresh
+    /// just before.
     pub examples: Option<(u64, Arc<Vec<Example>>)>,
+    /// The examples the fit in force was made on (`GET /models/{name}/examples`).
+    pub fitted_on: Option<Arc<Vec<Example>>>,
 }
 
 /// The models' states, kept for checkpoints.
@@ -168,28 +171,25 @@ pub fn models<'s>(
     )
 }
 
-/// A profile's rows of one input, until they consolidate to one.
-type Held<V> = SmallVec<[(V, isize); 2]>;
-
-/// Applies `(v, r)` to `key`'s rows; returns the row with a positive count
-/// left, if any (a profile has one row once a tick's updates are in).
-fn apply<V: PartialEq + Clone>(held: &mut FxHashMap<Key, Held<V>>, key: Key, v: V, r: isize) {
-    let rows = held.entry(key).or_default();
-    match rows.iter_mut().find(|(w, _)| *w == v) {
-        Some((_, c)) => *c += r,
-        None => rows.push((v, r)),
+/// A tick's updates of one input, applied to each key's current row
+/// (`now`): the changed keys and their rows after the tick (a profile has
+/// at most one row once a tick's updates are in). Only the tick's keys are
+/// held while it is applied.
+fn settle<V: PartialEq + Clone>(updates: &mut Vec<((Key, V), isize)>, now: impl Fn(&Key) -> Option<V>) -> Vec<(Key, Option<V>)> {
+    let mut rows: FxHashMap<Key, SmallVec<[(V, isize); 2]>> = FxHashMap::default();
+    for ((k, v), r) in updates.drain(..) {
+        let held = rows.entry(k).or_insert_with(|| now(&k).map(|c| (c, 1)).into_iter().collect());
+        match held.iter_mut().find(|(w, _)| *w == v) {
+            Some((_, c)) => *c += r,
+            None => held.push((v, r)),
+        }
     }
-}
-
-/// The row left for `key` once its updates are in, dropping empty entries.
-fn current<V: Clone>(held: &mut FxHashMap<Key, Held<V>>, key: Key) -> Option<V> {
-    let rows = held.get_mut(&key)?;
-    rows.retain(|(_, c)| *c != 0);
-    let v = rows.iter().find(|(_, c)| *c > 0).map(|(v, _)| v.clone());
-    if rows.is_empty() {
-        held.remove(&key);
-    }
-    v
+    let mut settled: Vec<(Key, Option<V>)> = rows
+        .into_iter()
+        .map(|(k, held)| (k, held.into_iter().find(|(_, c)| *c > 0).map(|(v, _)| v)))
+        .collect();
+    settled.sort_unstable_by_key(|(k, _)| *k);
+    settled
 }
 
 /// One model over `(profile, features)` and `(profile, (sampled, label))`,
@@ -201,10 +201,13 @@ fn learn<'s>(
     index: usize,
     memory: Option<Arc<Models>>,
 ) -> VecCollection<'s, u64, Out, isize> {
-    let mut state = memory.as_ref().and_then(|m| m.restored[index].clone()).unwrap_or_default();
-    let mut held_x: FxHashMap<Key, Held<Vec<Float>>> = FxHashMap::default();
-    let mut held_y: FxHashMap<Key, Held<(bool, bool)>> = FxHashMap::default();
-    let mut x: BTreeMap<Key, Vec<f64>> = BTreeMap::new();
+    // Only worker 0 runs the model: the others keep nothing.
+    let mut state = memory
+        .as_ref()
+        .filter(|_| features.scope().index() == 0)
+        .and_then(|m| m.restored(index))
+        .unwrap_or_default();
+    let mut x: BTreeMap<Key, Vec<Float>> = BTreeMap::new();
     let mut y: FxHashMap<Key, (bool, bool)> = FxHashMap::default();
     let mut predicted: FxHashMap<Key, Float> = FxHashMap::default();
     let mut asked: BTreeSet<u64> = BTreeSet::new();
@@ -218,24 +221,16 @@ fn learn<'s>(
         (|_: &(Key, Vec<Float>)| 0, |_: &(Key, (bool, bool))| 0),
         move |t, xs, ys, out: &mut Updates<Out>, wakes: &mut Wakes| {
             asked.remove(&t);
-            let mut changed = BTreeSet::new();
-            for ((p, v), r) in xs.drain(..) {
-                apply(&mut held_x, p, v, r);
-                changed.insert(p);
-            }
-            for p in &changed {
-                match current(&mut held_x, *p) {
-                    Some(v) => x.insert(*p, v.iter().map(|f| f.0).collect()),
-                    None => x.remove(p),
+            let mut changed = Vec::new();
+            for (p, v) in settle(xs, |p| x.get(p).cloned()) {
+                match v {
+                    Some(v) => x.insert(p, v),
+                    None => x.remove(&p),
                 };
+                changed.push(p);
             }
-            let mut labelled = BTreeSet::new();
-            for ((p, v), r) in ys.drain(..) {
-                apply(&mut held_y, p, v, r);
-                labelled.insert(p);
-            }
-            for p in labelled {
-                match current(&mut held_y, p) {
+            for (p, v) in settle(ys, |p| y.get(p).copied()) {
+                match v {
                     Some(v) => y.insert(p, v),
                     None => y.remove(&p),
                 };
@@ -246,7 +241,7 @@ fn learn<'s>(
                 let snapshot: Vec<(Key, Vec<f64>)> = x
                     .iter()
                     .filter(|(p, _)| y.get(p).is_some_and(|(sampled, _)| *sampled))
-                    .map(|(p, v)| (*p, v.clone()))
+                    .map(|(p, v)| (*p, v.iter().map(|f| f.0).collect()))
                     .collect();
                 if !snapshot.is_empty() {
                     state.pending.insert(t + def.horizon, Arc::new(snapshot));
@@ -261,13 +256,17 @@ fn learn<'s>(
                     .filter_map(|(p, v)| y.get(p).map(|(_, label)| Example { x: v.clone(), y: *label }))
                     .collect();
                 sort_examples(&mut examples);
+                let examples = Arc::new(examples);
                 if let Some(logit) = (!examples.is_empty()).then(|| Logit::fit(&examples, def.l2)).flatten() {
-                    let auc = state.examples.as_ref().and_then(|(_, e)| logit.auc(e));
+                    // Scored on the examples of the refresh just before, if it had any.
+                    let before = state.examples.as_ref().filter(|(r, _)| *r + def.refresh == t);
+                    let auc = before.and_then(|(_, e)| logit.auc(e));
                     state.fitted = Some(Fitted { time: t, logit, auc });
+                    state.fitted_on = Some(examples.clone());
                     refit = true;
                 }
                 if !examples.is_empty() {
-                    state.examples = Some((t, Arc::new(examples)));
+                    state.examples = Some((t, examples));
                 }
             }
             if written != state.fitted {
@@ -284,11 +283,16 @@ fn learn<'s>(
                     .into_iter()
                     .collect()
             } else {
-                changed.into_iter().collect()
+                changed
             };
+            let mut v = Vec::new();
             for p in check {
                 let new = match (&state.fitted, x.get(&p)) {
-                    (Some(f), Some(v)) => Some(Float(f.logit.predict(v))),
+                    (Some(f), Some(xs)) => {
+                        v.clear();
+                        v.extend(xs.iter().map(|f| f.0));
+                        Some(Float(f.logit.predict(&v)))
+                    }
                     _ => None,
                 };
                 let old = predicted.get(&p).copied();

@@ -658,8 +658,8 @@ async fn models(State(s): St) -> Json<Json_> {
     Json(json!({"clock": clock_json(&m), "models": list}))
 }
 
-/// `GET /models/{name}/examples`: the examples of the model's latest
-/// refresh that had any, `x` as the features were at `r - horizon` and
+/// `GET /models/{name}/examples`: the examples of the model's latest fit,
+/// `x` as the features were at `r - horizon` and
 /// `y` the label at `r`, in the order the fit sums them: for checking a
 /// fit offline (scikit-learn's `LogisticRegression(C=1/l2)` on the
 /// standardized `x` finds the same weights). `time` names the refresh; it
@@ -677,7 +677,7 @@ async fn model_examples(State(s): St, Path(name): Path<String>) -> Result<Json<J
     };
     let kept = s.kept.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let state = kept.and_then(|k| k.models.latest(index));
-    let (time, examples) = match state.and_then(|st| st.examples) {
+    let (time, examples) = match state.and_then(|st| Some((st.fitted?.time, st.fitted_on?))) {
         Some((t, ex)) => (Some(t), ex),
         None => (None, Default::default()),
     };
