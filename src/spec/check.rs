@@ -932,32 +932,30 @@ impl Checker<'_> {
                 }
             }
             ExprKind::Cluster(name) => {
-                let name = name.clone();
-                let what = format!("cluster.{name}");
-                if self.not_in_filter(pos, &what) {
-                    return Ty::Err;
-                }
-                if !self.ctx.scoring.clusterings.contains(&name) {
-                    self.error(pos, format!("unknown clustering `{name}`: define it in a [[clustering]] block"));
-                    return Ty::Err;
-                }
-                self.event_terms_only(pos, &what);
-                Ty::Num
+                let known = self.ctx.scoring.clusterings.contains(name);
+                self.block_number(pos, ("cluster", name), "clustering", known)
             }
             ExprKind::Predict(name) => {
-                let name = name.clone();
-                let what = format!("predict.{name}");
-                if self.not_in_filter(pos, &what) {
-                    return Ty::Err;
-                }
-                if !self.ctx.scoring.models.contains(&name) {
-                    self.error(pos, format!("unknown model `{name}`: define it in a [[model]] block"));
-                    return Ty::Err;
-                }
-                self.event_terms_only(pos, &what);
-                Ty::Num
+                let known = self.ctx.scoring.models.contains(name);
+                self.block_number(pos, ("predict", name), "model", known)
             }
         }
+    }
+
+    /// `cluster.NAME` or `predict.NAME`: a number per profile that a
+    /// `[[kind]]` block named NAME computes over all profiles (so not in a
+    /// filter, nor where only event terms may be read).
+    fn block_number(&mut self, pos: Pos, (prefix, name): (&str, &str), kind: &str, known: bool) -> Ty {
+        let what = format!("{prefix}.{name}");
+        if self.not_in_filter(pos, &what) {
+            return Ty::Err;
+        }
+        if !known {
+            self.error(pos, format!("unknown {kind} `{name}`: define it in a [[{kind}]] block"));
+            return Ty::Err;
+        }
+        self.event_terms_only(pos, &what);
+        Ty::Num
     }
 
     /// `since(sel) OP D` or `D OP since(sel)`, D a constant duration.

@@ -413,6 +413,18 @@ impl<'t> Loader<'t> {
             .unwrap_or(fallback)
     }
 
+    /// Reports a block's `name` that is empty, or `taken` by another block
+    /// of this `kind`; whether it is usable.
+    fn block_name(&mut self, n: &Str, header: usize, kind: &str, taken: bool) -> bool {
+        let at = n.span.as_ref().map(|s| s.start).unwrap_or(header);
+        if n.value.is_empty() {
+            self.error(at, format!("a {kind}'s `name` cannot be empty"));
+        } else if taken {
+            self.error(at, format!("duplicate {kind} name `{}`", n.value));
+        }
+        !n.value.is_empty() && !taken
+    }
+
     /// A string value; reports a wrong type, and a missing one if `required`.
     fn string(&mut self, t: &dyn TableLike, key: &str, block: &str, header: usize, required: bool) -> Option<Str> {
         match t.get(key) {
@@ -505,12 +517,8 @@ impl<'t> Loader<'t> {
         };
         let when = self.string(t, "when", &block, header, true);
         if let Some(n) = &name {
-            let at = n.span.as_ref().map(|s| s.start).unwrap_or(header);
-            if n.value.is_empty() {
-                self.error(at, "a segment's `name` cannot be empty");
-            } else if self.spec.segments.iter().any(|s| s.name == n.value) {
-                self.error(at, format!("duplicate segment name `{}`", n.value));
-            }
+            let taken = self.spec.segments.iter().any(|s| s.name == n.value);
+            self.block_name(n, header, "segment", taken);
         }
         let (expr, map, source) = match when {
             Some(when) => {
@@ -602,13 +610,8 @@ impl<'t> Loader<'t> {
         self.known_keys(t, BLOCK, &["name", "polygon", "geojson"]);
         let name = self.string(t, "name", BLOCK, header, true);
         let Some(name) = name else { return };
-        let name_at = name.span.as_ref().map(|s| s.start).unwrap_or(header);
-        if name.value.is_empty() {
-            self.error(name_at, "a zone's `name` cannot be empty");
-            return;
-        }
-        if self.spec.zones.iter().any(|z| z.name == name.value) {
-            self.error(name_at, format!("duplicate zone name `{}`", name.value));
+        let taken = self.spec.zones.iter().any(|z| z.name == name.value);
+        if !self.block_name(&name, header, "zone", taken) {
             return;
         }
         let rings = match (t.get("polygon"), self.string(t, "geojson", BLOCK, header, false)) {
@@ -686,12 +689,8 @@ impl<'t> Loader<'t> {
         let name = self.string(t, "name", BLOCK, header, true);
         let expr = self.string(t, "expr", BLOCK, header, true);
         if let Some(n) = &name {
-            let at = n.span.as_ref().map(|s| s.start).unwrap_or(header);
-            if n.value.is_empty() {
-                self.error(at, "a score's `name` cannot be empty");
-            } else if self.spec.scores.iter().any(|s| s.name == n.value) {
-                self.error(at, format!("duplicate score name `{}`", n.value));
-            }
+            let taken = self.spec.scores.iter().any(|s| s.name == n.value);
+            self.block_name(n, header, "score", taken);
         }
         let Some(source) = expr else { return };
         if let (Some(e), map) = self.expression(&source) {
@@ -852,12 +851,8 @@ impl<'t> Loader<'t> {
             seed: 0,
         };
         if let Some(n) = self.string(t, "name", BLOCK, header, true) {
-            let at = n.span.as_ref().map(|s| s.start).unwrap_or(header);
-            if n.value.is_empty() {
-                self.error(at, "a clustering's `name` cannot be empty");
-            } else if self.spec.clusterings.iter().any(|c| c.name == n.value) {
-                self.error(at, format!("duplicate clustering name `{}`", n.value));
-            }
+            let taken = self.spec.clusterings.iter().any(|c| c.name == n.value);
+            self.block_name(&n, header, "clustering", taken);
             def.name = n.value;
         }
         if let Some(k) = self.integer(t, "k", BLOCK, header, true) {
@@ -959,12 +954,8 @@ impl<'t> Loader<'t> {
             sample: 1.0,
         };
         if let Some(n) = self.string(t, "name", BLOCK, header, true) {
-            let at = n.span.as_ref().map(|s| s.start).unwrap_or(header);
-            if n.value.is_empty() {
-                self.error(at, "a model's `name` cannot be empty");
-            } else if self.spec.models.iter().any(|m| m.name == n.value) {
-                self.error(at, format!("duplicate model name `{}`", n.value));
-            }
+            let taken = self.spec.models.iter().any(|m| m.name == n.value);
+            self.block_name(&n, header, "model", taken);
             def.name = n.value;
         }
         let mut label_map = None;
