@@ -260,8 +260,11 @@ pub fn clusters<'s>(values: Values<'s>, plan: Rc<Plan>, memory: Option<std::sync
         let Some(def) = def.clone() else { continue };
         let v = ValueId::of(def.value);
         let features = values.clone().flat_map(move |((value, profile), vals)| {
-            let xs: Option<Vec<Float>> = vals.iter().map(|x| x.as_f64().map(|f| Float(f + 0.0))).collect();
-            xs.filter(|_| value == v).map(|xs| (profile, xs))
+            // Only this clustering's value is converted.
+            let xs: Option<Vec<Float>> = (value == v)
+                .then(|| vals.iter().map(|x| x.as_f64().map(|f| Float(f + 0.0))).collect())
+                .flatten();
+            xs.map(|xs| (profile, xs))
         });
         let stream = StreamId::of(plan.cluster_stream(c));
         out.push(cluster(features, def, c, memory.clone()).map(move |(p, n)| ((stream, p), vec![Value::Num(Dec::from_int(n as i64))])));

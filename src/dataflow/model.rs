@@ -136,12 +136,16 @@ pub fn models<'s>(
         let Some(def) = def.clone() else { continue };
         let (fv, lv) = (ValueId::of(def.features), ValueId::of(def.label));
         let features = values.clone().flat_map(move |((v, profile), vals)| {
-            // A feature that is not a finite number is missing.
-            let xs: Option<Vec<Float>> = vals
-                .iter()
-                .map(|x| x.as_f64().filter(|f| f.is_finite()).map(|f| Float(f + 0.0)))
-                .collect();
-            xs.filter(|_| v == fv).map(|xs| (profile, xs))
+            // Only this model's features are converted; one that is not a
+            // finite number is missing.
+            let xs: Option<Vec<Float>> = (v == fv)
+                .then(|| {
+                    vals.iter()
+                        .map(|x| x.as_f64().filter(|f| f.is_finite()).map(|f| Float(f + 0.0)))
+                        .collect()
+                })
+                .flatten();
+            xs.map(|xs| (profile, xs))
         });
         let labels = values
             .clone()
@@ -248,7 +252,6 @@ fn learn<'s>(
                     moved = true;
                 }
             }
-            let mut refit = false;
             if let Some(snapshot) = state.pending.remove(&t) {
                 moved = true;
                 let mut examples: Vec<Example> = snapshot
@@ -263,17 +266,18 @@ fn learn<'s>(
                     let auc = before.and_then(|(_, e)| logit.auc(e));
                     state.fitted = Some(Fitted { time: t, logit, auc });
                     state.fitted_on = Some(examples.clone());
-                    refit = true;
                 }
                 if !examples.is_empty() {
                     state.examples = Some((t, examples));
                 }
             }
-            if written != state.fitted {
+            // A new fit (or the restored one, at the first tick): written,
+            // and every profile's prediction follows it.
+            let refit = written != state.fitted;
+            if refit {
                 out.extend(written.take().map(|f| (Out::Fit(f), t, -1)));
                 out.extend(state.fitted.clone().map(|f| (Out::Fit(f), t, 1)));
                 written = state.fitted.clone();
-                refit = true;
             }
             let check: Vec<Key> = if refit {
                 x.keys()
