@@ -27,7 +27,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 /// thread-local free lists make that a few percent.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 #[derive(Parser)]
@@ -107,6 +107,11 @@ struct RunArgs {
     /// A file with one host:port per process, in process order [default: localhost:2101, 2102, …].
     #[arg(long, value_name = "FILE")]
     hostfile: Option<PathBuf>,
+    /// With --processes: give up (exit 1) when the other processes have not all
+    /// connected within this time (a peer that died while connecting would
+    /// otherwise be waited for forever).
+    #[arg(long, default_value = "2m", value_parser = parse_duration, value_name = "D")]
+    connect_timeout: u64,
     /// Kafka bootstrap brokers (host:port,…), for --kafka-topic and --output-kafka.
     #[arg(long, value_name = "B", help_heading = "Kafka")]
     kafka_brokers: Option<String>,
@@ -298,11 +303,36 @@ fn usage(e: impl Into<anyhow::Error>) -> Failure {
     Failure(2, e.into())
 }
 
+/// A cluster process whose peer died (its connection broke) stops at once
+/// with one line and exit 1, instead of timely's panics on every thread
+/// (and workers that may wait for the lost peer forever). With `--state`,
+/// starting every process again resumes from the last checkpoint.
+fn stop_when_a_peer_is_lost() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("timely communication error") {
+            eprintln!(
+                "shoal: lost a connection to another process of the cluster ({message}); stopping. \
+                 Start every process again (with --state they resume from the last checkpoint)"
+            );
+            std::process::exit(1);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
+    stop_when_a_peer_is_lost();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(*args),
@@ -370,6 +400,9 @@ fn timely_config(args: &RunArgs) -> Result<timely::Config, Failure> {
             args.processes
         )));
     }
+    // Timely takes a process per address.
+    let mut addresses = addresses;
+    addresses.truncate(args.processes);
     Ok(timely::Config {
         communication: timely::CommunicationConfig::Cluster {
             threads: args.workers,
@@ -505,12 +538,28 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             .and_then(|_| signal_hook::flag::register(signal, stop.clone()));
         registered.context("cannot handle signals").map_err(|e| Failure(1, e))?;
     }
+    let connected = Arc::new(AtomicBool::new(false));
+    if args.processes > 1 {
+        let (connected, wait) = (connected.clone(), std::time::Duration::from_millis(args.connect_timeout));
+        std::thread::spawn(move || {
+            std::thread::sleep(wait);
+            if !connected.load(Ordering::SeqCst) {
+                eprintln!(
+                    "shoal: the cluster's {} processes did not all connect within --connect-timeout; stopping. \
+                     Start every process again (with --state they resume from the last checkpoint)",
+                    args.processes
+                );
+                std::process::exit(1);
+            }
+        });
+    }
     let job = Job {
         spec,
         opts,
         sources,
         kafka,
         stop,
+        connected,
         timings: None,
         output: Some(output),
         dead_letters: Some(file_output(

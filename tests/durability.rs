@@ -389,3 +389,41 @@ fn sigkill_keeps_timers_funnels_places_groups_and_models_exact() {
         assert_eq!(summary, want_summary, "{spec_name}: the summary counts every event once");
     }
 }
+
+/// A cluster of 2 processes × 2 workers over one state directory: random
+/// processes SIGKILLed at random moments (the other stops by itself), all
+/// started again, and the output is still the uninterrupted run's, byte
+/// for byte.
+#[test]
+fn sigkill_of_any_process_of_a_cluster_leaves_the_output_byte_identical() {
+    let data = tempfile::tempdir().unwrap();
+    let input = data.path().join("events.jsonl");
+    events(&input, 60_000);
+    let (want_out, want_dead, want_summary) = reference("engagement.toml", &input);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+    // Runs start afresh until enough kills have landed (how many a run
+    // takes depends on the machine's speed, not on what is checked).
+    let (mut kills, mut resumed, mut runs) = (0, 0, 0);
+    while (kills < 20 || resumed < 10) && runs < 10 {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let lives = common::cluster_until_done(dir.path(), &state, 12, &mut rng, |process, hostfile| {
+            run_cmd("engagement.toml", dir.path(), input.to_str().unwrap(), &["--checkpoint-every", "1ms"])
+                .args(["--workers", "2", "--processes", "2", "--connect-timeout", "5s", "--process", &process.to_string()])
+                .arg("--hostfile")
+                .arg(hostfile)
+                .arg("--state")
+                .arg(&state)
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        });
+        (kills, resumed, runs) = (kills + lives.kills, resumed + lives.resumed, runs + 1);
+        let got = std::fs::read(dir.path().join("out.jsonl")).unwrap();
+        assert!(got == want_out, "the output differs after {} kills", lives.kills);
+        assert_eq!(std::fs::read(dir.path().join("dead.jsonl")).unwrap(), want_dead, "dead letters differ");
+        assert_eq!(lives.last.lines().last().unwrap(), want_summary, "the summary counts every event once");
+    }
+    eprintln!("{kills} kills, {resumed} lives resumed from a checkpoint, {runs} runs to the end");
+    assert!(kills >= 20 && resumed >= 10, "only {kills} kills and {resumed} resumes in {runs} runs");
+}

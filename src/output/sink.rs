@@ -89,6 +89,9 @@ pub enum Note {
     /// Serving: the counters so far of the reader on that worker (a global
     /// index, any process), for `/metrics`.
     Counters(usize, Counters),
+    /// A cluster checkpoint: a reader of another process wrote its part of
+    /// a round (opaque here; [`Outputs::on_checkpoint`] reads it).
+    Checkpoint(Vec<u8>),
 }
 
 /// What the sink saw, read by the driver after the run.
@@ -264,6 +267,8 @@ pub struct Outputs {
     pub observer: Option<std::sync::Arc<dyn Observer>>,
     /// With checkpoints: where the output as of the delivered frontier is recorded.
     pub delivered: Option<std::sync::Arc<std::sync::Mutex<crate::output::sink::Delivered>>>,
+    /// With checkpoints in a cluster: takes the readers' checkpoint notes.
+    pub on_checkpoint: Option<Box<dyn Fn(&[u8])>>,
 }
 
 /// Writes memberships and dead letters on worker 0 and sums the reports;
@@ -312,6 +317,11 @@ pub fn deliver<'s>(
                             Note::Counters(reader, counters) => {
                                 if let Some(observer) = &outs.observer {
                                     observer.counters(reader, counters);
+                                }
+                            }
+                            Note::Checkpoint(note) => {
+                                if let Some(hook) = &outs.on_checkpoint {
+                                    hook(&note);
                                 }
                             }
                             Note::Report(r) => {

@@ -46,7 +46,7 @@ use crate::io::Position;
 use crate::output::sink::Mark;
 
 /// The on-disk format; a checkpoint of another format is refused.
-pub const FORMAT: u32 = 3;
+pub const FORMAT: u32 = 4;
 const MAGIC: &[u8; 8] = b"SHOALCKP";
 const HEADER: usize = 8 + 4 + 8 + 8;
 /// Checkpoints kept in the directory (the newest first).
@@ -115,11 +115,48 @@ pub struct ReaderState {
     pub position: Position,
 }
 
-/// A whole checkpoint.
+/// A reader's part of a cluster checkpoint that its own process wrote:
+/// the file beside the checkpoint that holds its state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartRef {
+    pub worker: usize,
+    /// The round it was written for: once no checkpoint kept is that
+    /// recent, an unreferenced part is removed.
+    pub seq: u64,
+    pub file: String,
+    /// The payload's xxh3-64, as in the part's header.
+    pub sum: u64,
+    /// The frontier its state is compacted at (a restart compacts it at
+    /// the checkpoint's, as for a stopped reader's state).
+    pub taken: u64,
+    /// Its reader stopped reading: the part serves every later round.
+    pub last: bool,
+}
+
+/// A reader's part in a round: its state (a reader of this process), or
+/// the file another process wrote it to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Part {
+    State(ReaderState),
+    File(PartRef),
+}
+
+/// The head of a snapshot: what names its parts.
+#[derive(Deserialize)]
+struct Head {
+    _fingerprint: Fingerprint,
+    _seq: u64,
+    parts: Vec<PartRef>,
+}
+
+/// A whole checkpoint. The fields up to `parts` are its head, which
+/// [`Store`] reads alone to know which parts are still needed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub fingerprint: Fingerprint,
     pub seq: u64,
+    /// The readers of other processes (cluster runs), each in its file.
+    pub parts: Vec<PartRef>,
     pub mark: Mark,
     pub readers: Vec<ReaderState>,
     /// Per clustering of the plan: its model as of the last delivered tick.
@@ -152,19 +189,29 @@ pub struct Corrupt(pub String);
 
 /// The bytes of a checkpoint file.
 pub fn encode(snap: &Snapshot) -> Vec<u8> {
-    let payload = postcard::to_stdvec(snap).expect("a snapshot serializes");
+    framed(&postcard::to_stdvec(snap).expect("a snapshot serializes"))
+}
+
+/// The payload in its frame: magic, format, length, checksum.
+fn framed(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + payload.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
+    out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(payload).to_le_bytes());
+    out.extend_from_slice(payload);
     out
 }
 
 /// Reads a checkpoint file's bytes: the format, then the length, then the
 /// checksum, then the payload.
 pub fn decode(bytes: &[u8]) -> Result<Snapshot, Corrupt> {
+    let (payload, _) = unframed(bytes)?;
+    postcard::from_bytes(payload).map_err(|e| Corrupt(format!("undecodable: {e}")))
+}
+
+/// The payload of a whole frame, and its checksum.
+fn unframed(bytes: &[u8]) -> Result<(&[u8], u64), Corrupt> {
     if bytes.len() < HEADER || &bytes[..8] != MAGIC {
         return Err(Corrupt("not a shoal checkpoint (no header)".into()));
     }
@@ -181,7 +228,7 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, Corrupt> {
     if xxhash_rust::xxh3::xxh3_64(payload) != sum {
         return Err(Corrupt("checksum mismatch".into()));
     }
-    postcard::from_bytes(payload).map_err(|e| Corrupt(format!("undecodable: {e}")))
+    Ok((payload, sum))
 }
 
 /// A directory of checkpoints.
@@ -200,7 +247,7 @@ impl Store {
             if entry
                 .file_name()
                 .to_str()
-                .is_some_and(|n| n.starts_with(".ckpt-") && n.ends_with(".tmp"))
+                .is_some_and(|n| (n.starts_with(".ckpt-") || n.starts_with(".part-")) && n.ends_with(".tmp"))
             {
                 let _ = std::fs::remove_file(entry.path());
             }
@@ -257,7 +304,11 @@ impl Store {
                             path.display()
                         )));
                     }
-                    return Ok(Some(snap));
+                    // Every process of a cluster makes this same choice.
+                    match snap.parts.iter().try_for_each(|p| self.check_part(p)) {
+                        Ok(()) => return Ok(Some(snap)),
+                        Err(Corrupt(why)) => warn(format!("checkpoint {} is unusable ({why}); trying an older one", path.display())),
+                    }
                 }
                 Err(Corrupt(why)) => warn(format!("checkpoint {} is unusable ({why}); trying an older one", path.display())),
             }
@@ -267,7 +318,8 @@ impl Store {
 
     /// Writes `snap` atomically (temporary file, fsync, rename, fsync of
     /// the directory) and removes all but the newest [`KEEP`]. On failure
-    /// the temporary file is removed and earlier checkpoints stay.
+    /// the temporary file is removed and earlier checkpoints stay. Parts
+    /// no kept checkpoint needs are removed too.
     pub fn write(&self, snap: &Snapshot) -> Result<PathBuf, CheckpointError> {
         let bytes = encode(snap);
         let path = self.dir.join(format!("ckpt-{:012}.shoal", snap.seq));
@@ -275,10 +327,86 @@ impl Store {
         if let Err(e) = crate::io::write_atomically(&tmp, &path, &bytes, false) {
             return Err(self.io(&format!("cannot write checkpoint {}", path.display()), e));
         }
-        for (_, old) in self.files()?.into_iter().skip(KEEP) {
+        let files = self.files()?;
+        for (_, old) in files.iter().skip(KEEP) {
             let _ = std::fs::remove_file(old);
         }
+        self.remove_parts(&files[..files.len().min(KEEP)]);
         Ok(path)
+    }
+
+    /// Writes a reader's state as a part (cluster runs, a process other
+    /// than 0), named by its round, reader and checksum: one name is
+    /// always the same bytes.
+    pub fn write_part(&self, seq: u64, taken: u64, last: bool, st: &ReaderState) -> Result<PartRef, CheckpointError> {
+        let payload = postcard::to_stdvec(st).expect("a reader's state serializes");
+        let sum = xxhash_rust::xxh3::xxh3_64(&payload);
+        let file = format!("part-{seq:012}-w{}-{sum:016x}.shoal", st.worker);
+        let (path, tmp) = (self.dir.join(&file), self.dir.join(format!(".{file}.tmp")));
+        if let Err(e) = crate::io::write_atomically(&tmp, &path, &framed(&payload), false) {
+            return Err(self.io(&format!("cannot write checkpoint part {}", path.display()), e));
+        }
+        Ok(PartRef {
+            worker: st.worker,
+            seq,
+            file,
+            sum,
+            taken,
+            last,
+        })
+    }
+
+    /// Whether `part` is there, whole, and the one named.
+    fn check_part(&self, part: &PartRef) -> Result<(), Corrupt> {
+        self.part_payload(part, |_| Ok(()))
+    }
+
+    /// The state in `part`, checked.
+    pub fn read_part(&self, part: &PartRef) -> Result<ReaderState, Corrupt> {
+        self.part_payload(part, |payload| postcard::from_bytes(payload).map_err(|e| Corrupt(format!("undecodable: {e}"))))
+    }
+
+    fn part_payload<T>(&self, part: &PartRef, f: impl FnOnce(&[u8]) -> Result<T, Corrupt>) -> Result<T, Corrupt> {
+        let path = self.dir.join(&part.file);
+        let why = |w: String| Corrupt(format!("its part {}: {w}", path.display()));
+        let bytes = std::fs::read(&path).map_err(|e| why(e.to_string()))?;
+        let (payload, sum) = unframed(&bytes).map_err(|Corrupt(w)| why(w))?;
+        if sum != part.sum {
+            return Err(why("not the one it names".into()));
+        }
+        f(payload).map_err(|Corrupt(w)| why(w))
+    }
+
+    /// Removes the parts that no kept checkpoint (`kept`) names and that
+    /// are older than all of them (a newer part may be waiting for its
+    /// round's checkpoint).
+    fn remove_parts(&self, kept: &[(u64, PathBuf)]) {
+        let Some(oldest) = kept.iter().map(|k| k.0).min() else { return };
+        let mut named = std::collections::HashSet::new();
+        for (_, path) in kept {
+            match Self::head(path) {
+                Some(parts) => named.extend(parts.into_iter().map(|p| p.file)),
+                // A checkpoint whose head cannot be read may name any part.
+                None => return,
+            }
+        }
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let seq = name.strip_prefix("part-").and_then(|n| n.get(..12)?.parse::<u64>().ok());
+            if seq.is_some_and(|s| s < oldest) && !named.contains(&name) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// The parts a checkpoint names, from its head alone.
+    fn head(path: &Path) -> Option<Vec<PartRef>> {
+        use std::io::Read as _;
+        let mut bytes = Vec::new();
+        std::fs::File::open(path).ok()?.take(1 << 20).read_to_end(&mut bytes).ok()?;
+        let payload = bytes.get(HEADER..)?;
+        postcard::take_from_bytes::<Head>(payload).ok().map(|(h, _)| h.parts)
     }
 }
 
@@ -350,20 +478,26 @@ impl ReaderState {
 /// or later: [`Rounds::final_frontier`] takes it no later than the open
 /// round, and later rounds open at later marks.
 #[derive(Debug)]
-pub struct Rounds {
+pub struct Rounds<S> {
     readers: usize,
-    open: Option<(Mark, BTreeMap<usize, ReaderState>)>,
+    open: Option<(Mark, BTreeMap<usize, S>)>,
     /// Stopped readers: the frontier their final state was taken at, and it.
-    stopped: BTreeMap<usize, (u64, ReaderState)>,
+    stopped: BTreeMap<usize, (u64, S)>,
 }
 
-impl Rounds {
-    pub fn new(readers: usize) -> Rounds {
+impl<S> Rounds<S> {
+    pub fn new(readers: usize) -> Rounds<S> {
         Rounds {
             readers,
             open: None,
             stopped: BTreeMap::new(),
         }
+    }
+
+    /// Closes the open round without a checkpoint (a part of it could not
+    /// be written).
+    pub fn give_up(&mut self) {
+        self.open = None;
     }
 
     /// Whether a round is open.
@@ -390,7 +524,7 @@ impl Rounds {
     }
 
     /// Takes `reader`'s state for the open round.
-    pub fn give(&mut self, reader: usize, st: ReaderState) {
+    pub fn give(&mut self, reader: usize, st: S) {
         if let Some((_, states)) = &mut self.open {
             states.insert(reader, st);
         }
@@ -405,14 +539,14 @@ impl Rounds {
 
     /// Keeps a stopped reader's final state, taken at `frontier`; returns
     /// whether every reader has now stopped.
-    pub fn stop(&mut self, reader: usize, frontier: u64, st: ReaderState) -> bool {
+    pub fn stop(&mut self, reader: usize, frontier: u64, st: S) -> bool {
         self.stopped.insert(reader, (frontier, st));
         self.stopped.len() == self.readers
     }
 
     /// The open round, once every reader is in: its mark and the states,
     /// stopped readers' compacted at its frontier by `compact`.
-    pub fn complete(&mut self, compact: impl Fn(&ReaderState, u64) -> ReaderState) -> Option<(Mark, Vec<ReaderState>)> {
+    pub fn complete(&mut self, compact: impl Fn(&S, u64) -> S) -> Option<(Mark, Vec<S>)> {
         let (_, states) = self.open.as_ref()?;
         let missing = self.stopped.keys().filter(|w| !states.contains_key(w)).count();
         if states.len() + missing < self.readers {
@@ -424,16 +558,16 @@ impl Rounds {
     }
 
     /// Every reader stopped: their final states at `mark`.
-    pub fn finals(&self, mark: &Mark, compact: impl Fn(&ReaderState, u64) -> ReaderState) -> Option<Vec<ReaderState>> {
+    pub fn finals(&self, mark: &Mark, compact: impl Fn(&S, u64) -> S) -> Option<Vec<S>> {
         self.with_stopped(mark, &mut BTreeMap::new(), compact)
     }
 
     fn with_stopped(
         &self,
         mark: &Mark,
-        states: &mut BTreeMap<usize, ReaderState>,
-        compact: impl Fn(&ReaderState, u64) -> ReaderState,
-    ) -> Option<Vec<ReaderState>> {
+        states: &mut BTreeMap<usize, S>,
+        compact: impl Fn(&S, u64) -> S,
+    ) -> Option<Vec<S>> {
         for (w, (taken, st)) in &self.stopped {
             if states.contains_key(w) {
                 continue;

@@ -1,5 +1,17 @@
 //! A run's checkpoints, shared by the workers of a process: opening the
 //! state directory, the delivered mark, rounds over several readers.
+//!
+//! A cluster (`--processes N`) checkpoints in rounds too, over one state
+//! directory that every process reaches. Worker 0 (process 0) opens a
+//! round at the delivered mark and announces it to every process through
+//! the dataflow ([`Checkpointing::announce`]). A reader of another process
+//! writes its state at the round's frontier as a part file beside the
+//! checkpoints ([`Checkpointing::part`]) and tells process 0 with a note
+//! to the sink, which hands it to [`Checkpointing::arrived`]. Process 0
+//! writes the checkpoint, naming every part by file and checksum, once
+//! every reader is in: that write commits the round. A restart (of every
+//! process) takes the newest checkpoint whose parts are all whole, and
+//! each reader takes up its own part.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -27,7 +39,13 @@ pub struct Checkpointing {
     pub(super) readers_count: usize,
     /// Several readers: the checkpoint being gathered, and the final states
     /// of readers that stopped reading.
-    rounds: Mutex<checkpoint::Rounds>,
+    rounds: Mutex<checkpoint::Rounds<checkpoint::Part>>,
+    /// The number of the open round (process 0).
+    round: std::sync::atomic::AtomicU64,
+    /// This process's index in the cluster (0 alone).
+    pub(super) process: usize,
+    /// Another process: the newest round announced, `(seq, frontier)`.
+    announced: Mutex<Option<(u64, u64)>>,
     /// The delivered frontier of the last checkpoint written.
     written: std::sync::atomic::AtomicU64,
     /// Held while a checkpoint is numbered and written, so that numbers
@@ -53,14 +71,15 @@ impl Checkpointing {
         config: &timely::Config,
         served: Option<Arc<crate::serve::model::Served>>,
     ) -> Result<Checkpointing, EngineError> {
-        if let timely::CommunicationConfig::Cluster { .. } = config.communication {
-            return Err(EngineError::Unsupported(
-                "--state with --processes is not supported yet: run one process".into(),
-            ));
-        }
-        let workers = match config.communication {
-            timely::CommunicationConfig::Process(n) => n,
-            _ => 1,
+        let (workers, process, threads) = match &config.communication {
+            timely::CommunicationConfig::Process(n) => (*n, 0, *n),
+            timely::CommunicationConfig::Cluster {
+                threads,
+                process,
+                addresses,
+                ..
+            } => (threads * addresses.len(), *process, *threads),
+            _ => (1, 0, 1),
         };
         let readers_count = if job.kafka.is_some() { workers } else { 1 };
         if let Some(s) = job.sources.iter().find(|s| !s.replayable()) {
@@ -88,7 +107,7 @@ impl Checkpointing {
             readers: readers_count,
         };
         let store = checkpoint::Store::open(&state.dir)?;
-        let restored = store.latest(&fingerprint, |w| eprintln!("shoal: {w}"))?;
+        let mut restored = store.latest(&fingerprint, |w| eprintln!("shoal: {w}"))?;
         if let Some(snap) = &restored {
             tracing::info!(seq = snap.seq, frontier = snap.mark.frontier, "resuming from a checkpoint");
         }
@@ -101,6 +120,19 @@ impl Checkpointing {
         );
         let mark = restored.as_ref().map(|s| s.mark.clone()).unwrap_or_default();
         let frontier = mark.frontier;
+        let windows: Vec<Option<u64>> = plan.streams.iter().map(|s| s.window).collect();
+        // This process's readers whose states are parts: read, and
+        // compacted at the checkpoint's frontier.
+        if let Some(snap) = &mut restored {
+            let local = process * threads..(process + 1) * threads;
+            for part in snap.parts.iter().filter(|p| local.contains(&p.worker)) {
+                let mut st = store.read_part(part).map_err(|checkpoint::Corrupt(why)| {
+                    EngineError::Refused(format!("checkpoint {} is unusable: {why}", snap.seq))
+                })?;
+                st.compact(frontier, job.opts.tick, &windows);
+                snap.readers.push(st);
+            }
+        }
         Ok(Checkpointing {
             store,
             every: state.every,
@@ -108,9 +140,12 @@ impl Checkpointing {
             readers: Mutex::new(restored.as_ref().map(|s| s.readers.clone()).unwrap_or_default()),
             readers_count,
             rounds: Mutex::new(checkpoint::Rounds::new(readers_count)),
+            round: 0.into(),
+            process,
+            announced: Mutex::new(None),
             written: frontier.into(),
             writing: Mutex::new(()),
-            windows: plan.streams.iter().map(|s| s.window).collect(),
+            windows,
             tick: job.opts.tick,
             seq: (restored.as_ref().map_or(0, |s| s.seq) + 1).into(),
             restored,
@@ -129,17 +164,32 @@ impl Checkpointing {
     /// Writes a snapshot of `states` at `mark`; failures are reported. One
     /// older than a checkpoint already written (a round completed while the
     /// last reader wrote the final one) is skipped: the newest number must
-    /// be the newest frontier, which a restart resumes from.
-    pub(super) fn write(&self, mark: crate::output::sink::Mark, readers: Vec<checkpoint::ReaderState>) -> Vec<checkpoint::ReaderState> {
+    /// be the newest frontier, which a restart resumes from. A round's
+    /// checkpoint has the number `seq` its round took when it opened.
+    /// Returns the states of this process's readers.
+    pub(super) fn write(
+        &self,
+        mark: crate::output::sink::Mark,
+        parts: Vec<checkpoint::Part>,
+        seq: Option<u64>,
+    ) -> Vec<checkpoint::ReaderState> {
+        let (mut readers, mut files) = (Vec::new(), Vec::new());
+        for part in parts {
+            match part {
+                checkpoint::Part::State(st) => readers.push(st),
+                checkpoint::Part::File(f) => files.push(f),
+            }
+        }
         let frontier = mark.frontier;
         let _one = self.writing.lock().expect("not poisoned");
-        if frontier < self.written.load(Ordering::SeqCst) {
+        if frontier < self.written.load(Ordering::SeqCst) || self.process != 0 {
             tracing::debug!(frontier, "a checkpoint older than the last one written; skipped");
             return readers;
         }
         let snapshot = checkpoint::Snapshot {
             fingerprint: self.fingerprint.clone(),
-            seq: self.seq.fetch_add(1, Ordering::SeqCst),
+            seq: seq.unwrap_or_else(|| self.seq.fetch_add(1, Ordering::SeqCst)),
+            parts: files,
             clusters: self.kept.clusters.before(frontier),
             models: self.kept.models.before(frontier),
             mark,
@@ -188,11 +238,17 @@ impl Checkpointing {
         }
     }
 
-    /// A copy of a stopped reader's final state, compacted at `frontier`.
-    pub(super) fn compacted(&self, st: &checkpoint::ReaderState, frontier: u64) -> checkpoint::ReaderState {
-        let mut st = st.clone();
-        st.compact(frontier, self.tick, &self.windows);
-        st
+    /// A copy of a stopped reader's final state, compacted at `frontier`
+    /// (a part in a file is compacted when a restart reads it).
+    pub(super) fn compacted(&self, part: &checkpoint::Part, frontier: u64) -> checkpoint::Part {
+        match part {
+            checkpoint::Part::State(st) => {
+                let mut st = st.clone();
+                st.compact(frontier, self.tick, &self.windows);
+                checkpoint::Part::State(st)
+            }
+            file => file.clone(),
+        }
     }
 
     /// Whether the delivered frontier moved past the last checkpoint written.
@@ -201,15 +257,23 @@ impl Checkpointing {
     }
 
     /// Several readers (worker 0, when one is due): opens a round at the
-    /// delivered mark unless one is open; returns whether it did. The mark
-    /// is read under the rounds' lock, so a reader that stops meanwhile
-    /// takes its final state no later than this round.
-    pub(super) fn open_round(&self) -> bool {
+    /// delivered mark unless one is open; returns its number and frontier
+    /// (announced to the other processes). The mark is read under the
+    /// rounds' lock, so a reader that stops meanwhile takes its final state
+    /// no later than this round.
+    pub(super) fn open_round(&self) -> Option<(u64, u64)> {
         let mut rounds = self.rounds.lock().expect("not poisoned");
         if rounds.is_open() {
-            return false;
+            return None;
         }
-        self.mark().is_some_and(|mark| rounds.open(mark))
+        let mark = self.mark()?;
+        let frontier = mark.frontier;
+        if !rounds.open(mark) {
+            return None;
+        }
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        self.round.store(seq, Ordering::SeqCst);
+        Some((seq, frontier))
     }
 
     /// The frontier at which `reader` owes the open round its state.
@@ -219,7 +283,7 @@ impl Checkpointing {
 
     /// Takes `reader`'s state for the open round, and writes the round if
     /// it was the last one owed.
-    pub(super) fn give(&self, reader: usize, st: checkpoint::ReaderState) {
+    pub(super) fn give(&self, reader: usize, st: checkpoint::Part) {
         self.rounds.lock().expect("not poisoned").give(reader, st);
         self.complete_round();
     }
@@ -237,7 +301,7 @@ impl Checkpointing {
     /// Keeps a stopped reader's final state, taken at `frontier`; writes
     /// the open round if it was waiting for it, and the last checkpoint
     /// once every reader has stopped.
-    pub(super) fn stopped(&self, reader: usize, frontier: u64, st: checkpoint::ReaderState) {
+    pub(super) fn stopped(&self, reader: usize, frontier: u64, st: checkpoint::Part) {
         let all = self.rounds.lock().expect("not poisoned").stop(reader, frontier, st);
         self.complete_round();
         if all {
@@ -248,7 +312,7 @@ impl Checkpointing {
                 .expect("not poisoned")
                 .finals(&mark, |st, frontier| self.compacted(st, frontier));
             if let Some(states) = finals {
-                self.write(mark, states);
+                self.write(mark, states, None);
             }
         }
     }
@@ -262,7 +326,65 @@ impl Checkpointing {
             .expect("not poisoned")
             .complete(|st, frontier| self.compacted(st, frontier));
         if let Some((mark, states)) = complete {
-            self.write(mark, states);
+            self.write(mark, states, Some(self.round.load(Ordering::SeqCst)));
+        }
+    }
+}
+
+/// What a reader of another process tells process 0 about a round.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum Arrival {
+    /// Its state is in this part.
+    Part(checkpoint::PartRef),
+    /// It could not write its part for round `seq`: the round is given up.
+    Failed { seq: u64 },
+}
+
+/// A cluster's rounds, on the processes other than 0 and on process 0.
+impl Checkpointing {
+    /// Another process learns that round `seq` opened at `frontier`.
+    pub(super) fn announce(&self, seq: u64, frontier: u64) {
+        if self.process != 0 {
+            *self.announced.lock().expect("not poisoned") = Some((seq, frontier));
+        }
+    }
+
+    /// The newest round announced to this process.
+    pub(super) fn announced(&self) -> Option<(u64, u64)> {
+        *self.announced.lock().expect("not poisoned")
+    }
+
+    /// Writes a reader's state as a part of round `seq` (taken at
+    /// `taken`; `last`: its reader stopped); returns the note for process
+    /// 0. A failed write is reported, and process 0 gives the round up.
+    pub(super) fn part(&self, seq: u64, taken: u64, last: bool, st: &checkpoint::ReaderState) -> Vec<u8> {
+        let arrival = match self.store.write_part(seq, taken, last, st) {
+            Ok(part) => Arrival::Part(part),
+            Err(e) => {
+                eprintln!("shoal: {e}; the last good checkpoint is kept");
+                Arrival::Failed { seq }
+            }
+        };
+        postcard::to_stdvec(&arrival).expect("a note serializes")
+    }
+
+    /// Process 0 (the sink, on worker 0): a reader of another process
+    /// wrote its part, or could not.
+    pub(super) fn arrived(&self, note: &[u8]) {
+        let Ok(arrival) = postcard::from_bytes::<Arrival>(note) else {
+            tracing::error!("an undecodable checkpoint note; ignored");
+            return;
+        };
+        let open = self.round.load(Ordering::SeqCst);
+        match arrival {
+            Arrival::Part(part) if part.last => self.stopped(part.worker, part.taken, checkpoint::Part::File(part)),
+            Arrival::Part(part) if part.seq == open => self.give(part.worker, checkpoint::Part::File(part)),
+            Arrival::Part(_) => {}
+            Arrival::Failed { seq } => {
+                if seq == open {
+                    self.rounds.lock().expect("not poisoned").give_up();
+                }
+            }
         }
     }
 }

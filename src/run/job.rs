@@ -70,6 +70,9 @@ pub struct Job {
     /// Set (by a signal handler) to stop: readers stop reading, what is
     /// final is delivered and committed, nothing else is written.
     pub stop: Arc<AtomicBool>,
+    /// Set once every process of the cluster is connected and the workers
+    /// run (at once with one process).
+    pub connected: Arc<AtomicBool>,
     /// Wall-clock marks for the latency benchmark.
     pub timings: Option<Arc<Timings>>,
     /// Serve the HTTP API (SPEC §7) on this address (process 0 only), and
@@ -135,6 +138,7 @@ impl Job {
             timely,
             kafka: None,
             stop: Arc::default(),
+            connected: Arc::default(),
             timings: None,
             http: None,
             state: None,

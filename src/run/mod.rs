@@ -79,6 +79,7 @@ pub fn run_memory(spec: &Spec, input: &[u8], opts: &RunOptions) -> Result<Memory
         },
         kafka: None,
         stop: Arc::default(),
+        connected: Arc::default(),
         timings: None,
         http: None,
         state: None,
@@ -175,11 +176,14 @@ pub fn run(mut job: Job) -> Result<Summary, EngineError> {
     }
     let resumed = restored.map_or(0, |s| s.mark.frontier);
     job.opts.requests.extend(journaled.into_iter().filter(|(at, _)| *at >= resumed));
+    let connected = job.connected.clone();
     let job = Arc::new(job);
     let guards = timely::execute(config, move |worker| {
         run_worker(worker, &job, served.clone(), checkpointing.clone())
     })
     .map_err(EngineError::Timely)?;
+    // `execute` returns once the cluster is connected.
+    connected.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut summary = None;
     let mut error = None;
     for r in guards.join() {

@@ -27,6 +27,9 @@ pub(super) struct ReaderCheckpoints {
     /// Dead letters sent and perhaps not yet written, oldest first.
     pub(super) dead: std::collections::VecDeque<String>,
     pub(super) dead_sent: u64,
+    /// A reader of another process than 0: the last round it gave its part
+    /// to, and that round's frontier.
+    pub(super) given: Option<(u64, u64)>,
 }
 
 /// One reader's side of the run: its feeder, its notes to the sink, and
@@ -47,6 +50,9 @@ pub struct Reader<'w> {
     /// Serving (`--http`, on every process): counters go to the sink.
     pub(super) serving: bool,
     pub(super) checkpoints: Option<ReaderCheckpoints>,
+    /// Worker 0 of a cluster with several readers: announces each round it
+    /// opens to every process (see [`Checkpointing`]).
+    pub(super) rounds: Option<timely::dataflow::InputHandleVec<u64, (u64, u64)>>,
 }
 
 impl Reader<'_> {
@@ -116,12 +122,36 @@ impl Reader<'_> {
             return;
         }
         let me = self.worker.index();
-        if due && me == 0 && shared.open_round() {
-            self.checkpoints.as_mut().expect("checked").last = Instant::now();
+        if shared.process != 0 {
+            return self.give_part(position);
+        }
+        if due && me == 0 {
+            if let Some(round) = shared.open_round() {
+                self.checkpoints.as_mut().expect("checked").last = Instant::now();
+                if let Some(rounds) = &mut self.rounds {
+                    rounds.send(round);
+                    rounds.flush();
+                }
+            }
         }
         let Some(frontier) = shared.owed_by(me) else { return };
         let Some(st) = self.own_state(frontier, position()) else { return };
-        shared.give(me, st);
+        shared.give(me, checkpoint::Part::State(st));
+    }
+
+    /// A reader of another process than 0: writes its part of the newest
+    /// round announced, once, and tells process 0.
+    fn give_part(&mut self, position: impl FnOnce() -> crate::io::Position) {
+        let Some(ck) = &self.checkpoints else { return };
+        let shared = ck.shared.clone();
+        let Some((seq, frontier)) = shared.announced() else { return };
+        if ck.given.is_some_and(|(s, _)| s >= seq) {
+            return;
+        }
+        let Some(st) = self.own_state(frontier, position()) else { return };
+        self.checkpoints.as_mut().expect("checked").given = Some((seq, frontier));
+        let note = shared.part(seq, frontier, false, &st);
+        self.notes.send(Note::Checkpoint(note));
     }
 
     /// This reader's state at `frontier` (a copy; the logs stay).
@@ -167,11 +197,20 @@ impl Reader<'_> {
         if shared.readers_count == 1 {
             return self.checkpoint(position);
         }
+        if shared.process != 0 {
+            // Its log is compacted at the last round it gave to, which no
+            // later round is before; a restart compacts it at its round's.
+            let (seq, frontier) = ck.given.unwrap_or((0, 0));
+            let Some(st) = self.own_state(frontier, position) else { return };
+            let note = shared.part(seq, frontier, true, &st);
+            self.notes.send(Note::Checkpoint(note));
+            return;
+        }
         let Some(frontier) = shared.final_frontier(self.feeder.frontier()) else {
             return;
         };
         let Some(st) = self.own_state(frontier, position) else { return };
-        shared.stopped(self.worker.index(), frontier, st);
+        shared.stopped(self.worker.index(), frontier, checkpoint::Part::State(st));
     }
 
     /// Writes a checkpoint at the delivered frontier with this reader at
@@ -190,7 +229,11 @@ impl Reader<'_> {
         let Some(reader) = self.lend_state(frontier, &mark.dead_written, position) else {
             return;
         };
-        let mut readers = shared.write(crate::output::sink::Mark { frontier, ..mark }, vec![reader]);
+        let mut readers = shared.write(
+            crate::output::sink::Mark { frontier, ..mark },
+            vec![checkpoint::Part::State(reader)],
+            None,
+        );
         self.feeder.checkpointed(readers.pop().expect("one reader"));
     }
 
@@ -308,6 +351,9 @@ impl Reader<'_> {
             self.notes.advance_to(frontier);
         }
         self.notes.flush();
+        if let Some(rounds) = self.rounds.as_mut().filter(|r| frontier > *r.time()) {
+            rounds.advance_to(frontier);
+        }
     }
 
     pub(super) fn report(&mut self, last: Option<u64>, stopped: bool) {

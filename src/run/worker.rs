@@ -58,6 +58,10 @@ pub(super) fn run_worker(
             .filter(|_| leader)
             .map(|s| s as Arc<dyn crate::output::sink::Observer>),
         delivered: checkpointing.as_ref().filter(|_| leader).map(|c| c.delivered.clone()),
+        on_checkpoint: checkpointing.clone().filter(|_| leader).map(|c| {
+            let hook: Box<dyn Fn(&[u8])> = Box::new(move |note: &[u8]| c.arrived(note));
+            hook
+        }),
     };
     // Every worker builds the same dataflow, serving or not.
     let serving = job.http.is_some();
@@ -72,6 +76,8 @@ pub(super) fn run_worker(
         *served.kept.lock().unwrap_or_else(|e| e.into_inner()) = memory.clone();
     }
     let mut notes = timely::dataflow::InputHandleVec::new();
+    // A cluster's checkpoint rounds, announced by worker 0 to every process.
+    let mut rounds = timely::dataflow::InputHandleVec::<u64, (u64, u64)>::new();
     let profiling = crate::run::profile::Profiling::start(worker);
     let (inputs, delivered) = worker.dataflow::<u64, _, _>(|scope| {
         use differential_dataflow::input::Input as _;
@@ -99,6 +105,14 @@ pub(super) fn run_worker(
         let (delivered, _) = sink::deliver(members, notes, outputs).probe();
 
         sink::profiles(built.universe, state.clone());
+        if let Some(ck) = checkpointing.clone() {
+            use timely::dataflow::operators::{vec::broadcast::Broadcast, Inspect};
+            scope
+                .input_from(&mut rounds)
+                .container::<Vec<(u64, u64)>>()
+                .broadcast()
+                .inspect(move |&(seq, frontier)| ck.announce(seq, frontier));
+        }
         (inputs, delivered)
     });
     let mut feeder = Feeder::new(plan, inputs, opts);
@@ -110,6 +124,7 @@ pub(super) fn run_worker(
     if checkpointing.is_some() {
         feeder.retain();
     }
+    let announcing = leader && checkpointing.is_some();
     let mut reader = Reader {
         worker,
         feeder,
@@ -127,7 +142,9 @@ pub(super) fn run_worker(
             last: Instant::now(),
             dead: Default::default(),
             dead_sent: 0,
+            given: None,
         }),
+        rounds: announcing.then_some(rounds),
     };
     let position = reader.restore();
     if let (Some(served), Some(frontier)) = (&reader.served, resumed_at) {

@@ -162,7 +162,7 @@ pub fn newest_checkpoint(state: &Path) -> Option<std::path::PathBuf> {
         .ok()?
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "shoal"))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("ckpt-")))
         .collect();
     files.sort();
     files.pop()
@@ -306,4 +306,92 @@ pub fn read_topic(config: &rdkafka::config::ClientConfig, topic: &str, partition
         }
     }
     out
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// What [`cluster_until_done`] saw.
+pub struct ClusterLives {
+    pub kills: usize,
+    /// Lives that started from a checkpoint.
+    pub resumed: usize,
+    /// Process 0's stderr in the life that finished.
+    pub last: String,
+}
+
+/// Runs a 2-process cluster (`spawn(process, hostfile)`, stderr piped)
+/// with `--state state` until a life of it finishes, SIGKILLing a random
+/// process of each life at a random moment (half of them after a new
+/// checkpoint) while `kills < want`. After a kill the other process must
+/// stop by itself within 30 s, saying it lost its peer (or, killed while
+/// connecting, that its peer did not connect: `spawn` should give a short
+/// `--connect-timeout`). Every life gets fresh ports.
+pub fn cluster_until_done(
+    dir: &Path,
+    state: &Path,
+    want: usize,
+    rng: &mut impl rand::Rng,
+    spawn: impl Fn(usize, &Path) -> Child,
+) -> ClusterLives {
+    let (mut kills, mut resumed) = (0, 0);
+    let hostfile = dir.join("hosts");
+    loop {
+        std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
+        let before = newest_checkpoint(state);
+        resumed += usize::from(before.is_some());
+        let mut lives = [spawn(0, &hostfile), spawn(1, &hostfile)];
+        if kills < want {
+            if rng.gen_ratio(1, 2) {
+                let [p0, _] = &mut lives;
+                wait_for_checkpoint(p0, state, &before);
+                std::thread::sleep(Duration::from_millis(rng.gen_range(0..80)));
+            } else {
+                std::thread::sleep(Duration::from_millis(rng.gen_range(0..400)));
+            }
+            let victim = rng.gen_range(0..2);
+            if lives[victim].try_wait().unwrap().is_none() {
+                lives[victim].kill().unwrap(); // SIGKILL
+                lives[victim].wait().unwrap();
+                kills += 1;
+                let other = &mut lives[1 - victim];
+                let started = std::time::Instant::now();
+                while other.try_wait().unwrap().is_none() {
+                    if started.elapsed() > Duration::from_secs(30) {
+                        other.kill().unwrap();
+                        panic!("process {} did not stop after process {victim} was killed", 1 - victim);
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let [p0, p1] = lives;
+                let (o0, o1) = (p0.wait_with_output().unwrap(), p1.wait_with_output().unwrap());
+                let (survivor, code) = if victim == 0 { (&o1, o1.status.code()) } else { (&o0, o0.status.code()) };
+                let err = String::from_utf8_lossy(&survivor.stderr);
+                // It may have finished just before its peer was killed.
+                if code != Some(0) {
+                    assert_eq!(code, Some(1), "{err}");
+                    assert!(
+                        err.contains("lost a connection to another process") || err.contains("did not all connect"),
+                        "{err}"
+                    );
+                }
+                assert!(!err.contains("unusable"), "no checkpoint is ever torn: {err}");
+                continue;
+            }
+        }
+        let [p0, p1] = lives;
+        let (o0, o1) = (p0.wait_with_output().unwrap(), p1.wait_with_output().unwrap());
+        for o in [&o0, &o1] {
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(o.status.success(), "{err}");
+            assert!(!err.contains("unusable"), "no checkpoint is ever torn: {err}");
+        }
+        return ClusterLives {
+            kills,
+            resumed,
+            last: String::from_utf8_lossy(&o0.stderr).into_owned(),
+        };
+    }
 }
