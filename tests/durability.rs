@@ -408,22 +408,47 @@ fn sigkill_of_any_process_of_a_cluster_leaves_the_output_byte_identical() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         let lives = common::cluster_until_done(dir.path(), &state, 12, &mut rng, |process, hostfile| {
-            run_cmd("engagement.toml", dir.path(), input.to_str().unwrap(), &["--checkpoint-every", "1ms"])
-                .args(["--workers", "2", "--processes", "2", "--connect-timeout", "5s", "--process", &process.to_string()])
-                .arg("--hostfile")
-                .arg(hostfile)
-                .arg("--state")
-                .arg(&state)
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+            run_cmd(
+                "engagement.toml",
+                dir.path(),
+                input.to_str().unwrap(),
+                &["--checkpoint-every", "1ms"],
+            )
+            .args([
+                "--workers",
+                "2",
+                "--processes",
+                "2",
+                "--connect-timeout",
+                "5s",
+                "--process",
+                &process.to_string(),
+            ])
+            .arg("--hostfile")
+            .arg(hostfile)
+            .arg("--state")
+            .arg(&state)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
         });
         (kills, resumed, runs) = (kills + lives.kills, resumed + lives.resumed, runs + 1);
         let got = std::fs::read(dir.path().join("out.jsonl")).unwrap();
         assert!(got == want_out, "the output differs after {} kills", lives.kills);
-        assert_eq!(std::fs::read(dir.path().join("dead.jsonl")).unwrap(), want_dead, "dead letters differ");
-        assert_eq!(lives.last.lines().last().unwrap(), want_summary, "the summary counts every event once");
+        assert_eq!(
+            std::fs::read(dir.path().join("dead.jsonl")).unwrap(),
+            want_dead,
+            "dead letters differ"
+        );
+        assert_eq!(
+            lives.last.lines().last().unwrap(),
+            want_summary,
+            "the summary counts every event once"
+        );
     }
     eprintln!("{kills} kills, {resumed} lives resumed from a checkpoint, {runs} runs to the end");
-    assert!(kills >= 20 && resumed >= 10, "only {kills} kills and {resumed} resumes in {runs} runs");
+    assert!(
+        kills >= 20 && resumed >= 10,
+        "only {kills} kills and {resumed} resumes in {runs} runs"
+    );
 }

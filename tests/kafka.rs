@@ -798,3 +798,68 @@ fn events_over_http_are_read_beside_a_topic() {
         expected.lines().count()
     );
 }
+
+/// Kafka into a cluster of 2 processes × 2 workers with `--state`: random
+/// processes SIGKILLed at random moments (the other stops by itself), all
+/// started again from the checkpoint whose parts every process wrote, and
+/// the output file is the file run's, byte for byte.
+#[test]
+fn sigkill_of_any_process_of_a_kafka_cluster_leaves_the_output_byte_identical() {
+    use rand::SeedableRng;
+    let (cluster, brokers) = cluster();
+    cluster.create_topic("events", 4, 1).unwrap();
+    let events = lines(20_000, 29);
+    produce_batched(&brokers, "events", &events, 100);
+    // Paced, so that a life leaves input for the next ones.
+    cluster.broker_round_trip_time(1, Duration::from_millis(10)).unwrap();
+    let file = run_memory(&spec(), (events.join("\n") + "\n").as_bytes(), &opts(1)).expect("file run");
+    let want = file.lines.join("\n") + "\n";
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(31);
+    let (mut kills, mut resumed, mut runs) = (0, 0, 0);
+    while (kills < 20 || resumed < 10) && runs < 10 {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, out) = (dir.path().join("state"), dir.path().join("changes.jsonl"));
+        let group = format!("cluster-{runs}");
+        let lives = common::cluster_until_done(dir.path(), &state, 12, &mut rng, |process, hostfile| {
+            shoal_kafka(&brokers, &group)
+                .args(["--kafka-until-end", "--lateness", "1h", "--checkpoint-every", "20ms"])
+                .args(["--workers", "2", "--processes", "2", "--connect-timeout", "5s"])
+                .args(["--process", &process.to_string(), "--dead-letter", "/dev/null", "--hostfile"])
+                .arg(hostfile)
+                .arg("--state")
+                .arg(&state)
+                .arg("--output")
+                .arg(&out)
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        });
+        (kills, resumed, runs) = (kills + lives.kills, resumed + lives.resumed, runs + 1);
+        let got = std::fs::read_to_string(&out).unwrap();
+        let first_difference = got.lines().zip(file.lines.iter()).position(|(a, b)| a != b);
+        assert!(
+            got == want,
+            "after {} kills: {} lines of {}, first difference at {first_difference:?}",
+            lives.kills,
+            got.lines().count(),
+            file.lines.len()
+        );
+        let summary: serde_json::Value = serde_json::from_str(lives.last.lines().last().unwrap()).unwrap();
+        assert_eq!(summary["events_read"], events.len(), "{}", lives.last);
+        // Process 1's readers are in the checkpoints as parts.
+        let newest = std::fs::read(common::newest_checkpoint(&state).unwrap()).unwrap();
+        let snap = shoal::run::checkpoint::decode(&newest).unwrap();
+        assert_eq!(
+            snap.parts.iter().map(|p| p.worker).collect::<Vec<_>>(),
+            vec![2, 3],
+            "{:?}",
+            snap.parts
+        );
+        assert!(snap.parts.iter().all(|p| state.join(&p.file).exists()));
+    }
+    eprintln!("{kills} kills, {resumed} lives resumed from a checkpoint, {runs} runs to the end");
+    assert!(
+        kills >= 20 && resumed >= 10,
+        "only {kills} kills and {resumed} resumes in {runs} runs"
+    );
+}

@@ -268,8 +268,11 @@ pub struct Outputs {
     /// With checkpoints: where the output as of the delivered frontier is recorded.
     pub delivered: Option<std::sync::Arc<std::sync::Mutex<crate::output::sink::Delivered>>>,
     /// With checkpoints in a cluster: takes the readers' checkpoint notes.
-    pub on_checkpoint: Option<Box<dyn Fn(&[u8])>>,
+    pub on_checkpoint: Option<CheckpointHook>,
 }
+
+/// Takes a cluster's checkpoint notes on process 0 (see [`Note::Checkpoint`]).
+pub type CheckpointHook = Box<dyn Fn(&[u8])>;
 
 /// Writes memberships and dead letters on worker 0 and sums the reports;
 /// returns the delivered frontier as a stream (see the module docs).

@@ -137,7 +137,7 @@ pub struct PartRef {
 /// the file another process wrote it to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Part {
-    State(ReaderState),
+    State(Box<ReaderState>),
     File(PartRef),
 }
 
@@ -363,7 +363,9 @@ impl Store {
 
     /// The state in `part`, checked.
     pub fn read_part(&self, part: &PartRef) -> Result<ReaderState, Corrupt> {
-        self.part_payload(part, |payload| postcard::from_bytes(payload).map_err(|e| Corrupt(format!("undecodable: {e}"))))
+        self.part_payload(part, |payload| {
+            postcard::from_bytes(payload).map_err(|e| Corrupt(format!("undecodable: {e}")))
+        })
     }
 
     fn part_payload<T>(&self, part: &PartRef, f: impl FnOnce(&[u8]) -> Result<T, Corrupt>) -> Result<T, Corrupt> {
@@ -562,12 +564,7 @@ impl<S> Rounds<S> {
         self.with_stopped(mark, &mut BTreeMap::new(), compact)
     }
 
-    fn with_stopped(
-        &self,
-        mark: &Mark,
-        states: &mut BTreeMap<usize, S>,
-        compact: impl Fn(&S, u64) -> S,
-    ) -> Option<Vec<S>> {
+    fn with_stopped(&self, mark: &Mark, states: &mut BTreeMap<usize, S>, compact: impl Fn(&S, u64) -> S) -> Option<Vec<S>> {
         for (w, (taken, st)) in &self.stopped {
             if states.contains_key(w) {
                 continue;
@@ -597,6 +594,7 @@ mod tests {
 
     fn snapshot() -> Snapshot {
         Snapshot {
+            parts: vec![],
             fingerprint: Fingerprint {
                 version: "0".into(),
                 spec: 7,
@@ -704,6 +702,60 @@ mod tests {
         rounds.give(0, reader(0, &[]));
         assert_eq!(rounds.complete(compacted), None);
         assert_eq!(rounds.finals(&mark(15_000), compacted), None);
+    }
+
+    /// A cluster checkpoint names its parts: a restart takes the newest
+    /// one whose parts are all whole, and parts no kept checkpoint names
+    /// (older than all of them) are removed.
+    #[test]
+    fn a_checkpoint_with_a_broken_part_gives_way_to_the_one_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let fp = snapshot().fingerprint;
+        let mut seqs = Vec::new();
+        for seq in 1..=5u64 {
+            let part = store.write_part(seq, seq * 1000, false, &reader(2, &[(seq, seq * 1000)])).unwrap();
+            assert_eq!(store.read_part(&part).unwrap(), reader(2, &[(seq, seq * 1000)]));
+            let snap = Snapshot {
+                seq,
+                parts: vec![part.clone()],
+                ..snapshot()
+            };
+            store.write(&snap).unwrap();
+            seqs.push(part);
+        }
+        // Parts of the three checkpoints kept stay, the older ones go; a
+        // part of a round still gathering (newer than every checkpoint)
+        // stays too.
+        let waiting = store.write_part(6, 6000, false, &reader(3, &[])).unwrap();
+        store.write(&Snapshot { seq: 6, ..snapshot() }).unwrap();
+        let parts = |d: &Path| {
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+                .filter(|n| n.starts_with("part-"))
+                .collect();
+            v.sort();
+            v
+        };
+        let mut want = vec![seqs[3].file.clone(), seqs[4].file.clone(), waiting.file.clone()];
+        want.sort();
+        assert_eq!(parts(dir.path()), want);
+        assert_eq!(store.latest(&fp, |_| {}).unwrap().unwrap().seq, 6);
+        std::fs::remove_file(dir.path().join("ckpt-000000000006.shoal")).unwrap();
+        assert_eq!(store.latest(&fp, |_| {}).unwrap().unwrap().seq, 5);
+        // A flipped byte in checkpoint 5's part: checkpoint 4 is taken, and
+        // why is said.
+        let path = dir.path().join(&seqs[4].file);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let mut warned = Vec::new();
+        assert_eq!(store.latest(&fp, |w| warned.push(w)).unwrap().unwrap().seq, 4);
+        assert!(warned[0].contains(&seqs[4].file) && warned[0].contains("checksum"), "{warned:?}");
+        std::fs::remove_file(dir.path().join(&seqs[3].file)).unwrap();
+        assert_eq!(store.latest(&fp, |_| {}).unwrap(), None, "checkpoint 4's part is gone");
     }
 
     #[test]

@@ -126,9 +126,9 @@ impl Checkpointing {
         if let Some(snap) = &mut restored {
             let local = process * threads..(process + 1) * threads;
             for part in snap.parts.iter().filter(|p| local.contains(&p.worker)) {
-                let mut st = store.read_part(part).map_err(|checkpoint::Corrupt(why)| {
-                    EngineError::Refused(format!("checkpoint {} is unusable: {why}", snap.seq))
-                })?;
+                let mut st = store
+                    .read_part(part)
+                    .map_err(|checkpoint::Corrupt(why)| EngineError::Refused(format!("checkpoint {} is unusable: {why}", snap.seq)))?;
                 st.compact(frontier, job.opts.tick, &windows);
                 snap.readers.push(st);
             }
@@ -176,7 +176,7 @@ impl Checkpointing {
         let (mut readers, mut files) = (Vec::new(), Vec::new());
         for part in parts {
             match part {
-                checkpoint::Part::State(st) => readers.push(st),
+                checkpoint::Part::State(st) => readers.push(*st),
                 checkpoint::Part::File(f) => files.push(f),
             }
         }

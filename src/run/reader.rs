@@ -136,7 +136,7 @@ impl Reader<'_> {
         }
         let Some(frontier) = shared.owed_by(me) else { return };
         let Some(st) = self.own_state(frontier, position()) else { return };
-        shared.give(me, checkpoint::Part::State(st));
+        shared.give(me, checkpoint::Part::State(Box::new(st)));
     }
 
     /// A reader of another process than 0: writes its part of the newest
@@ -210,7 +210,7 @@ impl Reader<'_> {
             return;
         };
         let Some(st) = self.own_state(frontier, position) else { return };
-        shared.stopped(self.worker.index(), frontier, checkpoint::Part::State(st));
+        shared.stopped(self.worker.index(), frontier, checkpoint::Part::State(Box::new(st)));
     }
 
     /// Writes a checkpoint at the delivered frontier with this reader at
@@ -231,7 +231,7 @@ impl Reader<'_> {
         };
         let mut readers = shared.write(
             crate::output::sink::Mark { frontier, ..mark },
-            vec![checkpoint::Part::State(reader)],
+            vec![checkpoint::Part::State(Box::new(reader))],
             None,
         );
         self.feeder.checkpointed(readers.pop().expect("one reader"));

@@ -59,7 +59,7 @@ pub(super) fn run_worker(
             .map(|s| s as Arc<dyn crate::output::sink::Observer>),
         delivered: checkpointing.as_ref().filter(|_| leader).map(|c| c.delivered.clone()),
         on_checkpoint: checkpointing.clone().filter(|_| leader).map(|c| {
-            let hook: Box<dyn Fn(&[u8])> = Box::new(move |note: &[u8]| c.arrived(note));
+            let hook: crate::output::sink::CheckpointHook = Box::new(move |note: &[u8]| c.arrived(note));
             hook
         }),
     };

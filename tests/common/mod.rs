@@ -367,7 +367,11 @@ pub fn cluster_until_done(
                 }
                 let [p0, p1] = lives;
                 let (o0, o1) = (p0.wait_with_output().unwrap(), p1.wait_with_output().unwrap());
-                let (survivor, code) = if victim == 0 { (&o1, o1.status.code()) } else { (&o0, o0.status.code()) };
+                let (survivor, code) = if victim == 0 {
+                    (&o1, o1.status.code())
+                } else {
+                    (&o0, o0.status.code())
+                };
                 let err = String::from_utf8_lossy(&survivor.stderr);
                 // It may have finished just before its peer was killed.
                 if code != Some(0) {
