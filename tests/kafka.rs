@@ -824,8 +824,10 @@ fn sigkill_of_any_process_of_a_kafka_cluster_leaves_the_output_byte_identical() 
             shoal_kafka(&brokers, &group)
                 .args(["--kafka-until-end", "--lateness", "1h", "--checkpoint-every", "20ms"])
                 .args(["--workers", "2", "--processes", "2", "--connect-timeout", "5s"])
-                .args(["--process", &process.to_string(), "--dead-letter", "/dev/null", "--hostfile"])
+                .args(["--process", &process.to_string(), "--hostfile"])
                 .arg(hostfile)
+                .arg("--dead-letter")
+                .arg(dir.path().join("dead.jsonl"))
                 .arg("--state")
                 .arg(&state)
                 .arg("--output")
@@ -846,6 +848,18 @@ fn sigkill_of_any_process_of_a_kafka_cluster_leaves_the_output_byte_identical() 
         );
         let summary: serde_json::Value = serde_json::from_str(lives.last.lines().last().unwrap()).unwrap();
         assert_eq!(summary["events_read"], events.len(), "{}", lives.last);
+        // Every bad message is dead-lettered once, whichever process read it
+        // (readers interleave, so the order is free).
+        let dead = std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap();
+        let mut dead: Vec<&str> = dead.lines().collect();
+        dead.sort_unstable();
+        let n = dead.len();
+        dead.dedup();
+        assert_eq!(
+            (n, dead.len()),
+            (file.dead_letters.len(), file.dead_letters.len()),
+            "dead letters lost or repeated"
+        );
         // Process 1's readers are in the checkpoints as parts.
         let newest = std::fs::read(common::newest_checkpoint(&state).unwrap()).unwrap();
         let snap = shoal::run::checkpoint::decode(&newest).unwrap();

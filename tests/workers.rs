@@ -1,7 +1,8 @@
 //! The output never depends on the number of workers or processes (SPEC's one
 //! rule above all): the same generated traffic through every spec in
-//! `dataflows/` with 1, 2 and 4 worker threads and with 2 processes on
-//! 127.0.0.1 gives byte-identical output.
+//! `dataflows/` with 1, 2 and 4 worker threads and with 2 processes × 2
+//! workers on 127.0.0.1 (and retail with 4 processes × 1 worker) gives
+//! byte-identical output.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -82,42 +83,56 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// `spec` over `input` on a loopback cluster of `processes` × `workers`;
+/// process 0's output.
+fn cluster(spec: &Path, input: &Path, processes: usize, workers: usize) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let hostfile = dir.path().join("hosts");
+    let hosts: String = (0..processes).map(|_| format!("127.0.0.1:{}\n", free_port())).collect();
+    std::fs::write(&hostfile, hosts).unwrap();
+    let out_path = dir.path().join("out.jsonl");
+    let children: Vec<_> = (0..processes)
+        .map(|i| {
+            shoal()
+                .arg("run")
+                .arg(spec)
+                .arg("--input")
+                .arg(input)
+                .arg("--output")
+                .arg(&out_path)
+                .args(["--dead-letter", "/dev/null", "--workers", &workers.to_string()])
+                .args(["--processes", &processes.to_string(), "--process", &i.to_string(), "--hostfile"])
+                .arg(&hostfile)
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children.into_iter().rev() {
+        ok(child.wait_with_output().unwrap());
+    }
+    std::fs::read_to_string(&out_path).unwrap()
+}
+
 #[test]
 fn processes_do_not_change_the_output() {
     let dir = tempfile::tempdir().unwrap();
     let input = generated(dir.path(), 10_000);
+    for spec in specs() {
+        let single = run(&spec, &input, &["--workers", "1"]);
+        assert!(single.lines().count() > 50, "{} wrote too little to compare", spec.display());
+        assert!(
+            single == cluster(&spec, &input, 2, 2),
+            "{}: 2 processes × 2 workers differ from 1 worker",
+            spec.display()
+        );
+    }
+    // Four processes of one worker on loopback: every exchange crosses a
+    // socket.
     let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("dataflows/retail.toml");
-    let hostfile = dir.path().join("hosts");
-    std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
-    let out_path = dir.path().join("out.jsonl");
-    let cluster = |i: usize| {
-        shoal()
-            .arg("run")
-            .arg(&spec)
-            .arg("--input")
-            .arg(&input)
-            .arg("--output")
-            .arg(&out_path)
-            .args([
-                "--dead-letter",
-                "/dev/null",
-                "--workers",
-                "2",
-                "--processes",
-                "2",
-                "--process",
-                &i.to_string(),
-                "--hostfile",
-            ])
-            .arg(&hostfile)
-            .spawn()
-            .unwrap()
-    };
-    let (p0, p1) = (cluster(0), cluster(1));
-    ok(p1.wait_with_output().unwrap());
-    ok(p0.wait_with_output().unwrap());
     let single = run(&spec, &input, &["--workers", "1"]);
-    let clustered = std::fs::read_to_string(&out_path).unwrap();
-    assert!(single.lines().count() > 50);
-    assert!(single == clustered, "2 processes × 2 workers differ from 1 worker");
+    assert!(
+        single == cluster(&spec, &input, 4, 1),
+        "4 processes × 1 worker differ from 1 worker"
+    );
 }

@@ -457,6 +457,14 @@ pub fn expired(fact: &Fact, last: u64, windows: &[Option<u64>], tick: u64) -> bo
 }
 
 impl ReaderState {
+    /// Keeps only the dead letters not yet written as of a checkpoint that
+    /// counts `written` of this reader's (its letters are the last sent).
+    pub fn unwritten(&mut self, written: &BTreeMap<usize, u64>) {
+        let unwritten = self.dead_sent.saturating_sub(written.get(&self.worker).copied().unwrap_or(0)) as usize;
+        let extra = self.dead.len().saturating_sub(unwritten);
+        self.dead.drain(..extra);
+    }
+
     /// Compacts the logs at `frontier` (see [`Log::compact`]).
     pub fn compact(&mut self, frontier: u64, tick: u64, windows: &[Option<u64>]) {
         compact(&mut self.facts, frontier, tick, |f, last| expired(f, last, windows, tick));
@@ -523,6 +531,11 @@ impl<S> Rounds<S> {
             Some((mark, states)) if !states.contains_key(&reader) => Some(mark.frontier),
             _ => None,
         }
+    }
+
+    /// The open round's mark.
+    pub fn mark(&self) -> Option<&Mark> {
+        self.open.as_ref().map(|(mark, _)| mark)
     }
 
     /// Takes `reader`'s state for the open round.

@@ -44,8 +44,10 @@ pub struct Checkpointing {
     round: std::sync::atomic::AtomicU64,
     /// This process's index in the cluster (0 alone).
     pub(super) process: usize,
-    /// Another process: the newest round announced, `(seq, frontier)`.
-    announced: Mutex<Option<(u64, u64)>>,
+    /// Another process: the newest round announced, and the checkpoint
+    /// process 0 resumed from (told at the start).
+    announced: Mutex<Option<Announce>>,
+    leader_resumed: Mutex<Option<u64>>,
     /// The delivered frontier of the last checkpoint written.
     written: std::sync::atomic::AtomicU64,
     /// Held while a checkpoint is numbered and written, so that numbers
@@ -132,6 +134,11 @@ impl Checkpointing {
                 st.compact(frontier, job.opts.tick, &windows);
                 snap.readers.push(st);
             }
+            // A reader's dead letters written by the checkpoint's mark are
+            // out (a stopped reader's state serves later marks too).
+            for st in &mut snap.readers {
+                st.unwritten(&snap.mark.dead_written);
+            }
         }
         Ok(Checkpointing {
             store,
@@ -143,6 +150,7 @@ impl Checkpointing {
             round: 0.into(),
             process,
             announced: Mutex::new(None),
+            leader_resumed: Mutex::new(None),
             written: frontier.into(),
             writing: Mutex::new(()),
             windows,
@@ -261,19 +269,30 @@ impl Checkpointing {
     /// (announced to the other processes). The mark is read under the
     /// rounds' lock, so a reader that stops meanwhile takes its final state
     /// no later than this round.
-    pub(super) fn open_round(&self) -> Option<(u64, u64)> {
+    pub(super) fn open_round(&self) -> Option<Announce> {
         let mut rounds = self.rounds.lock().expect("not poisoned");
         if rounds.is_open() {
             return None;
         }
         let mark = self.mark()?;
-        let frontier = mark.frontier;
+        let (frontier, written) = (mark.frontier, mark.dead_written.clone());
         if !rounds.open(mark) {
             return None;
         }
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         self.round.store(seq, Ordering::SeqCst);
-        Some((seq, frontier))
+        Some(Announce::Round { seq, frontier, written })
+    }
+
+    /// The dead letters written per reader as of the open round's mark, or
+    /// else the delivered mark: no later than any round a state taken now
+    /// serves, so a reader keeps every letter such a round has not written.
+    pub(super) fn round_written(&self) -> std::collections::BTreeMap<usize, u64> {
+        let rounds = self.rounds.lock().expect("not poisoned");
+        match rounds.mark() {
+            Some(mark) => mark.dead_written.clone(),
+            None => self.delivered.lock().expect("not poisoned").mark.dead_written.clone(),
+        }
     }
 
     /// The frontier at which `reader` owes the open round its state.
@@ -320,15 +339,33 @@ impl Checkpointing {
     /// Several readers: writes the open round once every reader has given
     /// its state or stopped reading.
     pub(super) fn complete_round(&self) {
-        let complete = self
-            .rounds
-            .lock()
-            .expect("not poisoned")
-            .complete(|st, frontier| self.compacted(st, frontier));
+        let (complete, seq) = {
+            let mut rounds = self.rounds.lock().expect("not poisoned");
+            // Rounds open under this lock: the number is this round's.
+            (
+                rounds.complete(|st, frontier| self.compacted(st, frontier)),
+                self.round.load(Ordering::SeqCst),
+            )
+        };
         if let Some((mark, states)) = complete {
-            self.write(mark, states, Some(self.round.load(Ordering::SeqCst)));
+            self.write(mark, states, Some(seq));
         }
     }
+}
+
+/// What worker 0 tells every process.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub enum Announce {
+    /// At the start: the checkpoint process 0 resumed from (0: none). A
+    /// process that resumed from another one stops.
+    Resumed(u64),
+    /// Round `seq` opened at `frontier`, with the dead letters written per
+    /// reader as of its mark.
+    Round {
+        seq: u64,
+        frontier: u64,
+        written: std::collections::BTreeMap<usize, u64>,
+    },
 }
 
 /// What a reader of another process tells process 0 about a round.
@@ -338,20 +375,51 @@ enum Arrival {
     Part(checkpoint::PartRef),
     /// It could not write its part for round `seq`: the round is given up.
     Failed { seq: u64 },
+    /// It stopped reading and could not write its last part: the state
+    /// itself, which process 0's checkpoints then hold.
+    Last { taken: u64, state: Box<checkpoint::ReaderState> },
 }
 
 /// A cluster's rounds, on the processes other than 0 and on process 0.
 impl Checkpointing {
-    /// Another process learns that round `seq` opened at `frontier`.
-    pub(super) fn announce(&self, seq: u64, frontier: u64) {
-        if self.process != 0 {
-            *self.announced.lock().expect("not poisoned") = Some((seq, frontier));
+    /// Another process learns what worker 0 announced. Rounds are kept
+    /// newest first whatever order a process's workers see them in.
+    pub(super) fn announce(&self, news: Announce) {
+        if self.process == 0 {
+            return;
+        }
+        match news {
+            Announce::Resumed(seq) => *self.leader_resumed.lock().expect("not poisoned") = Some(seq),
+            Announce::Round { seq, .. } => {
+                let mut announced = self.announced.lock().expect("not poisoned");
+                let newer = match &*announced {
+                    Some(Announce::Round { seq: old, .. }) => seq > *old,
+                    _ => true,
+                };
+                if newer {
+                    *announced = Some(news);
+                }
+            }
         }
     }
 
-    /// The newest round announced to this process.
-    pub(super) fn announced(&self) -> Option<(u64, u64)> {
-        *self.announced.lock().expect("not poisoned")
+    /// The newest round announced to this process: its number, frontier
+    /// and dead letters written by reader.
+    pub(super) fn announced(&self) -> Option<(u64, u64, std::collections::BTreeMap<usize, u64>)> {
+        match &*self.announced.lock().expect("not poisoned") {
+            Some(Announce::Round { seq, frontier, written }) => Some((*seq, *frontier, written.clone())),
+            _ => None,
+        }
+    }
+
+    /// The checkpoint this process resumed from (0: none).
+    pub(super) fn resumed_seq(&self) -> u64 {
+        self.restored.as_ref().map_or(0, |s| s.seq)
+    }
+
+    /// Another process: what process 0 resumed from, once told.
+    pub(super) fn leader_resumed(&self) -> Option<u64> {
+        *self.leader_resumed.lock().expect("not poisoned")
     }
 
     /// Writes a reader's state as a part of round `seq` (taken at
@@ -360,6 +428,13 @@ impl Checkpointing {
     pub(super) fn part(&self, seq: u64, taken: u64, last: bool, st: &checkpoint::ReaderState) -> Vec<u8> {
         let arrival = match self.store.write_part(seq, taken, last, st) {
             Ok(part) => Arrival::Part(part),
+            Err(e) if last => {
+                eprintln!("shoal: {e}; the reader's last state goes to process 0 instead");
+                Arrival::Last {
+                    taken,
+                    state: Box::new(st.clone()),
+                }
+            }
             Err(e) => {
                 eprintln!("shoal: {e}; the last good checkpoint is kept");
                 Arrival::Failed { seq }
@@ -380,6 +455,7 @@ impl Checkpointing {
             Arrival::Part(part) if part.last => self.stopped(part.worker, part.taken, checkpoint::Part::File(part)),
             Arrival::Part(part) if part.seq == open => self.give(part.worker, checkpoint::Part::File(part)),
             Arrival::Part(_) => {}
+            Arrival::Last { taken, state } => self.stopped(state.worker, taken, checkpoint::Part::State(state)),
             Arrival::Failed { seq } => {
                 if seq == open {
                     self.rounds.lock().expect("not poisoned").give_up();

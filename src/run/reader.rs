@@ -28,8 +28,8 @@ pub(super) struct ReaderCheckpoints {
     pub(super) dead: std::collections::VecDeque<String>,
     pub(super) dead_sent: u64,
     /// A reader of another process than 0: the last round it gave its part
-    /// to, and that round's frontier.
-    pub(super) given: Option<(u64, u64)>,
+    /// to, that round's frontier and its dead letters written by reader.
+    pub(super) given: Option<(u64, u64, std::collections::BTreeMap<usize, u64>)>,
 }
 
 /// One reader's side of the run: its feeder, its notes to the sink, and
@@ -52,7 +52,7 @@ pub struct Reader<'w> {
     pub(super) checkpoints: Option<ReaderCheckpoints>,
     /// Worker 0 of a cluster with several readers: announces each round it
     /// opens to every process (see [`Checkpointing`]).
-    pub(super) rounds: Option<timely::dataflow::InputHandleVec<u64, (u64, u64)>>,
+    pub(super) rounds: Option<timely::dataflow::InputHandleVec<u64, crate::run::checkpointing::Announce>>,
 }
 
 impl Reader<'_> {
@@ -128,14 +128,14 @@ impl Reader<'_> {
         if due && me == 0 {
             if let Some(round) = shared.open_round() {
                 self.checkpoints.as_mut().expect("checked").last = Instant::now();
-                if let Some(rounds) = &mut self.rounds {
-                    rounds.send(round);
-                    rounds.flush();
-                }
+                self.announce(round);
             }
         }
         let Some(frontier) = shared.owed_by(me) else { return };
-        let Some(st) = self.own_state(frontier, position()) else { return };
+        let written = shared.round_written();
+        let Some(st) = self.own_state(frontier, &written, position()) else {
+            return;
+        };
         shared.give(me, checkpoint::Part::State(Box::new(st)));
     }
 
@@ -144,21 +144,30 @@ impl Reader<'_> {
     fn give_part(&mut self, position: impl FnOnce() -> crate::io::Position) {
         let Some(ck) = &self.checkpoints else { return };
         let shared = ck.shared.clone();
-        let Some((seq, frontier)) = shared.announced() else { return };
-        if ck.given.is_some_and(|(s, _)| s >= seq) {
+        let Some((seq, frontier, written)) = shared.announced() else {
+            return;
+        };
+        if ck.given.as_ref().is_some_and(|(s, _, _)| *s >= seq) {
             return;
         }
-        let Some(st) = self.own_state(frontier, position()) else { return };
-        self.checkpoints.as_mut().expect("checked").given = Some((seq, frontier));
+        let Some(st) = self.own_state(frontier, &written, position()) else {
+            return;
+        };
+        self.checkpoints.as_mut().expect("checked").given = Some((seq, frontier, written));
         let note = shared.part(seq, frontier, false, &st);
         self.notes.send(Note::Checkpoint(note));
     }
 
     /// This reader's state at `frontier` (a copy; the logs stay).
-    pub(super) fn own_state(&mut self, frontier: u64, position: crate::io::Position) -> Option<checkpoint::ReaderState> {
-        let shared = self.checkpoints.as_ref()?.shared.clone();
-        let written = shared.delivered.lock().expect("not poisoned").mark.dead_written.clone();
-        let lent = self.lend_state(frontier, &written, position)?;
+    /// Its dead letters are those not written as of `written` (dead letters
+    /// written by reader), a mark no later than any round it serves.
+    pub(super) fn own_state(
+        &mut self,
+        frontier: u64,
+        written: &std::collections::BTreeMap<usize, u64>,
+        position: crate::io::Position,
+    ) -> Option<checkpoint::ReaderState> {
+        let lent = self.lend_state(frontier, written, position)?;
         let st = lent.clone();
         self.feeder.checkpointed(lent);
         Some(st)
@@ -200,8 +209,11 @@ impl Reader<'_> {
         if shared.process != 0 {
             // Its log is compacted at the last round it gave to, which no
             // later round is before; a restart compacts it at its round's.
-            let (seq, frontier) = ck.given.unwrap_or((0, 0));
-            let Some(st) = self.own_state(frontier, position) else { return };
+            let restored = || shared.delivered.lock().expect("not poisoned").mark.dead_written.clone();
+            let (seq, frontier, written) = ck.given.clone().unwrap_or_else(|| (shared.resumed_seq(), 0, restored()));
+            let Some(st) = self.own_state(frontier, &written, position) else {
+                return;
+            };
             let note = shared.part(seq, frontier, true, &st);
             self.notes.send(Note::Checkpoint(note));
             return;
@@ -209,7 +221,10 @@ impl Reader<'_> {
         let Some(frontier) = shared.final_frontier(self.feeder.frontier()) else {
             return;
         };
-        let Some(st) = self.own_state(frontier, position) else { return };
+        let written = shared.round_written();
+        let Some(st) = self.own_state(frontier, &written, position) else {
+            return;
+        };
         shared.stopped(self.worker.index(), frontier, checkpoint::Part::State(Box::new(st)));
     }
 
@@ -235,6 +250,40 @@ impl Reader<'_> {
             None,
         );
         self.feeder.checkpointed(readers.pop().expect("one reader"));
+    }
+
+    /// Worker 0: tells every process `news` (see [`Checkpointing`]).
+    pub(super) fn announce(&mut self, news: crate::run::checkpointing::Announce) {
+        if let Some(rounds) = &mut self.rounds {
+            rounds.send(news);
+            rounds.flush();
+        }
+    }
+
+    /// A process other than 0 of a cluster with checkpoints: waits until
+    /// process 0 says which checkpoint it resumed from, and refuses to go
+    /// on from another one.
+    pub(super) fn same_checkpoint_as_process_0(&mut self) -> Result<(), crate::run::EngineError> {
+        let Some(shared) = self.checkpoints.as_ref().map(|c| c.shared.clone()).filter(|s| s.process != 0) else {
+            return Ok(());
+        };
+        let leader = loop {
+            if let Some(seq) = shared.leader_resumed() {
+                break seq;
+            }
+            if self.stopping() {
+                return Ok(());
+            }
+            self.worker.step_or_park(Some(Duration::from_millis(1)));
+        };
+        let mine = shared.resumed_seq();
+        if leader != mine {
+            return Err(crate::run::EngineError::Refused(format!(
+                "process 0 resumed from checkpoint {leader} and this process from {mine}: every process must see the same \
+                 --state directory (stop them all and start them again)"
+            )));
+        }
+        Ok(())
     }
 
     /// Takes up this reader's part of the checkpoint resumed from; returns

@@ -77,7 +77,7 @@ pub(super) fn run_worker(
     }
     let mut notes = timely::dataflow::InputHandleVec::new();
     // A cluster's checkpoint rounds, announced by worker 0 to every process.
-    let mut rounds = timely::dataflow::InputHandleVec::<u64, (u64, u64)>::new();
+    let mut rounds = timely::dataflow::InputHandleVec::<u64, crate::run::checkpointing::Announce>::new();
     let profiling = crate::run::profile::Profiling::start(worker);
     let (inputs, delivered) = worker.dataflow::<u64, _, _>(|scope| {
         use differential_dataflow::input::Input as _;
@@ -109,9 +109,9 @@ pub(super) fn run_worker(
             use timely::dataflow::operators::{vec::broadcast::Broadcast, Inspect};
             scope
                 .input_from(&mut rounds)
-                .container::<Vec<(u64, u64)>>()
+                .container::<Vec<crate::run::checkpointing::Announce>>()
                 .broadcast()
-                .inspect(move |&(seq, frontier)| ck.announce(seq, frontier));
+                .inspect(move |news| ck.announce(news.clone()));
         }
         (inputs, delivered)
     });
@@ -146,6 +146,10 @@ pub(super) fn run_worker(
         }),
         rounds: announcing.then_some(rounds),
     };
+    if let Some(ck) = reader.checkpoints.as_ref().map(|c| c.shared.clone()) {
+        reader.announce(crate::run::checkpointing::Announce::Resumed(ck.resumed_seq()));
+    }
+    reader.same_checkpoint_as_process_0()?;
     let position = reader.restore();
     if let (Some(served), Some(frontier)) = (&reader.served, resumed_at) {
         served.resumed_at(frontier.0, frontier.1);
