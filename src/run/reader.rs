@@ -263,7 +263,7 @@ impl Reader<'_> {
     /// A process other than 0 of a cluster with checkpoints: waits until
     /// process 0 says which checkpoint it resumed from, and refuses to go
     /// on from another one.
-    pub(super) fn same_checkpoint_as_process_0(&mut self) -> Result<(), crate::run::EngineError> {
+    pub(super) fn same_checkpoint_as_process_0(&mut self) -> Result<(), crate::run::error::EngineError> {
         let Some(shared) = self.checkpoints.as_ref().map(|c| c.shared.clone()).filter(|s| s.process != 0) else {
             return Ok(());
         };
@@ -278,7 +278,7 @@ impl Reader<'_> {
         };
         let mine = shared.resumed_seq();
         if leader != mine {
-            return Err(crate::run::EngineError::Refused(format!(
+            return Err(crate::run::error::EngineError::Refused(format!(
                 "process 0 resumed from checkpoint {leader} and this process from {mine}: every process must see the same \
                  --state directory (stop them all and start them again)"
             )));
