@@ -8,6 +8,7 @@
 //!     cargo bench --bench pipeline -- checkpoint [N]   # checkpoint encodings on real state, write and resume times
 //!     cargo bench --bench pipeline -- overload [RATE]  # memory while input is offered faster than it is processed
 //!     cargo bench --bench pipeline -- timers [N]       # N profiles whose trials end over a month: every timer fires
+//!     cargo bench --bench pipeline -- identity [N]     # id nodes per worker at 4 workers, one worker vs partitioned
 //!
 //! No assertion on time anywhere: these print, docs/performance.md records.
 //! Under `cargo test --all-targets` (no `--bench` flag) it runs a small smoke
@@ -564,6 +565,56 @@ fn timers(n: u64) {
 /// the examples of `dataflows/predictions.toml`'s purchase model (6 count
 /// features) with a label that depends on them, sorted by value as the
 /// operator sorts them, then fitted to a gradient norm under 1e-9.
+/// Where the id graph lives: retail over `n` generated events (`n / 10`
+/// users) on 4 workers, the id graph on one worker (union-find) and
+/// partitioned (differential's `propagate`). Prints the labelled id nodes
+/// each worker holds at the end, the largest share, and the time. The
+/// input is fed whole by worker 0 before the workers run, so the time is
+/// the dataflow's (the binary's figures with reading: docs/scaling.md).
+fn identity(n: u64) {
+    use shoal::dataflow::identity::Placement;
+    use std::sync::Mutex;
+    use timely::dataflow::operators::Inspect;
+    println!("## identity: retail, {n} events, 4 workers");
+    let data = Arc::new(generated(n, (n / 10).max(10)));
+    for placement in [Placement::OneWorker, Placement::Partitioned] {
+        let held = Arc::new(Mutex::new(vec![0isize; 4]));
+        let (data, held_in) = (data.clone(), held.clone());
+        let started = Instant::now();
+        timely::execute(
+            timely::Config::process(std::env::var("W").map_or(4, |w| w.parse().unwrap())),
+            move |worker| {
+                let plan = std::rc::Rc::new(shoal::plan::Plan::new(&spec("dataflows/retail.toml")));
+                let (me, held) = (worker.index(), held_in.clone());
+                let inputs = worker.dataflow::<u64, _, _>(|scope| {
+                    let (inputs, built) = shoal::dataflow::build_with(scope, &plan, 1000, None, false, placement);
+                    built.labels.inner.inspect(move |(_, _, r)| held.lock().unwrap()[me] += r);
+                    inputs
+                });
+                let mut feeder = shoal::run::feeder::Feeder::new(plan, inputs, &RunOptions::default());
+                if me == 0 {
+                    for line in data.split(|b| *b == b'\n') {
+                        feeder.read(line);
+                    }
+                }
+                feeder.finish();
+                feeder.flush();
+                drop(feeder);
+                while worker.step_or_park(None) {}
+            },
+        )
+        .expect("timely runs");
+        let secs = started.elapsed().as_secs_f64();
+        let held = held.lock().unwrap().clone();
+        let total: isize = held.iter().sum();
+        let largest = *held.iter().max().unwrap_or(&0) as f64 / total.max(1) as f64;
+        println!(
+            "{placement:?}: id nodes per worker {held:?} of {total}, largest share {:.1}%, {secs:.2} s",
+            largest * 100.0
+        );
+    }
+}
+
 fn refit(n: u64) {
     use rand::{Rng, SeedableRng};
     use shoal::dataflow::logit::{sigmoid, sort_examples, Example, Logit};
@@ -617,6 +668,7 @@ fn main() {
         checkpoint(5_000);
         overload(20_000, 1);
         refit(20_000);
+        identity(5_000);
         return;
     }
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
@@ -638,6 +690,7 @@ fn main() {
         "timers" => timers(n(1_000_000)),
         "checkpoint" => checkpoint(n(1_000_000)),
         "refit" => refit(n(1_000_000)),
+        "identity" => identity(n(1_000_000)),
         "overload" => {
             // About the rate one worker sustains on this machine for this
             // spec, then 10x that.

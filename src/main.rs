@@ -112,6 +112,13 @@ struct RunArgs {
     /// otherwise be waited for forever).
     #[arg(long, default_value = "2m", value_parser = parse_duration, value_name = "D")]
     connect_timeout: u64,
+    /// Where the id graph is kept: `one-worker` (merged by union on one worker:
+    /// cheapest per event, bounded by that machine's memory) or `partitioned`
+    /// (spread over every worker by id, labels propagated between them)
+    /// [default: partitioned with --processes > 1, one-worker otherwise].
+    /// The output is the same either way.
+    #[arg(long, value_enum, value_name = "WHERE")]
+    identity: Option<IdentityArg>,
     /// Kafka bootstrap brokers (host:port,…), for --kafka-topic and --output-kafka.
     #[arg(long, value_name = "B", help_heading = "Kafka")]
     kafka_brokers: Option<String>,
@@ -298,6 +305,13 @@ struct GenArgs {
 
 /// A failure with its exit status.
 struct Failure(u8, anyhow::Error);
+
+/// `--identity`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum IdentityArg {
+    OneWorker,
+    Partitioned,
+}
 
 fn usage(e: impl Into<anyhow::Error>) -> Failure {
     Failure(2, e.into())
@@ -508,6 +522,10 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         until: args.until,
         idle: args.idle,
         workers: args.workers,
+        identity: args.identity.map(|i| match i {
+            IdentityArg::OneWorker => shoal::dataflow::identity::Placement::OneWorker,
+            IdentityArg::Partitioned => shoal::dataflow::identity::Placement::Partitioned,
+        }),
         requests: Vec::new(),
     };
     let brokers = args.kafka_brokers.clone().unwrap_or_default();

@@ -11,8 +11,15 @@
 //! forgetting a profile retracts its ids' nodes and every link touching
 //! them, unlinking two ids retracts the links between them, and propagation
 //! rebuilds only the components they touched.
-//! Propagation is [`crate::dataflow::total::propagate`], components kept on the last worker
-//! and merged by union, rather than differential's fixed-point iteration.
+//! Where the id graph lives is a [`Placement`]. On one worker, propagation
+//! is [`crate::dataflow::total::propagate`]: components kept on the last
+//! worker and merged by union, about nine times cheaper per change than
+//! differential's fixed-point iteration. Partitioned, it is differential's
+//! own `propagate`: nodes and links spread over every worker by id, labels
+//! iterated to a fixed point across workers, so no machine of a cluster
+//! holds the whole graph. Both give every node the least label of its
+//! component (a property test holds the first against the second), so the
+//! output does not depend on the placement.
 
 use differential_dataflow::VecCollection;
 
@@ -74,12 +81,31 @@ pub fn requested<'s>(
     (nodes.concat(nodes_gone.negate()), links.concat(links_gone.negate()))
 }
 
+/// Where the id graph is kept and labels propagate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Placement {
+    /// All of it on one worker, merged by union: the cheapest per event,
+    /// bounded by one machine's memory.
+    #[default]
+    OneWorker,
+    /// Spread over every worker by id, labels propagated between them.
+    Partitioned,
+}
+
 /// Resolves ids into profiles. `links` must hold both directions of every
 /// link. Label propagation yields one label per node whatever the
 /// multiplicity of its inputs, so several readers may each feed the same
 /// node or link.
-pub fn profiles<'s>(nodes: VecCollection<'s, u64, (Key, Label), isize>, links: VecCollection<'s, u64, (Key, Key), isize>) -> Profiles<'s> {
-    let eligible = crate::dataflow::total::propagate(links, nodes, "Propagate").filter(|(_, (ineligible, _, _))| !ineligible);
+pub fn profiles<'s>(
+    nodes: VecCollection<'s, u64, (Key, Label), isize>,
+    links: VecCollection<'s, u64, (Key, Key), isize>,
+    placement: Placement,
+) -> Profiles<'s> {
+    let labelled = match placement {
+        Placement::OneWorker => crate::dataflow::total::propagate(links, nodes, "Propagate"),
+        Placement::Partitioned => differential_dataflow::algorithms::graphs::propagate::propagate(links, nodes),
+    };
+    let eligible = labelled.filter(|(_, (ineligible, _, _))| !ineligible);
     let names = eligible
         .clone()
         .flat_map(|(id, (_, name, profile))| (id == profile).then_some((profile, name)));

@@ -124,18 +124,20 @@ impl Kept {
 
 /// Builds the dataflow of `plan` in `scope`: identity, windows, terms, rules.
 pub fn build<'s>(scope: Scope<'s, u64>, plan: &Rc<Plan>, tick: u64) -> (Inputs, Collections<'s>) {
-    build_with(scope, plan, tick, None, true)
+    build_with(scope, plan, tick, None, true, identity::Placement::OneWorker)
 }
 
 /// [`build`], with the clusterings' and models' state kept in (and started
 /// from) `memory`, and the term rows computed only when `rows` asks for them
-/// (or the plan reads them: population terms, atoms over several terms).
+/// (or the plan reads them: population terms, atoms over several terms),
+/// and the id graph kept as `placement` says.
 pub fn build_with<'s>(
     scope: Scope<'s, u64>,
     plan: &Rc<Plan>,
     tick: u64,
     memory: Option<Arc<Kept>>,
     rows: bool,
+    placement: identity::Placement,
 ) -> (Inputs, Collections<'s>) {
     let (facts_in, facts) = scope.new_collection();
     let (counts_in, counts) = scope.new_collection();
@@ -144,7 +146,7 @@ pub fn build_with<'s>(
     let (forgotten_in, forgotten) = scope.new_collection();
     let (unlinked_in, unlinked) = scope.new_collection();
     let (nodes, links) = identity::requested(nodes, links, forgotten, unlinked);
-    let identity::Profiles { labels, names } = identity::profiles(nodes.clone(), links);
+    let identity::Profiles { labels, names } = identity::profiles(nodes.clone(), links, placement);
     let universe = identity::universe(names.clone());
     let rows = rows || !plan.values.is_empty() || !plan.timed.is_empty() || plan.atoms.iter().any(|a| a.terms.len() > 1);
     let built = terms::terms((facts, counts), labels.clone(), plan.clone(), (tick, rows));

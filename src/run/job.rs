@@ -30,6 +30,9 @@ pub struct RunOptions {
     pub idle: u64,
     /// Worker threads (in this process).
     pub workers: usize,
+    /// Where the id graph is kept; `None`: partitioned over the workers of
+    /// a cluster of several processes, on one worker otherwise.
+    pub identity: Option<crate::dataflow::identity::Placement>,
     /// Requests (forget, unlink) fed at given ticks, as if made over the
     /// API then (tests, and a journal's after a restart).
     pub requests: Vec<(u64, crate::core::id::Request)>,
@@ -44,6 +47,7 @@ impl Default for RunOptions {
             until: None,
             idle: 1_000,
             workers: 1,
+            identity: None,
             requests: Vec::new(),
         }
     }

@@ -75,6 +75,10 @@ pub(super) fn run_worker(
     if let Some(served) = served.as_ref().filter(|_| leader) {
         *served.kept.lock().unwrap_or_else(|e| e.into_inner()) = memory.clone();
     }
+    let placement = opts.identity.unwrap_or(match job.timely.communication {
+        timely::CommunicationConfig::Cluster { .. } => identity::Placement::Partitioned,
+        _ => identity::Placement::OneWorker,
+    });
     let mut notes = timely::dataflow::InputHandleVec::new();
     // A cluster's checkpoint rounds, announced by worker 0 to every process.
     let mut rounds = timely::dataflow::InputHandleVec::<u64, crate::run::checkpointing::Announce>::new();
@@ -82,7 +86,7 @@ pub(super) fn run_worker(
     let (inputs, delivered) = worker.dataflow::<u64, _, _>(|scope| {
         use differential_dataflow::input::Input as _;
         use timely::dataflow::operators::{Input, Probe};
-        let (mut inputs, built) = build_with(scope, &plan, opts.tick, memory, serving);
+        let (mut inputs, built) = build_with(scope, &plan, opts.tick, memory, serving, placement);
         let notes = scope.input_from(&mut notes).container::<Vec<Note>>();
         let mut members = identity::named(built.members, built.names.clone()).map(|(s, id)| crate::output::sink::Upd::Member(s, id));
         if serving {
