@@ -164,10 +164,15 @@ fn by_tick_order<D>(ready: &mut [(D, u64, isize)]) {
 
 /// Sends `out` at `cap`, and keeps room for as many updates next time: the
 /// buffer goes to the channel, and growing a new one from nothing copied
-/// every update several times.
+/// every update several times. Timely may hand back a recycled buffer with
+/// anything in it ("should be cleared before it is reused"): it is cleared,
+/// or those updates would go out again. (An output nobody reads gets its
+/// buffer back full: its updates went out again at every later output and
+/// at the end with no capability left, a panic.)
 fn send<O: ExchangeData>(output: &mut OutputBuilderSession<'_, u64, Output<O>>, cap: &Capability<u64>, out: &mut Updates<O>) {
     let sent = out.len();
     output.session(cap).give_container(out);
+    out.clear();
     out.reserve(sent);
 }
 
