@@ -98,6 +98,10 @@ struct RunArgs {
     /// Worker threads per process.
     #[arg(long, short = 'w', default_value_t = 1)]
     workers: usize,
+    /// Threads decoding file input ahead of its reader (the JSON parsing and
+    /// stream matching; stamping stays in input order) [default: --workers].
+    #[arg(long, value_name = "N")]
+    decoders: Option<usize>,
     /// Number of processes in a cluster run (timely's cluster mode).
     #[arg(long, default_value_t = 1)]
     processes: usize,
@@ -522,6 +526,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         until: args.until,
         idle: args.idle,
         workers: args.workers,
+        decoders: args.decoders.unwrap_or(args.workers).max(1),
         identity: args.identity.map(|i| match i {
             IdentityArg::OneWorker => shoal::dataflow::identity::Placement::OneWorker,
             IdentityArg::Partitioned => shoal::dataflow::identity::Placement::Partitioned,

@@ -55,6 +55,8 @@ pub struct Decoding {
     streams: Vec<StreamDef>,
     selectors: Selectors,
     objects: bool,
+    /// Threads that decode a file or byte stream ([`Ahead::spawn`]).
+    threads: usize,
 }
 
 impl Decoding {
@@ -64,7 +66,14 @@ impl Decoding {
             streams: streams.to_vec(),
             selectors: Selectors::new(streams),
             objects,
+            threads: 1,
         }
+    }
+
+    /// Decodes files and byte streams on `threads` threads (at least one).
+    pub fn on_threads(mut self, threads: usize) -> Decoding {
+        self.threads = threads.max(1);
+        self
     }
 
     /// Facts for `streams`, objects kept.
@@ -232,8 +241,17 @@ pub struct Ahead {
 }
 
 impl Ahead {
-    /// Starts decoding `input` (positioned at byte `offset`) as `decoding` says.
-    pub fn spawn(mut input: Box<dyn BufRead + Send>, offset: u64, decoding: Decoding) -> std::io::Result<Ahead> {
+    /// Starts decoding `input` (positioned at byte `offset`) as `decoding`
+    /// says, on as many threads as it says.
+    pub fn spawn(input: Box<dyn BufRead + Send>, offset: u64, decoding: Decoding) -> std::io::Result<Ahead> {
+        if decoding.threads > 1 {
+            return Ahead::spawn_many(input, offset, decoding);
+        }
+        Ahead::spawn_one(input, offset, decoding)
+    }
+
+    /// One `shoal-decode` thread reads and decodes.
+    fn spawn_one(mut input: Box<dyn BufRead + Send>, offset: u64, decoding: Decoding) -> std::io::Result<Ahead> {
         let (tx, batches) = sync_channel(AHEAD);
         std::thread::Builder::new().name("shoal-decode".into()).spawn(move || {
             let mut at = offset;
@@ -262,6 +280,81 @@ impl Ahead {
                 }
             }
             let _ = tx.send(Ok(batch));
+        })?;
+        Ok(Ahead {
+            batches,
+            current: Vec::new().into_iter(),
+            offset,
+        })
+    }
+
+    /// A `shoal-read` thread cuts the input into batches of lines, dealt
+    /// in turn to `n` `shoal-decode` threads; a `shoal-merge` thread takes
+    /// the decoded batches back in the same turn, so the reader gets them
+    /// in input order (SPEC §3 stamps in that order). Each decoder's
+    /// channels are bounded, so the whole runs at most a few batches ahead.
+    fn spawn_many(mut input: Box<dyn BufRead + Send>, offset: u64, decoding: Decoding) -> std::io::Result<Ahead> {
+        type Raw = std::io::Result<Vec<(Vec<u8>, u64)>>;
+        let n = decoding.threads;
+        let (mut to_decoders, mut from_decoders) = (Vec::new(), Vec::new());
+        for i in 0..n {
+            let (tx, rx) = sync_channel::<Raw>(AHEAD.div_ceil(n).max(2));
+            let (out, back) = sync_channel::<std::io::Result<Vec<Prepared>>>(AHEAD.div_ceil(n).max(2));
+            let decoding = decoding.clone();
+            std::thread::Builder::new().name(format!("shoal-decode-{i}")).spawn(move || {
+                while let Ok(raw) = rx.recv() {
+                    let decoded = raw.map(|lines| {
+                        lines
+                            .into_iter()
+                            .map(|(mut line, offset)| Prepared {
+                                item: prepare(&mut line, &decoding),
+                                offset,
+                                place: None,
+                            })
+                            .collect()
+                    });
+                    if out.send(decoded).is_err() {
+                        return;
+                    }
+                }
+            })?;
+            to_decoders.push(tx);
+            from_decoders.push(back);
+        }
+        std::thread::Builder::new().name("shoal-read".into()).spawn(move || {
+            let mut at = offset;
+            for turn in (0..n).cycle() {
+                let mut batch = Vec::with_capacity(BATCH);
+                while batch.len() < BATCH {
+                    let mut line = Vec::new();
+                    match read_line(&mut input, &mut line) {
+                        Ok(0) => break,
+                        Ok(k) => at += k as u64,
+                        Err(e) => {
+                            let _ = to_decoders[turn].send(Ok(batch));
+                            let _ = to_decoders[(turn + 1) % n].send(Err(e));
+                            return;
+                        }
+                    }
+                    batch.push((line, at));
+                }
+                let last = batch.len() < BATCH;
+                if to_decoders[turn].send(Ok(batch)).is_err() || last {
+                    return;
+                }
+            }
+        })?;
+        let (tx, batches) = sync_channel(AHEAD);
+        std::thread::Builder::new().name("shoal-merge".into()).spawn(move || {
+            // A decoder that ends early (after the last batch, or an error
+            // passed on) ends the input: no later batch can come.
+            for turn in (0..n).cycle() {
+                let Ok(batch) = from_decoders[turn].recv() else { return };
+                let failed = batch.is_err();
+                if tx.send(batch).is_err() || failed {
+                    return;
+                }
+            }
         })?;
         Ok(Ahead {
             batches,
@@ -384,6 +477,95 @@ mod tests {
             };
             assert_eq!(*f, facts(&plan.streams, event));
             assert_eq!(f.len(), 2, "a count and a sum stream");
+        }
+    }
+
+    /// What a decoded line is, to compare: its offset, and its kind with
+    /// the bad line's text or the event's id and facts.
+    fn seen(p: &Prepared) -> (u64, String) {
+        let what = match &p.item {
+            Item::Blank => "blank".to_string(),
+            Item::Bad { reason, text } => format!("bad {reason} {}", String::from_utf8_lossy(text)),
+            Item::Event { event, facts } => format!("{} {} {facts:?}", event.key, event.time),
+        };
+        (p.offset, what)
+    }
+
+    /// Decoded on several threads, the lines come in input order, each with
+    /// its offset, over batch boundaries and an input that ends mid-batch or
+    /// on one; an input that fails mid-way gives every line before the
+    /// failure, then the error.
+    #[test]
+    fn several_decoding_threads_give_the_lines_of_one_in_order() {
+        let plan = spec();
+        let mut text = String::new();
+        let mut generator = crate::generate::Generator::new(&crate::generate::GenOptions {
+            users: 50,
+            events: 3_000,
+            ..Default::default()
+        });
+        let mut i = 0;
+        while let Some(l) = generator.next_line() {
+            text.push_str(l);
+            text.push('\n');
+            i += 1;
+            if i % 97 == 0 {
+                text.push_str("  \nnot json\n");
+            }
+        }
+        let bought = r#"{"type":"track","event":"Bought","userId":"u1","messageId":"m1","timestamp":"2024-01-01T00:00:00Z","properties":{"price":5}}"#;
+        text.push_str(bought);
+        let decode_all = |input: Vec<u8>, threads: usize| {
+            let reader: Box<dyn BufRead + Send> = Box::new(std::io::Cursor::new(input));
+            let mut ahead = Ahead::spawn(reader, 3, Decoding::all(&plan.streams).on_threads(threads)).expect("threads");
+            let mut got = Vec::new();
+            let end = loop {
+                match ahead.next_line() {
+                    Ok(Some(p)) => got.push(seen(&p)),
+                    Ok(None) => break None,
+                    Err(e) => break Some(e.to_string()),
+                }
+            };
+            (got, end)
+        };
+        for len in [text.len(), 256 * 40, 256 * 40 + 17, 0] {
+            let input = text.as_bytes()[..len.min(text.len())].to_vec();
+            let one = decode_all(input.clone(), 1);
+            for threads in [2, 3, 5] {
+                assert!(decode_all(input.clone(), threads) == one, "{threads} threads, {len} bytes");
+            }
+        }
+        let (all, _) = decode_all(text.clone().into_bytes(), 1);
+        assert!(all.len() > 3_000 && all.iter().any(|(_, w)| w.starts_with("bad")));
+        // A read that fails after 5,000 bytes.
+        struct Failing(std::io::Cursor<Vec<u8>>);
+        impl std::io::Read for Failing {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                if self.0.position() >= 5_000 {
+                    return Err(std::io::Error::other("disk gone"));
+                }
+                let n = buf.len().min(100);
+                self.0.read(&mut buf[..n])
+            }
+        }
+        for threads in [1, 3] {
+            let reader: Box<dyn BufRead + Send> =
+                Box::new(std::io::BufReader::new(Failing(std::io::Cursor::new(text.clone().into_bytes()))));
+            let mut ahead = Ahead::spawn(reader, 0, Decoding::all(&plan.streams).on_threads(threads)).expect("threads");
+            let mut lines = 0;
+            let err = loop {
+                match ahead.next_line() {
+                    Ok(Some(_)) => lines += 1,
+                    Ok(None) => panic!("the failure is reported"),
+                    Err(e) => break e,
+                }
+            };
+            assert_eq!(err.to_string(), "disk gone");
+            assert_eq!(all[..lines].iter().map(|(o, _)| *o).max(), all[..lines].last().map(|l| l.0));
+            assert!(
+                lines > 5 && all[lines - 1].0 <= 5_000,
+                "{threads} threads: {lines} lines before the failure"
+            );
         }
     }
 }

@@ -74,7 +74,7 @@ impl Feeder {
     pub fn new(plan: Rc<Plan>, inputs: Inputs, opts: &RunOptions) -> Feeder {
         Feeder {
             counted: plan.counted_streams(),
-            decoding: crate::ingest::decode::Decoding::new(&plan.streams, inputs.events.is_some()),
+            decoding: crate::ingest::decode::Decoding::new(&plan.streams, inputs.events.is_some()).on_threads(opts.decoders),
             plan,
             inputs,
             ingest: Ingest::new(opts.tick, opts.lateness, opts.dedupe_horizon),

@@ -30,6 +30,8 @@ pub struct RunOptions {
     pub idle: u64,
     /// Worker threads (in this process).
     pub workers: usize,
+    /// Threads decoding file input ahead of its reader (at least one).
+    pub decoders: usize,
     /// Where the id graph is kept; `None`: partitioned over the workers of
     /// a cluster of several processes, on one worker otherwise.
     pub identity: Option<crate::dataflow::identity::Placement>,
@@ -48,6 +50,7 @@ impl Default for RunOptions {
             idle: 1_000,
             workers: 1,
             identity: None,
+            decoders: 1,
             requests: Vec::new(),
         }
     }

@@ -91,8 +91,22 @@ impl Profile {
             share(wall.saturating_sub(total)),
             wall.saturating_sub(total).as_secs_f64()
         );
+        if let Some(cpu) = thread_cpu() {
+            out += &format!(
+                "  worker {index} thread CPU {:.3} s (on a core {:.0}% of its wall time)\n",
+                cpu.as_secs_f64(),
+                share(cpu)
+            );
+        }
         out
     }
+}
+
+/// The CPU time of the calling thread so far (Linux: the first field of
+/// `/proc/thread-self/schedstat`, nanoseconds on a CPU).
+fn thread_cpu() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    text.split_whitespace().next()?.parse().ok().map(Duration::from_nanos)
 }
 
 /// A profile with the instant its worker started.
