@@ -9,6 +9,7 @@
 //!     cargo bench --bench pipeline -- overload [RATE]  # memory while input is offered faster than it is processed
 //!     cargo bench --bench pipeline -- timers [N]       # N profiles whose trials end over a month: every timer fires
 //!     cargo bench --bench pipeline -- identity [N]     # id nodes per worker at 4 workers, one worker vs partitioned
+//!     cargo bench --bench pipeline -- input [N]        # side by side: plain serde_json, shoal's decoding on 1 and 2 threads, retail
 //!
 //! No assertion on time anywhere: these print, docs/performance.md records.
 //! Under `cargo test --all-targets` (no `--bench` flag) it runs a small smoke
@@ -52,6 +53,7 @@ fn timed(spec: &shoal::spec::Spec, source: Source, workers: usize) -> (f64, Summ
         spec.clone(),
         RunOptions {
             workers,
+            decoders: workers,
             ..RunOptions::default()
         },
         vec![source],
@@ -107,6 +109,71 @@ fn throughput(n: u64) {
         );
     }
     println!("peak RSS so far: {:.0} MiB", peak_rss_mib());
+}
+
+/// Input side by side, in one run over the same `n` generated events:
+/// one thread of plain `serde_json` decoding each line into a borrowed
+/// struct (the floor any JSON engine pays), shoal's decoding ahead on 1
+/// and 2 threads (parse, select, extract every stream's facts; no
+/// stamping), and the whole retail pipeline on 1 and 2 workers with as
+/// many decoders.
+fn input(n: u64) {
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Borrowed<'a> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        event: Option<&'a str>,
+        #[serde(rename = "userId")]
+        user_id: Option<&'a str>,
+        #[serde(rename = "anonymousId")]
+        anonymous_id: Option<&'a str>,
+        timestamp: Option<&'a str>,
+        #[serde(borrow)]
+        properties: Option<&'a serde_json::value::RawValue>,
+    }
+    let users = (n / 10).max(100);
+    let data = Arc::new(generated(n, users));
+    println!("## input: {n} generated events, {users} users, {} MB", data.len() / 1_000_000);
+    let started = Instant::now();
+    let ok = data
+        .split(|b| *b == b'\n')
+        .filter(|l| serde_json::from_slice::<Borrowed>(l).is_ok())
+        .count();
+    let floor = n as f64 / started.elapsed().as_secs_f64();
+    println!("serde_json, 1 thread, borrowed struct: {floor:>9.0} events/s ({ok} decoded)");
+    let retail = spec("dataflows/retail.toml");
+    let plan = shoal::plan::Plan::new(&retail);
+    for threads in [1, 2] {
+        let decoding = shoal::ingest::decode::Decoding::new(&plan.streams, false).on_threads(threads);
+        let reader: Box<dyn std::io::BufRead + Send> = Box::new(std::io::Cursor::new(data.to_vec()));
+        let started = Instant::now();
+        let mut ahead = shoal::ingest::decode::Ahead::spawn(reader, 0, decoding).expect("threads");
+        let mut lines = 0u64;
+        while ahead.next_line().expect("read").is_some() {
+            lines += 1;
+        }
+        let rate = lines as f64 / started.elapsed().as_secs_f64();
+        println!(
+            "shoal decoding, {threads} thread(s):       {rate:>9.0} events/s ({:.2} of serde_json)",
+            rate / floor
+        );
+    }
+    for workers in [1, 2] {
+        let (secs, _) = timed(
+            &retail,
+            Source::Bytes {
+                name: "bench".into(),
+                data: data.clone(),
+            },
+            workers,
+        );
+        let rate = n as f64 / secs;
+        println!(
+            "retail pipeline, {workers} worker(s):     {rate:>9.0} events/s ({:.2} of serde_json)",
+            rate / floor
+        );
+    }
 }
 
 fn synthetic(n: u64, users: u64, per_second: u64) -> Arc<Vec<u8>> {
@@ -669,6 +736,7 @@ fn main() {
         overload(20_000, 1);
         refit(20_000);
         identity(5_000);
+        input(5_000);
         return;
     }
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
@@ -691,6 +759,7 @@ fn main() {
         "checkpoint" => checkpoint(n(1_000_000)),
         "refit" => refit(n(1_000_000)),
         "identity" => identity(n(1_000_000)),
+        "input" => input(n(1_000_000)),
         "overload" => {
             // About the rate one worker sustains on this machine for this
             // spec, then 10x that.
