@@ -100,8 +100,8 @@ struct RunArgs {
     workers: usize,
     /// Threads decoding file input ahead of its reader (the JSON parsing and
     /// stream matching; stamping stays in input order) [default: --workers].
-    #[arg(long, value_name = "N")]
-    decoders: Option<usize>,
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    decoders: Option<u16>,
     /// Number of processes in a cluster run (timely's cluster mode).
     #[arg(long, default_value_t = 1)]
     processes: usize,
@@ -526,7 +526,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         until: args.until,
         idle: args.idle,
         workers: args.workers,
-        decoders: args.decoders.unwrap_or(args.workers).max(1),
+        decoders: args.decoders.map_or(args.workers, usize::from),
         identity: args.identity.map(|i| match i {
             IdentityArg::OneWorker => shoal::dataflow::identity::Placement::OneWorker,
             IdentityArg::Partitioned => shoal::dataflow::identity::Placement::Partitioned,

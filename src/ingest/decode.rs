@@ -12,6 +12,11 @@
 //! cores this takes about a third of the per-event work off the worker that
 //! reads, which is what limited a second worker (see `docs/performance.md`).
 //!
+//! With several threads ([`Decoding::on_threads`], `--decoders`), a
+//! `shoal-read` thread cuts the input into batches and deals them in turn
+//! to the decoding threads, and a `shoal-merge` thread takes them back in
+//! the same turn: the reader still gets every line in input order.
+//!
 //! Live sources (stdin) get the same, line by line, so that a line is
 //! never held back to fill a batch ([`live`]).
 //!
@@ -346,10 +351,19 @@ impl Ahead {
         })?;
         let (tx, batches) = sync_channel(AHEAD);
         std::thread::Builder::new().name("shoal-merge".into()).spawn(move || {
-            // A decoder that ends early (after the last batch, or an error
-            // passed on) ends the input: no later batch can come.
+            // A decoder that ends after the last batch (always short: an
+            // input of whole batches ends with an empty one) or an error
+            // passed on ends the input. One that ends after a full batch
+            // died: that is an error, not the end of the input.
+            let mut full = false;
             for turn in (0..n).cycle() {
-                let Ok(batch) = from_decoders[turn].recv() else { return };
+                let Ok(batch) = from_decoders[turn].recv() else {
+                    if full {
+                        let _ = tx.send(Err(std::io::Error::other("a decoding thread stopped")));
+                    }
+                    return;
+                };
+                full = batch.as_ref().is_ok_and(|b| b.len() == BATCH);
                 let failed = batch.is_err();
                 if tx.send(batch).is_err() || failed {
                     return;
@@ -528,7 +542,11 @@ mod tests {
             };
             (got, end)
         };
-        for len in [text.len(), 256 * 40, 256 * 40 + 17, 0] {
+        // Cut mid-batch, and after exactly one and two whole batches of
+        // lines (offsets start at 3).
+        let (whole, _) = decode_all(text.clone().into_bytes(), 1);
+        let batches = |k: usize| (whole[k * BATCH - 1].0 - 3) as usize;
+        for len in [text.len(), 256 * 40, 256 * 40 + 17, 0, batches(1), batches(2)] {
             let input = text.as_bytes()[..len.min(text.len())].to_vec();
             let one = decode_all(input.clone(), 1);
             for threads in [2, 3, 5] {
