@@ -456,12 +456,18 @@ pub fn expired(fact: &Fact, last: u64, windows: &[Option<u64>], tick: u64) -> bo
     windows[stream.index()].is_some_and(|w| crate::core::clock::tick_of(e.saturating_add(w), tick) <= last)
 }
 
+/// How many of the `sent` dead letters of the reader on `worker` a mark
+/// that counts `written` (dead letters written, by reader) has not
+/// written: the last ones sent.
+pub fn unwritten(worker: usize, sent: u64, written: &BTreeMap<usize, u64>) -> usize {
+    sent.saturating_sub(written.get(&worker).copied().unwrap_or(0)) as usize
+}
+
 impl ReaderState {
     /// Keeps only the dead letters not yet written as of a checkpoint that
-    /// counts `written` of this reader's (its letters are the last sent).
+    /// counts `written` of this reader's.
     pub fn unwritten(&mut self, written: &BTreeMap<usize, u64>) {
-        let unwritten = self.dead_sent.saturating_sub(written.get(&self.worker).copied().unwrap_or(0)) as usize;
-        let extra = self.dead.len().saturating_sub(unwritten);
+        let extra = self.dead.len().saturating_sub(unwritten(self.worker, self.dead_sent, written));
         self.dead.drain(..extra);
     }
 

@@ -185,10 +185,8 @@ impl Reader<'_> {
         self.advance_notes();
         let worker = self.worker.index();
         let ck = self.checkpoints.as_mut()?;
-        let unwritten = ck.dead_sent.saturating_sub(written.get(&worker).copied().unwrap_or(0)) as usize;
-        while ck.dead.len() > unwritten {
-            ck.dead.pop_front();
-        }
+        let extra = ck.dead.len().saturating_sub(checkpoint::unwritten(worker, ck.dead_sent, written));
+        ck.dead.drain(..extra);
         let (dead, dead_sent) = (ck.dead.iter().cloned().collect(), ck.dead_sent);
         let mut st = self.feeder.checkpoint(frontier, worker, position)?;
         st.dead = dead;
