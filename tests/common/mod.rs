@@ -399,3 +399,23 @@ pub fn cluster_until_done(
         };
     }
 }
+
+/// Whole runs through [`cluster_until_done`], each started afresh by
+/// `run(index, rng)` (which checks its output), until 20 kills and 10
+/// resumes from a checkpoint have landed, in at most 10 runs: how many
+/// kills a run takes depends on the machine's speed, not on what is
+/// checked.
+pub fn cluster_runs(seed: u64, mut run: impl FnMut(usize, &mut rand_chacha::ChaCha8Rng) -> ClusterLives) {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let (mut kills, mut resumed, mut runs) = (0, 0, 0);
+    while (kills < 20 || resumed < 10) && runs < 10 {
+        let lives = run(runs, &mut rng);
+        (kills, resumed, runs) = (kills + lives.kills, resumed + lives.resumed, runs + 1);
+    }
+    eprintln!("{kills} kills, {resumed} lives resumed from a checkpoint, {runs} runs to the end");
+    assert!(
+        kills >= 20 && resumed >= 10,
+        "only {kills} kills and {resumed} resumes in {runs} runs"
+    );
+}
