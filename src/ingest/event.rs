@@ -339,10 +339,7 @@ impl Event {
 
     /// Every link the event makes, as pairs of ids.
     pub fn links(&self) -> Vec<(Id, Id)> {
-        let owned = |(kind, name): IdRef| Id {
-            kind,
-            name: name.to_string(),
-        };
+        let owned = |(kind, name): IdRef| Id { kind, name: name.into() };
         self.link_refs().map(|(a, b)| (owned(a), owned(b))).collect()
     }
 

@@ -302,14 +302,7 @@ impl Identities {
         let t = s.effect;
         let mut node = |ticks: &mut FxHashMap<Key, u64>, kind: IdKind, name: &str, k: Key, ineligible: bool| {
             if let Some(old) = earliest(ticks, k, t) {
-                let label = (
-                    ineligible,
-                    Id {
-                        kind,
-                        name: name.to_string(),
-                    },
-                    k,
-                );
+                let label = (ineligible, Id { kind, name: name.into() }, k);
                 if old != u64::MAX {
                     nodes.push(((k, label.clone()), old, -1));
                 }

@@ -691,13 +691,7 @@ pub fn parse_id(text: &str) -> Option<(Key, Id)> {
     } else {
         return None;
     };
-    Some((
-        key_of(kind, name),
-        Id {
-            kind,
-            name: name.to_string(),
-        },
-    ))
+    Some((key_of(kind, name), Id { kind, name: name.into() }))
 }
 
 /// A value as JSON.
