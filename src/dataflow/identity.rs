@@ -58,9 +58,7 @@ pub fn requested<'s>(
     unlinked: Links<'s>,
 ) -> (Nodes<'s>, Links<'s>) {
     let gone = forgotten.map(|k| (k, ()));
-    let nodes_gone = nodes
-        .clone()
-        .join_total(gone.clone(), "ForgetNodes", |k, label, ()| (*k, label.clone()));
+    let nodes_gone = forgotten_nodes(nodes.clone(), gone.clone());
     // Links with their first end forgotten, their second, and both.
     let from = links.clone().join_total(gone.clone(), "ForgetFrom", |a, b, ()| (*b, *a));
     let to = links
@@ -79,6 +77,86 @@ pub fn requested<'s>(
         .join_total(pairs, "UnlinkForgotten", |p, (), ()| *p);
     let links_gone = forgotten_links.concat(cut).concat(cut_forgotten.negate());
     (nodes.concat(nodes_gone.negate()), links.concat(links_gone.negate()))
+}
+
+/// The nodes of forgotten ids: the semijoin of `nodes` with `gone`, as a
+/// join would give it (each label with the product of multiplicities, from
+/// the tick either side changes).
+///
+/// It keeps a row per id that was ever seen, for the rare forget, so the
+/// row is small: a node's labels are `(true, id, key)` and `(false, id,
+/// key)` with its own id and key, so the id is kept once with the two
+/// multiplicities, not as two labels in a vector (which cost about a
+/// tenth of a profile's memory). A label of any other shape (two ids
+/// whose keys collide) is kept apart, whole.
+fn forgotten_nodes<'s>(nodes: Nodes<'s>, gone: VecCollection<'s, u64, (Key, ()), isize>) -> Nodes<'s> {
+    use differential_dataflow::hashable::Hashable;
+    use rustc_hash::FxHashMap;
+
+    /// An id's labels by eligibility (`[eligible, not]`), and how many
+    /// times it is forgotten.
+    struct Row {
+        id: Id,
+        labels: [isize; 2],
+        gone: isize,
+    }
+    let mut rows: FxHashMap<Key, Row> = FxHashMap::default();
+    let mut odd: FxHashMap<Key, Vec<(Label, isize)>> = FxHashMap::default();
+    let by_key = (|(k, _): &(Key, Label)| k.hashed(), |(k, ()): &(Key, ())| k.hashed());
+    crate::dataflow::total::binary_by_tick(nodes, gone, "ForgetNodes", by_key, move |t, labels, gone, out, _| {
+        // Forgets meet the labels as they were, then labels meet the
+        // forgets as they are now, as a join's two sides do.
+        for ((k, ()), r) in gone.drain(..) {
+            if let Some(row) = rows.get_mut(&k) {
+                for (ineligible, n) in [false, true].into_iter().zip(row.labels) {
+                    if n != 0 {
+                        out.push(((k, (ineligible, row.id.clone(), k)), t, n * r));
+                    }
+                }
+            }
+            for (label, n) in odd.get(&k).into_iter().flatten() {
+                out.push(((k, label.clone()), t, n * r));
+            }
+            let row = rows.entry(k).or_insert_with(|| Row {
+                id: Id::user(""),
+                labels: [0, 0],
+                gone: 0,
+            });
+            row.gone += r;
+            if row.labels == [0, 0] && row.gone == 0 {
+                rows.remove(&k);
+            }
+        }
+        for ((k, label), r) in labels.drain(..) {
+            let row = rows.entry(k).or_insert_with(|| Row {
+                id: label.1.clone(),
+                labels: [0, 0],
+                gone: 0,
+            });
+            if row.labels == [0, 0] && label.2 == k {
+                row.id.clone_from(&label.1);
+            }
+            if row.gone != 0 {
+                out.push(((k, label.clone()), t, r * row.gone));
+            }
+            if label.2 == k && label.1 == row.id {
+                row.labels[label.0 as usize] += r;
+            } else {
+                let kept = odd.entry(k).or_default();
+                match kept.iter().position(|(l, _)| *l == label) {
+                    Some(at) => kept[at].1 += r,
+                    None => kept.push((label, r)),
+                }
+                kept.retain(|(_, n)| *n != 0);
+                if kept.is_empty() {
+                    odd.remove(&k);
+                }
+            }
+            if row.labels == [0, 0] && row.gone == 0 {
+                rows.remove(&k);
+            }
+        }
+    })
 }
 
 /// Where the id graph is kept and labels propagate.
@@ -125,4 +203,83 @@ pub fn named<'s>(
 ) -> VecCollection<'s, u64, (SegmentId, Id), isize> {
     let by_profile = members.map(|(segment, profile)| (profile, segment));
     by_profile.join_total(names, "Names", |_, segment, id| (*segment, id.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use differential_dataflow::consolidation::consolidate_updates;
+    use differential_dataflow::input::Input;
+    use proptest::prelude::*;
+    use timely::dataflow::operators::Inspect;
+
+    use super::*;
+
+    type Out = Vec<((Key, Label), u64, isize)>;
+
+    /// A node update: key, label (the node's own id and key when `own`,
+    /// else another id: a colliding key), tick, diff.
+    fn node_update() -> impl Strategy<Value = ((Key, Label), u64, isize)> {
+        (
+            0u64..4,
+            any::<bool>(),
+            any::<bool>(),
+            0u64..10,
+            prop_oneof![Just(1isize), Just(-1), Just(2)],
+        )
+            .prop_map(|(k, ineligible, own, t, r)| {
+                let id = Id::user(if own { format!("u{k}") } else { format!("other{k}") });
+                ((k, (ineligible, id, if own { k } else { k + 100 })), t, r)
+            })
+    }
+
+    proptest! {
+        /// `forgotten_nodes` is the semijoin of the nodes with the
+        /// forgotten ids: the same updates at the same ticks, on one and
+        /// two workers, for any history (labels and forgets in any order,
+        /// retracted, with any multiplicity, and labels of other shapes).
+        #[test]
+        fn forgotten_nodes_is_the_semijoin(
+            nodes in prop::collection::vec(node_update(), 0..40),
+            gone in prop::collection::vec((0u64..4, 0u64..10, prop_oneof![Just(1isize), Just(-1)]), 0..8),
+            workers in 1usize..3,
+        ) {
+            let ours: Arc<Mutex<Out>> = Arc::default();
+            let theirs: Arc<Mutex<Out>> = Arc::default();
+            let (o, th) = (ours.clone(), theirs.clone());
+            timely::execute(timely::Config::process(workers), move |worker| {
+                let (o, th) = (o.clone(), th.clone());
+                let (mut n_in, mut g_in) = worker.dataflow::<u64, _, _>(|scope| {
+                    let (n_in, n) = scope.new_collection::<(Key, Label), isize>();
+                    let (g_in, g) = scope.new_collection::<Key, isize>();
+                    forgotten_nodes(n.clone(), g.clone().map(|k| (k, ()))).inner.inspect(move |x| o.lock().unwrap().push(x.clone()));
+                    n.semijoin(g).inner.inspect(move |x| th.lock().unwrap().push(x.clone()));
+                    (n_in, g_in)
+                });
+                if worker.index() == 0 {
+                    for tick in 0..12 {
+                        for (d, _, r) in nodes.iter().filter(|u| u.1 == tick) {
+                            n_in.update(d.clone(), *r);
+                        }
+                        for (k, _, r) in gone.iter().filter(|u| u.1 == tick) {
+                            g_in.update(*k, *r);
+                        }
+                        n_in.advance_to(tick + 1);
+                        g_in.advance_to(tick + 1);
+                        n_in.flush();
+                        g_in.flush();
+                        worker.step();
+                    }
+                }
+            })
+            .expect("timely runs");
+            let take = |s: &Arc<Mutex<Out>>| {
+                let mut v = std::mem::take(&mut *s.lock().unwrap());
+                consolidate_updates(&mut v);
+                v
+            };
+            prop_assert_eq!(take(&ours), take(&theirs));
+        }
+    }
 }
