@@ -513,10 +513,16 @@ fn emit_change<K: Clone, O: Ord + Clone>(key: &K, old: &[(O, isize)], new: &[(O,
 /// doubled since the last time (amortised O(log n) per update), before they
 /// are read whole, and when their multiplicities sum to zero, which in a
 /// collection without negative multiplicities means the side is empty.
+///
+/// The two counters are 32-bit, so that a side is a vector and eight bytes
+/// and a key's entry in a join's hash map is 72 bytes, not 88 (there is an
+/// entry per id and per profile). `net` only decides when to consolidate
+/// early, never what a side holds, so its wrapping (more than 2³¹ updates
+/// of one key held at once) costs time at most, not correctness.
 struct Side<V> {
     updates: Vec<(V, isize)>,
-    consolidated: usize,
-    net: isize,
+    consolidated: u32,
+    net: i32,
 }
 
 impl<V: Ord> Side<V> {
@@ -533,22 +539,22 @@ impl<V: Ord> Side<V> {
     /// join's work), and a side whose values all left is seen to be empty
     /// (and dropped) at once.
     fn push(&mut self, v: V, r: isize) {
-        self.net += r;
-        if self.consolidated == self.updates.len() && self.updates.len() < 8 {
+        self.net = self.net.wrapping_add(r as i32);
+        if self.consolidated as usize == self.updates.len() && self.updates.len() < 8 {
             merge_one(&mut self.updates, v, r);
-            self.consolidated = self.updates.len();
+            self.consolidated = self.updates.len() as u32;
             return;
         }
         room(&mut self.updates);
         self.updates.push((v, r));
-        if self.net == 0 || self.updates.len() > 2 * self.consolidated {
+        if self.net == 0 || self.updates.len() > 2 * self.consolidated as usize {
             self.consolidate();
         }
     }
 
     fn consolidate(&mut self) {
         consolidate(&mut self.updates);
-        self.consolidated = self.updates.len();
+        self.consolidated = self.updates.len() as u32;
     }
 }
 
@@ -801,7 +807,10 @@ where
 }
 
 /// The state of [`propagate`]: nodes with their labels, edges and
-/// component; components with their members and least label.
+/// component; components with their members and least label. A node
+/// alone in its component (most ids: a profile of one id) has no entry in
+/// `comps` ([`ALONE`]): its least label is its own least, found when it
+/// changes, and it gets an entry when an edge joins it to another.
 struct Graph<N, L> {
     nodes: FxHashMap<N, Node<N, L>>,
     comps: FxHashMap<u64, Comp<N, L>>,
@@ -814,6 +823,16 @@ struct Node<N, L> {
     labels: Vec<(L, isize)>,
     edges: Vec<(N, isize)>,
     comp: u64,
+}
+
+/// The component of a node alone in it, which has no entry in `comps`.
+const ALONE: u64 = u64::MAX;
+
+impl<N, L: Ord + Clone> Node<N, L> {
+    /// The least of the node's own labels.
+    fn least(&self) -> Option<L> {
+        self.labels.iter().map(|(l, _)| l).min().cloned()
+    }
 }
 
 struct Comp<N, L> {
@@ -852,26 +871,35 @@ fn add<V: PartialEq>(into: &mut Vec<(V, isize)>, v: V, r: isize) -> bool {
 }
 
 impl<N: Clone + Hash + Eq, L: Clone + Ord> Graph<N, L> {
-    /// The node `n`, made a component of its own if new.
+    /// The node `n`, alone in its component if new.
     fn node(&mut self, n: &N) -> &mut Node<N, L> {
         if !self.nodes.contains_key(n) {
-            let comp = self.next;
-            self.next += 1;
-            self.comps.insert(
-                comp,
-                Comp {
-                    members: vec![n.clone()],
-                    least: None,
-                },
-            );
             let node = Node {
                 labels: Vec::new(),
                 edges: Vec::new(),
-                comp,
+                comp: ALONE,
             };
             self.nodes.insert(n.clone(), node);
         }
         self.nodes.get_mut(n).expect("just made")
+    }
+
+    /// The component of `n`, given an entry in `comps` if `n` is alone.
+    fn comp(&mut self, n: &N) -> u64 {
+        let node = self.nodes.get_mut(n).expect("a node");
+        if node.comp == ALONE {
+            node.comp = self.next;
+            self.next += 1;
+            let least = node.least();
+            self.comps.insert(
+                node.comp,
+                Comp {
+                    members: vec![n.clone()],
+                    least,
+                },
+            );
+        }
+        node.comp
     }
 
     /// Gives component `c` the least label `least`, emitting the change for
@@ -895,6 +923,16 @@ impl<N: Clone + Hash + Eq, L: Clone + Ord> Graph<N, L> {
     fn label(&mut self, n: N, l: L, r: isize, emit: &mut impl FnMut(&N, &L, isize)) {
         let node = self.node(&n);
         let c = node.comp;
+        if c == ALONE {
+            let old = node.least();
+            add(&mut node.labels, l, r);
+            let new = node.least();
+            if old != new {
+                old.into_iter().for_each(|old| emit(&n, &old, -1));
+                new.into_iter().for_each(|new| emit(&n, &new, 1));
+            }
+            return;
+        }
         if add(&mut node.labels, l.clone(), r) {
             self.dirty.push(n);
             return;
@@ -912,10 +950,14 @@ impl<N: Clone + Hash + Eq, L: Clone + Ord> Graph<N, L> {
             self.dirty.push(a);
             return;
         }
-        let (ca, cb) = (node.comp, self.nodes[&b].comp);
-        if ca == cb {
+        if a == b {
             return;
         }
+        let (ca, cb) = (node.comp, self.nodes[&b].comp);
+        if ca == cb && ca != ALONE {
+            return;
+        }
+        let (ca, cb) = (self.comp(&a), self.comp(&b));
         // The smaller component joins the larger; each side whose least
         // label is not the merged one is relabelled first.
         let (big, small) = if self.comps[&ca].members.len() >= self.comps[&cb].members.len() {
@@ -938,6 +980,7 @@ impl<N: Clone + Hash + Eq, L: Clone + Ord> Graph<N, L> {
     fn rebuild(&mut self, emit: &mut impl FnMut(&N, &L, isize)) {
         for n in std::mem::take(&mut self.dirty) {
             let c = self.nodes[&n].comp;
+            // A node alone has its least label already (see `label`).
             let Some(comp) = self.comps.remove(&c) else { continue };
             // Members keep their old component until they are searched.
             let mut unseen: rustc_hash::FxHashSet<N> = comp.members.iter().cloned().collect();
@@ -970,7 +1013,11 @@ impl<N: Clone + Hash + Eq, L: Clone + Ord> Graph<N, L> {
                         }
                     }
                 }
-                self.comps.insert(id, Comp { members, least });
+                if members.len() == 1 {
+                    self.nodes.get_mut(&members[0]).expect("a member").comp = ALONE;
+                } else {
+                    self.comps.insert(id, Comp { members, least });
+                }
             }
         }
     }
