@@ -35,8 +35,9 @@ fn main() {
         let seen = seen_by_workers.clone();
         let (inputs, probe) = worker.dataflow::<u64, _, _>(|scope| {
             let (inputs, collections) = build(scope, &plan, opts.tick);
-            // Members carry profile keys; `named` joins them with the profiles' ids.
-            let (probe, _) = shoal::dataflow::identity::named(collections.members, collections.names)
+            // Members carry the profiles' names (their least eligible ids).
+            let (probe, _) = collections
+                .members
                 .consolidate()
                 .inspect(move |((segment, profile), tick, diff)| seen.lock().unwrap().push((*tick, *segment, profile.to_string(), *diff)))
                 .probe();

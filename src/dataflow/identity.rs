@@ -24,7 +24,6 @@
 use differential_dataflow::VecCollection;
 
 use crate::core::id::Id;
-use crate::core::id::SegmentId;
 use crate::core::id::{Key, Label};
 use crate::dataflow::total::TotalOps;
 
@@ -194,15 +193,6 @@ pub fn profiles<'s>(
 /// The profiles that exist: one per component with an eligible id.
 pub fn universe<'s>(names: VecCollection<'s, u64, (Key, Id), isize>) -> VecCollection<'s, u64, Key, isize> {
     names.map(|(profile, _)| profile)
-}
-
-/// Names the profiles of `(segment, profile)` memberships.
-pub fn named<'s>(
-    members: VecCollection<'s, u64, (SegmentId, Key), isize>,
-    names: VecCollection<'s, u64, (Key, Id), isize>,
-) -> VecCollection<'s, u64, (SegmentId, Id), isize> {
-    let by_profile = members.map(|(segment, profile)| (profile, segment));
-    by_profile.join_total(names, "Names", |_, segment, id| (*segment, id.clone()))
 }
 
 #[cfg(test)]

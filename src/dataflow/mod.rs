@@ -85,8 +85,9 @@ impl Inputs {
 
 /// The collections a spec maintains.
 pub struct Collections<'s> {
-    /// `(segment index, profile)` for every member of every segment.
-    pub members: VecCollection<'s, u64, (SegmentId, Key), isize>,
+    /// `(segment index, the profile's name)` for every member of every
+    /// segment.
+    pub members: VecCollection<'s, u64, (SegmentId, crate::core::id::Id), isize>,
     /// `(profile, its id)` for every profile.
     pub names: VecCollection<'s, u64, (Key, crate::core::id::Id), isize>,
     /// Every profile that exists.
@@ -183,7 +184,7 @@ pub fn build_with<'s>(
     {
         atoms = atoms.concat(more);
     }
-    let members = rules::segments(atoms, universe.clone(), plan.clone());
+    let members = rules::segments(atoms, names.clone(), plan.clone());
     (
         Inputs {
             facts: facts_in,

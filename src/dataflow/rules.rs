@@ -36,7 +36,8 @@ use crate::core::value::Value;
 use crate::dataflow::total::{binary_by_tick, TotalOps};
 use crate::plan::{Formula, Plan};
 
-type Profiles<'s> = VecCollection<'s, u64, Key, isize>;
+/// The universe with each profile's name: `(profile, name)`.
+type Profiles<'s, N> = VecCollection<'s, u64, (Key, N), isize>;
 
 /// `((atom, profile), holds)` from term rows, for what the terms stage
 /// does not evaluate itself ([`Plan::flips`]): the atoms over one term of a
@@ -103,25 +104,28 @@ pub fn atoms<'s>(
 }
 
 /// One profile's state in `Segments`: whether it exists (its universe
-/// multiplicity) and whether that changed at this tick, and four bit sets
-/// of `words` words each, side by side: the atoms with a row, their
-/// values, the segments it is in, and the atoms updated at this tick.
+/// multiplicity) and whether that changed at this tick, its name, and four
+/// bit sets of `words` words each, side by side: the atoms with a row,
+/// their values, the segments it is in, and the atoms updated at this tick.
 /// Inline up to 64 atoms and 64 segments, so a profile is one hash-map
 /// entry with no allocation of its own.
-#[derive(Default)]
-struct Held {
+struct Held<N> {
     exists: isize,
     touched: bool,
     moved: bool,
+    name: Option<N>,
     bits: smallvec::SmallVec<[u64; 4]>,
 }
 
-impl Held {
+impl<N> Held<N> {
     /// `p`'s state, new if it has none, noted as touched at this tick.
-    fn of<'a>(held: &'a mut rustc_hash::FxHashMap<Key, Held>, touched: &mut Vec<Key>, p: Key, words: usize) -> &'a mut Held {
+    fn of<'a>(held: &'a mut rustc_hash::FxHashMap<Key, Held<N>>, touched: &mut Vec<Key>, p: Key, words: usize) -> &'a mut Held<N> {
         let h = held.entry(p).or_insert_with(|| Held {
+            exists: 0,
+            touched: false,
+            moved: false,
+            name: None,
             bits: smallvec::smallvec![0; 4 * words],
-            ..Held::default()
         });
         if !h.touched {
             h.touched = true;
@@ -134,6 +138,20 @@ impl Held {
 /// Whether bit `i` of `words` is set.
 fn bit(words: &[u64], i: usize) -> bool {
     words[i / 64] >> (i % 64) & 1 == 1
+}
+
+/// The indices of the bits set in `words`.
+fn ones(words: &[u64]) -> impl Iterator<Item = usize> + '_ {
+    words.iter().enumerate().flat_map(|(i, &w)| {
+        let mut w = w;
+        std::iter::from_fn(move || {
+            (w != 0).then(|| {
+                let s = i * 64 + w.trailing_zeros() as usize;
+                w &= w - 1;
+                s
+            })
+        })
+    })
 }
 
 /// Whether `a` and `b` share a set bit.
@@ -169,8 +187,9 @@ fn set(words: &mut [u64], i: usize, to: bool) {
     }
 }
 
-/// The members of every segment, as `(segment, profile)`, from the atom
-/// values [`atoms`] gives and the universe: one operator keyed by profile
+/// The members of every segment, as `(segment, the profile's name)`, from
+/// the atom values [`atoms`] gives and the universe with each profile's
+/// name (`crate::dataflow::identity`'s `names`): one operator keyed by profile
 /// that keeps each profile's atom values and memberships as bit sets
 /// ([`Held`]). A tick's changed profiles evaluate, in `in_segment` order,
 /// the formulas that read an atom updated at the tick or a segment whose
@@ -183,11 +202,22 @@ fn set(words: &mut [u64], i: usize, to: bool) {
 /// row, or one reduce, is its only source), so a tick's updates are
 /// consolidated, its retractions applied before its insertions, and a row
 /// is a bit, not a multiset.
-pub fn segments<'s>(
+///
+/// Memberships come out named: the profile's name is kept in its row here,
+/// where a row per profile is kept anyway, instead of a join of every
+/// membership with every profile's name (a hash-map entry per profile, a
+/// tenth of a profile's memory, and an exchange per membership change).
+/// A profile has one name (its key is its name's hash); should a name
+/// change (two ids whose keys collide), the memberships held move to the
+/// new one.
+pub fn segments<'s, N>(
     atoms: VecCollection<'s, u64, AtomRow, isize>,
-    universe: Profiles<'s>,
+    universe: Profiles<'s, N>,
     plan: Rc<Plan>,
-) -> VecCollection<'s, u64, (SegmentId, Key), isize> {
+) -> VecCollection<'s, u64, (SegmentId, N), isize>
+where
+    N: timely::ExchangeData + Clone + PartialEq,
+{
     use differential_dataflow::hashable::Hashable;
     let words = plan.atoms.len().max(plan.segments.len()).div_ceil(64).max(1);
     let mut empty = vec![0u64; words];
@@ -199,17 +229,24 @@ pub fn segments<'s>(
         );
     }
     let reads: Vec<_> = plan.segments.iter().map(|s| reads(&s.formula, words)).collect();
-    let mut held: rustc_hash::FxHashMap<Key, Held> = Default::default();
+    let mut held: rustc_hash::FxHashMap<Key, Held<N>> = Default::default();
     let mut touched: Vec<Key> = Vec::new();
+    // Profiles renamed at this tick, with their old names.
+    let mut renamed: Vec<(Key, N)> = Vec::new();
     // Reused for every profile: which atoms hold, which segments it is in,
     // which memberships changed.
-    let (mut holds, mut member, mut flipped) = (vec![0u64; words], vec![0u64; words], vec![0u64; words]);
-    let by_profile = (|((_, p), _): &AtomRow| p.hashed(), |p: &Key| p.hashed());
+    let (mut holds, mut member, mut flipped, mut changed) = (vec![0u64; words], vec![0u64; words], vec![0u64; words], vec![0u64; words]);
+    let by_profile = (|((_, p), _): &AtomRow| p.hashed(), |(p, _): &(Key, N)| p.hashed());
     binary_by_tick(atoms, universe, "Segments", by_profile, move |t, rows, exists, out, _| {
-        for &(p, r) in exists.iter() {
+        for ((p, name), r) in exists.drain(..) {
             let h = Held::of(&mut held, &mut touched, p, words);
             h.exists += r;
             h.moved = true;
+            if r > 0 && h.name.as_ref() != Some(&name) {
+                if let Some(old) = h.name.replace(name) {
+                    renamed.push((p, old));
+                }
+            }
         }
         // Consolidated, then retractions first: a changed atom's old row
         // goes before its new one.
@@ -236,6 +273,17 @@ pub fn segments<'s>(
             let (present, rest) = h.bits.split_at_mut(words);
             let (values, rest) = rest.split_at_mut(words);
             let (was, dirty) = rest.split_at_mut(words);
+            // Named before it can be in a segment: only a profile in the
+            // universe is, and the universe brings its name.
+            let name = || h.name.as_ref().expect("a member has a name");
+            if let Some(at) = renamed.iter().position(|(q, _)| *q == p) {
+                let (_, old) = renamed.swap_remove(at);
+                let name = name();
+                for s in ones(was) {
+                    out.push(((SegmentId::of(s), old.clone()), t, -1));
+                    out.push(((SegmentId::of(s), name.clone()), t, 1));
+                }
+            }
             member.iter_mut().for_each(|w| *w = 0);
             if h.exists > 0 {
                 for (i, w) in holds.iter_mut().enumerate() {
@@ -260,13 +308,12 @@ pub fn segments<'s>(
             }
             h.moved = false;
             dirty.iter_mut().for_each(|w| *w = 0);
-            for (i, (old, new)) in was.iter().zip(&member).enumerate() {
-                let mut changed = old ^ new;
-                while changed != 0 {
-                    let s = i * 64 + changed.trailing_zeros() as usize;
-                    changed &= changed - 1;
-                    out.push(((SegmentId::of(s), p), t, if bit(&member, s) { 1 } else { -1 }));
-                }
+            changed
+                .iter_mut()
+                .zip(was.iter().zip(&member))
+                .for_each(|(c, (old, new))| *c = old ^ new);
+            for s in ones(&changed) {
+                out.push(((SegmentId::of(s), name().clone()), t, if bit(&member, s) { 1 } else { -1 }));
             }
             was.copy_from_slice(&member);
             if h.exists <= 0 && present.iter().all(|w| *w == 0) {
@@ -350,6 +397,34 @@ when = "not in_segment('b') or sum('A', x, 1h) > 3"
     /// A profile entering or leaving the universe: (tick, profile, enters).
     type Move = (u64, u64, bool);
 
+    /// Memberships carry the profile's name; a profile whose name changes
+    /// (two ids whose keys collide) moves its memberships to the new name,
+    /// as a join of memberships with names would.
+    #[test]
+    fn memberships_follow_the_profiles_name() {
+        let got: Arc<Mutex<Vec<((SegmentId, String), u64, isize)>>> = Arc::default();
+        let g = got.clone();
+        timely::execute(timely::Config::process(1), move |worker| {
+            let (g, plan) = (g.clone(), Rc::new(plan("[[segment]]\nname = \"idle\"\nwhen = \"count('A', 1h) == 0\"\n")));
+            let (mut a_in, mut u_in) = worker.dataflow::<u64, _, _>(|scope| {
+                let (a_in, atoms) = scope.new_collection::<AtomRow, isize>();
+                let (u_in, universe) = scope.new_collection::<(Key, String), isize>();
+                segments(atoms, universe, plan).inner.inspect(move |x| g.lock().unwrap().push(x.clone()));
+                (a_in, u_in)
+            });
+            for (d, t, r) in [((7, "x"), 0, 1), ((7, "x"), 1, -1), ((7, "y"), 1, 1), ((7, "y"), 2, -1)] {
+                u_in.update_at((d.0, d.1.to_string()), t, r);
+            }
+            a_in.advance_to(3);
+            u_in.advance_to(3);
+        })
+        .expect("timely runs");
+        let mut got = std::mem::take(&mut *got.lock().unwrap());
+        consolidate_updates(&mut got);
+        let idle = |n: &str| (SegmentId::of(0), n.to_string());
+        assert_eq!(got, vec![(idle("x"), 0, 1), (idle("x"), 1, -1), (idle("y"), 1, 1), (idle("y"), 2, -1)]);
+    }
+
     proptest! {
         #[test]
         fn segments_match_a_recomputation_at_every_tick(
@@ -414,7 +489,8 @@ when = "not in_segment('b') or sum('A', x, 1h) > 3"
             let (mut a_in, mut u_in) = worker.dataflow::<u64, _, _>(|scope| {
                 let (a_in, atoms) = scope.new_collection();
                 let (u_in, universe) = scope.new_collection();
-                segments(atoms, universe, plan).inner.inspect(move |x| g.lock().unwrap().push(*x));
+                let named = universe.map(|p: Key| (p, p));
+                segments(atoms, named, plan).inner.inspect(move |x| g.lock().unwrap().push(*x));
                 (a_in, u_in)
             });
             if worker.index() == 0 {

@@ -88,7 +88,7 @@ pub(super) fn run_worker(
         use timely::dataflow::operators::{Input, Probe};
         let (mut inputs, built) = build_with(scope, &plan, opts.tick, memory, serving, placement);
         let notes = scope.input_from(&mut notes).container::<Vec<Note>>();
-        let mut members = identity::named(built.members, built.names.clone()).map(|(s, id)| crate::output::sink::Upd::Member(s, id));
+        let mut members = built.members.map(|(s, id)| crate::output::sink::Upd::Member(s, id));
         if serving {
             use crate::output::sink::Upd;
             let terms = built
