@@ -402,14 +402,20 @@ when = "not in_segment('b') or sum('A', x, 1h) > 3"
     /// as a join of memberships with names would.
     #[test]
     fn memberships_follow_the_profiles_name() {
-        let got: Arc<Mutex<Vec<((SegmentId, String), u64, isize)>>> = Arc::default();
+        type Named = Vec<((SegmentId, String), u64, isize)>;
+        let got: Arc<Mutex<Named>> = Arc::default();
         let g = got.clone();
         timely::execute(timely::Config::process(1), move |worker| {
-            let (g, plan) = (g.clone(), Rc::new(plan("[[segment]]\nname = \"idle\"\nwhen = \"count('A', 1h) == 0\"\n")));
+            let (g, plan) = (
+                g.clone(),
+                Rc::new(plan("[[segment]]\nname = \"idle\"\nwhen = \"count('A', 1h) == 0\"\n")),
+            );
             let (mut a_in, mut u_in) = worker.dataflow::<u64, _, _>(|scope| {
                 let (a_in, atoms) = scope.new_collection::<AtomRow, isize>();
                 let (u_in, universe) = scope.new_collection::<(Key, String), isize>();
-                segments(atoms, universe, plan).inner.inspect(move |x| g.lock().unwrap().push(x.clone()));
+                segments(atoms, universe, plan)
+                    .inner
+                    .inspect(move |x| g.lock().unwrap().push(x.clone()));
                 (a_in, u_in)
             });
             for (d, t, r) in [((7, "x"), 0, 1), ((7, "x"), 1, -1), ((7, "y"), 1, 1), ((7, "y"), 2, -1)] {
@@ -422,7 +428,10 @@ when = "not in_segment('b') or sum('A', x, 1h) > 3"
         let mut got = std::mem::take(&mut *got.lock().unwrap());
         consolidate_updates(&mut got);
         let idle = |n: &str| (SegmentId::of(0), n.to_string());
-        assert_eq!(got, vec![(idle("x"), 0, 1), (idle("x"), 1, -1), (idle("y"), 1, 1), (idle("y"), 2, -1)]);
+        assert_eq!(
+            got,
+            vec![(idle("x"), 0, 1), (idle("x"), 1, -1), (idle("y"), 1, 1), (idle("y"), 2, -1)]
+        );
     }
 
     proptest! {
