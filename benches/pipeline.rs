@@ -180,6 +180,53 @@ fn synthetic(n: u64, users: u64, per_second: u64) -> Arc<Vec<u8>> {
     Arc::new(shoal::generate::synthetic(n, users, per_second, &["view", "add", "buy"]))
 }
 
+/// This process's CPU time (user and system) so far, in seconds, from
+/// `/proc/self/stat` (clock ticks of 10 ms).
+fn process_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<u64> = rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after it.
+    (fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0)) as f64 / 100.0
+}
+
+/// The cost of a tick at many workers: retail.toml live, `rate` events/s
+/// offered (paced, event time = wall time) for `seconds` s at `--tick 10ms`
+/// (100 ticks a second), on 1 to 32 workers in one process. At a low rate a
+/// tick's cost is mostly the dataflow's fixed cost per tick: progress
+/// tracking (each operator's frontier changes, sent to every worker) and
+/// scheduling every operator, both of which grow with the workers. Prints
+/// the process's CPU per tick, and per tick and worker. On this 2-core
+/// machine, once the CPU nears 2 s per wall second the figure is a floor.
+fn progress(rate: u64, seconds: u64) {
+    let tick = 10;
+    let n = rate * seconds;
+    let data = Arc::new(shoal::generate::synthetic(n, (n / 20).max(50), rate, &["Product Viewed", "Product Added", "Order Completed"]));
+    println!("## progress: retail.toml live, {rate} events/s for {seconds} s, --tick {tick}ms");
+    for workers in [1, 2, 4, 8, 16, 32] {
+        let opts = RunOptions {
+            tick,
+            lateness: 0,
+            idle: tick,
+            workers,
+            ..RunOptions::default()
+        };
+        let job = Job::quiet(spec("dataflows/retail.toml"), opts, vec![Source::Paced { data: data.clone(), rate: rate as f64 }]);
+        let (cpu, started) = (process_cpu(), Instant::now());
+        let summary = run(job).expect("run");
+        let (cpu, wall) = (process_cpu() - cpu, started.elapsed().as_secs_f64());
+        let ticks = wall * 1000.0 / tick as f64;
+        let per_tick = cpu / ticks * 1e6;
+        println!(
+            "{workers:>2} workers: {wall:>5.2} s wall, {cpu:>5.2} s CPU ({:>3.0}% of 2 cores), {per_tick:>7.0} µs CPU per tick, {:>5.0} µs per tick and worker ({} events)",
+            cpu / wall / 2.0 * 100.0,
+            per_tick / workers as f64,
+            summary.accepted
+        );
+    }
+}
+
 fn windows(n: u64) {
     let data = synthetic(n, 100_000, 100);
     println!("## windows: one count, {n} events, 100k users, 100 events/s of event time");
@@ -737,6 +784,7 @@ fn main() {
         refit(20_000);
         identity(5_000);
         input(5_000);
+        progress(200, 1);
         return;
     }
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
@@ -760,6 +808,7 @@ fn main() {
         "refit" => refit(n(1_000_000)),
         "identity" => identity(n(1_000_000)),
         "input" => input(n(1_000_000)),
+        "progress" => progress(n(1_000), args.get(2).and_then(|a| a.parse().ok()).unwrap_or(5)),
         "overload" => {
             // About the rate one worker sustains on this machine for this
             // spec, then 10x that.
