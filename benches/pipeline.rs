@@ -202,7 +202,12 @@ fn process_cpu() -> f64 {
 fn progress(rate: u64, seconds: u64) {
     let tick = 10;
     let n = rate * seconds;
-    let data = Arc::new(shoal::generate::synthetic(n, (n / 20).max(50), rate, &["Product Viewed", "Product Added", "Order Completed"]));
+    let data = Arc::new(shoal::generate::synthetic(
+        n,
+        (n / 20).max(50),
+        rate,
+        &["Product Viewed", "Product Added", "Order Completed"],
+    ));
     println!("## progress: retail.toml live, {rate} events/s for {seconds} s, --tick {tick}ms");
     for workers in [1, 2, 4, 8, 16, 32] {
         let opts = RunOptions {
@@ -212,7 +217,14 @@ fn progress(rate: u64, seconds: u64) {
             workers,
             ..RunOptions::default()
         };
-        let job = Job::quiet(spec("dataflows/retail.toml"), opts, vec![Source::Paced { data: data.clone(), rate: rate as f64 }]);
+        let job = Job::quiet(
+            spec("dataflows/retail.toml"),
+            opts,
+            vec![Source::Paced {
+                data: data.clone(),
+                rate: rate as f64,
+            }],
+        );
         let (cpu, started) = (process_cpu(), Instant::now());
         let summary = run(job).expect("run");
         let (cpu, wall) = (process_cpu() - cpu, started.elapsed().as_secs_f64());

@@ -247,15 +247,73 @@ where
 /// by half rather than doubling from four: most keys hold one or two
 /// values, and with millions of keys the slack of `Vec`'s growth was a
 /// large part of the memory per profile.
-fn room<T>(v: &mut Vec<T>) {
+fn room<T, S: Store<T>>(v: &mut S) {
     if v.len() == v.capacity() {
         v.reserve_exact((v.len() / 2).max(1));
     }
 }
 
+/// What per-key updates are kept in: a vector, or a small vector with room
+/// for one inline where a key mostly has one small value (the profile an
+/// id belongs to, on the right of the joins that re-key facts), so that
+/// one value costs no allocation.
+trait Store<T>: Default + std::ops::DerefMut<Target = [T]> {
+    fn capacity(&self) -> usize;
+    fn reserve_exact(&mut self, more: usize);
+    fn insert(&mut self, at: usize, t: T);
+    fn remove(&mut self, at: usize) -> T;
+    fn push(&mut self, t: T);
+    fn truncate(&mut self, len: usize);
+}
+
+impl<T> Store<T> for Vec<T> {
+    fn capacity(&self) -> usize {
+        Vec::capacity(self)
+    }
+    fn reserve_exact(&mut self, more: usize) {
+        Vec::reserve_exact(self, more)
+    }
+    fn insert(&mut self, at: usize, t: T) {
+        Vec::insert(self, at, t)
+    }
+    fn remove(&mut self, at: usize) -> T {
+        Vec::remove(self, at)
+    }
+    fn push(&mut self, t: T) {
+        Vec::push(self, t)
+    }
+    fn truncate(&mut self, len: usize) {
+        Vec::truncate(self, len)
+    }
+}
+
+/// A vector with one update inline.
+type One<T> = smallvec::SmallVec<[T; 1]>;
+
+impl<T> Store<T> for One<T> {
+    fn capacity(&self) -> usize {
+        smallvec::SmallVec::capacity(self)
+    }
+    fn reserve_exact(&mut self, more: usize) {
+        smallvec::SmallVec::reserve_exact(self, more)
+    }
+    fn insert(&mut self, at: usize, t: T) {
+        smallvec::SmallVec::insert(self, at, t)
+    }
+    fn remove(&mut self, at: usize) -> T {
+        smallvec::SmallVec::remove(self, at)
+    }
+    fn push(&mut self, t: T) {
+        smallvec::SmallVec::push(self, t)
+    }
+    fn truncate(&mut self, len: usize) {
+        smallvec::SmallVec::truncate(self, len)
+    }
+}
+
 /// Adds `r` to `v`'s multiplicity in `into` (sorted, consolidated), keeping
 /// it so.
-fn merge_one<V: Ord>(into: &mut Vec<(V, isize)>, v: V, r: isize) {
+fn merge_one<V: Ord, S: Store<(V, isize)>>(into: &mut S, v: V, r: isize) {
     match into.binary_search_by(|(w, _)| w.cmp(&v)) {
         Ok(at) => {
             into[at].1 += r;
@@ -519,18 +577,20 @@ fn emit_change<K: Clone, O: Ord + Clone>(key: &K, old: &[(O, isize)], new: &[(O,
 /// entry per id and per profile). `net` only decides when to consolidate
 /// early, never what a side holds, so its wrapping (more than 2³¹ updates
 /// of one key held at once) costs time at most, not correctness.
-struct Side<V> {
-    updates: Vec<(V, isize)>,
+struct Side<V, S = Vec<(V, isize)>> {
+    updates: S,
     consolidated: u32,
     net: i32,
+    _values: std::marker::PhantomData<V>,
 }
 
-impl<V: Ord> Side<V> {
+impl<V: Ord, S: Store<(V, isize)>> Side<V, S> {
     fn new() -> Self {
         Side {
-            updates: Vec::new(),
+            updates: S::default(),
             consolidated: 0,
             net: 0,
+            _values: std::marker::PhantomData,
         }
     }
 
@@ -553,16 +613,19 @@ impl<V: Ord> Side<V> {
     }
 
     fn consolidate(&mut self) {
-        consolidate(&mut self.updates);
+        let len = differential_dataflow::consolidation::consolidate_slice(&mut self.updates);
+        self.updates.truncate(len);
         self.consolidated = self.updates.len() as u32;
     }
 }
 
 /// Both sides of one key of a [`join`], in one hash-map entry: an update
-/// reads the other side and appends to its own with a single lookup.
+/// reads the other side and appends to its own with a single lookup. The
+/// right side keeps one value inline: every right side in shoal is a
+/// profile key or `()`, one per key.
 struct Both<V, W> {
     left: Side<V>,
-    right: Side<W>,
+    right: Side<W, One<(W, isize)>>,
 }
 
 impl<V: Ord, W: Ord> Default for Both<V, W> {
