@@ -40,24 +40,22 @@ pub type Nodes<'s> = VecCollection<'s, u64, (Key, Label), isize>;
 /// Identity links, or pairs of ids: `(id, id)`.
 pub type Links<'s> = VecCollection<'s, u64, (Key, Key), isize>;
 
-/// The identity graph with requests applied: the nodes of forgotten ids
-/// and the links touching them, and unlinked pairs, retracted — from the
-/// tick of the request, as negative updates, so that label propagation
-/// splits or drops just the components they touched.
+/// The ids forgotten over the API, each once.
+pub type Forgotten<'s> = VecCollection<'s, u64, Key, isize>;
+
+/// The identity links with requests applied: the links touching forgotten
+/// ids, and unlinked pairs, retracted — from the tick of the request, as
+/// negative updates, so that label propagation splits or drops just the
+/// components they touched. The nodes of forgotten ids are retracted
+/// where the graph is kept ([`profiles`]), or by [`remaining`].
 ///
-/// Each removal is the semijoin of the graph with the requests, negated.
+/// Each removal is the semijoin of the links with the requests, negated.
 /// A link can be removed for several reasons (both ends forgotten, or
 /// forgotten and unlinked), so the link removals are counted by inclusion
 /// and exclusion: every removed link once, whatever its multiplicity.
 /// `forgotten` and `unlinked` must hold each id or pair once.
-pub fn requested<'s>(
-    nodes: Nodes<'s>,
-    links: Links<'s>,
-    forgotten: VecCollection<'s, u64, Key, isize>,
-    unlinked: Links<'s>,
-) -> (Nodes<'s>, Links<'s>) {
+pub fn requested<'s>(links: Links<'s>, forgotten: Forgotten<'s>, unlinked: Links<'s>) -> Links<'s> {
     let gone = forgotten.map(|k| (k, ()));
-    let nodes_gone = forgotten_nodes(nodes.clone(), gone.clone());
     // Links with their first end forgotten, their second, and both.
     let from = links.clone().join_total(gone.clone(), "ForgetFrom", |a, b, ()| (*b, *a));
     let to = links
@@ -75,7 +73,14 @@ pub fn requested<'s>(
         .map(|p| (p, ()))
         .join_total(pairs, "UnlinkForgotten", |p, (), ()| *p);
     let links_gone = forgotten_links.concat(cut).concat(cut_forgotten.negate());
-    (nodes.concat(nodes_gone.negate()), links.concat(links_gone.negate()))
+    links.concat(links_gone.negate())
+}
+
+/// The nodes less those of forgotten ids, retracted from the tick of the
+/// request (the semijoin of the nodes with the forgotten ids, negated).
+pub fn remaining<'s>(nodes: Nodes<'s>, forgotten: Forgotten<'s>) -> Nodes<'s> {
+    let gone = forgotten_nodes(nodes.clone(), forgotten.map(|k| (k, ())));
+    nodes.concat(gone.negate())
 }
 
 /// The nodes of forgotten ids: the semijoin of `nodes` with `gone`, as a
@@ -170,17 +175,18 @@ pub enum Placement {
 }
 
 /// Resolves ids into profiles. `links` must hold both directions of every
-/// link. Label propagation yields one label per node whatever the
-/// multiplicity of its inputs, so several readers may each feed the same
-/// node or link.
-pub fn profiles<'s>(
-    nodes: VecCollection<'s, u64, (Key, Label), isize>,
-    links: VecCollection<'s, u64, (Key, Key), isize>,
-    placement: Placement,
-) -> Profiles<'s> {
+/// link (with requests applied: [`requested`]). Label propagation yields
+/// one label per node whatever the multiplicity of its inputs, so several
+/// readers may each feed the same node or link. The nodes of `forgotten`
+/// ids lose their labels: on one worker inside the graph, which keeps
+/// every node's labels anyway; partitioned, by [`remaining`] before it.
+pub fn profiles<'s>(nodes: Nodes<'s>, forgotten: Forgotten<'s>, links: Links<'s>, placement: Placement) -> Profiles<'s> {
     let labelled = match placement {
-        Placement::OneWorker => crate::dataflow::total::propagate(links, nodes, "Propagate"),
-        Placement::Partitioned => differential_dataflow::algorithms::graphs::propagate::propagate(links, nodes),
+        Placement::OneWorker => {
+            let nodes = nodes.map(|(k, label)| (k, Some(label))).concat(forgotten.map(|k| (k, None)));
+            crate::dataflow::total::propagate_forgetting(links, nodes, "Propagate")
+        }
+        Placement::Partitioned => differential_dataflow::algorithms::graphs::propagate::propagate(links, remaining(nodes, forgotten)),
     };
     let eligible = labelled.filter(|(_, (ineligible, _, _))| !ineligible);
     let names = eligible

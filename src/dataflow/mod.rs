@@ -97,8 +97,9 @@ pub struct Collections<'s> {
     pub terms: Option<VecCollection<'s, u64, crate::dataflow::terms::Row, isize>>,
     /// `(id, profile)` for every id of a profile.
     pub labels: VecCollection<'s, u64, (Key, Key), isize>,
-    /// The identity nodes as fed.
-    pub nodes: VecCollection<'s, u64, (Key, Label), isize>,
+    /// The identity nodes as fed, less those of forgotten ids, when asked
+    /// for (see [`build_with`]).
+    pub nodes: Option<VecCollection<'s, u64, (Key, Label), isize>>,
     /// `(model index, fit)`: each predictive model's fit in force.
     pub fits: VecCollection<'s, u64, (u32, model::Fitted), isize>,
 }
@@ -131,7 +132,8 @@ pub fn build<'s>(scope: Scope<'s, u64>, plan: &Rc<Plan>, tick: u64) -> (Inputs, 
 /// [`build`], with the clusterings' and models' state kept in (and started
 /// from) `memory`, and the term rows computed only when `rows` asks for them
 /// (or the plan reads them: population terms, atoms over several terms),
-/// and the id graph kept as `placement` says.
+/// as are the remaining identity nodes (for serving), and the id graph
+/// kept as `placement` says.
 pub fn build_with<'s>(
     scope: Scope<'s, u64>,
     plan: &Rc<Plan>,
@@ -146,8 +148,9 @@ pub fn build_with<'s>(
     let (links_in, links) = scope.new_collection();
     let (forgotten_in, forgotten) = scope.new_collection();
     let (unlinked_in, unlinked) = scope.new_collection();
-    let (nodes, links) = identity::requested(nodes, links, forgotten, unlinked);
-    let identity::Profiles { labels, names } = identity::profiles(nodes.clone(), links, placement);
+    let links = identity::requested(links, forgotten.clone(), unlinked);
+    let remaining = rows.then(|| identity::remaining(nodes.clone(), forgotten.clone()));
+    let identity::Profiles { labels, names } = identity::profiles(nodes, forgotten, links, placement);
     let universe = identity::universe(names.clone());
     let rows = rows || !plan.values.is_empty() || !plan.timed.is_empty() || plan.atoms.iter().any(|a| a.terms.len() > 1);
     let built = terms::terms((facts, counts), labels.clone(), plan.clone(), (tick, rows));
@@ -201,7 +204,7 @@ pub fn build_with<'s>(
             universe,
             terms,
             labels,
-            nodes,
+            nodes: remaining,
             fits,
         },
     )

@@ -845,10 +845,30 @@ where
     N: ExchangeData + Clone + Hash + Ord,
     L: ExchangeData + Clone + Ord,
 {
+    propagate_forgetting(edges, nodes.map(|(n, l)| (n, Some(l))), name)
+}
+
+/// [`propagate`] with nodes removed in place: `(n, None)` forgets node
+/// `n`, which loses its labels and ignores any later ones, as if every
+/// label of `n` were retracted from the tick of the forget on (the
+/// semijoin `crate::dataflow::identity::requested` retracts when the graph
+/// is partitioned). It saves keeping every node's labels a second time
+/// for a rare request. A node is forgotten once: a forget taken back
+/// (`(n, None)` with a negative count) makes it take labels again, but
+/// does not bring back those it lost.
+pub fn propagate_forgetting<'s, N, L>(
+    edges: VecCollection<'s, u64, (N, N), isize>,
+    nodes: VecCollection<'s, u64, (N, Option<L>), isize>,
+    name: &str,
+) -> VecCollection<'s, u64, (N, L), isize>
+where
+    N: ExchangeData + Clone + Hash + Ord,
+    L: ExchangeData + Clone + Ord,
+{
     let mut graph = Graph::default();
     // The last worker: worker 0 reads the input and writes the output.
     let last = edges.inner.scope().peers() as u64 - 1;
-    let everything_to_the_last_worker = (move |_: &(N, N)| last, move |_: &(N, L)| last);
+    let everything_to_the_last_worker = (move |_: &(N, N)| last, move |_: &(N, Option<L>)| last);
     by_tick2(
         (edges, Direct),
         nodes,
@@ -858,8 +878,13 @@ where
             consolidate(de);
             consolidate(dn);
             let mut emit = |n: &N, l: &L, r: isize| out.push(((n.clone(), l.clone()), t, r));
+            // Consolidated, so a tick's forgets (`None`) come before its
+            // labels, which they cancel.
             for ((n, l), r) in dn.drain(..) {
-                graph.label(n, l, r, &mut emit);
+                match l {
+                    Some(l) => graph.label(n, l, r, &mut emit),
+                    None => graph.forget(n, r, &mut emit),
+                }
             }
             for ((a, b), r) in de.drain(..) {
                 graph.edge(a, b, r, &mut emit);
@@ -880,6 +905,8 @@ struct Graph<N, L> {
     next: u64,
     /// Nodes whose component lost an edge or a label this tick.
     dirty: Vec<N>,
+    /// Forgotten nodes (few), with their count.
+    gone: FxHashMap<N, isize>,
 }
 
 struct Node<N, L> {
@@ -910,6 +937,7 @@ impl<N, L> Default for Graph<N, L> {
             comps: FxHashMap::default(),
             next: 0,
             dirty: Vec::new(),
+            gone: FxHashMap::default(),
         }
     }
 }
@@ -983,7 +1011,33 @@ impl<N: Clone + Hash + Eq, L: Clone + Ord> Graph<N, L> {
         comp.least = least;
     }
 
+    /// Forgets `n` (see [`propagate_forgetting`]): drops its labels.
+    fn forget(&mut self, n: N, r: isize, emit: &mut impl FnMut(&N, &L, isize)) {
+        let count = self.gone.entry(n.clone()).or_insert(0);
+        *count += r;
+        if *count <= 0 {
+            self.gone.remove(&n);
+            return;
+        }
+        let node = self.node(&n);
+        if node.labels.is_empty() {
+            return;
+        }
+        if node.comp == ALONE {
+            if let Some(old) = node.least() {
+                emit(&n, &old, -1);
+            }
+            node.labels.clear();
+        } else {
+            node.labels.clear();
+            self.dirty.push(n);
+        }
+    }
+
     fn label(&mut self, n: N, l: L, r: isize, emit: &mut impl FnMut(&N, &L, isize)) {
+        if self.gone.contains_key(&n) {
+            return;
+        }
         let node = self.node(&n);
         let c = node.comp;
         if c == ALONE {
@@ -1361,6 +1415,25 @@ mod tests {
             let (ours, theirs) = run(workers, edges, labels, |e, n| {
                 let ours = propagate(e.clone(), n.clone(), "Ours").map(|(n, l)| (n, l, 0));
                 let theirs = differential_dataflow::algorithms::graphs::propagate::propagate(e, n).map(|(n, l)| (n, l, 0));
+                (ours, theirs)
+            });
+            prop_assert_eq!(ours, theirs);
+        }
+
+        #[test]
+        fn propagate_forgetting_matches_differential(edges in well_formed(), labels in well_formed(), workers in 1usize..3) {
+            // Label 4 stands for a forget of the node: each node forgotten
+            // at most once and never taken back, as the API forgets.
+            let edges = edges.into_iter().flat_map(|(a, b, t, r)| [(a, b, t, r), (b, a, t, r)]).collect();
+            let mut forgotten = std::collections::BTreeSet::new();
+            let labels = labels.into_iter().filter(|&(n, l, _, r)| l != 4 || (r > 0 && forgotten.insert(n))).collect();
+            let (ours, theirs) = run(workers, edges, labels, |e, n| {
+                let ours = propagate_forgetting(e.clone(), n.clone().map(|(n, l)| (n, (l != 4).then_some(l))), "Ours")
+                    .map(|(n, l)| (n, l, 0));
+                let labelled = n.clone().filter(|(_, l)| *l != 4);
+                let gone = n.filter(|(_, l)| *l == 4).map(|(n, _)| n);
+                let remaining = labelled.clone().concat(labelled.semijoin(gone).negate());
+                let theirs = differential_dataflow::algorithms::graphs::propagate::propagate(e, remaining).map(|(n, l)| (n, l, 0));
                 (ours, theirs)
             });
             prop_assert_eq!(ours, theirs);

@@ -97,7 +97,10 @@ pub(super) fn run_worker(
                 .map(|((stream, p), values)| Upd::Term(p, stream, values));
             let names = built.names.map(|(p, id)| Upd::Name(p, id));
             let labels = built.labels.map(|(node, p)| Upd::Label(node, p));
-            let nodes = built.nodes.flat_map(|(k, (seen, id, _))| seen.then_some(Upd::Node(k, id)));
+            let nodes = built
+                .nodes
+                .expect("asked for")
+                .flat_map(|(k, (seen, id, _))| seen.then_some(Upd::Node(k, id)));
             let fits = built.fits.map(|(m, fit)| Upd::Model(m, fit));
             members = members.concat(terms).concat(names).concat(labels).concat(nodes).concat(fits);
             if history {
