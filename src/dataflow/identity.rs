@@ -179,14 +179,22 @@ pub enum Placement {
 /// one label per node whatever the multiplicity of its inputs, so several
 /// readers may each feed the same node or link. The nodes of `forgotten`
 /// ids lose their labels: on one worker inside the graph, which keeps
-/// every node's labels anyway; partitioned, by [`remaining`] before it.
-pub fn profiles<'s>(nodes: Nodes<'s>, forgotten: Forgotten<'s>, links: Links<'s>, placement: Placement) -> Profiles<'s> {
+/// every node's labels anyway; partitioned, by [`remaining`] before it
+/// (`remaining`, if the caller has built it already).
+pub fn profiles<'s>(
+    (nodes, forgotten, remaining): (Nodes<'s>, Forgotten<'s>, Option<Nodes<'s>>),
+    links: Links<'s>,
+    placement: Placement,
+) -> Profiles<'s> {
     let labelled = match placement {
         Placement::OneWorker => {
             let nodes = nodes.map(|(k, label)| (k, Some(label))).concat(forgotten.map(|k| (k, None)));
             crate::dataflow::total::propagate_forgetting(links, nodes, "Propagate")
         }
-        Placement::Partitioned => differential_dataflow::algorithms::graphs::propagate::propagate(links, remaining(nodes, forgotten)),
+        Placement::Partitioned => {
+            let nodes = remaining.unwrap_or_else(|| self::remaining(nodes, forgotten));
+            differential_dataflow::algorithms::graphs::propagate::propagate(links, nodes)
+        }
     };
     let eligible = labelled.filter(|(_, (ineligible, _, _))| !ineligible);
     let names = eligible

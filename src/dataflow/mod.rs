@@ -150,7 +150,7 @@ pub fn build_with<'s>(
     let (unlinked_in, unlinked) = scope.new_collection();
     let links = identity::requested(links, forgotten.clone(), unlinked);
     let remaining = rows.then(|| identity::remaining(nodes.clone(), forgotten.clone()));
-    let identity::Profiles { labels, names } = identity::profiles(nodes, forgotten, links, placement);
+    let identity::Profiles { labels, names } = identity::profiles((nodes, forgotten, remaining.clone()), links, placement);
     let universe = identity::universe(names.clone());
     let rows = rows || !plan.values.is_empty() || !plan.timed.is_empty() || plan.atoms.iter().any(|a| a.terms.len() > 1);
     let built = terms::terms((facts, counts), labels.clone(), plan.clone(), (tick, rows));

@@ -216,7 +216,7 @@ pub fn segments<'s, N>(
     plan: Rc<Plan>,
 ) -> VecCollection<'s, u64, (SegmentId, N), isize>
 where
-    N: timely::ExchangeData + Clone + PartialEq,
+    N: timely::ExchangeData + Clone + Ord,
 {
     use differential_dataflow::hashable::Hashable;
     let words = plan.atoms.len().max(plan.segments.len()).div_ceil(64).max(1);
@@ -238,13 +238,19 @@ where
     let (mut holds, mut member, mut flipped, mut changed) = (vec![0u64; words], vec![0u64; words], vec![0u64; words], vec![0u64; words]);
     let by_profile = (|((_, p), _): &AtomRow| p.hashed(), |(p, _): &(Key, N)| p.hashed());
     binary_by_tick(atoms, universe, "Segments", by_profile, move |t, rows, exists, out, _| {
+        // Consolidated, so that a name both given and taken back within
+        // the tick does not count.
+        consolidate(exists);
         for ((p, name), r) in exists.drain(..) {
             let h = Held::of(&mut held, &mut touched, p, words);
             h.exists += r;
             h.moved = true;
             if r > 0 && h.name.as_ref() != Some(&name) {
                 if let Some(old) = h.name.replace(name) {
-                    renamed.push((p, old));
+                    // Moved from the name held before the tick, once.
+                    if !renamed.iter().any(|(q, _)| *q == p) {
+                        renamed.push((p, old));
+                    }
                 }
             }
         }
@@ -279,7 +285,7 @@ where
             if let Some(at) = renamed.iter().position(|(q, _)| *q == p) {
                 let (_, old) = renamed.swap_remove(at);
                 let name = name();
-                for s in ones(was) {
+                for s in ones(was).filter(|_| old != *name) {
                     out.push(((SegmentId::of(s), old.clone()), t, -1));
                     out.push(((SegmentId::of(s), name.clone()), t, 1));
                 }
@@ -418,11 +424,21 @@ when = "not in_segment('b') or sum('A', x, 1h) > 3"
                     .inspect(move |x| g.lock().unwrap().push(x.clone()));
                 (a_in, u_in)
             });
-            for (d, t, r) in [((7, "x"), 0, 1), ((7, "x"), 1, -1), ((7, "y"), 1, 1), ((7, "y"), 2, -1)] {
+            // Renamed at 1; at 2 a name given and taken back in one tick
+            // (after the held one) changes nothing; gone at 3.
+            let updates = [
+                ((7, "x"), 0, 1),
+                ((7, "x"), 1, -1),
+                ((7, "y"), 1, 1),
+                ((7, "z"), 2, 1),
+                ((7, "z"), 2, -1),
+                ((7, "y"), 3, -1),
+            ];
+            for (d, t, r) in updates {
                 u_in.update_at((d.0, d.1.to_string()), t, r);
             }
-            a_in.advance_to(3);
-            u_in.advance_to(3);
+            a_in.advance_to(4);
+            u_in.advance_to(4);
         })
         .expect("timely runs");
         let mut got = std::mem::take(&mut *got.lock().unwrap());
@@ -430,7 +446,7 @@ when = "not in_segment('b') or sum('A', x, 1h) > 3"
         let idle = |n: &str| (SegmentId::of(0), n.to_string());
         assert_eq!(
             got,
-            vec![(idle("x"), 0, 1), (idle("x"), 1, -1), (idle("y"), 1, 1), (idle("y"), 2, -1)]
+            vec![(idle("x"), 0, 1), (idle("x"), 1, -1), (idle("y"), 1, 1), (idle("y"), 3, -1)]
         );
     }
 

@@ -851,7 +851,7 @@ where
 /// [`propagate`] with nodes removed in place: `(n, None)` forgets node
 /// `n`, which loses its labels and ignores any later ones, as if every
 /// label of `n` were retracted from the tick of the forget on (the
-/// semijoin `crate::dataflow::identity::requested` retracts when the graph
+/// semijoin `crate::dataflow::identity::remaining` retracts when the graph
 /// is partitioned). It saves keeping every node's labels a second time
 /// for a rare request. A node is forgotten once: a forget taken back
 /// (`(n, None)` with a negative count) makes it take labels again, but
