@@ -63,6 +63,14 @@ fn timed(spec: &shoal::spec::Spec, source: Source, workers: usize) -> (f64, Summ
     (started.elapsed().as_secs_f64(), summary)
 }
 
+/// The bench's input held in memory, as a source.
+fn bytes(data: &Arc<Vec<u8>>) -> Source {
+    Source::Bytes {
+        name: "bench".into(),
+        data: data.clone(),
+    }
+}
+
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -81,14 +89,7 @@ fn throughput(n: u64) {
         (n / 10).max(100)
     );
     for workers in [1, 2] {
-        let (secs, s) = timed(
-            &retail,
-            Source::Bytes {
-                name: "bench".into(),
-                data: data.clone(),
-            },
-            workers,
-        );
+        let (secs, s) = timed(&retail, bytes(&data), workers);
         println!(
             "json     {workers} worker(s): {:>9.0} events/s  ({secs:.2}s, {} diffs, {} profiles)",
             n as f64 / secs,
@@ -160,14 +161,7 @@ fn input(n: u64) {
         );
     }
     for workers in [1, 2] {
-        let (secs, _) = timed(
-            &retail,
-            Source::Bytes {
-                name: "bench".into(),
-                data: data.clone(),
-            },
-            workers,
-        );
+        let (secs, _) = timed(&retail, bytes(&data), workers);
         let rate = n as f64 / secs;
         println!(
             "retail pipeline, {workers} worker(s):     {rate:>9.0} events/s ({:.2} of serde_json)",
@@ -244,14 +238,7 @@ fn windows(n: u64) {
     println!("## windows: one count, {n} events, 100k users, 100 events/s of event time");
     for w in ["1h", "30d"] {
         let s = shoal::spec::parse_spec(&format!("[[segment]]\nname = \"v\"\nwhen = \"count('view', {w}) >= 3\"\n"), 1000).unwrap();
-        let (secs, _) = timed(
-            &s,
-            Source::Bytes {
-                name: "bench".into(),
-                data: data.clone(),
-            },
-            1,
-        );
+        let (secs, _) = timed(&s, bytes(&data), 1);
         println!("window {w:>3}: {:>9.0} events/s", n as f64 / secs);
     }
 }
@@ -268,14 +255,7 @@ fn sharing(n: u64) {
             ));
         }
         let s = shoal::spec::parse_spec(&text, 1000).unwrap();
-        let (secs, sum) = timed(
-            &s,
-            Source::Bytes {
-                name: "bench".into(),
-                data: data.clone(),
-            },
-            1,
-        );
+        let (secs, sum) = timed(&s, bytes(&data), 1);
         println!(
             "{k:>3} segments: {:>9.0} events/s ({secs:.2}s, {} diffs)",
             n as f64 / secs,
