@@ -104,6 +104,13 @@ fn forgotten_nodes<'s>(nodes: Nodes<'s>, gone: VecCollection<'s, u64, (Key, ()),
         labels: [isize; 2],
         gone: isize,
     }
+    // A row is made by the first label or forget of its id; a forget
+    // leaves the id to the first label.
+    let empty = || Row {
+        id: Id::user(""),
+        labels: [0, 0],
+        gone: 0,
+    };
     let mut rows: FxHashMap<Key, Row> = FxHashMap::default();
     let mut odd: FxHashMap<Key, Vec<(Label, isize)>> = FxHashMap::default();
     let by_key = (|(k, _): &(Key, Label)| k.hashed(), |(k, ()): &(Key, ())| k.hashed());
@@ -121,22 +128,14 @@ fn forgotten_nodes<'s>(nodes: Nodes<'s>, gone: VecCollection<'s, u64, (Key, ()),
             for (label, n) in odd.get(&k).into_iter().flatten() {
                 out.push(((k, label.clone()), t, n * r));
             }
-            let row = rows.entry(k).or_insert_with(|| Row {
-                id: Id::user(""),
-                labels: [0, 0],
-                gone: 0,
-            });
+            let row = rows.entry(k).or_insert_with(empty);
             row.gone += r;
             if row.labels == [0, 0] && row.gone == 0 {
                 rows.remove(&k);
             }
         }
         for ((k, label), r) in labels.drain(..) {
-            let row = rows.entry(k).or_insert_with(|| Row {
-                id: label.1.clone(),
-                labels: [0, 0],
-                gone: 0,
-            });
+            let row = rows.entry(k).or_insert_with(empty);
             if row.labels == [0, 0] && label.2 == k {
                 row.id.clone_from(&label.1);
             }
@@ -147,11 +146,7 @@ fn forgotten_nodes<'s>(nodes: Nodes<'s>, gone: VecCollection<'s, u64, (Key, ()),
                 row.labels[label.0 as usize] += r;
             } else {
                 let kept = odd.entry(k).or_default();
-                match kept.iter().position(|(l, _)| *l == label) {
-                    Some(at) => kept[at].1 += r,
-                    None => kept.push((label, r)),
-                }
-                kept.retain(|(_, n)| *n != 0);
+                crate::dataflow::total::add(kept, label, r);
                 if kept.is_empty() {
                     odd.remove(&k);
                 }

@@ -943,7 +943,7 @@ impl<N, L> Default for Graph<N, L> {
 }
 
 /// Adds `r` to `v`'s multiplicity in `into`; whether it dropped to zero.
-fn add<V: PartialEq>(into: &mut Vec<(V, isize)>, v: V, r: isize) -> bool {
+pub(crate) fn add<V: PartialEq>(into: &mut Vec<(V, isize)>, v: V, r: isize) -> bool {
     match into.iter().position(|(w, _)| *w == v) {
         Some(at) => {
             into[at].1 += r;
