@@ -141,8 +141,8 @@ fn bit(words: &[u64], i: usize) -> bool {
 }
 
 /// The indices of the bits set in `words`.
-fn ones(words: &[u64]) -> impl Iterator<Item = usize> + '_ {
-    words.iter().enumerate().flat_map(|(i, &w)| {
+fn ones(words: impl IntoIterator<Item = u64>) -> impl Iterator<Item = usize> {
+    words.into_iter().enumerate().flat_map(|(i, w)| {
         let mut w = w;
         std::iter::from_fn(move || {
             (w != 0).then(|| {
@@ -235,7 +235,7 @@ where
     let mut renamed: Vec<(Key, N)> = Vec::new();
     // Reused for every profile: which atoms hold, which segments it is in,
     // which memberships changed.
-    let (mut holds, mut member, mut flipped, mut changed) = (vec![0u64; words], vec![0u64; words], vec![0u64; words], vec![0u64; words]);
+    let (mut holds, mut member, mut flipped) = (vec![0u64; words], vec![0u64; words], vec![0u64; words]);
     let by_profile = (|((_, p), _): &AtomRow| p.hashed(), |(p, _): &(Key, N)| p.hashed());
     binary_by_tick(atoms, universe, "Segments", by_profile, move |t, rows, exists, out, _| {
         // Consolidated, so that a name both given and taken back within
@@ -285,7 +285,7 @@ where
             if let Some(at) = renamed.iter().position(|(q, _)| *q == p) {
                 let (_, old) = renamed.swap_remove(at);
                 let name = name();
-                for s in ones(was).filter(|_| old != *name) {
+                for s in ones(was.iter().copied()).filter(|_| old != *name) {
                     out.push(((SegmentId::of(s), old.clone()), t, -1));
                     out.push(((SegmentId::of(s), name.clone()), t, 1));
                 }
@@ -314,11 +314,7 @@ where
             }
             h.moved = false;
             dirty.iter_mut().for_each(|w| *w = 0);
-            changed
-                .iter_mut()
-                .zip(was.iter().zip(&member))
-                .for_each(|(c, (old, new))| *c = old ^ new);
-            for s in ones(&changed) {
+            for s in ones(was.iter().zip(&member).map(|(old, new)| old ^ new)) {
                 out.push(((SegmentId::of(s), name().clone()), t, if bit(&member, s) { 1 } else { -1 }));
             }
             was.copy_from_slice(&member);

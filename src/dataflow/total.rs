@@ -1019,10 +1019,11 @@ impl<N: Clone + Hash + Eq, L: Clone + Ord> Graph<N, L> {
             self.gone.remove(&n);
             return;
         }
-        let node = self.node(&n);
-        if node.labels.is_empty() {
+        // A node never seen has no labels to lose (and later ones are
+        // ignored through `gone`).
+        let Some(node) = self.nodes.get_mut(&n).filter(|node| !node.labels.is_empty()) else {
             return;
-        }
+        };
         if node.comp == ALONE {
             if let Some(old) = node.least() {
                 emit(&n, &old, -1);
