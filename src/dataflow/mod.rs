@@ -153,7 +153,7 @@ pub fn build_with<'s>(
     let identity::Profiles { labels, names } = identity::profiles((nodes, forgotten, remaining.clone()), links, placement);
     let universe = identity::universe(names.clone());
     let rows = rows || !plan.values.is_empty() || !plan.timed.is_empty() || plan.atoms.iter().any(|a| a.terms.len() > 1);
-    let built = terms::terms((facts, counts), labels.clone(), plan.clone(), (tick, rows));
+    let built = terms::terms((counts, facts), labels.clone(), plan.clone(), (tick, rows));
     let mut atoms = built.atoms;
     let mut terms = built.rows;
     let mut fits = differential_dataflow::collection::concatenate(scope, Vec::new());

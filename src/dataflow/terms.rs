@@ -5,7 +5,8 @@
 //! re-keys them from anchor id to profile through the identity labels and
 //! folds each stream's terms in one `reduce` keyed by `(stream, profile)`,
 //! or counts them when every term of the stream is a `count` (those facts
-//! travel without their payload). The joins, the reduce and the count are
+//! travel without their payload; one join re-keys both kinds, keeping each
+//! id's profile once). The join, the reduce and the count are
 //! [`crate::dataflow::total`]'s operators for totally ordered time.
 //! A merge of two profiles is a change of label, so the join re-keys every
 //! fact of the merged side and every aggregate downstream corrects itself.
@@ -249,18 +250,21 @@ enum Change {
 /// one number per key, far cheaper than a reduce, and a fact without a
 /// payload is cheaper to queue and join.
 pub fn terms<'s>(
-    (folded, counted): (Facts<'s, Pay>, Facts<'s, ()>),
+    (counted, folded): (Facts<'s, ()>, Facts<'s, Pay>),
     labels: VecCollection<'s, u64, (Key, Key), isize>,
     plan: Rc<Plan>,
     (tick, rows): (u64, bool),
 ) -> Terms<'s> {
     let windows = (Rc::new(plan.streams.iter().map(|s| s.window).collect::<Vec<_>>()), tick);
-    let counts = profile_of(
-        counted,
-        windows.clone(),
-        labels.clone(),
-        "ProfileOfCounted",
-        |_anchor, (stream, ()), profile| ((*stream, *profile), ()),
+    let (counts, folded) = profile_of(
+        (counted, folded),
+        windows,
+        labels,
+        "ProfileOf",
+        (
+            |_anchor, (stream, ()), profile| ((*stream, *profile), ()),
+            |_anchor, (stream, pay), profile| ((*stream, *profile), pay.clone()),
+        ),
     );
     let counts = counts.count_total_with("CountTotal", {
         let plan = plan.clone();
@@ -275,9 +279,6 @@ pub fn terms<'s>(
                 out,
             );
         }
-    });
-    let folded = profile_of(folded, windows, labels, "ProfileOfFolded", |_anchor, (stream, pay), profile| {
-        ((*stream, *profile), pay.clone())
     });
     let folds = plan.clone();
     let folded = folded.fold_total(

@@ -6,8 +6,9 @@
 //! any t: it needs the state as of the last complete tick and the updates of
 //! the next one. [`reduce`], [`count`], [`join`] and [`propagate`] keep
 //! exactly that, one hash-map entry per key (per node for `propagate`), and
-//! process complete ticks in ascending order through two shells,
-//! [`by_tick`] and `by_tick2` — the same specialisation differential's own
+//! process complete ticks in ascending order through three shells,
+//! [`by_tick`], `by_tick2` and `by_tick3` (two left inputs and two
+//! outputs, for [`join_pair_staged`]) — the same specialisation differential's own
 //! `count_total` and `threshold_total` make for total orders. Their outputs
 //! are the collections differential's `reduce`, `count_total`, `join_core`
 //! and `propagate` produce (the tests below hold them against those
@@ -32,6 +33,8 @@ use differential_dataflow::{AsCollection, VecCollection};
 use rustc_hash::FxHashMap;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pushers;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::{InputHandleCore, Operator, OutputBuilderSession};
 use timely::dataflow::operators::Capability;
 use timely::progress::frontier::MutableAntichain;
@@ -92,20 +95,16 @@ fn bound(frontiers: &[&MutableAntichain<u64>]) -> Option<u64> {
 
 impl<D> Pending<D> {
     /// Moves everything `input` holds into the pending updates, and makes
-    /// `held` a capability no later than any of them.
-    fn absorb<D0, S, P>(
-        &mut self,
-        input: &mut InputHandleCore<u64, Vec<(D0, u64, isize)>, P>,
-        held: &mut Option<Capability<u64>>,
-        stage: &mut S,
-    ) where
+    /// `held` capabilities no later than any of them.
+    fn absorb<D0, S, P>(&mut self, input: &mut InputHandleCore<u64, Vec<(D0, u64, isize)>, P>, held: &mut Held, stage: &mut S)
+    where
         S: Stage<D0, D>,
         P: timely::communication::Pull<timely::dataflow::channels::Message<u64, Vec<(D0, u64, isize)>>>,
     {
         input.for_each(|cap, data| {
             let Some(least) = cap.least() else { return };
-            if held.as_ref().is_none_or(|h| h.time() > least) {
-                *held = cap.retain_least(0);
+            if held.caps.first().is_none_or(|h| h.time() > least) {
+                held.caps = (0..held.outputs).filter_map(|o| cap.retain_least(o)).collect();
             }
             let from = self.updates.len();
             stage.admit(data, &mut self.updates);
@@ -176,16 +175,37 @@ fn send<O: ExchangeData>(output: &mut OutputBuilderSession<'_, u64, Output<O>>, 
     out.reserve(sent);
 }
 
-/// Releases `held` when nothing is pending, or moves it to the earliest
-/// pending tick.
-fn hold(held: &mut Option<Capability<u64>>, next: Option<u64>) {
-    match next {
-        Some(t) => {
-            if let Some(cap) = held.as_mut() {
-                cap.downgrade(&t);
-            }
+/// [`send`] for an output of an operator built by hand (several outputs).
+fn send_to<O: ExchangeData>(output: &mut pushers::Output<u64, Updates<O>>, cap: &Capability<u64>, out: &mut Updates<O>) {
+    let sent = out.len();
+    output.activate().give(cap, out);
+    out.clear();
+    out.reserve(sent);
+}
+
+/// The capabilities an operator keeps while it has updates pending: one
+/// per output, all at the earliest pending tick.
+struct Held {
+    outputs: usize,
+    caps: Vec<Capability<u64>>,
+}
+
+impl Held {
+    fn new(outputs: usize) -> Self {
+        Held { outputs, caps: Vec::new() }
+    }
+
+    fn at(&self, output: usize) -> &Capability<u64> {
+        self.caps.get(output).expect("a capability for pending updates")
+    }
+
+    /// Releases what is held when nothing is pending, or moves it to the
+    /// earliest pending tick.
+    fn hold(&mut self, next: Option<u64>) {
+        match next {
+            Some(t) => self.caps.iter_mut().for_each(|cap| cap.downgrade(&t)),
+            None => self.caps.clear(),
         }
-        None => *held = None,
     }
 }
 
@@ -348,7 +368,7 @@ where
         .inner
         .unary_frontier::<Output<O>, _, _, _>(pact, name, move |_cap, _info| {
             let mut pending = Pending::default();
-            let mut held: Option<Capability<u64>> = None;
+            let mut held = Held::new(1);
             let (mut ready, mut run, mut out) = (Vec::new(), Vec::new(), Vec::new());
             move |(input, frontier), output| {
                 // What waited is taken before new input joins it: the ready
@@ -359,9 +379,9 @@ where
                 by_tick_order(&mut ready);
                 each_tick(&mut ready, &mut run, |t, updates| on_tick(t, updates, &mut out));
                 if !out.is_empty() {
-                    send(output, held.as_ref().expect("a capability for pending updates"), &mut out);
+                    send(output, held.at(0), &mut out);
                 }
-                hold(&mut held, pending.first());
+                held.hold(pending.first());
             }
         })
         .as_collection()
@@ -584,8 +604,8 @@ struct Side<V, S = Vec<(V, isize)>> {
     _values: std::marker::PhantomData<V>,
 }
 
-impl<V: Ord, S: Store<(V, isize)>> Side<V, S> {
-    fn new() -> Self {
+impl<V, S: Default> Default for Side<V, S> {
+    fn default() -> Self {
         Side {
             updates: S::default(),
             consolidated: 0,
@@ -593,7 +613,9 @@ impl<V: Ord, S: Store<(V, isize)>> Side<V, S> {
             _values: std::marker::PhantomData,
         }
     }
+}
 
+impl<V: Ord, S: Store<(V, isize)>> Side<V, S> {
     /// Appends an update; small sides are kept consolidated (by inserting
     /// in place: sorting the whole side again on every push was most of a
     /// join's work), and a side whose values all left is seen to be empty
@@ -612,6 +634,14 @@ impl<V: Ord, S: Store<(V, isize)>> Side<V, S> {
         }
     }
 
+    /// Every value held, consolidated, with its multiplicity.
+    fn each(&mut self, mut f: impl FnMut(&V, isize)) {
+        if !self.updates.is_empty() {
+            self.consolidate();
+            self.updates.iter().for_each(|(v, q)| f(v, *q));
+        }
+    }
+
     fn consolidate(&mut self) {
         let len = differential_dataflow::consolidation::consolidate_slice(&mut self.updates);
         self.updates.truncate(len);
@@ -619,32 +649,51 @@ impl<V: Ord, S: Store<(V, isize)>> Side<V, S> {
     }
 }
 
+/// What a join keeps of one key's left-hand values: one [`Side`], or two
+/// for a join of two left inputs ([`join_pair_staged`]), each kept compact
+/// in a vector of its own type, in the key's one entry.
+trait Left: Default {
+    fn is_empty(&self) -> bool;
+}
+
+impl<V> Left for Side<V> {
+    fn is_empty(&self) -> bool {
+        self.updates.is_empty()
+    }
+}
+
+impl<V1, V2> Left for (Side<V1>, Side<V2>) {
+    fn is_empty(&self) -> bool {
+        self.0.updates.is_empty() && self.1.updates.is_empty()
+    }
+}
+
 /// Both sides of one key of a [`join`], in one hash-map entry: an update
 /// reads the other side and appends to its own with a single lookup. The
 /// right side keeps one value inline: every right side in shoal is a
 /// profile key or `()`, one per key.
-struct Both<V, W> {
-    left: Side<V>,
+struct Both<A, W> {
+    left: A,
     right: Side<W, One<(W, isize)>>,
 }
 
-impl<V: Ord, W: Ord> Default for Both<V, W> {
+impl<A: Default, W> Default for Both<A, W> {
     fn default() -> Self {
         Both {
-            left: Side::new(),
-            right: Side::new(),
+            left: A::default(),
+            right: Side::default(),
         }
     }
 }
 
-impl<V, W> Both<V, W> {
+impl<A: Left, W> Both<A, W> {
     fn is_empty(&self) -> bool {
-        self.left.updates.is_empty() && self.right.updates.is_empty()
+        self.left.is_empty() && self.right.updates.is_empty()
     }
 }
 
 /// Drops `key`'s entry once both its sides are empty.
-fn settle<K: Hash + Eq, V, W>(sides: &mut FxHashMap<K, Both<V, W>>, key: &K) {
+fn settle<K: Hash + Eq, A: Left, W>(sides: &mut FxHashMap<K, Both<A, W>>, key: &K) {
     if sides.get(key).is_some_and(Both::is_empty) {
         sides.remove(key);
     }
@@ -677,7 +726,7 @@ where
     left.inner
         .binary_frontier::<_, Output<O>, _, _, _, _>(right.inner, pact1, pact2, name, move |_cap, _info| {
             let (mut pending1, mut pending2) = (Pending::default(), Pending::default());
-            let mut held: Option<Capability<u64>> = None;
+            let mut held = Held::new(1);
             let (mut ready1, mut ready2, mut out) = (Vec::new(), Vec::new(), Vec::new());
             let (mut run1, mut run2) = (Vec::new(), Vec::new());
             let mut wakes = Wakes::default();
@@ -703,8 +752,8 @@ where
                     while wakes.next() == Some(t) {
                         wakes.0.pop();
                     }
-                    run1.extend(std::iter::from_fn(|| d1.next_if(|u| u.1 == t)).map(|(d, _, r)| (d, r)));
-                    run2.extend(std::iter::from_fn(|| d2.next_if(|u| u.1 == t)).map(|(d, _, r)| (d, r)));
+                    take_tick(&mut d1, t, &mut run1);
+                    take_tick(&mut d2, t, &mut run2);
                     wakes.1 = t;
                     on_tick(t, &mut run1, &mut run2, &mut out, &mut wakes);
                     run1.clear();
@@ -717,10 +766,9 @@ where
                     wakes.0.clear();
                 }
                 if !out.is_empty() {
-                    send(output, held.as_ref().expect("a capability for pending updates"), &mut out);
+                    send(output, held.at(0), &mut out);
                 }
-                hold(
-                    &mut held,
+                held.hold(
                     [pending1.first(), pending2.first(), stage.next(), wakes.next()]
                         .into_iter()
                         .flatten()
@@ -729,6 +777,96 @@ where
             }
         })
         .as_collection()
+}
+
+/// [`by_tick2`] with two left inputs, each through its own stage, and two
+/// outputs: each complete tick's updates of the three inputs go to
+/// `on_tick` together, in ascending order of ticks. The shell of
+/// [`join_pair_staged`].
+#[allow(clippy::type_complexity)]
+fn by_tick3<'s, A0, A, B0, B, C, O1, O2, SA, SB, FA, FB, FC, L>(
+    ((left1, mut stage1), (left2, mut stage2)): ((VecCollection<'s, u64, A0, isize>, SA), (VecCollection<'s, u64, B0, isize>, SB)),
+    right: VecCollection<'s, u64, C, isize>,
+    name: &str,
+    (key1, key2, key3): (FA, FB, FC),
+    mut on_tick: L,
+) -> (VecCollection<'s, u64, O1, isize>, VecCollection<'s, u64, O2, isize>)
+where
+    A0: ExchangeData,
+    B0: ExchangeData,
+    C: ExchangeData,
+    A: 'static,
+    B: 'static,
+    O1: ExchangeData,
+    O2: ExchangeData,
+    SA: Stage<A0, A> + 'static,
+    SB: Stage<B0, B> + 'static,
+    FA: Fn(&A0) -> u64 + 'static,
+    FB: Fn(&B0) -> u64 + 'static,
+    FC: Fn(&C) -> u64 + 'static,
+    L: FnMut(u64, (&mut Vec<(A, isize)>, &mut Vec<(B, isize)>, &mut Vec<(C, isize)>), (&mut Updates<O1>, &mut Updates<O2>)) + 'static,
+{
+    let mut builder = OperatorBuilder::new(name.to_owned(), left1.inner.scope());
+    let mut input1 = builder.new_input(left1.inner, Exchange::new(move |(d, _, _): &(A0, u64, isize)| key1(d)));
+    let mut input2 = builder.new_input(left2.inner, Exchange::new(move |(d, _, _): &(B0, u64, isize)| key2(d)));
+    let mut input3 = builder.new_input(right.inner, Exchange::new(move |(d, _, _): &(C, u64, isize)| key3(d)));
+    let (mut output1, stream1) = builder.new_output::<Updates<O1>>();
+    let (mut output2, stream2) = builder.new_output::<Updates<O2>>();
+    builder.build(move |_caps| {
+        let (mut pending1, mut pending2, mut pending3) = (Pending::default(), Pending::default(), Pending::default());
+        let mut held = Held::new(2);
+        let (mut ready1, mut ready2, mut ready3) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut run1, mut run2, mut run3) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut out1, mut out2) = (Vec::new(), Vec::new());
+        move |frontiers| {
+            let frontiers = [&frontiers[0], &frontiers[1], &frontiers[2]];
+            // As in `by_tick2`: what waited is taken before new input joins it.
+            pending1.ready(&frontiers, &mut ready1);
+            pending2.ready(&frontiers, &mut ready2);
+            pending3.ready(&frontiers, &mut ready3);
+            pending1.absorb(&mut input1, &mut held, &mut stage1);
+            pending2.absorb(&mut input2, &mut held, &mut stage2);
+            pending3.absorb(&mut input3, &mut held, &mut Direct);
+            pending1.release(&mut stage1, frontiers[0]);
+            pending2.release(&mut stage2, frontiers[1]);
+            pending1.ready(&frontiers, &mut ready1);
+            pending2.ready(&frontiers, &mut ready2);
+            pending3.ready(&frontiers, &mut ready3);
+            by_tick_order(&mut ready1);
+            by_tick_order(&mut ready2);
+            by_tick_order(&mut ready3);
+            let mut d1 = ready1.drain(..).peekable();
+            let mut d2 = ready2.drain(..).peekable();
+            let mut d3 = ready3.drain(..).peekable();
+            while let Some(t) = [d1.peek().map(|u| u.1), d2.peek().map(|u| u.1), d3.peek().map(|u| u.1)]
+                .into_iter()
+                .flatten()
+                .min()
+            {
+                take_tick(&mut d1, t, &mut run1);
+                take_tick(&mut d2, t, &mut run2);
+                take_tick(&mut d3, t, &mut run3);
+                on_tick(t, (&mut run1, &mut run2, &mut run3), (&mut out1, &mut out2));
+                run1.clear();
+                run2.clear();
+                run3.clear();
+            }
+            if !out1.is_empty() {
+                send_to(&mut output1, held.at(0), &mut out1);
+            }
+            if !out2.is_empty() {
+                send_to(&mut output2, held.at(1), &mut out2);
+            }
+            let next = [pending1.first(), pending2.first(), pending3.first(), stage1.next(), stage2.next()];
+            held.hold(next.into_iter().flatten().min());
+        }
+    });
+    (stream1.as_collection(), stream2.as_collection())
+}
+
+/// Moves the updates of tick `t` at the front of `ready` into `run`.
+fn take_tick<D>(ready: &mut std::iter::Peekable<std::vec::Drain<'_, (D, u64, isize)>>, t: u64, run: &mut Vec<(D, isize)>) {
+    run.extend(std::iter::from_fn(|| ready.next_if(|u| u.1 == t)).map(|(d, _, r)| (d, r)));
 }
 
 /// The ticks at which an operator asked to run again with no input (see
@@ -791,34 +929,115 @@ where
     O: ExchangeData + Clone,
     L: FnMut(&K, &V, &W) -> O + 'static,
 {
-    let mut sides: FxHashMap<K, Both<V, W>> = FxHashMap::default();
+    let mut sides: FxHashMap<K, Both<Side<V>, W>> = FxHashMap::default();
     let by_key = (key, |(k, _): &(K, W)| k.hashed().into());
     by_tick2(left, right, name, by_key, move |t, dv, dw, out, _| {
         // New right-hand values meet the left as it was; then new left-hand
         // values meet the right as it is now.
-        for ((k, w), r) in dw.drain(..) {
-            let both = sides.entry(k.clone()).or_default();
-            if !both.left.updates.is_empty() {
-                both.left.consolidate();
-                out.extend(both.left.updates.iter().map(|(v, q)| (logic(&k, v, &w), t, q * r)));
-            }
-            both.right.push(w, r);
-            if both.right.updates.is_empty() {
-                settle(&mut sides, &k);
-            }
-        }
-        for ((k, v), r) in dv.drain(..) {
-            let both = sides.entry(k.clone()).or_default();
-            if !both.right.updates.is_empty() {
-                both.right.consolidate();
-                out.extend(both.right.updates.iter().map(|(w, q)| (logic(&k, &v, w), t, q * r)));
-            }
-            both.left.push(v, r);
-            if both.left.updates.is_empty() {
-                settle(&mut sides, &k);
-            }
-        }
+        right_meets_left(&mut sides, dw, |both, k, w, r| {
+            both.left.each(|v, q| out.push((logic(k, v, w), t, q * r)))
+        });
+        left_meets_right(&mut sides, dv, |both| &mut both.left, &mut logic, (t, out));
     })
+}
+
+/// [`join_staged`] for two left inputs that join the same right, say facts
+/// without a payload and facts with one: one operator, one entry and one
+/// lookup per key for both, each kept in a vector of its own type, and an
+/// output for each (`logic1` and `logic2`).
+#[allow(clippy::type_complexity)]
+pub fn join_pair_staged<'s, D1, S1, H1, V1, D2, S2, H2, V2, K, W, O1, O2, L1, L2>(
+    (left1, left2): (
+        (VecCollection<'s, u64, D1, isize>, S1, H1),
+        (VecCollection<'s, u64, D2, isize>, S2, H2),
+    ),
+    right: VecCollection<'s, u64, (K, W), isize>,
+    name: &str,
+    (mut logic1, mut logic2): (L1, L2),
+) -> (VecCollection<'s, u64, O1, isize>, VecCollection<'s, u64, O2, isize>)
+where
+    D1: ExchangeData,
+    D2: ExchangeData,
+    S1: Stage<D1, (K, V1)> + 'static,
+    S2: Stage<D2, (K, V2)> + 'static,
+    H1: Fn(&D1) -> u64 + 'static,
+    H2: Fn(&D2) -> u64 + 'static,
+    K: ExchangeData + Clone + Hashable + Hash + Ord,
+    V1: ExchangeData + Clone + Ord,
+    V2: ExchangeData + Clone + Ord,
+    W: ExchangeData + Clone + Ord,
+    O1: ExchangeData + Clone,
+    O2: ExchangeData + Clone,
+    L1: FnMut(&K, &V1, &W) -> O1 + 'static,
+    L2: FnMut(&K, &V2, &W) -> O2 + 'static,
+{
+    let mut sides: FxHashMap<K, Both<(Side<V1>, Side<V2>), W>> = FxHashMap::default();
+    let (left1, stage1, key1) = left1;
+    let (left2, stage2, key2) = left2;
+    let keys = (key1, key2, |(k, _): &(K, W)| k.hashed().into());
+    by_tick3(
+        ((left1, stage1), (left2, stage2)),
+        right,
+        name,
+        keys,
+        move |t, (dv1, dv2, dw), (out1, out2)| {
+            right_meets_left(&mut sides, dw, |both, k, w, r| {
+                both.left.0.each(|v, q| out1.push((logic1(k, v, w), t, q * r)));
+                both.left.1.each(|v, q| out2.push((logic2(k, v, w), t, q * r)));
+            });
+            left_meets_right(&mut sides, dv1, |both| &mut both.left.0, &mut logic1, (t, out1));
+            left_meets_right(&mut sides, dv2, |both| &mut both.left.1, &mut logic2, (t, out2));
+        },
+    )
+}
+
+/// A tick's new right-hand values meet the left as it was (`meet` emits
+/// the products), then join their key's right side.
+fn right_meets_left<K, A, W>(
+    sides: &mut FxHashMap<K, Both<A, W>>,
+    dw: &mut Vec<((K, W), isize)>,
+    mut meet: impl FnMut(&mut Both<A, W>, &K, &W, isize),
+) where
+    K: Clone + Hash + Eq,
+    A: Left,
+    W: Ord,
+{
+    for ((k, w), r) in dw.drain(..) {
+        let both = sides.entry(k.clone()).or_default();
+        meet(both, &k, &w, r);
+        both.right.push(w, r);
+        if both.right.updates.is_empty() {
+            settle(sides, &k);
+        }
+    }
+}
+
+/// A tick's new left-hand values, of the kind `side` picks, meet the right
+/// as it is now, then join their key's left side.
+fn left_meets_right<K, A, V, W, O>(
+    sides: &mut FxHashMap<K, Both<A, W>>,
+    dv: &mut Vec<((K, V), isize)>,
+    side: impl Fn(&mut Both<A, W>) -> &mut Side<V>,
+    logic: &mut impl FnMut(&K, &V, &W) -> O,
+    (t, out): (u64, &mut Updates<O>),
+) where
+    K: Clone + Hash + Eq,
+    A: Left,
+    V: Ord,
+    W: Ord,
+{
+    for ((k, v), r) in dv.drain(..) {
+        let both = sides.entry(k.clone()).or_default();
+        if !both.right.updates.is_empty() {
+            both.right.consolidate();
+            out.extend(both.right.updates.iter().map(|(w, q)| (logic(&k, &v, w), t, q * r)));
+        }
+        let left = side(both);
+        left.push(v, r);
+        if left.updates.is_empty() {
+            settle(sides, &k);
+        }
+    }
 }
 
 /// `propagate` (label propagation) for totally ordered time over a graph
@@ -1453,7 +1672,7 @@ mod tests {
 
     #[test]
     fn a_key_whose_values_all_left_is_dropped() {
-        let mut sides: FxHashMap<u8, Both<u8, u8>> = FxHashMap::default();
+        let mut sides: FxHashMap<u8, Both<Side<u8>, u8>> = FxHashMap::default();
         let mut push = |k: u8, v: u8, r: isize| {
             sides.entry(k).or_default().left.push(v, r);
             settle(&mut sides, &k);

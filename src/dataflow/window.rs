@@ -35,27 +35,34 @@ pub type Facts<'s, P> = VecCollection<'s, u64, FactOf<P>, isize>;
 /// re-keys it from its anchor to the anchor's profile, in one operator:
 /// a join with `labels` (anchor → profile) whose left input is windowed
 /// first. Both are keyed by anchor, so the windowed facts need no channel
-/// and no buffer of their own before the join; the join's output is
-/// `logic(anchor, (stream, payload), profile)`.
-pub fn profile_of<'s, P, O, L>(
-    facts: Facts<'s, P>,
+/// and no buffer of their own before the join.
+///
+/// Facts come in two kinds, `P1` and `P2` (counted facts without a payload
+/// and folded ones with, see `crate::dataflow::terms`), each windowed on
+/// its own and joined in the one operator, so that an anchor's profile is
+/// kept and looked up once for both. The outputs are
+/// `logic1(anchor, (stream, payload), profile)` for the first kind and
+/// `logic2(…)` for the second.
+pub fn profile_of<'s, P1, P2, O1, O2, L1, L2>(
+    (facts1, facts2): (Facts<'s, P1>, Facts<'s, P2>),
     (lengths, tick): (Rc<Vec<Option<u64>>>, u64),
     labels: VecCollection<'s, u64, (Key, Key), isize>,
     name: &str,
-    logic: L,
-) -> VecCollection<'s, u64, O, isize>
+    logic: (L1, L2),
+) -> (VecCollection<'s, u64, O1, isize>, VecCollection<'s, u64, O2, isize>)
 where
-    P: ExchangeData + Clone + Ord,
-    O: ExchangeData + Clone,
-    L: FnMut(&Key, &(StreamId, P), &Key) -> O + 'static,
+    P1: ExchangeData + Clone + Ord,
+    P2: ExchangeData + Clone + Ord,
+    O1: ExchangeData + Clone,
+    O2: ExchangeData + Clone,
+    L1: FnMut(&Key, &(StreamId, P1), &Key) -> O1 + 'static,
+    L2: FnMut(&Key, &(StreamId, P2), &Key) -> O2 + 'static,
 {
-    let window = WindowStage {
-        lengths,
-        tick,
-        expiries: Expiries::default(),
-    };
-    let anchor = |(id, _, _, _): &FactOf<P>| id.hashed();
-    crate::dataflow::total::join_staged((facts, window), anchor, labels, name, logic)
+    let left1 = (facts1, WindowStage::new(lengths.clone(), tick), |(id, _, _, _): &FactOf<P1>| {
+        id.hashed()
+    });
+    let left2 = (facts2, WindowStage::new(lengths, tick), |(id, _, _, _): &FactOf<P2>| id.hashed());
+    crate::dataflow::total::join_pair_staged((left1, left2), labels, name, logic)
 }
 
 /// The window as a stage of the join: passes each fact on at its effect
@@ -64,6 +71,16 @@ struct WindowStage<P> {
     lengths: Rc<Vec<Option<u64>>>,
     tick: u64,
     expiries: Expiries<P>,
+}
+
+impl<P> WindowStage<P> {
+    fn new(lengths: Rc<Vec<Option<u64>>>, tick: u64) -> Self {
+        WindowStage {
+            lengths,
+            tick,
+            expiries: Expiries::default(),
+        }
+    }
 }
 
 impl<P: Clone> Stage<FactOf<P>, WindowedOf<P>> for WindowStage<P> {
@@ -166,7 +183,7 @@ mod tests {
     //! The fused window and join against differential's `join_core` over
     //! the same facts with their retractions fed explicitly at expiry.
 
-    use crate::core::fact::{FactOf, WindowedOf};
+    use crate::core::fact::FactOf;
 
     use std::sync::{Arc, Mutex};
 
@@ -177,13 +194,15 @@ mod tests {
 
     use super::*;
 
-    type Out = Vec<((u64, StreamId, u8, u64), u64, isize)>;
+    /// `(kind, (anchor, stream, payload, profile))`: which output.
+    type Out = Vec<((bool, (u64, StreamId, u8, u64)), u64, isize)>;
 
     proptest! {
         #[test]
         fn profile_of_matches_a_join_over_explicit_retractions(
-            // (anchor, stream, event time in ms, payload, tick it is fed at)
-            facts in prop::collection::vec((0u64..5, 0u32..3, 0u64..20_000, 0u8..3, 0u64..20), 0..40),
+            // (anchor, stream, event time in ms, payload, tick it is fed at,
+            // which kind)
+            facts in prop::collection::vec((0u64..5, 0u32..3, 0u64..20_000, 0u8..3, 0u64..20, any::<bool>()), 0..40),
             // (anchor, profile, tick, enters or leaves)
             labels in prop::collection::vec((0u64..5, 10u64..13, 0u64..20, any::<bool>()), 0..12),
             workers in 1usize..3,
@@ -196,32 +215,36 @@ mod tests {
             let (o, t) = (ours.clone(), theirs.clone());
             timely::execute(timely::Config::process(workers), move |worker| {
                 let (o, t) = (o.clone(), t.clone());
-                let (mut f_in, mut w_in, mut l_in, probe) = worker.dataflow::<u64, _, _>(|scope| {
+                let (mut f_in, mut g_in, mut w_in, mut l_in, probe) = worker.dataflow::<u64, _, _>(|scope| {
                     let (f_in, facts) = scope.new_collection::<FactOf<u8>, isize>();
-                    let (w_in, windowed) = scope.new_collection::<WindowedOf<u8>, isize>();
+                    let (g_in, others) = scope.new_collection::<FactOf<u8>, isize>();
+                    let (w_in, windowed) = scope.new_collection::<(Key, (bool, StreamId, u8)), isize>();
                     let (l_in, labels) = scope.new_collection::<(Key, Key), isize>();
-                    let fused = profile_of(facts, (Rc::new(lengths.clone()), TICK), labels.clone(), "Ours", |a, (s, p), q| (*a, *s, *p, *q));
+                    let logic = |kind: bool| move |a: &Key, (s, p): &(StreamId, u8), q: &Key| (kind, (*a, *s, *p, *q));
+                    let windows = (Rc::new(lengths.clone()), TICK);
+                    let (first, second) = profile_of((facts, others), windows, labels.clone(), "Ours", (logic(false), logic(true)));
                     let reference = windowed
                         .arrange_by_key()
-                        .join_core(labels.arrange_by_key(), |a, (s, p), q| Some((*a, *s, *p, *q)));
-                    let probe = fused.inner.inspect(move |x| o.lock().unwrap().push(*x)).probe().0;
+                        .join_core(labels.arrange_by_key(), |a, (k, s, p), q| Some((*k, (*a, *s, *p, *q))));
+                    let probe = first.concat(second).inner.inspect(move |x| o.lock().unwrap().push(*x)).probe().0;
                     reference.inner.inspect(move |x| t.lock().unwrap().push(*x));
-                    (f_in, w_in, l_in, probe)
+                    (f_in, g_in, w_in, l_in, probe)
                 });
                 if worker.index() == 0 {
                     // Labels hold a set: each (anchor, profile) enters or leaves once.
                     let mut held = std::collections::BTreeSet::new();
                     for tick in 0..25u64 {
                         let now = tick * TICK;
-                        for &(a, s, e, p, _) in facts.iter().filter(|f| f.4 == tick) {
+                        for &(a, s, e, p, _, kind) in facts.iter().filter(|f| f.4 == tick) {
                             // A fact takes effect no sooner than its own tick.
                             let effect = now.max(tick_of(e, TICK));
-                            f_in.update_at((a, StreamId(s), e, p), effect, 1);
+                            let input = if kind { &mut g_in } else { &mut f_in };
+                            input.update_at((a, StreamId(s), e, p), effect, 1);
                             let expiry = lengths[s as usize].map(|w| tick_of(e + w, TICK));
                             if expiry.is_none_or(|x| x > effect) {
-                                w_in.update_at((a, (StreamId(s), p)), effect, 1);
+                                w_in.update_at((a, (kind, StreamId(s), p)), effect, 1);
                                 if let Some(x) = expiry {
-                                    w_in.update_at((a, (StreamId(s), p)), x, -1);
+                                    w_in.update_at((a, (kind, StreamId(s), p)), x, -1);
                                 }
                             }
                         }
@@ -232,7 +255,7 @@ mod tests {
                                 l_in.update_at((a, q), now, -1);
                             }
                         }
-                        for input in [&mut f_in as &mut dyn Advance, &mut w_in, &mut l_in] {
+                        for input in [&mut f_in as &mut dyn Advance, &mut g_in, &mut w_in, &mut l_in] {
                             input.advance(now + TICK);
                         }
                         worker.step();
