@@ -244,50 +244,49 @@ impl Ingest {
 /// shows one sooner.
 #[derive(Default)]
 pub struct Identities {
-    /// By key: earliest tick seen at all, and as an eligible id.
-    seen: FxHashMap<Key, u64>,
-    named: FxHashMap<Key, u64>,
+    /// By key: the earliest tick seen as an eligible id (named by the
+    /// event's own `userId` or `anonymousId`), and seen at all; `u64::MAX`
+    /// for never. Both in one entry: an event looks each of its ids up
+    /// once.
+    ids: FxHashMap<Key, [u64; 2]>,
     links: FxHashMap<(Key, Key), u64>,
 }
 
 /// A change to an identity input: data, time, diff.
 pub type Change<D> = (D, u64, isize);
 
-/// Records `t` as the earliest for `k`; `Some(previous)` when that changed
-/// (`u64::MAX` for none before).
-fn earliest(ticks: &mut FxHashMap<Key, u64>, k: Key, t: u64) -> Option<u64> {
-    let at = ticks.entry(k).or_insert(u64::MAX);
-    (t < *at).then(|| std::mem::replace(at, t))
-}
-
 impl Identities {
     /// Drops every trace of `keys` (forgotten ids: no event naming them is
     /// fed again).
     pub fn forget(&mut self, keys: &rustc_hash::FxHashSet<Key>) {
-        self.seen.retain(|k, _| !keys.contains(k));
-        self.named.retain(|k, _| !keys.contains(k));
+        self.ids.retain(|k, _| !keys.contains(k));
         self.links.retain(|(a, b), _| !keys.contains(a) && !keys.contains(b));
     }
 
     /// The state a checkpoint keeps.
     pub fn state(&self) -> crate::ingest::stamp::IdentityState {
-        fn sorted<K: Ord + Copy>(m: &FxHashMap<K, u64>) -> Vec<(K, u64)> {
-            let mut v: Vec<(K, u64)> = m.iter().map(|(k, t)| (*k, *t)).collect();
+        fn sorted<K: Ord>(ticks: impl Iterator<Item = (K, u64)>) -> Vec<(K, u64)> {
+            let mut v: Vec<(K, u64)> = ticks.filter(|(_, t)| *t != u64::MAX).collect();
             v.sort_unstable();
             v
         }
         crate::ingest::stamp::IdentityState {
-            seen: sorted(&self.seen),
-            named: sorted(&self.named),
-            links: sorted(&self.links),
+            seen: sorted(self.ids.iter().map(|(k, t)| (*k, t[1]))),
+            named: sorted(self.ids.iter().map(|(k, t)| (*k, t[0]))),
+            links: sorted(self.links.iter().map(|(k, t)| (*k, *t))),
         }
     }
 
     /// Takes up the state of a checkpoint.
     pub fn restore(st: crate::ingest::stamp::IdentityState) -> Identities {
+        let mut ids: FxHashMap<Key, [u64; 2]> = FxHashMap::default();
+        for (which, ticks) in [(0, st.named), (1, st.seen)] {
+            for (k, t) in ticks {
+                ids.entry(k).or_insert([u64::MAX; 2])[which] = t;
+            }
+        }
         Identities {
-            seen: st.seen.into_iter().collect(),
-            named: st.named.into_iter().collect(),
+            ids,
             links: st.links.into_iter().collect(),
         }
     }
@@ -300,13 +299,20 @@ impl Identities {
     /// nodes too.
     pub fn changes(&mut self, s: &Stamped, nodes: &mut Vec<Change<(Key, Label)>>, links: &mut Vec<Change<(Key, Key)>>) -> Key {
         let t = s.effect;
-        let mut node = |ticks: &mut FxHashMap<Key, u64>, kind: IdKind, name: &str, k: Key, ineligible: bool| {
-            if let Some(old) = earliest(ticks, k, t) {
-                let label = (ineligible, Id { kind, name: name.into() }, k);
-                if old != u64::MAX {
-                    nodes.push(((k, label.clone()), old, -1));
+        // `t` becomes the earliest tick of `k`'s node as an eligible id
+        // (`false`) or an ineligible one (`true`), for each of `which`.
+        let mut node = |ids: &mut FxHashMap<Key, [u64; 2]>, kind: IdKind, name: &str, k: Key, which: &[bool]| {
+            let ticks = ids.entry(k).or_insert([u64::MAX; 2]);
+            for &ineligible in which {
+                let at = &mut ticks[ineligible as usize];
+                if t < *at {
+                    let old = std::mem::replace(at, t);
+                    let label = (ineligible, Id { kind, name: name.into() }, k);
+                    if old != u64::MAX {
+                        nodes.push(((k, label.clone()), old, -1));
+                    }
+                    nodes.push(((k, label), t, 1));
                 }
-                nodes.push(((k, label), t, 1));
             }
         };
         let ev = &s.event;
@@ -314,8 +320,7 @@ impl Identities {
         let anon = ev.anonymous_id.as_deref().map(|a| (a, key_of(IdKind::Anon, a)));
         for (kind, id) in [(IdKind::User, user), (IdKind::Anon, anon)] {
             if let Some((name, k)) = id {
-                node(&mut self.named, kind, name, k, false);
-                node(&mut self.seen, kind, name, k, true);
+                node(&mut self.ids, kind, name, k, &[false, true]);
             }
         }
         let mut link = |(ka, kb): (Key, Key)| {
@@ -341,7 +346,7 @@ impl Identities {
         if let (EventType::Alias, Some((_, ku)), Some(previous)) = (ev.kind, user, ev.previous_id.as_deref()) {
             for kind in [IdKind::User, IdKind::Anon] {
                 let kp = key_of(kind, previous);
-                node(&mut self.seen, kind, previous, kp, true);
+                node(&mut self.ids, kind, previous, kp, &[true]);
                 link((ku, kp));
             }
         }
@@ -478,5 +483,58 @@ mod tests {
         assert_eq!((nodes.len(), links.len()), (n, 2), "a later repeat changes nothing");
         ids.changes(&ev(4000), &mut nodes, &mut links);
         assert_eq!(links.len(), 6, "an earlier one moves both directions earlier");
+    }
+
+    #[test]
+    fn identity_ticks_survive_a_checkpoint() {
+        let stamped = |json: &str, t: u64| Stamped {
+            event: Box::new(decode(json.replace("T", &t.to_string()).as_bytes()).unwrap()),
+            effect: t,
+            late: false,
+        };
+        let (mut nodes, mut links) = (Vec::new(), Vec::new());
+        let mut ids = Identities::default();
+        // `p` is seen (as an alias's previous id), never named by an event.
+        ids.changes(
+            &stamped(r#"{"type":"alias","userId":"u","previousId":"p","timestamp":T}"#, 5000),
+            &mut nodes,
+            &mut links,
+        );
+        ids.changes(
+            &stamped(r#"{"type":"track","event":"x","anonymousId":"a","timestamp":T}"#, 6000),
+            &mut nodes,
+            &mut links,
+        );
+        let state = ids.state();
+        let (u, a, pu, pa) = (
+            key_of(IdKind::User, "u"),
+            key_of(IdKind::Anon, "a"),
+            key_of(IdKind::User, "p"),
+            key_of(IdKind::Anon, "p"),
+        );
+        let sorted = |mut v: Vec<(Key, u64)>| {
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(state.named, sorted(vec![(u, 5000), (a, 6000)]));
+        assert_eq!(state.seen, sorted(vec![(u, 5000), (a, 6000), (pu, 5000), (pa, 5000)]));
+        let mut back = Identities::restore(state.clone());
+        assert_eq!(back.state(), state);
+        // Named at last, `p` gets its eligible node and nothing else.
+        nodes.clear();
+        back.changes(
+            &stamped(r#"{"type":"track","event":"x","userId":"p","timestamp":T}"#, 7000),
+            &mut nodes,
+            &mut links,
+        );
+        let eligible = (
+            false,
+            Id {
+                kind: IdKind::User,
+                name: "p".into(),
+            },
+            pu,
+        );
+        assert_eq!(nodes, vec![((pu, eligible), 7000, 1)]);
     }
 }
