@@ -120,8 +120,13 @@ impl<P: Clone> Stage<FactOf<P>, WindowedOf<P>> for WindowStage<P> {
 /// order), so each length has a queue in arrival order and a fact is
 /// appended in O(1); one that would break a queue's order (a late event)
 /// waits in an ordered map instead.
+///
+/// The queues are most of the memory of a long window (every fact in it
+/// waits here), so an entry is small: the expiry tick is kept once per run
+/// of facts that share it, and the multiplicity in 32 bits (one beyond
+/// that is queued in parts). A counted fact waits in 16 bytes.
 struct Expiries<P> {
-    /// Per window length: `(expiry, fact, diff)` in arrival order.
+    /// Per window length, in arrival order.
     queues: Vec<(u64, Queue<P>)>,
     stray: BTreeMap<u64, Vec<(WindowedOf<P>, isize)>>,
 }
@@ -135,31 +140,75 @@ impl<P> Default for Expiries<P> {
     }
 }
 
-type Queue<P> = VecDeque<(u64, WindowedOf<P>, isize)>;
+/// One window length's retractions in arrival order, and their expiry
+/// ticks as runs `(expiry, how many)`.
+struct Queue<P> {
+    ticks: VecDeque<(u64, usize)>,
+    facts: VecDeque<Waiting<P>>,
+}
 
-impl<P> Expiries<P> {
+/// A retraction as it waits: a fact and its diff, flat (as a tuple of
+/// tuples it would be padded to 24 bytes without a payload).
+struct Waiting<P> {
+    id: Key,
+    stream: StreamId,
+    r: i32,
+    pay: P,
+}
+
+/// `r` in 32-bit parts: one, unless it is beyond ±2³¹.
+fn parts(mut r: isize) -> impl Iterator<Item = i32> {
+    std::iter::from_fn(move || {
+        (r != 0).then(|| {
+            let part = r.clamp(i32::MIN as isize, i32::MAX as isize);
+            r -= part;
+            part as i32
+        })
+    })
+}
+
+impl<P: Clone> Expiries<P> {
     fn push(&mut self, length: u64, expiry: u64, fact: WindowedOf<P>, r: isize) {
         let at = match self.queues.iter().position(|(l, _)| *l == length) {
             Some(at) => at,
             None => {
-                self.queues.push((length, VecDeque::new()));
+                let queue = Queue {
+                    ticks: VecDeque::new(),
+                    facts: VecDeque::new(),
+                };
+                self.queues.push((length, queue));
                 self.queues.len() - 1
             }
         };
         let queue = &mut self.queues[at].1;
-        if queue.back().is_none_or(|(last, _, _)| *last <= expiry) {
-            queue.push_back((expiry, fact, r));
+        if queue.ticks.back().is_none_or(|(last, _)| *last <= expiry) {
+            let before = queue.facts.len();
+            let (id, (stream, pay)) = fact;
+            queue.facts.extend(parts(r).map(|r| Waiting {
+                id,
+                stream,
+                r,
+                pay: pay.clone(),
+            }));
+            let added = queue.facts.len() - before;
+            match queue.ticks.back_mut() {
+                Some((last, n)) if *last == expiry => *n += added,
+                _ if added > 0 => queue.ticks.push_back((expiry, added)),
+                _ => {}
+            }
         } else {
             self.stray.entry(expiry).or_default().push((fact, r));
         }
     }
+}
 
+impl<P> Expiries<P> {
     /// Moves every retraction whose expiry is `due` into `out`.
     fn release(&mut self, due: impl Fn(&u64) -> bool, out: &mut Vec<(WindowedOf<P>, u64, isize)>) {
         for (_, queue) in &mut self.queues {
-            while queue.front().is_some_and(|(expiry, _, _)| due(expiry)) {
-                let (expiry, fact, r) = queue.pop_front().expect("a front");
-                out.push((fact, expiry, r));
+            while let Some(&(expiry, n)) = queue.ticks.front().filter(|(expiry, _)| due(expiry)) {
+                queue.ticks.pop_front();
+                out.extend(queue.facts.drain(..n).map(|w| ((w.id, (w.stream, w.pay)), expiry, w.r as isize)));
             }
         }
         while let Some(entry) = self.stray.first_entry() {
@@ -173,8 +222,38 @@ impl<P> Expiries<P> {
 
     /// The earliest expiry still waiting.
     fn next(&self) -> Option<u64> {
-        let queued = self.queues.iter().filter_map(|(_, q)| q.front().map(|(e, _, _)| *e));
+        let queued = self.queues.iter().filter_map(|(_, q)| q.ticks.front().map(|(e, _)| *e));
         queued.chain(self.stray.keys().next().copied()).min()
+    }
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use differential_dataflow::consolidation::consolidate_updates;
+
+    use super::*;
+
+    #[test]
+    fn a_counted_fact_waits_in_16_bytes() {
+        assert_eq!(std::mem::size_of::<Waiting<()>>(), 16);
+    }
+
+    #[test]
+    fn a_diff_beyond_32_bits_waits_in_parts() {
+        let big = i32::MAX as isize * 2 + 5;
+        assert_eq!(parts(big).map(|p| p as isize).sum::<isize>(), big);
+        assert_eq!(parts(-big).count(), 3);
+        assert_eq!(parts(-1).collect::<Vec<_>>(), vec![-1]);
+        assert_eq!(parts(0).count(), 0);
+        let mut e = Expiries::<()>::default();
+        e.push(10, 7, (1, (StreamId(0), ())), big);
+        e.push(10, 7, (2, (StreamId(0), ())), -1);
+        e.push(10, 9, (3, (StreamId(0), ())), 1);
+        let mut out = Vec::new();
+        e.release(|t| *t <= 7, &mut out);
+        consolidate_updates(&mut out);
+        assert_eq!(out, vec![((1, (StreamId(0), ())), 7, big), ((2, (StreamId(0), ())), 7, -1)]);
+        assert_eq!(e.next(), Some(9));
     }
 }
 
