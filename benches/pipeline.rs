@@ -693,7 +693,7 @@ fn identity(n: u64) {
                 let plan = std::rc::Rc::new(shoal::plan::Plan::new(&spec("dataflows/retail.toml")));
                 let (me, held) = (worker.index(), held_in.clone());
                 let inputs = worker.dataflow::<u64, _, _>(|scope| {
-                    let (inputs, built) = shoal::dataflow::build_with(scope, &plan, 1000, None, false, placement);
+                    let (inputs, built) = shoal::dataflow::build_with(scope, &plan, 1000, None, (false, false), placement);
                     built.labels.inner.inspect(move |(_, _, r)| held.lock().unwrap()[me] += r);
                     inputs
                 });

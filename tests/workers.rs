@@ -157,7 +157,7 @@ fn embedded(events: &[String], workers: usize, paced: bool) -> Vec<(u64, u64, u6
         let seen = seen_in.clone();
         let (inputs, probe) = worker.dataflow::<u64, _, _>(|scope| {
             let placement = shoal::dataflow::identity::Placement::OneWorker;
-            let (inputs, built) = shoal::dataflow::build_with(scope, &plan, 1000, None, false, placement);
+            let (inputs, built) = shoal::dataflow::build_with(scope, &plan, 1000, None, (false, false), placement);
             let (probe, _) = built
                 .labels
                 .inner

@@ -65,6 +65,9 @@ pub(super) fn run_worker(
     };
     // Every worker builds the same dataflow, serving or not.
     let serving = job.http.is_some();
+    // Whether forget and unlink requests can come: from the API, from a
+    // checkpoint (of a served run), or given at ticks (`RunOptions::requests`).
+    let requests = serving || checkpointing.is_some() || !opts.requests.is_empty();
     // Serving with history: accepted events go to the model too.
     let history = job.http.as_ref().map(|h| h.history(&plan)).is_some_and(|h| h.keeps());
     // The models' latest state is what `GET /models/{name}/examples` reads.
@@ -86,7 +89,7 @@ pub(super) fn run_worker(
     let (inputs, delivered) = worker.dataflow::<u64, _, _>(|scope| {
         use differential_dataflow::input::Input as _;
         use timely::dataflow::operators::{Input, Probe};
-        let (mut inputs, built) = build_with(scope, &plan, opts.tick, memory, serving, placement);
+        let (mut inputs, built) = build_with(scope, &plan, opts.tick, memory, (serving, requests), placement);
         let notes = scope.input_from(&mut notes).container::<Vec<Note>>();
         let mut members = built.members.map(|(s, id)| crate::output::sink::Upd::Member(s, id));
         if serving {
