@@ -138,9 +138,9 @@ pub fn build<'s>(scope: Scope<'s, u64>, plan: &Rc<Plan>, tick: u64) -> (Inputs, 
 ///
 /// Applying requests keeps every link in three joins (13% of the heap of
 /// a retail run, in massif) for requests that only the HTTP API
-/// makes, or a checkpoint of a served run replays; every worker must build
-/// the same dataflow, so the caller decides it from what every process
-/// knows alike (serving, or keeping state).
+/// makes, a checkpoint of a served run replays, or a caller gives at
+/// ticks; every worker must build the same dataflow, so the caller decides
+/// it from what every process knows alike (see `RunOptions::requests`).
 pub fn build_with<'s>(
     scope: Scope<'s, u64>,
     plan: &Rc<Plan>,

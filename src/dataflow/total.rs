@@ -23,7 +23,7 @@
 //! [`CountTotalOps`]), or [`binary_by_tick`] for a binary operator of their
 //! own. A [`Stage`] is what an operator's input passes through before it
 //! waits for its tick: the window is one (`crate::dataflow::window`), fused
-//! into the join that re-keys facts to profiles ([`join_staged`]).
+//! into the join that re-keys facts to profiles ([`join_pair_staged`]).
 
 use std::hash::Hash;
 
@@ -47,7 +47,7 @@ type Output<D> = CapacityContainerBuilder<Updates<D>>;
 /// tick: [`Direct`] passes them on; a window (`crate::dataflow::window`) passes each
 /// fact on and holds its retraction until the input reaches its expiry.
 /// A stage holds updates only at ticks later than the input capability
-/// they came with, so the operator's held capability covers them.
+/// they came with, so the capabilities the operator holds cover them.
 pub trait Stage<D0, D> {
     /// Turns updates as they arrive into the operator's input, taking them
     /// out of `data`.
@@ -275,7 +275,7 @@ fn room<T, S: Store<T>>(v: &mut S) {
 
 /// What per-key updates are kept in: a vector, or a small vector with room
 /// for one inline where a key mostly has one small value (the profile an
-/// id belongs to, on the right of the joins that re-key facts), so that
+/// id belongs to, on the right of the join that re-keys facts), so that
 /// one value costs no allocation.
 trait Store<T>: Default + std::ops::DerefMut<Target = [T]> {
     fn capacity(&self) -> usize;

@@ -33,8 +33,8 @@ pub type Facts<'s, P> = VecCollection<'s, u64, FactOf<P>, isize>;
 /// Windows every fact by its stream's length (`None`: lifetime; facts whose
 /// expiry is not after their effect tick never count and are dropped) and
 /// re-keys it from its anchor to the anchor's profile, in one operator:
-/// a join with `labels` (anchor → profile) whose left input is windowed
-/// first. Both are keyed by anchor, so the windowed facts need no channel
+/// a join with `labels` (anchor → profile) whose two left inputs are each
+/// windowed first. All are keyed by anchor, so the windowed facts need no channel
 /// and no buffer of their own before the join.
 ///
 /// Facts come in two kinds, `P1` and `P2` (counted facts without a payload
@@ -182,15 +182,25 @@ impl<P: Clone> Expiries<P> {
         };
         let queue = &mut self.queues[at].1;
         if queue.ticks.back().is_none_or(|(last, _)| *last <= expiry) {
-            let before = queue.facts.len();
             let (id, (stream, pay)) = fact;
-            queue.facts.extend(parts(r).map(|r| Waiting {
-                id,
-                stream,
-                r,
-                pay: pay.clone(),
-            }));
-            let added = queue.facts.len() - before;
+            let added = match i32::try_from(r) {
+                Ok(0) => 0,
+                Ok(r) => {
+                    queue.facts.push_back(Waiting { id, stream, r, pay });
+                    1
+                }
+                Err(_) => {
+                    let before = queue.facts.len();
+                    let part = |r| Waiting {
+                        id,
+                        stream,
+                        r,
+                        pay: pay.clone(),
+                    };
+                    queue.facts.extend(parts(r).map(part));
+                    queue.facts.len() - before
+                }
+            };
             match queue.ticks.back_mut() {
                 Some((last, n)) if *last == expiry => *n += added,
                 _ if added > 0 => queue.ticks.push_back((expiry, added)),

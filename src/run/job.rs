@@ -36,7 +36,10 @@ pub struct RunOptions {
     /// a cluster of several processes, on one worker otherwise.
     pub identity: Option<crate::dataflow::identity::Placement>,
     /// Requests (forget, unlink) fed at given ticks, as if made over the
-    /// API then (tests, and a journal's after a restart).
+    /// API then (tests, and a journal's after a restart). Whether there
+    /// are any decides whether the dataflow applies requests at all, so in
+    /// a cluster without `--http` and `--state` (which apply them anyway)
+    /// every process must be given them alike.
     pub requests: Vec<(u64, crate::core::id::Request)>,
 }
 
