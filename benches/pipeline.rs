@@ -204,21 +204,7 @@ fn progress(rate: u64, seconds: u64) {
     ));
     println!("## progress: retail.toml live, {rate} events/s for {seconds} s, --tick {tick}ms");
     for workers in [1, 2, 4, 8, 16, 32] {
-        let opts = RunOptions {
-            tick,
-            lateness: 0,
-            idle: tick,
-            workers,
-            ..RunOptions::default()
-        };
-        let job = Job::quiet(
-            spec("dataflows/retail.toml"),
-            opts,
-            vec![Source::Paced {
-                data: data.clone(),
-                rate: rate as f64,
-            }],
-        );
+        let job = live_retail(data.clone(), rate, tick, workers);
         let (cpu, started) = (process_cpu(), Instant::now());
         let summary = run(job).expect("run");
         let (cpu, wall) = (process_cpu() - cpu, started.elapsed().as_secs_f64());
@@ -335,6 +321,19 @@ fn reference_vs_engine(n: u64) {
     println!("engine           : {:>9.0} events/s ({:.0}x)", n as f64 / e, r / e);
 }
 
+/// retail.toml run live: `data` offered at `rate` events/s, `--tick {tick}ms
+/// --lateness 0s`, and the clock moved after a tick without input.
+fn live_retail(data: Arc<Vec<u8>>, rate: u64, tick: u64, workers: usize) -> Job {
+    let opts = RunOptions {
+        tick,
+        lateness: 0,
+        idle: tick,
+        workers,
+        ..RunOptions::default()
+    };
+    Job::quiet(spec("dataflows/retail.toml"), opts, vec![Source::Paced { data, rate: rate as f64 }])
+}
+
 /// Open-loop latency: events offered live at `rate`/s (event time moving
 /// with wall time), `--tick 100ms --lateness 0s`, 2 workers; the latency of a
 /// tick is from the moment the reader's clock made it final to the moment
@@ -352,14 +351,7 @@ fn latency(rate: u64, seconds: u64, tick: u64, workers: usize) {
     let n = rate * seconds;
     let data = Arc::new(shoal::generate::synthetic(n, (n / 20).max(50), rate, &names));
     let timings = Arc::new(shoal::output::sink::Timings::default());
-    let opts = RunOptions {
-        tick,
-        lateness: 0,
-        idle: tick,
-        workers,
-        ..RunOptions::default()
-    };
-    let mut job = Job::quiet(spec("dataflows/retail.toml"), opts, vec![Source::Paced { data, rate: rate as f64 }]);
+    let mut job = live_retail(data, rate, tick, workers);
     job.output = Some(Arc::new(|_resume| {
         Ok(Box::new(shoal::output::deliver::WriteLines(Box::new(std::io::sink()))) as Box<dyn shoal::output::deliver::Deliver>)
     }));
