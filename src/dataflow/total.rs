@@ -25,6 +25,7 @@
 //! waits for its tick: the window is one (`crate::dataflow::window`), fused
 //! into the join that re-keys facts to profiles ([`join_pair_staged`]).
 
+use std::collections::VecDeque;
 use std::hash::Hash;
 
 use differential_dataflow::consolidation::consolidate;
@@ -209,17 +210,72 @@ impl Held {
     }
 }
 
-/// Hands `ready` (sorted by tick) to `on_tick` one tick at a time, through
-/// the reused buffer `run`.
-fn each_tick<D, L: FnMut(u64, &mut Vec<(D, isize)>)>(ready: &mut Vec<(D, u64, isize)>, run: &mut Vec<(D, isize)>, mut on_tick: L) {
-    let mut updates = ready.drain(..).peekable();
-    while let Some((d, t, r)) = updates.next() {
-        run.push((d, r));
-        while let Some((d, _, r)) = updates.next_if(|(_, s, _)| *s == t) {
-            run.push((d, r));
+/// One input of a by-tick shell ([`by_tick`], `by_tick2`, `by_tick3`):
+/// the stage its updates go through, those waiting for their tick, and
+/// those of complete ticks, handed out one tick at a time. Each shell is
+/// its lanes gathered, then a loop over the least next tick among them.
+struct Lane<D0, D, S> {
+    stage: S,
+    pending: Pending<D>,
+    /// Updates of complete ticks, in tick order, taken from the front.
+    ready: VecDeque<(D, u64, isize)>,
+    /// The updates of the tick being handed out.
+    run: Vec<(D, isize)>,
+    arriving: std::marker::PhantomData<D0>,
+}
+
+impl<D0, D, S: Stage<D0, D>> Lane<D0, D, S> {
+    fn new(stage: S) -> Self {
+        Lane {
+            stage,
+            pending: Pending::default(),
+            ready: VecDeque::new(),
+            run: Vec::new(),
+            arriving: std::marker::PhantomData,
         }
-        on_tick(t, run);
-        run.clear();
+    }
+
+    /// Takes out the updates of every tick all `frontiers` have passed:
+    /// those that waited, those `input` brings through the stage, and those
+    /// the stage releases as the input's own `frontier` moves. What waited
+    /// is taken before new input joins it: the ready updates are then
+    /// usually all of it, moved without a scan (one input's frontier often
+    /// trails another's by a step, so the updates that waited are ready
+    /// and the new ones are not). `held` covers whatever stays.
+    fn gather<P>(
+        &mut self,
+        (input, frontier): (&mut InputHandleCore<u64, Vec<(D0, u64, isize)>, P>, &MutableAntichain<u64>),
+        frontiers: &[&MutableAntichain<u64>],
+        held: &mut Held,
+    ) where
+        P: timely::communication::Pull<timely::dataflow::channels::Message<u64, Vec<(D0, u64, isize)>>>,
+    {
+        let mut ready = Vec::from(std::mem::take(&mut self.ready));
+        self.pending.ready(frontiers, &mut ready);
+        self.pending.absorb(input, held, &mut self.stage);
+        self.pending.release(&mut self.stage, frontier);
+        self.pending.ready(frontiers, &mut ready);
+        by_tick_order(&mut ready);
+        self.ready = ready.into();
+    }
+
+    /// The tick of the next complete update.
+    fn next(&self) -> Option<u64> {
+        self.ready.front().map(|u| u.1)
+    }
+
+    /// The updates of tick `t` (none when the next is later).
+    fn take(&mut self, t: u64) -> &mut Vec<(D, isize)> {
+        self.run.clear();
+        while let Some((d, _, r)) = self.ready.pop_front_if(|u| u.1 == t) {
+            self.run.push((d, r));
+        }
+        &mut self.run
+    }
+
+    /// The earliest tick of an update still waiting or staged.
+    fn first(&self) -> Option<u64> {
+        [self.pending.first(), self.stage.next()].into_iter().flatten().min()
     }
 }
 
@@ -367,21 +423,18 @@ where
     input
         .inner
         .unary_frontier::<Output<O>, _, _, _>(pact, name, move |_cap, _info| {
-            let mut pending = Pending::default();
+            let mut lane = Lane::new(Direct);
             let mut held = Held::new(1);
-            let (mut ready, mut run, mut out) = (Vec::new(), Vec::new(), Vec::new());
+            let mut out = Vec::new();
             move |(input, frontier), output| {
-                // What waited is taken before new input joins it: the ready
-                // updates are then usually all of it, moved without a scan.
-                pending.ready(&[frontier], &mut ready);
-                pending.absorb(input, &mut held, &mut Direct);
-                pending.ready(&[frontier], &mut ready);
-                by_tick_order(&mut ready);
-                each_tick(&mut ready, &mut run, |t, updates| on_tick(t, updates, &mut out));
+                lane.gather((input, frontier), &[frontier], &mut held);
+                while let Some(t) = lane.next() {
+                    on_tick(t, lane.take(t), &mut out);
+                }
                 if !out.is_empty() {
                     send(output, held.at(0), &mut out);
                 }
-                held.hold(pending.first());
+                held.hold(lane.first());
             }
         })
         .as_collection()
@@ -705,7 +758,7 @@ fn settle<K: Hash + Eq, A: Left, W>(sides: &mut FxHashMap<K, Both<A, W>>, key: &
 /// together, in ascending order of ticks. The shell of [`join`],
 /// [`join_staged`] and [`propagate`].
 fn by_tick2<'s, D0, D1, D2, O, S, F1, F2, L>(
-    (left, mut stage): (VecCollection<'s, u64, D0, isize>, S),
+    (left, stage): (VecCollection<'s, u64, D0, isize>, S),
     right: VecCollection<'s, u64, D2, isize>,
     name: &str,
     (key1, key2): (F1, F2),
@@ -725,39 +778,25 @@ where
     let pact2 = Exchange::new(move |(d, _, _): &(D2, u64, isize)| key2(d));
     left.inner
         .binary_frontier::<_, Output<O>, _, _, _, _>(right.inner, pact1, pact2, name, move |_cap, _info| {
-            let (mut pending1, mut pending2) = (Pending::default(), Pending::default());
+            let (mut lane1, mut lane2) = (Lane::new(stage), Lane::new(Direct));
             let mut held = Held::new(1);
-            let (mut ready1, mut ready2, mut out) = (Vec::new(), Vec::new(), Vec::new());
-            let (mut run1, mut run2) = (Vec::new(), Vec::new());
+            let mut out = Vec::new();
             let mut wakes = Wakes::default();
             move |(input1, frontier1), (input2, frontier2), output| {
-                // What waited is taken before new input joins it (see `by_tick`):
-                // one input's frontier often trails the other's by a step, so
-                // the updates that waited are ready and the new ones are not.
-                pending1.ready(&[frontier1, frontier2], &mut ready1);
-                pending2.ready(&[frontier1, frontier2], &mut ready2);
-                pending1.absorb(input1, &mut held, &mut stage);
-                pending2.absorb(input2, &mut held, &mut Direct);
-                pending1.release(&mut stage, frontier1);
-                pending1.ready(&[frontier1, frontier2], &mut ready1);
-                pending2.ready(&[frontier1, frontier2], &mut ready2);
-                by_tick_order(&mut ready1);
-                by_tick_order(&mut ready2);
-                let bound = bound(&[frontier1, frontier2]);
-                let (mut d1, mut d2) = (ready1.drain(..).peekable(), ready2.drain(..).peekable());
+                let frontiers = [frontier1, frontier2];
+                lane1.gather((input1, frontier1), &frontiers, &mut held);
+                lane2.gather((input2, frontier2), &frontiers, &mut held);
+                let bound = bound(&frontiers);
                 loop {
                     let woken = wakes.next().filter(|&w| bound.is_some_and(|b| w < b));
-                    let t = [d1.peek().map(|u| u.1), d2.peek().map(|u| u.1), woken].into_iter().flatten().min();
-                    let Some(t) = t else { break };
+                    let Some(t) = [lane1.next(), lane2.next(), woken].into_iter().flatten().min() else {
+                        break;
+                    };
                     while wakes.next() == Some(t) {
                         wakes.0.pop();
                     }
-                    take_tick(&mut d1, t, &mut run1);
-                    take_tick(&mut d2, t, &mut run2);
                     wakes.1 = t;
-                    on_tick(t, &mut run1, &mut run2, &mut out, &mut wakes);
-                    run1.clear();
-                    run2.clear();
+                    on_tick(t, lane1.take(t), lane2.take(t), &mut out, &mut wakes);
                 }
                 if bound.is_none() {
                     // Past the last tick, nothing is written: wakes asked
@@ -768,12 +807,7 @@ where
                 if !out.is_empty() {
                     send(output, held.at(0), &mut out);
                 }
-                held.hold(
-                    [pending1.first(), pending2.first(), stage.next(), wakes.next()]
-                        .into_iter()
-                        .flatten()
-                        .min(),
-                );
+                held.hold([lane1.first(), lane2.first(), wakes.next()].into_iter().flatten().min());
             }
         })
         .as_collection()
@@ -785,7 +819,7 @@ where
 /// [`join_pair_staged`].
 #[allow(clippy::type_complexity)]
 fn by_tick3<'s, A0, A, B0, B, C, O1, O2, SA, SB, FA, FB, FC, L>(
-    ((left1, mut stage1), (left2, mut stage2)): ((VecCollection<'s, u64, A0, isize>, SA), (VecCollection<'s, u64, B0, isize>, SB)),
+    ((left1, stage1), (left2, stage2)): ((VecCollection<'s, u64, A0, isize>, SA), (VecCollection<'s, u64, B0, isize>, SB)),
     right: VecCollection<'s, u64, C, isize>,
     name: &str,
     (key1, key2, key3): (FA, FB, FC),
@@ -813,43 +847,16 @@ where
     let (mut output1, stream1) = builder.new_output::<Updates<O1>>();
     let (mut output2, stream2) = builder.new_output::<Updates<O2>>();
     builder.build(move |_caps| {
-        let (mut pending1, mut pending2, mut pending3) = (Pending::default(), Pending::default(), Pending::default());
+        let (mut lane1, mut lane2, mut lane3) = (Lane::new(stage1), Lane::new(stage2), Lane::new(Direct));
         let mut held = Held::new(2);
-        let (mut ready1, mut ready2, mut ready3) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut run1, mut run2, mut run3) = (Vec::new(), Vec::new(), Vec::new());
         let (mut out1, mut out2) = (Vec::new(), Vec::new());
         move |frontiers| {
             let frontiers = [&frontiers[0], &frontiers[1], &frontiers[2]];
-            // As in `by_tick2`: what waited is taken before new input joins it.
-            pending1.ready(&frontiers, &mut ready1);
-            pending2.ready(&frontiers, &mut ready2);
-            pending3.ready(&frontiers, &mut ready3);
-            pending1.absorb(&mut input1, &mut held, &mut stage1);
-            pending2.absorb(&mut input2, &mut held, &mut stage2);
-            pending3.absorb(&mut input3, &mut held, &mut Direct);
-            pending1.release(&mut stage1, frontiers[0]);
-            pending2.release(&mut stage2, frontiers[1]);
-            pending1.ready(&frontiers, &mut ready1);
-            pending2.ready(&frontiers, &mut ready2);
-            pending3.ready(&frontiers, &mut ready3);
-            by_tick_order(&mut ready1);
-            by_tick_order(&mut ready2);
-            by_tick_order(&mut ready3);
-            let mut d1 = ready1.drain(..).peekable();
-            let mut d2 = ready2.drain(..).peekable();
-            let mut d3 = ready3.drain(..).peekable();
-            while let Some(t) = [d1.peek().map(|u| u.1), d2.peek().map(|u| u.1), d3.peek().map(|u| u.1)]
-                .into_iter()
-                .flatten()
-                .min()
-            {
-                take_tick(&mut d1, t, &mut run1);
-                take_tick(&mut d2, t, &mut run2);
-                take_tick(&mut d3, t, &mut run3);
-                on_tick(t, (&mut run1, &mut run2, &mut run3), (&mut out1, &mut out2));
-                run1.clear();
-                run2.clear();
-                run3.clear();
+            lane1.gather((&mut input1, frontiers[0]), &frontiers, &mut held);
+            lane2.gather((&mut input2, frontiers[1]), &frontiers, &mut held);
+            lane3.gather((&mut input3, frontiers[2]), &frontiers, &mut held);
+            while let Some(t) = [lane1.next(), lane2.next(), lane3.next()].into_iter().flatten().min() {
+                on_tick(t, (lane1.take(t), lane2.take(t), lane3.take(t)), (&mut out1, &mut out2));
             }
             if !out1.is_empty() {
                 send_to(&mut output1, held.at(0), &mut out1);
@@ -857,16 +864,10 @@ where
             if !out2.is_empty() {
                 send_to(&mut output2, held.at(1), &mut out2);
             }
-            let next = [pending1.first(), pending2.first(), pending3.first(), stage1.next(), stage2.next()];
-            held.hold(next.into_iter().flatten().min());
+            held.hold([lane1.first(), lane2.first(), lane3.first()].into_iter().flatten().min());
         }
     });
     (stream1.as_collection(), stream2.as_collection())
-}
-
-/// Moves the updates of tick `t` at the front of `ready` into `run`.
-fn take_tick<D>(ready: &mut std::iter::Peekable<std::vec::Drain<'_, (D, u64, isize)>>, t: u64, run: &mut Vec<(D, isize)>) {
-    run.extend(std::iter::from_fn(|| ready.next_if(|u| u.1 == t)).map(|(d, _, r)| (d, r)));
 }
 
 /// The ticks at which an operator asked to run again with no input (see
