@@ -282,15 +282,23 @@ fn shown(url: &str) -> String {
     }
 }
 
-/// A Segment `/v1/batch` body for SPEC §5 lines.
+/// A Segment `/v1/batch` body for SPEC §5 lines. Their strings are
+/// borrowed unless they hold escapes (an id with a quote or backslash),
+/// which are undone into owned ones.
 fn segment_body(lines: &[String]) -> Vec<u8> {
+    use std::borrow::Cow;
     #[derive(serde::Deserialize)]
     struct Line<'a> {
-        time: &'a str,
-        segment: &'a str,
-        profile: &'a str,
-        change: &'a str,
-        group: Option<&'a str>,
+        #[serde(borrow)]
+        time: Cow<'a, str>,
+        #[serde(borrow)]
+        segment: Cow<'a, str>,
+        #[serde(borrow)]
+        profile: Cow<'a, str>,
+        #[serde(borrow)]
+        change: Cow<'a, str>,
+        #[serde(borrow)]
+        group: Option<Cow<'a, str>>,
     }
     #[derive(Serialize)]
     #[serde(rename_all = "camelCase")]
@@ -299,31 +307,46 @@ fn segment_body(lines: &[String]) -> Vec<u8> {
         kind: &'static str,
         event: &'static str,
         #[serde(skip_serializing_if = "Option::is_none")]
-        user_id: Option<&'a str>,
+        user_id: Option<Cow<'a, str>>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        anonymous_id: Option<&'a str>,
-        timestamp: &'a str,
+        anonymous_id: Option<Cow<'a, str>>,
+        timestamp: Cow<'a, str>,
         message_id: String,
         properties: Props<'a>,
     }
     #[derive(Serialize)]
     struct Props<'a> {
-        segment: &'a str,
+        segment: Cow<'a, str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        group: Option<&'a str>,
+        group: Option<Cow<'a, str>>,
     }
     #[derive(Serialize)]
     struct Body<'a> {
         batch: Vec<Track<'a>>,
     }
+    /// The part of `s` after its first `:` (an id after its kind).
+    fn after_colon<'a>(s: &Cow<'a, str>, at: usize) -> Cow<'a, str> {
+        match s {
+            Cow::Borrowed(b) => Cow::Borrowed(&b[at + 1..]),
+            Cow::Owned(o) => Cow::Owned(o[at + 1..].to_string()),
+        }
+    }
     let batch = lines
         .iter()
         .filter_map(|l| {
-            let line: Line = serde_json::from_str(l).ok()?;
-            let (user_id, anonymous_id) = match line.profile.split_once(':') {
-                Some(("anon", id)) => (None, Some(id)),
-                Some((_, id)) => (Some(id), None),
-                None => (Some(line.profile), None),
+            let line: Line = match serde_json::from_str(l) {
+                Ok(line) => line,
+                Err(e) => {
+                    // Lines are written by shoal itself (SPEC §5): not one
+                    // should fail, and none leaves without a word.
+                    tracing::error!("webhook: a change line could not be read ({e}), left out of the batch: {l}");
+                    return None;
+                }
+            };
+            let (user_id, anonymous_id) = match line.profile.find(':') {
+                Some(at) if &line.profile[..at] == "anon" => (None, Some(after_colon(&line.profile, at))),
+                Some(at) => (Some(after_colon(&line.profile, at)), None),
+                None => (Some(line.profile.clone()), None),
             };
             Some(Track {
                 kind: "track",
@@ -543,6 +566,20 @@ mod tests {
         assert_eq!(b[1]["anonymousId"], "a:b");
         assert_eq!(b[1]["properties"]["group"], "holdout");
         assert_ne!(b[0]["messageId"], b[1]["messageId"]);
+    }
+
+    #[test]
+    fn segment_bodies_keep_ids_that_need_escapes() {
+        // The SPEC §5 line escapes a quote and a backslash; they must reach
+        // the body undone, not drop the change.
+        let line =
+            serde_json::json!({"time": "2024-01-01T00:00:01Z", "segment": "s\"q", "profile": "user:CORP\\jdoe\"x", "change": "enter"});
+        let body = segment_body(&[line.to_string()]);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let b = v["batch"].as_array().unwrap();
+        assert_eq!(b.len(), 1, "the change is in the batch: {v}");
+        assert_eq!(b[0]["userId"], "CORP\\jdoe\"x");
+        assert_eq!(b[0]["properties"]["segment"], "s\"q");
     }
 
     #[test]
