@@ -244,7 +244,7 @@ impl<D0, D, S: Stage<D0, D>> Lane<D0, D, S> {
     /// and the new ones are not). `held` covers whatever stays.
     fn gather<P>(
         &mut self,
-        (input, frontier): (&mut InputHandleCore<u64, Vec<(D0, u64, isize)>, P>, &MutableAntichain<u64>),
+        (input, frontier): (&mut InputHandleCore<u64, Updates<D0>, P>, &MutableAntichain<u64>),
         frontiers: &[&MutableAntichain<u64>],
         held: &mut Held,
     ) where
