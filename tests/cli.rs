@@ -235,6 +235,56 @@ fn live_stdin_clock_follows_wall_time_when_idle() {
 }
 
 #[test]
+fn a_live_run_whose_output_cannot_be_written_stops_and_says_so() {
+    // /dev/full fails every write. Input stays open: before, the run went on
+    // reading (and would have committed Kafka offsets and checkpoints past
+    // the lost changes) and named the error only when stopped.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), "[[segment]]\nname = \"active\"\nwhen = \"count(any, 2s) >= 1\"\n");
+    let mut child = shoal()
+        .arg("run")
+        .arg(&spec)
+        .args([
+            "--input",
+            "-",
+            "--lateness",
+            "0s",
+            "--idle",
+            "200ms",
+            "--output",
+            "/dev/full",
+            "--dead-letter",
+            "/dev/null",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"{\"type\":\"track\",\"event\":\"x\",\"userId\":\"u\",\"timestamp\":\"2024-01-01T00:00:10Z\"}\n")
+        .unwrap();
+    stdin.flush().unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("the run went on with its output failing");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    drop(stdin);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("cannot write output"), "{err}");
+}
+
+#[test]
 fn nothing_after_until_is_written_even_when_the_clock_runs_past_it() {
     // More lines than one read batch, so the dataflow runs while the clock
     // passes --until; a window expiring after it must not show.

@@ -235,6 +235,52 @@ fn a_second_run_resumes_from_the_committed_offsets() {
     assert_committed_at_the_ends(&brokers, "resume", "events", 3);
 }
 
+#[test]
+fn offsets_are_not_committed_past_changes_the_output_failed_to_write() {
+    // An output that fails from its 50th line: the run ends with the
+    // error, and the group's offsets stay before the events whose changes
+    // were lost, so a second run reads them again.
+    struct Failing(usize);
+    impl shoal::output::deliver::Deliver for Failing {
+        fn send(&mut self, _tick: u64, _key: &str, _line: &str) -> std::io::Result<()> {
+            self.0 += 1;
+            match self.0 {
+                ..50 => Ok(()),
+                _ => Err(std::io::Error::other("the disk is full")),
+            }
+        }
+    }
+    let (cluster, brokers) = cluster();
+    cluster.create_topic("events", 2, 1).unwrap();
+    let all = lines(3_000, 9);
+    produce(&brokers, "events", &all);
+    let failing: shoal::output::deliver::OpenOutput = Arc::new(|_| Ok(Box::new(Failing(0))));
+    let error = run(kafka_job(&brokers, "events", "failing", 1, failing)).expect_err("the output failed");
+    assert!(error.to_string().contains("the disk is full"), "{error}");
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "failing")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..2 {
+        tpl.add_partition("events", p);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    let total: i64 = (0..2)
+        .map(|p| match committed.find_partition("events", p).unwrap().offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum();
+    assert!(
+        total < all.len() as i64 / 2,
+        "{total} of {} offsets committed past a failed write",
+        all.len()
+    );
+}
+
 /// The group's committed offsets are the ends of the topic's partitions.
 fn assert_committed_at_the_ends(brokers: &str, group: &str, topic: &str, partitions: i32) {
     let consumer: BaseConsumer = ClientConfig::new()

@@ -106,7 +106,10 @@ pub struct SinkState {
     pub last: Option<u64>,
     /// Set by a stopped reader: no tick after it is written.
     pub cutoff: Option<u64>,
-    /// The first write error; writing stops there.
+    /// The first write error. Writing stops there, and so does the run:
+    /// [`Outputs::stop`] is set, the ticks written since the last
+    /// acknowledgement are never taken for delivered (a Kafka commit or a
+    /// checkpoint stays before them), and the run ends with this error.
     pub error: Option<String>,
     /// Ticks before this were delivered before a restart: not written again.
     pub skip_before: u64,
@@ -269,6 +272,9 @@ pub struct Outputs {
     pub delivered: Option<std::sync::Arc<std::sync::Mutex<crate::output::sink::Delivered>>>,
     /// With checkpoints in a cluster: takes the readers' checkpoint notes.
     pub on_checkpoint: Option<CheckpointHook>,
+    /// Set on the first write error, so that the readers stop (see
+    /// [`SinkState::error`]).
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Takes a cluster's checkpoint notes on process 0 (see [`Note::Checkpoint`]).
@@ -435,7 +441,27 @@ pub fn deliver<'s>(
                 // After the requests: a checkpoint taken from this mark holds
                 // the changes they journaled, and the output they wrote.
                 let unacked = outs.changes.as_mut().and_then(|c| c.unacknowledged());
-                awaiting.retain(|&t, _| unacked.is_some_and(|u| u <= t));
+                let failed = outs.state.borrow().error.clone();
+                match failed {
+                    // Nothing is acknowledged past a failed write, and the
+                    // run stops.
+                    Some(error) => {
+                        if outs
+                            .stop
+                            .as_ref()
+                            .is_some_and(|s| !s.swap(true, std::sync::atomic::Ordering::SeqCst))
+                        {
+                            tracing::error!("{error}: stopping");
+                        }
+                        if all_in && frontier.is_empty() {
+                            // The inputs are closed (the readers have
+                            // committed and checkpointed before them): let
+                            // the dataflow end.
+                            awaiting.clear();
+                        }
+                    }
+                    None => awaiting.retain(|&t, _| unacked.is_some_and(|u| u <= t)),
+                }
                 let unacked_lines = awaiting.values().map(|(_, n)| n).sum();
                 mark(
                     &outs,

@@ -62,6 +62,7 @@ pub(super) fn run_worker(
             let hook: crate::output::sink::CheckpointHook = Box::new(move |note: &[u8]| c.arrived(note));
             hook
         }),
+        stop: Some(job.stop.clone()),
     };
     // Every worker builds the same dataflow, serving or not.
     let serving = job.http.is_some();
