@@ -13,7 +13,9 @@ use std::sync::Mutex;
 #[derive(Debug)]
 pub struct Memory<T> {
     states: Vec<Mutex<BTreeMap<u64, T>>>,
-    /// Per operator: the state to start from, until it records another.
+    /// Per operator: the state restored from a checkpoint, until a state
+    /// recorded after it lies before a checkpoint's frontier (until then a
+    /// checkpoint must take it again).
     restored: Vec<Mutex<Option<T>>>,
     /// Whether states are kept until a checkpoint asks for them
     /// ([`Memory::before`]); otherwise only the latest is.
@@ -38,10 +40,8 @@ impl<T: Clone> Memory<T> {
         self.restored[i].lock().expect("not poisoned").clone()
     }
 
-    /// Operator `i`'s state from tick `t` on (the restored one is no longer
-    /// needed: it is not kept).
+    /// Operator `i`'s state from tick `t` on.
     pub fn record(&self, i: usize, t: u64, state: T) {
-        *self.restored[i].lock().expect("not poisoned") = None;
         let mut states = self.states[i].lock().expect("not poisoned");
         if !self.history {
             states.clear();
@@ -55,21 +55,52 @@ impl<T: Clone> Memory<T> {
         states.values().next_back().cloned().or_else(|| self.restored(i))
     }
 
-    /// Each operator's state as of the ticks before `frontier`; older ones
-    /// are forgotten.
+    /// Each operator's state as of the ticks before `frontier`: the latest
+    /// recorded before it, else the restored one (a state recorded at or
+    /// after the frontier does not count yet). Older ones are forgotten.
     pub fn before(&self, frontier: u64) -> Vec<Option<T>> {
         self.states
             .iter()
             .zip(&self.restored)
             .map(|(states, restored)| {
-                let restored = restored.lock().expect("not poisoned");
+                let mut restored = restored.lock().expect("not poisoned");
                 let mut states = states.lock().expect("not poisoned");
                 let state = states.range(..frontier).next_back().map(|(t, m)| (*t, m.clone()));
-                if let Some((t, _)) = state {
-                    states.retain(|&k, _| k >= t);
+                match state {
+                    Some((t, state)) => {
+                        states.retain(|&k, _| k >= t);
+                        *restored = None;
+                        Some(state)
+                    }
+                    None => restored.clone(),
                 }
-                state.map(|(_, m)| m).or_else(|| restored.clone())
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Memory;
+
+    #[test]
+    fn a_restored_state_counts_until_a_later_one_is_before_the_frontier() {
+        let memory = Memory::new(1, vec![Some("restored")], true);
+        memory.record(0, 100, "refit");
+        // A checkpoint before the refit's tick still holds the restored state.
+        assert_eq!(memory.before(50), vec![Some("restored")]);
+        assert_eq!(memory.before(101), vec![Some("refit")]);
+        assert_eq!(memory.before(101), vec![Some("refit")]);
+        assert_eq!(memory.latest(0), Some("refit"));
+    }
+
+    #[test]
+    fn without_history_only_the_latest_is_kept() {
+        let memory = Memory::new(1, Vec::new(), false);
+        assert_eq!(memory.before(10), vec![None]);
+        memory.record(0, 5, 1);
+        memory.record(0, 8, 2);
+        assert_eq!(memory.latest(0), Some(2));
+        assert_eq!(memory.before(7), vec![None]);
     }
 }
