@@ -231,6 +231,37 @@ fn a_checkpoint_of_another_spec_or_tick_is_refused() {
 }
 
 #[test]
+fn a_checkpoint_of_another_generator_size_is_refused() {
+    // `--generate N`'s stream depends on N (users, time spread): resuming
+    // one size's checkpoint with another would read on at a byte offset of
+    // another stream.
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let run = |n: &str| {
+        shoal()
+            .args([
+                "run",
+                &spec("retail.toml"),
+                "--generate",
+                n,
+                "--dead-letter",
+                "/dev/null",
+                "--output",
+            ])
+            .arg(dir.path().join(format!("out-{n}.jsonl")))
+            .arg("--state")
+            .arg(&state)
+            .output()
+            .unwrap()
+    };
+    assert!(run("1000").status.success());
+    let other = run("2000");
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert_eq!(other.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("different input") && stderr.contains("events: 2000"), "{stderr}");
+}
+
+#[test]
 fn state_needs_input_that_can_be_read_again_and_a_usable_directory() {
     let dir = tempfile::tempdir().unwrap();
     let out = shoal()

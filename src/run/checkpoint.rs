@@ -210,6 +210,24 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, Corrupt> {
     postcard::from_bytes(payload).map_err(|e| Corrupt(format!("undecodable: {e}")))
 }
 
+/// Why a checkpoint that is whole cannot be read by this shoal: another
+/// format in its header, or a payload that passes its checksum and does not
+/// decode (written by another version). `None` for one that is torn or
+/// damaged, which an older checkpoint can stand in for.
+fn foreign(bytes: &[u8]) -> Option<String> {
+    if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+        return None;
+    }
+    let format = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if format != FORMAT {
+        return Some(format!("it has format {format}, and this shoal reads format {FORMAT}"));
+    }
+    let (payload, _) = unframed(bytes).ok()?;
+    postcard::from_bytes::<Snapshot>(payload)
+        .err()
+        .map(|e| format!("it is whole but does not decode ({e}): another version of shoal wrote it"))
+}
+
 /// The payload of a whole frame, and its checksum.
 fn unframed(bytes: &[u8]) -> Result<(&[u8], u64), Corrupt> {
     if bytes.len() < HEADER || &bytes[..8] != MAGIC {
@@ -284,8 +302,8 @@ impl Store {
     }
 
     /// The newest usable checkpoint. Corrupt ones are reported (through
-    /// `warn`) and skipped; a whole one made for another spec, version or
-    /// options is refused.
+    /// `warn`) and skipped; a whole one made for another spec, version,
+    /// format or options is refused.
     pub fn latest(&self, fingerprint: &Fingerprint, mut warn: impl FnMut(String)) -> Result<Option<Snapshot>, CheckpointError> {
         for (_, path) in self.files()? {
             let bytes = match std::fs::read(&path) {
@@ -310,10 +328,27 @@ impl Store {
                         Err(Corrupt(why)) => warn(format!("checkpoint {} is unusable ({why}); trying an older one", path.display())),
                     }
                 }
-                Err(Corrupt(why)) => warn(format!("checkpoint {} is unusable ({why}); trying an older one", path.display())),
+                Err(Corrupt(why)) => match foreign(&bytes) {
+                    Some(why) => {
+                        return Err(CheckpointError::Refused(format!(
+                            "checkpoint {} cannot be read: {why}; run the shoal that made it, or give another \
+                             --state directory (or empty this one) to start over",
+                            path.display()
+                        )))
+                    }
+                    None => warn(format!("checkpoint {} is unusable ({why}); trying an older one", path.display())),
+                },
             }
         }
         Ok(None)
+    }
+
+    /// The number the next checkpoint takes: after every one in the
+    /// directory, usable or not (the newest [`KEEP`] by number are kept, so
+    /// a lower one would be removed as soon as written).
+    pub fn next_seq(&self, restored: Option<u64>) -> Result<u64, CheckpointError> {
+        let newest = self.files()?.first().map(|f| f.0);
+        Ok(newest.max(restored).map_or(1, |s| s + 1))
     }
 
     /// Writes `snap` atomically (temporary file, fsync, rename, fsync of
@@ -833,6 +868,59 @@ mod tests {
             Err(CheckpointError::Refused(m)) => assert!(m.contains("a different spec"), "{m}"),
             other => panic!("not refused: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_whole_checkpoint_of_another_format_is_refused_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut snap = snapshot();
+        snap.seq = 1;
+        store.write(&snap).unwrap();
+        // Seq 2, whole, as another format writes it.
+        snap.seq = 2;
+        let mut bytes = encode(&snap);
+        bytes[8..12].copy_from_slice(&(FORMAT + 1).to_le_bytes());
+        std::fs::write(dir.path().join("ckpt-000000000002.shoal"), &bytes).unwrap();
+        match store.latest(&snap.fingerprint, |_| {}) {
+            Err(CheckpointError::Refused(m)) => assert!(m.contains("format") && m.contains("ckpt-000000000002"), "{m}"),
+            other => panic!("not refused: {other:?}"),
+        }
+        // A whole frame whose payload is not a snapshot of this version.
+        let framed = framed(b"\x07 not a snapshot");
+        std::fs::write(dir.path().join("ckpt-000000000002.shoal"), framed).unwrap();
+        match store.latest(&snap.fingerprint, |_| {}) {
+            Err(CheckpointError::Refused(m)) => assert!(m.contains("another version"), "{m}"),
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn numbering_goes_on_after_checkpoints_that_were_skipped() {
+        // Three torn checkpoints numbered 5..7: a run starts over, and its
+        // first checkpoint must not be numbered below them (the store keeps
+        // the newest three by number and would remove it as it is written).
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut snap = snapshot();
+        for seq in 5..=7 {
+            snap.seq = seq;
+            let path = store.write(&snap).unwrap();
+            let len = std::fs::metadata(&path).unwrap().len();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(len - 1)
+                .unwrap();
+        }
+        assert!(store.latest(&snap.fingerprint, |_| {}).unwrap().is_none());
+        snap.seq = store.next_seq(None).unwrap();
+        assert_eq!(snap.seq, 8);
+        let path = store.write(&snap).unwrap();
+        assert!(path.exists(), "the new checkpoint is kept");
+        assert_eq!(store.latest(&snap.fingerprint, |_| {}).unwrap().unwrap().seq, 8);
+        assert_eq!(store.next_seq(Some(8)).unwrap(), 9);
     }
 
     #[test]

@@ -104,7 +104,15 @@ impl Checkpointing {
             until: job.opts.until,
             inputs: match &job.kafka {
                 Some(k) => k.topics.iter().map(|t| format!("kafka:{t}")).collect(),
-                None => job.sources.iter().map(Source::name).collect(),
+                None => job
+                    .sources
+                    .iter()
+                    .map(|s| match s {
+                        // The generator's stream depends on all its options.
+                        Source::Generate(g) => format!("generate({g:?})"),
+                        s => s.name(),
+                    })
+                    .collect(),
             },
             readers: readers_count,
         };
@@ -113,6 +121,7 @@ impl Checkpointing {
         if let Some(snap) = &restored {
             tracing::info!(seq = snap.seq, frontier = snap.mark.frontier, "resuming from a checkpoint");
         }
+        let seq = store.next_seq(restored.as_ref().map(|s| s.seq))?;
         let plan = Plan::new(&job.spec);
         let kept = crate::dataflow::Kept::new(
             &plan,
@@ -155,7 +164,7 @@ impl Checkpointing {
             writing: Mutex::new(()),
             windows,
             tick: job.opts.tick,
-            seq: (restored.as_ref().map_or(0, |s| s.seq) + 1).into(),
+            seq: seq.into(),
             restored,
             kept: Arc::new(kept),
             // Until the sink says more, what the checkpoint had is out.
