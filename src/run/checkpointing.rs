@@ -55,9 +55,9 @@ pub struct Checkpointing {
     writing: Mutex<()>,
     pub(super) windows: Vec<Option<u64>>,
     pub(super) tick: u64,
-    /// HTTP input: told what each checkpoint holds, so that its log can be
-    /// compacted behind it.
-    intake: Option<Arc<crate::io::intake::Intake>>,
+    /// HTTP input, and its index among the line sources: told what each
+    /// checkpoint holds, so that its log can be compacted behind it.
+    intake: Option<(usize, Arc<crate::io::intake::Intake>)>,
     /// The HTTP offsets of the checkpoints written, oldest first (at most
     /// [`checkpoint::KEEP`]).
     intake_offsets: Mutex<std::collections::VecDeque<u64>>,
@@ -169,8 +169,8 @@ impl Checkpointing {
             kept: Arc::new(kept),
             // Until the sink says more, what the checkpoint had is out.
             delivered: Arc::new(Mutex::new(crate::output::sink::Delivered { mark, files: Vec::new() })),
-            intake: job.sources.iter().find_map(|s| match s {
-                Source::Http(intake) => Some(intake.clone()),
+            intake: job.sources.iter().enumerate().find_map(|(i, s)| match s {
+                Source::Http(intake) => Some((i, intake.clone())),
                 _ => None,
             }),
             intake_offsets: Mutex::default(),
@@ -228,12 +228,10 @@ impl Checkpointing {
     /// keeps ([`checkpoint::KEEP`]): any of them may be the one resumed
     /// from, when the newer ones are unreadable.
     fn compact_intake(&self, readers: &[checkpoint::ReaderState]) {
-        let Some(intake) = &self.intake else { return };
-        let offset = readers.iter().find_map(|r| match &r.position {
-            crate::io::Position::Lines { offset, .. } => Some(*offset),
-            crate::io::Position::Kafka(ps) => ps.iter().find(|p| p.topic == crate::io::kafka::HTTP_TOPIC).map(|p| p.next as u64),
-        });
-        let Some(offset) = offset else { return };
+        let Some((source, intake)) = &self.intake else { return };
+        let Some(offset) = readers.iter().find_map(|r| intake_offset(&r.position, *source)) else {
+            return;
+        };
         let mut kept = self.intake_offsets.lock().expect("not poisoned");
         kept.push_back(offset);
         while kept.len() > checkpoint::KEEP {
@@ -480,5 +478,34 @@ impl Checkpointing {
         let mut readers = self.readers.lock().expect("not poisoned");
         let i = readers.iter().position(|r| r.worker == worker)?;
         Some(readers.swap_remove(i))
+    }
+}
+
+/// How far into the HTTP log (line source `http`, or Kafka's HTTP
+/// partition) a reader at `position` has read: a line source before it
+/// (a file read first) has read none of it; a byte offset of that source
+/// is not one of the log.
+fn intake_offset(position: &crate::io::Position, http: usize) -> Option<u64> {
+    match position {
+        crate::io::Position::Lines { source, offset, .. } => match source.cmp(&http) {
+            std::cmp::Ordering::Less => Some(0),
+            std::cmp::Ordering::Equal => Some(*offset),
+            std::cmp::Ordering::Greater => None,
+        },
+        crate::io::Position::Kafka(ps) => ps.iter().find(|p| p.topic == crate::io::kafka::HTTP_TOPIC).map(|p| p.next as u64),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::intake_offset;
+    use crate::io::Position;
+
+    #[test]
+    fn the_http_log_offset_is_read_only_from_the_http_source() {
+        let at = |source, offset| Position::Lines { source, offset, line: 9 };
+        // `--input big.jsonl` before HTTP: deep in the file, none of the log is read.
+        assert_eq!(intake_offset(&at(0, 80_000_000), 1), Some(0));
+        assert_eq!(intake_offset(&at(1, 4_096), 1), Some(4_096));
     }
 }
