@@ -845,6 +845,60 @@ fn events_over_http_are_read_beside_a_topic() {
     );
 }
 
+/// A cluster whose processes were given different `--state` directories
+/// (a natural mistake on separate hosts): process 0 cannot read process
+/// 1's parts, so it must not commit rounds that name them (a restart would
+/// then find every checkpoint unusable and silently start over); it says
+/// why instead.
+#[test]
+fn a_cluster_without_a_shared_state_directory_commits_no_round_and_says_why() {
+    let (cluster, brokers) = cluster();
+    cluster.create_topic("events", 4, 1).unwrap();
+    produce_batched(&brokers, "events", &lines(3_000, 41), 100);
+    cluster.broker_round_trip_time(1, Duration::from_millis(5)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let hostfile = dir.path().join("hosts");
+    std::fs::write(
+        &hostfile,
+        format!("127.0.0.1:{}\n127.0.0.1:{}\n", common::free_port(), common::free_port()),
+    )
+    .unwrap();
+    let states = [dir.path().join("state-0"), dir.path().join("state-1")];
+    let lives: Vec<_> = (0..2)
+        .map(|process| {
+            shoal_kafka(&brokers, "apart")
+                .args(["--kafka-until-end", "--checkpoint-every", "20ms"])
+                .args(["--workers", "1", "--processes", "2", "--connect-timeout", "5s"])
+                .args(["--process", &process.to_string(), "--hostfile"])
+                .arg(&hostfile)
+                .args(["--dead-letter", "/dev/null", "--output"])
+                .arg(dir.path().join("out.jsonl"))
+                .arg("--state")
+                .arg(&states[process])
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = lives.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let stderr0 = String::from_utf8_lossy(&outputs[0].stderr);
+    assert!(outputs[0].status.success(), "{stderr0}");
+    let committed: Vec<_> = std::fs::read_dir(&states[0])
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ckpt-"))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        committed.is_empty(),
+        "rounds committed with parts process 0 cannot read: {committed:?}"
+    );
+    assert!(
+        stderr0.contains("cannot read") && stderr0.contains("same --state directory"),
+        "{stderr0}"
+    );
+}
+
 /// Kafka into a cluster of 2 processes × 2 workers with `--state`: random
 /// processes SIGKILLed at random moments (the other stops by itself), all
 /// started again from the checkpoint whose parts every process wrote, and

@@ -392,7 +392,7 @@ impl Store {
     }
 
     /// Whether `part` is there, whole, and the one named.
-    fn check_part(&self, part: &PartRef) -> Result<(), Corrupt> {
+    pub(crate) fn check_part(&self, part: &PartRef) -> Result<(), Corrupt> {
         self.part_payload(part, |_| Ok(()))
     }
 

@@ -458,6 +458,21 @@ impl Checkpointing {
             return;
         };
         let open = self.round.load(Ordering::SeqCst);
+        if let Arrival::Part(part) = &arrival {
+            // Committed only if process 0 can read it here: a restart reads
+            // it from this directory.
+            if let Err(checkpoint::Corrupt(why)) = self.store.check_part(part) {
+                tracing::error!(
+                    "checkpoint round {} given up: process 0 cannot read {why}; every process must be given the same \
+                     --state directory (a shared file system), or no checkpoint of the cluster can be resumed",
+                    part.seq
+                );
+                if part.seq == open && !part.last {
+                    self.rounds.lock().expect("not poisoned").give_up();
+                }
+                return;
+            }
+        }
         match arrival {
             Arrival::Part(part) if part.last => self.stopped(part.worker, part.taken, checkpoint::Part::File(part)),
             Arrival::Part(part) if part.seq == open => self.give(part.worker, checkpoint::Part::File(part)),
