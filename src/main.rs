@@ -16,7 +16,7 @@ use shoal::io::intake::Intake;
 use shoal::io::kafka::{kafka_output, KafkaInput};
 use shoal::io::source::Source;
 use shoal::io::webhook::{webhook_output, Format, WebhookOptions};
-use shoal::output::deliver::{file_output, tee_output};
+use shoal::output::deliver::{file_output, stderr_output, tee_output};
 use shoal::run::{EngineError, Job, RunOptions};
 use shoal::serve::events::EventsIn;
 use shoal::serve::model::History;
@@ -131,16 +131,16 @@ struct RunArgs {
     #[arg(long, value_name = "T", help_heading = "Kafka", conflicts_with_all = ["inputs", "generate"])]
     kafka_topic: Vec<String>,
     /// Consumer group whose committed offsets say where reading resumes; offsets are
-    /// committed only after the changes those events caused were delivered.
-    #[arg(long, value_name = "G", default_value = "shoal", help_heading = "Kafka")]
-    kafka_group: String,
+    /// committed only after the changes those events caused were delivered [default: shoal].
+    #[arg(long, value_name = "G", help_heading = "Kafka")]
+    kafka_group: Option<String>,
     /// Read each partition up to its end offset as of the start, then finish like file
     /// input (for backfills and rebuilds).
     #[arg(long, help_heading = "Kafka")]
     kafka_until_end: bool,
-    /// A partition with no message for this long stops holding the clock back.
-    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "D", help_heading = "Kafka")]
-    kafka_partition_idle: u64,
+    /// A partition with no message for this long stops holding the clock back [default: 10s].
+    #[arg(long, value_parser = parse_duration, value_name = "D", help_heading = "Kafka")]
+    kafka_partition_idle: Option<u64>,
     /// Write membership changes to this Kafka topic (key: profile id, value: the JSON line),
     /// with an idempotent producer that retries until the broker takes them.
     #[arg(long, value_name = "TOPIC", help_heading = "Kafka", conflicts_with_all = ["output", "output_webhook"])]
@@ -156,7 +156,7 @@ struct RunArgs {
     /// The body of webhook requests: `ndjson` (the change lines) or `segment` (a Segment
     /// /v1/batch of `Segment Entered` / `Segment Exited` track events, for any receiver of
     /// Segment's API, including another shoal).
-    #[arg(long, value_name = "FORMAT", default_value = "ndjson", value_parser = ["ndjson", "segment"], help_heading = "Webhooks")]
+    #[arg(long, value_name = "FORMAT", default_value = "ndjson", value_parser = ["ndjson", "segment"], requires = "output_webhook", help_heading = "Webhooks")]
     webhook_format: String,
     /// Sign webhook requests: `X-Shoal-Signature: sha256=<hex HMAC-SHA256 of the body>` keyed
     /// with the file's first line.
@@ -167,7 +167,7 @@ struct RunArgs {
     #[arg(long, value_name = "FILE", requires = "output_webhook", help_heading = "Webhooks")]
     webhook_dead_letter: Option<PathBuf>,
     /// How long one webhook request may take before it is retried.
-    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "D", help_heading = "Webhooks")]
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "D", requires = "output_webhook", help_heading = "Webhooks")]
     webhook_timeout: u64,
     /// Serve the HTTP API and the live page on this address (e.g. 127.0.0.1:8080; port 0
     /// picks one, printed on stderr as `shoal: listening on http://ADDR`). With it, shoal
@@ -227,7 +227,7 @@ struct RunArgs {
     #[arg(long, value_name = "DIR", help_heading = "Durability")]
     state: Option<PathBuf>,
     /// How often a checkpoint is written (wall time), with --state.
-    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "D", help_heading = "Durability")]
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "D", requires = "state", help_heading = "Durability")]
     checkpoint_every: u64,
     /// An extra librdkafka setting for the consumer and producer, e.g.
     /// security.protocol=SASL_SSL (repeatable).
@@ -440,6 +440,16 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             "--kafka-topic and --output-kafka need --kafka-brokers HOST:PORT"
         )));
     }
+    if (args.kafka_group.is_some() || args.kafka_partition_idle.is_some()) && args.kafka_topic.is_empty() {
+        return Err(usage(anyhow::anyhow!(
+            "--kafka-group and --kafka-partition-idle are for reading --kafka-topic: give it"
+        )));
+    }
+    if !args.kafka_option.is_empty() && args.kafka_topic.is_empty() && args.output_kafka.is_none() {
+        return Err(usage(anyhow::anyhow!(
+            "--kafka-option sets librdkafka for --kafka-topic or --output-kafka: give one"
+        )));
+    }
     if args.kafka_until_end && args.kafka_topic.is_empty() {
         return Err(usage(anyhow::anyhow!("--kafka-until-end needs --kafka-topic")));
     }
@@ -537,9 +547,9 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let kafka = (!args.kafka_topic.is_empty()).then(|| KafkaInput {
         brokers: brokers.clone(),
         topics: args.kafka_topic.clone(),
-        group: args.kafka_group.clone(),
+        group: args.kafka_group.clone().unwrap_or_else(|| "shoal".to_string()),
         until_end: args.kafka_until_end,
-        partition_idle: args.kafka_partition_idle,
+        partition_idle: args.kafka_partition_idle.unwrap_or(10_000),
         options: args.kafka_option.clone(),
     });
     let output = match &args.output_kafka {
@@ -585,9 +595,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         connected,
         timings: None,
         output: Some(output),
-        dead_letters: Some(file_output(
-            args.dead_letter.clone().unwrap_or_else(|| PathBuf::from("/dev/stderr")),
-        )),
+        dead_letters: Some(args.dead_letter.clone().map_or_else(stderr_output, file_output)),
         timely: timely_config(&args)?,
         state: args.state.clone().map(|dir| shoal::run::StateOptions {
             dir,

@@ -75,6 +75,54 @@ fn scoring_names_are_checked() {
 }
 
 #[test]
+fn flags_that_would_do_nothing_are_refused_naming_what_they_need() {
+    // SPEC §6: nothing given is silently ignored.
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("dataflows/retail.toml");
+    for (flag, needs) in [
+        (&["--webhook-format", "segment"][..], "--output-webhook"),
+        (&["--webhook-timeout", "5s"], "--output-webhook"),
+        (&["--checkpoint-every", "1s"], "--state"),
+        (&["--kafka-group", "g"], "--kafka-topic"),
+        (&["--kafka-partition-idle", "2s"], "--kafka-topic"),
+        (&["--kafka-option", "a=b"], "--kafka-topic"),
+    ] {
+        let o = shoal()
+            .arg("run")
+            .arg(&spec)
+            .args(["--generate", "10", "--output", "/dev/null"])
+            .args(flag)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{flag:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needs), "{flag:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn dead_letters_on_stderr_append_to_its_log() {
+    // `2>>log`: the default dead letters go to the stderr given, not to
+    // /dev/stderr opened again (which truncated the log).
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("dataflows/retail.toml");
+    let log = dir.path().join("shoal.log");
+    std::fs::write(&log, "kept from before\n").unwrap();
+    let appending = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    let mut child = shoal()
+        .arg("run")
+        .arg(&spec)
+        .args(["--input", "-", "--output", "/dev/null"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::from(appending))
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"not json\n").unwrap();
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.starts_with("kept from before\n"), "{text}");
+    assert!(text.contains("not JSON") && text.contains("\"events_read\":1"), "{text}");
+}
+
+#[test]
 fn a_missing_input_exits_1_naming_it() {
     let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("dataflows/retail.toml");
     let o = shoal()

@@ -219,6 +219,15 @@ pub fn file_output(path: PathBuf) -> OpenOutput {
     })
 }
 
+/// Lines to this process's standard error, as it was given (appending to
+/// a log opened with `2>>`, a pipe, the journal's socket): the default of
+/// the dead letters. Not opened again by name: `/dev/stderr` opened as a
+/// file would truncate a log, write at its own position over other lines,
+/// and fail on a socket. Continued at least once when resuming.
+pub fn stderr_output() -> OpenOutput {
+    Arc::new(|_| Ok(Box::new(WriteLines(Box::new(std::io::BufWriter::new(std::io::stderr()))))))
+}
+
 /// An output collecting lines in memory (cut back like a file on resume).
 pub fn memory_output(buf: Arc<Mutex<Vec<u8>>>) -> OpenOutput {
     struct Mem(Arc<Mutex<Vec<u8>>>);
