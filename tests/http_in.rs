@@ -273,6 +273,57 @@ fn requests_are_checked_whole_and_bad_events_are_dead_lettered_with_their_place(
 }
 
 #[test]
+fn a_stop_reads_every_event_answered_200_and_refuses_the_rest() {
+    // Without --state nothing is logged: an event answered 200 exists only
+    // in shoal's queue. SIGTERM while clients post: the requests taken
+    // before the stop are read, those after it are refused (503) or find
+    // the server gone, and the summary counts exactly the answered events.
+    let dir = tempfile::tempdir().unwrap();
+    let (_, events, max) = events(dir.path(), 40_000, 23);
+    let mut s = start(dir.path(), &http_run_args(dir.path(), max, &[]));
+    // Clients posting at once, so that requests are queued at the stop.
+    let clients: Vec<_> = events
+        .chunks(events.len() / 8 + 1)
+        .map(|part| {
+            let (addr, part) = (s.addr.clone(), part.to_vec());
+            std::thread::spawn(move || {
+                let mut answered = 0u64;
+                let mut chunks = part.chunks(25).peekable();
+                while let Some(chunk) = chunks.peek() {
+                    // `post` panics when the server is gone.
+                    match std::panic::catch_unwind(|| post(&addr, "/v1/batch", Some("wk-test"), &batch(chunk), false)) {
+                        Ok((200, _)) => answered += chunk.len() as u64,
+                        Ok((503, body)) if body.contains("busy") => {
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
+                        }
+                        Ok((503, _)) | Err(_) => break,
+                        Ok((code, body)) => panic!("{code}: {body}"),
+                    }
+                    chunks.next();
+                }
+                answered
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(150));
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(s.child.wait().unwrap().success(), "{}", s.stderr.lock().unwrap());
+    let answered: u64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    let stderr = s.stderr.lock().unwrap().clone();
+    let summary: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
+    // On this 2-core machine the stop comes with 32k-37k answered, and
+    // before the fix 28-99 of them were never read; a machine that posts
+    // all 40k first still checks that none is lost or counted twice.
+    assert!(answered > 0, "some requests were answered");
+    assert_eq!(
+        summary["events_read"], answered,
+        "every event answered 200 is read, no other: {stderr}"
+    );
+}
+
+#[test]
 fn a_sigkill_after_an_answer_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (_, events, max) = events(dir.path(), 3000, 8);

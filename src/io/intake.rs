@@ -92,6 +92,9 @@ pub struct Intake {
     log: Option<(Arc<Mutex<Segments>>, u64)>,
     /// Segments wholly before this offset may go.
     compact_before: Arc<AtomicU64>,
+    /// Closed at a stop ([`Intake::close`]); held for reading across a
+    /// request's check and queueing, so none is queued after the close.
+    closed: std::sync::RwLock<bool>,
 }
 
 impl std::fmt::Debug for Intake {
@@ -114,6 +117,7 @@ impl Intake {
             live: Mutex::new(Some(rx)),
             log: None,
             compact_before: Arc::default(),
+            closed: Default::default(),
         })
     }
 
@@ -185,6 +189,7 @@ impl Intake {
             live: Mutex::new(Some(live_rx)),
             log: Some((segments, end)),
             compact_before,
+            closed: Default::default(),
         }))
     }
 
@@ -196,6 +201,10 @@ impl Intake {
     /// Takes a request's events. The returned receiver answers once they
     /// are durable (at once without a log).
     pub fn submit(&self, request: Request) -> Result<tokio::sync::oneshot::Receiver<Result<(), String>>, Refused> {
+        let closed = self.closed.read().expect("not poisoned");
+        if *closed {
+            return Err(Refused::Closed);
+        }
         let (done, answer) = tokio::sync::oneshot::channel();
         match &self.queue {
             Queue::Logged(tx) => match tx.try_send(Pending { request, done }) {
@@ -214,6 +223,14 @@ impl Intake {
             }
         }
         Ok(answer)
+    }
+
+    /// Takes no more requests (they are answered 503, [`Refused::Closed`]):
+    /// at a stop, the reader then reads what was taken before, so that no
+    /// request answered 200 is left unread (without a log it would be
+    /// lost).
+    pub fn close(&self) {
+        *self.closed.write().expect("not poisoned") = true;
     }
 
     /// The lines from logical `offset` on: the log replayed from there (when
@@ -506,6 +523,16 @@ mod tests {
         Request {
             received,
             events: events.iter().map(|e| e.as_bytes().to_vec()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_closed_intake_refuses_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        for intake in [Intake::memory(), Intake::durable(dir.path()).unwrap()] {
+            assert!(intake.submit(request(1, &["{}"])).is_ok());
+            intake.close();
+            assert!(matches!(intake.submit(request(2, &["{}"])), Err(Refused::Closed)));
         }
     }
 

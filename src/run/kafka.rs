@@ -20,12 +20,29 @@ use crate::run::reader::Reader;
 /// Events over HTTP beside Kafka (worker 0): the open source and its
 /// place among the partitions.
 struct Http {
+    intake: std::sync::Arc<crate::io::intake::Intake>,
     lines: crate::io::source::Lines,
     part: Partition,
     buf: Vec<u8>,
 }
 
 impl Http {
+    /// At a stop: takes no more requests, and reads what was taken before
+    /// until nothing more comes (see `crate::run::lines`).
+    fn drain(&mut self, reader: &mut Reader<'_>) -> Result<(), EngineError> {
+        self.intake.close();
+        let mut quiet = Instant::now();
+        while quiet.elapsed() < crate::run::lines::DRAIN_WAIT {
+            if self.read(reader)?.0 > 0 {
+                quiet = Instant::now();
+            } else {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        reader.pump(true, String::new);
+        Ok(())
+    }
+
     /// Reads what arrived over HTTP (at most a batch, without waiting);
     /// returns how many lines, and whether an event was accepted.
     fn read(&mut self, reader: &mut Reader<'_>) -> Result<(usize, bool), EngineError> {
@@ -104,16 +121,17 @@ pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, http: Option<&Source>, star
         other => (other, None),
     };
     let mut http = match http {
-        Some(source) => {
+        Some(source @ Source::Http(intake)) => {
             let part = Partition::http(http_start.as_ref());
             let lines = source.open_at(part.next() as u64, &reader.feeder.decoding())?;
             Some(Http {
+                intake: intake.clone(),
                 lines,
                 part,
                 buf: Vec::new(),
             })
         }
-        None => None,
+        _ => None,
     };
     let mut parts = if mine.is_empty() {
         Vec::new()
@@ -186,6 +204,9 @@ pub fn read(reader: &mut Reader<'_>, k: &KafkaInput, http: Option<&Source>, star
         }
     }
     if reader.stopping() {
+        if let Some(h) = &mut http {
+            h.drain(reader)?;
+        }
         reader.settle();
     } else {
         reader.finish_input();

@@ -8,6 +8,10 @@ use crate::io::source::{Next, Source};
 use crate::run::error::EngineError;
 use crate::run::reader::{Reader, BATCH, LIVE_PUMP};
 
+/// How long a stopping HTTP source waits for more of what it took before
+/// it closed: the decoding thread hands it on within this.
+pub(super) const DRAIN_WAIT: Duration = Duration::from_millis(200);
+
 /// Reads the line sources in order (worker 0 of process 0), from `start`
 /// when resuming; checkpoints as it goes, at a stop, and at the end.
 pub(super) fn read_lines(reader: &mut Reader<'_>, sources: &[Source], start: Option<crate::io::Position>) -> Result<(), EngineError> {
@@ -40,18 +44,35 @@ pub(super) fn read_lines(reader: &mut Reader<'_>, sources: &[Source], start: Opt
         let mut last_event = (Instant::now(), reader.feeder.now());
         let mut batch = 0usize;
         let mut last_pump = Instant::now();
+        // Stopping events over HTTP: closed to new requests, and read until
+        // nothing more comes, so that none answered 200 is left unread.
+        let mut draining = false;
         loop {
-            if reader.stopping() {
-                reader.settle();
-                reader.checkpoint(at(index, &lines, number));
-                return Ok(());
+            if reader.stopping() && !draining {
+                if let Source::Http(intake) = source {
+                    intake.close();
+                    draining = true;
+                } else {
+                    reader.settle();
+                    reader.checkpoint(at(index, &lines, number));
+                    return Ok(());
+                }
             }
-            let wait = if batch > 0 { Duration::from_millis(20) } else { tick.min(idle) };
+            let wait = match (draining, batch > 0) {
+                (true, _) => DRAIN_WAIT,
+                (false, true) => Duration::from_millis(20),
+                (false, false) => tick.min(idle),
+            };
             let next = lines
                 .next(&mut line, wait)
                 .map_err(crate::io::Error::input(|| format!("read {name}")))?;
             match next {
                 Next::End => break,
+                Next::Idle if draining => {
+                    reader.settle();
+                    reader.checkpoint(at(index, &lines, number));
+                    return Ok(());
+                }
                 Next::Idle => {
                     let (at, now) = last_event;
                     if let Some(now) = now.filter(|_| at.elapsed() >= idle) {
