@@ -209,6 +209,22 @@ fn requests_are_checked_whole_and_bad_events_are_dead_lettered_with_their_place(
     let (status, body) = post(&addr, "/v1/batch", Some("wrong"), &batch(&events[100..200]), false);
     assert_eq!(status, 401, "{body}");
     assert_eq!(post(&addr, "/v1/batch", None, &batch(&events[100..200]), false).0, 401);
+    // Without a key, a large body is not waited for (nor buffered): the
+    // 401 comes at once, though only its first bytes were sent.
+    {
+        use std::io::{Read, Write};
+        let mut raw = std::net::TcpStream::connect(&addr).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            raw,
+            "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 4000000\r\n\r\n{{\"batch\":["
+        )
+        .unwrap();
+        let mut answer = [0u8; 64];
+        let n = raw.read(&mut answer).expect("answered before the body is sent");
+        let head = String::from_utf8_lossy(&answer[..n]).to_string();
+        assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    }
     // Too large: the whole request is refused.
     let big_event = serde_json::json!({"type": "track", "event": "Big", "userId": "u1", "properties": {"p": "x".repeat(33 * 1024)}});
     let (status, body) = post(&addr, "/v1/batch", key, &batch(&[big_event]), false);

@@ -48,6 +48,14 @@ pub const EVENT_MAX: usize = 32 * 1024;
 /// with a broken pipe instead of the answer); past it, the connection is
 /// closed.
 const READ_MAX: usize = 8 * REQUEST_MAX;
+/// A request without a valid write key is answered before its body is
+/// buffered: a body that says it is at most this long is read (and
+/// dropped) first, so that the client reads the 401 rather than a broken
+/// pipe; a longer one is not waited for.
+const UNAUTHORIZED_READ: usize = 64 * 1024;
+/// `/v1/` calls in progress at once; more wait for a slot (their bodies
+/// unread), so that at most this many bodies are buffered.
+const CONCURRENT: usize = 64;
 
 /// What the `/v1/` calls need: the write keys and where events go.
 pub struct EventsIn {
@@ -73,7 +81,10 @@ impl EventsIn {
 
 /// The `/v1/` routes.
 pub fn router(events: Arc<EventsIn>) -> Router {
-    Router::new().route("/v1/{call}", post(take)).with_state(events)
+    Router::new()
+        .route("/v1/{call}", post(take))
+        .with_state(events)
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(CONCURRENT))
 }
 
 /// The single-event calls and the `type` each gives its events.
@@ -103,6 +114,18 @@ async fn take(State(events): State<Arc<EventsIn>>, Path(call): Path<String>, hea
             )
         }
     };
+    if !authorized(&headers, &events.keys) {
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        if declared.is_some_and(|n| n <= UNAUTHORIZED_READ) {
+            let _ = axum::body::to_bytes(body, UNAUTHORIZED_READ).await;
+        }
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "a write key is needed: HTTP Basic authentication with the key as user name",
+        );
+    }
     let raw = match axum::body::to_bytes(body, READ_MAX).await {
         Ok(b) if b.len() <= REQUEST_MAX => b,
         Ok(_) => return refuse(StatusCode::BAD_REQUEST, format!("the body is larger than {REQUEST_MAX} bytes")),
@@ -111,14 +134,6 @@ async fn take(State(events): State<Arc<EventsIn>>, Path(call): Path<String>, hea
             return refuse(StatusCode::BAD_REQUEST, message);
         }
     };
-    // Checked once the body is read, so that the client reads the answer
-    // instead of a broken pipe.
-    if !authorized(&headers, &events.keys) {
-        return refuse(
-            StatusCode::UNAUTHORIZED,
-            "a write key is needed: HTTP Basic authentication with the key as user name",
-        );
-    }
     let gzip = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
