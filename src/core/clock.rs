@@ -90,7 +90,15 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
     if n == 0 {
         return Err(format!("{s:?}: a duration must be greater than zero"));
     }
-    n.checked_mul(unit_ms).ok_or_else(|| format!("{s:?} is too long"))
+    // At most the span of representable times (year 0 to 9999), so that a
+    // time plus a duration, a tick rounding it up, or a duration as a
+    // signed number never overflows.
+    n.checked_mul(unit_ms).filter(|ms| *ms <= MAX_TIME).ok_or_else(|| {
+        format!(
+            "{s:?} is too long: a duration is at most {}w (about 8000 years)",
+            MAX_TIME / 604_800_000
+        )
+    })
 }
 
 /// Like [`parse_duration`] but also accepts zero (for `--lateness 0s`).
@@ -179,6 +187,18 @@ mod tests {
         assert_eq!(format_time(t / 1000 * 1000, false), "2024-03-13T09:23:32Z");
         assert!(parse_time("1969-12-31T23:59:59Z").is_err());
         assert_eq!(parse_time_arg("1500").unwrap(), 1500);
+    }
+
+    #[test]
+    fn durations_are_bounded_so_that_time_arithmetic_cannot_overflow() {
+        // Found by review: `count('x', 30500568904w)` passed check, and
+        // e + w then overflowed in tick_of (a panic in debug, every fact
+        // dropped in release).
+        assert!(parse_duration("30500568904w").unwrap_err().contains("too long"));
+        assert!(parse_duration("15250284453w").is_err());
+        let longest = parse_duration(&format!("{}w", MAX_TIME / 604_800_000)).unwrap();
+        assert!(tick_of(MAX_TIME + longest, 604_800_000) > MAX_TIME);
+        assert!(i64::try_from(longest).is_ok());
     }
 
     #[test]

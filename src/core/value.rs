@@ -223,7 +223,9 @@ impl Value {
     pub fn from_number(text: &str) -> Value {
         match Dec::parse(text) {
             Some(d) => Value::Num(d),
-            None => text.parse::<f64>().map(|f| Value::Float(Float(f))).unwrap_or(Value::Missing),
+            // A number beyond f64 (`1e400`) parses to infinity: missing,
+            // as every other non-finite value is.
+            None => text.parse::<f64>().map(Value::float).unwrap_or(Value::Missing),
         }
     }
 
@@ -283,9 +285,11 @@ impl Value {
                 _ => Value::Missing,
             },
             (Value::Dur(d), n) | (n, Value::Dur(d)) if op == Mul && n.is_number() => {
-                let f = *d as f64 * n.as_f64().unwrap_or(f64::NAN);
-                if f.is_finite() {
-                    Value::Dur(f.round() as i64)
+                // Beyond an i64 of milliseconds the product is missing,
+                // not saturated (a saturated one overflowed `abs`, `-`).
+                let f = (*d as f64 * n.as_f64().unwrap_or(f64::NAN)).round();
+                if f.is_finite() && f.abs() < i64::MAX as f64 {
+                    Value::Dur(f as i64)
                 } else {
                     Value::Missing
                 }
@@ -306,18 +310,18 @@ impl Value {
 
     pub fn neg(&self) -> Value {
         match self {
-            Value::Num(d) => Value::Num(Dec(-d.0)),
+            Value::Num(d) => d.0.checked_neg().map_or(Value::Missing, |n| Value::Num(Dec(n))),
             Value::Float(f) => Value::float(-f.0),
-            Value::Dur(d) => Value::Dur(-d),
+            Value::Dur(d) => d.checked_neg().map_or(Value::Missing, Value::Dur),
             _ => Value::Missing,
         }
     }
 
     pub fn abs(&self) -> Value {
         match self {
-            Value::Num(d) => Value::Num(Dec(d.0.abs())),
+            Value::Num(d) => d.0.checked_abs().map_or(Value::Missing, |n| Value::Num(Dec(n))),
             Value::Float(f) => Value::float(f.0.abs()),
-            Value::Dur(d) => Value::Dur(d.abs()),
+            Value::Dur(d) => d.checked_abs().map_or(Value::Missing, Value::Dur),
             _ => Value::Missing,
         }
     }
@@ -385,6 +389,24 @@ pub enum CmpOp {
 mod tests {
     use super::*;
     use crate::spec::ast::{ArithOp, CmpOp};
+
+    #[test]
+    fn durations_beyond_an_i64_are_missing_not_saturated() {
+        let hour = Value::Dur(3_600_000);
+        let huge = hour.arith(ArithOp::Mul, &Value::Float(Float(-1e30)));
+        assert!(huge.is_missing(), "{huge:?}");
+        assert!(huge.abs().is_missing() && huge.neg().is_missing());
+        assert!(Value::Dur(i64::MIN).abs().is_missing());
+        assert!(Value::Dur(i64::MIN).neg().is_missing());
+        assert_eq!(hour.arith(ArithOp::Mul, &Value::Num(Dec::from_int(2))), Value::Dur(7_200_000));
+    }
+
+    #[test]
+    fn numbers_beyond_a_float_are_missing() {
+        assert!(Value::from_number("1e400").is_missing());
+        assert!(Value::from_number("-1e400").is_missing());
+        assert_eq!(Value::from_number("1e300"), Value::Float(Float(1e300)));
+    }
 
     proptest::proptest! {
         /// The one-pass reading answers only where the general one agrees.
