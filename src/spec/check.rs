@@ -819,7 +819,18 @@ impl Checker<'_> {
                     }
                 }
                 match (ta, tb) {
-                    (Ty::Err, _) | (_, Ty::Err) | (Ty::Any, _) | (_, Ty::Any) => {}
+                    (Ty::Err, _) | (_, Ty::Err) => {}
+                    // A value read from events is never a time or a
+                    // duration (SPEC §4 Times: any other mix is an error).
+                    (t @ (Ty::Time | Ty::Dur), Ty::Any) | (Ty::Any, t @ (Ty::Time | Ty::Dur)) => self.error(
+                        pos,
+                        format!(
+                            "cannot compare {} with a value read from events, which is never one: convert it, as in \
+                             time(trait.trial_ends_at) or trait.grace_days * 1d",
+                            t.name()
+                        ),
+                    ),
+                    (Ty::Any, _) | (_, Ty::Any) => {}
                     (x, y) if x == y => {}
                     (x, y) => self.error(pos, format!("cannot compare {} with {}", x.name(), y.name())),
                 }
@@ -971,9 +982,9 @@ impl Checker<'_> {
             );
             return;
         }
+        // Typed for its own errors (a duration that is not a tick multiple).
+        let t = self.ty(d);
         if !is_constant_duration(d) {
-            // Still type the other side for its own errors.
-            let t = self.ty(d);
             if t != Ty::Err {
                 self.error(
                     d.pos,
@@ -1057,7 +1068,7 @@ mod tests {
             "not (avg('buy', amount, lifetime) > 5)",
             "count(any, 1m) >= 2 and not in_segment('buyer')",
             "sum('buy', amount, lifetime) == 0.3",
-            "30s < since(page 'home') and since('x') <= 2 * 1h + 500ms",
+            "30s < since(page 'home') and since('x') <= 2 * 1h + 1s",
             "trait.vip == true or trait.age + 1 > 30 or sqrt(var('x', v, 1d)) < abs(-2)",
             "count('x' where is_test, 1h) == 0",
             "true",
@@ -1137,6 +1148,18 @@ mod tests {
             assert!(errors(clean).is_empty(), "{clean}: {:?}", errors(clean));
         }
         assert_eq!(errors("time(trait.x) > 3d"), ["1:1: cannot compare a time with a duration"]);
+        // Found by review: these passed check and could never hold.
+        for never in [
+            "now >= trait.trial_ends_at",
+            "last(any, ts) < now",
+            "now - time(trait.signup) > trait.grace",
+        ] {
+            assert!(
+                errors(never)[0].contains("with a value read from events, which is never one"),
+                "{never}: {:?}",
+                errors(never)
+            );
+        }
         assert_eq!(
             errors("now - 3 > now"),
             ["1:1: `-` needs numbers (or durations and times: d + d, d - d, d * n, d / d, t - t, t ± d), not a time and a number"]
@@ -1187,8 +1210,12 @@ mod tests {
             errors("count('x', lifetime) > 1 and 2 * 1500ms == 3s"),
             ["1:34: duration 1500ms is not a multiple of the tick 1s"]
         );
-        // since's constant is no window
-        assert!(errors("since('x') > 1500ms").is_empty());
+        // since's constant is a duration of the spec like any other.
+        assert_eq!(
+            errors("since('x') > 1500ms"),
+            ["1:14: duration 1500ms is not a multiple of the tick 1s"]
+        );
+        assert!(errors_with("since('x') > 1500ms", 500, &[]).is_empty());
         assert!(errors_with("count('x', 1500ms) > 1", 500, &[]).is_empty());
     }
 
