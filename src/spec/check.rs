@@ -984,17 +984,15 @@ impl Checker<'_> {
         }
         // Typed for its own errors (a duration that is not a tick multiple).
         let t = self.ty(d);
-        if !is_constant_duration(d) {
-            if t != Ty::Err {
-                self.error(
-                    d.pos,
-                    format!(
-                        "since(…) `{}` needs a constant duration on the other side, such as 30s or 2 * 1h, not {}",
-                        super::parse::cmp_text(op),
-                        t.name()
-                    ),
-                );
-            }
+        if !is_constant_duration(d) && t != Ty::Err {
+            self.error(
+                d.pos,
+                format!(
+                    "since(…) `{}` needs a constant duration on the other side, such as 30s or 2 * 1h, not {}",
+                    super::parse::cmp_text(op),
+                    t.name()
+                ),
+            );
         }
         if self.in_filter {
             self.error(
