@@ -1408,7 +1408,10 @@ fn forget_and_unlink_over_the_api() {
     assert_eq!(get(&a, "/profiles/user%3Ab")["ids"], serde_json::json!(["anon:b1", "user:b"]));
     let (status, body) = http(&a, "POST", "/profiles/user%3Ab/unlink", Some(r#"{"ids":["user:b","anon:b1"]}"#));
     assert_eq!(status, 202, "{body}");
-    let at = serde_json::from_str::<Value>(&body).unwrap()["at"].as_str().unwrap().to_string();
+    let answer = serde_json::from_str::<Value>(&body).unwrap();
+    // SPEC §7: {"profile", "ids", "at"}, the ids the profile had.
+    assert_eq!(answer["ids"], serde_json::json!(["anon:b1", "user:b"]), "{body}");
+    let at = answer["at"].as_str().unwrap().to_string();
     let out = wait_for_line(dir.path(), r#""profile":"anon:b1","change":"enter""#);
     let enter = out.lines().find(|l| l.contains(r#""anon:b1","change":"enter""#)).unwrap();
     assert!(enter.contains(&format!(r#""time":"{at}""#)), "{enter}");
@@ -1430,6 +1433,11 @@ fn forget_and_unlink_over_the_api() {
     // Bad requests change nothing.
     assert_eq!(http(&a, "DELETE", "/profiles/user%3Anobody", None).0, 404);
     assert_eq!(http(&a, "POST", "/profiles/user%3Ac/unlink", Some(r#"{"ids":["user:c"]}"#)).0, 400);
+    // The same id twice is 400, even one that is not the profile's.
+    assert_eq!(
+        http(&a, "POST", "/profiles/user%3Ac/unlink", Some(r#"{"ids":["user:x","user:x"]}"#)).0,
+        400
+    );
     assert_eq!(
         http(&a, "POST", "/profiles/user%3Ac/unlink", Some(r#"{"ids":["user:c","anon:zz"]}"#)).0,
         404

@@ -752,26 +752,28 @@ async fn unlink(State(s): St, Path(id): Path<String>, body: Bytes) -> Result<(St
     let [a, b] = body.ids.as_slice() else {
         return Err(ApiError::Bad(format!("ids must name two ids, not {}", body.ids.len())));
     };
-    let (profile, ids) = profile_and_ids(&read(&s), &id)?;
-    let mut pair = Vec::new();
-    for text in [a, b] {
-        let (_, id) = parse_id(text).ok_or_else(|| ApiError::Bad(format!("{text:?} is not an id (user:… or anon:…)")))?;
-        if !ids.contains(&id) {
-            return Err(ApiError::NotFound {
-                message: format!("{text} is not an id of {profile}"),
-                profile: None,
-            });
-        }
-        pair.push(id);
-    }
-    let b = pair.pop().expect("two");
-    let a = pair.pop().expect("two");
+    let parsed = |text: &String| parse_id(text).ok_or_else(|| ApiError::Bad(format!("{text:?} is not an id (user:… or anon:…)")));
+    let (a, b) = (parsed(a)?.1, parsed(b)?.1);
+    // SPEC §7: 400 for the same id twice, whether or not it is the profile's.
     if a == b {
         return Err(ApiError::Bad("the two ids are the same".into()));
     }
+    let (profile, ids) = profile_and_ids(&read(&s), &id)?;
+    for id in [&a, &b] {
+        if !ids.contains(id) {
+            return Err(ApiError::NotFound {
+                message: format!("{id} is not an id of {profile}"),
+                profile: None,
+            });
+        }
+    }
     let at = request(&s, crate::core::id::Request::Unlink(a.key(), b.key())).await?;
+    let ids: BTreeSet<String> = ids.iter().map(ToString::to_string).collect();
     let at = format_time(at, read(&s).show_ms);
-    Ok((StatusCode::ACCEPTED, Json(json!({"profile": profile.to_string(), "at": at}))))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"profile": profile.to_string(), "ids": ids, "at": at})),
+    ))
 }
 
 #[derive(Deserialize)]
