@@ -521,6 +521,18 @@ async fn history(State(s): St, Path(name): Path<String>, Query(q): Query<Range>)
         Some(t) => parse_time_arg(t).map_err(|e| bad("from", e))?,
         None => seg.history.first().map_or(clock, |(t, _)| *t),
     };
+    // After a restart from a checkpoint, ticks before it came back
+    // consolidated into its last one: their sizes are not known.
+    let known = m.resumed.saturating_sub(m.tick);
+    if from < known {
+        return Err(ApiError::Gone {
+            message: format!(
+                "sizes are known from {} on: the run resumed from a checkpoint there",
+                format_time(known, m.show_ms)
+            ),
+            oldest: format_time(known, m.show_ms),
+        });
+    }
     if from <= to && (to - from) / step >= 10_000 {
         return Err(ApiError::Bad("more than 10000 points: use a larger step".into()));
     }
