@@ -166,6 +166,20 @@ fn api_agrees_with_the_diffs_and_the_reference() {
         );
     }
 
+    // Without from or step on a week of 1s ticks: the last 10,000 ticks,
+    // not a 400 for too many points.
+    let bare = get(&addr, "/segments/viewers/history");
+    let points = bare["points"].as_array().unwrap();
+    assert_eq!(points.len(), 10_000, "{}", points.len());
+    for p in &points[points.len() - 3..] {
+        let t = p["time"].as_str().unwrap();
+        assert_eq!(
+            p["size"].as_u64().unwrap() as usize,
+            applied(&out, t).get("viewers").map_or(0, |m| m.len()),
+            "at {t}"
+        );
+    }
+
     // A profile: its segments and why.
     let someone = members["viewers"].iter().next().unwrap().clone();
     let profile = get(&addr, &format!("/profiles/{}", urlencode(&someone)));

@@ -517,9 +517,15 @@ async fn history(State(s): St, Path(name): Path<String>, Query(q): Query<Range>)
         Some(t) => parse_time_arg(t).map_err(|e| bad("to", e))?.min(clock),
         None => clock,
     };
+    // Points are at ticks. Without `from`, the segment's first change, or
+    // the last 10,000 steps before `to` on a longer run.
     let from = match &q.from {
-        Some(t) => parse_time_arg(t).map_err(|e| bad("from", e))?,
-        None => seg.history.first().map_or(clock, |(t, _)| *t),
+        Some(t) => crate::core::clock::tick_of(parse_time_arg(t).map_err(|e| bad("from", e))?, m.tick),
+        None => seg
+            .history
+            .first()
+            .map_or(clock, |(t, _)| *t)
+            .max(crate::core::clock::tick_of(to.saturating_sub(9_999 * step), m.tick)),
     };
     // After a restart from a checkpoint, ticks before it came back
     // consolidated into its last one: their sizes are not known.
