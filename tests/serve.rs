@@ -1554,6 +1554,27 @@ fn changes_that_would_break_the_running_spec_are_refused() {
     assert_eq!(running, spec, "nothing changed");
 }
 
+/// Segments written as an inline array (`segment = [{…}]`, which the loader
+/// takes) keep everything they say in `GET /spec`: their `groups` were
+/// dropped, and the spec run again had no holdout.
+#[test]
+fn the_running_spec_keeps_inline_segments_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = "segment = [\n  { name = \"a\", when = \"count('view', 1h) >= 1\", groups = [{ name = \"treatment\", weight = 90 }, { name = \"control\", weight = 10 }] },\n]\n";
+    std::fs::write(dir.path().join("spec.toml"), spec).unwrap();
+    std::fs::write(dir.path().join("events.jsonl"), track("view", "u1", T0)).unwrap();
+    let s = Shoal::start(
+        dir.path(),
+        &["spec.toml", "--input", "events.jsonl", "--output", "out.jsonl"],
+        false,
+    );
+    let running = http(&s.addr, "GET", "/spec", None).1;
+    let loaded: toml::Value = toml::from_str(&running).unwrap();
+    let groups = &loaded["segment"][0]["groups"];
+    assert_eq!(groups[1]["name"].as_str(), Some("control"), "{running}");
+    assert_eq!(loaded["segment"][0]["when"].as_str(), Some("count('view', 1h) >= 1"), "{running}");
+}
+
 /// At most 64 API calls are answered at once: with 64 stalled in their
 /// bodies, another call waits for a slot (a live subscription does not take
 /// one), and is answered once the stalled ones are cut off.

@@ -17,11 +17,18 @@ use crate::serve::model::{Def, SegState};
 /// segments are the first of `segments`) with `segments` written in.
 pub fn running_spec(text: &str, spec_count: usize, segments: &[SegState]) -> String {
     let mut doc: DocumentMut = text.parse().unwrap_or_default();
-    let given: Vec<Table> = doc
-        .get("segment")
-        .and_then(Item::as_array_of_tables)
-        .map(|a| a.iter().cloned().collect())
-        .unwrap_or_default();
+    // `[[segment]]` tables, or `segment = [{…}, …]` inline (the loader takes
+    // both): either way each keeps everything it says (`groups` too).
+    let given: Vec<Table> = match doc.get("segment") {
+        Some(Item::ArrayOfTables(a)) => a.iter().cloned().collect(),
+        Some(item) => item
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_inline_table().cloned().map(toml_edit::InlineTable::into_table))
+            .collect(),
+        None => Vec::new(),
+    };
     let mut tables = ArrayOfTables::new();
     for (slot, seg) in segments.iter().enumerate() {
         let mut table = match given.get(slot).filter(|_| slot < spec_count) {
