@@ -137,18 +137,24 @@ impl Dec {
         self.0.checked_sub(o.0).map(Dec)
     }
 
-    /// Exact product rounded half-even to six places.
+    /// Exact product rounded half-even to six places; `None` only when the
+    /// result does not fit. The scaled product `a·b` can exceed an i128
+    /// while `a·b / SCALE` fits, so it is taken in parts: with
+    /// `a = aq·S + ar` and `b = bq·S + br`, `a·b / S = a·bq + aq·br +
+    /// ar·br / S` (all truncating toward zero with the sign of `a·b`).
     pub fn checked_mul(self, o: Dec) -> Option<Dec> {
-        let p = self.0.checked_mul(o.0)?;
-        let q = p / SCALE;
-        let r = p % SCALE;
+        let (a, b) = (self.0, o.0);
+        let (aq, ar, bq, br) = (a / SCALE, a % SCALE, b / SCALE, b % SCALE);
+        let whole = a.checked_mul(bq)?.checked_add(aq.checked_mul(br)?)?;
+        let (q, r) = (whole.checked_add(ar * br / SCALE)?, ar * br % SCALE);
+        let negative = (a < 0) != (b < 0);
         let half = SCALE / 2;
         let adj = match r.abs().cmp(&half) {
             Ordering::Greater => 1,
             Ordering::Less => 0,
             Ordering::Equal => (q % 2 != 0) as i128,
         };
-        Some(Dec(if p < 0 { q - adj } else { q + adj }))
+        Some(Dec(if negative { q.checked_sub(adj)? } else { q.checked_add(adj)? }))
     }
 }
 
@@ -389,6 +395,34 @@ pub enum CmpOp {
 mod tests {
     use super::*;
     use crate::spec::ast::{ArithOp, CmpOp};
+
+    proptest::proptest! {
+        /// The product in parts is the product in one, wherever that one fits.
+        #[test]
+        fn products_in_parts_agree_with_the_scaled_product(a in proptest::num::i128::ANY, b in -(1i128 << 70)..(1i128 << 70)) {
+            let (a, b) = (a >> (a.unsigned_abs() as u32 % 100), b);
+            if let Some(p) = a.checked_mul(b) {
+                let (q, r) = (p / SCALE, p % SCALE);
+                let adj = match r.abs().cmp(&(SCALE / 2)) {
+                    Ordering::Greater => 1,
+                    Ordering::Less => 0,
+                    Ordering::Equal => (q % 2 != 0) as i128,
+                };
+                let want = if p < 0 { q - adj } else { q + adj };
+                proptest::prop_assert_eq!(Dec(a).checked_mul(Dec(b)).map(|d| d.0), Some(want));
+            }
+        }
+    }
+
+    #[test]
+    fn large_products_that_fit_are_exact() {
+        // Found by review: 1e24 × 1000 overflowed the scaled product.
+        let big = Dec(1_000_000_000_000_000_000_000_000 * SCALE);
+        let product = big.checked_mul(Dec::from_int(1000)).expect("fits");
+        assert_eq!({ product.0 }, 1_000_000_000_000_000_000_000_000_000 * SCALE);
+        assert_eq!(big.checked_mul(Dec::from_int(-1000)).map(|d| -d.0), Some(product.0));
+        assert!(Dec(i128::MAX).checked_mul(Dec::from_int(2)).is_none());
+    }
 
     #[test]
     fn durations_beyond_an_i64_are_missing_not_saturated() {
