@@ -1009,17 +1009,35 @@ impl Plan {
     }
 }
 
-/// A `Debug` rendering with every `pos: Pos { … }` removed.
+/// A `Debug` rendering with every `pos: Pos { … }` removed, outside the
+/// string literals it renders (whose text is the spec's own: a filter
+/// comparing with `'pos: Pos {a}'` keeps it, or two different filters would
+/// share a stream).
 fn without_positions(debug: &str) -> String {
     const MARK: &str = "pos: Pos {";
     let mut out = String::with_capacity(debug.len());
-    let mut rest = debug;
-    while let Some(i) = rest.find(MARK) {
-        out.push_str(&rest[..i]);
-        rest = &rest[i + MARK.len()..];
-        rest = rest.find('}').map_or("", |j| &rest[j + 1..]);
+    let (mut at, mut in_string) = (0, false);
+    let bytes = debug.as_bytes();
+    while at < bytes.len() {
+        match bytes[at] {
+            // `Debug` escapes a quote and a backslash inside a literal.
+            b'\\' if in_string => {
+                out.push_str(&debug[at..at + 2]);
+                at += 2;
+                continue;
+            }
+            b'"' => in_string = !in_string,
+            _ if !in_string && debug[at..].starts_with(MARK) => {
+                at += MARK.len();
+                at += debug[at..].find('}').map_or(debug.len() - at, |j| j + 1);
+                continue;
+            }
+            _ => {}
+        }
+        let next = at + debug[at..].chars().next().map_or(1, char::len_utf8);
+        out.push_str(&debug[at..next]);
+        at = next;
     }
-    out.push_str(rest);
     out
 }
 
@@ -1047,5 +1065,27 @@ fn const_duration(e: &Expr) -> i64 {
     match eval(e) {
         Value::Dur(d) => d,
         _ => i64::MAX,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Plan;
+
+    #[test]
+    fn filters_that_differ_only_in_a_literal_like_a_position_are_two_streams() {
+        // Found by review: the stream key stripped `pos: Pos {…}` inside
+        // string literals too, so these two shared one stream.
+        let spec = "[[segment]]\nname = \"a\"\nwhen = \"count('x' where t == 'pos: Pos {a}', 1h) >= 1\"\n\n\
+                    [[segment]]\nname = \"b\"\nwhen = \"count('x' where t == 'pos: Pos {b}', 1h) >= 1\"\n\n\
+                    [[segment]]\nname = \"c\"\nwhen = \"count('x' where  t == 'pos: Pos {a}', 1h) >= 1\"\n";
+        let plan = Plan::new(&crate::spec::parse_spec(spec, 1000).expect("a valid spec"));
+        // a and c differ only in where their filter starts: one stream.
+        assert_eq!(
+            plan.streams.len(),
+            2,
+            "{:?}",
+            plan.streams.iter().map(|s| &s.sel).collect::<Vec<_>>()
+        );
     }
 }
