@@ -685,7 +685,20 @@ fn num() -> impl Strategy<Value = Num> {
 }
 
 const CMPS: [&str; 6] = [">=", ">", "<=", "<", "==", "!="];
-const SINCE_DURS: [&str; 9] = ["1s", "2s", "3s", "5s", "10s", "30s", "1500ms", "2 * 1s", "1m"];
+/// `since`'s constants, with the duration literal each is written with:
+/// the literal must be a tick multiple (SPEC §3), so each spec takes those
+/// its tick allows.
+const SINCE_DURS: [(&str, u64); 9] = [
+    ("1s", 1_000),
+    ("2s", 2_000),
+    ("3s", 3_000),
+    ("5s", 5_000),
+    ("10s", 10_000),
+    ("30s", 30_000),
+    ("1500ms", 1_500),
+    ("2 * 1s", 1_000),
+    ("1m", 60_000),
+];
 
 #[derive(Clone, Debug)]
 enum Cond {
@@ -915,7 +928,8 @@ fn render_cond(c: &Cond, tick: u64, seg: usize) -> (String, u8) {
         ),
         Cond::Since(s, op, d, flipped) => {
             let op = CMPS[*op as usize % 4];
-            let d = SINCE_DURS[*d as usize % SINCE_DURS.len()];
+            let valid: Vec<&str> = SINCE_DURS.iter().filter(|(_, ms)| ms % tick == 0).map(|(t, _)| *t).collect();
+            let d = valid[*d as usize % valid.len()];
             let since = format!("since({})", s.text());
             if *flipped {
                 (format!("{d} {op} {since}"), P_CMP)
