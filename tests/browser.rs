@@ -171,6 +171,76 @@ fn the_page_shows_a_size_change_after_new_events() {
     assert!(shoal.terminate().success());
 }
 
+/// With the API locked (`--http-token-file`), the page opened as
+/// `/#token=…` sends the token with every call and reads the live stream
+/// with it: before, every call of the page was refused (401) and it showed
+/// nothing.
+#[test]
+fn the_page_works_on_a_locked_api_given_the_token() {
+    let Some(chromium) = chromium() else {
+        assert!(std::env::var("CI").is_err(), "CI must have chromium (.ci/run installs it)");
+        eprintln!("skipped: no chromium (apt-get install chromium, or set CHROMIUM)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("spec.toml"), SPEC).unwrap();
+    std::fs::write(dir.path().join("token"), "s3cret-token\n").unwrap();
+    let args = [
+        "spec.toml",
+        "--input",
+        "-",
+        "--output",
+        "out.jsonl",
+        "--idle",
+        "200ms",
+        "--lateness",
+        "0s",
+        "--http-token-file",
+        "token",
+    ];
+    let mut shoal = Shoal::start(dir.path(), &args, true);
+    let addr = shoal.addr.clone();
+    assert_eq!(common::http(&addr, "GET", "/segments", None).0, 401, "the API is locked");
+    let mut stdin = shoal.stdin.take().unwrap();
+    let t0 = 1_704_067_200_000u64;
+    stdin.write_all(view("a", t0).as_bytes()).unwrap();
+    stdin.flush().unwrap();
+
+    let profile = tempfile::tempdir().unwrap();
+    let browser = Command::new(&chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--remote-debugging-port=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("http://{addr}/#token=s3cret-token"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let browser = Killed(browser);
+    let mut page = DevTools::connect(profile.path());
+    let size = "(document.querySelector('tr[data-segment=viewers] .size') || {}).textContent || ''";
+    page.wait_for(size, "1");
+    page.wait_for("document.getElementById('status').textContent", "live");
+    // The live stream carries the next change, and the token left the address.
+    stdin.write_all(view("b", t0 + 3_000).as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    page.wait_for(size, "2");
+    assert!(!page.eval("location.href").contains("s3cret"), "the token stays out of the address");
+    drop(browser);
+    drop(stdin);
+    assert!(shoal.terminate().success());
+}
+
 /// A page in the browser, over the DevTools protocol (a websocket).
 struct DevTools {
     socket: tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>,
