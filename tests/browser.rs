@@ -65,26 +65,7 @@ fn the_page_shows_a_size_change_after_new_events() {
 
     // The browser opens the page now; we read its DOM over the DevTools protocol.
     let profile = tempfile::tempdir().unwrap();
-    let browser = Command::new(&chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--remote-debugging-port=0",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("http://{addr}/"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let browser = Killed(browser);
+    let browser = open(&chromium, profile.path(), &format!("http://{addr}/"));
     let mut page = DevTools::connect(profile.path());
     let size = "(document.querySelector('tr[data-segment=viewers] .size') || {}).textContent || ''";
     page.wait_for(size, "1");
@@ -183,22 +164,8 @@ fn the_page_works_on_a_locked_api_given_the_token() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("spec.toml"), SPEC).unwrap();
     std::fs::write(dir.path().join("token"), "s3cret-token\n").unwrap();
-    let args = [
-        "spec.toml",
-        "--input",
-        "-",
-        "--output",
-        "out.jsonl",
-        "--idle",
-        "200ms",
-        "--lateness",
-        "0s",
-        "--http-token-file",
-        "token",
-    ];
-    let mut shoal = Shoal::start(dir.path(), &args, true);
+    let mut shoal = Shoal::live_with(dir.path(), SPEC, &["--http-token-file", "token"]);
     let addr = shoal.addr.clone();
     assert_eq!(common::http(&addr, "GET", "/segments", None).0, 401, "the API is locked");
     let mut stdin = shoal.stdin.take().unwrap();
@@ -207,26 +174,7 @@ fn the_page_works_on_a_locked_api_given_the_token() {
     stdin.flush().unwrap();
 
     let profile = tempfile::tempdir().unwrap();
-    let browser = Command::new(&chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--remote-debugging-port=0",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("http://{addr}/#token=s3cret-token"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let browser = Killed(browser);
+    let browser = open(&chromium, profile.path(), &format!("http://{addr}/#token=s3cret-token"));
     let mut page = DevTools::connect(profile.path());
     let size = "(document.querySelector('tr[data-segment=viewers] .size') || {}).textContent || ''";
     page.wait_for(size, "1");
@@ -239,6 +187,31 @@ fn the_page_works_on_a_locked_api_given_the_token() {
     drop(browser);
     drop(stdin);
     assert!(shoal.terminate().success());
+}
+
+/// Headless chromium with its DevTools server, its profile in `profile`,
+/// showing `url`; killed when dropped.
+fn open(chromium: &str, profile: &std::path::Path, url: &str) -> Killed {
+    let browser = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--remote-debugging-port=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Killed(browser)
 }
 
 /// A page in the browser, over the DevTools protocol (a websocket).

@@ -258,22 +258,7 @@ fn offsets_are_not_committed_past_changes_the_output_failed_to_write() {
     let error = run(kafka_job(&brokers, "events", "failing", 1, failing)).expect_err("the output failed");
     assert!(error.to_string().contains("the disk is full"), "{error}");
 
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "failing")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..2 {
-        tpl.add_partition("events", p);
-    }
-    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    let total: i64 = (0..2)
-        .map(|p| match committed.find_partition("events", p).unwrap().offset() {
-            Offset::Offset(o) => o,
-            _ => 0,
-        })
-        .sum();
+    let total = committed_total(&brokers, "failing", "events", 2);
     assert!(
         total < all.len() as i64 / 2,
         "{total} of {} offsets committed past a failed write",
@@ -281,8 +266,9 @@ fn offsets_are_not_committed_past_changes_the_output_failed_to_write() {
     );
 }
 
-/// The group's committed offsets are the ends of the topic's partitions.
-fn assert_committed_at_the_ends(brokers: &str, group: &str, topic: &str, partitions: i32) {
+/// The group's committed offset of each of the topic's partitions, and a
+/// consumer of the cluster to ask more.
+fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> (BaseConsumer, Vec<Offset>) {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
@@ -292,14 +278,30 @@ fn assert_committed_at_the_ends(brokers: &str, group: &str, topic: &str, partiti
     for p in 0..partitions {
         tpl.add_partition(topic, p);
     }
-    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    for p in 0..partitions {
+    let list = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    let offsets = (0..partitions).map(|p| list.find_partition(topic, p).unwrap().offset()).collect();
+    (consumer, offsets)
+}
+
+/// The sum of the group's committed offsets over the topic's partitions
+/// (none committed counts 0).
+fn committed_total(brokers: &str, group: &str, topic: &str, partitions: i32) -> i64 {
+    let (_, offsets) = committed(brokers, group, topic, partitions);
+    offsets
+        .into_iter()
+        .map(|o| match o {
+            Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// The group's committed offsets are the ends of the topic's partitions.
+fn assert_committed_at_the_ends(brokers: &str, group: &str, topic: &str, partitions: i32) {
+    let (consumer, offsets) = committed(brokers, group, topic, partitions);
+    for (p, offset) in (0..partitions).zip(offsets) {
         let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
-        assert_eq!(
-            committed.find_partition(topic, p).unwrap().offset(),
-            Offset::Offset(high),
-            "partition {p}"
-        );
+        assert_eq!(offset, Offset::Offset(high), "partition {p}");
     }
 }
 
@@ -392,22 +394,7 @@ fn the_binary_runs_live_and_stops_cleanly_on_sigterm() {
     assert_eq!(summary["diffs_written"], written);
 
     // Offsets were committed on the way out.
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "live")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition("events", 0);
-    tpl.add_partition("events", 1);
-    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    let total: i64 = (0..2)
-        .map(|p| match committed.find_partition("events", p).unwrap().offset() {
-            Offset::Offset(o) => o,
-            _ => 0,
-        })
-        .sum();
-    assert!(total > 0, "some offsets were committed");
+    assert!(committed_total(&brokers, "live", "events", 2) > 0, "some offsets were committed");
 }
 
 /// Against a standalone Kafka-compatible broker (not in every CI run: it

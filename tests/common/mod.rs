@@ -70,8 +70,13 @@ impl Shoal {
     /// live from a piped stdin, writing `out.jsonl`, with the clock
     /// following wall time after 200 ms without events and no lateness.
     pub fn live(dir: &Path, spec: &str) -> Shoal {
+        Shoal::live_with(dir, spec, &[])
+    }
+
+    /// [`Shoal::live`] with more flags.
+    pub fn live_with(dir: &Path, spec: &str, more: &[&str]) -> Shoal {
         std::fs::write(dir.join("spec.toml"), spec).unwrap();
-        let args = [
+        let mut args = vec![
             "spec.toml",
             "--input",
             "-",
@@ -82,6 +87,7 @@ impl Shoal {
             "--lateness",
             "0s",
         ];
+        args.extend_from_slice(more);
         Shoal::start(dir, &args, true)
     }
 
