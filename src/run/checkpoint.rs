@@ -210,31 +210,17 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, Corrupt> {
     postcard::from_bytes(payload).map_err(|e| Corrupt(format!("undecodable: {e}")))
 }
 
-/// Why a checkpoint that is whole cannot be read by this shoal: another
-/// format in its header, or a payload that passes its checksum and does not
-/// decode (written by another version). `None` for one that is torn or
-/// damaged, which an older checkpoint can stand in for.
-fn foreign(bytes: &[u8]) -> Option<String> {
-    if bytes.len() < HEADER || &bytes[..8] != MAGIC {
-        return None;
-    }
-    let format = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if format != FORMAT {
-        return Some(format!("it has format {format}, and this shoal reads format {FORMAT}"));
-    }
-    let (payload, _) = unframed(bytes).ok()?;
-    postcard::from_bytes::<Snapshot>(payload)
-        .err()
-        .map(|e| format!("it is whole but does not decode ({e}): another version of shoal wrote it"))
+/// The format a frame's header names, when it has a header.
+fn format_of(bytes: &[u8]) -> Option<u32> {
+    (bytes.len() >= HEADER && &bytes[..8] == MAGIC).then(|| u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")))
 }
 
 /// The payload of a whole frame, and its checksum.
 fn unframed(bytes: &[u8]) -> Result<(&[u8], u64), Corrupt> {
-    if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+    let Some(format) = format_of(bytes) else {
         return Err(Corrupt("not a shoal checkpoint (no header)".into()));
-    }
+    };
     let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-    let format = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
     if format != FORMAT {
         return Err(Corrupt(format!("format {format}, this shoal reads format {FORMAT}")));
     }
@@ -313,31 +299,38 @@ impl Store {
                     continue;
                 }
             };
-            match decode(&bytes) {
-                Ok(snap) => {
-                    if let Some(what) = snap.fingerprint.differs(fingerprint) {
-                        return Err(CheckpointError::Refused(format!(
-                            "checkpoint {} was made for a different {what}; run with what it was made for, \
-                             or give another --state directory (or empty this one) to start over",
-                            path.display()
-                        )));
+            // Torn or damaged, an older checkpoint stands in for it; whole
+            // but of another format, or passing its checksum and not
+            // decoding, another shoal wrote it: refused.
+            let foreign = |why: String| {
+                CheckpointError::Refused(format!(
+                    "checkpoint {} cannot be read: {why}; run the shoal that made it, or give another \
+                     --state directory (or empty this one) to start over",
+                    path.display()
+                ))
+            };
+            let snap = match unframed(&bytes) {
+                Ok((payload, _)) => postcard::from_bytes::<Snapshot>(payload)
+                    .map_err(|e| foreign(format!("it is whole but does not decode ({e}): another version of shoal wrote it")))?,
+                Err(Corrupt(why)) => match format_of(&bytes).filter(|f| *f != FORMAT) {
+                    Some(f) => return Err(foreign(format!("it has format {f}, and this shoal reads format {FORMAT}"))),
+                    None => {
+                        warn(format!("checkpoint {} is unusable ({why}); trying an older one", path.display()));
+                        continue;
                     }
-                    // Every process of a cluster makes this same choice.
-                    match snap.parts.iter().try_for_each(|p| self.check_part(p)) {
-                        Ok(()) => return Ok(Some(snap)),
-                        Err(Corrupt(why)) => warn(format!("checkpoint {} is unusable ({why}); trying an older one", path.display())),
-                    }
-                }
-                Err(Corrupt(why)) => match foreign(&bytes) {
-                    Some(why) => {
-                        return Err(CheckpointError::Refused(format!(
-                            "checkpoint {} cannot be read: {why}; run the shoal that made it, or give another \
-                             --state directory (or empty this one) to start over",
-                            path.display()
-                        )))
-                    }
-                    None => warn(format!("checkpoint {} is unusable ({why}); trying an older one", path.display())),
                 },
+            };
+            if let Some(what) = snap.fingerprint.differs(fingerprint) {
+                return Err(CheckpointError::Refused(format!(
+                    "checkpoint {} was made for a different {what}; run with what it was made for, \
+                     or give another --state directory (or empty this one) to start over",
+                    path.display()
+                )));
+            }
+            // Every process of a cluster makes this same choice.
+            match snap.parts.iter().try_for_each(|p| self.check_part(p)) {
+                Ok(()) => return Ok(Some(snap)),
+                Err(Corrupt(why)) => warn(format!("checkpoint {} is unusable ({why}); trying an older one", path.display())),
             }
         }
         Ok(None)

@@ -1004,7 +1004,8 @@ impl Checker<'_> {
 }
 
 /// A duration literal, or `+`/`-` of constant durations, or a constant
-/// duration times a number literal. These need not be tick multiples.
+/// duration times a number literal. Its literals must be tick multiples
+/// like any duration's (`Checker::ty` checks them).
 fn is_constant_duration(e: &Expr) -> bool {
     let is_num = |e: &Expr| matches!(e.kind, ExprKind::Num(_));
     match &e.kind {
