@@ -1326,7 +1326,12 @@ fn a_restart_without_the_token_flags_stays_locked() {
 /// `shoal run` over [`LIVE_SPEC`] and one view by `u1`, serving HTTP, with
 /// `more` arguments.
 fn one_view(dir: &Path, more: &[&str]) -> Shoal {
-    std::fs::write(dir.join("spec.toml"), LIVE_SPEC).unwrap();
+    one_view_of(dir, LIVE_SPEC, more)
+}
+
+/// [`one_view`] over `spec`.
+fn one_view_of(dir: &Path, spec: &str, more: &[&str]) -> Shoal {
+    std::fs::write(dir.join("spec.toml"), spec).unwrap();
     std::fs::write(dir.join("events.jsonl"), track("view", "u1", T0)).unwrap();
     let args: Vec<&str> = ["spec.toml", "--input", "events.jsonl", "--output", "out.jsonl"]
         .iter()
@@ -1522,13 +1527,7 @@ fn changes_that_would_break_the_running_spec_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let spec = "[[segment]]\nname = \"a\"\nwhen = \"count('view', 1h) >= 1 and not in_segment('b')\"\n\n\
                 [[segment]]\nname = \"b\"\nwhen = \"count('view', 1h) >= 3\"\n";
-    std::fs::write(dir.path().join("spec.toml"), spec).unwrap();
-    std::fs::write(dir.path().join("events.jsonl"), track("view", "u1", T0)).unwrap();
-    let s = Shoal::start(
-        dir.path(),
-        &["spec.toml", "--input", "events.jsonl", "--output", "out.jsonl"],
-        false,
-    );
+    let s = one_view_of(dir.path(), spec, &[]);
     let (status, body) = http(&s.addr, "DELETE", "/segments/b", None);
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("in_segment('b')"), "{body}");
@@ -1561,13 +1560,7 @@ fn changes_that_would_break_the_running_spec_are_refused() {
 fn the_running_spec_keeps_inline_segments_whole() {
     let dir = tempfile::tempdir().unwrap();
     let spec = "segment = [\n  { name = \"a\", when = \"count('view', 1h) >= 1\", groups = [{ name = \"treatment\", weight = 90 }, { name = \"control\", weight = 10 }] },\n]\n";
-    std::fs::write(dir.path().join("spec.toml"), spec).unwrap();
-    std::fs::write(dir.path().join("events.jsonl"), track("view", "u1", T0)).unwrap();
-    let s = Shoal::start(
-        dir.path(),
-        &["spec.toml", "--input", "events.jsonl", "--output", "out.jsonl"],
-        false,
-    );
+    let s = one_view_of(dir.path(), spec, &[]);
     let running = http(&s.addr, "GET", "/spec", None).1;
     let loaded: toml::Value = toml::from_str(&running).unwrap();
     let groups = &loaded["segment"][0]["groups"];
