@@ -73,20 +73,14 @@ impl Shoal {
         Shoal::live_with(dir, spec, &[])
     }
 
-    /// [`Shoal::live`] with more flags.
+    /// [`Shoal::live`] with more flags; an `--idle` among them replaces
+    /// the 200 ms.
     pub fn live_with(dir: &Path, spec: &str, more: &[&str]) -> Shoal {
         std::fs::write(dir.join("spec.toml"), spec).unwrap();
-        let mut args = vec![
-            "spec.toml",
-            "--input",
-            "-",
-            "--output",
-            "out.jsonl",
-            "--idle",
-            "200ms",
-            "--lateness",
-            "0s",
-        ];
+        let mut args = vec!["spec.toml", "--input", "-", "--output", "out.jsonl", "--lateness", "0s"];
+        if !more.contains(&"--idle") {
+            args.extend(["--idle", "200ms"]);
+        }
         args.extend_from_slice(more);
         Shoal::start(dir, &args, true)
     }
