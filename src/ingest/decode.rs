@@ -238,6 +238,34 @@ pub struct Prepared {
     pub place: Option<Place>,
 }
 
+/// How many lines ahead of the one handed out the reader asks for the next
+/// one's event and facts (see [`prefetch`]).
+const PREFETCH: usize = 4;
+
+/// Asks the CPU to bring a decoded line's event and facts into this core's
+/// cache. They were written on the decoding thread's core, and the reader's
+/// first read of each missed the cache: perf put over half the samples of
+/// `Ingest::accept` on its first read of the event (`event.kind`), and a
+/// quarter of `Feeder::fed`'s on its first read of the facts. Asked a few
+/// lines ahead, the reads arrive while the lines before are fed.
+fn prefetch(p: &Prepared) {
+    #[cfg(target_arch = "x86_64")]
+    if let Item::Event { event, facts } = &p.item {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let event: *const Event = &**event;
+        let lines = std::mem::size_of::<Event>().div_ceil(64);
+        let facts_bytes = std::mem::size_of_val(facts.as_slice());
+        for at in (0..lines)
+            .map(|i| event.cast::<i8>().wrapping_add(i * 64))
+            .chain((0..facts_bytes.div_ceil(64)).map(|i| facts.as_ptr().cast::<i8>().wrapping_add(i * 64)))
+        {
+            // SAFETY: a prefetch is a hint: it reads nothing the program
+            // sees and never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(at) };
+        }
+    }
+}
+
 /// The reader's end of a decoding thread.
 pub struct Ahead {
     batches: Receiver<std::io::Result<Vec<Prepared>>>,
@@ -392,10 +420,16 @@ impl Ahead {
         loop {
             if let Some(p) = self.current.next() {
                 self.offset = p.offset;
+                if let Some(ahead) = self.current.as_slice().get(PREFETCH) {
+                    prefetch(ahead);
+                }
                 return Ok(Got::Line(p));
             }
             match self.batches.recv_timeout(wait) {
-                Ok(batch) => self.current = batch?.into_iter(),
+                Ok(batch) => {
+                    self.current = batch?.into_iter();
+                    self.current.as_slice().iter().take(PREFETCH).for_each(prefetch);
+                }
                 Err(RecvTimeoutError::Timeout) => return Ok(Got::Idle),
                 Err(RecvTimeoutError::Disconnected) => return Ok(Got::End),
             }
