@@ -258,6 +258,7 @@ where
         // goes before its new one.
         consolidate(rows);
         rows.sort_unstable_by_key(|(_, r)| *r);
+        crate::dataflow::total::warm(&held, rows.iter().map(|(((_, p), _), _)| p), |h| h.exists as usize);
         for &(((atom, p), value), r) in rows.iter() {
             let h = Held::of(&mut held, &mut touched, p, words);
             let (present, rest) = h.bits.split_at_mut(words);

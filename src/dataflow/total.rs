@@ -306,6 +306,9 @@ where
     V: Ord,
     S: Default,
 {
+    warm(groups, updates.iter().map(|((k, _), _)| k), |g| {
+        g.input.first().map_or(0, |u| u.1 as usize)
+    });
     for ((key, v), r) in updates.drain(..) {
         let group = match groups.get_mut(&key) {
             Some(group) => group,
@@ -317,6 +320,35 @@ where
         }
         merge_one(&mut group.input, v, r);
     }
+}
+
+/// The size of a map's entries from which [`warm`] reads ahead: the last-level
+/// cache of a server core's share is a few tens of MB. Retail on one worker
+/// (`docs/performance.md`, "Session 22"): warming every map cost 3.5% at 1M
+/// events (64k profiles, every map under 10 MB) and saved 5–8% at 10M
+/// (636k profiles, the join's map alone about 70 MB).
+const WARM_FROM: usize = 32 << 20;
+
+/// Reads the state of each of `keys` in `map`, and what `deep` reads of
+/// it, before the loop that updates them one by one. With hundreds of
+/// thousands of keys a key's entry is rarely in cache, and in that loop
+/// each miss waits for the last (the hash table's control bytes, then the
+/// entry, then the vector it points to, then the update); here the reads
+/// of different keys are independent, so the core has many misses in
+/// flight at once, and the loop then finds the entries in cache. Nothing
+/// is changed: only when the memory is read.
+///
+/// Only a map of at least [`WARM_FROM`] bytes of entries is warmed: one
+/// that fits in cache gains nothing and pays the extra lookups.
+pub(crate) fn warm<'k, K: Hash + Eq + 'k, V>(map: &FxHashMap<K, V>, keys: impl Iterator<Item = &'k K>, deep: impl Fn(&V) -> usize) {
+    if map.len() * std::mem::size_of::<(K, V)>() < WARM_FROM {
+        return;
+    }
+    let mut sum = 0usize;
+    for k in keys {
+        sum = sum.wrapping_add(map.get(k).map_or(0, &deep));
+    }
+    std::hint::black_box(sum);
 }
 
 /// Makes room for one more element in a vector of per-key state, growing
@@ -584,6 +616,7 @@ where
     let mut touched: Vec<K> = Vec::new();
     let mut changes: Vec<(X, isize)> = Vec::new();
     by_tick(input, name, move |t, updates, out| {
+        warm(&counts, updates.iter().map(|((k, ()), _)| k), |c| c.0 as usize);
         for ((key, ()), r) in updates.drain(..) {
             let count = match counts.get_mut(&key) {
                 Some(count) => count,
@@ -707,17 +740,25 @@ impl<V: Ord, S: Store<(V, isize)>> Side<V, S> {
 /// in a vector of its own type, in the key's one entry.
 trait Left: Default {
     fn is_empty(&self) -> bool;
+    /// Reads the first update of each side (see [`warm`]).
+    fn touch(&self) -> usize;
 }
 
 impl<V> Left for Side<V> {
     fn is_empty(&self) -> bool {
         self.updates.is_empty()
     }
+    fn touch(&self) -> usize {
+        self.updates.first().map_or(0, |u| u.1 as usize)
+    }
 }
 
 impl<V1, V2> Left for (Side<V1>, Side<V2>) {
     fn is_empty(&self) -> bool {
         self.0.updates.is_empty() && self.1.updates.is_empty()
+    }
+    fn touch(&self) -> usize {
+        self.0.touch().wrapping_add(self.1.touch())
     }
 }
 
@@ -933,6 +974,8 @@ where
     let mut sides: FxHashMap<K, Both<Side<V>, W>> = FxHashMap::default();
     let by_key = (key, |(k, _): &(K, W)| k.hashed().into());
     by_tick2(left, right, name, by_key, move |t, dv, dw, out, _| {
+        let keys = dw.iter().map(|((k, _), _)| k).chain(dv.iter().map(|((k, _), _)| k));
+        warm(&sides, keys, |both| both.left.touch());
         // New right-hand values meet the left as it was; then new left-hand
         // values meet the right as it is now.
         right_meets_left(&mut sides, dw, |both, k, w, r| {
@@ -982,6 +1025,9 @@ where
         name,
         keys,
         move |t, (dv1, dv2, dw), (out1, out2)| {
+            let keys = dw.iter().map(|((k, _), _)| k);
+            let keys = keys.chain(dv1.iter().map(|((k, _), _)| k)).chain(dv2.iter().map(|((k, _), _)| k));
+            warm(&sides, keys, |both| both.left.touch());
             right_meets_left(&mut sides, dw, |both, k, w, r| {
                 both.left.0.each(|v, q| out1.push((logic1(k, v, w), t, q * r)));
                 both.left.1.each(|v, q| out2.push((logic2(k, v, w), t, q * r)));
