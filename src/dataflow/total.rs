@@ -325,8 +325,8 @@ where
 /// The size of a map's entries from which [`warm`] reads ahead: the last-level
 /// cache of a server core's share is a few tens of MB. Retail on one worker
 /// (`docs/performance.md`, "Session 22"): warming every map cost 3.5% at 1M
-/// events (64k profiles, every map under 10 MB) and saved 5–8% at 10M
-/// (636k profiles, the join's map alone about 70 MB).
+/// events (64k profiles, every map under 10 MB) and saved about 10% at
+/// 10M (636k profiles, and about a million ids in the re-keying join's map).
 const WARM_FROM: usize = 32 << 20;
 
 /// Reads the state of each of `keys` in `map`, and what `deep` reads of
