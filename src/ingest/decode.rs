@@ -420,7 +420,10 @@ impl Ahead {
         loop {
             if let Some(p) = self.current.next() {
                 self.offset = p.offset;
-                if let Some(ahead) = self.current.as_slice().get(PREFETCH) {
+                // What is left starts at the next line: the line `PREFETCH`
+                // after `p` is at `PREFETCH - 1`, and the batch's first
+                // `PREFETCH` lines were asked for when it came.
+                if let Some(ahead) = self.current.as_slice().get(PREFETCH - 1) {
                     prefetch(ahead);
                 }
                 return Ok(Got::Line(p));
