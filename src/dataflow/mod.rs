@@ -164,6 +164,31 @@ pub fn build_with<'s>(
     let identity::Profiles { labels, names } = identity::profiles((nodes, forgotten, remaining.clone()), links, placement);
     let universe = identity::universe(names.clone());
     let rows = rows || !plan.values.is_empty() || !plan.timed.is_empty() || plan.atoms.iter().any(|a| a.terms.len() > 1);
+    if !rows {
+        // Every atom comes from one event-stream term: terms and segments
+        // in one operator (see `terms::terms_and_segments`).
+        let members = terms::terms_and_segments((counts, facts), labels.clone(), names.clone(), plan.clone(), tick);
+        let fits = differential_dataflow::collection::concatenate(scope, Vec::new());
+        let inputs = Inputs {
+            facts: facts_in,
+            counts: counts_in,
+            nodes: nodes_in,
+            links: links_in,
+            forgotten: forgotten_in,
+            unlinked: unlinked_in,
+            events: None,
+        };
+        let collections = Collections {
+            members,
+            names,
+            universe,
+            terms: None,
+            labels,
+            nodes: remaining,
+            fits,
+        };
+        return (inputs, collections);
+    }
     let built = terms::terms((counts, facts), labels.clone(), plan.clone(), (tick, rows));
     let mut atoms = built.atoms;
     let mut terms = built.rows;

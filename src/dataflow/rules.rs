@@ -33,7 +33,7 @@ use crate::core::id::Key;
 use crate::core::id::SegmentId;
 use crate::core::id::StreamId;
 use crate::core::value::Value;
-use crate::dataflow::total::{binary_by_tick, TotalOps};
+use crate::dataflow::total::{binary_by_tick, TotalOps, Updates};
 use crate::plan::{Formula, Plan};
 
 /// The universe with each profile's name: `(profile, name)`.
@@ -109,7 +109,7 @@ pub fn atoms<'s>(
 /// their values, the segments it is in, and the atoms updated at this tick.
 /// Inline up to 64 atoms and 64 segments, so a profile is one hash-map
 /// entry with no allocation of its own.
-struct Held<N> {
+pub(crate) struct Held<N> {
     exists: isize,
     touched: bool,
     moved: bool,
@@ -118,20 +118,19 @@ struct Held<N> {
 }
 
 impl<N> Held<N> {
-    /// `p`'s state, new if it has none, noted as touched at this tick.
-    fn of<'a>(held: &'a mut rustc_hash::FxHashMap<Key, Held<N>>, touched: &mut Vec<Key>, p: Key, words: usize) -> &'a mut Held<N> {
-        let h = held.entry(p).or_insert_with(|| Held {
-            exists: 0,
-            touched: false,
-            moved: false,
-            name: None,
-            bits: smallvec::smallvec![0; 4 * words],
-        });
-        if !h.touched {
-            h.touched = true;
-            touched.push(p);
-        }
-        h
+    /// Notes the profile as touched at this tick; true the first time.
+    pub(crate) fn touch(&mut self) -> bool {
+        !std::mem::replace(&mut self.touched, true)
+    }
+
+    pub(crate) fn is_touched(&self) -> bool {
+        self.touched
+    }
+
+    /// Whether it holds nothing: not in the universe, no atom row.
+    pub(crate) fn is_empty(&self) -> bool {
+        debug_assert!(self.exists >= 0, "a profile leaves the universe once");
+        self.exists <= 0 && self.bits[..self.bits.len() / 4].iter().all(|w| *w == 0)
     }
 }
 
@@ -219,40 +218,20 @@ where
     N: timely::ExchangeData + Clone + Ord,
 {
     use differential_dataflow::hashable::Hashable;
-    let words = plan.atoms.len().max(plan.segments.len()).div_ceil(64).max(1);
-    let mut empty = vec![0u64; words];
-    for (i, a) in plan.atoms.iter().enumerate() {
-        set(
-            &mut empty,
-            i,
-            a.holds(&a.terms.iter().map(|&t| plan.terms[t].agg.empty()).collect::<Vec<_>>()),
-        );
-    }
-    let reads: Vec<_> = plan.segments.iter().map(|s| reads(&s.formula, words)).collect();
+    let mut rules = Rules::new(plan);
     let mut held: rustc_hash::FxHashMap<Key, Held<N>> = Default::default();
     let mut touched: Vec<Key> = Vec::new();
-    // Profiles renamed at this tick, with their old names.
-    let mut renamed: Vec<(Key, N)> = Vec::new();
-    // Reused for every profile: which atoms hold, which segments it is in,
-    // which memberships changed.
-    let (mut holds, mut member, mut flipped) = (vec![0u64; words], vec![0u64; words], vec![0u64; words]);
     let by_profile = (|((_, p), _): &AtomRow| p.hashed(), |(p, _): &(Key, N)| p.hashed());
     binary_by_tick(atoms, universe, "Segments", by_profile, move |t, rows, exists, out, _| {
         // Consolidated, so that a name both given and taken back within
         // the tick does not count.
         consolidate(exists);
         for ((p, name), r) in exists.drain(..) {
-            let h = Held::of(&mut held, &mut touched, p, words);
-            h.exists += r;
-            h.moved = true;
-            if r > 0 && h.name.as_ref() != Some(&name) {
-                if let Some(old) = h.name.replace(name) {
-                    // Moved from the name held before the tick, once.
-                    if !renamed.iter().any(|(q, _)| *q == p) {
-                        renamed.push((p, old));
-                    }
-                }
+            let h = held.entry(p).or_insert_with(|| rules.held());
+            if h.touch() {
+                touched.push(p);
             }
+            rules.name(p, h, name, r);
         }
         // Consolidated, then retractions first: a changed atom's old row
         // goes before its new one.
@@ -260,71 +239,163 @@ where
         rows.sort_unstable_by_key(|(_, r)| *r);
         crate::dataflow::total::warm(&held, rows.iter().map(|(((_, p), _), _)| p), |h| h.exists as usize);
         for &(((atom, p), value), r) in rows.iter() {
-            let h = Held::of(&mut held, &mut touched, p, words);
-            let (present, rest) = h.bits.split_at_mut(words);
-            let (values, rest) = rest.split_at_mut(words);
-            let a = atom.index();
-            set(&mut rest[words..], a, true);
-            if r < 0 {
-                debug_assert!(bit(present, a) && bit(values, a) == value, "a retracted atom row is held");
-                set(present, a, false);
-            } else {
-                debug_assert!(!bit(present, a), "one row per atom and profile");
-                set(present, a, true);
-                set(values, a, value);
+            let h = held.entry(p).or_insert_with(|| rules.held());
+            if h.touch() {
+                touched.push(p);
             }
+            rules.atom(h, atom, value, r);
         }
         for p in touched.drain(..) {
             let h = held.get_mut(&p).expect("a touched profile");
-            h.touched = false;
-            let (present, rest) = h.bits.split_at_mut(words);
-            let (values, rest) = rest.split_at_mut(words);
-            let (was, dirty) = rest.split_at_mut(words);
-            // Named before it can be in a segment: only a profile in the
-            // universe is, and the universe brings its name.
-            let name = || h.name.as_ref().expect("a member has a name");
-            if let Some(at) = renamed.iter().position(|(q, _)| *q == p) {
-                let (_, old) = renamed.swap_remove(at);
-                let name = name();
-                for s in ones(was.iter().copied()).filter(|_| old != *name) {
-                    out.push(((SegmentId::of(s), old.clone()), t, -1));
-                    out.push(((SegmentId::of(s), name.clone()), t, 1));
-                }
-            }
-            member.iter_mut().for_each(|w| *w = 0);
-            if h.exists > 0 {
-                for (i, w) in holds.iter_mut().enumerate() {
-                    *w = present[i] & values[i] | !present[i] & empty[i];
-                }
-                // A formula whose reads did not change keeps its value.
-                let all = h.moved;
-                if !all {
-                    member.copy_from_slice(was);
-                }
-                flipped.iter_mut().for_each(|w| *w = 0);
-                for &s in &plan.order {
-                    let (atoms, segments) = &reads[s];
-                    if all || meet(dirty, atoms) || meet(&flipped, segments) {
-                        let is = plan.segments[s].formula.eval(&|a| bit(&holds, a), &|s| bit(&member, s));
-                        if is != bit(&member, s) {
-                            set(&mut member, s, is);
-                            set(&mut flipped, s, true);
-                        }
-                    }
-                }
-            }
-            h.moved = false;
-            dirty.iter_mut().for_each(|w| *w = 0);
-            for s in ones(was.iter().zip(&member).map(|(old, new)| old ^ new)) {
-                out.push(((SegmentId::of(s), name().clone()), t, if bit(&member, s) { 1 } else { -1 }));
-            }
-            was.copy_from_slice(&member);
-            if h.exists <= 0 && present.iter().all(|w| *w == 0) {
-                debug_assert!(h.exists == 0, "a profile leaves the universe once");
+            rules.evaluate(t, p, h, out);
+            if h.is_empty() {
                 held.remove(&p);
             }
         }
     })
+}
+
+/// How a profile's memberships follow from its [`Held`] state: the plan's
+/// formulas, what each reads, the atoms' values over empty terms, and room
+/// reused for every profile. `Segments` keeps a [`Held`] per profile in a
+/// map of its own; the terms stage keeps it next to the profile's terms
+/// when nothing else feeds atoms (`crate::dataflow::terms`), so that an
+/// event's facts, atoms and memberships are one entry.
+pub(crate) struct Rules<N> {
+    plan: Rc<Plan>,
+    words: usize,
+    /// Each atom's value over empty terms.
+    empty: Vec<u64>,
+    /// What each segment's formula reads: `(atoms, segments)`.
+    reads: Vec<(Vec<u64>, Vec<u64>)>,
+    /// Profiles renamed at this tick, with their old names.
+    renamed: Vec<(Key, N)>,
+    /// Reused for every profile: which atoms hold, which segments it is
+    /// in, which memberships changed.
+    holds: Vec<u64>,
+    member: Vec<u64>,
+    flipped: Vec<u64>,
+}
+
+impl<N: Clone + Eq> Rules<N> {
+    pub(crate) fn new(plan: Rc<Plan>) -> Self {
+        let words = plan.atoms.len().max(plan.segments.len()).div_ceil(64).max(1);
+        let mut empty = vec![0u64; words];
+        for (i, a) in plan.atoms.iter().enumerate() {
+            set(
+                &mut empty,
+                i,
+                a.holds(&a.terms.iter().map(|&t| plan.terms[t].agg.empty()).collect::<Vec<_>>()),
+            );
+        }
+        let reads = plan.segments.iter().map(|s| reads(&s.formula, words)).collect();
+        Rules {
+            plan,
+            words,
+            empty,
+            reads,
+            renamed: Vec::new(),
+            holds: vec![0; words],
+            member: vec![0; words],
+            flipped: vec![0; words],
+        }
+    }
+
+    /// A profile's state before anything is known of it.
+    pub(crate) fn held(&self) -> Held<N> {
+        Held {
+            exists: 0,
+            touched: false,
+            moved: false,
+            name: None,
+            bits: smallvec::smallvec![0; 4 * self.words],
+        }
+    }
+
+    /// `p` entering (`r > 0`) or leaving the universe under `name`; a tick's
+    /// updates consolidated.
+    pub(crate) fn name(&mut self, p: Key, h: &mut Held<N>, name: N, r: isize) {
+        h.exists += r;
+        h.moved = true;
+        if r > 0 && h.name.as_ref() != Some(&name) {
+            if let Some(old) = h.name.replace(name) {
+                // Moved from the name held before the tick, once.
+                if !self.renamed.iter().any(|(q, _)| *q == p) {
+                    self.renamed.push((p, old));
+                }
+            }
+        }
+    }
+
+    /// An atom's row: a retraction (`r < 0`) of the value held, or a new
+    /// value of an atom without a row; a changed atom's retraction first.
+    pub(crate) fn atom(&self, h: &mut Held<N>, atom: AtomId, value: bool, r: isize) {
+        let words = self.words;
+        let (present, rest) = h.bits.split_at_mut(words);
+        let (values, rest) = rest.split_at_mut(words);
+        let a = atom.index();
+        set(&mut rest[words..], a, true);
+        if r < 0 {
+            debug_assert!(bit(present, a) && bit(values, a) == value, "a retracted atom row is held");
+            set(present, a, false);
+        } else {
+            debug_assert!(!bit(present, a), "one row per atom and profile");
+            set(present, a, true);
+            set(values, a, value);
+        }
+    }
+
+    /// Evaluates a profile touched at `t`, in `in_segment` order, the
+    /// formulas that read an atom updated at the tick or a segment whose
+    /// membership just changed (all of them when the profile entered or
+    /// left the universe), and emits the memberships that changed.
+    pub(crate) fn evaluate(&mut self, t: u64, p: Key, h: &mut Held<N>, out: &mut Updates<(SegmentId, N)>) {
+        let words = self.words;
+        h.touched = false;
+        let (present, rest) = h.bits.split_at_mut(words);
+        let (values, rest) = rest.split_at_mut(words);
+        let (was, dirty) = rest.split_at_mut(words);
+        // Named before it can be in a segment: only a profile in the
+        // universe is, and the universe brings its name.
+        let name = || h.name.as_ref().expect("a member has a name");
+        if let Some(at) = self.renamed.iter().position(|(q, _)| *q == p) {
+            let (_, old) = self.renamed.swap_remove(at);
+            let name = name();
+            for s in ones(was.iter().copied()).filter(|_| old != *name) {
+                out.push(((SegmentId::of(s), old.clone()), t, -1));
+                out.push(((SegmentId::of(s), name.clone()), t, 1));
+            }
+        }
+        let (holds, member, flipped) = (&mut self.holds, &mut self.member, &mut self.flipped);
+        member.iter_mut().for_each(|w| *w = 0);
+        if h.exists > 0 {
+            for (i, w) in holds.iter_mut().enumerate() {
+                *w = present[i] & values[i] | !present[i] & self.empty[i];
+            }
+            // A formula whose reads did not change keeps its value.
+            let all = h.moved;
+            if !all {
+                member.copy_from_slice(was);
+            }
+            flipped.iter_mut().for_each(|w| *w = 0);
+            for &s in &self.plan.order {
+                let (atoms, segments) = &self.reads[s];
+                if all || meet(dirty, atoms) || meet(flipped, segments) {
+                    let is = self.plan.segments[s].formula.eval(&|a| bit(holds, a), &|s| bit(member, s));
+                    if is != bit(member, s) {
+                        set(member, s, is);
+                        set(flipped, s, true);
+                    }
+                }
+            }
+        }
+        h.moved = false;
+        dirty.iter_mut().for_each(|w| *w = 0);
+        for s in ones(was.iter().zip(member.iter()).map(|(old, new)| old ^ new)) {
+            out.push(((SegmentId::of(s), name().clone()), t, if bit(member, s) { 1 } else { -1 }));
+        }
+        was.copy_from_slice(member);
+    }
 }
 
 #[cfg(test)]

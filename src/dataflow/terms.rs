@@ -11,16 +11,22 @@
 //! A merge of two profiles is a change of label, so the join re-keys every
 //! fact of the merged side and every aggregate downstream corrects itself.
 
+use differential_dataflow::consolidation::consolidate;
+use differential_dataflow::hashable::Hashable;
 use differential_dataflow::VecCollection;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::rc::Rc;
+use timely::ExchangeData;
 
 use crate::core::fact::AtomRow;
 use crate::core::fact::Pay;
 use crate::core::id::Key;
+use crate::core::id::SegmentId;
 use crate::core::id::StreamId;
 use crate::core::value::{Dec, Float, Value};
-use crate::dataflow::total::{CountTotalOps, TotalOps};
+use crate::dataflow::rules::{Held, Rules};
+use crate::dataflow::total::{binary_by_tick, merge_one, room, ternary_by_tick, warm};
 use crate::dataflow::window::{profile_of, Facts};
 use crate::plan::{Agg, Plan};
 
@@ -247,53 +253,29 @@ enum Change {
 ///
 /// Streams folded only by `count` come as `counted`, without payloads (the
 /// reader feeds them apart, see [`Plan::counted_streams`]): a count keeps
-/// one number per key, far cheaper than a reduce, and a fact without a
-/// payload is cheaper to queue and join.
+/// one number, far cheaper than a fold, and a fact without a payload is
+/// cheaper to queue and join. Both kinds meet in one operator keyed by
+/// profile, whose entry holds all of a profile's terms ([`Book`]), so the
+/// facts an event brings for several streams find their state in one place.
 pub fn terms<'s>(
-    (counted, folded): (Facts<'s, ()>, Facts<'s, Pay>),
+    facts: (Facts<'s, ()>, Facts<'s, Pay>),
     labels: VecCollection<'s, u64, (Key, Key), isize>,
     plan: Rc<Plan>,
     (tick, rows): (u64, bool),
 ) -> Terms<'s> {
-    let windows = (Rc::new(plan.streams.iter().map(|s| s.window).collect::<Vec<_>>()), tick);
-    let (counts, folded) = profile_of(
-        (counted, folded),
-        windows,
-        labels,
-        "ProfileOf",
-        (
-            |_anchor, (stream, ()), profile| ((*stream, *profile), ()),
-            |_anchor, (stream, pay), profile| ((*stream, *profile), pay.clone()),
-        ),
-    );
-    let counts = counts.count_total_with("CountTotal", {
-        let plan = plan.clone();
-        move |&(stream, profile), old, new, out| {
-            let value = |n: isize| (n != 0).then(|| [Value::Num(Dec::from_int(n as i64))]);
-            changed(
-                &plan,
-                (stream, profile),
-                value(old).as_ref().map(|v| &v[..]),
-                value(new).as_ref().map(|v| &v[..]),
-                rows,
-                out,
-            );
-        }
+    let (counted, folded) = rekey(facts, labels, &plan, tick);
+    let mut ledger: Ledger<()> = Ledger::default();
+    let mut changes: Vec<(Change, isize)> = Vec::new();
+    let by_profile = (|((_, p), ()): &Keyed<()>| p.hashed(), |((_, p), _): &Keyed<Pay>| p.hashed());
+    let changes = binary_by_tick(counted, folded, "Terms", by_profile, move |t, counted, folded, out, _| {
+        ledger.gather((counted, folded), || ());
+        ledger.settle(
+            &plan,
+            |(), key, old, new| changed(&plan, key, old, new, rows, &mut changes),
+            |()| false,
+        );
+        out.extend(changes.drain(..).map(|(c, r)| (c, t, r)));
     });
-    let folds = plan.clone();
-    let folded = folded.fold_total(
-        "Terms",
-        move |(stream, _profile), facts| -> TermValues {
-            folds.folds[stream.index()]
-                .iter()
-                .map(|&t| value(folds.terms[t].agg, facts.iter().map(|(p, n)| (p, *n))))
-                .collect()
-        },
-        move |&key, old, new, out| {
-            changed(&plan, key, old.map(|v| &v[..]), new.map(|v| &v[..]), rows, out);
-        },
-    );
-    let changes = counts.concat(folded);
     Terms {
         atoms: changes.clone().flat_map(|c| match c {
             Change::Atom(a) => Some(a),
@@ -305,6 +287,290 @@ pub fn terms<'s>(
                 Change::Atom(_) => None,
             })
         }),
+    }
+}
+
+/// [`terms`] and [`rules::segments`] in one operator, for a plan whose
+/// atoms all come from single event-stream terms and a run that needs no
+/// term rows (see `crate::dataflow::build_with`): each profile's entry
+/// holds its terms, its atom values and its memberships ([`Held`]), so an
+/// event's facts, the atoms they flip and the segments those change are
+/// one hash-map lookup, with no atom rows queued or exchanged between.
+/// Its output is [`rules::segments`]'s: `(segment, the profile's name)`
+/// for every member, from `names` (`(profile, name)` for every profile).
+pub fn terms_and_segments<'s, N>(
+    facts: (Facts<'s, ()>, Facts<'s, Pay>),
+    labels: VecCollection<'s, u64, (Key, Key), isize>,
+    names: VecCollection<'s, u64, (Key, N), isize>,
+    plan: Rc<Plan>,
+    tick: u64,
+) -> VecCollection<'s, u64, (SegmentId, N), isize>
+where
+    N: ExchangeData + Clone + Ord,
+{
+    let (counted, folded) = rekey(facts, labels, &plan, tick);
+    let mut rules = Rules::new(plan.clone());
+    let mut ledger: Ledger<Held<N>> = Ledger::default();
+    let mut touched: Vec<Key> = Vec::new();
+    let by_profile = (
+        |((_, p), ()): &Keyed<()>| p.hashed(),
+        |((_, p), _): &Keyed<Pay>| p.hashed(),
+        |(p, _): &(Key, N)| p.hashed(),
+    );
+    ternary_by_tick(
+        (counted, folded, names),
+        "Terms",
+        by_profile,
+        move |t, (counted, folded, names), out| {
+            // Consolidated, so that a name both given and taken back within
+            // the tick does not count.
+            consolidate(names);
+            for ((p, name), r) in names.drain(..) {
+                let held = &mut ledger.entry(p, || rules.held()).more;
+                if held.touch() {
+                    touched.push(p);
+                }
+                rules.name(p, held, name, r);
+            }
+            ledger.gather((counted, folded), || rules.held());
+            ledger.settle(
+                &plan,
+                |held, key, old, new| {
+                    plan.flips(key, old, new, |((atom, p), value), r| {
+                        if held.touch() {
+                            touched.push(p);
+                        }
+                        rules.atom(held, atom, value, r);
+                    })
+                },
+                |held| held.is_touched() || !held.is_empty(),
+            );
+            for p in touched.drain(..) {
+                let entry = ledger.profiles.get_mut(&p).expect("a touched profile");
+                rules.evaluate(t, p, &mut entry.more, out);
+                if entry.more.is_empty() && entry.book.is_empty() {
+                    ledger.profiles.remove(&p);
+                }
+            }
+        },
+    )
+}
+
+/// A fact of a stream re-keyed to its profile, with its payload.
+type Keyed<P> = ((StreamId, Key), P);
+
+/// A tick's re-keyed facts, as the operator's shell hands them over.
+type Batch<P> = Vec<(Keyed<P>, isize)>;
+
+/// Facts re-keyed to profiles.
+type Rekeyed<'s, P> = VecCollection<'s, u64, Keyed<P>, isize>;
+
+/// The profiles a tick touched, each with where its counts before the tick
+/// start in the ledger's `before`.
+type Touched = Vec<(Key, usize)>;
+
+/// Windows the facts and re-keys them from anchor to profile (see
+/// [`profile_of`]): `((stream, profile), ())` for counted streams and
+/// `((stream, profile), payload)` for folded ones.
+fn rekey<'s>(
+    (counted, folded): (Facts<'s, ()>, Facts<'s, Pay>),
+    labels: VecCollection<'s, u64, (Key, Key), isize>,
+    plan: &Plan,
+    tick: u64,
+) -> (Rekeyed<'s, ()>, Rekeyed<'s, Pay>) {
+    let windows = (Rc::new(plan.streams.iter().map(|s| s.window).collect::<Vec<_>>()), tick);
+    profile_of(
+        (counted, folded),
+        windows,
+        labels,
+        "ProfileOf",
+        (
+            |_anchor, (stream, ()), profile| ((*stream, *profile), ()),
+            |_anchor, (stream, pay), profile| ((*stream, *profile), pay.clone()),
+        ),
+    )
+}
+
+/// One profile's event-stream terms, each kept in stream order: the count
+/// of each counted stream it has facts of, and the facts of each folded
+/// stream with the values last folded from them.
+#[derive(Default)]
+struct Book {
+    counts: Vec<(StreamId, isize)>,
+    folds: Vec<Fold>,
+    /// Whether its facts changed at the tick being processed.
+    touched: bool,
+}
+
+impl Book {
+    fn is_empty(&self) -> bool {
+        self.counts.is_empty() && self.folds.is_empty()
+    }
+}
+
+/// A folded stream's facts (sorted, consolidated) and their values.
+struct Fold {
+    stream: StreamId,
+    facts: Vec<(Pay, isize)>,
+    values: Option<TermValues>,
+    /// Whether its facts changed at the tick being processed.
+    touched: bool,
+}
+
+/// A profile's entry: its terms, and what the operator keeps beside them.
+#[derive(Default)]
+struct Entry<H> {
+    book: Book,
+    more: H,
+}
+
+/// Every profile's [`Book`], and the tick's changes to them.
+struct Ledger<H> {
+    profiles: FxHashMap<Key, Entry<H>>,
+    /// The profiles whose facts changed at this tick.
+    touched: Touched,
+    before: Vec<(StreamId, isize)>,
+}
+
+impl<H> Default for Ledger<H> {
+    fn default() -> Self {
+        Ledger {
+            profiles: FxHashMap::default(),
+            touched: Vec::new(),
+            before: Vec::new(),
+        }
+    }
+}
+
+impl<H> Ledger<H> {
+    /// `p`'s entry, made with `fresh` if it has none.
+    fn entry(&mut self, p: Key, fresh: impl FnOnce() -> H) -> &mut Entry<H> {
+        self.profiles.entry(p).or_insert_with(|| Entry {
+            book: Book::default(),
+            more: fresh(),
+        })
+    }
+
+    /// Adds a tick's facts to their profiles' books, noting each profile
+    /// they touch once, with its counts as they were.
+    fn gather(&mut self, (counted, folded): (&mut Batch<()>, &mut Batch<Pay>), fresh: impl Fn() -> H) {
+        let keys = counted.iter().map(|(((_, p), ()), _)| p);
+        warm(&self.profiles, keys.chain(folded.iter().map(|(((_, p), _), _)| p)), |e| {
+            e.book.counts.len()
+        });
+        let Ledger { profiles, touched, before } = self;
+        for (((stream, p), ()), r) in counted.drain(..) {
+            let counts = &mut book_of(profiles, (touched, before), p, &fresh).counts;
+            match counts.binary_search_by_key(&stream, |c| c.0) {
+                Ok(at) => counts[at].1 += r,
+                Err(at) => {
+                    room(counts);
+                    counts.insert(at, (stream, r));
+                }
+            }
+        }
+        for (((stream, p), pay), r) in folded.drain(..) {
+            let folds = &mut book_of(profiles, (touched, before), p, &fresh).folds;
+            let at = match folds.binary_search_by_key(&stream, |f| f.stream) {
+                Ok(at) => at,
+                Err(at) => {
+                    room(folds);
+                    let fold = Fold {
+                        stream,
+                        facts: Vec::new(),
+                        values: None,
+                        touched: false,
+                    };
+                    folds.insert(at, fold);
+                    at
+                }
+            };
+            folds[at].touched = true;
+            merge_one(&mut folds[at].facts, pay, r);
+        }
+    }
+}
+
+/// `p`'s book, noted as touched at this tick (with its counts as they
+/// were) the first time.
+fn book_of<'a, H>(
+    profiles: &'a mut FxHashMap<Key, Entry<H>>,
+    (touched, before): (&mut Touched, &mut Vec<(StreamId, isize)>),
+    p: Key,
+    fresh: &impl Fn() -> H,
+) -> &'a mut Book {
+    let entry = profiles.entry(p).or_insert_with(|| Entry {
+        book: Book::default(),
+        more: fresh(),
+    });
+    if !std::mem::replace(&mut entry.book.touched, true) {
+        touched.push((p, before.len()));
+        before.extend_from_slice(&entry.book.counts);
+    }
+    &mut entry.book
+}
+
+impl<H> Ledger<H> {
+    /// For every term the tick changed, `changed` sees the profile's other
+    /// state, the key, and the term's old and new values (`None`: no facts);
+    /// a profile left without facts is dropped unless `keep` says otherwise.
+    fn settle(
+        &mut self,
+        plan: &Plan,
+        mut changed: impl FnMut(&mut H, (StreamId, Key), Option<&[Value]>, Option<&[Value]>),
+        keep: impl Fn(&H) -> bool,
+    ) {
+        let count = |n: isize| (n != 0).then(|| [Value::Num(Dec::from_int(n as i64))]);
+        for (i, &(p, from)) in self.touched.iter().enumerate() {
+            let to = self.touched.get(i + 1).map_or(self.before.len(), |next| next.1);
+            let entry = self.profiles.get_mut(&p).expect("a touched profile");
+            let (book, more) = (&mut entry.book, &mut entry.more);
+            book.touched = false;
+            let (old, new) = (&self.before[from..to], &book.counts);
+            let (mut i, mut j) = (0, 0);
+            while i < old.len() || j < new.len() {
+                let (stream, was, is) = match (old.get(i), new.get(j)) {
+                    (Some(a), Some(b)) if a.0 == b.0 => {
+                        i += 1;
+                        j += 1;
+                        (a.0, a.1, b.1)
+                    }
+                    (Some(a), b) if b.is_none_or(|b| a.0 < b.0) => {
+                        i += 1;
+                        (a.0, a.1, 0)
+                    }
+                    (_, b) => {
+                        let b = b.expect("one side left");
+                        j += 1;
+                        (b.0, 0, b.1)
+                    }
+                };
+                if was != is {
+                    let (was, is) = (count(was), count(is));
+                    changed(more, (stream, p), was.as_ref().map(|v| &v[..]), is.as_ref().map(|v| &v[..]));
+                }
+            }
+            book.counts.retain(|c| c.1 != 0);
+            for fold in book.folds.iter_mut().filter(|f| f.touched) {
+                fold.touched = false;
+                let fresh = (!fold.facts.is_empty()).then(|| -> TermValues {
+                    plan.folds[fold.stream.index()]
+                        .iter()
+                        .map(|&t| value(plan.terms[t].agg, fold.facts.iter().map(|(p, n)| (p, *n))))
+                        .collect()
+                });
+                if fresh != fold.values {
+                    changed(more, (fold.stream, p), fold.values.as_deref(), fresh.as_deref());
+                    fold.values = fresh;
+                }
+            }
+            book.folds.retain(|f| !f.facts.is_empty());
+            if book.is_empty() && !keep(more) {
+                self.profiles.remove(&p);
+            }
+        }
+        self.touched.clear();
+        self.before.clear();
     }
 }
 
@@ -320,4 +586,139 @@ fn changed(plan: &Plan, key: (StreamId, Key), old: Option<&[Value]>, new: Option
         out.extend(new.map(|v| (Change::Row((key, v.to_vec())), 1)));
     }
     plan.flips(key, old, new, |atom, r| out.push((Change::Atom(atom), r)));
+}
+
+#[cfg(test)]
+mod fused_tests {
+    //! `terms_and_segments` against `terms` followed by `rules::segments`
+    //! (each held against recomputations of its own, and the whole engine
+    //! against the reference evaluator in `tests/reference_props.rs`): the
+    //! same memberships at the same ticks, over random facts, merges of
+    //! profiles and profiles entering and leaving the universe.
+
+    use std::sync::{Arc, Mutex};
+
+    use differential_dataflow::consolidation::consolidate_updates;
+    use differential_dataflow::input::Input;
+    use proptest::prelude::*;
+    use timely::dataflow::operators::{Inspect, Probe};
+
+    use super::*;
+    use crate::core::fact::FactOf;
+    use crate::dataflow::rules::segments;
+
+    const SPEC: &str = r#"
+[[segment]]
+name = "a"
+when = "count('A', 3s) >= 2 or count('B', 5s) == 0"
+[[segment]]
+name = "b"
+when = "in_segment('a') and not count('C', lifetime) >= 1"
+[[segment]]
+name = "c"
+when = "not in_segment('b') or sum('A', x, 3s) > 3"
+[[segment]]
+name = "d"
+when = "max('C', x, 4s) >= 2 and count('B', 5s) >= 1"
+"#;
+
+    type Out = Vec<((SegmentId, Key), u64, isize)>;
+
+    /// A fact: (anchor, stream, event time in ms, value of `x`, tick fed).
+    type In = (u64, u32, u64, u8, u64);
+
+    proptest! {
+        #[test]
+        fn fused_matches_terms_then_segments(
+            facts in prop::collection::vec((0u64..5, 0u32..3, 0u64..15_000, 0u8..4, 0u64..15), 0..60),
+            // (anchor, profile, tick, enters or leaves)
+            labels in prop::collection::vec((0u64..5, 10u64..13, 0u64..15, any::<bool>()), 0..12),
+            // (profile, tick, enters or leaves)
+            names in prop::collection::vec((10u64..13, 0u64..15, any::<bool>()), 0..12),
+            workers in 1usize..3,
+        ) {
+            let run = |fused: bool| run(fused, &facts, &labels, &names, workers);
+            prop_assert_eq!(run(true), run(false));
+        }
+    }
+
+    fn run(fused: bool, facts: &[In], labels: &[(u64, u64, u64, bool)], names: &[(u64, u64, bool)], workers: usize) -> Out {
+        const TICK: u64 = 1_000;
+        let (facts, labels, names) = (facts.to_vec(), labels.to_vec(), names.to_vec());
+        let got: Arc<Mutex<Out>> = Arc::default();
+        let g = got.clone();
+        timely::execute(timely::Config::process(workers), move |worker| {
+            let g = g.clone();
+            let plan = Rc::new(Plan::new(&crate::spec::parse_spec(SPEC, TICK).expect("a valid spec")));
+            let counted = plan.counted_streams();
+            let (mut c_in, mut f_in, mut l_in, mut n_in, probe) = worker.dataflow::<u64, _, _>(|scope| {
+                let (c_in, c) = scope.new_collection::<FactOf<()>, isize>();
+                let (f_in, f) = scope.new_collection::<FactOf<Pay>, isize>();
+                let (l_in, l) = scope.new_collection::<(Key, Key), isize>();
+                let (n_in, n) = scope.new_collection::<(Key, Key), isize>();
+                let members = if fused {
+                    terms_and_segments((c, f), l, n, plan.clone(), TICK)
+                } else {
+                    let atoms = terms((c, f), l, plan.clone(), (TICK, false)).atoms;
+                    segments(atoms, n, plan.clone())
+                };
+                let probe = members.inner.inspect(move |x| g.lock().unwrap().push(*x)).probe().0;
+                (c_in, f_in, l_in, n_in, probe)
+            });
+            if worker.index() == 0 {
+                let (mut held, mut named) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
+                for tick in 0..15u64 {
+                    let now = tick * TICK;
+                    for &(a, s, e, x, _) in facts.iter().filter(|f| f.4 == tick) {
+                        let effect = now.max(crate::core::clock::tick_of(e, TICK));
+                        let stream = StreamId(s);
+                        if counted[s as usize] {
+                            c_in.update_at((a, stream, e, ()), effect, 1);
+                        } else {
+                            let pay = Pay::Val(Value::Num(Dec::from_int(x as i64)));
+                            f_in.update_at((a, stream, e, pay), effect, 1);
+                        }
+                    }
+                    for &(a, p, _, enter) in labels.iter().filter(|l| l.2 == tick) {
+                        if enter && held.insert((a, p)) {
+                            l_in.update_at((a, p), now, 1);
+                        } else if !enter && held.remove(&(a, p)) {
+                            l_in.update_at((a, p), now, -1);
+                        }
+                    }
+                    for &(p, _, enter) in names.iter().filter(|n| n.1 == tick) {
+                        if enter && named.insert(p) {
+                            n_in.update_at((p, p), now, 1);
+                        } else if !enter && named.remove(&p) {
+                            n_in.update_at((p, p), now, -1);
+                        }
+                    }
+                }
+            }
+            for t in [&mut c_in as &mut dyn Close, &mut f_in, &mut l_in, &mut n_in] {
+                t.close_at(15 * TICK);
+            }
+            // Every tick complete before the inputs close, so that expiries
+            // up to the last tick are released, not dropped.
+            worker.step_while(|| probe.less_than(&(15 * TICK)));
+        })
+        .expect("timely runs");
+        let mut got = std::mem::take(&mut *got.lock().unwrap());
+        // Only complete ticks: expiries past the last are dropped alike.
+        got.retain(|(_, t, _)| *t < 15 * TICK);
+        consolidate_updates(&mut got);
+        got
+    }
+
+    /// Advances an input session of any record type.
+    trait Close {
+        fn close_at(&mut self, t: u64);
+    }
+
+    impl<D: differential_dataflow::Data> Close for differential_dataflow::input::InputSession<u64, D, isize> {
+        fn close_at(&mut self, t: u64) {
+            self.advance_to(t);
+            self.flush();
+        }
+    }
 }

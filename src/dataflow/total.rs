@@ -355,7 +355,7 @@ pub(crate) fn warm<'k, K: Hash + Eq + 'k, V>(map: &FxHashMap<K, V>, keys: impl I
 /// by half rather than doubling from four: most keys hold one or two
 /// values, and with millions of keys the slack of `Vec`'s growth was a
 /// large part of the memory per profile.
-fn room<T, S: Store<T>>(v: &mut S) {
+pub(crate) fn room<T, S: Store<T>>(v: &mut S) {
     if v.len() == v.capacity() {
         v.reserve_exact((v.len() / 2).max(1));
     }
@@ -365,7 +365,7 @@ fn room<T, S: Store<T>>(v: &mut S) {
 /// for one inline where a key mostly has one small value (the profile an
 /// id belongs to, on the right of the join that re-keys facts), so that
 /// one value costs no allocation.
-trait Store<T>: Default + std::ops::DerefMut<Target = [T]> {
+pub(crate) trait Store<T>: Default + std::ops::DerefMut<Target = [T]> {
     fn capacity(&self) -> usize;
     fn reserve_exact(&mut self, more: usize);
     fn insert(&mut self, at: usize, t: T);
@@ -421,7 +421,7 @@ impl<T> Store<T> for One<T> {
 
 /// Adds `r` to `v`'s multiplicity in `into` (sorted, consolidated), keeping
 /// it so.
-fn merge_one<V: Ord, S: Store<(V, isize)>>(into: &mut S, v: V, r: isize) {
+pub(crate) fn merge_one<V: Ord, S: Store<(V, isize)>>(into: &mut S, v: V, r: isize) {
     match into.binary_search_by(|(w, _)| w.cmp(&v)) {
         Ok(at) => {
             into[at].1 += r;
@@ -1526,6 +1526,34 @@ where
     L: FnMut(u64, &mut Vec<(D1, isize)>, &mut Vec<(D2, isize)>, &mut Updates<O>, &mut Wakes) + 'static,
 {
     by_tick2((left, Direct), right, name, keys, on_tick)
+}
+
+/// A collection at ticks.
+type Coll<'s, D> = VecCollection<'s, u64, D, isize>;
+
+/// [`binary_by_tick`] for three inputs: each complete tick's updates of
+/// all three (exchanged by `keys`), together, in ascending order of ticks.
+pub fn ternary_by_tick<'s, A, B, C, O, FA, FB, FC, L>(
+    (a, b, c): (Coll<'s, A>, Coll<'s, B>, Coll<'s, C>),
+    name: &str,
+    keys: (FA, FB, FC),
+    mut on_tick: L,
+) -> VecCollection<'s, u64, O, isize>
+where
+    A: ExchangeData,
+    B: ExchangeData,
+    C: ExchangeData,
+    O: ExchangeData,
+    FA: Fn(&A) -> u64 + 'static,
+    FB: Fn(&B) -> u64 + 'static,
+    FC: Fn(&C) -> u64 + 'static,
+    L: FnMut(u64, (&mut Vec<(A, isize)>, &mut Vec<(B, isize)>, &mut Vec<(C, isize)>), &mut Updates<O>) + 'static,
+{
+    let (out, _none) =
+        by_tick3::<_, _, _, _, _, _, (), _, _, _, _, _, _>(((a, Direct), (b, Direct)), c, name, keys, move |t, inputs, (out, _)| {
+            on_tick(t, inputs, out)
+        });
+    out
 }
 
 #[cfg(test)]
