@@ -21,7 +21,10 @@
 //! `and` as a semijoin and each `or` as a distinct union instead took one
 //! or two arrangements per operator; on `retail.toml` both cost about the
 //! same instructions, and this has fewer operators and no universe-sized
-//! sets — see `docs/decisions.md`.)
+//! sets — see `docs/decisions.md`.) When every atom comes from one
+//! event-stream term and no term rows are read, that state is kept in the
+//! terms stage's entry for the profile instead
+//! (`crate::dataflow::terms::terms_and_segments`, with [`Rules`]).
 
 use differential_dataflow::consolidation::consolidate;
 use differential_dataflow::VecCollection;

@@ -3,13 +3,22 @@
 //! The reader turns each event into [`Pay`]loads for the streams it matches
 //! ([`crate::ingest::select::extract`]); [`window`](crate::dataflow::window) bounds them in time; [`terms`]
 //! re-keys them from anchor id to profile through the identity labels and
-//! folds each stream's terms in one `reduce` keyed by `(stream, profile)`,
-//! or counts them when every term of the stream is a `count` (those facts
-//! travel without their payload; one join re-keys both kinds, keeping each
-//! id's profile once). The join, the reduce and the count are
-//! [`crate::dataflow::total`]'s operators for totally ordered time.
-//! A merge of two profiles is a change of label, so the join re-keys every
-//! fact of the merged side and every aggregate downstream corrects itself.
+//! keeps every term of a profile in one entry keyed by profile (a
+//! [`Book`]): a count for a stream whose every term is a `count` (those
+//! facts travel without their payload; one join re-keys both kinds,
+//! keeping each id's profile once), otherwise the stream's facts and the
+//! values folded from them. The join and the operator keyed by profile
+//! are built on [`crate::dataflow::total`]'s shells for totally ordered
+//! time. A merge of two profiles is a change of label, so the join re-keys
+//! every fact of the merged side and every aggregate downstream corrects
+//! itself.
+//!
+//! Where a term changes, the atoms over it are evaluated on its old and new
+//! value and only those that flip go on. When nothing else feeds atoms
+//! and no term rows are read (see `crate::dataflow::build_with`), the
+//! segments' state sits in the same entry too ([`terms_and_segments`]): an
+//! event's facts, the atoms they flip and the memberships those change are
+//! one hash-map lookup, with nothing queued between them.
 
 use differential_dataflow::consolidation::consolidate;
 use differential_dataflow::hashable::Hashable;
