@@ -351,6 +351,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     stop_when_a_peer_is_lost();
+    shoal::dataflow::exit_when_a_worker_panics();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(*args),

@@ -212,3 +212,63 @@ fn an_operator_whose_output_nobody_reads_runs_to_the_end() {
         assert!(embedded(&events, workers, false) == paced, "fed whole on {workers} workers");
     }
 }
+
+/// A worker that panics (a bug: bad data is dead-lettered, never a panic)
+/// ends the process with its message and exit 101, instead of leaving the
+/// other workers waiting for its progress forever
+/// (`shoal::dataflow::exit_when_a_worker_panics`, which `shoal` installs). The
+/// test runs itself again as a child whose worker 1 of 2 panics while
+/// worker 0 waits for its progress; without the hook the child hangs (the
+/// main thread joins worker 0 first, which never finishes) and is killed
+/// at the deadline.
+#[test]
+fn a_panicking_worker_ends_the_process_instead_of_hanging() {
+    use differential_dataflow::input::Input;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    use timely::dataflow::operators::{Inspect, Probe};
+    const NAME: &str = "a_panicking_worker_ends_the_process_instead_of_hanging";
+    if std::env::var_os("SHOAL_PANIC_CHILD").is_some() {
+        if std::env::var_os("SHOAL_PANIC_NO_HOOK").is_none() {
+            shoal::dataflow::exit_when_a_worker_panics();
+        }
+        let _ = timely::execute(timely::Config::process(2), |worker| {
+            let index = worker.index();
+            let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
+                let (input, numbers) = scope.new_collection::<u64, isize>();
+                let numbers = numbers.inner.inspect(move |_| assert!(index != 1, "a bug on worker 1"));
+                (input, numbers.probe().0)
+            });
+            if index == 1 {
+                input.insert(7);
+            }
+            input.advance_to(1);
+            input.flush();
+            worker.step_while(|| probe.less_than(&1));
+        });
+        // Not a panic: the harness would report it with exit 101 too.
+        std::process::exit(3);
+    }
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+        .env("SHOAL_PANIC_CHILD", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the process hung after a worker panicked");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("a bug on worker 1"), "the panic is reported: {stderr}");
+    assert_eq!(status.code(), Some(101), "{stderr}");
+}

@@ -247,6 +247,8 @@ mod tests {
             let ours: Arc<Mutex<Out>> = Arc::default();
             let theirs: Arc<Mutex<Out>> = Arc::default();
             let (o, th) = (ours.clone(), theirs.clone());
+            // A worker's panic fails the test at once instead of hanging it.
+            crate::dataflow::exit_when_a_worker_panics();
             timely::execute(timely::Config::process(workers), move |worker| {
                 let (o, th) = (o.clone(), th.clone());
                 let (mut n_in, mut g_in) = worker.dataflow::<u64, _, _>(|scope| {

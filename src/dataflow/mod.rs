@@ -37,6 +37,28 @@ use crate::core::id::SegmentId;
 use crate::core::id::{Key, Label};
 use crate::plan::Plan;
 
+/// Makes a panic on a timely worker thread end the process with exit 101,
+/// after the panic hook already installed has reported it (as a panic of
+/// the main thread would). Without it, the other workers of a run wait for
+/// the dead one's progress forever and the process hangs instead of
+/// failing. A panic there is a bug (bad data is dead-lettered, never a
+/// panic), so there is nothing to recover in the process; with `--state`,
+/// a restart resumes from the last checkpoint. Installed once per process
+/// by `shoal`'s `main`, and by the tests that run several workers (where
+/// a worker's panic would otherwise hang the test).
+pub fn exit_when_a_worker_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let before = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            before(info);
+            if std::thread::current().name().is_some_and(|n| n.starts_with("timely:work")) {
+                std::process::exit(101);
+            }
+        }));
+    });
+}
+
 /// The differential inputs a reader feeds, at the ticks events take effect.
 pub struct Inputs {
     /// Facts of streams with a payload to fold.

@@ -580,6 +580,8 @@ when = "not in_segment('b') or sum('A', x, 1h) > 3"
         consolidate_updates(&mut expected);
         let got: Arc<Mutex<Out>> = Arc::default();
         let (g, spec) = (got.clone(), spec.to_string());
+        // A worker's panic fails the test at once instead of hanging it.
+        crate::dataflow::exit_when_a_worker_panics();
         timely::execute(timely::Config::process(workers), move |worker| {
             let (g, plan) = (g.clone(), Rc::new(self::plan(&spec)));
             let (mut a_in, mut u_in) = worker.dataflow::<u64, _, _>(|scope| {

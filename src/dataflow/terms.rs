@@ -656,6 +656,8 @@ when = "max('C', x, 4s) >= 2 and count('B', 5s) >= 1"
         let (facts, labels, names) = (facts.to_vec(), labels.to_vec(), names.to_vec());
         let got: Arc<Mutex<Out>> = Arc::default();
         let g = got.clone();
+        // A worker's panic fails the test at once instead of hanging it.
+        crate::dataflow::exit_when_a_worker_panics();
         timely::execute(timely::Config::process(workers), move |worker| {
             let g = g.clone();
             let plan = Rc::new(Plan::new(&crate::spec::parse_spec(SPEC, TICK).expect("a valid spec")));

@@ -1616,6 +1616,8 @@ mod tests {
         let ours: Seen = Arc::default();
         let theirs: Seen = Arc::default();
         let (o, t) = (ours.clone(), theirs.clone());
+        // A worker's panic fails the test at once instead of hanging it.
+        crate::dataflow::exit_when_a_worker_panics();
         timely::execute(timely::Config::process(workers), move |worker| {
             let (o, t) = (o.clone(), t.clone());
             let (mut l_in, mut r_in) = worker.dataflow::<u64, _, _>(|scope| {

@@ -302,6 +302,8 @@ mod tests {
             let ours: Arc<Mutex<Out>> = Arc::default();
             let theirs: Arc<Mutex<Out>> = Arc::default();
             let (o, t) = (ours.clone(), theirs.clone());
+            // A worker's panic fails the test at once instead of hanging it.
+            crate::dataflow::exit_when_a_worker_panics();
             timely::execute(timely::Config::process(workers), move |worker| {
                 let (o, t) = (o.clone(), t.clone());
                 let (mut f_in, mut g_in, mut w_in, mut l_in, probe) = worker.dataflow::<u64, _, _>(|scope| {
