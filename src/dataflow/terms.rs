@@ -468,34 +468,23 @@ impl<H> Ledger<H> {
             e.book.counts.len()
         });
         let Ledger { profiles, touched, before } = self;
-        for (((stream, p), ()), r) in counted.drain(..) {
+        // A run of one profile's facts (an event's, kept together since
+        // the reader fed them) finds its book once.
+        let mut counted = counted.drain(..).peekable();
+        while let Some((((stream, p), ()), r)) = counted.next() {
             let counts = &mut book_of(profiles, (touched, before), p, &fresh).counts;
-            match counts.binary_search_by_key(&stream, |c| c.0) {
-                Ok(at) => counts[at].1 += r,
-                Err(at) => {
-                    room(counts);
-                    counts.insert(at, (stream, r));
-                }
+            add_count(counts, stream, r);
+            while let Some((((stream, _), ()), r)) = counted.next_if(|(((_, q), ()), _)| *q == p) {
+                add_count(counts, stream, r);
             }
         }
-        for (((stream, p), pay), r) in folded.drain(..) {
+        let mut folded = folded.drain(..).peekable();
+        while let Some((((stream, p), pay), r)) = folded.next() {
             let folds = &mut book_of(profiles, (touched, before), p, &fresh).folds;
-            let at = match folds.binary_search_by_key(&stream, |f| f.stream) {
-                Ok(at) => at,
-                Err(at) => {
-                    room(folds);
-                    let fold = Fold {
-                        stream,
-                        facts: Vec::new(),
-                        values: None,
-                        touched: false,
-                    };
-                    folds.insert(at, fold);
-                    at
-                }
-            };
-            folds[at].touched = true;
-            merge_one(&mut folds[at].facts, pay, r);
+            add_fact(folds, stream, pay, r);
+            while let Some((((stream, _), pay), r)) = folded.next_if(|(((_, q), _), _)| *q == p) {
+                add_fact(folds, stream, pay, r);
+            }
         }
     }
 }
@@ -517,6 +506,38 @@ fn book_of<'a, H>(
         before.extend_from_slice(&entry.book.counts);
     }
     &mut entry.book
+}
+
+/// Adds `r` to `stream`'s count (a book's counts are in stream order).
+fn add_count(counts: &mut Vec<(StreamId, isize)>, stream: StreamId, r: isize) {
+    match counts.binary_search_by_key(&stream, |c| c.0) {
+        Ok(at) => counts[at].1 += r,
+        Err(at) => {
+            room(counts);
+            counts.insert(at, (stream, r));
+        }
+    }
+}
+
+/// Adds a fact of `stream` to a book's folds (in stream order), noting
+/// the stream as touched.
+fn add_fact(folds: &mut Vec<Fold>, stream: StreamId, pay: Pay, r: isize) {
+    let at = match folds.binary_search_by_key(&stream, |f| f.stream) {
+        Ok(at) => at,
+        Err(at) => {
+            room(folds);
+            let fold = Fold {
+                stream,
+                facts: Vec::new(),
+                values: None,
+                touched: false,
+            };
+            folds.insert(at, fold);
+            at
+        }
+    };
+    folds[at].touched = true;
+    merge_one(&mut folds[at].facts, pay, r);
 }
 
 impl<H> Ledger<H> {

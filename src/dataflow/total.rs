@@ -1060,7 +1060,9 @@ fn right_meets_left<K, A, W>(
 }
 
 /// A tick's new left-hand values, of the kind `side` picks, meet the right
-/// as it is now, then join their key's left side.
+/// as it is now, then join their key's left side. A run of updates of one
+/// key (the facts of one event, which the reader feeds one after the
+/// other and every stage keeps together) looks the key up once.
 fn left_meets_right<K, A, V, W, O>(
     sides: &mut FxHashMap<K, Both<A, W>>,
     dv: &mut Vec<((K, V), isize)>,
@@ -1073,15 +1075,21 @@ fn left_meets_right<K, A, V, W, O>(
     V: Ord,
     W: Ord,
 {
-    for ((k, v), r) in dv.drain(..) {
+    let mut updates = dv.drain(..).peekable();
+    while let Some(((k, v), r)) = updates.next() {
         let both = sides.entry(k.clone()).or_default();
         if !both.right.updates.is_empty() {
             both.right.consolidate();
-            out.extend(both.right.updates.iter().map(|(w, q)| (logic(&k, &v, w), t, q * r)));
         }
-        let left = side(both);
-        left.push(v, r);
-        if left.updates.is_empty() {
+        let mut meet = |both: &mut Both<A, W>, v: V, r: isize| {
+            out.extend(both.right.updates.iter().map(|(w, q)| (logic(&k, &v, w), t, q * r)));
+            side(both).push(v, r);
+        };
+        meet(both, v, r);
+        while let Some(((_, v), r)) = updates.next_if(|((next, _), _)| *next == k) {
+            meet(both, v, r);
+        }
+        if side(both).updates.is_empty() {
             settle(sides, &k);
         }
     }
