@@ -186,12 +186,20 @@ pub fn build_with<'s>(
     let identity::Profiles { labels, names } = identity::profiles((nodes, forgotten, remaining.clone()), links, placement);
     let universe = identity::universe(names.clone());
     let rows = rows || !plan.values.is_empty() || !plan.timed.is_empty() || plan.atoms.iter().any(|a| a.terms.len() > 1);
-    if !rows {
+    let (members, terms, fits) = if rows {
+        let profiles = identity::Profiles {
+            labels: labels.clone(),
+            names: names.clone(),
+        };
+        members_from_rows(scope, (counts, facts), (profiles, universe.clone()), plan, (tick, memory))
+    } else {
         // Every atom comes from one event-stream term: terms and segments
         // in one operator (see `terms::terms_and_segments`).
         let members = terms::terms_and_segments((counts, facts), labels.clone(), names.clone(), plan.clone(), tick);
-        let fits = differential_dataflow::collection::concatenate(scope, Vec::new());
-        let inputs = Inputs {
+        (members, None, differential_dataflow::collection::concatenate(scope, Vec::new()))
+    };
+    (
+        Inputs {
             facts: facts_in,
             counts: counts_in,
             nodes: nodes_in,
@@ -199,19 +207,41 @@ pub fn build_with<'s>(
             forgotten: forgotten_in,
             unlinked: unlinked_in,
             events: None,
-        };
-        let collections = Collections {
+        },
+        Collections {
             members,
             names,
             universe,
-            terms: None,
+            terms,
             labels,
             nodes: remaining,
             fits,
-        };
-        return (inputs, collections);
-    }
-    let built = terms::terms((counts, facts), labels.clone(), plan.clone(), (tick, rows));
+        },
+    )
+}
+
+/// The memberships, the term rows when there are any, and the fits of
+/// predictive models.
+type Built<'s> = (
+    Coll<'s, (SegmentId, crate::core::id::Id)>,
+    Option<Coll<'s, terms::Row>>,
+    Coll<'s, (u32, model::Fitted)>,
+);
+
+/// A collection at ticks.
+type Coll<'s, D> = VecCollection<'s, u64, D, isize>;
+
+/// The memberships of a plan whose term rows are read (see [`build_with`]):
+/// the terms, the population terms over their rows, the atoms of rows
+/// and `Segments`, each an operator of its own.
+fn members_from_rows<'s>(
+    scope: Scope<'s, u64>,
+    facts: (window::Facts<'s, ()>, window::Facts<'s, crate::core::fact::Pay>),
+    (identity::Profiles { labels, names }, universe): (identity::Profiles<'s>, Coll<'s, Key>),
+    plan: &Rc<Plan>,
+    (tick, memory): (u64, Option<Arc<Kept>>),
+) -> Built<'s> {
+    let built = terms::terms(facts, labels, plan.clone(), (tick, true));
     let mut atoms = built.atoms;
     let mut terms = built.rows;
     let mut fits = differential_dataflow::collection::concatenate(scope, Vec::new());
@@ -245,25 +275,6 @@ pub fn build_with<'s>(
     {
         atoms = atoms.concat(more);
     }
-    let members = rules::segments(atoms, names.clone(), plan.clone());
-    (
-        Inputs {
-            facts: facts_in,
-            counts: counts_in,
-            nodes: nodes_in,
-            links: links_in,
-            forgotten: forgotten_in,
-            unlinked: unlinked_in,
-            events: None,
-        },
-        Collections {
-            members,
-            names,
-            universe,
-            terms,
-            labels,
-            nodes: remaining,
-            fits,
-        },
-    )
+    let members = rules::segments(atoms, names, plan.clone());
+    (members, terms, fits)
 }

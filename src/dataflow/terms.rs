@@ -454,10 +454,7 @@ impl<H> Default for Ledger<H> {
 impl<H> Ledger<H> {
     /// `p`'s entry, made with `fresh` if it has none.
     fn entry(&mut self, p: Key, fresh: impl FnOnce() -> H) -> &mut Entry<H> {
-        self.profiles.entry(p).or_insert_with(|| Entry {
-            book: Book::default(),
-            more: fresh(),
-        })
+        entry_of(&mut self.profiles, p, fresh)
     }
 
     /// Adds a tick's facts to their profiles' books, noting each profile
@@ -489,6 +486,14 @@ impl<H> Ledger<H> {
     }
 }
 
+/// `p`'s entry, made with `fresh` if it has none.
+fn entry_of<H>(profiles: &mut FxHashMap<Key, Entry<H>>, p: Key, fresh: impl FnOnce() -> H) -> &mut Entry<H> {
+    profiles.entry(p).or_insert_with(|| Entry {
+        book: Book::default(),
+        more: fresh(),
+    })
+}
+
 /// `p`'s book, noted as touched at this tick (with its counts as they
 /// were) the first time.
 fn book_of<'a, H>(
@@ -497,10 +502,7 @@ fn book_of<'a, H>(
     p: Key,
     fresh: &impl Fn() -> H,
 ) -> &'a mut Book {
-    let entry = profiles.entry(p).or_insert_with(|| Entry {
-        book: Book::default(),
-        more: fresh(),
-    });
+    let entry = entry_of(profiles, p, fresh);
     if !std::mem::replace(&mut entry.book.touched, true) {
         touched.push((p, before.len()));
         before.extend_from_slice(&entry.book.counts);
@@ -551,8 +553,8 @@ impl<H> Ledger<H> {
         keep: impl Fn(&H) -> bool,
     ) {
         let count = |n: isize| (n != 0).then(|| [Value::Num(Dec::from_int(n as i64))]);
-        for (i, &(p, from)) in self.touched.iter().enumerate() {
-            let to = self.touched.get(i + 1).map_or(self.before.len(), |next| next.1);
+        for (n, &(p, from)) in self.touched.iter().enumerate() {
+            let to = self.touched.get(n + 1).map_or(self.before.len(), |next| next.1);
             let entry = self.profiles.get_mut(&p).expect("a touched profile");
             let (book, more) = (&mut entry.book, &mut entry.more);
             book.touched = false;
@@ -636,6 +638,7 @@ mod fused_tests {
     use super::*;
     use crate::core::fact::FactOf;
     use crate::dataflow::rules::segments;
+    use crate::dataflow::window::tests::Advance;
 
     const SPEC: &str = r#"
 [[segment]]
@@ -727,8 +730,8 @@ when = "max('C', x, 4s) >= 2 and count('B', 5s) >= 1"
                     }
                 }
             }
-            for t in [&mut c_in as &mut dyn Close, &mut f_in, &mut l_in, &mut n_in] {
-                t.close_at(15 * TICK);
+            for input in [&mut c_in as &mut dyn Advance, &mut f_in, &mut l_in, &mut n_in] {
+                input.advance(15 * TICK);
             }
             // Every tick complete before the inputs close, so that expiries
             // up to the last tick are released, not dropped.
@@ -740,17 +743,5 @@ when = "max('C', x, 4s) >= 2 and count('B', 5s) >= 1"
         got.retain(|(_, t, _)| *t < 15 * TICK);
         consolidate_updates(&mut got);
         got
-    }
-
-    /// Advances an input session of any record type.
-    trait Close {
-        fn close_at(&mut self, t: u64);
-    }
-
-    impl<D: differential_dataflow::Data> Close for differential_dataflow::input::InputSession<u64, D, isize> {
-        fn close_at(&mut self, t: u64) {
-            self.advance_to(t);
-            self.flush();
-        }
     }
 }

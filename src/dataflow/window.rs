@@ -268,7 +268,7 @@ mod queue_tests {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The fused window and join against differential's `join_core` over
     //! the same facts with their retractions fed explicitly at expiry.
 
@@ -370,8 +370,9 @@ mod tests {
         }
     }
 
-    /// Advances and flushes an input session of any record type.
-    trait Advance {
+    /// Advances and flushes an input session of any record type (also
+    /// for `crate::dataflow::terms`' tests).
+    pub(crate) trait Advance {
         fn advance(&mut self, to: u64);
     }
 
