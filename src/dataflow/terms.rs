@@ -638,7 +638,7 @@ mod fused_tests {
     use super::*;
     use crate::core::fact::FactOf;
     use crate::dataflow::rules::segments;
-    use crate::dataflow::window::tests::Advance;
+    use crate::dataflow::window::Advance;
 
     const SPEC: &str = r#"
 [[segment]]

@@ -267,8 +267,13 @@ mod queue_tests {
     }
 }
 
+/// The test helper that advances and flushes an input, for the terms'
+/// tests as well.
 #[cfg(test)]
-pub(crate) mod tests {
+pub(crate) use tests::Advance;
+
+#[cfg(test)]
+mod tests {
     //! The fused window and join against differential's `join_core` over
     //! the same facts with their retractions fed explicitly at expiry.
 
