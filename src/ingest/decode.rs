@@ -124,18 +124,16 @@ impl Decoding {
 /// `(stream, payload)` for every stream an event matches, in stream order.
 pub type StreamPays = Vec<(StreamId, Pay)>;
 
-fn trim_line_ending(line: &mut Vec<u8>) {
-    if line.last() == Some(&b'\n') {
-        line.pop();
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
+fn trim_line_ending(line: &[u8]) -> &[u8] {
+    match line.strip_suffix(b"\n") {
+        Some(line) => line.strip_suffix(b"\r").unwrap_or(line),
+        None => line,
     }
 }
 
 /// Decodes one line (with or without its line ending).
-fn prepare(line: &mut Vec<u8>, decoding: &Decoding) -> Item {
-    trim_line_ending(line);
+fn prepare(line: &[u8], decoding: &Decoding) -> Item {
+    let line = trim_line_ending(line);
     if line.iter().all(u8::is_ascii_whitespace) {
         return Item::Blank;
     }
@@ -143,7 +141,7 @@ fn prepare(line: &mut Vec<u8>, decoding: &Decoding) -> Item {
         Ok(event) => decoding.item(event),
         Err(e) => Item::Bad {
             reason: e.0,
-            text: line.clone(),
+            text: line.to_vec(),
         },
     }
 }
@@ -192,8 +190,8 @@ pub fn live(lines: Receiver<std::io::Result<Vec<LiveLine>>>, decoding: Decoding)
             let mut next = Some(first);
             while let Some(got) = next.take() {
                 match got {
-                    Ok(got) => batch.extend(got.into_iter().map(|mut line| Prepared {
-                        item: prepare(&mut line.text, &decoding),
+                    Ok(got) => batch.extend(got.into_iter().map(|line| Prepared {
+                        item: prepare(&line.text, &decoding),
                         offset: line.offset,
                         place: line.place,
                     })),
@@ -266,6 +264,99 @@ fn prefetch(p: &Prepared) {
     }
 }
 
+/// Bytes per block a `shoal-read` thread hands a decoder: about
+/// [`BATCH`] lines of typical events.
+const BLOCK: usize = 128 * 1024;
+
+/// Whole lines of the input, as read in one piece: `start` is the offset
+/// of the first; `last` marks the end of the input.
+struct Block {
+    bytes: Vec<u8>,
+    start: u64,
+    last: bool,
+}
+
+impl Block {
+    /// Every line of the block, decoded, with the offset just after it.
+    fn prepared(&self, decoding: &Decoding) -> Vec<Prepared> {
+        let mut at = 0;
+        let mut out = Vec::with_capacity(BATCH);
+        while at < self.bytes.len() {
+            let end = memchr::memchr(b'\n', &self.bytes[at..]).map_or(self.bytes.len(), |i| at + i + 1);
+            out.push(Prepared {
+                item: prepare(&self.bytes[at..end], decoding),
+                offset: self.start + end as u64,
+                place: None,
+            });
+            at = end;
+        }
+        out
+    }
+}
+
+/// Cuts an input into [`Block`]s: at least [`BLOCK`] bytes each (but the
+/// last), ending at the end of a line. The start of a line that does not
+/// fit waits for the next block.
+struct Blocks {
+    at: u64,
+    rest: Vec<u8>,
+}
+
+impl Blocks {
+    fn new(offset: u64) -> Blocks {
+        Blocks {
+            at: offset,
+            rest: Vec::new(),
+        }
+    }
+
+    /// The next block. A read that fails gives the whole lines read before
+    /// it, as a block, and the error; the start of a line it cut is lost,
+    /// as reading line by line loses it.
+    #[allow(clippy::result_large_err)]
+    fn next(&mut self, input: &mut (dyn BufRead + Send)) -> Result<Block, (Block, std::io::Error)> {
+        let mut bytes = std::mem::take(&mut self.rest);
+        bytes.reserve(BLOCK + BLOCK / 4);
+        // Bytes before this have no line ending.
+        let mut searched = 0;
+        let cut = loop {
+            if bytes.len() >= BLOCK {
+                if let Some(i) = memchr::memrchr(b'\n', &bytes[searched..]) {
+                    break Some(searched + i + 1);
+                }
+                searched = bytes.len();
+            }
+            let available = match input.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let whole = memchr::memrchr(b'\n', &bytes).map_or(0, |i| i + 1);
+                    bytes.truncate(whole);
+                    let start = self.at;
+                    return Err((Block { bytes, start, last: false }, e));
+                }
+            };
+            if available.is_empty() {
+                break None;
+            }
+            let used = available.len();
+            bytes.extend_from_slice(available);
+            input.consume(used);
+        };
+        if let Some(cut) = cut {
+            self.rest.extend_from_slice(&bytes[cut..]);
+            bytes.truncate(cut);
+        }
+        let start = self.at;
+        self.at += bytes.len() as u64;
+        Ok(Block {
+            bytes,
+            start,
+            last: cut.is_none(),
+        })
+    }
+}
+
 /// The reader's end of a decoding thread.
 pub struct Ahead {
     batches: Receiver<std::io::Result<Vec<Prepared>>>,
@@ -302,7 +393,7 @@ impl Ahead {
                         return;
                     }
                 }
-                let item = prepare(&mut line, &decoding);
+                let item = prepare(&line, &decoding);
                 batch.push(Prepared {
                     item,
                     offset: at,
@@ -321,31 +412,26 @@ impl Ahead {
         })
     }
 
-    /// A `shoal-read` thread cuts the input into batches of lines, dealt
-    /// in turn to `n` `shoal-decode` threads; a `shoal-merge` thread takes
-    /// the decoded batches back in the same turn, so the reader gets them
-    /// in input order (SPEC §3 stamps in that order). Each decoder's
-    /// channels are bounded, so the whole runs at most a few batches ahead.
+    /// A `shoal-read` thread cuts the input into blocks of whole lines,
+    /// dealt in turn to `n` `shoal-decode` threads; a `shoal-merge` thread
+    /// takes the decoded blocks back in the same turn, so the reader gets
+    /// them in input order (SPEC §3 stamps in that order). Each decoder's
+    /// channels are bounded, so the whole runs at most a few blocks ahead.
+    ///
+    /// A block is one buffer, cut into lines by the decoder that gets it:
+    /// reading line by line, each into a buffer of its own that another
+    /// thread freed, took the reading thread a fifth of the CPU the
+    /// decoders took (see `docs/performance.md`, session 24).
     fn spawn_many(mut input: Box<dyn BufRead + Send>, offset: u64, decoding: Decoding) -> std::io::Result<Ahead> {
-        type Raw = std::io::Result<Vec<(Vec<u8>, u64)>>;
         let n = decoding.threads;
         let (mut to_decoders, mut from_decoders) = (Vec::new(), Vec::new());
         for i in 0..n {
-            let (tx, rx) = sync_channel::<Raw>(AHEAD.div_ceil(n).max(2));
-            let (out, back) = sync_channel::<std::io::Result<Vec<Prepared>>>(AHEAD.div_ceil(n).max(2));
+            let (tx, rx) = sync_channel::<std::io::Result<Block>>(AHEAD.div_ceil(n).max(2));
+            let (out, back) = sync_channel::<std::io::Result<(Vec<Prepared>, bool)>>(AHEAD.div_ceil(n).max(2));
             let decoding = decoding.clone();
             std::thread::Builder::new().name(format!("shoal-decode-{i}")).spawn(move || {
-                while let Ok(raw) = rx.recv() {
-                    let decoded = raw.map(|lines| {
-                        lines
-                            .into_iter()
-                            .map(|(mut line, offset)| Prepared {
-                                item: prepare(&mut line, &decoding),
-                                offset,
-                                place: None,
-                            })
-                            .collect()
-                    });
+                while let Ok(block) = rx.recv() {
+                    let decoded = block.map(|b| (b.prepared(&decoding), b.last));
                     if out.send(decoded).is_err() {
                         return;
                     }
@@ -355,45 +441,38 @@ impl Ahead {
             from_decoders.push(back);
         }
         std::thread::Builder::new().name("shoal-read".into()).spawn(move || {
-            let mut at = offset;
+            let mut blocks = Blocks::new(offset);
             for turn in (0..n).cycle() {
-                let mut batch = Vec::with_capacity(BATCH);
-                while batch.len() < BATCH {
-                    let mut line = Vec::new();
-                    match read_line(&mut input, &mut line) {
-                        Ok(0) => break,
-                        Ok(k) => at += k as u64,
-                        Err(e) => {
-                            let _ = to_decoders[turn].send(Ok(batch));
-                            let _ = to_decoders[(turn + 1) % n].send(Err(e));
+                match blocks.next(&mut input) {
+                    Ok(block) => {
+                        let last = block.last;
+                        if to_decoders[turn].send(Ok(block)).is_err() || last {
                             return;
                         }
                     }
-                    batch.push((line, at));
-                }
-                let last = batch.len() < BATCH;
-                if to_decoders[turn].send(Ok(batch)).is_err() || last {
-                    return;
+                    Err((lines, e)) => {
+                        let _ = to_decoders[turn].send(Ok(lines));
+                        let _ = to_decoders[(turn + 1) % n].send(Err(e));
+                        return;
+                    }
                 }
             }
         })?;
         let (tx, batches) = sync_channel(AHEAD);
         std::thread::Builder::new().name("shoal-merge".into()).spawn(move || {
-            // A decoder that ends after the last batch (always short: an
-            // input of whole batches ends with an empty one) or an error
-            // passed on ends the input. One that ends after a full batch
-            // died: that is an error, not the end of the input.
-            let mut full = false;
+            // A decoder that ends after the last block or an error passed
+            // on ends the input. One that ends before died: that is an
+            // error, not the end of the input.
             for turn in (0..n).cycle() {
-                let Ok(batch) = from_decoders[turn].recv() else {
-                    if full {
-                        let _ = tx.send(Err(std::io::Error::other("a decoding thread stopped")));
-                    }
+                let Ok(decoded) = from_decoders[turn].recv() else {
+                    let _ = tx.send(Err(std::io::Error::other("a decoding thread stopped")));
                     return;
                 };
-                full = batch.as_ref().is_ok_and(|b| b.len() == BATCH);
-                let failed = batch.is_err();
-                if tx.send(batch).is_err() || failed {
+                let (batch, end) = match decoded {
+                    Ok((batch, last)) => (Ok(batch), last),
+                    Err(e) => (Err(e), true),
+                };
+                if tx.send(batch).is_err() || end {
                     return;
                 }
             }
@@ -563,6 +642,14 @@ mod tests {
             if i % 97 == 0 {
                 text.push_str("  \nnot json\n");
             }
+            if i == 1_500 {
+                // A line longer than a block.
+                let pad = "x".repeat(BLOCK * 2);
+                text.push_str(&format!(
+                    r#"{{"type":"track","event":"Bought","userId":"u1","timestamp":"2024-01-01T00:00:00Z","properties":{{"price":5,"pad":"{pad}"}}}}"#
+                ));
+                text.push_str("\r\n");
+            }
         }
         let bought = r#"{"type":"track","event":"Bought","userId":"u1","messageId":"m1","timestamp":"2024-01-01T00:00:00Z","properties":{"price":5}}"#;
         text.push_str(bought);
@@ -592,6 +679,12 @@ mod tests {
         }
         let (all, _) = decode_all(text.clone().into_bytes(), 1);
         assert!(all.len() > 3_000 && all.iter().any(|(_, w)| w.starts_with("bad")));
+        let long = all.windows(2).find(|w| w[1].0 - w[0].0 > 2 * BLOCK as u64).expect("the long line");
+        assert!(
+            long[1].1.contains("Val"),
+            "the long line is an event with its price: {:.80}",
+            long[1].1
+        );
         // A read that fails after 5,000 bytes.
         struct Failing(std::io::Cursor<Vec<u8>>);
         impl std::io::Read for Failing {
