@@ -29,7 +29,7 @@ use std::sync::mpsc::{sync_channel, Receiver};
 
 use crate::core::fact::Pay;
 use crate::core::id::StreamId;
-use crate::ingest::event::{decode, Event};
+use crate::ingest::event::{decode_borrowed, Event, EventOf};
 use crate::ingest::lines::read_line;
 use crate::ingest::select::extract;
 use crate::ingest::select::Selectors;
@@ -88,7 +88,7 @@ impl Decoding {
 
     /// What every stream keeps of `event`, in stream order, checking only
     /// the streams whose selector can match it.
-    pub fn facts(&self, event: &Event) -> StreamPays {
+    pub fn facts(&self, event: &EventOf<'_>) -> StreamPays {
         let mut facts = StreamPays::new();
         self.selectors.candidates(event, |i| {
             if let Some(pay) = extract(&self.streams[i.index()], event) {
@@ -100,12 +100,15 @@ impl Decoding {
     }
 
     /// The event decoded for the reader: its facts, and the event itself,
-    /// without its objects unless they are wanted.
-    pub fn item(&self, mut event: Event) -> Item {
+    /// without its objects unless they are wanted (only then are they
+    /// copied out of the line).
+    pub fn item(&self, event: EventOf<'_>) -> Item {
         let facts = self.facts(&event);
-        if !self.objects {
-            event.drop_objects();
-        }
+        let event = if self.objects {
+            event.into_owned()
+        } else {
+            event.into_without_objects()
+        };
         Item::Event {
             facts,
             event: Box::new(event),
@@ -137,7 +140,7 @@ fn prepare(line: &[u8], decoding: &Decoding) -> Item {
     if line.iter().all(u8::is_ascii_whitespace) {
         return Item::Blank;
     }
-    match decode(line) {
+    match decode_borrowed(line) {
         Ok(event) => decoding.item(event),
         Err(e) => Item::Bad {
             reason: e.0,
@@ -560,7 +563,7 @@ mod tests {
             events: 5_000,
             ..Default::default()
         });
-        let events: Vec<Event> = std::iter::from_fn(|| generator.next_line().map(|l| decode(l.as_bytes()).ok()))
+        let events: Vec<Event> = std::iter::from_fn(|| generator.next_line().map(|l| crate::ingest::event::decode(l.as_bytes()).ok()))
             .flatten()
             .collect();
         for text in specs {

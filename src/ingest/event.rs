@@ -30,8 +30,15 @@ pub enum EventType {
 /// One accepted event. It travels between processes only when the served
 /// model keeps history (`--history`, see `crate::serve::model`): objects as their
 /// JSON text.
+pub type Event = EventOf<'static>;
+
+/// An event whose objects borrow the line it was decoded from
+/// ([`decode_borrowed`]), or own their text ([`Event`]). The decoding
+/// thread reads every stream's facts from the line itself and keeps the
+/// objects only when whole events are wanted: copying them out of each
+/// line, to free them a moment later, was a tenth of its time.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Event {
+pub struct EventOf<'a> {
     pub kind: EventType,
     /// `event` of a track, `name` of a page or screen.
     pub name: Option<CompactString>,
@@ -42,9 +49,9 @@ pub struct Event {
     pub user_id: Option<CompactString>,
     pub anonymous_id: Option<CompactString>,
     pub previous_id: Option<CompactString>,
-    pub properties: Object,
-    pub traits: Object,
-    pub context: Object,
+    pub properties: Object<'a>,
+    pub traits: Object<'a>,
+    pub context: Object<'a>,
 }
 
 /// An id borrowed from an event: its kind and name.
@@ -58,8 +65,8 @@ pub type IdRef<'a> = (IdKind, &'a str);
 /// whole object as a map (every key and string allocated) was a quarter of
 /// the decoding thread's instructions.
 #[derive(Clone, Debug, Default)]
-pub struct Object {
-    text: Option<Box<str>>,
+pub struct Object<'a> {
+    text: Option<std::borrow::Cow<'a, str>>,
     fields: std::sync::OnceLock<Vec<Field>>,
 }
 
@@ -79,20 +86,20 @@ enum FieldKey {
     Owned(Box<str>),
 }
 
-impl PartialEq for Object {
+impl PartialEq for Object<'_> {
     fn eq(&self, other: &Self) -> bool {
         self.map() == other.map()
     }
 }
 
-impl Serialize for Object {
+impl Serialize for Object<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.text().serialize(s)
     }
 }
 
-impl<'de> Deserialize<'de> for Object {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Object, D::Error> {
+impl<'de> Deserialize<'de> for Object<'_> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         Ok(Object {
             text: Option::<String>::deserialize(d)?.map(Into::into),
             fields: Default::default(),
@@ -100,13 +107,21 @@ impl<'de> Deserialize<'de> for Object {
     }
 }
 
-impl Object {
+impl<'a> Object<'a> {
     /// The object's JSON text as read (`None` when absent).
     pub fn text(&self) -> Option<&str> {
         self.text.as_deref()
     }
 
-    fn from_raw(raw: Option<&RawValue>, field: &str) -> Result<Object, BadEvent> {
+    /// The object with its text copied out of the line it borrows.
+    fn into_owned(self) -> Object<'static> {
+        Object {
+            text: self.text.map(|t| t.into_owned().into()),
+            fields: self.fields,
+        }
+    }
+
+    fn from_raw(raw: Option<&'a RawValue>, field: &str) -> Result<Object<'a>, BadEvent> {
         let Some(raw) = raw else { return Ok(Object::default()) };
         match raw.get().as_bytes().first() {
             Some(b'{') => Ok(Object {
@@ -267,7 +282,7 @@ fn index(text: &str) -> Vec<Field> {
 /// with nothing but JSON whitespace between. `None` when that cannot be
 /// read off the fields (no field, or a first key with escapes); the caller
 /// then reads the object's text apart.
-fn lent_object(line: &str, lent: Vec<Lent<'_>>) -> Option<Object> {
+fn lent_object<'a>(line: &'a str, lent: Vec<Lent<'_>>) -> Option<Object<'a>> {
     let at = |s: &str| s.as_ptr() as usize - line.as_ptr() as usize;
     let (Some((KeyText::Borrowed(first), _)), Some((_, last))) = (lent.first(), lent.last()) else {
         return None;
@@ -290,7 +305,7 @@ fn lent_object(line: &str, lent: Vec<Lent<'_>>) -> Option<Object> {
     })
 }
 
-impl Event {
+impl EventOf<'_> {
     /// The identifier the event's facts are keyed by: the user id when there
     /// is one, else the anonymous id. All of an event's ids are linked, so
     /// any of them resolves to the same profile.
@@ -302,11 +317,25 @@ impl Event {
         }
     }
 
-    /// Drops `properties`, `traits` and `context` (see [`Event::without_objects`]).
-    pub fn drop_objects(&mut self) {
-        self.properties = Object::default();
-        self.traits = Object::default();
-        self.context = Object::default();
+    /// The event with its objects' text copied out of the line.
+    pub fn into_owned(self) -> Event {
+        EventOf {
+            properties: self.properties.into_owned(),
+            traits: self.traits.into_owned(),
+            context: self.context.into_owned(),
+            ..self
+        }
+    }
+
+    /// The event without `properties`, `traits` and `context`, for a
+    /// reader that needs only its ids and time.
+    pub fn into_without_objects(self) -> Event {
+        EventOf {
+            properties: Object::default(),
+            traits: Object::default(),
+            context: Object::default(),
+            ..self
+        }
     }
 
     /// A copy without `properties`, `traits` and `context`, for a reader
@@ -507,6 +536,11 @@ fn properties_of(text: &str) -> Option<&RawValue> {
 /// Decodes one line (without its line ending). Blank lines are the caller's
 /// business: they are skipped before decoding.
 pub fn decode(line: &[u8]) -> Result<Event, BadEvent> {
+    decode_borrowed(line).map(EventOf::into_owned)
+}
+
+/// [`decode`], with the event's objects borrowed from `line`.
+pub fn decode_borrowed(line: &[u8]) -> Result<EventOf<'_>, BadEvent> {
     let text = match std::str::from_utf8(line) {
         Ok(t) => t,
         Err(e) => return bad(format!("not JSON: invalid UTF-8 ({e})")),
@@ -574,7 +608,7 @@ pub fn decode(line: &[u8]) -> Result<Event, BadEvent> {
         Some(m) => message_key(m),
         None => line_key(line),
     };
-    Ok(Event {
+    Ok(EventOf {
         kind,
         name,
         time,
