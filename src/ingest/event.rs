@@ -76,7 +76,17 @@ pub struct Object<'a> {
 struct Field {
     key: FieldKey,
     value: (u32, u32),
-    parsed: std::sync::OnceLock<Json>,
+    /// Boxed: a field is 40 bytes, not 112, and nearly every field read
+    /// is a scalar that is never parsed as JSON (see [`Object::value`]).
+    parsed: std::sync::OnceLock<Box<Json>>,
+}
+
+impl Field {
+    /// The field's value as JSON, parsed from its text `raw` on first read.
+    fn json(&self, raw: &str) -> &Json {
+        self.parsed
+            .get_or_init(|| Box::new(serde_json::from_str(raw).unwrap_or(Json::Null)))
+    }
 }
 
 /// A key as a span of the text, or owned when it had escapes to undo.
@@ -142,7 +152,7 @@ impl<'a> Object<'a> {
     /// counts, as in a parsed map.
     pub fn get(&self, key: &str) -> Option<&Json> {
         let (field, raw) = self.field(key)?;
-        Some(field.parsed.get_or_init(|| serde_json::from_str(raw).unwrap_or(Json::Null)))
+        Some(field.json(raw))
     }
 
     /// `Value::from_json` of [`Object::get`], read straight from the
@@ -156,7 +166,7 @@ impl<'a> Object<'a> {
             b't' => Value::Bool(true),
             b'f' => Value::Bool(false),
             b'n' | b'[' | b'{' => Value::Missing,
-            _ => Value::from_json(field.parsed.get_or_init(|| serde_json::from_str(raw).unwrap_or(Json::Null))),
+            _ => Value::from_json(field.json(raw)),
         })
     }
 
