@@ -297,20 +297,17 @@ impl Block {
     }
 }
 
-/// Cuts an input into [`Block`]s: at least [`BLOCK`] bytes each (but the
-/// last), ending at the end of a line. The start of a line that does not
-/// fit waits for the next block.
+/// Cuts an input into [`Block`]s: [`BLOCK`] bytes each and the rest of
+/// the line they end in (the last block: what is left). A block never
+/// takes more of the input than that, however much a reader lends at once
+/// (a source held in memory lends all of it).
 struct Blocks {
     at: u64,
-    rest: Vec<u8>,
 }
 
 impl Blocks {
     fn new(offset: u64) -> Blocks {
-        Blocks {
-            at: offset,
-            rest: Vec::new(),
-        }
+        Blocks { at: offset }
     }
 
     /// The next block. A read that fails gives the whole lines read before
@@ -318,45 +315,42 @@ impl Blocks {
     /// as reading line by line loses it.
     #[allow(clippy::result_large_err)]
     fn next(&mut self, input: &mut (dyn BufRead + Send)) -> Result<Block, (Block, std::io::Error)> {
-        let mut bytes = std::mem::take(&mut self.rest);
-        bytes.reserve(BLOCK + BLOCK / 4);
-        // Bytes before this have no line ending.
-        let mut searched = 0;
-        let cut = loop {
-            if bytes.len() >= BLOCK {
-                if let Some(i) = memchr::memrchr(b'\n', &bytes[searched..]) {
-                    break Some(searched + i + 1);
-                }
-                searched = bytes.len();
-            }
+        let mut bytes = Vec::with_capacity(BLOCK + BLOCK / 4);
+        let last = loop {
             let available = match input.fill_buf() {
                 Ok(b) => b,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     let whole = memchr::memrchr(b'\n', &bytes).map_or(0, |i| i + 1);
                     bytes.truncate(whole);
-                    let start = self.at;
-                    return Err((Block { bytes, start, last: false }, e));
+                    return Err((self.block(bytes, false), e));
                 }
             };
             if available.is_empty() {
-                break None;
+                break true;
             }
-            let used = available.len();
-            bytes.extend_from_slice(available);
+            // Up to the block's size, then up to the end of the line.
+            let room = BLOCK.saturating_sub(bytes.len());
+            let (used, done) = match room {
+                0 => match memchr::memchr(b'\n', available) {
+                    Some(i) => (i + 1, true),
+                    None => (available.len(), false),
+                },
+                _ => (available.len().min(room), false),
+            };
+            bytes.extend_from_slice(&available[..used]);
             input.consume(used);
+            if done {
+                break false;
+            }
         };
-        if let Some(cut) = cut {
-            self.rest.extend_from_slice(&bytes[cut..]);
-            bytes.truncate(cut);
-        }
+        Ok(self.block(bytes, last))
+    }
+
+    fn block(&mut self, bytes: Vec<u8>, last: bool) -> Block {
         let start = self.at;
         self.at += bytes.len() as u64;
-        Ok(Block {
-            bytes,
-            start,
-            last: cut.is_none(),
-        })
+        Block { bytes, start, last }
     }
 }
 
@@ -611,6 +605,33 @@ mod tests {
             assert_eq!(*f, facts(&plan.streams, event));
             assert_eq!(f.len(), 2, "a count and a sum stream");
         }
+    }
+
+    /// A reader that lends the whole input at once (a source in memory)
+    /// is still cut into blocks of about [`BLOCK`] bytes, each of whole
+    /// lines, together the whole input: one block would leave every
+    /// decoding thread but one idle.
+    #[test]
+    fn blocks_are_whole_lines_of_about_a_block_each() {
+        let line = |i: usize| format!("{}\n", "x".repeat(i % 300));
+        let text: String = (0..5_000).map(line).collect();
+        let mut input: Box<dyn BufRead + Send> = Box::new(std::io::Cursor::new(text.clone().into_bytes()));
+        let mut blocks = Blocks::new(10);
+        let mut seen = Vec::new();
+        loop {
+            let Ok(block) = blocks.next(&mut *input) else {
+                panic!("a read from memory fails")
+            };
+            assert_eq!(block.start, 10 + seen.len() as u64);
+            assert!(block.bytes.len() <= BLOCK + 300, "{} bytes", block.bytes.len());
+            assert!(block.bytes.is_empty() || block.bytes.ends_with(b"\n"));
+            seen.extend_from_slice(&block.bytes);
+            if block.last {
+                break;
+            }
+            assert!(block.bytes.len() >= BLOCK);
+        }
+        assert_eq!(seen, text.as_bytes());
     }
 
     /// What a decoded line is, to compare: its offset, and its kind with
