@@ -13,9 +13,15 @@
 //! reads, which is what limited a second worker (see `docs/performance.md`).
 //!
 //! With several threads ([`Decoding::on_threads`], `--decoders`), a
-//! `shoal-read` thread cuts the input into batches and deals them in turn
-//! to the decoding threads, and a `shoal-merge` thread takes them back in
-//! the same turn: the reader still gets every line in input order.
+//! `shoal-read` thread cuts the input into blocks of whole lines, one
+//! buffer each, and deals them in turn to the decoding threads, which cut
+//! them into lines; a `shoal-merge` thread takes the decoded blocks back
+//! in the same turn: the reader still gets every line in input order.
+//!
+//! A line is decoded with its objects borrowed from it
+//! ([`crate::ingest::event::decode_borrowed`]): the facts are read from the
+//! line itself, and the objects copied out only when whole events are
+//! wanted.
 //!
 //! Live sources (stdin) get the same, line by line, so that a line is
 //! never held back to fill a batch ([`live`]).
