@@ -319,7 +319,6 @@ impl Blocks {
     /// The next block. A read that fails gives the whole lines read before
     /// it, as a block, and the error; the start of a line it cut is lost,
     /// as reading line by line loses it.
-    #[allow(clippy::result_large_err)]
     fn next(&mut self, input: &mut (dyn BufRead + Send)) -> Result<Block, (Block, std::io::Error)> {
         let mut bytes = Vec::with_capacity(BLOCK + BLOCK / 4);
         let last = loop {
