@@ -34,9 +34,10 @@ pub type Event = EventOf<'static>;
 
 /// An event whose objects borrow the line it was decoded from
 /// ([`decode_borrowed`]), or own their text ([`Event`]). The decoding
-/// thread reads every stream's facts from the line itself and keeps the
-/// objects only when whole events are wanted: copying them out of each
-/// line, to free them a moment later, was a tenth of its time.
+/// thread reads every stream's facts from the line itself and copies the
+/// objects out only when whole events are wanted, instead of copying them
+/// out of every line to free them a moment later (`docs/performance.md`,
+/// session 24).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EventOf<'a> {
     pub kind: EventType,
