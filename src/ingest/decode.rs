@@ -376,7 +376,12 @@ impl Ahead {
         Ahead::spawn_one(input, offset, decoding)
     }
 
-    /// One `shoal-decode` thread reads and decodes.
+    /// One `shoal-decode` thread reads and decodes, line by line into one
+    /// reused buffer. Reading [`Blocks`] as several threads do (one
+    /// mechanism, no copy per line) was measured against it: 2–5% more
+    /// CPU at one worker, with or without reusing the block's buffer
+    /// (`docs/performance.md`, session 25). A line read into a buffer that
+    /// stays in cache is parsed from there; a block of 128 KiB is not.
     fn spawn_one(mut input: Box<dyn BufRead + Send>, offset: u64, decoding: Decoding) -> std::io::Result<Ahead> {
         let (tx, batches) = sync_channel(AHEAD);
         std::thread::Builder::new().name("shoal-decode".into()).spawn(move || {
@@ -650,8 +655,8 @@ mod tests {
         (p.offset, what)
     }
 
-    /// Decoded on several threads, the lines come in input order, each with
-    /// its offset, over batch boundaries and an input that ends mid-batch or
+    /// Decoded on one thread or several, the lines come in input order,
+    /// each with its offset and as decoded in place, over batch boundaries and an input that ends mid-batch or
     /// on one; an input that fails mid-way gives every line before the
     /// failure, then the error.
     #[test]
@@ -695,6 +700,20 @@ mod tests {
             };
             (got, end)
         };
+        // Each line decoded in place, as the reference.
+        let in_place = |input: &[u8]| {
+            let mut at = 3;
+            let lines = input.split_inclusive(|b| *b == b'\n').map(|line| {
+                at += line.len() as u64;
+                let item = prepare(line, &Decoding::all(&plan.streams));
+                seen(&Prepared {
+                    item,
+                    offset: at,
+                    place: None,
+                })
+            });
+            (lines.collect::<Vec<_>>(), None)
+        };
         // Cut mid-batch, and after exactly one and two whole batches of
         // lines (offsets start at 3).
         let (whole, _) = decode_all(text.clone().into_bytes(), 1);
@@ -702,6 +721,7 @@ mod tests {
         for len in [text.len(), 256 * 40, 256 * 40 + 17, 0, batches(1), batches(2)] {
             let input = text.as_bytes()[..len.min(text.len())].to_vec();
             let one = decode_all(input.clone(), 1);
+            assert!(one == in_place(&input), "1 thread, {len} bytes");
             for threads in [2, 3, 5] {
                 assert!(decode_all(input.clone(), threads) == one, "{threads} threads, {len} bytes");
             }

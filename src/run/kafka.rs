@@ -59,7 +59,7 @@ impl Http {
             got += 1;
             self.part.take_to(prepared.offset as i64);
             let place = prepared.place;
-            let outcome = reader.feeder.read_prepared(*prepared);
+            let outcome = reader.feeder.read_prepared(prepared);
             match &outcome {
                 Outcome::Accepted(s) => {
                     let effect = reader.opts.until.is_none_or(|u| s.effect <= u).then_some(s.effect);

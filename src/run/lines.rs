@@ -86,14 +86,16 @@ pub(super) fn read_lines(reader: &mut Reader<'_>, sources: &[Source], start: Opt
                 Next::Prepared(prepared) => {
                     number += 1;
                     let place = prepared.place;
-                    let outcome = reader.feeder.read_prepared(*prepared);
+                    let outcome = reader.feeder.read_prepared(prepared);
                     if let Outcome::Bad(reason) = &outcome {
                         reader.dead_letter(match place {
                             Some(place) => dead_letter_at(place, reason, &line),
                             None => dead_letter(&name, number, reason, &line),
                         });
                     }
-                    if matches!(outcome, Outcome::Accepted(_)) {
+                    // Only live input idles (files never do): no clock
+                    // read per event otherwise.
+                    if live && matches!(outcome, Outcome::Accepted(_)) {
                         last_event = (Instant::now(), reader.feeder.now());
                     }
                     batch += 1;
