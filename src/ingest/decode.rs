@@ -656,9 +656,9 @@ mod tests {
     }
 
     /// Decoded on one thread or several, the lines come in input order,
-    /// each with its offset and as decoded in place, over batch boundaries and an input that ends mid-batch or
-    /// on one; an input that fails mid-way gives every line before the
-    /// failure, then the error.
+    /// each with its offset and as decoded in place, over batch boundaries
+    /// and an input that ends mid-batch or on one; an input that fails
+    /// mid-way gives every line before the failure, then the error.
     #[test]
     fn several_decoding_threads_give_the_lines_of_one_in_order() {
         let plan = spec();
@@ -701,11 +701,12 @@ mod tests {
             (got, end)
         };
         // Each line decoded in place, as the reference.
+        let every_stream = Decoding::all(&plan.streams);
         let in_place = |input: &[u8]| {
             let mut at = 3;
             let lines = input.split_inclusive(|b| *b == b'\n').map(|line| {
                 at += line.len() as u64;
-                let item = prepare(line, &Decoding::all(&plan.streams));
+                let item = prepare(line, &every_stream);
                 seen(&Prepared {
                     item,
                     offset: at,
