@@ -265,10 +265,10 @@ impl Feeder {
 
     /// Takes up a reader's checkpointed state: feeds its updates at their
     /// ticks and moves the inputs to its clock.
-    pub fn restore(&mut self, st: checkpoint::ReaderState) {
-        self.ingest.restore(st.ingest);
-        self.identities = Identities::restore(st.identities);
-        self.winners = st.winners.into_iter().collect();
+    pub fn restore(&mut self, mut st: checkpoint::ReaderState) {
+        self.ingest.restore(std::mem::take(&mut st.ingest));
+        self.identities = Identities::restore(std::mem::take(&mut st.identities));
+        self.winners = std::mem::take(&mut st.winners).into_iter().collect();
         for (d, t, r) in &st.facts {
             self.input(d.clone(), *t, *r);
         }
@@ -295,14 +295,8 @@ impl Feeder {
                 events.update_at(d.clone(), *t, *r);
             }
         }
-        if let Some(log) = &mut self.log {
-            log.facts.updates = st.facts;
-            log.nodes.updates = st.nodes;
-            log.links.updates = st.links;
-            log.forgotten.updates = st.forgotten;
-            log.unlinked.updates = st.unlinked;
-            log.events.updates = st.events;
-        }
+        // The log goes on from what was fed, as after a checkpoint.
+        self.checkpointed(st);
         self.advance_inputs();
     }
 

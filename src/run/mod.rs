@@ -63,27 +63,14 @@ pub struct MemoryOutput {
 pub fn run_memory(spec: &Spec, input: &[u8], opts: &RunOptions) -> Result<MemoryOutput, EngineError> {
     let out = Arc::new(Mutex::new(Vec::new()));
     let dead = Arc::new(Mutex::new(Vec::new()));
+    let source = Source::Bytes {
+        name: "input".into(),
+        data: Arc::new(input.to_vec()),
+    };
     let job = Job {
-        spec: spec.clone(),
-        opts: opts.clone(),
-        sources: vec![Source::Bytes {
-            name: "input".into(),
-            data: Arc::new(input.to_vec()),
-        }],
         output: Some(memory_output(out.clone())),
         dead_letters: Some(memory_output(dead.clone())),
-        timely: if opts.workers <= 1 {
-            timely::Config::thread()
-        } else {
-            timely::Config::process(opts.workers)
-        },
-        kafka: None,
-        stop: Arc::default(),
-        connected: Arc::default(),
-        timings: None,
-        http: None,
-        state: None,
-        suppression: Default::default(),
+        ..Job::quiet(spec.clone(), opts.clone(), vec![source])
     };
     let summary = run(job)?;
     let lines = |b: &Arc<Mutex<Vec<u8>>>| {

@@ -745,16 +745,22 @@ fn profile_and_ids(m: &Model, id: &str) -> Result<(crate::core::id::Id, BTreeSet
     Ok((name, m.ids_of(profile)))
 }
 
+/// The answer to a request on a profile's ids that takes effect at tick
+/// `at`: 202 with the profile, its ids and the tick's time.
+fn accepted(s: &Served, profile: &crate::core::id::Id, ids: &BTreeSet<crate::core::id::Id>, at: u64) -> (StatusCode, Json<Json_>) {
+    let ids: BTreeSet<String> = ids.iter().map(ToString::to_string).collect();
+    let at = format_time(at, read(s).show_ms);
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({"profile": profile.to_string(), "ids": ids, "at": at})),
+    )
+}
+
 /// `DELETE /profiles/{id}`: forgets the profile (SPEC §7) from the next tick.
 async fn forget(State(s): St, Path(id): Path<String>) -> Result<(StatusCode, Json<Json_>), ApiError> {
     let (profile, ids) = profile_and_ids(&read(&s), &id)?;
     let at = request(&s, crate::core::id::Request::Forget(ids.iter().map(|id| id.key()).collect())).await?;
-    let ids: BTreeSet<String> = ids.iter().map(ToString::to_string).collect();
-    let at = format_time(at, read(&s).show_ms);
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"profile": profile.to_string(), "ids": ids, "at": at})),
-    ))
+    Ok(accepted(&s, &profile, &ids, at))
 }
 
 #[derive(Deserialize)]
@@ -786,12 +792,7 @@ async fn unlink(State(s): St, Path(id): Path<String>, body: Bytes) -> Result<(St
         }
     }
     let at = request(&s, crate::core::id::Request::Unlink(a.key(), b.key())).await?;
-    let ids: BTreeSet<String> = ids.iter().map(ToString::to_string).collect();
-    let at = format_time(at, read(&s).show_ms);
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"profile": profile.to_string(), "ids": ids, "at": at})),
-    ))
+    Ok(accepted(&s, &profile, &ids, at))
 }
 
 #[derive(Deserialize)]
