@@ -136,13 +136,25 @@ fn input(n: u64) {
     let users = (n / 10).max(100);
     let data = Arc::new(generated(n, users));
     println!("## input: {n} generated events, {users} users, {} MB", data.len() / 1_000_000);
-    let started = Instant::now();
-    let ok = data
-        .split(|b| *b == b'\n')
-        .filter(|l| serde_json::from_slice::<Borrowed>(l).is_ok())
-        .count();
-    let floor = n as f64 / started.elapsed().as_secs_f64();
-    println!("serde_json, 1 thread, borrowed struct: {floor:>9.0} events/s ({ok} decoded)");
+    // The floor is the best of three passes: one pass takes about a second
+    // and this machine's speed drifts by 10-30% between seconds, which moved
+    // every ratio below with it. The best pass is the hardest to match.
+    let mut passes = Vec::new();
+    let mut ok = 0;
+    for _ in 0..3 {
+        let started = Instant::now();
+        ok = data
+            .split(|b| *b == b'\n')
+            .filter(|l| serde_json::from_slice::<Borrowed>(l).is_ok())
+            .count();
+        passes.push(n as f64 / started.elapsed().as_secs_f64());
+    }
+    let floor = passes.iter().copied().fold(0.0, f64::max);
+    let shown: Vec<String> = passes.iter().map(|r| format!("{r:.0}")).collect();
+    println!(
+        "serde_json, 1 thread, borrowed struct: {floor:>9.0} events/s, best of {} ({ok} decoded)",
+        shown.join(", ")
+    );
     let retail = spec("dataflows/retail.toml");
     let plan = shoal::plan::Plan::new(&retail);
     for threads in [1, 2] {
@@ -160,11 +172,13 @@ fn input(n: u64) {
             rate / floor
         );
     }
+    // Best of three as well, so that best is held against best.
     for workers in [1, 2] {
-        let (secs, _) = timed(&retail, bytes(&data), workers);
-        let rate = n as f64 / secs;
+        let rate = (0..3)
+            .map(|_| n as f64 / timed(&retail, bytes(&data), workers).0)
+            .fold(0.0, f64::max);
         println!(
-            "retail pipeline, {workers} worker(s):     {rate:>9.0} events/s ({:.2} of serde_json)",
+            "retail pipeline, {workers} worker(s):     {rate:>9.0} events/s ({:.2} of serde_json, best of 3)",
             rate / floor
         );
     }
