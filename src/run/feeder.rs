@@ -251,7 +251,9 @@ impl Feeder {
         })
     }
 
-    /// Takes back the logs lent to a checkpoint by [`Feeder::checkpoint`].
+    /// Takes back the logs lent to a checkpoint by [`Feeder::checkpoint`]
+    /// (and, from [`Feeder::restore`], the logs of the checkpoint it
+    /// restores: the log goes on from what was fed).
     pub fn checkpointed(&mut self, st: checkpoint::ReaderState) {
         if let Some(log) = &mut self.log {
             log.facts.updates = st.facts;
