@@ -200,16 +200,13 @@ fn finish(mut c: Command, within: Duration) -> (bool, String) {
     (status.success(), reading.join().unwrap())
 }
 
-/// Kafka options as command-line flags.
-fn options(pairs: &[(&str, &str)]) -> Vec<String> {
-    pairs
-        .iter()
-        .flat_map(|(k, v)| ["--kafka-option".to_string(), format!("{k}={v}")])
-        .collect()
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
+/// [`shoal`] with Kafka options as `--kafka-option KEY=VALUE` flags.
+fn shoal_with(args: &[&str], kafka: &[(&str, &str)]) -> Command {
+    let mut c = shoal(args);
+    for (k, v) in kafka {
+        c.arg("--kafka-option").arg(format!("{k}={v}"));
+    }
+    c
 }
 
 /// The run failed, and its error (the last line of stderr) names `brokers`
@@ -248,22 +245,17 @@ fn events_read_over_tls_give_the_same_changes_as_a_file_and_changes_go_out_over_
     assert!(want.lines().count() > 10, "the spec has changes to compare: {want}");
 
     let ca = pki.ca();
-    let tls_options = options(&[("security.protocol", "SSL"), ("ssl.ca.location", &ca)]);
-    let kafka = |group: &str| -> Vec<String> {
-        let mut a: Vec<String> = ["--kafka-brokers", &brokers, "--kafka-topic", "events", "--kafka-group", group]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        a.push("--kafka-until-end".into());
-        a.extend(tls_options.iter().cloned());
-        a
+    let tls_options = [("security.protocol", "SSL"), ("ssl.ca.location", ca.as_str())];
+    let kafka = |group: &str, then: &[&str]| -> Command {
+        let mut args = vec!["--kafka-brokers", &brokers, "--kafka-topic", "events", "--kafka-group", group];
+        args.push("--kafka-until-end");
+        args.extend_from_slice(then);
+        shoal_with(&args, &tls_options)
     };
 
     // In over TLS, out to a file.
     let from_kafka = dir.path().join("from-kafka.jsonl");
-    let mut args = kafka("tls-in");
-    args.extend(["--output".to_string(), from_kafka.display().to_string()]);
-    let c = shoal(&strs(&args));
+    let c = kafka("tls-in", &["--output", from_kafka.to_str().unwrap()]);
     let (ok, err) = finish(c, Duration::from_secs(120));
     assert!(ok, "{err}");
     let got = std::fs::read_to_string(&from_kafka).unwrap();
@@ -272,9 +264,7 @@ fn events_read_over_tls_give_the_same_changes_as_a_file_and_changes_go_out_over_
     assert_eq!(summary["events_read"], events.len(), "{err}");
 
     // In and out over TLS.
-    let mut args = kafka("tls-out");
-    args.extend(["--output-kafka".to_string(), "changes".to_string()]);
-    let c = shoal(&strs(&args));
+    let c = kafka("tls-out", &["--output-kafka", "changes"]);
     let (ok, err) = finish(c, Duration::from_secs(120));
     assert!(ok, "{err}");
     let mut out = common::read_topic(&tls_client(&brokers, &pki.ca()), "changes", 1);
@@ -289,31 +279,29 @@ fn a_certificate_from_another_ca_fails_naming_the_broker() {
     mock.create_topic("events", 1);
     let brokers = tls.brokers();
     let wrong = pki.other_ca();
-    let mut args: Vec<String> = ["--kafka-brokers", &brokers, "--kafka-topic", "events", "--kafka-until-end"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.extend(options(&[("security.protocol", "SSL"), ("ssl.ca.location", &wrong)]));
-    let (ok, err) = finish(shoal(&strs(&args)), FAILS_WITHIN);
+    let args = ["--kafka-brokers", &brokers, "--kafka-topic", "events", "--kafka-until-end"];
+    let (ok, err) = finish(
+        shoal_with(&args, &[("security.protocol", "SSL"), ("ssl.ca.location", &wrong)]),
+        FAILS_WITHIN,
+    );
     assert_fails_naming(ok, &err, &brokers, &["SSL handshake failed", "certificate verify failed"]);
 
     // Writing too: the producer does not retry forever on a certificate.
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("events.jsonl");
     std::fs::write(&input, lines(50, 1).join("\n") + "\n").unwrap();
-    let mut args: Vec<String> = [
+    let args = [
         "--input",
         input.to_str().unwrap(),
         "--kafka-brokers",
         &brokers,
         "--output-kafka",
         "changes",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(options(&[("security.protocol", "SSL"), ("ssl.ca.location", &wrong)]));
-    let (ok, err) = finish(shoal(&strs(&args)), FAILS_WITHIN);
+    ];
+    let (ok, err) = finish(
+        shoal_with(&args, &[("security.protocol", "SSL"), ("ssl.ca.location", &wrong)]),
+        FAILS_WITHIN,
+    );
     assert_fails_naming(ok, &err, &brokers, &["SSL handshake failed", "certificate verify failed"]);
 }
 
@@ -324,12 +312,11 @@ fn tls_against_a_plaintext_listener_fails_naming_the_broker() {
     cluster.create_topic("events", 1, 1).unwrap();
     let brokers = cluster.bootstrap_servers();
     let ca = pki.ca();
-    let mut args: Vec<String> = ["--kafka-brokers", &brokers, "--kafka-topic", "events", "--kafka-until-end"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.extend(options(&[("security.protocol", "SSL"), ("ssl.ca.location", &ca)]));
-    let (ok, err) = finish(shoal(&strs(&args)), FAILS_WITHIN);
+    let args = ["--kafka-brokers", &brokers, "--kafka-topic", "events", "--kafka-until-end"];
+    let (ok, err) = finish(
+        shoal_with(&args, &[("security.protocol", "SSL"), ("ssl.ca.location", &ca)]),
+        FAILS_WITHIN,
+    );
     assert_fails_naming(ok, &err, &brokers, &["SSL handshake failed", "PLAINTEXT"]);
 }
 
@@ -349,13 +336,9 @@ fn no_listener_fails_naming_the_broker_after_the_connect_timeout() {
     let pki = common::Pki::new();
     let brokers = format!("localhost:{}", free_port());
     let ca = pki.ca();
-    let mut args: Vec<String> = ["--kafka-brokers", &brokers, "--kafka-topic", "events", "--kafka-until-end"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.extend(options(&[("security.protocol", "SSL"), ("ssl.ca.location", &ca)]));
+    let args = ["--kafka-brokers", &brokers, "--kafka-topic", "events", "--kafka-until-end"];
     let bound = shoal::io::kafka::CONNECT_TIMEOUT + FAILS_WITHIN;
-    let (ok, err) = finish(shoal(&strs(&args)), bound);
+    let (ok, err) = finish(shoal_with(&args, &[("security.protocol", "SSL"), ("ssl.ca.location", &ca)]), bound);
     assert_fails_naming(ok, &err, &brokers, &["Connection refused", "no broker answered"]);
 }
 
@@ -382,14 +365,10 @@ fn sasl_scram_over_tls_is_built_in_and_fails_clearly_against_a_broker_without_sa
     mock.create_topic("events", 1);
     let brokers = tls.brokers();
     let ca = pki.ca();
-    let mut args: Vec<String> = ["--kafka-brokers", &brokers, "--kafka-topic", "events", "--kafka-until-end"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args = ["--kafka-brokers", &brokers, "--kafka-topic", "events", "--kafka-until-end"];
     let mut pairs = sasl.to_vec();
     pairs.push(("ssl.ca.location", &ca));
-    args.extend(options(&pairs));
-    let (ok, err) = finish(shoal(&strs(&args)), FAILS_WITHIN);
+    let (ok, err) = finish(shoal_with(&args, &pairs), FAILS_WITHIN);
     assert_fails_naming(ok, &err, &brokers, &["SASL"]);
     assert!(!err.contains("not available at build time") && !err.contains("recompile"), "{err}");
 }
@@ -488,7 +467,7 @@ fn sasl_scram_against_a_real_broker_reads_like_a_file_and_a_wrong_password_fails
     // Reads the topic with `settings`; the changes, or the run's error.
     let read = |brokers: &str, group: &str, settings: &[(String, String)]| -> (bool, String, String) {
         let out = dir.path().join(format!("{group}.jsonl"));
-        let mut args: Vec<String> = [
+        let args = [
             "--kafka-brokers",
             brokers,
             "--kafka-topic",
@@ -496,14 +475,11 @@ fn sasl_scram_against_a_real_broker_reads_like_a_file_and_a_wrong_password_fails
             "--kafka-group",
             group,
             "--kafka-until-end",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(["--output".to_string(), out.display().to_string()]);
+            "--output",
+            out.to_str().unwrap(),
+        ];
         let pairs: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        args.extend(options(&pairs));
-        let (ok, err) = finish(shoal(&strs(&args)), Duration::from_secs(120));
+        let (ok, err) = finish(shoal_with(&args, &pairs), Duration::from_secs(120));
         (ok, std::fs::read_to_string(&out).unwrap_or_default(), err)
     };
 
