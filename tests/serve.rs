@@ -124,6 +124,21 @@ fn all_members(addr: &str, segment: &str) -> BTreeSet<String> {
     }
 }
 
+/// `base` with `added` appended as spec segments (`[[segment]]`, name
+/// and `when`), written to `dir/full.toml` and loaded: what the reference
+/// evaluates for segments that were added at run time.
+fn spec_with(dir: &Path, base: &str, added: &[(&str, &str)]) -> shoal::spec::Spec {
+    let mut full = base.to_string();
+    for (name, when) in added {
+        full.push_str(&format!(
+            "\n[[segment]]\nname = \"{name}\"\nwhen = {}\n",
+            serde_json::to_string(when).unwrap()
+        ));
+    }
+    std::fs::write(dir.join("full.toml"), &full).unwrap();
+    shoal::spec::load(&dir.join("full.toml"), 1000).unwrap()
+}
+
 #[test]
 fn api_agrees_with_the_diffs_and_the_reference() {
     let dir = tempfile::tempdir().unwrap();
@@ -240,15 +255,7 @@ fn api_agrees_with_the_diffs_and_the_reference() {
     assert_eq!(status, 200, "{put}");
     let put: Value = serde_json::from_str(&put).unwrap();
     assert_eq!(put["size"], preview["size"]);
-    let mut full = SPEC.to_string();
-    for (name, when) in [("added", ADDED), ("deep", DEEP)] {
-        full.push_str(&format!(
-            "\n[[segment]]\nname = \"{name}\"\nwhen = {}\n",
-            serde_json::to_string(when).unwrap()
-        ));
-    }
-    std::fs::write(dir.path().join("full.toml"), &full).unwrap();
-    let spec = shoal::spec::load(&dir.path().join("full.toml"), 1000).unwrap();
+    let spec = spec_with(dir.path(), SPEC, &[("added", ADDED), ("deep", DEEP)]);
     let input = std::fs::read(dir.path().join("events.jsonl")).unwrap();
     let reference = reference::evaluate(&spec, &input, &reference::RefOptions::default());
     let expected = applied(&reference.lines.join("\n"), &clock).remove("added").unwrap_or_default();
@@ -398,23 +405,14 @@ fn why_holds_as_the_reference_evaluates_each_condition() {
         ("mixed", "mixed", MIXED.to_vec()),
         ("runtime", "runtime", runtime),
     ];
-    let mut full = WHY_SPEC.to_string();
-    for (name, when) in [("runtime", RUNTIME), ("changed", CHANGED)] {
-        full.push_str(&format!(
-            "\n[[segment]]\nname = \"{name}\"\nwhen = {}\n",
-            serde_json::to_string(when).unwrap()
-        ));
-    }
-    for (_, key, texts) in before.iter().chain(&after[1..2]) {
-        for (i, text) in texts.iter().enumerate() {
-            full.push_str(&format!(
-                "\n[[segment]]\nname = \"{key}_{i}\"\nwhen = {}\n",
-                serde_json::to_string(text).unwrap()
-            ));
-        }
-    }
-    std::fs::write(dir.path().join("full.toml"), &full).unwrap();
-    let spec = shoal::spec::load(&dir.path().join("full.toml"), 1000).unwrap();
+    let names: Vec<(String, &str)> = before
+        .iter()
+        .chain(&after[1..2])
+        .flat_map(|(_, key, texts)| texts.iter().enumerate().map(move |(i, text)| (format!("{key}_{i}"), *text)))
+        .collect();
+    let mut added = vec![("runtime", RUNTIME), ("changed", CHANGED)];
+    added.extend(names.iter().map(|(name, text)| (name.as_str(), *text)));
+    let spec = spec_with(dir.path(), WHY_SPEC, &added);
     let input = std::fs::read(dir.path().join("events.jsonl")).unwrap();
     let reference = reference::evaluate(&spec, &input, &reference::RefOptions::default());
     let members = applied(&reference.lines.join("\n"), &clock);
@@ -791,15 +789,7 @@ fn runtime_terms_start_complete_and_follow_the_reference() {
     wait_for_clock(&addr, &shoal::core::clock::format_time(last_ms, false));
 
     // The reference over the same lines, with the runtime segments as spec segments.
-    let mut full = LIVE_SPEC.to_string();
-    for (name, when) in [("quick", QUICK), ("spend", SPEND)] {
-        full.push_str(&format!(
-            "\n[[segment]]\nname = \"{name}\"\nwhen = {}\n",
-            serde_json::to_string(when).unwrap()
-        ));
-    }
-    std::fs::write(dir.path().join("full.toml"), &full).unwrap();
-    let spec = shoal::spec::load(&dir.path().join("full.toml"), 1000).unwrap();
+    let spec = spec_with(dir.path(), LIVE_SPEC, &[("quick", QUICK), ("spend", SPEND)]);
     let opts = reference::RefOptions {
         lateness: 0,
         ..Default::default()
