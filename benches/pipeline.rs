@@ -139,17 +139,16 @@ fn input(n: u64) {
     // The floor is the best of three passes: one pass takes about a second
     // and this machine's speed drifts by 10-30% between seconds, which moved
     // every ratio below with it. The best pass is the hardest to match.
-    let mut passes = Vec::new();
     let mut ok = 0;
-    for _ in 0..3 {
+    let passes = three_passes(|| {
         let started = Instant::now();
         ok = data
             .split(|b| *b == b'\n')
             .filter(|l| serde_json::from_slice::<Borrowed>(l).is_ok())
             .count();
-        passes.push(n as f64 / started.elapsed().as_secs_f64());
-    }
-    let floor = passes.iter().copied().fold(0.0, f64::max);
+        n as f64 / started.elapsed().as_secs_f64()
+    });
+    let floor = best(&passes);
     let shown: Vec<String> = passes.iter().map(|r| format!("{r:.0}")).collect();
     println!(
         "serde_json, 1 thread, borrowed struct: {floor:>9.0} events/s (best of 3 passes: {}; {ok} decoded)",
@@ -159,33 +158,39 @@ fn input(n: u64) {
     let plan = shoal::plan::Plan::new(&retail);
     // Every row below is the best of three as well: best against best.
     for threads in [1, 2] {
-        let rate = (0..3)
-            .map(|_| {
-                let decoding = shoal::ingest::decode::Decoding::new(&plan.streams, false).on_threads(threads);
-                let reader: Box<dyn std::io::BufRead + Send> = Box::new(std::io::Cursor::new(data.to_vec()));
-                let started = Instant::now();
-                let mut ahead = shoal::ingest::decode::Ahead::spawn(reader, 0, decoding).expect("threads");
-                let mut lines = 0u64;
-                while ahead.next_line().expect("read").is_some() {
-                    lines += 1;
-                }
-                lines as f64 / started.elapsed().as_secs_f64()
-            })
-            .fold(0.0, f64::max);
+        let rate = best(&three_passes(|| {
+            let decoding = shoal::ingest::decode::Decoding::new(&plan.streams, false).on_threads(threads);
+            let reader: Box<dyn std::io::BufRead + Send> = Box::new(std::io::Cursor::new(data.to_vec()));
+            let started = Instant::now();
+            let mut ahead = shoal::ingest::decode::Ahead::spawn(reader, 0, decoding).expect("threads");
+            let mut lines = 0u64;
+            while ahead.next_line().expect("read").is_some() {
+                lines += 1;
+            }
+            lines as f64 / started.elapsed().as_secs_f64()
+        }));
         println!(
             "shoal decoding, {threads} thread(s):       {rate:>9.0} events/s ({:.2} of serde_json, best of 3)",
             rate / floor
         );
     }
     for workers in [1, 2] {
-        let rate = (0..3)
-            .map(|_| n as f64 / timed(&retail, bytes(&data), workers).0)
-            .fold(0.0, f64::max);
+        let rate = best(&three_passes(|| n as f64 / timed(&retail, bytes(&data), workers).0));
         println!(
             "retail pipeline, {workers} worker(s):     {rate:>9.0} events/s ({:.2} of serde_json, best of 3)",
             rate / floor
         );
     }
+}
+
+/// The rates (events/s) of three passes of `pass`, in order.
+fn three_passes(mut pass: impl FnMut() -> f64) -> Vec<f64> {
+    (0..3).map(|_| pass()).collect()
+}
+
+/// The best of `rates`.
+fn best(rates: &[f64]) -> f64 {
+    rates.iter().copied().fold(0.0, f64::max)
 }
 
 fn synthetic(n: u64, users: u64, per_second: u64) -> Arc<Vec<u8>> {

@@ -247,8 +247,15 @@ fn events_read_over_tls_give_the_same_changes_as_a_file_and_changes_go_out_over_
     let ca = pki.ca();
     let tls_options = [("security.protocol", "SSL"), ("ssl.ca.location", ca.as_str())];
     let kafka = |group: &str, then: &[&str]| -> Command {
-        let mut args = vec!["--kafka-brokers", &brokers, "--kafka-topic", "events", "--kafka-group", group];
-        args.push("--kafka-until-end");
+        let mut args = vec![
+            "--kafka-brokers",
+            &brokers,
+            "--kafka-topic",
+            "events",
+            "--kafka-group",
+            group,
+            "--kafka-until-end",
+        ];
         args.extend_from_slice(then);
         shoal_with(&args, &tls_options)
     };
